@@ -1,0 +1,105 @@
+// Group-wise affine quantization (shared/FORMAT.md sections 1-3).
+//
+// A tensor is viewed as rows x cols; each row is cut into groups of
+// `group_size` consecutive elements (the last one shorter when the size does
+// not divide the row). Every group gets a float32 scale and zero point; codes
+// are q = clamp(rint(x * (1/scale) + zero), 0, 2^bits - 1), packed
+// little-endian inside each byte, every row starting on a byte boundary.
+#pragma once
+
+#include <cstdint>
+
+#include "arrowquant/dtype.h"
+#include "arrowquant/status.h"
+
+namespace arrowquant {
+
+enum class Scheme : uint8_t { kAsymmetric, kSymmetric };
+
+// How scale and zero point are chosen. The code and dequantization formulas
+// are the same for every method, so readers never need to know it.
+enum class Method : uint8_t {
+  kRtn,  // FORMAT.md: min/max (asymmetric) or max-abs (symmetric)
+  kMse,  // error-minimizing search (issue 8)
+};
+
+// Precision in which scales and zero points are stored. With kF16 they are
+// rounded to float16 before the codes are computed, so that dequantization
+// from the stored values is exact.
+enum class ParamDType : uint8_t { kF32, kF16 };
+
+struct QuantSpec {
+  int bits = 4;               // 2, 4 or 8
+  int64_t group_size = 128;   // any positive size
+  Scheme scheme = Scheme::kAsymmetric;
+  Method method = Method::kRtn;
+  ParamDType param_dtype = ParamDType::kF32;
+};
+
+// Checks bits and group size; the message says what is allowed.
+Status ValidateSpec(const QuantSpec& spec);
+
+// A 2-D row-major view of tensor memory (not owned).
+struct TensorView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+int64_t GroupsPerRow(int64_t cols, int64_t group_size);
+int64_t PackedRowBytes(int64_t cols, int bits);
+
+// Output buffers, sized by the caller: packed = rows * PackedRowBytes,
+// scales and zero_points = rows * GroupsPerRow (row-major, index r * G + j).
+struct QuantizedBuffers {
+  uint8_t* packed = nullptr;
+  float* scales = nullptr;
+  float* zero_points = nullptr;
+};
+
+// Running sums from which the error metrics follow; sums of several chunks
+// merge, so a tensor quantized in pieces gets the metrics of the whole.
+struct ErrorStats {
+  double sum_x2 = 0.0;       // sum of x^2
+  double sum_xhat2 = 0.0;    // sum of x_hat^2
+  double sum_x_xhat = 0.0;   // sum of x * x_hat
+  double sum_err2 = 0.0;     // sum of (x - x_hat)^2
+  double max_abs_err = 0.0;  // max |x - x_hat|
+  int64_t count = 0;
+  void Merge(const ErrorStats& other);
+};
+
+struct ErrorMetrics {
+  double cosine = 1.0;        // cos(x, x_hat); 1 when both are zero
+  double rel_mse = 0.0;       // sum (x - x_hat)^2 / sum x^2
+  double sqnr_db = 0.0;       // 10 log10(sum x^2 / sum (x - x_hat)^2); inf when exact
+  double max_abs_error = 0.0;
+};
+ErrorMetrics FinalizeMetrics(const ErrorStats& stats);
+
+struct ExecOptions {
+  int threads = 0;            // 0: all cores
+  bool force_scalar = false;  // skip the SIMD path (tests compare both)
+};
+
+// Chooses parameters by spec.method, computes codes and packs them, and (if
+// stats is not null) accumulates the error of the dequantized values.
+// NaN or Inf in the input is an Invalid status naming the first bad index.
+Status Quantize(const TensorView& src, const QuantSpec& spec, const QuantizedBuffers& out,
+                ErrorStats* stats, const ExecOptions& exec = {});
+
+// Codes for caller-chosen parameters (other methods choose, then call this).
+Status QuantizeWithParams(const TensorView& src, const QuantSpec& spec, const float* scales,
+                          const float* zero_points, uint8_t* packed, ErrorStats* stats,
+                          const ExecOptions& exec = {});
+
+// x_hat = (q - zero_point) * scale, written as float32 rows x cols.
+Status Dequantize(const uint8_t* packed, int64_t rows, int64_t cols, const QuantSpec& spec,
+                  const float* scales, const float* zero_points, float* out,
+                  const ExecOptions& exec = {});
+
+// Name of the SIMD path Quantize uses on this CPU ("avx2" or "scalar").
+const char* ActiveKernelName();
+
+}  // namespace arrowquant

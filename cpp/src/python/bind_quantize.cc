@@ -1,0 +1,172 @@
+// Bindings of the quantization kernels. Buffers come in as C-contiguous
+// ndarrays (read-only inputs, caller-allocated outputs); the GIL is released
+// while the engine works.
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+
+#include <string>
+#include <tuple>
+
+#include "arrowquant/parallel.h"
+#include "arrowquant/quantize.h"
+#include "python/binding.h"
+
+namespace arrowquant::python {
+namespace {
+
+using ReadOnlyBytes = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
+using OutBytes = nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu>;
+using OutFloats = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+using InBytes = nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>;
+using InFloats = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using StatsTuple = std::tuple<double, double, double, double, double, int64_t>;
+
+QuantSpec MakeSpec(int bits, int64_t group_size, const std::string& scheme,
+                   const std::string& method, const std::string& param_dtype) {
+  QuantSpec spec;
+  spec.bits = bits;
+  spec.group_size = group_size;
+  if (scheme == "asymmetric") {
+    spec.scheme = Scheme::kAsymmetric;
+  } else if (scheme == "symmetric") {
+    spec.scheme = Scheme::kSymmetric;
+  } else {
+    ThrowIfError(Status::Invalid("scheme must be 'asymmetric' or 'symmetric', got '" + scheme + "'"));
+  }
+  if (method == "rtn") {
+    spec.method = Method::kRtn;
+  } else if (method == "mse") {
+    spec.method = Method::kMse;
+  } else {
+    ThrowIfError(Status::Invalid("method must be 'rtn' or 'mse', got '" + method + "'"));
+  }
+  if (param_dtype == "float32") {
+    spec.param_dtype = ParamDType::kF32;
+  } else if (param_dtype == "float16") {
+    spec.param_dtype = ParamDType::kF16;
+  } else {
+    ThrowIfError(Status::Invalid("param dtype must be 'float32' or 'float16', got '" + param_dtype + "'"));
+  }
+  ThrowIfError(ValidateSpec(spec));
+  return spec;
+}
+
+TensorView MakeView(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
+                    int64_t cols) {
+  const DType dt = ValueOrThrow(ParseDType(dtype));
+  const size_t item_bits = src.dtype().bits;
+  const size_t nbytes = src.size() * item_bits / 8;
+  if (rows < 0 || cols < 0 || nbytes != static_cast<size_t>(rows * cols) * DTypeSize(dt)) {
+    ThrowIfError(Status::ShapeMismatch(
+        "buffer holds " + std::to_string(nbytes) + " bytes but " + std::to_string(rows) + " x " +
+        std::to_string(cols) + " " + std::string(DTypeName(dt)) + " needs " +
+        std::to_string(static_cast<size_t>(rows * cols) * DTypeSize(dt))));
+  }
+  return TensorView{src.data(), dt, rows, cols};
+}
+
+void CheckSize(const char* what, size_t have, int64_t need) {
+  if (have != static_cast<size_t>(need)) {
+    ThrowIfError(Status::ShapeMismatch(std::string(what) + " buffer has " + std::to_string(have) +
+                                       " elements, " + std::to_string(need) + " needed"));
+  }
+}
+
+StatsTuple ToTuple(const ErrorStats& s) {
+  return {s.sum_x2, s.sum_xhat2, s.sum_x_xhat, s.sum_err2, s.max_abs_err, s.count};
+}
+
+StatsTuple BindQuantize(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
+                        int64_t cols, int bits, int64_t group_size, const std::string& scheme,
+                        const std::string& method, const std::string& param_dtype,
+                        OutBytes packed, OutFloats scales, OutFloats zero_points, int threads,
+                        bool force_scalar) {
+  const QuantSpec spec = MakeSpec(bits, group_size, scheme, method, param_dtype);
+  const TensorView view = MakeView(src, dtype, rows, cols);
+  CheckSize("packed", packed.size(), rows * PackedRowBytes(cols, bits));
+  CheckSize("scales", scales.size(), rows * GroupsPerRow(cols, group_size));
+  CheckSize("zero_points", zero_points.size(), rows * GroupsPerRow(cols, group_size));
+  ErrorStats stats;
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = Quantize(view, spec, QuantizedBuffers{packed.data(), scales.data(), zero_points.data()},
+                  &stats, ExecOptions{threads, force_scalar});
+  }
+  ThrowIfError(st);
+  return ToTuple(stats);
+}
+
+StatsTuple BindQuantizeWithParams(const ReadOnlyBytes& src, const std::string& dtype,
+                                  int64_t rows, int64_t cols, int bits, int64_t group_size,
+                                  const std::string& scheme, InFloats scales,
+                                  InFloats zero_points, OutBytes packed, int threads,
+                                  bool force_scalar) {
+  const QuantSpec spec = MakeSpec(bits, group_size, scheme, "rtn", "float32");
+  const TensorView view = MakeView(src, dtype, rows, cols);
+  CheckSize("packed", packed.size(), rows * PackedRowBytes(cols, bits));
+  CheckSize("scales", scales.size(), rows * GroupsPerRow(cols, group_size));
+  CheckSize("zero_points", zero_points.size(), rows * GroupsPerRow(cols, group_size));
+  ErrorStats stats;
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = QuantizeWithParams(view, spec, scales.data(), zero_points.data(), packed.data(), &stats,
+                            ExecOptions{threads, force_scalar});
+  }
+  ThrowIfError(st);
+  return ToTuple(stats);
+}
+
+void BindDequantize(InBytes packed, int64_t rows, int64_t cols, int bits, int64_t group_size,
+                    InFloats scales, InFloats zero_points, OutFloats out, int threads,
+                    bool force_scalar) {
+  QuantSpec spec;
+  spec.bits = bits;
+  spec.group_size = group_size;
+  ThrowIfError(ValidateSpec(spec));
+  CheckSize("packed", packed.size(), rows * PackedRowBytes(cols, bits));
+  CheckSize("scales", scales.size(), rows * GroupsPerRow(cols, group_size));
+  CheckSize("zero_points", zero_points.size(), rows * GroupsPerRow(cols, group_size));
+  CheckSize("out", out.size(), rows * cols);
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = Dequantize(packed.data(), rows, cols, spec, scales.data(), zero_points.data(), out.data(),
+                    ExecOptions{threads, force_scalar});
+  }
+  ThrowIfError(st);
+}
+
+std::tuple<double, double, double, double> BindFinalizeMetrics(const StatsTuple& t) {
+  ErrorStats s{std::get<0>(t), std::get<1>(t), std::get<2>(t),
+               std::get<3>(t), std::get<4>(t), std::get<5>(t)};
+  const ErrorMetrics m = FinalizeMetrics(s);
+  return {m.cosine, m.rel_mse, m.sqnr_db, m.max_abs_error};
+}
+
+void Bind(nb::module_& m) {
+  m.def("quantize", &BindQuantize, nb::arg("src"), nb::arg("dtype"), nb::arg("rows"),
+        nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"), nb::arg("scheme"),
+        nb::arg("method"), nb::arg("param_dtype"), nb::arg("packed"), nb::arg("scales"),
+        nb::arg("zero_points"), nb::arg("threads") = 0, nb::arg("force_scalar") = false,
+        "Quantize rows x cols elements into caller-allocated buffers; returns error sums.");
+  m.def("quantize_with_params", &BindQuantizeWithParams, nb::arg("src"), nb::arg("dtype"),
+        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"),
+        nb::arg("scheme"), nb::arg("scales"), nb::arg("zero_points"), nb::arg("packed"),
+        nb::arg("threads") = 0, nb::arg("force_scalar") = false,
+        "Codes for given scales and zero points; returns error sums.");
+  m.def("dequantize", &BindDequantize, nb::arg("packed"), nb::arg("rows"), nb::arg("cols"),
+        nb::arg("bits"), nb::arg("group_size"), nb::arg("scales"), nb::arg("zero_points"),
+        nb::arg("out"), nb::arg("threads") = 0, nb::arg("force_scalar") = false);
+  m.def("finalize_metrics", &BindFinalizeMetrics, nb::arg("stats"),
+        "(cosine, rel_mse, sqnr_db, max_abs_error) from error sums.");
+  m.def("active_kernel", &ActiveKernelName);
+  m.def("hardware_threads", &HardwareThreads);
+}
+
+const bool kRegistered = RegisterBinding("quantize", Bind);
+
+}  // namespace
+}  // namespace arrowquant::python

@@ -1,0 +1,207 @@
+// Row loop of the quantizer: converts each row to float32, checks it, chooses
+// the group parameters, encodes and packs, and accumulates the error. The
+// per-row kernels live in kernels/ (scalar reference + SIMD variants).
+#include "arrowquant/quantize.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "arrowquant/parallel.h"
+#include "kernels/row_kernels.h"
+
+namespace arrowquant {
+
+void ErrorStats::Merge(const ErrorStats& other) {
+  sum_x2 += other.sum_x2;
+  sum_xhat2 += other.sum_xhat2;
+  sum_x_xhat += other.sum_x_xhat;
+  sum_err2 += other.sum_err2;
+  max_abs_err = std::max(max_abs_err, other.max_abs_err);
+  count += other.count;
+}
+
+ErrorMetrics FinalizeMetrics(const ErrorStats& s) {
+  ErrorMetrics m;
+  m.max_abs_error = s.max_abs_err;
+  const double denom = std::sqrt(s.sum_x2) * std::sqrt(s.sum_xhat2);
+  if (denom > 0.0) {
+    m.cosine = s.sum_x_xhat / denom;
+  } else {
+    // Both zero: identical. One zero: orthogonal by convention.
+    m.cosine = (s.sum_x2 == 0.0 && s.sum_xhat2 == 0.0) ? 1.0 : 0.0;
+  }
+  if (s.sum_x2 > 0.0) {
+    m.rel_mse = s.sum_err2 / s.sum_x2;
+  } else {
+    m.rel_mse = s.sum_err2 > 0.0 ? std::numeric_limits<double>::infinity() : 0.0;
+  }
+  if (s.sum_err2 > 0.0) {
+    m.sqnr_db = 10.0 * std::log10(s.sum_x2 / s.sum_err2);
+  } else {
+    m.sqnr_db = std::numeric_limits<double>::infinity();
+  }
+  return m;
+}
+
+Status ValidateSpec(const QuantSpec& spec) {
+  if (spec.bits != 2 && spec.bits != 4 && spec.bits != 8) {
+    return Status::Invalid("bits must be 2, 4 or 8, got " + std::to_string(spec.bits));
+  }
+  if (spec.group_size <= 0) {
+    return Status::Invalid("group size must be a positive integer, got " +
+                           std::to_string(spec.group_size));
+  }
+  if (spec.method != Method::kRtn && spec.method != Method::kMse) {
+    return Status::Invalid("unknown quantization method");
+  }
+  return Status::OK();
+}
+
+int64_t GroupsPerRow(int64_t cols, int64_t group_size) {
+  return (cols + group_size - 1) / group_size;
+}
+
+int64_t PackedRowBytes(int64_t cols, int bits) { return (cols * bits + 7) / 8; }
+
+namespace {
+
+Status CheckView(const TensorView& src) {
+  if (src.rows < 0 || src.cols < 0) return Status::Invalid("negative tensor dimensions");
+  if (src.rows * src.cols > 0 && src.data == nullptr) return Status::Invalid("null tensor data");
+  if (!IsQuantizableFloat(src.dtype)) {
+    return Status::Invalid("dtype " + std::string(DTypeName(src.dtype)) +
+                           " cannot be quantized (float32, float16, bfloat16, float8_e4m3fn or "
+                           "float8_e5m2 expected)");
+  }
+  return Status::OK();
+}
+
+// First error of a parallel loop, the one with the lowest row index, so that
+// the message does not depend on thread timing.
+class FirstError {
+ public:
+  void Record(int64_t row, Status st) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (row < row_) {
+      row_ = row;
+      status_ = std::move(st);
+    }
+  }
+  bool any() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return row_ != std::numeric_limits<int64_t>::max();
+  }
+  Status status() const { return status_; }
+
+ private:
+  std::mutex mu_;
+  int64_t row_ = std::numeric_limits<int64_t>::max();
+  Status status_;
+};
+
+// Rows per parallel task: enough work (~64K elements) to amortize a thread.
+int64_t MinRowsPerTask(int64_t cols) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1));
+}
+
+Status CheckFinite(const float* x, int64_t cols, int64_t row) {
+  for (int64_t c = 0; c < cols; ++c) {
+    if (!std::isfinite(x[c])) {
+      return Status::Invalid(std::string(std::isnan(x[c]) ? "NaN" : "Inf") + " at index " +
+                             std::to_string(row * cols + c) + " (row " + std::to_string(row) +
+                             ", column " + std::to_string(c) + ")");
+    }
+  }
+  return Status::OK();
+}
+
+// Shared driver: for each row, convert + check, then `choose` fills the
+// row's parameters (or leaves caller's), then encode.
+template <typename Choose>
+Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales,
+               const float* zero_points, uint8_t* packed, float* out_scales,
+               float* out_zero_points, ErrorStats* stats, const ExecOptions& exec,
+               Choose choose) {
+  AQ_RETURN_NOT_OK(ValidateSpec(spec));
+  AQ_RETURN_NOT_OK(CheckView(src));
+  if (src.rows == 0 || src.cols == 0) return Status::OK();
+  const kernels::RowKernels& k = kernels::Select(exec.force_scalar);
+  const int64_t G = GroupsPerRow(src.cols, spec.group_size);
+  const int64_t row_bytes = PackedRowBytes(src.cols, spec.bits);
+  const size_t item = DTypeSize(src.dtype);
+  FirstError error;
+  std::mutex stats_mu;
+
+  ParallelFor(src.rows, exec.threads, MinRowsPerTask(src.cols), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(static_cast<size_t>(src.cols));
+    ErrorStats local;
+    for (int64_t r = r0; r < r1; ++r) {
+      const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
+      k.convert(src.dtype, in, row.data(), static_cast<size_t>(src.cols));
+      Status st = CheckFinite(row.data(), src.cols, r);
+      if (st.ok()) st = choose(k, row.data(), r, G);
+      if (!st.ok()) {
+        error.Record(r, std::move(st));
+        return;
+      }
+      const float* s = out_scales ? out_scales + r * G : scales + r * G;
+      const float* z = out_zero_points ? out_zero_points + r * G : zero_points + r * G;
+      k.encode(row.data(), src.cols, spec, s, z, packed + r * row_bytes, stats ? &local : nullptr);
+    }
+    if (stats) {
+      std::lock_guard<std::mutex> lock(stats_mu);
+      stats->Merge(local);
+    }
+  });
+  if (error.any()) return error.status();
+  return Status::OK();
+}
+
+}  // namespace
+
+Status Quantize(const TensorView& src, const QuantSpec& spec, const QuantizedBuffers& out,
+                ErrorStats* stats, const ExecOptions& exec) {
+  return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats,
+                 exec, [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
+                   return k.choose_params(x, src.cols, spec, out.scales + r * G,
+                                          out.zero_points + r * G, r);
+                 });
+}
+
+Status QuantizeWithParams(const TensorView& src, const QuantSpec& spec, const float* scales,
+                          const float* zero_points, uint8_t* packed, ErrorStats* stats,
+                          const ExecOptions& exec) {
+  if (src.rows * src.cols > 0 && (scales == nullptr || zero_points == nullptr)) {
+    return Status::Invalid("scales and zero points are required");
+  }
+  return RunRows(src, spec, scales, zero_points, packed, nullptr, nullptr, stats, exec,
+                 [](const kernels::RowKernels&, const float*, int64_t, int64_t) {
+                   return Status::OK();
+                 });
+}
+
+Status Dequantize(const uint8_t* packed, int64_t rows, int64_t cols, const QuantSpec& spec,
+                  const float* scales, const float* zero_points, float* out,
+                  const ExecOptions& exec) {
+  AQ_RETURN_NOT_OK(ValidateSpec(spec));
+  if (rows < 0 || cols < 0) return Status::Invalid("negative tensor dimensions");
+  if (rows == 0 || cols == 0) return Status::OK();
+  const kernels::RowKernels& k = kernels::Select(exec.force_scalar);
+  const int64_t G = GroupsPerRow(cols, spec.group_size);
+  const int64_t row_bytes = PackedRowBytes(cols, spec.bits);
+  ParallelFor(rows, exec.threads, MinRowsPerTask(cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      k.decode(packed + r * row_bytes, cols, spec, scales + r * G, zero_points + r * G,
+               out + r * cols);
+    }
+  });
+  return Status::OK();
+}
+
+const char* ActiveKernelName() { return kernels::Select(false).name; }
+
+}  // namespace arrowquant

@@ -1,0 +1,46 @@
+"""ArrowQuant: group-wise INT2/INT4/INT8 weight quantization with a C++20 engine.
+
+The quantize path, from the top: cli.py -> api.quantize -> pipeline ->
+engine.quantize_array -> arrowquant._core.quantize (cpp/src/python) ->
+arrowquant::Quantize (cpp/src/quantize.cc) -> per-row kernels
+(cpp/src/kernels/scalar.cc, avx2.cc)."""
+
+from __future__ import annotations
+
+from .engine import active_kernel, dequantize_array, quantize_array
+from .errors import (
+    ArrowQuantError,
+    ArrowQuantIOError,
+    CancelledError,
+    ConfigurationError,
+    FormatError,
+    MemoryBudgetError,
+    MetadataError,
+    ModelNotFoundError,
+    QuantizationError,
+    ShapeMismatchError,
+    ValidationError,
+)
+from .tensor import ErrorMetrics, QuantizedTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "quantize_array",
+    "dequantize_array",
+    "active_kernel",
+    "QuantizedTensor",
+    "ErrorMetrics",
+    "ArrowQuantError",
+    "ArrowQuantIOError",
+    "CancelledError",
+    "ConfigurationError",
+    "FormatError",
+    "MemoryBudgetError",
+    "MetadataError",
+    "ModelNotFoundError",
+    "QuantizationError",
+    "ShapeMismatchError",
+    "ValidationError",
+]

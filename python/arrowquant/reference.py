@@ -1,0 +1,220 @@
+"""The quantization math of FORMAT.md in plain numpy.
+
+This is the oracle of the tests and the baseline of the benchmarks: vectorized
+per tensor (no Python loop per element or group), float32 arithmetic in the
+same order as the engine, so that both agree bit for bit. It mirrors the
+engine's API (quantize_array / dequantize_array) so either can drive the same
+pipeline."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ValidationError
+from .tensor import (
+    ErrorSums,
+    QuantizedTensor,
+    as_source,
+    check_spec,
+    groups_per_row,
+    packed_row_bytes,
+    view_2d,
+)
+
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact conversion of raw little-endian bytes of `dtype` to float32."""
+    raw = raw.view(np.uint8)
+    if dtype == "float32":
+        return raw.view(np.float32)
+    if dtype == "float16":
+        return raw.view(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    import ml_dtypes
+
+    if dtype == "float8_e4m3fn":
+        return raw.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    if dtype == "float8_e5m2":
+        return raw.view(ml_dtypes.float8_e5m2).astype(np.float32)
+    raise ValidationError(f"dtype {dtype!r} cannot be quantized")
+
+
+def _check_finite(x: np.ndarray, cols: int, name: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        i = int(np.argmax(bad))
+        kind = "NaN" if np.isnan(x[i]) else "Inf"
+        raise ValidationError(
+            f"tensor {name!r}: {kind} at index {i} (row {i // cols}, column {i % cols})"
+        )
+
+
+def _group_reduce(x2: np.ndarray, g: int, fn) -> np.ndarray:
+    """fn (np.min / np.max) over each group of each row: shape (R, G)."""
+    rows, cols = x2.shape
+    full = cols // g
+    parts = []
+    if full:
+        parts.append(fn(x2[:, : full * g].reshape(rows, full, g), axis=2))
+    if cols % g:
+        parts.append(fn(x2[:, full * g :], axis=1)[:, None])
+    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def _expand(per_group: np.ndarray, g: int, cols: int) -> np.ndarray:
+    """(R, G) -> (R, cols): each group's value repeated over its elements."""
+    return np.repeat(per_group, g, axis=1)[:, :cols]
+
+
+def rtn_params(x2: np.ndarray, bits: int, group_size: int, scheme: str,
+               name: str = "tensor") -> Tuple[np.ndarray, np.ndarray]:
+    """FORMAT.md rtn scale and zero point per group, each (R, G) float32."""
+    with np.errstate(all="ignore"):
+        if scheme == "symmetric":
+            a = _group_reduce(np.abs(x2), group_size, np.max)
+            m = np.float32(2 ** (bits - 1) - 1)
+            s = np.where(a > _F0, a / m, _F1).astype(np.float32)
+            bad = (s == _F0) | ~np.isfinite(_F1 / s)
+            scale = np.where(bad, _F1, s).astype(np.float32)
+            zero = np.full_like(scale, np.float32(2 ** (bits - 1)))
+            return scale, zero
+        q_max = np.float32(2**bits - 1)
+        lo = _group_reduce(x2, group_size, np.min) + _F0  # -0 -> +0, as the engine
+        hi = _group_reduce(x2, group_size, np.max) + _F0
+        s = (hi - lo) / q_max
+        spread = hi > lo
+        overflow = spread & ~np.isfinite(s)
+        if overflow.any():
+            r, j = (int(v[0]) for v in np.nonzero(overflow))
+            raise ValidationError(
+                f"tensor {name!r}: row {r}, group {j}: group range max - min overflows float32 "
+                f"(min {lo[r, j]}, max {hi[r, j]})"
+            )
+        ok = spread & (s != _F0) & np.isfinite(_F1 / s)
+        safe_s = np.where(ok, s, _F1).astype(np.float32)
+        scale = safe_s
+        zero = np.where(ok, -lo / safe_s, -lo).astype(np.float32)
+        return scale, zero
+
+
+def encode(x2: np.ndarray, bits: int, group_size: int, scheme: str, scale: np.ndarray,
+           zero: np.ndarray) -> np.ndarray:
+    """Codes (R, C) uint8 for given (R, G) parameters."""
+    rows, cols = x2.shape
+    q_max = np.float32(2**bits - 1)
+    inv = _expand(_F1 / scale, group_size, cols)
+    z = _expand(zero, group_size, cols)
+    with np.errstate(all="ignore"):
+        if scheme == "symmetric":
+            v = np.rint(x2 * inv) + z
+        else:
+            v = np.rint(x2 * inv + z)
+    return np.clip(v, _F0, q_max).astype(np.uint8)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Packs (R, C) codes per row, little-endian within each byte."""
+    rows, cols = codes.shape
+    per_byte = 8 // bits
+    row_bytes = packed_row_bytes(cols, bits)
+    if per_byte == 1:
+        return np.ascontiguousarray(codes).reshape(-1)
+    padded = np.zeros((rows, row_bytes * per_byte), dtype=np.uint8)
+    padded[:, :cols] = codes
+    padded = padded.reshape(rows, row_bytes, per_byte)
+    out = np.zeros((rows, row_bytes), dtype=np.uint8)
+    for k in range(per_byte):  # 2 or 4 passes over the tensor, not per element
+        out |= padded[:, :, k] << np.uint8(k * bits)
+    return out.reshape(-1)
+
+
+def unpack(packed: np.ndarray, rows: int, cols: int, bits: int) -> np.ndarray:
+    """Inverse of pack: (R, C) uint8 codes."""
+    per_byte = 8 // bits
+    row_bytes = packed_row_bytes(cols, bits)
+    p = np.asarray(packed, dtype=np.uint8).reshape(rows, row_bytes)
+    if per_byte == 1:
+        return p
+    mask = np.uint8(2**bits - 1)
+    parts = [(p >> np.uint8(k * bits)) & mask for k in range(per_byte)]
+    return np.stack(parts, axis=2).reshape(rows, row_bytes * per_byte)[:, :cols]
+
+
+def dequantize_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                     group_size: int) -> np.ndarray:
+    cols = codes.shape[1]
+    return (codes.astype(np.float32) - _expand(zero, group_size, cols)) * _expand(
+        scale, group_size, cols
+    )
+
+
+def _error_sums(x2: np.ndarray, xhat: np.ndarray) -> ErrorSums:
+    x = x2.astype(np.float64)
+    h = xhat.astype(np.float64)
+    e = x - h
+    return ErrorSums(
+        sum_x2=float(np.sum(x * x)),
+        sum_xhat2=float(np.sum(h * h)),
+        sum_x_xhat=float(np.sum(x * h)),
+        sum_err2=float(np.sum(e * e)),
+        max_abs_err=float(np.max(np.abs(e))) if e.size else 0.0,
+        count=int(x.size),
+    )
+
+
+def choose_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, method: str,
+                  param_dtype: str, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per group for a method (rtn here; see FORMAT.md)."""
+    if method != "rtn" or param_dtype != "float32":
+        raise ValidationError("only method rtn with float32 parameters is built in this version")
+    return rtn_params(x2, bits, group_size, scheme, name)
+
+
+def quantize_array(
+    array: Any,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    scheme: str = "asymmetric",
+    method: str = "rtn",
+    param_dtype: str = "float32",
+    dtype: Optional[str] = None,
+    shape: Optional[Sequence[int]] = None,
+    name: str = "tensor",
+    threads: int = 0,
+    force_scalar: bool = False,
+) -> QuantizedTensor:
+    """Same contract as arrowquant.engine.quantize_array (threads ignored)."""
+    del threads, force_scalar
+    check_spec(bits, group_size, scheme, method, param_dtype)
+    src = as_source(array, dtype=dtype, shape=shape, name=name)
+    rows, cols = src.rows, src.cols
+    x = to_float32(src.raw, src.dtype)
+    _check_finite(x, cols, name)
+    x2 = x.reshape(rows, cols)
+    scale, zero = choose_params(x2, bits, group_size, scheme, method, param_dtype, name)
+    codes = encode(x2, bits, group_size, scheme, scale, zero)
+    xhat = dequantize_codes(codes, scale, zero, group_size)
+    return QuantizedTensor(
+        data=pack(codes, bits), scales=scale.reshape(-1), zero_points=zero.reshape(-1),
+        shape=src.shape, dtype=src.dtype, bits=bits, group_size=group_size, scheme=scheme,
+        method=method, param_dtype=param_dtype, name=name, error=_error_sums(x2, xhat),
+    )
+
+
+def dequantize_array(qt: QuantizedTensor, *, threads: int = 0,
+                     force_scalar: bool = False) -> np.ndarray:
+    """float32 array of qt.shape."""
+    del threads, force_scalar
+    rows, cols = view_2d(qt.shape)
+    G = groups_per_row(cols, qt.group_size)
+    codes = unpack(qt.data, rows, cols, qt.bits)
+    scale = np.asarray(qt.scales, dtype=np.float32).reshape(rows, G)
+    zero = np.asarray(qt.zero_points, dtype=np.float32).reshape(rows, G)
+    return dequantize_codes(codes, scale, zero, qt.group_size).reshape(qt.shape)
