@@ -1,0 +1,114 @@
+"""What the pipeline does with each tensor: a TensorPlan per tensor, made by a
+planner (the default rules here, or the diffusion-aware planner of
+arrowquant.diffusion) and shown in the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+
+from .tensor import QUANTIZABLE_DTYPES, view_2d
+
+#: Minimum cosine similarity per bit width below which a layer is redone at the
+#: next width (issue 5's fallback); configurable through QuantOptions.
+DEFAULT_MIN_COSINE: Dict[int, float] = {2: 0.70, 4: 0.90, 8: 0.95}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor of a source model, before reading it."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str          # canonical name ("float16", "bfloat16", "int64", ...)
+    nbytes: int         # bytes in the source
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def rows(self) -> int:
+        return view_2d(self.shape)[0]
+
+    @property
+    def cols(self) -> int:
+        return view_2d(self.shape)[1]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in QUANTIZABLE_DTYPES
+
+
+@dataclass
+class TensorPlan:
+    """How one tensor is quantized, and why."""
+
+    name: str
+    bits: Optional[int]                 # None: stored unquantized (quant_type "none")
+    group_size: int = 128
+    scheme: str = "asymmetric"
+    method: str = "rtn"
+    param_dtype: str = "float32"
+    reason: str = ""                    # why these bits, for the report
+    # Widths to try, in order, when the cosine falls below min_cosine[bits].
+    fallback_bits: Tuple[int, ...] = ()
+    min_cosine: Optional[float] = None
+    # Per-input-channel importance (length cols) for importance-weighted
+    # parameter search; None for plain methods.
+    importance: Optional[np.ndarray] = field(default=None, repr=False)
+    # Per-input-channel equalization scales s (length cols): the stored
+    # weight is W[:, c] * s[c]; readers divide by s (FORMAT.md spatial_quant_json).
+    equalization: Optional[np.ndarray] = field(default=None, repr=False)
+    time_aware_json: Optional[str] = None
+    spatial_json: Optional[str] = None
+    activation_stats_json: Optional[str] = None
+    extra: dict = field(default_factory=dict)   # more report fields (sensitivity, entropy, ...)
+
+
+class Planner(Protocol):
+    """Makes one TensorPlan per tensor of a model."""
+
+    def plan(self, tensors: Sequence[TensorInfo]) -> Dict[str, TensorPlan]:
+        ...
+
+
+@dataclass
+class RulePlanner:
+    """The default planner: one bit width for every floating-point tensor of
+    two or more dimensions; 0-D/1-D tensors (biases, norms) and non-float
+    tensors pass through unless quantize_1d is set."""
+
+    bits: int = 4
+    group_size: int = 128
+    scheme: str = "asymmetric"
+    method: str = "rtn"
+    param_dtype: str = "float32"
+    quantize_1d: bool = False
+    fallback: bool = False
+    min_cosine: Dict[int, float] = field(default_factory=lambda: dict(DEFAULT_MIN_COSINE))
+
+    def plan(self, tensors: Sequence[TensorInfo]) -> Dict[str, TensorPlan]:
+        return {t.name: self.plan_one(t) for t in tensors}
+
+    def plan_one(self, t: TensorInfo) -> TensorPlan:
+        if not t.is_float:
+            return TensorPlan(t.name, None, reason=f"kept: dtype {t.dtype} is not floating point")
+        if t.numel == 0:
+            return TensorPlan(t.name, None, reason="kept: empty tensor")
+        if len(t.shape) < 2 and not self.quantize_1d:
+            return TensorPlan(t.name, None,
+                              reason=f"kept: {len(t.shape)}-D tensor (use --quantize-1d)")
+        fallback: List[int] = [b for b in (2, 4, 8) if b > self.bits] if self.fallback else []
+        return TensorPlan(
+            t.name, self.bits, group_size=self.group_size, scheme=self.scheme,
+            method=self.method, param_dtype=self.param_dtype,
+            reason=f"default: {self.bits} bits for every weight",
+            fallback_bits=tuple(fallback),
+            min_cosine=self.min_cosine.get(self.bits) if self.fallback else None,
+        )
