@@ -488,7 +488,12 @@ class SafeTensorsWriter:
             raise ValidationError(f"{self.path}: writer is closed")
         try:
             mv = _as_bytes(data)
-            self._skip_complete()
+            # Move past finished tensors, but not past the one named: a later
+            # write of zero bytes to a complete tensor is harmless.
+            while (self._current < len(self._pending)
+                   and self._pending[self._current].name != name
+                   and self._pending[self._current].written == self._pending[self._current].nbytes):
+                self._current += 1
             if self._current >= len(self._pending):
                 raise ValidationError(f"{self.path}: every tensor is complete; no room for {name!r}")
             p = self._pending[self._current]
