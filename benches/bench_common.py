@@ -207,12 +207,27 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def child_env() -> Dict[str, str]:
-    """Environment for children: the repository's built python/ tree first on PYTHONPATH."""
-    env = dict(os.environ)
+def source_tree() -> Optional[Path]:
+    """The repository's python/ directory when it holds a built extension, else None
+    (then the installed arrowquant package is used)."""
     py = REPO_ROOT / "python"
-    # Only a built source tree (extension present) may shadow an installed package.
     if any((py / "arrowquant").glob("_core*.so")) or any((py / "arrowquant").glob("_core*.pyd")):
+        return py
+    return None
+
+
+def use_source_tree() -> None:
+    """Makes `import arrowquant` in this process find the built source tree first."""
+    py = source_tree()
+    if py is not None and str(py) not in sys.path:
+        sys.path.insert(0, str(py))
+
+
+def child_env() -> Dict[str, str]:
+    """Environment for children: the built python/ tree first on PYTHONPATH."""
+    env = dict(os.environ)
+    py = source_tree()
+    if py is not None:
         env["PYTHONPATH"] = str(py) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 

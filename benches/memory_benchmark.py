@@ -11,6 +11,7 @@ The native and reference outputs are compared bit for bit in the same run.
     python benches/memory_benchmark.py --model-size 10M
     python benches/memory_benchmark.py --model-size 100M --model-size 600M --bit-width 4 --bit-width 8 \\
         --generate-charts
+    python benches/memory_benchmark.py --charts-from .benchmarks/memory   # redraw charts of a run
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def child_quantize(spec: dict) -> dict:
 
 def child_io(spec: dict) -> dict:
     """Pure I/O: read every tensor once through the project's reader, write
-    `target_bytes` (the native output's size) of it to one file."""
+    `target_bytes` (the native output's size) of it to one file and fsync it."""
     import time
     import tracemalloc
 
@@ -131,6 +132,8 @@ def child_io(spec: dict) -> dict:
                         remaining -= n
             if remaining > 0:  # never for quantization (output < input); keeps the size honest
                 f.write(b"\0" * remaining)
+            f.flush()
+            os.fsync(f.fileno())  # the pipeline fsyncs what it writes; so does this job
     finally:
         src.close()
     seconds = time.perf_counter() - t0
@@ -424,6 +427,27 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
     return "\n".join(lines) + "\n"
 
 
+def load_cases(out_dir: Path) -> List[Case]:
+    """Cases rebuilt from a finished run's JSON files (to redraw its charts)."""
+    records = json.loads((out_dir / "memory_benchmark_results.json").read_text())
+    cases: Dict[Tuple[str, int, str], Case] = {}
+    for r in records:
+        key = (r["model_size"], r["bit_width"], r["input_format"])
+        case = cases.setdefault(key, Case(size=r["model_size"], fmt=r["input_format"], bits=r["bit_width"]))
+        case.records.append(r)
+        if "targets" in r:
+            case.targets = r["targets"]
+        if "bit_exact" in r:
+            case.bit_exact = r["bit_exact"]
+    timeline = out_dir / "memory_timeline.json"
+    if timeline.exists():
+        for t in json.loads(timeline.read_text()):
+            key = (t["model_size"], t["bit_width"], t["input_format"])
+            if key in cases:
+                cases[key].timelines[t["implementation"]] = [(a, b) for a, b in t["samples"]]
+    return list(cases.values())
+
+
 # --- main ---------------------------------------------------------------------
 
 
@@ -464,7 +488,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return child_main(argv[1])
+    if argv[:1] == ["--charts-from"]:
+        import charts
+
+        for path in charts.write_all(load_cases(Path(argv[1])), Path(argv[1])):
+            print(f"chart: {path}")
+        return 0
     args = parse_args(argv)
+    bc.use_source_tree()
     from arrowquant import synthetic  # numpy only; the parent stays far below any child's baseline
 
     def log(msg: str) -> None:
