@@ -700,3 +700,55 @@ def test_writer_reader_safetensors_agree(tmp_path, specs, seed):
             assert back[name].tobytes() == arr.tobytes()
             assert m.read_rows(name).tobytes() == arr.tobytes()
             assert m.info(name).shape == arr.shape
+
+
+@pytest.fixture(scope="module")
+def index_playground(tmp_path_factory):
+    base = tmp_path_factory.mktemp("playground")
+    save_file({"secret": np.zeros(2, np.float32)}, str(base / "outside.safetensors"))
+    model = base / "model"
+    (model / "sub").mkdir(parents=True)
+    save_file({"x": np.arange(4, dtype=np.float32), "y": np.ones((2, 2), np.float16)}, str(model / "a.safetensors"))
+    save_file({"z": np.arange(3, dtype=np.int64)}, str(model / "b.safetensors"))
+    save_file({"w": np.zeros(1, np.uint8)}, str(model / "sub" / "c.safetensors"))
+    (model / "loop.safetensors").symlink_to("loop.safetensors")
+    (model / "esc.safetensors").symlink_to("../outside.safetensors")
+    (model / "not_st.safetensors").write_bytes(b"\x00" * 40)
+    return model
+
+
+shard_names = st.one_of(
+    st.sampled_from(["a.safetensors", "b.safetensors", "sub/c.safetensors", "./a.safetensors",
+                     "sub/../a.safetensors", "../outside.safetensors", "/etc/passwd", "loop.safetensors",
+                     "esc.safetensors", "not_st.safetensors", "missing.safetensors", "sub", "", "a" * 5000,
+                     "a.safetensors\x00", "model.safetensors.index.json"]),
+    st.text(max_size=20),
+    st.integers(),
+    st.none(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weight_map=st.dictionaries(st.sampled_from(["x", "y", "z", "w", "secret"]) | st.text(max_size=5),
+                               shard_names, max_size=5),
+    metadata=st.one_of(st.none(), st.dictionaries(st.text(max_size=4), st.integers() | st.text(max_size=4),
+                                                  max_size=3), st.integers()),
+)
+def test_random_indexes_fail_cleanly(index_playground, weight_map, metadata):
+    model = index_playground
+    doc = {"weight_map": weight_map}
+    if metadata is not None:
+        doc["metadata"] = metadata
+    (model / "model.safetensors.index.json").write_text(json.dumps(doc))
+    try:
+        m = SafeTensorsModel(model)
+    except ALLOWED as e:
+        assert str(model) in str(e), str(e)
+        return
+    with m:
+        for f in m.files:  # never a file outside the model directory
+            assert model.resolve() in f.resolve().parents
+        for t in m.tensors:
+            assert t.name != "secret"
+            assert m.read_rows(t.name).size == t.nbytes
