@@ -752,3 +752,16 @@ def test_random_indexes_fail_cleanly(index_playground, weight_map, metadata):
         for t in m.tensors:
             assert t.name != "secret"
             assert m.read_rows(t.name).size == t.nbytes
+
+
+def test_index_choice_and_drop_cache(tmp_path):
+    shards = {"a.safetensors": {"x": np.arange(4, dtype=np.float32)}}
+    make_sharded(tmp_path, shards, index_name="diffusion_pytorch_model.fp16.safetensors.index.json")
+    make_sharded(tmp_path, shards, index_name="other.safetensors.index.json")
+    with pytest.raises(ValidationError, match="several SafeTensors indexes"):
+        SafeTensorsModel(tmp_path)
+    with SafeTensorsModel(tmp_path / "other.safetensors.index.json", drop_cache=True) as m:
+        assert m.read_rows("x").view(np.float32).tolist() == [0, 1, 2, 3]
+    make_sharded(tmp_path, shards, index_name="diffusion_pytorch_model.safetensors.index.json")
+    with SafeTensorsModel(tmp_path) as m:
+        assert m.index_path.name == "diffusion_pytorch_model.safetensors.index.json"
