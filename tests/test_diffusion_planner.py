@@ -143,7 +143,7 @@ def test_fallback_fields():
     assert t.min_cosine is None and t.fallback_bits == ()  # threshold 0 disables the check
     cfg = DiffusionQuantConfig(fail_fast=True)
     p = DiffusionPlanner(cfg).plan([info("a.weight")])["a.weight"]
-    assert p.min_cosine == 0.90 and p.fallback_bits == ()
+    assert p.min_cosine == 0.90 and p.fallback_bits == (8,)
     assert p.extra["on_fallback_exhausted"] == "error"
 
 
@@ -283,7 +283,7 @@ def test_measured_layer_below_threshold_starts_wider():
     assert "planned at 4" in p.reason
     # fail_fast leaves the decision (and the error) to the pipeline.
     q = DiffusionPlanner(cfg.copy(fail_fast=True), weights=lambda n: w).plan([info("w", w.shape)])
-    assert q["w"].bits == 2 and q["w"].fallback_bits == ()
+    assert q["w"].bits == 2 and q["w"].extra["on_fallback_exhausted"] == "error"
 
 
 # ------------------------------------------------------------------ allocation
@@ -448,3 +448,30 @@ def test_real_unet_keeps_timestep_layers_at_int8():
     # Tiny layers pay a lot for their parameters (conv_in: 27 columns, one group per row).
     assert planner.summary.achieved_bpw <= 6.0
     assert math.isfinite(planner.summary.total_error)
+
+
+# ------------------------------------------------------------------ through the pipeline
+
+
+def test_end_to_end_file_bpw_equals_planned(tmp_path):
+    """The planner on a SafeTensors model through arrowquant's own quantize():
+    the written file holds exactly the planned bits per weight, within the
+    target, with less error than uniform INT2."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from arrowquant.api import quantize
+
+    weights, tensors = planted_model(seed=7)
+    weights["odd.weight"] = np.random.default_rng(7).standard_normal((8, 27)).astype(np.float32)
+    weights["odd.bias"] = np.zeros(8, np.float32)
+    model = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(weights, str(model))
+    numel = sum(w.size for w in weights.values())
+    cfg = DiffusionQuantConfig(target_bpw=3.0, fallback_thresholds={2: 0.0, 4: 0.0, 8: 0.0})
+    planner = DiffusionPlanner(cfg, source=str(model))  # a path: opened only to measure
+    summary = quantize(model, tmp_path / "mixed", planner=planner, progress=False)
+    file_bpw = 8 * summary.output_bytes / numel
+    assert file_bpw == pytest.approx(planner.summary.achieved_bpw, rel=1e-12)
+    assert file_bpw <= 3.0
+    uniform = quantize(model, tmp_path / "int2", bits=2, progress=False)
+    assert 8 * uniform.output_bytes / numel < file_bpw
+    assert summary.mean_cosine > uniform.mean_cosine

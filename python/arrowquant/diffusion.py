@@ -33,8 +33,10 @@ sum((w - w_hat)^2) / sum(w^2) on the sample, weighted per input channel by
 256-bin histogram of the sample (0 = one value, 1 = uniform).
 
 Allocation (mixed precision): each free layer l chooses an option o in
-{2, 4, 8, keep} with cost bits(l, o) = numel*o + rows*G*2*p (p = 32, or 16
-with param_dtype float16; keep costs the source bytes) and error
+{2, 4, 8, keep} with cost bits(l, o) = rows*ceil(cols*o/8)*8 + rows*G*2*p
+(packed codes with each row's byte padding, plus p = 32 bits, or 16 with
+param_dtype float16, per scale and per zero point; keep costs the source
+bytes): exactly the bytes the ArrowQuant file stores for the tensor and error
 numel * sensitivity[o] (keep: 0). Widths whose sampled cosine is already below
 that width's fallback threshold are not offered (the pipeline would redo
 them). Greedy marginal gain: start every layer at its cheapest option, then
@@ -51,8 +53,10 @@ tensor's cosine is below min_cosine the pipeline redoes it at the next width
 of fallback_bits and checks it against `extra["min_cosine_by_bits"][width]`.
 When no width is left, `extra["on_fallback_exhausted"]` says what to do:
 "accept" (keep the last result, flagged in the report). Under `fail_fast`
-fallback_bits is empty and `on_fallback_exhausted` is "error": the first
-tensor below its threshold is a QuantizationError.
+`on_fallback_exhausted` is "error" and the pipeline (PipelineOptions.fail_fast
+= config.fail_fast) raises QuantizationError at the first tensor below its
+threshold instead of redoing it; fallback_bits stay set so that the pipeline
+knows the check applies.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -68,7 +73,7 @@ import numpy as np
 from .config import KEEP_BITS, DiffusionQuantConfig
 from .errors import ConfigurationError, ValidationError
 from .plan import TensorInfo, TensorPlan
-from .tensor import QUANTIZABLE_DTYPES, groups_per_row
+from .tensor import groups_per_row, packed_row_bytes
 
 WIDTHS = (2, 4, 8)
 
@@ -149,7 +154,8 @@ def layer_cost_bits(info: TensorInfo, bits: Optional[int], group_size: int,
         return 8 * int(info.nbytes)
     rows, cols = info.rows, info.cols
     pbits = 16 if param_dtype == "float16" else 32
-    return rows * cols * bits + rows * groups_per_row(cols, group_size) * 2 * pbits
+    # Rows start on a byte boundary (FORMAT.md section 3): count the padding too.
+    return rows * packed_row_bytes(cols, bits) * 8 + rows * groups_per_row(cols, group_size) * 2 * pbits
 
 
 @dataclass
@@ -195,7 +201,10 @@ class DiffusionPlanner:
       Mapping name -> array, or an object with `importance(name)` returning
       an array or None. Looked up by tensor name, then without ".weight".
     source: an arrowquant.sources ModelSource (its `read(name, row_start,
-      row_count)` gives raw bytes of rows), used to measure sensitivity.
+      row_count)` gives raw bytes of rows), used to measure sensitivity; or
+      the model's path, opened with arrowquant.sources.open_model for the
+      measurement and closed after it (so a planner made before
+      arrowquant.quantize(..., planner=) opens it does not hold it open).
     weights: instead of a source, a callable name -> float32 array.
     importance: name -> per-input-channel importance (length cols, or the
       input channels of a conv, repeated over its kernel); wins over stats.
@@ -234,6 +243,7 @@ class DiffusionPlanner:
                 "measured sensitivity and needs the weights: pass source= or weights=")
         self.summary: Optional[AllocationSummary] = None
         self.sensitivities: Dict[str, Sensitivity] = {}
+        self._reader: Any = None
 
     # ------------------------------------------------------------------ plan
 
@@ -248,14 +258,14 @@ class DiffusionPlanner:
             else:
                 plans[t.name] = p
 
-        # Measure every tensor that will be quantized (for the report and the allocator).
+        # Measure every tensor that will be quantized (for the report and the
+        # allocator); a second plan() of the same model reuses the measurements.
         infos = {t.name: t for t in tensors}
         if self.measure:
-            for name, p in plans.items():
-                if p.bits is not None:
-                    self.sensitivities[name] = self._measure(infos[name])
-            for t in free:
-                self.sensitivities[t.name] = self._measure(t)
+            todo = [infos[n] for n, p in plans.items() if p.bits is not None] + free
+            todo = [t for t in todo if t.name not in self.sensitivities]
+            if todo:
+                self._measure_all(todo)
 
         if cfg.mixed_precision and free:
             chosen = self._allocate(tensors, plans, free)
@@ -346,7 +356,9 @@ class DiffusionPlanner:
         cfg = self.config
         p.min_cosine = cfg.min_cosine(p.bits)
         wider = tuple(w for w in WIDTHS if w > p.bits)
-        p.fallback_bits = () if cfg.fail_fast else wider
+        # The pipeline checks the floor only when a wider width exists; under
+        # fail_fast (PipelineOptions.fail_fast) it raises instead of redoing.
+        p.fallback_bits = wider if p.min_cosine is not None else ()
         p.extra["min_cosine_by_bits"] = {w: cfg.min_cosine(w) for w in (p.bits,) + wider}
         p.extra["on_fallback_exhausted"] = "error" if cfg.fail_fast else "accept"
 
@@ -405,7 +417,7 @@ class DiffusionPlanner:
 
             parts = []
             for s, c in zip(starts, counts):
-                raw = np.asarray(self.source.read(t.name, s, c)).reshape(-1).view(np.uint8)
+                raw = np.asarray(self._reader.read(t.name, s, c)).reshape(-1).view(np.uint8)
                 parts.append(to_float32(raw, t.dtype).reshape(c, cols))
         sample = np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
         return sample
@@ -424,6 +436,22 @@ class DiffusionPlanner:
                             method=cfg.method, param_dtype=cfg.param_dtype, name=name,
                             threads=cfg.num_threads)
         return dequantize_array(qt, threads=cfg.num_threads)
+
+    def _measure_all(self, todo: Sequence[TensorInfo]) -> None:
+        opened = None
+        if self.weights is None and isinstance(self.source, (str, Path)):
+            from .sources import open_model
+
+            opened = self._reader = open_model(self.source)
+        else:
+            self._reader = self.source
+        try:
+            for t in todo:
+                self.sensitivities[t.name] = self._measure(t)
+        finally:
+            self._reader = None
+            if opened is not None:
+                opened.close()
 
     def _measure(self, t: TensorInfo) -> Sensitivity:
         sample = self._sample(t)
