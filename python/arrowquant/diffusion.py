@@ -537,7 +537,8 @@ class DiffusionPlanner:
             ok = (dc > 0) & (de > 0) & (dc <= budget - spent + 1e-9)
             if not ok.any():
                 break
-            ratio = np.where(ok, de / np.where(dc > 0, dc, 1.0), -np.inf)
+            ratio = np.full(ok.shape, -np.inf)
+            ratio[ok] = de[ok] / dc[ok]
             i, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
             spent += float(dc[i, j])
             state[i] = j
