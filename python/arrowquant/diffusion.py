@@ -111,6 +111,16 @@ WeightReader = Callable[[str], np.ndarray]
 Quantizer = Callable[..., np.ndarray]
 
 
+def _weighted_quantizer() -> Optional[Callable[..., Any]]:
+    """arrowquant.importance.quantize_importance_array (the calibration
+    component's importance-weighted search) when it is installed."""
+    try:
+        from .importance import quantize_importance_array
+    except ImportError:
+        return None
+    return quantize_importance_array
+
+
 def match_pattern(pattern: str, name: str) -> bool:
     """fnmatch on the whole name, or re.search for "re:REGEX"."""
     if pattern.startswith("re:"):
@@ -211,7 +221,13 @@ class DiffusionPlanner:
     quantizer: how a sample is quantized for the measurement: a callable
       (sample, bits=, group_size=, scheme=, method=, param_dtype=,
       importance=) -> dequantized float32 array of the sample's shape.
-      Default: engine.quantize_array + dequantize_array (plain method).
+      Default: engine.quantize_array (config.method) for unweighted layers;
+      for layers with importance, arrowquant.importance's weighted search
+      when that module exists, else the plain method with a weighted error.
+
+    The planner does not set plan.importance / plan.equalization: wrap it in
+    arrowquant.calibrated.CalibratedPlanner(DiffusionPlanner(...), stats,
+    source) for that; this planner uses the importance only to measure.
     sample_elements: bound on the values read per tensor for the measurement.
     measure: measure sensitivity (default: when weights can be read).
     """
@@ -282,9 +298,6 @@ class DiffusionPlanner:
                 p.extra.update(sens.as_dict())
             if p.bits is not None:
                 self._set_fallback(p)
-                imp = self._importance_for(infos[name])
-                if imp is not None and p.importance is None:
-                    p.importance = imp
         return {t.name: plans[t.name] for t in tensors}
 
     # ------------------------------------------------------------------ rules
@@ -365,31 +378,41 @@ class DiffusionPlanner:
     # ------------------------------------------------------------------ importance
 
     def _importance_for(self, t: TensorInfo) -> Optional[np.ndarray]:
-        imp = None
+        """Per-column importance of a tensor: the explicit `importance` dict
+        (a wrong length is an error), else the statistics (a layer they do not
+        fit is measured unweighted, like the calibrated planner does)."""
         keys = [t.name] + ([t.name[: -len(".weight")]] if t.name.endswith(".weight") else [])
         for key in keys:
             if key in self.importance:
-                imp = self.importance[key]
-                break
-        if imp is None and self.stats is not None:
-            for key in keys:
-                if isinstance(self.stats, Mapping):
-                    imp = self.stats.get(key)
-                elif hasattr(self.stats, "importance"):
-                    imp = self.stats.importance(key)
-                if imp is not None:
-                    break
-        if imp is None:
+                return self._per_column(t, self.importance[key], strict=True)
+        if self.stats is None:
             return None
+        for key in keys:
+            if isinstance(self.stats, Mapping):
+                imp = self.stats.get(key)
+            elif hasattr(self.stats, "resolve"):
+                # arrowquant.calibration.CalibrationStats: resolve the layer, then ask.
+                layer = self.stats.resolve(key)
+                imp = None if layer is None else self.stats.importance(layer)
+            else:
+                imp = self.stats.importance(key)
+            if imp is not None:
+                return self._per_column(t, imp, strict=False)
+        return None
+
+    @staticmethod
+    def _per_column(t: TensorInfo, imp: Any, strict: bool) -> Optional[np.ndarray]:
         imp = np.asarray(imp, dtype=np.float32).reshape(-1)
         cols = t.cols
         if imp.size != cols:
             if imp.size > 0 and cols % imp.size == 0:
                 imp = np.repeat(imp, cols // imp.size)  # conv: one value per input channel
-            else:
+            elif strict:
                 raise ValidationError(
                     f"tensor {t.name!r}: importance has {imp.size} values, expected {cols} "
                     f"(columns) or a divisor of it (input channels)")
+            else:
+                return None
         if not np.all(np.isfinite(imp)) or np.any(imp < 0):
             raise ValidationError(f"tensor {t.name!r}: importance must be finite and >= 0")
         return imp
@@ -431,6 +454,15 @@ class DiffusionPlanner:
                 method=cfg.method, param_dtype=cfg.param_dtype, importance=importance),
                 dtype=np.float32).reshape(sample.shape)
         from .engine import dequantize_array, quantize_array
+
+        if importance is not None:
+            weighted = _weighted_quantizer()
+            if weighted is not None:
+                # What the calibrated pipeline will do with this layer.
+                qt = weighted(sample, importance, bits=bits, group_size=cfg.group_size,
+                              scheme=cfg.scheme, param_dtype=cfg.param_dtype, name=name,
+                              threads=cfg.num_threads)
+                return dequantize_array(qt, threads=cfg.num_threads)
 
         qt = quantize_array(sample, bits=bits, group_size=cfg.group_size, scheme=cfg.scheme,
                             method=cfg.method, param_dtype=cfg.param_dtype, name=name,
