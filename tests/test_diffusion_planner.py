@@ -137,14 +137,14 @@ def test_fallback_fields():
     plans = DiffusionPlanner(cfg).plan([info("a.weight"), info("time_embedding.linear_1.weight")])
     p = plans["a.weight"]
     assert p.min_cosine == 0.6 and p.fallback_bits == (4, 8)
-    assert p.extra["min_cosine_by_bits"] == {2: 0.6, 4: 0.8, 8: None}
-    assert p.extra["on_fallback_exhausted"] == "accept"
+    assert p.min_cosine_by_bits == {2: 0.6, 4: 0.8, 8: None}
+    assert p.floor() == 0.6
     t = plans["time_embedding.linear_1.weight"]
     assert t.min_cosine is None and t.fallback_bits == ()  # threshold 0 disables the check
     cfg = DiffusionQuantConfig(fail_fast=True)
     p = DiffusionPlanner(cfg).plan([info("a.weight")])["a.weight"]
     assert p.min_cosine == 0.90 and p.fallback_bits == (8,)
-    assert p.extra["on_fallback_exhausted"] == "error"
+    assert p.min_cosine_by_bits == {4: 0.90, 8: 0.95}
 
 
 def test_kept_plans_have_no_fallback():
@@ -301,7 +301,7 @@ def test_measured_layer_below_threshold_starts_wider():
     assert "planned at 4" in p.reason
     # fail_fast leaves the decision (and the error) to the pipeline.
     q = DiffusionPlanner(cfg.copy(fail_fast=True), weights=lambda n: w).plan([info("w", w.shape)])
-    assert q["w"].bits == 2 and q["w"].extra["on_fallback_exhausted"] == "error"
+    assert q["w"].bits == 2 and q["w"].floor() is not None
 
 
 # ------------------------------------------------------------------ allocation

@@ -50,13 +50,11 @@ Fallback semantics (set here, executed by the pipeline): a quantized plan
 with bits b carries `min_cosine` = fallback_thresholds[b] (None when the
 threshold is 0) and `fallback_bits` = the wider widths, in order. When the
 tensor's cosine is below min_cosine the pipeline redoes it at the next width
-of fallback_bits and checks it against `extra["min_cosine_by_bits"][width]`.
-When no width is left, `extra["on_fallback_exhausted"]` says what to do:
-"accept" (keep the last result, flagged in the report). Under `fail_fast`
-`on_fallback_exhausted` is "error" and the pipeline (PipelineOptions.fail_fast
-= config.fail_fast) raises QuantizationError at the first tensor below its
-threshold instead of redoing it; fallback_bits stay set so that the pipeline
-knows the check applies.
+of fallback_bits and checks it against `min_cosine_by_bits[width]`. When no
+width is left the last result is kept and flagged in the report. Under
+`fail_fast` (PipelineOptions.fail_fast = config.fail_fast) the pipeline raises
+QuantizationError at the first tensor below its threshold instead of redoing
+it, 8-bit plans included.
 """
 
 from __future__ import annotations
@@ -369,11 +367,10 @@ class DiffusionPlanner:
         cfg = self.config
         p.min_cosine = cfg.min_cosine(p.bits)
         wider = tuple(w for w in WIDTHS if w > p.bits)
-        # The pipeline checks the floor only when a wider width exists; under
-        # fail_fast (PipelineOptions.fail_fast) it raises instead of redoing.
+        # Under fail_fast (PipelineOptions.fail_fast) the pipeline raises
+        # instead of redoing.
         p.fallback_bits = wider if p.min_cosine is not None else ()
-        p.extra["min_cosine_by_bits"] = {w: cfg.min_cosine(w) for w in (p.bits,) + wider}
-        p.extra["on_fallback_exhausted"] = "error" if cfg.fail_fast else "accept"
+        p.min_cosine_by_bits = {w: cfg.min_cosine(w) for w in (p.bits,) + wider}
 
     # ------------------------------------------------------------------ importance
 
