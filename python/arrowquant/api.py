@@ -311,7 +311,7 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
     if _fingerprint(source) != fingerprint:
         raise FormatError(f"{source.root}: input files changed while they were being read; "
                           "the output was not finished")
-    files = runner.assemble(records)
+    files = runner.finish()
     for extra in source.extra_files:
         tmp = out / (extra.name + ".tmp")
         shutil.copy2(extra, tmp)
