@@ -410,9 +410,6 @@ Result<std::vector<TensorLayout>> LayoutTensors(const std::vector<TensorSpec>& t
   for (const TensorSpec& t : tensors) {
     const std::string where = "tensor '" + t.name + "'";
     if (t.name.empty()) return Status::Invalid("GGUF tensor names must not be empty");
-    if (t.name.size() > kMaxNameLength) {
-      return Status::Invalid(where + ": GGUF tensor names are at most 63 bytes");
-    }
     if (!names.insert(t.name).second) return Status::Invalid(where + ": duplicate tensor name");
     if (!IsWritableType(t.type)) {
       return Status::Invalid(where + ": the writer makes F32, F16, Q4_0, Q4_1 or Q8_0 only");
@@ -550,7 +547,7 @@ Status Writer::WriteAll(const void* data, size_t n) {
   return Status::OK();
 }
 
-Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec) {
+Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorStats* stats) {
   if (finished_ || failed_ || fd_ < 0) return Status::Invalid("GGUF writer is closed");
   if (current_ >= layout_.size()) {
     return Fail(Status::Invalid("every tensor is already complete"));
@@ -591,8 +588,11 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec) {
   Status first_status;
   const GgmlType type = l.type;
   const int64_t element_base = rows_done_ * l.cols;
+  ErrorStats total;
   ParallelFor(pieces, ResolveThreads(exec.threads), 256, [&](int64_t begin, int64_t end) {
     float x[kBlock];
+    float y[kBlock];
+    ErrorStats local;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t start = p * kBlock;
       const int64_t count = std::min<int64_t>(kBlock, n - start);
@@ -600,8 +600,13 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec) {
                        static_cast<size_t>(count));
       if (type == GgmlType::kF32) {
         std::memcpy(out + start * 4, x, static_cast<size_t>(count) * 4);
+        if (stats != nullptr) std::memcpy(y, x, static_cast<size_t>(count) * 4);
       } else if (type == GgmlType::kF16) {
-        for (int64_t j = 0; j < count; ++j) PutHalf(out + (start + j) * 2, FloatToHalf(x[j]));
+        for (int64_t j = 0; j < count; ++j) {
+          const uint16_t h = FloatToHalf(x[j]);
+          PutHalf(out + (start + j) * 2, h);
+          y[j] = HalfToFloat(h);
+        }
       } else {
         Status st = CheckFinite(x, count, element_base + start);
         if (!st.ok()) {
@@ -620,10 +625,29 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec) {
         } else {
           QuantizeQ4_1Block(x, ob);
         }
+        if (stats != nullptr) (void)DequantizeBlocks(type, ob, kBlock, y);
       }
+      if (stats != nullptr) {
+        for (int64_t j = 0; j < count; ++j) {
+          const double xv = x[j];
+          const double yv = y[j];
+          const double e = xv - yv;
+          local.sum_x2 += xv * xv;
+          local.sum_xhat2 += yv * yv;
+          local.sum_x_xhat += xv * yv;
+          local.sum_err2 += e * e;
+          local.max_abs_err = std::max(local.max_abs_err, std::fabs(e));
+        }
+        local.count += count;
+      }
+    }
+    if (stats != nullptr) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      total.Merge(local);
     }
   });
   if (!first_status.ok()) return Fail(first_status.WithContext(where));
+  if (stats != nullptr) stats->Merge(total);
 
   AQ_RETURN_NOT_OK(WriteAll(buffer_.data(), buffer_.size()));
   rows_done_ += src.rows;

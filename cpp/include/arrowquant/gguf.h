@@ -33,7 +33,9 @@ inline constexpr uint32_t kVersion = 3;
 inline constexpr uint32_t kDefaultAlignment = 32;
 inline constexpr uint32_t kQuantizationVersion = 2;
 inline constexpr int kMaxDims = 4;        // GGML_MAX_DIMS
-inline constexpr size_t kMaxNameLength = 63;  // ggml keeps names in char[64]
+// ggml keeps names in char[64]: longer names are valid GGUF (and written) but
+// ggml-based loaders such as llama.cpp refuse them; exporters warn.
+inline constexpr size_t kMaxNameLength = 63;
 
 // ggml tensor types (the values of enum ggml_type).
 enum class GgmlType : uint32_t {
@@ -156,8 +158,7 @@ struct TensorLayout {
   int64_t cols = 0;
 };
 
-// Checks the tensors (names unique, non-empty and at most 63 bytes; at most 4
-// dims; block types need shape[-1] % 32 == 0) and lays them out.
+// Checks the tensors (names unique and non-empty; at most 4 dims; block types need shape[-1] % 32 == 0) and lays them out.
 Result<std::vector<TensorLayout>> LayoutTensors(const std::vector<TensorSpec>& tensors,
                                                 uint32_t alignment);
 
@@ -183,7 +184,10 @@ class Writer {
   // Appends `src.rows` rows of the current tensor (src.cols must equal its
   // row length in the 2-D view), converting / quantizing to its type.
   // Source dtypes: any quantizable float (float32, float16, bfloat16, float8).
-  Status AppendRows(const TensorView& src, const ExecOptions& exec = {});
+  // When `stats` is given, the error of the stored values (decoded exactly as
+  // a reader decodes them) against the source is added to it.
+  Status AppendRows(const TensorView& src, const ExecOptions& exec = {},
+                    ErrorStats* stats = nullptr);
   Status Finish();
   void Abort();
 

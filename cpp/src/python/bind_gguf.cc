@@ -126,8 +126,11 @@ class PyWriter {
     writer_ = ValueOrThrow(std::move(w));
   }
 
-  void AppendRows(const ReadOnlyArray& src, const std::string& dtype, int64_t rows,
-                  int64_t cols, int threads) {
+  // Returns the error sums of this chunk (sum_x2, sum_xhat2, sum_x_xhat,
+  // sum_err2, max_abs_err, count), as the quantize binding does.
+  std::tuple<double, double, double, double, double, int64_t> AppendRows(
+      const ReadOnlyArray& src, const std::string& dtype, int64_t rows, int64_t cols,
+      int threads) {
     const DType dt = ValueOrThrow(ParseDType(dtype));
     const size_t nbytes = src.size() * src.dtype().bits / 8;
     if (rows < 0 || cols < 0 || nbytes != static_cast<size_t>(rows * cols) * DTypeSize(dt)) {
@@ -138,11 +141,14 @@ class PyWriter {
           std::to_string(static_cast<size_t>(rows * cols) * DTypeSize(dt))));
     }
     Status st;
+    ErrorStats s;
     {
       nb::gil_scoped_release release;
-      st = writer_->AppendRows(TensorView{src.data(), dt, rows, cols}, ExecOptions{threads, false});
+      st = writer_->AppendRows(TensorView{src.data(), dt, rows, cols}, ExecOptions{threads, false},
+                               &s);
     }
     ThrowIfError(st);
+    return {s.sum_x2, s.sum_xhat2, s.sum_x_xhat, s.sum_err2, s.max_abs_err, s.count};
   }
 
   void Finish() {
