@@ -29,6 +29,7 @@ from .pipeline import (
     StreamingQuantizer,
     TensorRecord,
     _atomic_write_text,
+    check_memory_budget,
     default_plans,
 )
 from .plan import DEFAULT_MIN_COSINE, Planner
@@ -224,6 +225,7 @@ def quantize(
             "planner": type(planner).__name__ if planner else "RulePlanner",
             **(config_dict or {}),
         }
+        check_memory_budget(source.tensors, plans, opts)
         _prepare_output(out, overwrite, resume)
         lock = OutputLock(out)
         lock.acquire()
