@@ -333,8 +333,9 @@ class StreamingQuantizer:
                                             {b"arrowquant.part": json.dumps(info).encode()})
             writer.write_batch(batch, row_group_size=1)
             writer.close()
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            # Renamed only when complete, so a killed run never leaves a part
+            # that looks finished. No fsync: a process kill keeps the page
+            # cache; parts unreadable after a power loss are redone on resume.
             os.replace(tmp, path)
         except OSError as exc:
             try:
