@@ -101,7 +101,7 @@ def _progress_fn(progress: ProgressArg, total_bytes: int) -> Optional[Callable[[
     def update(message: str, fraction: float) -> None:
         target = int(fraction * total_bytes)
         bar.update(max(0, target - bar.n))
-        bar.set_postfix_str(message[-40:], refresh=False)
+        bar.set_postfix_str(message[:60], refresh=False)
         if fraction >= 1.0:
             bar.close()
 
