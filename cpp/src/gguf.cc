@@ -162,8 +162,17 @@ void QuantizeQ8_0Block(const float* x, uint8_t* out) {
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   PutHalf(out, FloatToHalf(d));
   for (int64_t j = 0; j < kBlock; ++j) {
-    // roundf: half away from zero, as ggml's reference does.
-    out[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[j] * id)));
+    // roundf (half away from zero), as ggml's reference does, without the
+    // libm call: v - trunc(v) is exact for |v| <= 127.
+    const float v = x[j] * id;
+    int q = static_cast<int>(v);
+    const float frac = v - static_cast<float>(q);
+    if (frac >= 0.5f) {
+      ++q;
+    } else if (frac <= -0.5f) {
+      --q;
+    }
+    out[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
   }
 }
 
@@ -218,6 +227,29 @@ Status CheckFinite(const float* x, int64_t n, int64_t base) {
     }
   }
   return Status::OK();
+}
+
+// float16 -> float32 by table (256 KiB, built once): the exact conversion of
+// dtype.h, without its branches, for the common float16 checkpoints.
+const float* HalfTable() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t h = 0; h < 65536; ++h) t[h] = HalfToFloat(static_cast<uint16_t>(h));
+    return t;
+  }();
+  return table.data();
+}
+
+void ConvertPiece(DType dtype, const uint8_t* src, float* dst, int64_t n, const float* half_table) {
+  if (dtype == DType::kF16) {
+    for (int64_t j = 0; j < n; ++j) {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * j, 2);
+      dst[j] = half_table[h];
+    }
+  } else {
+    ConvertToFloat32(dtype, src, dst, static_cast<size_t>(n));
+  }
 }
 
 Status MakeIOError(const std::string& what, const std::string& path) {
@@ -588,6 +620,7 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
   Status first_status;
   const GgmlType type = l.type;
   const int64_t element_base = rows_done_ * l.cols;
+  const float* half_table = src.dtype == DType::kF16 ? HalfTable() : nullptr;
   ErrorStats total;
   ParallelFor(pieces, ResolveThreads(exec.threads), 256, [&](int64_t begin, int64_t end) {
     float x[kBlock];
@@ -596,10 +629,13 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
     for (int64_t p = begin; p < end; ++p) {
       const int64_t start = p * kBlock;
       const int64_t count = std::min<int64_t>(kBlock, n - start);
-      ConvertToFloat32(src.dtype, in + static_cast<size_t>(start) * in_item, x,
-                       static_cast<size_t>(count));
+      ConvertPiece(src.dtype, in + static_cast<size_t>(start) * in_item, x, count, half_table);
       if (type == GgmlType::kF32) {
         std::memcpy(out + start * 4, x, static_cast<size_t>(count) * 4);
+        if (stats != nullptr) std::memcpy(y, x, static_cast<size_t>(count) * 4);
+      } else if (type == GgmlType::kF16 && src.dtype == DType::kF16) {
+        // float16 to F16: the bytes themselves.
+        std::memcpy(out + start * 2, in + start * 2, static_cast<size_t>(count) * 2);
         if (stats != nullptr) std::memcpy(y, x, static_cast<size_t>(count) * 4);
       } else if (type == GgmlType::kF16) {
         for (int64_t j = 0; j < count; ++j) {
