@@ -334,3 +334,16 @@ def test_progress_callback_errors_are_warnings(model, tmp_path):
         ge.export_gguf(src, tmp_path / "m.gguf", bits=8, progress=cb)
     assert seen and seen[-1] == pytest.approx(1.0)
     assert sorted(seen) == seen
+
+
+def test_format_report_names_fallbacks_and_requantization(model, tmp_path):
+    src, _ = model
+    report = ge.export_gguf(src, tmp_path / "m.gguf", bits=4)
+    text = ge.format_report(report, verbose=True)
+    assert "GGUF v3" in text and "Q4_0" in text
+    assert "blk.0.odd.weight" in text and "fallback" in text
+    assert "compression" in text
+    v2 = tmp_path / "v2"
+    aq.quantize(src, v2, bits=8, group_size=32, progress=False)
+    text2 = ge.format_report(ge.export_gguf(v2, tmp_path / "v2.gguf", bits=8))
+    assert "requantized" in text2

@@ -407,3 +407,37 @@ def inspect_gguf(path: PathLike) -> Dict[str, Any]:
         "bits_per_weight": 8.0 * nbytes / params if params else 0.0,
         "files": [Path(path).name],
     }
+
+
+def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
+    """Human-readable summary of an export_gguf report (the CLI prints it)."""
+    from .units import format_size
+
+    lines = []
+    if verbose:
+        for r in report["tensors_detail"]:
+            shape = "x".join(str(d) for d in r["shape"]) or "scalar"
+            cos = "exact" if r["gguf_type"] == "F32" and r["max_abs_error"] == 0 else f"{r['cosine']:.6f}"
+            mark = "  (fallback)" if r["fallback"] else ""
+            lines.append(f"  {r['name']:<48} {shape:<14} {r['source_dtype']:<9} {r['gguf_type']:<5} "
+                         f"cos {cos}{mark}")
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report["types"].items()))
+    lines.append(f"wrote {report['output']}: GGUF v{report['gguf_version']}, architecture "
+                 f"{report['architecture']}, {report['tensors']} tensors ({types}) in "
+                 f"{report['seconds']:.2f} s")
+    lines.append(f"  {format_size(report['input_bytes'])} -> {format_size(report['output_bytes'])}: "
+                 f"compression {report['compression_ratio']:.2f}x")
+    if report["mean_cosine"] is not None:
+        lines.append(f"  cosine of block-quantized tensors: mean {report['mean_cosine']:.6f}, "
+                     f"worst {report['min_cosine']:.6f}")
+    if report["fallbacks"]:
+        lines.append(f"  {len(report['fallbacks'])} tensor(s) stored wider (row length not a "
+                     f"multiple of 32, or 0-D/1-D): {', '.join(report['fallbacks'][:8])}"
+                     + (" ..." if len(report["fallbacks"]) > 8 else ""))
+    for s in report["skipped"]:
+        lines.append(f"  skipped {s['name']}: {s['reason']}")
+    if report["requantized_from"]:
+        lines.append(f"  note: {report['requantized_from']}")
+    for w in report["warnings"][:5]:
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)
