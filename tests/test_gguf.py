@@ -347,3 +347,39 @@ def test_format_report_names_fallbacks_and_requantization(model, tmp_path):
     aq.quantize(src, v2, bits=8, group_size=32, progress=False)
     text2 = ge.format_report(ge.export_gguf(v2, tmp_path / "v2.gguf", bits=8))
     assert "requantized" in text2
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as hst  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=hst.lists(hst.lists(hst.sampled_from([1, 2, 3, 5, 32, 64, 96]), min_size=0, max_size=4),
+                     min_size=1, max_size=4),
+    gtype=hst.sampled_from(["Q8_0", "Q4_0", "Q4_1", "F16", "F32"]),
+    dtype=hst.sampled_from(["float32", "float16"]),
+    chunk=hst.sampled_from([16, 200, 1 << 20]),
+    seed=hst.integers(0, 2 ** 16),
+)
+def test_random_models_roundtrip_through_gguf_py(tmp_path_factory, shapes, gtype, dtype, chunk, seed):
+    tmp = tmp_path_factory.mktemp("hyp")
+    rng = np.random.default_rng(seed)
+    tensors = {f"t{i}.weight": (rng.standard_normal(tuple(s)) * rng.uniform(0.01, 5)).astype(dtype)
+               for i, s in enumerate(shapes)}
+    src = write_v1(tmp / "v1", tensors)
+    out = tmp / "m.gguf"
+    report = ge.export_gguf(src, out, gguf_type=gtype, chunk_bytes=chunk)
+    r, by_name = reader_tensors(out)
+    assert set(by_name) == set(tensors)
+    for d in report["tensors_detail"]:
+        t = by_name[d["name"]]
+        a = tensors[d["name"]]
+        assert list(t.shape) == (list(reversed(a.shape)) or [1])
+        theirs = gguf_dequantize(t.data, t.tensor_type).reshape(-1)
+        np.testing.assert_array_equal(theirs, ge.dequantize_tensor(out, d["name"]).reshape(-1))
+        if d["gguf_type"] in ("F32", "F16") and (d["gguf_type"] == "F32" or a.dtype == np.float16):
+            np.testing.assert_array_equal(theirs, a.astype(np.float32).reshape(-1))
+        if d["gguf_type"] in ge.BLOCK_TYPES:
+            assert a.shape[-1] % 32 == 0
+            assert d["cosine"] > 0.95
