@@ -137,14 +137,14 @@ def test_fallback_fields():
     plans = DiffusionPlanner(cfg).plan([info("a.weight"), info("time_embedding.linear_1.weight")])
     p = plans["a.weight"]
     assert p.min_cosine == 0.6 and p.fallback_bits == (4, 8)
-    assert p.extra["min_cosine_by_bits"] == {2: 0.6, 4: 0.8, 8: None}
-    assert p.extra["on_fallback_exhausted"] == "accept"
+    assert p.min_cosine_by_bits == {2: 0.6, 4: 0.8, 8: None}
+    assert p.floor() == 0.6
     t = plans["time_embedding.linear_1.weight"]
     assert t.min_cosine is None and t.fallback_bits == ()  # threshold 0 disables the check
     cfg = DiffusionQuantConfig(fail_fast=True)
     p = DiffusionPlanner(cfg).plan([info("a.weight")])["a.weight"]
     assert p.min_cosine == 0.90 and p.fallback_bits == (8,)
-    assert p.extra["on_fallback_exhausted"] == "error"
+    assert p.min_cosine_by_bits == {4: 0.90, 8: 0.95}
 
 
 def test_kept_plans_have_no_fallback():
@@ -200,7 +200,7 @@ def test_importance_weighted_error_hand_computed():
         expect = 3.0 * 4 * (1.0 / b) ** 2 / (10.0 * 4)
         assert p.extra["sensitivity"][b] == pytest.approx(expect)
     assert p.extra["importance_weighted"] is True
-    np.testing.assert_array_equal(p.importance, imp)
+    assert p.importance is None  # measuring only: CalibratedPlanner sets plan.importance
     # Without importance the same perturbation is 4 * (1/b)^2 / 32.
     plain = DiffusionPlanner(DiffusionQuantConfig(), weights=lambda n: w, quantizer=quantizer)
     q = plain.plan([info("a.weight", (4, 8))])["a.weight"]
@@ -209,17 +209,35 @@ def test_importance_weighted_error_hand_computed():
 
 
 def test_importance_from_stats_by_module_name_and_conv_expansion():
-    class Stats:
-        def importance(self, name):
-            return np.array([1.0, 2.0]) if name == "conv" else None
+    seen = {}
+
+    def quantizer(x, *, importance, **kw):
+        seen["importance"] = importance
+        return x
+
+    class Stats:  # the shape of arrowquant.calibration.CalibrationStats
+        def resolve(self, name):
+            return "down.conv" if name == "conv" else None
+
+        def importance(self, layer):
+            assert layer == "down.conv"
+            return np.array([1.0, 2.0])
 
     t = info("conv.weight", (4, 2, 3, 3))
-    p = DiffusionPlanner(DiffusionQuantConfig(), stats=Stats()).plan([t])["conv.weight"]
-    np.testing.assert_array_equal(p.importance, np.repeat([1.0, 2.0], 9).astype(np.float32))
-    p = DiffusionPlanner(DiffusionQuantConfig(), stats={"conv.weight": np.ones(18)}).plan([t])
-    assert p["conv.weight"].importance.shape == (18,)
+    w = np.ones((4, 18), np.float32)
+    DiffusionPlanner(DiffusionQuantConfig(), stats=Stats(), weights=lambda n: w,
+                     quantizer=quantizer).plan([t])
+    np.testing.assert_array_equal(seen["importance"], np.repeat([1.0, 2.0], 9))
+    DiffusionPlanner(DiffusionQuantConfig(), stats={"conv.weight": np.arange(18.0)},
+                     weights=lambda n: w, quantizer=quantizer).plan([t])
+    np.testing.assert_array_equal(seen["importance"], np.arange(18.0))
+    # Statistics that do not fit the weight are not used; an explicit dict must fit.
+    p = DiffusionPlanner(DiffusionQuantConfig(), stats={"conv": np.ones(4)},
+                         weights=lambda n: w, quantizer=quantizer).plan([t])
+    assert seen["importance"] is None and p["conv.weight"].extra["importance_weighted"] is False
     with pytest.raises(ValidationError, match="importance has 4 values, expected 18"):
-        DiffusionPlanner(DiffusionQuantConfig(), importance={"conv": np.ones(4)}).plan([t])
+        DiffusionPlanner(DiffusionQuantConfig(), importance={"conv": np.ones(4)},
+                         weights=lambda n: w).plan([t])
 
 
 class FakeSource:
@@ -283,7 +301,7 @@ def test_measured_layer_below_threshold_starts_wider():
     assert "planned at 4" in p.reason
     # fail_fast leaves the decision (and the error) to the pipeline.
     q = DiffusionPlanner(cfg.copy(fail_fast=True), weights=lambda n: w).plan([info("w", w.shape)])
-    assert q["w"].bits == 2 and q["w"].extra["on_fallback_exhausted"] == "error"
+    assert q["w"].bits == 2 and q["w"].floor() is not None
 
 
 # ------------------------------------------------------------------ allocation

@@ -50,13 +50,11 @@ Fallback semantics (set here, executed by the pipeline): a quantized plan
 with bits b carries `min_cosine` = fallback_thresholds[b] (None when the
 threshold is 0) and `fallback_bits` = the wider widths, in order. When the
 tensor's cosine is below min_cosine the pipeline redoes it at the next width
-of fallback_bits and checks it against `extra["min_cosine_by_bits"][width]`.
-When no width is left, `extra["on_fallback_exhausted"]` says what to do:
-"accept" (keep the last result, flagged in the report). Under `fail_fast`
-`on_fallback_exhausted` is "error" and the pipeline (PipelineOptions.fail_fast
-= config.fail_fast) raises QuantizationError at the first tensor below its
-threshold instead of redoing it; fallback_bits stay set so that the pipeline
-knows the check applies.
+of fallback_bits and checks it against `min_cosine_by_bits[width]`. When no
+width is left the last result is kept and flagged in the report. Under
+`fail_fast` (PipelineOptions.fail_fast = config.fail_fast) the pipeline raises
+QuantizationError at the first tensor below its threshold instead of redoing
+it, 8-bit plans included.
 """
 
 from __future__ import annotations
@@ -109,6 +107,16 @@ _SENSITIVE_RX = [(label, re.compile(rx, re.IGNORECASE)) for label, rx in SENSITI
 WeightReader = Callable[[str], np.ndarray]
 #: (sample float32 2-D, bits, group_size, scheme, method, param_dtype, importance) -> dequantized
 Quantizer = Callable[..., np.ndarray]
+
+
+def _weighted_quantizer() -> Optional[Callable[..., Any]]:
+    """arrowquant.importance.quantize_importance_array (the calibration
+    component's importance-weighted search) when it is installed."""
+    try:
+        from .importance import quantize_importance_array
+    except ImportError:
+        return None
+    return quantize_importance_array
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -211,7 +219,13 @@ class DiffusionPlanner:
     quantizer: how a sample is quantized for the measurement: a callable
       (sample, bits=, group_size=, scheme=, method=, param_dtype=,
       importance=) -> dequantized float32 array of the sample's shape.
-      Default: engine.quantize_array + dequantize_array (plain method).
+      Default: engine.quantize_array (config.method) for unweighted layers;
+      for layers with importance, arrowquant.importance's weighted search
+      when that module exists, else the plain method with a weighted error.
+
+    The planner does not set plan.importance / plan.equalization: wrap it in
+    arrowquant.calibrated.CalibratedPlanner(DiffusionPlanner(...), stats,
+    source) for that; this planner uses the importance only to measure.
     sample_elements: bound on the values read per tensor for the measurement.
     measure: measure sensitivity (default: when weights can be read).
     """
@@ -282,9 +296,6 @@ class DiffusionPlanner:
                 p.extra.update(sens.as_dict())
             if p.bits is not None:
                 self._set_fallback(p)
-                imp = self._importance_for(infos[name])
-                if imp is not None and p.importance is None:
-                    p.importance = imp
         return {t.name: plans[t.name] for t in tensors}
 
     # ------------------------------------------------------------------ rules
@@ -356,40 +367,49 @@ class DiffusionPlanner:
         cfg = self.config
         p.min_cosine = cfg.min_cosine(p.bits)
         wider = tuple(w for w in WIDTHS if w > p.bits)
-        # The pipeline checks the floor only when a wider width exists; under
-        # fail_fast (PipelineOptions.fail_fast) it raises instead of redoing.
+        # Under fail_fast (PipelineOptions.fail_fast) the pipeline raises
+        # instead of redoing.
         p.fallback_bits = wider if p.min_cosine is not None else ()
-        p.extra["min_cosine_by_bits"] = {w: cfg.min_cosine(w) for w in (p.bits,) + wider}
-        p.extra["on_fallback_exhausted"] = "error" if cfg.fail_fast else "accept"
+        p.min_cosine_by_bits = {w: cfg.min_cosine(w) for w in (p.bits,) + wider}
 
     # ------------------------------------------------------------------ importance
 
     def _importance_for(self, t: TensorInfo) -> Optional[np.ndarray]:
-        imp = None
+        """Per-column importance of a tensor: the explicit `importance` dict
+        (a wrong length is an error), else the statistics (a layer they do not
+        fit is measured unweighted, like the calibrated planner does)."""
         keys = [t.name] + ([t.name[: -len(".weight")]] if t.name.endswith(".weight") else [])
         for key in keys:
             if key in self.importance:
-                imp = self.importance[key]
-                break
-        if imp is None and self.stats is not None:
-            for key in keys:
-                if isinstance(self.stats, Mapping):
-                    imp = self.stats.get(key)
-                elif hasattr(self.stats, "importance"):
-                    imp = self.stats.importance(key)
-                if imp is not None:
-                    break
-        if imp is None:
+                return self._per_column(t, self.importance[key], strict=True)
+        if self.stats is None:
             return None
+        for key in keys:
+            if isinstance(self.stats, Mapping):
+                imp = self.stats.get(key)
+            elif hasattr(self.stats, "resolve"):
+                # arrowquant.calibration.CalibrationStats: resolve the layer, then ask.
+                layer = self.stats.resolve(key)
+                imp = None if layer is None else self.stats.importance(layer)
+            else:
+                imp = self.stats.importance(key)
+            if imp is not None:
+                return self._per_column(t, imp, strict=False)
+        return None
+
+    @staticmethod
+    def _per_column(t: TensorInfo, imp: Any, strict: bool) -> Optional[np.ndarray]:
         imp = np.asarray(imp, dtype=np.float32).reshape(-1)
         cols = t.cols
         if imp.size != cols:
             if imp.size > 0 and cols % imp.size == 0:
                 imp = np.repeat(imp, cols // imp.size)  # conv: one value per input channel
-            else:
+            elif strict:
                 raise ValidationError(
                     f"tensor {t.name!r}: importance has {imp.size} values, expected {cols} "
                     f"(columns) or a divisor of it (input channels)")
+            else:
+                return None
         if not np.all(np.isfinite(imp)) or np.any(imp < 0):
             raise ValidationError(f"tensor {t.name!r}: importance must be finite and >= 0")
         return imp
@@ -431,6 +451,15 @@ class DiffusionPlanner:
                 method=cfg.method, param_dtype=cfg.param_dtype, importance=importance),
                 dtype=np.float32).reshape(sample.shape)
         from .engine import dequantize_array, quantize_array
+
+        if importance is not None:
+            weighted = _weighted_quantizer()
+            if weighted is not None:
+                # What the calibrated pipeline will do with this layer.
+                qt = weighted(sample, importance, bits=bits, group_size=cfg.group_size,
+                              scheme=cfg.scheme, param_dtype=cfg.param_dtype, name=name,
+                              threads=cfg.num_threads)
+                return dequantize_array(qt, threads=cfg.num_threads)
 
         qt = quantize_array(sample, bits=bits, group_size=cfg.group_size, scheme=cfg.scheme,
                             method=cfg.method, param_dtype=cfg.param_dtype, name=name,
@@ -537,7 +566,8 @@ class DiffusionPlanner:
             ok = (dc > 0) & (de > 0) & (dc <= budget - spent + 1e-9)
             if not ok.any():
                 break
-            ratio = np.where(ok, de / np.where(dc > 0, dc, 1.0), -np.inf)
+            ratio = np.full(ok.shape, -np.inf)
+            ratio[ok] = de[ok] / dc[ok]
             i, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
             spent += float(dc[i, j])
             state[i] = j
