@@ -72,22 +72,6 @@ def _config_for(mode: str, config: Optional[Any]) -> DiffusionQuantConfig:
         f"config must be a DiffusionQuantConfig or a dict, got {type(config).__name__}")
 
 
-def _quantize_kwargs(cfg: DiffusionQuantConfig, mode: str) -> Dict[str, Any]:
-    kwargs: Dict[str, Any] = dict(
-        bits=cfg.bit_width, group_size=cfg.group_size, scheme=cfg.scheme, method=cfg.method,
-        param_dtype=cfg.param_dtype, threads=cfg.num_threads, fail_fast=cfg.fail_fast,
-        fallback=cfg.mixed_precision, modality=cfg.modality,
-        config_dict={"compat": {"api": "arrow_quant_v2", "mode": mode},
-                     "diffusion_config": cfg.to_dict()},
-    )
-    thresholds = {b: cfg.min_cosine(b) for b in (2, 4, 8)}
-    if any(v is not None for v in thresholds.values()):
-        kwargs["min_cosine"] = {b: v for b, v in thresholds.items() if v is not None}
-    if cfg.max_memory_limit_mb:
-        kwargs["max_memory"] = f"{int(cfg.max_memory_limit_mb)}MiB"
-    return kwargs
-
-
 class ArrowQuantV2:
     """The first version's synchronous entry point.
 
@@ -126,16 +110,15 @@ class ArrowQuantV2:
         t0 = time.perf_counter()
         if report:
             report("starting", 0.0)
-        summary = api.quantize(model_path, output_path, overwrite=overwrite, progress=report or False,
-                               cancel=cancel, **_quantize_kwargs(cfg, self.mode))
+        # With a config, arrowquant.quantize plans each layer with the
+        # diffusion-aware planner and checks min_accuracy (a warning, or a
+        # QuantizationError under fail_fast), as the first version did.
+        summary = api.quantize(model_path, output_path, config=cfg, overwrite=overwrite,
+                               progress=report or False, cancel=cancel,
+                               config_dict={"compat": {"api": "arrow_quant_v2",
+                                                       "mode": self.mode}})
         seconds = time.perf_counter() - t0
         cosine = summary.mean_cosine if summary.mean_cosine is not None else 1.0
-        if cosine < cfg.min_accuracy:
-            message = (f"{model_path}: mean cosine similarity {cosine:.4f} is below min_accuracy "
-                       f"{cfg.min_accuracy} (worst tensor {summary.worst_tensor!r})")
-            if cfg.fail_fast:
-                raise QuantizationError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
         if report:
             report("done", 1.0)
         return {
