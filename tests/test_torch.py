@@ -210,3 +210,16 @@ def test_real_minilm_embeddings_survive_int8(tmp_path, monkeypatch):
     got = model.encode(sentences, convert_to_tensor=True)
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
     assert cos.min() > 0.99, cos
+
+
+def test_quantlinear_state_dict_round_trip(tmp_path):
+    rng = np.random.default_rng(5)
+    qt = aq.quantize_array(rng.standard_normal((24, 80)).astype(np.float32), bits=2, group_size=32)
+    layer = aqt.QuantLinear.from_quantized(qt, bias=torch.randn(24))
+    torch.save(layer.state_dict(), tmp_path / "layer.pt")
+    fresh = aqt.QuantLinear(80, 24, bits=2, group_size=32, bias=True)
+    fresh.load_state_dict(torch.load(tmp_path / "layer.pt"))
+    x = torch.randn(3, 80)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    assert fresh.qweight.dtype == torch.uint8 and tuple(fresh.qweight.shape) == (24, 20)
+    assert tuple(fresh.scales.shape) == (24, 3)  # 80 = 32 + 32 + 16: a shorter last group
