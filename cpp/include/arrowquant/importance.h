@@ -30,7 +30,7 @@ struct ImportanceOptions {
   // For each f the range [lo, hi] is clipped on both sides by f/2 of its
   // width, on the low side only by f, and on the high side only by f
   // (symmetric scheme: max|x| shrunk by f).
-  int grid_steps = 20;
+  int grid_steps = 10;
   float max_clip = 0.5f;
   // Weighted least-squares refits of the best candidate (refit, re-encode,
   // repeat while the error drops).
