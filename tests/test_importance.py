@@ -258,3 +258,57 @@ def test_search_options_change_the_search():
     np.testing.assert_array_equal(plain.scales, rtn.scales)
     full = quantize_importance_array(x, w, bits=4, group_size=128)
     assert not np.array_equal(full.scales, rtn.scales)
+
+
+def test_raw_bytes_with_dtype_and_shape_as_the_pipeline_passes_them():
+    import ml_dtypes
+
+    rng = np.random.default_rng(10)
+    w = rng.standard_normal((6, 64)).astype(ml_dtypes.bfloat16)
+    raw = w.view(np.uint16).reshape(-1).view(np.uint8)
+    imp = _lognormal_importance(rng, 64)
+    s = equalization_scales(np.abs(w.astype(np.float32)).max(0), imp, 0.5)
+    a, _ = quantize_weighted(raw, dtype="bfloat16", shape=(6, 64), bits=4, group_size=32,
+                             importance=imp, equalization=s)
+    b, _ = quantize_weighted(w, bits=4, group_size=32, importance=imp, equalization=s)
+    assert a.shape == (6, 64) and a.dtype == "bfloat16"
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_pipeline_with_calibrated_planner(tmp_path):
+    """End to end: stats file -> CalibratedPlanner -> arrowquant.quantize ->
+    arrowquant.load (which divides by the stored scales)."""
+    st_np = pytest.importorskip("safetensors.numpy")
+    import arrowquant
+    from arrowquant.calibrated import CalibratedPlanner
+    from arrowquant.calibration import GroupStats, StatsRecorder, load_stats, write_stats
+    from arrowquant.plan import RulePlanner
+    from arrowquant.sources import open_model
+    import pyarrow as pa
+
+    w, x_test, mean_sq, absmax = _outlier_layer(3, inp=256, out=64)
+    model = tmp_path / "model"
+    model.mkdir()
+    st_np.save_file({"fc.weight": w, "fc.bias": np.zeros(64, np.float32)},
+                    str(model / "model.safetensors"))
+    f32 = pa.list_(pa.float32())
+    table = pa.table({
+        "layer": ["fc.weight"], "module_type": ["linear"], "channels": [256], "time_group": pa.array([0], pa.int32()),
+        "count": [2048], "mean": pa.array([np.zeros(256, np.float32)], f32),
+        "mean_sq": pa.array([mean_sq], f32), "absmax": pa.array([absmax], f32)})
+    write_stats(table, tmp_path / "stats.parquet", {"num_time_groups": 1})
+    stats = load_stats(tmp_path / "stats.parquet")
+    errors = {}
+    for label in ("rtn", "calibrated"):
+        src = open_model(model)
+        planner = RulePlanner(bits=4, group_size=64)
+        if label == "calibrated":
+            planner = CalibratedPlanner(planner, stats, src)
+        arrowquant.quantize(model, tmp_path / label, bits=4, group_size=64, planner=planner)
+        src.close()
+        w_hat = arrowquant.load(tmp_path / label)["fc.weight"]
+        errors[label] = weighted_output_error(w, w_hat, x_test)
+    report = json.loads((tmp_path / "calibrated" / "quantization_report.json").read_text())
+    print("pipeline INT4 output error:", errors)
+    assert errors["calibrated"] < 0.7 * errors["rtn"]
+    assert "importance" in json.dumps(report)

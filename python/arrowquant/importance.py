@@ -311,12 +311,6 @@ def _prepare(array: Any, dtype: Optional[str]) -> Any:
     return array
 
 
-def _as_float32_2d(array: Any, dtype: Optional[str], name: str) -> Tuple[np.ndarray, Tuple[int, ...]]:
-    src = as_source(array, dtype=dtype, name=name)
-    x = to_float32(src.raw, src.dtype)
-    return x.reshape(src.rows, src.cols), src.shape
-
-
 def quantize_weighted(
     array: Any,
     *,
@@ -328,6 +322,7 @@ def quantize_weighted(
     act_absmax: Optional[np.ndarray] = None,
     param_dtype: str = "float32",
     dtype: Optional[str] = None,
+    shape: Optional[Sequence[int]] = None,
     name: str = "tensor",
     threads: int = 0,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -337,30 +332,33 @@ def quantize_weighted(
     optionally, channel equalization.
 
     - `array`: the rows (2-D, or any shape viewed as FORMAT.md section 1), of
-      a quantizable float dtype (raw bytes with `dtype=` as in the engine).
+      a quantizable float dtype, or float64; raw bytes with `dtype=` and
+      `shape=` as in engine.quantize_array.
     - `importance`: per column or per input channel (e.g.
       CalibrationStats.importance(layer)); None = uniform.
     - `equalization`: None; an array of column scales (from
       plan_equalization, identical for every chunk of a tensor); or "search"
-      to plan it on this array alone (needs `act_absmax`, use it only when
+      to plan it on this array alone (needs `act_absmax`; use it only when
       the array is the whole tensor).
 
     Returns the QuantizedTensor of the stored weight (W * s when equalized;
     its `error` sums compare the recovered W_hat = deq / s with W, so the
     report's cosine is about the real weight) and an info dict with
-    "method", "equalization_alpha", "spatial_quant_json", "scales"."""
+    "method", "equalization_alpha", "spatial_quant_json", "scales",
+    "proxy_errors"."""
     check_spec(bits, group_size, scheme, "rtn", param_dtype)
-    array = _prepare(array, dtype)
+    src = as_source(_prepare(array, dtype), dtype=dtype, shape=shape, name=name)
     info: Dict[str, Any] = {"method": METHOD, "equalization_alpha": None,
                             "spatial_quant_json": None, "scales": None, "proxy_errors": None}
     if equalization is None:
-        qt = quantize_importance_array(array, importance, bits=bits, group_size=group_size,
-                                       scheme=scheme, param_dtype=param_dtype, dtype=dtype,
-                                       name=name, threads=threads, options=options)
+        qt = quantize_importance_array(src.raw, importance, bits=bits, group_size=group_size,
+                                       scheme=scheme, param_dtype=param_dtype, dtype=src.dtype,
+                                       shape=src.shape, name=name, threads=threads,
+                                       options=options)
         return qt, info
 
-    x2, shape = _as_float32_2d(array, dtype, name)
-    rows, cols = x2.shape
+    rows, cols = src.rows, src.cols
+    x2 = to_float32(src.raw, src.dtype).reshape(rows, cols)
     w = per_column(importance, cols, "importance", name)
     if isinstance(equalization, str):
         if equalization != "search":
@@ -381,10 +379,10 @@ def quantize_weighted(
         info["equalization_alpha"] = plan.alpha
         info["proxy_errors"] = plan.proxy_errors
         if s is None:  # s = 1 was best: plain importance-weighted quantization
-            qt = quantize_importance_array(x2, w, bits=bits, group_size=group_size, scheme=scheme,
-                                           param_dtype=param_dtype, name=name, threads=threads,
+            qt = quantize_importance_array(src.raw, w, bits=bits, group_size=group_size,
+                                           scheme=scheme, param_dtype=param_dtype, dtype=src.dtype,
+                                           shape=src.shape, name=name, threads=threads,
                                            options=options)
-            qt.shape, qt.dtype = shape, _source_dtype(array, dtype)
             return qt, info
         info["spatial_quant_json"] = plan.spatial_json()
     else:
@@ -394,22 +392,14 @@ def quantize_weighted(
         info["spatial_quant_json"] = spatial_quant_json(s)
     info["scales"] = s
     ws = _apply_scales(x2, s)
-    w_eq = None if w is None else w / (s * s)
-    if w_eq is None:
-        w_eq = (1.0 / (s * s)).astype(np.float32)
+    w_eq = (1.0 / (s * s)).astype(np.float32) if w is None else (w / (s * s)).astype(np.float32)
     qt = quantize_importance_array(ws, w_eq, bits=bits, group_size=group_size, scheme=scheme,
                                    param_dtype=param_dtype, name=name, threads=threads,
                                    options=options)
     xhat = undo_equalization(dequantize_array(qt, threads=threads).reshape(rows, cols), s)
     qt.error = _sums(x2, xhat)
-    qt.shape, qt.dtype = shape, _source_dtype(array, dtype)
+    qt.shape, qt.dtype = src.shape, src.dtype
     return qt, info
-
-
-def _source_dtype(array: Any, dtype: Optional[str]) -> str:
-    if dtype is not None:
-        return as_source(array, dtype=dtype).dtype
-    return as_source(array).dtype
 
 
 def _sums(x2: np.ndarray, xhat: np.ndarray) -> ErrorSums:

@@ -1,0 +1,83 @@
+"""A planner wrapper that turns calibration statistics into per-tensor plans:
+importance-weighted parameters for every weight the statistics cover, and
+channel equalization scales computed once per tensor (a first pass over the
+tensor's rows; see arrowquant.importance.plan_equalization).
+
+    stats = load_stats("stats.parquet")
+    source = open_model("model/")
+    planner = CalibratedPlanner(RulePlanner(bits=4), stats, source)
+    quantize("model/", "out/", planner=planner)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+from .calibration import CalibrationStats
+from .importance import METHOD, SearchOptions, per_column, plan_equalization
+from .plan import Planner, TensorInfo, TensorPlan
+from .reference import to_float32
+
+
+@dataclass
+class CalibratedPlanner:
+    """Wraps a planner: the base decides the bits (and what is kept);
+    this adds importance, equalization and the report columns."""
+
+    base: Planner
+    stats: CalibrationStats
+    source: Any                         # has read(name, row_start, row_count) -> raw bytes
+    equalization: bool = True
+    importance_mode: str = "max"
+    floor: float = 1e-3
+    threads: int = 0
+    read_rows: int = 4096               # rows per read in the equalization pass
+    options: Optional[SearchOptions] = None
+
+    def plan(self, tensors: Sequence[TensorInfo]) -> Dict[str, TensorPlan]:
+        plans = self.base.plan(tensors)
+        for t in tensors:
+            p = plans.get(t.name)
+            if p is None or p.bits is None:
+                continue
+            self.apply(t, p)
+        return plans
+
+    def apply(self, t: TensorInfo, p: TensorPlan) -> TensorPlan:
+        key = self.stats.resolve(t.name)
+        if key is None or len(t.shape) < 2:
+            p.extra["calibration"] = "no statistics for this tensor"
+            return p
+        imp = self.stats.importance(key, mode=self.importance_mode, floor=self.floor)
+        if imp.size == 0 or t.cols % imp.size:
+            p.extra["calibration"] = (f"statistics have {imp.size} channels, the weight "
+                                      f"{t.cols} columns: not used")
+            return p
+        p.importance = per_column(imp, t.cols, "importance", t.name)
+        p.method = METHOD
+        p.time_aware_json = self.stats.time_aware_json(key)
+        p.activation_stats_json = self.stats.activation_stats_json(key)
+        reason = "importance-weighted parameters from calibration statistics"
+        if self.equalization:
+            eq = plan_equalization(
+                lambda r0, n: self._rows(t, r0, n), t.rows, t.cols, p.importance,
+                self.stats.act_absmax(key), bits=p.bits, group_size=p.group_size,
+                scheme=p.scheme, param_dtype=p.param_dtype, chunk_rows=self.read_rows,
+                threads=self.threads, options=self.options, name=t.name)
+            p.extra["equalization_alpha"] = eq.alpha
+            p.extra["equalization_proxy_errors"] = eq.proxy_errors
+            if eq.scales is not None:
+                p.equalization = eq.scales
+                p.spatial_json = eq.spatial_json()
+                reason += f", channel equalization alpha {eq.alpha:g}"
+            else:
+                reason += ", equalization searched but not used (s = 1 was best)"
+        p.reason = f"{p.reason}; {reason}" if p.reason else reason
+        return p
+
+    def _rows(self, t: TensorInfo, r0: int, n: int) -> np.ndarray:
+        raw = self.source.read(t.name, r0, n)
+        return to_float32(np.asarray(raw, dtype=np.uint8).reshape(-1), t.dtype).reshape(n, t.cols)
