@@ -35,7 +35,7 @@ class CalibratedPlanner:
     floor: float = 1e-3
     threads: int = 0
     read_rows: int = 4096               # rows per read in the equalization pass
-    options: Optional[SearchOptions] = None
+    ranking_options: Optional[SearchOptions] = None   # alpha ranking (default RANKING_OPTIONS)
 
     def plan(self, tensors: Sequence[TensorInfo]) -> Dict[str, TensorPlan]:
         plans = self.base.plan(tensors)
@@ -66,7 +66,7 @@ class CalibratedPlanner:
                 lambda r0, n: self._rows(t, r0, n), t.rows, t.cols, p.importance,
                 self.stats.act_absmax(key), bits=p.bits, group_size=p.group_size,
                 scheme=p.scheme, param_dtype=p.param_dtype, chunk_rows=self.read_rows,
-                threads=self.threads, options=self.options, name=t.name)
+                threads=self.threads, options=self.ranking_options, name=t.name)
             p.extra["equalization_alpha"] = eq.alpha
             p.extra["equalization_proxy_errors"] = eq.proxy_errors
             if eq.scales is not None:

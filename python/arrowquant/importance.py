@@ -76,6 +76,12 @@ class SearchOptions:
     refit_all: bool = True
 
 
+#: The cheaper search used to rank alpha candidates (rtn + weighted refits,
+#: no clipping grid): every candidate is ranked with the same quantizer, and
+#: the final quantization uses the full search.
+RANKING_OPTIONS = SearchOptions(grid_steps=0, refit_iters=2, refit_all=False)
+
+
 @dataclass
 class EqualizationPlan:
     """Column scales for one tensor (None: equalization did not help)."""
@@ -187,7 +193,9 @@ def search_equalization(sample: np.ndarray, weight_absmax_per_col: np.ndarray,
     """Chooses alpha on `sample` (rows x cols float32) by the proxy
     sum_c E[x_c^2] ||W[:, c] - W_hat[:, c]||^2, with `importance` (per
     column) standing for E[x_c^2]. s = 1 is the first candidate and is kept
-    unless an alpha is strictly better."""
+    unless an alpha is strictly better. Candidates are quantized with
+    `options` (default RANKING_OPTIONS, the same for every candidate)."""
+    options = options or RANKING_OPTIONS
     x2 = np.ascontiguousarray(sample, dtype=np.float32)
     rows, cols = x2.shape
     msq = per_column(importance, cols, "importance", name)
@@ -241,7 +249,8 @@ def plan_equalization(read_rows: Callable[[int, int], np.ndarray], rows: int, co
     float32 (row_count, cols) array (the pipeline converts from the source
     dtype). Pass 1 reads the tensor chunk by chunk (memory: one chunk plus the
     sample), gathering the per-column absmax over all rows and the sample
-    rows; then alpha is searched on the sample."""
+    rows; then alpha is searched on the sample (candidates quantized with
+    `options`, default RANKING_OPTIONS)."""
     idx = sample_row_indices(rows, max_sample_rows)
     sample = np.empty((idx.size, cols), dtype=np.float32)
     wmax = np.zeros(cols, dtype=np.float32)
@@ -374,7 +383,7 @@ def quantize_weighted(
         plan = search_equalization(
             x2[sample_row_indices(rows)], np.max(np.abs(x2), axis=0), w, act_absmax, bits=bits,
             group_size=group_size, scheme=scheme, param_dtype=param_dtype, alphas=alphas,
-            threads=threads, options=options, name=name)
+            threads=threads, name=name)
         s = plan.scales
         info["equalization_alpha"] = plan.alpha
         info["proxy_errors"] = plan.proxy_errors
