@@ -151,12 +151,13 @@ def test_unet_sampling_writes_rows_for_every_layer_and_time_group(tmp_path):
     from arrowquant.calibration import calibrate
 
     out = calibrate(tmp_path / "unet", tmp_path / "stats.parquet", num_time_groups=4, samples=2,
-                    steps=8, seed=1)
+                    steps=4, seed=1)
     st = load_stats(out)
     assert st.num_time_groups == 4
     assert st.metadata["model_class"] == "UNet2DModel"
     assert st.metadata["time_group_ranges"] == [[0, 249], [250, 499], [500, 749], [750, 999]]
-    assert st.metadata["forward_passes"] == 8  # 8 steps, batch of 2
+    assert st.metadata["forward_passes"] == 4  # 4 steps (750, 500, 250, 0), batch of 2
+    assert st.metadata["timesteps"] == [0, 250, 500, 750]
     expected = {}
     for name, mod in unet.named_modules():
         if isinstance(mod, torch.nn.Linear):
