@@ -312,3 +312,34 @@ def test_pipeline_with_calibrated_planner(tmp_path):
     print("pipeline INT4 output error:", errors)
     assert errors["calibrated"] < 0.7 * errors["rtn"]
     assert "importance" in json.dumps(report)
+
+
+def test_apply_calibration_on_existing_plans(tmp_path):
+    st_np = pytest.importorskip("safetensors.numpy")
+    from arrowquant.calibrated import apply_calibration
+    from arrowquant.calibration import write_stats
+    from arrowquant.plan import RulePlanner
+    from arrowquant.sources import open_model
+    import pyarrow as pa
+
+    w, _, mean_sq, absmax = _outlier_layer(4, inp=128, out=32)
+    conv = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    st_np.save_file({"fc.weight": w, "conv.weight": conv, "other.weight": w},
+                    str(tmp_path / "model.safetensors"))
+    f32 = pa.list_(pa.float32())
+    cm = np.array([1.0, 100.0, 1.0, 1.0], np.float32)
+    table = pa.table({
+        "layer": ["conv.weight", "model.fc.weight"], "time_group": pa.array([0, 0], pa.int32()),
+        "count": [10, 10], "mean": pa.array([np.zeros(4, np.float32), np.zeros(128, np.float32)], f32),
+        "mean_sq": pa.array([cm, mean_sq], f32), "absmax": pa.array([np.sqrt(cm), absmax], f32)})
+    write_stats(table, tmp_path / "s.parquet", {"num_time_groups": 1})
+    with open_model(tmp_path / "model.safetensors") as src:
+        plans = RulePlanner(bits=4, group_size=32).plan(src.tensors)
+        apply_calibration(plans, src.tensors, tmp_path / "s.parquet", src)
+    conv_plan = plans["conv.weight"]
+    assert conv_plan.method == "importance" and conv_plan.importance.shape == (36,)
+    assert conv_plan.importance[9] > conv_plan.importance[0]  # channel 1 spans columns 9..17
+    assert plans["fc.weight"].importance.shape == (128,)   # resolved "model.fc.weight"
+    assert plans["other.weight"].importance is None
+    assert "no statistics" in plans["other.weight"].extra["calibration"]
+    assert json.loads(plans["fc.weight"].time_aware_json)["num_time_groups"] == 1

@@ -7,6 +7,10 @@ tensor's rows; see arrowquant.importance.plan_equalization).
     source = open_model("model/")
     planner = CalibratedPlanner(RulePlanner(bits=4), stats, source)
     quantize("model/", "out/", planner=planner)
+
+or, where plans already exist and the source is open (api.quantize):
+
+    apply_calibration(plans, source.tensors, stats, source)
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from .calibration import CalibrationStats
+from .calibration import CalibrationStats, load_stats
 from .importance import METHOD, SearchOptions, per_column, plan_equalization
 from .plan import Planner, TensorInfo, TensorPlan
 from .reference import to_float32
@@ -81,3 +85,27 @@ class CalibratedPlanner:
     def _rows(self, t: TensorInfo, r0: int, n: int) -> np.ndarray:
         raw = self.source.read(t.name, r0, n)
         return to_float32(np.asarray(raw, dtype=np.uint8).reshape(-1), t.dtype).reshape(n, t.cols)
+
+
+def apply_calibration(plans: Dict[str, TensorPlan], tensors: Sequence[TensorInfo],
+                      stats: Any, source: Any, *, equalization: bool = True,
+                      importance_mode: str = "max", threads: int = 0
+                      ) -> Dict[str, TensorPlan]:
+    """Adds importance / equalization / report JSON to existing plans (in
+    place) for every quantized tensor the statistics cover. `stats` is a
+    CalibrationStats or the path of a statistics file."""
+    if not isinstance(stats, CalibrationStats):
+        stats = load_stats(stats)
+    helper = CalibratedPlanner(base=_NoPlanner(), stats=stats, source=source,
+                               equalization=equalization, importance_mode=importance_mode,
+                               threads=threads)
+    for t in tensors:
+        p = plans.get(t.name)
+        if p is not None and p.bits is not None:
+            helper.apply(t, p)
+    return plans
+
+
+class _NoPlanner:
+    def plan(self, tensors: Sequence[TensorInfo]) -> Dict[str, TensorPlan]:
+        raise NotImplementedError("apply_calibration works on existing plans")
