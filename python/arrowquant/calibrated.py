@@ -16,6 +16,7 @@ or, where plans already exist and the source is open (api.quantize):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -33,7 +34,8 @@ class CalibratedPlanner:
 
     base: Planner
     stats: CalibrationStats
-    source: Any                         # has read(name, row_start, row_count) -> raw bytes
+    source: Any                         # a ModelSource (read(name, row_start, row_count) -> raw
+                                        # bytes), or the model's path
     equalization: bool = True
     importance_mode: str = "max"
     floor: float = 1e-3
@@ -43,11 +45,25 @@ class CalibratedPlanner:
 
     def plan(self, tensors: Sequence[TensorInfo]) -> Dict[str, TensorPlan]:
         plans = self.base.plan(tensors)
-        for t in tensors:
-            p = plans.get(t.name)
-            if p is None or p.bits is None:
-                continue
-            self.apply(t, p)
+        opened = None
+        if isinstance(self.source, (str, Path)):
+            # A path: opened for the equalization pass and closed after it, so
+            # a planner made before arrowquant.quantize opens the model does
+            # not hold it open.
+            from .sources import open_model
+
+            opened = self.source
+            self.source = open_model(opened)
+        try:
+            for t in tensors:
+                p = plans.get(t.name)
+                if p is None or p.bits is None:
+                    continue
+                self.apply(t, p)
+        finally:
+            if opened is not None:
+                self.source.close()
+                self.source = opened
         return plans
 
     def apply(self, t: TensorInfo, p: TensorPlan) -> TensorPlan:
