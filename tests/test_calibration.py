@@ -341,3 +341,29 @@ def test_tiny_llama_token_id_file(tmp_path):
     g = st.group_stats("layers.0.mlp.down_proj.weight")[0]
     assert g.count == 12 and g.mean_sq.shape == (48,)
     assert st.group_stats("layers.0.self_attn.q_proj.weight")[0].absmax.shape == (32,)
+
+
+def test_pipeline_folder_with_cross_attention_unet_and_its_scheduler(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=4, norm_num_groups=8)
+    root = tmp_path / "pipe"
+    unet.save_pretrained(str(root / "unet"))
+    diffusers.DDIMScheduler(num_train_timesteps=500).save_pretrained(str(root / "scheduler"))
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"]}))
+    from arrowquant.calibration import calibrate
+
+    st = load_stats(calibrate(root, tmp_path / "s.parquet", num_time_groups=2, samples=1,
+                              steps=4))
+    assert st.metadata["inputs"]["scheduler"] == "DDIMScheduler"
+    assert st.metadata["num_train_timesteps"] == 500
+    assert st.metadata["time_group_ranges"] == [[0, 249], [250, 499]]
+    k = [l for l in st.layers if l.endswith("attn2.to_k.weight")]
+    assert k and st.group_stats(k[0])[0].mean.shape == (16,)  # cross-attention context dim
