@@ -103,8 +103,8 @@ TEST_P(NeverWorse, EveryGroupAtMostRtn) {
     t_rtn += e_rtn[i];
     t_imp += e_imp[i];
   }
-  if (bits < 8) EXPECT_LT(t_imp, 0.9 * t_rtn);
-  if (bits == 8) EXPECT_LT(t_imp, t_rtn);
+  const double factor = bits < 8 ? 0.9 : 1.0;  // INT8 gains less: only require progress
+  EXPECT_LT(t_imp, factor * t_rtn);
 }
 
 INSTANTIATE_TEST_SUITE_P(Widths, NeverWorse,
