@@ -13,10 +13,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import QuantizeSummary, dequantize, inspect, load, quantize, validate
+from .calibrated import CalibratedPlanner, apply_calibration
+from .calibration import CalibrationStats, calibrate, load_stats
 from .config import DiffusionQuantConfig
 from .config import resolve as resolve_config
 from .diffusion import DiffusionPlanner
 from .engine import active_kernel, dequantize_array, quantize_array
+from .gguf_export import export_gguf
+from .importance import equalization_scales, plan_equalization, quantize_weighted
 from .errors import (
     ArrowQuantError,
     ArrowQuantIOError,
@@ -38,12 +42,15 @@ from .tensor import ErrorMetrics, QuantizedTensor
 __all__ = [
     "__version__",
     # model files
-    "quantize", "load", "inspect", "validate", "dequantize", "QuantizeSummary",
+    "quantize", "load", "inspect", "validate", "dequantize", "QuantizeSummary", "export_gguf",
     # in-memory tensors
     "quantize_array", "dequantize_array", "active_kernel", "QuantizedTensor", "ErrorMetrics",
     # configuration and planning
     "DiffusionQuantConfig", "resolve_config", "DiffusionPlanner", "RulePlanner", "TensorInfo",
     "TensorPlan", "ModalityDecision", "detect_modality", "MarkovMetrics", "get_markov_metrics",
+    # calibration (needs torch to record; not to use)
+    "calibrate", "load_stats", "CalibrationStats", "CalibratedPlanner", "apply_calibration",
+    "quantize_weighted", "plan_equalization", "equalization_scales",
     # errors
     "ArrowQuantError", "ArrowQuantIOError", "CancelledError", "ConfigurationError", "FormatError",
     "MemoryBudgetError", "MetadataError", "ModelNotFoundError", "QuantizationError",

@@ -61,6 +61,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="override modality detection")
     g.add_argument("--quantize-1d", action="store_true", default=None,
                    help="also quantize 0-D/1-D tensors (biases, norms); kept as is by default")
+    g.add_argument("--calibration", metavar="STATS",
+                   help="activation statistics from `arrowquant calibrate`: importance-weighted "
+                        "scales and channel equalization for the layers they cover")
+    g.add_argument("--no-time-aware", dest="time_aware", action="store_false", default=None,
+                   help="pool the statistics of all timesteps instead of keeping every "
+                        "timestep group's salient channels")
+    g.add_argument("--no-spatial", dest="spatial", action="store_false", default=None,
+                   help="no channel equalization (importance weighting only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    c = sub.add_parser("calibrate", help="record activation statistics across timesteps",
+                       description="Run MODEL (diffusers UNet / DiT / pipeline, or a transformers "
+                                   "model) on calibration inputs and record per-input-channel "
+                                   "activation statistics of every Linear / Conv2d layer, per "
+                                   "timestep group (needs torch and diffusers / transformers).")
+    c.add_argument("model", help="model directory")
+    c.add_argument("--out", required=True, metavar="STATS", help="output statistics (.parquet)")
+    c.add_argument("--num-time-groups", type=int, default=10, metavar="N")
+    c.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="latents (diffusers, default 4) or sentences (text models)")
+    c.add_argument("--inputs", metavar="FILE",
+                   help="calibration inputs: .txt sentences, or JSONL / Parquet / Arrow records "
+                        "of the first version ({data, timestep, shape})")
+    c.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="denoising steps per latent (default 2 x time groups)")
+    c.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None)
+    c.add_argument("--batch-size", type=int, default=8, metavar="N")
+    c.add_argument("--seed", type=int, default=0)
+
     demo = sub.add_parser("demo", help="quantize a generated model end to end (no files needed)")
     demo.add_argument("--output", default="demo-output", help="where to write (default demo-output)")
     demo.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
@@ -194,6 +221,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
         "fallback_thresholds": _thresholds(args.fallback_threshold),
         "fail_fast": args.fail_fast, "min_accuracy": args.min_accuracy,
         "modality": args.modality, "quantize_1d": args.quantize_1d,
+        "enable_time_aware": args.time_aware, "enable_spatial": args.spatial,
     }
     return resolve(config_file=args.config, profile=args.profile, overrides=overrides)
 
@@ -208,7 +236,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = api.quantize(
         args.input, args.output, config=config, max_memory=args.max_memory,
         chunk_size=args.chunk_size, shard_size=args.shard_size, overwrite=args.overwrite,
-        resume=args.resume, engine=args.engine,
+        resume=args.resume, engine=args.engine, calibration=args.calibration,
         progress=False if (args.no_progress or args.json) else None, on_tensor=on_tensor,
     )
     if args.json:
@@ -287,6 +315,17 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return _export_gguf(args, args.bits, args.scheme, args.threads)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate, load_stats
+
+    out = calibrate(args.model, args.out, num_time_groups=args.num_time_groups,
+                    samples=args.samples, inputs=args.inputs, steps=args.steps,
+                    scheduler=args.scheduler, batch_size=args.batch_size, seed=args.seed)
+    stats = load_stats(out)
+    print(f"wrote {out}: {len(stats.layers)} layers, {stats.num_time_groups} time group(s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import api
     from .synthetic import generate_model
@@ -309,6 +348,7 @@ COMMANDS = {
     "validate": cmd_validate,
     "dequantize": cmd_dequantize,
     "export-gguf": cmd_export_gguf,
+    "calibrate": cmd_calibrate,
     "demo": cmd_demo,
 }
 
