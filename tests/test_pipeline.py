@@ -259,3 +259,21 @@ def test_cli_quantize_inspect_validate(v1_model, tmp_path):
     assert r.returncode == 1 and "FAIL" in r.stdout
     r = run("quantize", str(tmp_path / "missing"), str(tmp_path / "o2"))
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_v2_source_reads_rows_across_chunks(v1_model, tmp_path):
+    from arrowquant.sources import open_model
+
+    src, _ = v1_model
+    out = tmp_path / "out"
+    aq.quantize(src, out, bits=4, chunk_size="8KiB", progress=False)
+    model = aq.load(out)
+    name = "model.embed_tokens.weight"
+    assert len(model.info(name).chunks) > 2
+    whole = model[name]
+    with open_model(out) as v2:
+        assert v2.format == "arrowquant-parquet-v2"
+        got = v2.read(name, 50, 300).view(np.float32).reshape(300, 64)
+        np.testing.assert_array_equal(got, whole[50:350])
+        norm = v2.read("model.layers.0.input_layernorm.weight").view(np.float16)
+        np.testing.assert_array_equal(norm, np.ones(64, np.float16))

@@ -723,13 +723,13 @@ def dequantize(quantized: PathLike, output: PathLike, dtype: str = "float16",
     try:
         for name, out_dtype, _shape in specs:
             e = model.info(name)
-            if e.quant_type == "none":
-                parts = list(model._chunk_rows(e))
-                for p_ in parts:
-                    writer.write(name, p_["data"])
-            else:
-                arr = model.dequantize(name).astype(np_out)
-                writer.write(name, np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            # Chunk by chunk, in row order: memory holds one chunk, not the tensor.
+            for loc in sorted(e.chunks, key=lambda c: c.row_start):
+                if e.quant_type == "none":
+                    writer.write(name, next(model._chunk_rows(e, [loc]))["data"])
+                else:
+                    values = model.dequantize_chunk(name, loc).astype(np_out)
+                    writer.write(name, np.ascontiguousarray(values).reshape(-1).view(np.uint8))
         writer.close()
     except BaseException:
         writer.abort()

@@ -266,9 +266,10 @@ class QuantizedModel(Mapping):
         except KeyError:
             raise ModelNotFoundError(f"{self.root}: no tensor named {name!r}") from None
 
-    def _chunk_rows(self, entry: TensorEntry) -> Iterator[Dict[str, Any]]:
+    def _chunk_rows(self, entry: TensorEntry,
+                    only: Optional[Sequence[ChunkLocation]] = None) -> Iterator[Dict[str, Any]]:
         cols = ["row_start", "row_count", "data", "scales", "zero_points", "layer_name"]
-        for loc in sorted(entry.chunks, key=lambda c: c.row_start):
+        for loc in sorted(only if only is not None else entry.chunks, key=lambda c: c.row_start):
             table = self._parquet(loc.file).read_row_group(loc.row_group, columns=cols)
             for i in range(table.num_rows):
                 if table.column("layer_name")[i].as_py() != entry.name:
@@ -283,6 +284,30 @@ class QuantizedModel(Mapping):
                     "scales": _list_values(table.column("scales"), i),
                     "zero_points": _list_values(table.column("zero_points"), i),
                 }
+
+    def dequantize_chunk(self, name: str, loc: ChunkLocation) -> np.ndarray:
+        """One chunk's rows as a (row_count, cols) array: float32 for quantized
+        tensors (equalization undone), the original dtype otherwise."""
+        from . import engine
+
+        entry = self.info(name)
+        rows, cols = view_2d(entry.shape)
+        part = next(self._chunk_rows(entry, [loc]))
+        if entry.quant_type == "none":
+            return _raw_to_array(part["data"], entry.dtype, (loc.row_count, cols))
+        qt = QuantizedTensor(
+            data=part["data"], scales=part["scales"].astype(np.float32),
+            zero_points=part["zero_points"].astype(np.float32), shape=(loc.row_count, cols),
+            dtype=entry.dtype, bits=entry.bits, group_size=entry.group_size, name=name)
+        values = engine.dequantize_array(qt).reshape(loc.row_count, cols)
+        s = self._equalization(entry)
+        return values / s[None, :] if s is not None else values
+
+    def _equalization(self, entry: TensorEntry) -> Optional[np.ndarray]:
+        if not entry.spatial_quant_json:
+            return None
+        s = np.asarray(json.loads(entry.spatial_quant_json).get("scales", []), dtype=np.float32)
+        return s if s.size else None
 
     def raw(self, name: str) -> QuantizedTensor:
         """Packed codes and parameters of a quantized tensor (chunks joined)."""
@@ -314,12 +339,10 @@ class QuantizedModel(Mapping):
             values = _raw_to_array(raw, entry.dtype, entry.shape)
             return values if out_dtype is None else values.astype(out_dtype, copy=False)
         values = engine.dequantize_array(self.raw(name))
-        if entry.spatial_quant_json:
-            spatial = json.loads(entry.spatial_quant_json)
-            s = np.asarray(spatial.get("scales", []), dtype=np.float32)
-            if s.size:
-                rows, cols = view_2d(entry.shape)
-                values = (values.reshape(rows, cols) / s[None, :]).reshape(entry.shape)
+        s = self._equalization(entry)
+        if s is not None:
+            rows, cols = view_2d(entry.shape)
+            values = (values.reshape(rows, cols) / s[None, :]).reshape(entry.shape)
         return values if out_dtype is None else values.astype(out_dtype, copy=False)
 
     def close(self) -> None:

@@ -255,7 +255,7 @@ class ParquetV2Source(ModelSource):
             dtype = e.dtype if e.quant_type == "none" else "float32"
             self.tensors.append(TensorInfo(e.name, e.shape, dtype,
                                            math.prod(e.shape) * itemsize(dtype)))
-        self._cache_name: Optional[str] = None
+        self._cache_key: Optional[tuple] = None
         self._cache: Optional[np.ndarray] = None
         self._lock = threading.Lock()
 
@@ -273,16 +273,34 @@ class ParquetV2Source(ModelSource):
 
     def read(self, name: str, row_start: int = 0, row_count: Optional[int] = None,
              out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows dequantized chunk by chunk (one chunk cached), so reading a
+        large tensor holds one chunk, not the tensor."""
         t = self.info(name)
-        with self._lock:
-            if self._cache_name != name:
-                self._cache = None
-                arr = self.model.dequantize(name)
-                self._cache = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-                self._cache_name = name
-            cache = self._cache
-        off, n = _rows_slice(t, row_start, row_count)
-        return _into(cache[off: off + n], out)
+        entry = self.model.info(name)
+        if row_count is None:
+            row_count = t.rows - row_start
+        _rows_slice(t, row_start, row_count)  # range check
+        row_bytes = t.cols * itemsize(t.dtype)
+        pieces = []
+        for loc in sorted(entry.chunks, key=lambda c: c.row_start):
+            lo = max(row_start, loc.row_start)
+            hi = min(row_start + row_count, loc.row_start + loc.row_count)
+            if lo >= hi:
+                continue
+            with self._lock:
+                if self._cache_key != (name, loc.row_start):
+                    self._cache = None
+                    arr = np.ascontiguousarray(self.model.dequantize_chunk(name, loc))
+                    self._cache = arr.reshape(-1).view(np.uint8)
+                    self._cache_key = (name, loc.row_start)
+                cache = self._cache
+            a = (lo - loc.row_start) * row_bytes
+            pieces.append(cache[a: a + (hi - lo) * row_bytes])
+        if not pieces:
+            view = np.zeros(0, np.uint8)
+        else:
+            view = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return _into(view, out)
 
     def close(self) -> None:
         self._cache = None
