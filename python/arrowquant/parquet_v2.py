@@ -387,13 +387,22 @@ def _check_coverage(entry: TensorEntry, parts: Sequence[Dict[str, Any]]) -> None
         raise FormatError(f"tensor {entry.name!r}: chunks cover {expect} of {rows} rows")
 
 
+#: Unquantized dtypes numpy holds natively; bfloat16 / float8 read back as float32 (exact).
+NATIVE_DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16,
+                 "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8,
+                 "uint8": np.uint8, "bool": np.bool_}
+
+
+def readback_dtype(dtype: str) -> str:
+    """The dtype an unquantized tensor of `dtype` is read back as."""
+    return dtype if dtype in NATIVE_DTYPES else "float32"
+
+
 def _raw_to_array(raw: np.ndarray, dtype: str, shape: Sequence[int]) -> np.ndarray:
     from .reference import to_float32
 
-    np_types = {"float64": np.float64, "int64": np.int64, "int32": np.int32, "int16": np.int16,
-                "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
-    if dtype in np_types:
-        return raw.view(np_types[dtype]).reshape(shape)
+    if dtype in NATIVE_DTYPES:
+        return raw.view(NATIVE_DTYPES[dtype]).reshape(shape)
     return to_float32(raw, dtype).reshape(shape)
 
 

@@ -245,14 +245,14 @@ class ParquetV2Source(ModelSource):
     format = "arrowquant-parquet-v2"
 
     def __init__(self, root: Path):
-        from .parquet_v2 import QuantizedModel
+        from .parquet_v2 import QuantizedModel, readback_dtype
 
         self.root = root
         self.model = QuantizedModel(root)
         self.metadata = dict(self.model.metadata)
         self.tensors = []
         for e in self.model.entries.values():
-            dtype = e.dtype if e.quant_type == "none" else "float32"
+            dtype = readback_dtype(e.dtype) if e.quant_type == "none" else "float32"
             self.tensors.append(TensorInfo(e.name, e.shape, dtype,
                                            math.prod(e.shape) * itemsize(dtype)))
         self._cache_key: Optional[tuple] = None
