@@ -163,15 +163,26 @@ struct GroupRange {
   float lo;
   float hi;
   bool finite;
+  // Sum of x^2 over the group's first 8 * floor(n / 8) elements in float32
+  // partials, widened to double (only when asked for).
+  __m256d x2;
 };
 
-template <typename Loader>
+inline __m256d Widen(__m256 v) {
+  return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                       _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+template <bool kSquares, typename Loader>
 GroupRange ScanGroup(const Loader& ld, int64_t c0, int64_t n, float* buf) {
   __m256 vlo = _mm256_set1_ps(INFINITY);
   __m256 vhi = _mm256_set1_ps(-INFINITY);
   const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
   __m256i vbits = _mm256_setzero_si256();
+  __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+  __m256d x2 = _mm256_setzero_pd();
   int64_t i = 0;
+  int steps = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256 a = ld.Load8(c0 + i);
     const __m256 b = ld.Load8(c0 + i + 8);
@@ -185,6 +196,15 @@ GroupRange ScanGroup(const Loader& ld, int64_t c0, int64_t n, float* buf) {
     const __m256i ab = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(a), abs_mask),
                                         _mm256_and_si256(_mm256_castps_si256(b), abs_mask));
     vbits = _mm256_max_epu32(vbits, ab);
+    if constexpr (kSquares) {
+      sa = _mm256_fmadd_ps(a, a, sa);
+      sb = _mm256_fmadd_ps(b, b, sb);
+      if (++steps == 16) {  // at most 16 float additions per lane
+        x2 = _mm256_add_pd(x2, Widen(_mm256_add_ps(sa, sb)));
+        sa = sb = _mm256_setzero_ps();
+        steps = 0;
+      }
+    }
   }
   for (; i + 8 <= n; i += 8) {
     const __m256 a = ld.Load8(c0 + i);
@@ -192,7 +212,9 @@ GroupRange ScanGroup(const Loader& ld, int64_t c0, int64_t n, float* buf) {
     vlo = _mm256_min_ps(vlo, a);
     vhi = _mm256_max_ps(vhi, a);
     vbits = _mm256_max_epu32(vbits, _mm256_and_si256(_mm256_castps_si256(a), abs_mask));
+    if constexpr (kSquares) sa = _mm256_fmadd_ps(a, a, sa);
   }
+  if constexpr (kSquares) x2 = _mm256_add_pd(x2, Widen(_mm256_add_ps(sa, sb)));
   float lo = HMin(vlo);
   float hi = HMax(vhi);
   uint32_t bits = HMaxU32(vbits);
@@ -203,7 +225,7 @@ GroupRange ScanGroup(const Loader& ld, int64_t c0, int64_t n, float* buf) {
     hi = std::max(hi, v);
     bits = std::max(bits, AbsBits(v));
   }
-  return GroupRange{lo, hi, bits < kInfBits};
+  return GroupRange{lo, hi, bits < kInfBits, x2};
 }
 
 // ---------------------------------------------------------------------------
@@ -216,7 +238,7 @@ struct RowSums {
   __m256d x2 = _mm256_setzero_pd();
   __m256d h2 = _mm256_setzero_pd();
   __m256d e2 = _mm256_setzero_pd();
-  __m256 emax = _mm256_setzero_ps();
+  __m256 emax = _mm256_setzero_ps();  // max |x - x_hat| of the vector part
   // Scalar part (tails and groups summed in double), as the scalar path.
   double sx2 = 0, sh2 = 0, sxh = 0, se2 = 0, semax = 0;
 
@@ -229,13 +251,7 @@ struct RowSums {
     semax = std::max(semax, std::fabs(e));
   }
 
-  static __m256d Widen(__m256 v) {
-    return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                         _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-  }
-
-  void Flush(__m256 fx2, __m256 fh2, __m256 fe2) {
-    x2 = _mm256_add_pd(x2, Widen(fx2));
+  void Flush(__m256 fh2, __m256 fe2) {
     h2 = _mm256_add_pd(h2, Widen(fh2));
     e2 = _mm256_add_pd(e2, Widen(fe2));
   }
@@ -246,7 +262,8 @@ struct RowSums {
     stats->sum_xhat2 += sh2 + vh2;
     stats->sum_x_xhat += sxh + 0.5 * (vx2 + vh2 - ve2);
     stats->sum_err2 += se2 + ve2;
-    stats->max_abs_err = std::max({stats->max_abs_err, semax, static_cast<double>(HMax(emax))});
+    const double vmax = HMax(emax);
+    stats->max_abs_err = std::max({stats->max_abs_err, semax, vmax});
     stats->count += count;
   }
 };
@@ -257,6 +274,39 @@ bool FloatSumsSafe(float magnitude, float scale, float zero_point, float q_max) 
   const float reach = (q_max + std::fabs(zero_point)) * scale;
   return (magnitude == 0.0f || (magnitude >= 0x1p-40f && magnitude <= 0x1p40f)) &&
          reach <= 0x1p41f;
+}
+
+// ---------------------------------------------------------------------------
+// Parameters of a group from its min and max: RtnGroupParams of {lo, hi}
+// equals that of the group (its min is lo, its max hi, its max |x| is
+// max(|lo|, |hi|)). The common cases are written out here with the same
+// float32 operations, to save a call per group; degenerate groups and
+// errors go to RtnGroupParams itself.
+inline Status GroupParams(float lo, float hi, const QuantSpec& spec, float* scale,
+                          float* zero_point) {
+  if (spec.scheme == Scheme::kSymmetric) {
+    const float a = std::max(std::fabs(lo), std::fabs(hi));
+    const float m = static_cast<float>((1 << (spec.bits - 1)) - 1);
+    const float s = a / m;
+    if (a > 0.0f && s != 0.0f && std::isfinite(1.0f / s)) {
+      *scale = s;
+      *zero_point = static_cast<float>(1 << (spec.bits - 1));
+      return Status::OK();
+    }
+  } else {
+    const float l = lo + 0.0f;  // -0 -> +0 as RtnGroupParams
+    const float h = hi + 0.0f;
+    if (h > l) {
+      const float s = (h - l) / static_cast<float>((1 << spec.bits) - 1);
+      if (std::isfinite(s) && s != 0.0f && std::isfinite(1.0f / s)) {
+        *scale = s;
+        *zero_point = -l / s;
+        return Status::OK();
+      }
+    }
+  }
+  const float ends[2] = {lo, hi};
+  return RtnGroupParams(ends, 2, spec.bits, spec.scheme, scale, zero_point);
 }
 
 // ---------------------------------------------------------------------------
@@ -332,50 +382,58 @@ void EncodeGroupNoStats(const GroupEncoder<kSymmetric>& enc, const float* x, int
   for (; i < n; ++i) codes[i] = enc.Code1(x[i]);
 }
 
-// One group with error sums in float32 partials (FloatSumsSafe holds).
+// Sixteen int32 codes -> sixteen bytes.
+// (Immediate shuffles only: no index vector to hold in a register.)
+inline void StoreCodes16(__m256i q0, __m256i q1, uint8_t* dst) {
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), _MM_SHUFFLE(3, 1, 2, 0));
+  const __m128i b =
+      _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
+}
+
+// One group with error sums in float32 partials (FloatSumsSafe holds); the
+// sum of x^2 comes from the scan (`x2`, over the first 8 * floor(n / 8)).
+// Sixteen elements per step; the two halves are combined before they meet
+// the accumulators, so that the loop carries only three vectors (short
+// dependency chains, nothing spilled from the 16 registers).
 template <bool kSymmetric>
 void EncodeGroupFloatSums(const GroupEncoder<kSymmetric>& enc, const float* x, int64_t n,
-                          uint8_t* codes, RowSums* sums) {
+                          __m256d x2, uint8_t* codes, RowSums* sums) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kAbsMask)));
-  __m256 ax2 = _mm256_setzero_ps(), ah2 = _mm256_setzero_ps(), ae2 = _mm256_setzero_ps();
-  __m256 bx2 = _mm256_setzero_ps(), bh2 = _mm256_setzero_ps(), be2 = _mm256_setzero_ps();
+  __m256 sh2 = _mm256_setzero_ps(), se2 = _mm256_setzero_ps();
   __m256 emax = sums->emax;
-  auto accumulate = [&](__m256 xv, __m256 cv, __m256& sx2, __m256& sh2, __m256& se2) {
-    const __m256 h = enc.Dequant(cv);
-    const __m256 e = _mm256_sub_ps(xv, h);
-    sx2 = _mm256_fmadd_ps(xv, xv, sx2);
-    sh2 = _mm256_fmadd_ps(h, h, sh2);
-    se2 = _mm256_fmadd_ps(e, e, se2);
-    emax = _mm256_max_ps(emax, _mm256_and_ps(e, abs_mask));
-  };
   int64_t i = 0;
-  int64_t since_flush = 0;
-  for (; i + 32 <= n; i += 32) {
+  int steps = 0;
+  for (; i + 16 <= n; i += 16) {
     const __m256 x0 = _mm256_loadu_ps(x + i);
+    const __m256 c0 = enc.Code(x0);
     const __m256 x1 = _mm256_loadu_ps(x + i + 8);
-    const __m256 x2 = _mm256_loadu_ps(x + i + 16);
-    const __m256 x3 = _mm256_loadu_ps(x + i + 24);
-    const __m256 c0 = enc.Code(x0), c1 = enc.Code(x1), c2 = enc.Code(x2), c3 = enc.Code(x3);
-    StoreCodes32(_mm256_cvttps_epi32(c0), _mm256_cvttps_epi32(c1), _mm256_cvttps_epi32(c2),
-                 _mm256_cvttps_epi32(c3), codes + i);
-    accumulate(x0, c0, ax2, ah2, ae2);
-    accumulate(x1, c1, bx2, bh2, be2);
-    accumulate(x2, c2, ax2, ah2, ae2);
-    accumulate(x3, c3, bx2, bh2, be2);
-    // Flush every 256 elements: at most 16 float additions per lane.
-    if (++since_flush == 8) {
-      sums->Flush(_mm256_add_ps(ax2, bx2), _mm256_add_ps(ah2, bh2), _mm256_add_ps(ae2, be2));
-      ax2 = ah2 = ae2 = bx2 = bh2 = be2 = _mm256_setzero_ps();
-      since_flush = 0;
+    const __m256 c1 = enc.Code(x1);
+    StoreCodes16(_mm256_cvttps_epi32(c0), _mm256_cvttps_epi32(c1), codes + i);
+    const __m256 h0 = enc.Dequant(c0), h1 = enc.Dequant(c1);
+    const __m256 e0 = _mm256_sub_ps(x0, h0), e1 = _mm256_sub_ps(x1, h1);
+    sh2 = _mm256_add_ps(sh2, _mm256_fmadd_ps(h0, h0, _mm256_mul_ps(h1, h1)));
+    se2 = _mm256_add_ps(se2, _mm256_fmadd_ps(e0, e0, _mm256_mul_ps(e1, e1)));
+    const __m256 a0 = _mm256_and_ps(e0, abs_mask), a1 = _mm256_and_ps(e1, abs_mask);
+    emax = _mm256_max_ps(emax, _mm256_max_ps(a0, a1));
+    if (++steps == 16) {  // at most 16 float additions per lane
+      sums->Flush(sh2, se2);
+      sh2 = se2 = _mm256_setzero_ps();
+      steps = 0;
     }
   }
   for (; i + 8 <= n; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i);
     const __m256 cv = enc.Code(xv);
     StoreCodes8(_mm256_cvttps_epi32(cv), codes + i);
-    accumulate(xv, cv, ax2, ah2, ae2);
+    const __m256 h = enc.Dequant(cv);
+    const __m256 e = _mm256_sub_ps(xv, h);
+    sh2 = _mm256_fmadd_ps(h, h, sh2);
+    se2 = _mm256_fmadd_ps(e, e, se2);
+    emax = _mm256_max_ps(emax, _mm256_and_ps(e, abs_mask));
   }
-  sums->Flush(_mm256_add_ps(ax2, bx2), _mm256_add_ps(ah2, bh2), _mm256_add_ps(ae2, be2));
+  sums->Flush(sh2, se2);
+  sums->x2 = _mm256_add_pd(sums->x2, x2);
   sums->emax = emax;
   for (; i < n; ++i) {
     codes[i] = enc.Code1(x[i]);
@@ -383,14 +441,15 @@ void EncodeGroupFloatSums(const GroupEncoder<kSymmetric>& enc, const float* x, i
   }
 }
 
-// Codes of one group; sums (if any) in float32 partials when safe, else in
-// double from the codes.
+// Codes of one group; error sums (if any) in float32 partials when safe,
+// else in double from the codes. `range` is the group's scan with squares.
 template <bool kSymmetric>
 void EncodeGroup(const float* x, int64_t n, float scale, float zero_point, float q_max,
-                 float magnitude, uint8_t* codes, RowSums* sums) {
+                 const GroupRange& range, uint8_t* codes, RowSums* sums) {
   const GroupEncoder<kSymmetric> enc(scale, zero_point, q_max);
+  const float magnitude = std::max(std::fabs(range.lo), std::fabs(range.hi));
   if (sums != nullptr && FloatSumsSafe(magnitude, scale, zero_point, q_max)) {
-    EncodeGroupFloatSums(enc, x, n, codes, sums);
+    EncodeGroupFloatSums(enc, x, n, range.x2, codes, sums);
     return;
   }
   EncodeGroupNoStats(enc, x, n, codes);
@@ -400,12 +459,12 @@ void EncodeGroup(const float* x, int64_t n, float scale, float zero_point, float
 }
 
 void EncodeGroupAny(const QuantSpec& spec, const float* x, int64_t n, float scale,
-                    float zero_point, float magnitude, uint8_t* codes, RowSums* sums) {
+                    float zero_point, const GroupRange& range, uint8_t* codes, RowSums* sums) {
   const float q_max = static_cast<float>((1 << spec.bits) - 1);
   if (spec.scheme == Scheme::kSymmetric) {
-    EncodeGroup<true>(x, n, scale, zero_point, q_max, magnitude, codes, sums);
+    EncodeGroup<true>(x, n, scale, zero_point, q_max, range, codes, sums);
   } else {
-    EncodeGroup<false>(x, n, scale, zero_point, q_max, magnitude, codes, sums);
+    EncodeGroup<false>(x, n, scale, zero_point, q_max, range, codes, sums);
   }
 }
 
@@ -475,26 +534,13 @@ Status Avx2ChooseParams(const float* x, int64_t cols, const QuantSpec& spec, flo
   const int64_t g = spec.group_size;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
     const int64_t n = std::min(g, cols - c0);
-    const GroupRange r = ScanGroup(LoadF32{x}, c0, n, nullptr);
-    // RtnGroupParams of {lo, hi} equals that of the group: its min is lo,
-    // its max hi, its max |x| max(|lo|, |hi|).
-    const float ends[2] = {r.lo, r.hi};
-    Status st = RtnGroupParams(ends, 2, spec.bits, spec.scheme, &scales[j], &zero_points[j]);
+    const GroupRange r = ScanGroup<false>(LoadF32{x}, c0, n, nullptr);
+    Status st = GroupParams(r.lo, r.hi, spec, &scales[j], &zero_points[j]);
     if (!st.ok()) {
       return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
     }
   }
   return Status::OK();
-}
-
-float MaxAbs(const float* x, int64_t n) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kAbsMask)));
-  __m256 m = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
-  float r = HMax(m);
-  for (; i < n; ++i) r = std::max(r, std::fabs(x[i]));
-  return r;
 }
 
 void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float* scales,
@@ -505,8 +551,10 @@ void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float
   const int64_t g = spec.group_size;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
     const int64_t n = std::min(g, cols - c0);
-    const float magnitude = sp != nullptr ? MaxAbs(x + c0, n) : 0.0f;
-    EncodeGroupAny(spec, x + c0, n, scales[j], zero_points[j], magnitude, codes + c0, sp);
+    // Range and squares of the group for the error sums (not for the codes).
+    const GroupRange range = sp != nullptr ? ScanGroup<true>(LoadF32{x}, c0, n, nullptr)
+                                           : GroupRange{0.0f, 0.0f, true, _mm256_setzero_pd()};
+    EncodeGroupAny(spec, x + c0, n, scales[j], zero_points[j], range, codes + c0, sp);
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
@@ -572,10 +620,10 @@ Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols,
   RowSums* sp = stats != nullptr ? &sums : nullptr;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
     const int64_t n = std::min(g, cols - c0);
-    const GroupRange r = ScanGroup(ld, c0, n, buf);
+    const GroupRange r = stats != nullptr ? ScanGroup<true>(ld, c0, n, buf)
+                                          : ScanGroup<false>(ld, c0, n, buf);
     if (!r.finite) return RowFiniteError(dtype, src, cols, row);
-    const float ends[2] = {r.lo, r.hi};
-    Status st = RtnGroupParams(ends, 2, spec.bits, spec.scheme, &scales[j], &zero_points[j]);
+    Status st = GroupParams(r.lo, r.hi, spec, &scales[j], &zero_points[j]);
     if (!st.ok()) {
       // The scalar path checks the whole row for NaN/Inf first.
       Status fe = RowFiniteError(dtype, src, cols, row);
@@ -588,8 +636,7 @@ Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols,
     } else {
       x = ld.p + c0;
     }
-    const float magnitude = std::max(std::fabs(r.lo), std::fabs(r.hi));
-    EncodeGroupAny(spec, x, n, scales[j], zero_points[j], magnitude, codes + c0, sp);
+    EncodeGroupAny(spec, x, n, scales[j], zero_points[j], r, codes + c0, sp);
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
