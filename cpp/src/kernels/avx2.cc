@@ -332,8 +332,9 @@ struct GroupEncoder {
   float s, z, inv, q_max;
   __m256 vs, vz, vinv, vq, v0;
 
-  GroupEncoder(float scale, float zero_point, float qmax)
-      : s(scale), z(zero_point), inv(1.0f / scale), q_max(qmax) {
+  // `inverse` is 1.0f / scale (computed by the caller, possibly 8 at once).
+  GroupEncoder(float scale, float zero_point, float inverse, float qmax)
+      : s(scale), z(zero_point), inv(inverse), q_max(qmax) {
     vs = _mm256_set1_ps(s);
     vz = _mm256_set1_ps(z);
     vinv = _mm256_set1_ps(inv);
@@ -444,9 +445,9 @@ void EncodeGroupFloatSums(const GroupEncoder<kSymmetric>& enc, const float* x, i
 // Codes of one group; error sums (if any) in float32 partials when safe,
 // else in double from the codes. `range` is the group's scan with squares.
 template <bool kSymmetric>
-void EncodeGroup(const float* x, int64_t n, float scale, float zero_point, float q_max,
-                 const GroupRange& range, uint8_t* codes, RowSums* sums) {
-  const GroupEncoder<kSymmetric> enc(scale, zero_point, q_max);
+void EncodeGroup(const float* x, int64_t n, float scale, float zero_point, float inv,
+                 float q_max, const GroupRange& range, uint8_t* codes, RowSums* sums) {
+  const GroupEncoder<kSymmetric> enc(scale, zero_point, inv, q_max);
   const float magnitude = std::max(std::fabs(range.lo), std::fabs(range.hi));
   if (sums != nullptr && FloatSumsSafe(magnitude, scale, zero_point, q_max)) {
     EncodeGroupFloatSums(enc, x, n, range.x2, codes, sums);
@@ -459,12 +460,13 @@ void EncodeGroup(const float* x, int64_t n, float scale, float zero_point, float
 }
 
 void EncodeGroupAny(const QuantSpec& spec, const float* x, int64_t n, float scale,
-                    float zero_point, const GroupRange& range, uint8_t* codes, RowSums* sums) {
+                    float zero_point, float inv, const GroupRange& range, uint8_t* codes,
+                    RowSums* sums) {
   const float q_max = static_cast<float>((1 << spec.bits) - 1);
   if (spec.scheme == Scheme::kSymmetric) {
-    EncodeGroup<true>(x, n, scale, zero_point, q_max, range, codes, sums);
+    EncodeGroup<true>(x, n, scale, zero_point, inv, q_max, range, codes, sums);
   } else {
-    EncodeGroup<false>(x, n, scale, zero_point, q_max, range, codes, sums);
+    EncodeGroup<false>(x, n, scale, zero_point, inv, q_max, range, codes, sums);
   }
 }
 
@@ -554,7 +556,8 @@ void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float
     // Range and squares of the group for the error sums (not for the codes).
     const GroupRange range = sp != nullptr ? ScanGroup<true>(LoadF32{x}, c0, n, nullptr)
                                            : GroupRange{0.0f, 0.0f, true, _mm256_setzero_pd()};
-    EncodeGroupAny(spec, x + c0, n, scales[j], zero_points[j], range, codes + c0, sp);
+    EncodeGroupAny(spec, x + c0, n, scales[j], zero_points[j], 1.0f / scales[j], range,
+                   codes + c0, sp);
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
@@ -609,34 +612,118 @@ Status RowFiniteError(DType dtype, const void* src, int64_t cols, int64_t row) {
   return CheckFiniteRow(x.data(), cols, row);
 }
 
+// Parameters of up to 8 groups from their ranges, one group per lane: the
+// float32 operations of RtnGroupParams, lane by lane (three divisions for
+// eight groups instead of three per group, and no branch per group). Also
+// writes inv = 1.0f / scale. Returns the index of the first group whose
+// max - min overflows (its parameters are then not written), or -1.
+int BlockParams(const GroupRange* ranges, int64_t count, const QuantSpec& spec, float* scales,
+                float* zero_points, float* inv) {
+  alignas(32) float lo[8] = {}, hi[8] = {}, s_out[8], z_out[8], i_out[8];
+  for (int64_t k = 0; k < count; ++k) {
+    lo[k] = ranges[k].lo;
+    hi[k] = ranges[k].hi;
+  }
+  const __m256 vlo = _mm256_load_ps(lo), vhi = _mm256_load_ps(hi);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kAbsMask)));
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m256 inf = _mm256_set1_ps(INFINITY), one = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  auto finite = [&](__m256 v) { return _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), inf, _CMP_LT_OQ); };
+  const int lanes = (1 << count) - 1;
+  int overflow = 0;
+  __m256 s, z;
+  if (spec.scheme == Scheme::kSymmetric) {
+    const __m256 a = _mm256_max_ps(_mm256_and_ps(vlo, abs_mask), _mm256_and_ps(vhi, abs_mask));
+    const __m256 m = _mm256_set1_ps(static_cast<float>((1 << (spec.bits - 1)) - 1));
+    const __m256 sa = _mm256_div_ps(a, m);
+    const __m256 ok = _mm256_and_ps(
+        _mm256_and_ps(_mm256_cmp_ps(a, zero, _CMP_GT_OQ), _mm256_cmp_ps(sa, zero, _CMP_NEQ_OQ)),
+        finite(_mm256_div_ps(one, sa)));
+    s = _mm256_blendv_ps(one, sa, ok);
+    z = _mm256_set1_ps(static_cast<float>(1 << (spec.bits - 1)));
+  } else {
+    const __m256 l = _mm256_add_ps(vlo, zero);  // -0 -> +0 as RtnGroupParams
+    const __m256 h = _mm256_add_ps(vhi, zero);
+    const __m256 spread = _mm256_cmp_ps(h, l, _CMP_GT_OQ);
+    const __m256 q = _mm256_set1_ps(static_cast<float>((1 << spec.bits) - 1));
+    const __m256 sa = _mm256_div_ps(_mm256_sub_ps(h, l), q);
+    const __m256 sa_finite = finite(sa);
+    overflow = _mm256_movemask_ps(_mm256_andnot_ps(sa_finite, spread)) & lanes;
+    const __m256 ok = _mm256_and_ps(
+        _mm256_and_ps(spread, sa_finite),
+        _mm256_and_ps(_mm256_cmp_ps(sa, zero, _CMP_NEQ_OQ), finite(_mm256_div_ps(one, sa))));
+    const __m256 neg_l = _mm256_xor_ps(l, sign);
+    z = _mm256_blendv_ps(neg_l, _mm256_div_ps(neg_l, sa), ok);
+    s = _mm256_blendv_ps(one, sa, ok);
+  }
+  _mm256_store_ps(s_out, s);
+  _mm256_store_ps(z_out, z);
+  _mm256_store_ps(i_out, _mm256_div_ps(one, s));
+  if (overflow != 0) return __builtin_ctz(static_cast<unsigned>(overflow));
+  for (int64_t k = 0; k < count; ++k) {
+    scales[k] = s_out[k];
+    zero_points[k] = z_out[k];
+    inv[k] = i_out[k];
+  }
+  return -1;
+}
+
+// Groups are handled in blocks of up to 8 (and about 4K elements): scan
+// every group of the block (conversion into an L1-sized buffer, min/max,
+// finiteness, squares), parameters of the whole block at once, then codes
+// and errors. The groups of a block do not depend on each other, so the
+// CPU overlaps their work.
 template <typename Loader>
 Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols,
                 const QuantSpec& spec, float* scales, float* zero_points, uint8_t* packed_row,
                 ErrorStats* stats, int64_t row) {
   const int64_t g = spec.group_size;
-  float* buf = Loader::kCopies ? FloatScratch(std::min(g, cols)) : nullptr;
+  const int64_t G = GroupsPerRow(cols, g);
+  const int64_t per_block = std::clamp<int64_t>(4096 / g, 1, 8);
+  float* buf = Loader::kCopies ? FloatScratch(std::min(g * per_block, cols)) : nullptr;
   uint8_t* codes = spec.bits == 8 ? packed_row : CodeScratch(cols);
   RowSums sums;
   RowSums* sp = stats != nullptr ? &sums : nullptr;
-  for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
-    const int64_t n = std::min(g, cols - c0);
-    const GroupRange r = stats != nullptr ? ScanGroup<true>(ld, c0, n, buf)
-                                          : ScanGroup<false>(ld, c0, n, buf);
-    if (!r.finite) return RowFiniteError(dtype, src, cols, row);
-    Status st = GroupParams(r.lo, r.hi, spec, &scales[j], &zero_points[j]);
-    if (!st.ok()) {
+  GroupRange ranges[8];
+  float inv[8];
+  for (int64_t j0 = 0; j0 < G; j0 += per_block) {
+    const int64_t count = std::min(per_block, G - j0);
+    const int64_t b0 = j0 * g;  // first column of the block
+    bool finite = true;
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t c0 = b0 + k * g;
+      const int64_t n = std::min(g, cols - c0);
+      float* dst = Loader::kCopies ? buf + (c0 - b0) : nullptr;
+      ranges[k] = stats != nullptr ? ScanGroup<true>(ld, c0, n, dst)
+                                   : ScanGroup<false>(ld, c0, n, dst);
+      finite = finite && ranges[k].finite;
+    }
+    if (!finite) return RowFiniteError(dtype, src, cols, row);
+    const int bad = BlockParams(ranges, count, spec, scales + j0, zero_points + j0, inv);
+    if (bad >= 0) {
       // The scalar path checks the whole row for NaN/Inf first.
       Status fe = RowFiniteError(dtype, src, cols, row);
       if (!fe.ok()) return fe;
-      return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
+      float s, z;
+      const float ends[2] = {ranges[bad].lo, ranges[bad].hi};
+      Status st = RtnGroupParams(ends, 2, spec.bits, spec.scheme, &s, &z);
+      if (st.ok()) st = Status::Internal("vector and scalar parameters disagree");
+      return st.WithContext("row " + std::to_string(row) + ", group " +
+                            std::to_string(j0 + bad));
     }
-    const float* x;
-    if constexpr (Loader::kCopies) {
-      x = buf;
-    } else {
-      x = ld.p + c0;
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t c0 = b0 + k * g;
+      const int64_t n = std::min(g, cols - c0);
+      const float* x;
+      if constexpr (Loader::kCopies) {
+        x = buf + (c0 - b0);
+      } else {
+        x = ld.p + c0;
+      }
+      EncodeGroupAny(spec, x, n, scales[j0 + k], zero_points[j0 + k], inv[k], ranges[k],
+                     codes + c0, sp);
     }
-    EncodeGroupAny(spec, x, n, scales[j], zero_points[j], r, codes + c0, sp);
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
