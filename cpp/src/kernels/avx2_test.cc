@@ -291,6 +291,13 @@ TEST_F(Avx2Test, EdgeValues) {
   // max - min overflows float32: an error on both paths, same message.
   std::vector<float> overflow = {fmax, -fmax, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f};
   CompareAllSpecs(overflow, 1, "overflow");
+  // ... in a later group of a block, after degenerate (subnormal-range) groups.
+  std::vector<float> later(64, 1.f);
+  for (size_t i = 0; i < 16; ++i) later[i] = sub * static_cast<float>(i % 4);
+  later[41] = fmax;
+  later[42] = -fmax;
+  CompareAllSpecs(later, 1, "overflow in a later group");
+  CompareAllSpecs(later, 2, "overflow in a later group, two rows");
 }
 
 TEST_F(Avx2Test, NonFiniteErrorsMatch) {
