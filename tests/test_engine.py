@@ -24,7 +24,8 @@ def _engine_simd(a, **kw) -> QuantizedTensor:
 
 
 def _engine_scalar(a, **kw) -> QuantizedTensor:
-    return engine.quantize_array(a, force_scalar=True, threads=1, **kw)
+    kw.setdefault("threads", 1)
+    return engine.quantize_array(a, force_scalar=True, **kw)
 
 
 IMPLS: Dict[str, Callable[..., QuantizedTensor]] = {
