@@ -97,12 +97,16 @@ struct LoadF8E4M3 {  // 256-entry table
 template <typename Fn>
 auto WithLoader(DType dtype, const void* src, Fn&& fn) {
   switch (dtype) {
-    case DType::kF16: return fn(LoadF16{static_cast<const uint16_t*>(src)});
-    case DType::kBF16: return fn(LoadBF16{static_cast<const uint16_t*>(src)});
-    case DType::kF8E5M2: return fn(LoadF8E5M2{static_cast<const uint8_t*>(src)});
+    case DType::kF16:
+      return fn(LoadF16{static_cast<const uint16_t*>(src)});
+    case DType::kBF16:
+      return fn(LoadBF16{static_cast<const uint16_t*>(src)});
+    case DType::kF8E5M2:
+      return fn(LoadF8E5M2{static_cast<const uint8_t*>(src)});
     case DType::kF8E4M3:
       return fn(LoadF8E4M3{static_cast<const uint8_t*>(src), F8E4M3Table().data()});
-    default: return fn(LoadF32{static_cast<const float*>(src)});
+    default:
+      return fn(LoadF32{static_cast<const float*>(src)});
   }
 }
 
@@ -181,9 +185,9 @@ __m256 TransposeReduce(const __m256* v, Op op) {
 // Block scan: groups [b0 + k g, b0 + min((k + 1) g, total)) for k < count.
 
 struct BlockScan {
-  __m256 lo;     // lane k: min of group k (0 for k >= count)
-  __m256 hi;     // lane k: max of group k
-  bool finite;   // no NaN / Inf in the block
+  __m256 lo;    // lane k: min of group k (0 for k >= count)
+  __m256 hi;    // lane k: max of group k
+  bool finite;  // no NaN / Inf in the block
   // Sum of x^2 over the block's elements that the vector loops covered
   // (tails of groups are left to the encoder), float32 partials widened.
   __m256d x2;
@@ -346,13 +350,14 @@ BlockParamsResult BlockParams(__m256 vlo, __m256 vhi, int64_t count, const Quant
   // Float32 partial sums are safe when squares of every value and of every
   // reconstruction stay far inside float32 range (and are not all tiny).
   const __m256 mag = _mm256_max_ps(_mm256_and_ps(vlo, abs_mask), _mm256_and_ps(vhi, abs_mask));
-  const __m256 mag_ok = _mm256_or_ps(
-      _mm256_cmp_ps(mag, zero, _CMP_EQ_OQ),
-      _mm256_and_ps(_mm256_cmp_ps(mag, _mm256_set1_ps(0x1p-40f), _CMP_GE_OQ),
-                    _mm256_cmp_ps(mag, _mm256_set1_ps(0x1p40f), _CMP_LE_OQ)));
+  const __m256 mag_ok =
+      _mm256_or_ps(_mm256_cmp_ps(mag, zero, _CMP_EQ_OQ),
+                   _mm256_and_ps(_mm256_cmp_ps(mag, _mm256_set1_ps(0x1p-40f), _CMP_GE_OQ),
+                                 _mm256_cmp_ps(mag, _mm256_set1_ps(0x1p40f), _CMP_LE_OQ)));
   const __m256 reach =
       _mm256_mul_ps(_mm256_add_ps(_mm256_set1_ps(q_max), _mm256_and_ps(z, abs_mask)), s);
-  const __m256 safe = _mm256_and_ps(mag_ok, _mm256_cmp_ps(reach, _mm256_set1_ps(0x1p41f), _CMP_LE_OQ));
+  const __m256 safe =
+      _mm256_and_ps(mag_ok, _mm256_cmp_ps(reach, _mm256_set1_ps(0x1p41f), _CMP_LE_OQ));
   alignas(32) float s_out[8], z_out[8], i_out[8];
   _mm256_store_ps(s_out, s);
   _mm256_store_ps(z_out, z);
@@ -443,8 +448,7 @@ void EncodeGroupNoStats(const GroupEncoder<kSymmetric>& enc, const float* x, int
 // (Immediate shuffles only: no index vector to hold in a register.)
 inline void StoreCodes16(__m256i q0, __m256i q1, uint8_t* dst) {
   const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), _MM_SHUFFLE(3, 1, 2, 0));
-  const __m128i b =
-      _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+  const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
 }
 
@@ -507,9 +511,9 @@ void EncodeRunFloatSums(const float* x, int64_t g, int64_t count, int64_t total,
 // The same groups without error sums (sums == nullptr), or with them in
 // double from the codes (groups whose squares float32 cannot hold).
 template <bool kSymmetric>
-void EncodeRunDouble(const float* x, int64_t g, int64_t count, int64_t total,
-                     const float* scales, const float* zero_points, const float* inv,
-                     float q_max, uint8_t* codes, RowSums* sums) {
+void EncodeRunDouble(const float* x, int64_t g, int64_t count, int64_t total, const float* scales,
+                     const float* zero_points, const float* inv, float q_max, uint8_t* codes,
+                     RowSums* sums) {
   for (int64_t k = 0; k < count; ++k) {
     const GroupEncoder<kSymmetric> enc(scales[k], zero_points[k], inv[k], q_max);
     const int64_t c0 = k * g;
@@ -525,8 +529,8 @@ void EncodeRunDouble(const float* x, int64_t g, int64_t count, int64_t total,
 // float32 partials when `float_sums` (x2 is then the run's sum of x^2 from
 // the scan), else in double.
 void EncodeRun(const QuantSpec& spec, const float* x, int64_t g, int64_t count, int64_t total,
-               const float* scales, const float* zero_points, const float* inv,
-               bool float_sums, __m256d x2, uint8_t* codes, RowSums* sums) {
+               const float* scales, const float* zero_points, const float* inv, bool float_sums,
+               __m256d x2, uint8_t* codes, RowSums* sums) {
   const float q_max = static_cast<float>((1 << spec.bits) - 1);
   const bool sym = spec.scheme == Scheme::kSymmetric;
   if (sums != nullptr && float_sums) {
@@ -555,8 +559,8 @@ void PackCodes(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed_row
     for (; c + 64 <= cols; c += 64) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c));
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c + 32));
-      const __m256i w = _mm256_packus_epi16(_mm256_maddubs_epi16(a, pair),
-                                            _mm256_maddubs_epi16(b, pair));
+      const __m256i w =
+          _mm256_packus_epi16(_mm256_maddubs_epi16(a, pair), _mm256_maddubs_epi16(b, pair));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed_row + c / 2),
                           _mm256_permute4x64_epi64(w, _MM_SHUFFLE(3, 1, 2, 0)));
     }
@@ -568,8 +572,7 @@ void PackCodes(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed_row
     for (; c + 128 <= cols; c += 128) {
       __m256i v[4];
       for (int k = 0; k < 4; ++k) {
-        const __m256i b =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c + 32 * k));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c + 32 * k));
         v[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(b, pair), quad);
       }
       const __m256i w =
@@ -663,22 +666,22 @@ void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float
       float_sums = (mag == 0.0f || (mag >= 0x1p-40f && mag <= 0x1p40f)) && reach <= 0x1p41f;
       x2 = scan.x2;
     }
-    EncodeRun(spec, x + c0, n, 1, n, scales + j, zero_points + j, &inv, float_sums, x2,
-              codes + c0, sp);
+    EncodeRun(spec, x + c0, n, 1, n, scales + j, zero_points + j, &inv, float_sums, x2, codes + c0,
+              sp);
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
 }
 
-void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec,
-                const float* scales, const float* zero_points, float* out) {
+void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec, const float* scales,
+                const float* zero_points, float* out) {
   const int bits = spec.bits;
   const int64_t g = spec.group_size;
   const int64_t row_bytes = PackedRowBytes(cols, bits);
   const uint8_t mask = static_cast<uint8_t>((1 << bits) - 1);
   // Lane k takes the code at bit k * bits of a 32-bit word.
-  const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                            _mm256_set1_epi32(bits));
+  const __m256i shifts =
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
   const __m256i vmask = _mm256_set1_epi32(mask);
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
     const int64_t end = std::min(c0 + g, cols);
@@ -690,14 +693,13 @@ void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec,
       const int64_t bit = c * bits;
       __m256i q;
       if (bits == 8) {
-        q = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed_row + c)));
+        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed_row + c)));
       } else {
         uint64_t w;
         std::memcpy(&w, packed_row + (bit >> 3), sizeof w);
         const auto word = static_cast<uint32_t>(w >> (bit & 7));
-        q = _mm256_and_si256(
-            _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), vmask);
+        q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+                             vmask);
       }
       const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), vz), vs);
       _mm256_storeu_ps(out + c, v);
@@ -720,9 +722,9 @@ Status RowFiniteError(DType dtype, const void* src, int64_t cols, int64_t row) {
 }
 
 template <typename Loader>
-Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols,
-                const QuantSpec& spec, float* scales, float* zero_points, uint8_t* packed_row,
-                ErrorStats* stats, int64_t row) {
+Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols, const QuantSpec& spec,
+                float* scales, float* zero_points, uint8_t* packed_row, ErrorStats* stats,
+                int64_t row) {
   const int64_t g = spec.group_size;
   const int64_t G = GroupsPerRow(cols, g);
   const int64_t per_block = GroupsPerBlock(g);
@@ -752,8 +754,8 @@ Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols,
     } else {
       x = ld.p + b0;
     }
-    EncodeRun(spec, x, g, count, total, scales + j0, zero_points + j0, inv, r.float_sums,
-              scan.x2, codes + b0, sp);
+    EncodeRun(spec, x, g, count, total, scales + j0, zero_points + j0, inv, r.float_sums, scan.x2,
+              codes + b0, sp);
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
@@ -761,8 +763,8 @@ Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols,
 }
 
 Status Avx2QuantizeRowRtn(DType dtype, const void* src, int64_t cols, const QuantSpec& spec,
-                          float* scales, float* zero_points, uint8_t* packed_row,
-                          ErrorStats* stats, int64_t row) {
+                          float* scales, float* zero_points, uint8_t* packed_row, ErrorStats* stats,
+                          int64_t row) {
   return WithLoader(dtype, src, [&](auto ld) {
     return FusedRow(ld, dtype, src, cols, spec, scales, zero_points, packed_row, stats, row);
   });
