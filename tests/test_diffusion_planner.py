@@ -175,7 +175,7 @@ def test_sensitivity_matches_direct_quantization():
     for b in (2, 4, 8):
         deq = dequantize_array(quantize_array(w, bits=b, group_size=128))
         rel = float(((w.astype(np.float64) - deq) ** 2).sum() / (w.astype(np.float64) ** 2).sum())
-        assert sens[b] == pytest.approx(rel, rel=1e-9)
+        assert sens[b] == pytest.approx(rel, rel=1e-6)  # engine sums per row in double
     assert sens[2] > sens[4] > sens[8] > 0
     assert p.extra["sample_cosine"][8] > p.extra["sample_cosine"][2]
     assert p.extra["sampled_rows"] == 16 and p.extra["importance_weighted"] is False

@@ -118,7 +118,9 @@ def _progress_fn(progress: ProgressArg, total_bytes: int) -> Optional[Callable[[
     return update
 
 
-def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
+def _prepare_output(out: Path, overwrite: bool, resume: bool, check_only: bool = False) -> None:
+    """Refuses an output that exists (unless overwrite / resume allow it) and,
+    unless check_only, empties it for --overwrite and creates it."""
     if out.exists() and not out.is_dir():
         raise ArrowQuantError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
@@ -134,6 +136,8 @@ def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
         if not ours:
             raise ArrowQuantError(f"{out}: exists and does not look like ArrowQuant output; "
                                   "refusing to delete it (choose another output path)")
+        if check_only:
+            return
         lock = OutputLock(out)
         lock.acquire()  # refuse to delete what a live run is writing
         try:
@@ -146,7 +150,8 @@ def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
                     child.unlink()
         finally:
             lock.release()
-    out.mkdir(parents=True, exist_ok=True)
+    if not check_only:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def _fingerprint(source: ModelSource) -> List[List[Any]]:
@@ -242,11 +247,15 @@ def quantize(
         # written. Only a leftover staging folder (a stop during cleanup) remains.
         shutil.rmtree(out / STAGING, ignore_errors=True)
         return finished_summary(out)
+    _prepare_output(out, overwrite, resume, check_only=True)  # fail before any work
     with open_model(input) as source:
+        report = _progress_fn(progress, source.total_bytes)
         modality_info = _detect_modality(source, modality)
         opts.modality = modality_info["modality"]
         opts.is_diffusion_model = opts.modality in ("image", "audio") or bool(
             source.metadata.get("is_diffusion_model"))
+        if report and planner is not None:
+            report(f"planning {len(source.tensors)} tensors", 0.0)
         plans = default_plans(
             source, planner, bits=bits, group_size=group_size, scheme=scheme, method=method,
             param_dtype=param_dtype, quantize_1d=quantize_1d, fallback=fallback or fail_fast,
@@ -265,7 +274,7 @@ def quantize(
         lock = OutputLock(out)
         lock.acquire()
         try:
-            summary = _run_locked(source, plans, out, opts, config, modality_info, progress,
+            summary = _run_locked(source, plans, out, opts, config, modality_info, report,
                                   on_tensor, cancel, t0, bits)
         finally:
             lock.release(remove=(out / "metadata.json").exists())
@@ -273,7 +282,8 @@ def quantize(
 
 
 def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: PipelineOptions,
-                config: Dict[str, Any], modality_info: Dict[str, Any], progress: ProgressArg,
+                config: Dict[str, Any], modality_info: Dict[str, Any],
+                report: Optional[Callable[[str, float], None]],
                 on_tensor: Optional[Callable[[TensorRecord], None]],
                 cancel: Optional[threading.Event], t0: float, bits: int) -> QuantizeSummary:
     staging = out / STAGING
@@ -295,7 +305,7 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
         _atomic_write_text(run_file, json.dumps(run_info, indent=2))
 
     runner = StreamingQuantizer(source, plans, out, opts,
-                                progress=_progress_fn(progress, source.total_bytes),
+                                progress=report,
                                 on_tensor=on_tensor, cancel=cancel)
     records = runner.run()
     if _fingerprint(source) != fingerprint:

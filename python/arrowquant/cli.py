@@ -287,6 +287,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ArrowQuantError as exc:
         print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused a read or write outside the engine's wrapping
+        print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to finish", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ tensor name: "*.attn1.*") or "re:REGEX" (re.search anywhere in the name:
 "re:to_[qkv]"). The built-in lists are regexes, case-insensitive.
 
 Sensitivity: for each quantized layer the planner reads a bounded sample of
-its rows (at most `sample_elements` float32 values, default 2^20 = 4 MiB, in
+its rows (at most `sample_elements` float32 values, default 2^18 = 1 MiB, in
 up to 8 contiguous blocks spread evenly over the rows; whole rows, so groups
 are the real groups) and quantizes it at 2, 4 and 8 bits with the layer's
 settings. `sensitivity[b]` is the relative squared error
@@ -234,7 +234,7 @@ class DiffusionPlanner:
                  weights: Optional[WeightReader] = None,
                  importance: Optional[Mapping[str, np.ndarray]] = None,
                  quantizer: Optional[Quantizer] = None,
-                 sample_elements: int = 1 << 20,
+                 sample_elements: int = 1 << 18,
                  measure: Optional[bool] = None) -> None:
         config.validate()
         if sample_elements < 1:
@@ -487,6 +487,20 @@ class DiffusionPlanner:
         if not np.all(np.isfinite(sample)):
             raise ValidationError(f"tensor {t.name!r}: NaN or Inf in the weights")
         imp = self._importance_for(t)
+        if imp is None and self.quantizer is None:
+            # Unweighted: the engine's own error sums give both numbers
+            # without dequantizing the sample.
+            from .engine import quantize_array
+
+            cfg = self.config
+            err, cos = {}, {}
+            for b in WIDTHS:
+                m = quantize_array(sample, bits=b, group_size=cfg.group_size, scheme=cfg.scheme,
+                                   method=cfg.method, param_dtype=cfg.param_dtype, name=t.name,
+                                   threads=cfg.num_threads).metrics
+                err[b], cos[b] = m.rel_mse, m.cosine
+            return Sensitivity(error=err, cosine=cos, entropy=entropy_score(sample),
+                               sampled_rows=sample.shape[0], rows=t.rows, importance_weighted=False)
         x = sample.astype(np.float64)
         x2 = x * x
         denom = float((x2 * imp).sum()) if imp is not None else float(x2.sum())
