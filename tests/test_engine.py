@@ -376,6 +376,15 @@ def test_cosine_on_gaussian_weights():
     assert int4.metrics.cosine == pytest.approx(direct, abs=1e-9)
 
 
+def test_one_very_long_row():
+    # 1-D: one row of 1.5M elements (the engine's per-row scratch outgrows
+    # its kept buffer), groups of 4096 and one group larger than the row.
+    a = _gaussian((1_500_001,), seed=12).astype(np.float16)
+    for g in (4096, 2_000_000):
+        ref = reference.quantize_array(a, bits=4, group_size=g)
+        assert_same(engine.quantize_array(a, bits=4, group_size=g), ref)
+
+
 def test_threads_and_paths_give_identical_bytes():
     a = _gaussian((301, 517), seed=9).astype(np.float16)
     one = engine.quantize_array(a, bits=4, group_size=64, threads=1)

@@ -24,7 +24,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 from arrowquant import engine, reference  # noqa: E402
 from arrowquant.errors import ValidationError  # noqa: E402
 
-EXAMPLES = int(os.environ.get("ARROWQUANT_HYPOTHESIS_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("ARROWQUANT_HYPOTHESIS_EXAMPLES", "200"))
 SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,

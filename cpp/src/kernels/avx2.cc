@@ -588,18 +588,27 @@ void PackCodes(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed_row
   }
 }
 
-// Per-thread scratch (rows of one-byte codes, converted groups).
-uint8_t* CodeScratch(int64_t n) {
-  thread_local std::vector<uint8_t> buf;
-  if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
-  return buf.data();
-}
+// Scratch memory of one row: a per-thread buffer reused from row to row
+// while it is small; a larger one (a very long row) lives only for the
+// call, so that a thread does not keep it after a huge tensor. There is one
+// kept buffer per element type: a call holds at most one Scratch of a type.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    constexpr size_t kKeepBytes = size_t{1} << 20;
+    const auto count = static_cast<size_t>(n);
+    thread_local std::vector<T> kept;
+    std::vector<T>& buf = count * sizeof(T) <= kKeepBytes ? kept : own_;
+    if (buf.size() < count) buf.resize(count);
+    data_ = buf.data();
+  }
+  T* data() const { return data_; }
 
-float* FloatScratch(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
-  return buf.data();
-}
+ private:
+  std::vector<T> own_;
+  T* data_ = nullptr;
+};
 
 // ---------------------------------------------------------------------------
 // The four RowKernels operations.
@@ -645,7 +654,8 @@ Status Avx2ChooseParams(const float* x, int64_t cols, const QuantSpec& spec, flo
 
 void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float* scales,
                 const float* zero_points, uint8_t* packed_row, ErrorStats* stats) {
-  uint8_t* codes = spec.bits == 8 ? packed_row : CodeScratch(cols);
+  Scratch<uint8_t> code_buf(spec.bits == 8 ? 0 : cols);
+  uint8_t* codes = spec.bits == 8 ? packed_row : code_buf.data();
   RowSums sums;
   RowSums* sp = stats != nullptr ? &sums : nullptr;
   const int64_t g = spec.group_size;
@@ -728,8 +738,10 @@ Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols, co
   const int64_t g = spec.group_size;
   const int64_t G = GroupsPerRow(cols, g);
   const int64_t per_block = GroupsPerBlock(g);
-  float* buf = Loader::kCopies ? FloatScratch(std::min(g * per_block, cols)) : nullptr;
-  uint8_t* codes = spec.bits == 8 ? packed_row : CodeScratch(cols);
+  Scratch<float> float_buf(Loader::kCopies ? std::min(g * per_block, cols) : 0);
+  float* buf = float_buf.data();
+  Scratch<uint8_t> code_buf(spec.bits == 8 ? 0 : cols);
+  uint8_t* codes = spec.bits == 8 ? packed_row : code_buf.data();
   RowSums sums;
   RowSums* sp = stats != nullptr ? &sums : nullptr;
   float inv[8];
