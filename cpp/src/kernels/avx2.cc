@@ -185,9 +185,13 @@ __m256 TransposeReduce(const __m256* v, Op op) {
 // Block scan: groups [b0 + k g, b0 + min((k + 1) g, total)) for k < count.
 
 struct BlockScan {
-  __m256 lo;    // lane k: min of group k (0 for k >= count)
-  __m256 hi;    // lane k: max of group k
-  bool finite;  // no NaN / Inf in the block
+  __m256 lo;  // lane k: min of group k (0 for k >= count)
+  __m256 hi;  // lane k: max of group k
+  // True: no NaN or Inf in the block. False: maybe one; with squares the
+  // test is that their sum stays finite (NaN and Inf propagate, so it costs
+  // nothing extra), which also fails for finite |x| > 1.8e19 whose square
+  // overflows: the caller then checks exactly.
+  bool clean;
   // Sum of x^2 over the block's elements that the vector loops covered
   // (tails of groups are left to the encoder), float32 partials widened.
   __m256d x2;
@@ -219,11 +223,12 @@ BlockScan ScanBlock(const Loader& ld, int64_t b0, int64_t g, int64_t count, int6
       }
       vlo = _mm256_min_ps(vlo, _mm256_min_ps(a, b));
       vhi = _mm256_max_ps(vhi, _mm256_max_ps(a, b));
-      // Unsigned max of |bits|: Inf and NaN are the largest patterns.
-      const __m256i ab = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(a), abs_mask),
-                                          _mm256_and_si256(_mm256_castps_si256(b), abs_mask));
-      vbits = _mm256_max_epu32(vbits, ab);
-      if constexpr (kSquares) {
+      if constexpr (!kSquares) {
+        // Unsigned max of |bits|: Inf and NaN are the largest patterns.
+        const __m256i ab = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(a), abs_mask),
+                                            _mm256_and_si256(_mm256_castps_si256(b), abs_mask));
+        vbits = _mm256_max_epu32(vbits, ab);
+      } else {
         sa = _mm256_fmadd_ps(a, a, sa);
         sb = _mm256_fmadd_ps(b, b, sb);
         if (++steps == 16) {  // at most 16 float additions per lane
@@ -238,8 +243,11 @@ BlockScan ScanBlock(const Loader& ld, int64_t b0, int64_t g, int64_t count, int6
       if constexpr (Loader::kCopies) _mm256_storeu_ps(buf + i, a);
       vlo = _mm256_min_ps(vlo, a);
       vhi = _mm256_max_ps(vhi, a);
-      vbits = _mm256_max_epu32(vbits, _mm256_and_si256(_mm256_castps_si256(a), abs_mask));
-      if constexpr (kSquares) sa = _mm256_fmadd_ps(a, a, sa);
+      if constexpr (!kSquares) {
+        vbits = _mm256_max_epu32(vbits, _mm256_and_si256(_mm256_castps_si256(a), abs_mask));
+      } else {
+        sa = _mm256_fmadd_ps(a, a, sa);
+      }
     }
     for (; i < end; ++i) {
       const float v = ld.Load1(b0 + i);
@@ -255,8 +263,9 @@ BlockScan ScanBlock(const Loader& ld, int64_t b0, int64_t g, int64_t count, int6
   if constexpr (kSquares) x2 = _mm256_add_pd(x2, Widen(_mm256_add_ps(sa, sb)));
   const auto vmin = [](__m256 a, __m256 b) { return _mm256_min_ps(a, b); };
   const auto vmax = [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); };
-  const bool finite = std::max(HMaxU32(vbits), tail_bits) < kInfBits;
-  return BlockScan{TransposeReduce(los, vmin), TransposeReduce(his, vmax), finite, x2};
+  bool clean = std::max(HMaxU32(vbits), tail_bits) < kInfBits;
+  if constexpr (kSquares) clean = clean && std::isfinite(HSum(x2));
+  return BlockScan{TransposeReduce(los, vmin), TransposeReduce(his, vmax), clean, x2};
 }
 
 // ---------------------------------------------------------------------------
@@ -588,27 +597,38 @@ void PackCodes(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed_row
   }
 }
 
-// Scratch memory of one row: a per-thread buffer reused from row to row
-// while it is small; a larger one (a very long row) lives only for the
-// call, so that a thread does not keep it after a huge tensor. There is one
-// kept buffer per element type: a call holds at most one Scratch of a type.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    constexpr size_t kKeepBytes = size_t{1} << 20;
-    const auto count = static_cast<size_t>(n);
-    thread_local std::vector<T> kept;
-    std::vector<T>& buf = count * sizeof(T) <= kKeepBytes ? kept : own_;
-    if (buf.size() < count) buf.resize(count);
-    data_ = buf.data();
-  }
-  T* data() const { return data_; }
+// Per-thread scratch of a row (one-byte codes, converted groups), reused
+// from row to row; TrimScratch after a row releases a buffer larger than
+// 1 MiB, so that a thread does not keep one after a very long row.
+std::vector<uint8_t>& CodeBuffer() {
+  thread_local std::vector<uint8_t> buf;
+  return buf;
+}
 
- private:
-  std::vector<T> own_;
-  T* data_ = nullptr;
-};
+std::vector<float>& FloatBuffer() {
+  thread_local std::vector<float> buf;
+  return buf;
+}
+
+uint8_t* CodeScratch(int64_t n) {
+  std::vector<uint8_t>& buf = CodeBuffer();
+  if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+float* FloatScratch(int64_t n) {
+  std::vector<float>& buf = FloatBuffer();
+  if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+void TrimScratch() {
+  constexpr size_t kKeepBytes = size_t{1} << 20;
+  if (CodeBuffer().capacity() > kKeepBytes) std::vector<uint8_t>().swap(CodeBuffer());
+  if (FloatBuffer().capacity() * sizeof(float) > kKeepBytes) {
+    std::vector<float>().swap(FloatBuffer());
+  }
+}
 
 // ---------------------------------------------------------------------------
 // The four RowKernels operations.
@@ -654,8 +674,7 @@ Status Avx2ChooseParams(const float* x, int64_t cols, const QuantSpec& spec, flo
 
 void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float* scales,
                 const float* zero_points, uint8_t* packed_row, ErrorStats* stats) {
-  Scratch<uint8_t> code_buf(spec.bits == 8 ? 0 : cols);
-  uint8_t* codes = spec.bits == 8 ? packed_row : code_buf.data();
+  uint8_t* codes = spec.bits == 8 ? packed_row : CodeScratch(cols);
   RowSums sums;
   RowSums* sp = stats != nullptr ? &sums : nullptr;
   const int64_t g = spec.group_size;
@@ -681,6 +700,7 @@ void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
+  TrimScratch();
 }
 
 void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec, const float* scales,
@@ -738,20 +758,22 @@ Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols, co
   const int64_t g = spec.group_size;
   const int64_t G = GroupsPerRow(cols, g);
   const int64_t per_block = GroupsPerBlock(g);
-  Scratch<float> float_buf(Loader::kCopies ? std::min(g * per_block, cols) : 0);
-  float* buf = float_buf.data();
-  Scratch<uint8_t> code_buf(spec.bits == 8 ? 0 : cols);
-  uint8_t* codes = spec.bits == 8 ? packed_row : code_buf.data();
+  float* buf = Loader::kCopies ? FloatScratch(std::min(g * per_block, cols)) : nullptr;
+  uint8_t* codes = spec.bits == 8 ? packed_row : CodeScratch(cols);
   RowSums sums;
   RowSums* sp = stats != nullptr ? &sums : nullptr;
   float inv[8];
+  bool row_checked = false;  // the whole row is known to be finite
   for (int64_t j0 = 0; j0 < G; j0 += per_block) {
     const int64_t count = std::min(per_block, G - j0);
     const int64_t b0 = j0 * g;  // first column of the block
     const int64_t total = std::min(count * g, cols - b0);
     const BlockScan scan = sp != nullptr ? ScanBlock<true>(ld, b0, g, count, total, buf)
                                          : ScanBlock<false>(ld, b0, g, count, total, buf);
-    if (!scan.finite) return RowFiniteError(dtype, src, cols, row);
+    if (!scan.clean && !row_checked) {
+      AQ_RETURN_NOT_OK(RowFiniteError(dtype, src, cols, row));
+      row_checked = true;  // a false alarm: huge finite values
+    }
     const BlockParamsResult r =
         BlockParams(scan.lo, scan.hi, count, spec, scales + j0, zero_points + j0, inv);
     if (r.overflow >= 0) {
@@ -771,6 +793,7 @@ Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols, co
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
+  TrimScratch();
   return Status::OK();
 }
 
