@@ -742,8 +742,9 @@ void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec, 
 }
 
 // ---------------------------------------------------------------------------
-// The fused rtn row: one scan per group (convert + min/max + finiteness),
-// then codes and error from the converted group while it is in L1.
+// The fused rtn row, block by block: one scan of the block (conversion,
+// min/max, NaN/Inf, squares), its parameters, then codes and errors from the
+// converted block while it is in L1.
 
 Status RowFiniteError(DType dtype, const void* src, int64_t cols, int64_t row) {
   std::vector<float> x(static_cast<size_t>(cols));
