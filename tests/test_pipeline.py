@@ -150,7 +150,7 @@ def test_resume_after_a_partial_run_gives_identical_files(v1_model, tmp_path):
     with pytest.raises(aq.CancelledError):
         aq.quantize(src, part, bits=4, chunk_size="4KiB", progress=progress, cancel=cancel)
     assert not (part / "metadata.json").exists()
-    staged = list((part / ".arrowquant-staging").glob("*.parquet"))
+    staged = list((part / ".arrowquant-staging").glob("*.part"))
     assert staged
     with pytest.raises(ArrowQuantError, match="already exists"):
         aq.quantize(src, part, bits=4, chunk_size="4KiB", progress=False)
