@@ -30,7 +30,7 @@ ErrorMetrics FinalizeMetrics(const ErrorStats& s) {
   m.max_abs_error = s.max_abs_err;
   const double denom = std::sqrt(s.sum_x2) * std::sqrt(s.sum_xhat2);
   if (denom > 0.0) {
-    m.cosine = s.sum_x_xhat / denom;
+    m.cosine = std::clamp(s.sum_x_xhat / denom, -1.0, 1.0);  // rounding can step past 1
   } else {
     // Both zero: identical. One zero: orthogonal by convention.
     m.cosine = (s.sum_x2 == 0.0 && s.sum_xhat2 == 0.0) ? 1.0 : 0.0;
@@ -128,6 +128,21 @@ int64_t MinRowsPerTask(int64_t cols) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1));
 }
 
+// A NaN or Inf anywhere in the tensor is reported before any other error
+// (as the reference does): after a failed parallel loop, whose tasks stop at
+// their first error, the whole tensor is scanned once more for one.
+Status PreferNonFinite(const TensorView& src, Status error) {
+  std::vector<float> row(static_cast<size_t>(src.cols));
+  const size_t item = DTypeSize(src.dtype);
+  for (int64_t r = 0; r < src.rows; ++r) {
+    const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
+    ConvertToFloat32(src.dtype, in, row.data(), row.size());
+    Status st = kernels::CheckFiniteRow(row.data(), src.cols, r);
+    if (!st.ok()) return st;
+  }
+  return error;
+}
+
 // Shared driver: for each row, convert + check, then `choose` fills the
 // row's parameters (or leaves caller's), then encode.
 template <typename Choose>
@@ -163,7 +178,7 @@ Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales
     }
     if (stats) parts.Add(r0, local);
   });
-  if (error.any()) return error.status();
+  if (error.any()) return PreferNonFinite(src, error.status());
   if (stats) parts.MergeInto(stats);
   return Status::OK();
 }
@@ -194,7 +209,7 @@ Status RunFusedRtn(kernels::FusedRtnRowFn fused, const TensorView& src, const Qu
     }
     if (stats) parts.Add(r0, local);
   });
-  if (error.any()) return error.status();
+  if (error.any()) return PreferNonFinite(src, error.status());
   if (stats) parts.MergeInto(stats);
   return Status::OK();
 }
