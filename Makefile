@@ -11,15 +11,15 @@ PYTEST_ARGS ?= -m "not slow"
 
 SOURCES := $(shell find cpp python CMakeLists.txt pyproject.toml -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.toml' \) 2>/dev/null)
 
-.PHONY: demo test test-all test-cpp test-python test-asan fuzz setup system-deps bench bench-ci dev format clean
+.PHONY: demo test test-all test-cpp test-python test-asan test-fuzz fuzz setup system-deps bench bench-ci dev format clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/arrowquant demo
 
-test: test-cpp test-python
+test: test-cpp test-python test-fuzz
 
 test-all: PYTEST_ARGS :=
-test-all: test-cpp test-python
+test-all: test-cpp test-python test-fuzz
 
 setup: $(VENV)/.installed
 
@@ -61,10 +61,14 @@ test-asan: system-deps $(VENV)/.deps
 
 # Bounded libFuzzer runs of the file parsers (needs clang; installed with apt-get).
 FUZZ_SECONDS ?= 60
-fuzz:
+fuzz: $(VENV)/.deps
 	@command -v clang++ >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq clang libclang-rt-14-dev)
-	scripts/fuzz.sh $(FUZZ_SECONDS)
+	PATH="$(abspath $(VENV)/bin):$$PATH" scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# The short fuzz run that `make test` includes.
+test-fuzz: FUZZ_SECONDS := 20
+test-fuzz: fuzz
 
 bench: $(VENV)/.installed
 	$(VPY) benches/memory_benchmark.py --model-size 100M --model-size 600M --generate-charts

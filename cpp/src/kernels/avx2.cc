@@ -19,6 +19,7 @@
 // NaN/Inf check, squares), the parameters of its 8 groups in one vector
 // pass, then codes and errors. Groups of a block do not wait on each other,
 // so per-group work overlaps.
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -810,9 +811,20 @@ const RowKernels kAvx2 = {"avx2", Avx2Convert, Avx2ChooseParams, Avx2Encode, Avx
 
 bool CpuHasAvx2() {
   // The build compiles this file with -mavx2 -mf16c -mfma; run it only on a
-  // CPU (and OS, which GCC's check includes) that supports all three.
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                         __builtin_cpu_supports("fma");
+  // CPU that has all three and an OS that saves the YMM registers. CPUID
+  // directly (not __builtin_cpu_supports, which clang 14 lacks for f16c).
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const bool fma = (c & bit_FMA) != 0, f16c = (c & bit_F16C) != 0;
+    const bool osxsave = (c & bit_OSXSAVE) != 0, avx = (c & bit_AVX) != 0;
+    if (!(fma && f16c && osxsave && avx)) return false;
+    unsigned xcr0_lo = 0, xcr0_hi = 0;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 0x6u) != 0x6u) return false;  // XMM and YMM state enabled
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (b & bit_AVX2) != 0;
+  }();
   return ok;
 }
 
