@@ -621,7 +621,7 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
   const GgmlType type = l.type;
   const int64_t element_base = rows_done_ * l.cols;
   const float* half_table = src.dtype == DType::kF16 ? HalfTable() : nullptr;
-  ErrorStats total;
+  OrderedStats parts;
   ParallelFor(pieces, ResolveThreads(exec.threads), 256, [&](int64_t begin, int64_t end) {
     float x[kBlock];
     float y[kBlock];
@@ -677,13 +677,10 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
         local.count += count;
       }
     }
-    if (stats != nullptr) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      total.Merge(local);
-    }
+    if (stats != nullptr) parts.Add(begin, local);
   });
   if (!first_status.ok()) return Fail(first_status.WithContext(where));
-  if (stats != nullptr) stats->Merge(total);
+  if (stats != nullptr) parts.MergeInto(stats);
 
   AQ_RETURN_NOT_OK(WriteAll(buffer_.data(), buffer_.size()));
   rows_done_ += src.rows;

@@ -16,6 +16,17 @@
 
 namespace arrowquant {
 
+void OrderedStats::Add(int64_t first_index, const ErrorStats& s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  parts_.emplace_back(first_index, s);
+}
+
+void OrderedStats::MergeInto(ErrorStats* total) {
+  std::sort(parts_.begin(), parts_.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& p : parts_) total->Merge(p.second);
+}
+
 void ErrorStats::Merge(const ErrorStats& other) {
   sum_x2 += other.sum_x2;
   sum_xhat2 += other.sum_xhat2;
@@ -102,25 +113,6 @@ class FirstError {
   std::mutex mu_;
   int64_t row_ = std::numeric_limits<int64_t>::max();
   Status status_;
-};
-
-// Error sums of parallel tasks, merged in row order so that the total does
-// not depend on which thread finished first.
-class OrderedStats {
- public:
-  void Add(int64_t first_row, const ErrorStats& s) {
-    std::lock_guard<std::mutex> lock(mu_);
-    parts_.emplace_back(first_row, s);
-  }
-  void MergeInto(ErrorStats* total) {
-    std::sort(parts_.begin(), parts_.end(),
-              [](const auto& a, const auto& b) { return a.first < b.first; });
-    for (const auto& p : parts_) total->Merge(p.second);
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<std::pair<int64_t, ErrorStats>> parts_;
 };
 
 // Rows per parallel task: enough work (~64K elements) to amortize a thread.

@@ -8,6 +8,9 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "arrowquant/dtype.h"
 #include "arrowquant/status.h"
@@ -68,6 +71,18 @@ struct ErrorStats {
   double max_abs_err = 0.0;  // max |x - x_hat|
   int64_t count = 0;
   void Merge(const ErrorStats& other);
+};
+
+// Error sums of parallel tasks, merged in index order so that the total (a
+// floating-point sum) does not depend on which thread finished first.
+class OrderedStats {
+ public:
+  void Add(int64_t first_index, const ErrorStats& s);  // thread-safe
+  void MergeInto(ErrorStats* total);
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<int64_t, ErrorStats>> parts_;
 };
 
 struct ErrorMetrics {
