@@ -3,6 +3,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/param_search.h"
 #include "kernels/row_kernels.h"
 
 namespace arrowquant::kernels {
@@ -58,13 +59,11 @@ namespace {
 
 Status ScalarChooseParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                           float* zero_points, int64_t row) {
-  if (spec.method != Method::kRtn || spec.param_dtype != ParamDType::kF32) {
-    return Status::Invalid("only method rtn with float32 parameters is built in this version");
-  }
   const int64_t g = spec.group_size;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
     const int64_t n = std::min(g, cols - c0);
-    Status st = RtnGroupParams(x + c0, n, spec.bits, spec.scheme, &scales[j], &zero_points[j]);
+    // rtn (FORMAT.md), its float16 storage, or the mse search: param_search.cc.
+    Status st = ChooseGroupParams(x + c0, n, spec, &scales[j], &zero_points[j]);
     if (!st.ok()) {
       return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
     }

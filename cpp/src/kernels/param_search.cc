@@ -1,0 +1,336 @@
+// The `mse` parameter search and float16 parameter storage (see
+// param_search.h). Scalar reference passes here; param_search_avx2.cc has
+// their vector twins. python/arrowquant/reference_search.py repeats every
+// step in numpy, so the candidate order and each float32/float64 operation
+// below are fixed by that contract: change both or neither.
+#include "kernels/param_search.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "arrowquant/dtype.h"
+#include "kernels/row_kernels.h"
+
+namespace arrowquant::kernels {
+
+namespace {
+
+constexpr float kClips2[] = {0.85f, 0.7f, 0.55f};
+constexpr float kClips4[] = {0.9f, 0.8f};
+constexpr float kClips8[] = {0.97f};
+
+float Reduce8(const float* l) {
+  const float a0 = l[0] + l[4], a1 = l[1] + l[5], a2 = l[2] + l[6], a3 = l[3] + l[7];
+  return (a0 + a2) + (a1 + a3);
+}
+
+float Clamp(float v, float q_max) { return std::min(std::max(v, 0.0f), q_max); }
+
+EvalSums ScalarEvalAsym(const float* x, int64_t n, float scale, float zero_point, float mid,
+                        float q_max) {
+  const float inv = 1.0f / scale;
+  float err[8] = {0}, sxq[8] = {0};
+  EvalSums out;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = Clamp(std::nearbyint(x[i] * inv + zero_point), q_max);
+    const float e = x[i] - (q - zero_point) * scale;
+    err[i & 7] += e * e;
+    sxq[i & 7] += (x[i] - mid) * q;
+    out.sum_q += static_cast<int64_t>(q);
+    out.sum_qq += static_cast<int64_t>(q * q);
+  }
+  out.err = Reduce8(err);
+  out.sum_xq = Reduce8(sxq);
+  return out;
+}
+
+EvalSums ScalarEvalSym(const float* x, int64_t n, float scale, float zero_point, float q_max) {
+  const float inv = 1.0f / scale;
+  float err[8] = {0}, sxk[8] = {0};
+  EvalSums out;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = Clamp(std::nearbyint(x[i] * inv) + zero_point, q_max);
+    const float k = q - zero_point;
+    const float e = x[i] - k * scale;
+    err[i & 7] += e * e;
+    sxk[i & 7] += x[i] * k;
+    out.sum_qq += static_cast<int64_t>(k * k);
+  }
+  out.err = Reduce8(err);
+  out.sum_xq = Reduce8(sxk);
+  return out;
+}
+
+float ScalarCenteredSum(const float* x, int64_t n, float mid) {
+  float acc[8] = {0};
+  for (int64_t i = 0; i < n; ++i) acc[i & 7] += x[i] - mid;
+  return Reduce8(acc);
+}
+
+const SearchPasses kScalarPasses = {"scalar", ScalarEvalAsym, ScalarEvalSym, ScalarCenteredSum};
+
+float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)); }
+
+// The state of one group's search: the best candidate so far.
+class Search {
+ public:
+  Search(const SearchPasses& passes, const float* x, int64_t n, int bits, Scheme scheme,
+         ParamDType param_dtype)
+      : p_(passes),
+        x_(x),
+        n_(n),
+        q_max_(static_cast<float>((1 << bits) - 1)),
+        z_sym_(static_cast<float>(1 << (bits - 1))),
+        symmetric_(scheme == Scheme::kSymmetric),
+        f16_(param_dtype == ParamDType::kF16) {}
+
+  // Storage precision of a candidate; false when not representable.
+  bool Store(float* s, float* z) const {
+    if (f16_) {
+      *s = RoundScaleF16(*s);
+      *z = symmetric_ ? z_sym_ : RoundF16(*z);
+    }
+    return Representable(*s, *z);
+  }
+
+  // True error of (s, z); keeps it when strictly better (or the first).
+  EvalSums Evaluate(float s, float z) {
+    const EvalSums e = symmetric_ ? p_.eval_sym(x_, n_, s, z, q_max_)
+                                  : p_.eval_asym(x_, n_, s, z, mid_, q_max_);
+    if (!has_best_ || e.err < best_err_) {
+      has_best_ = true;
+      best_err_ = e.err;
+      best_s_ = s;
+      best_z_ = z;
+    }
+    return e;
+  }
+
+  // Least-squares scale (and offset) for the codes of the last evaluation,
+  // computed in float64; false when degenerate or not representable.
+  bool Refit(const EvalSums& e, float* s_out, float* z_out) const {
+    if (symmetric_) {
+      if (e.sum_qq <= 0) return false;
+      const double s = static_cast<double>(e.sum_xq) / static_cast<double>(e.sum_qq);
+      float s32 = static_cast<float>(s);
+      if (!(s32 > 0.0f) || !std::isfinite(s32)) return false;
+      float z32 = z_sym_;
+      if (!Store(&s32, &z32)) return false;
+      *s_out = s32;
+      *z_out = z32;
+      return true;
+    }
+    const double dn = static_cast<double>(n_);
+    const double dsl = static_cast<double>(e.sum_q);
+    const double det = dn * static_cast<double>(e.sum_qq) - dsl * dsl;
+    if (!(det > 0.0)) return false;
+    const double dsx = static_cast<double>(sx_);
+    const double s = (dn * static_cast<double>(e.sum_xq) - dsx * dsl) / det;
+    const double m = (dsx - s * dsl) / dn;
+    float s32 = static_cast<float>(s);
+    if (!(s32 > 0.0f) || !std::isfinite(s32)) return false;
+    if (f16_) s32 = RoundScaleF16(s32);
+    float z32 = static_cast<float>(-(m + static_cast<double>(mid_)) / static_cast<double>(s32));
+    if (!Store(&s32, &z32)) return false;
+    *s_out = s32;
+    *z_out = z32;
+    return true;
+  }
+
+  // A starting candidate and its refits.
+  void Chain(float s, float z) {
+    EvalSums e = Evaluate(s, z);
+    for (int t = 0; t < kMseRefits; ++t) {
+      if (!Refit(e, &s, &z)) return;
+      e = Evaluate(s, z);
+    }
+  }
+
+  void SetCenter(float mid) {
+    mid_ = mid;
+    sx_ = p_.centered_sum(x_, n_, mid);
+  }
+
+  bool symmetric() const { return symmetric_; }
+  bool f16() const { return f16_; }
+  float q_max() const { return q_max_; }
+  float z_sym() const { return z_sym_; }
+  bool has_best() const { return has_best_; }
+  float best_s() const { return best_s_; }
+  float best_z() const { return best_z_; }
+
+ private:
+  const SearchPasses& p_;
+  const float* x_;
+  int64_t n_;
+  float q_max_;
+  float z_sym_;
+  bool symmetric_;
+  bool f16_;
+  float mid_ = 0.0f;
+  float sx_ = 0.0f;
+  bool has_best_ = false;
+  float best_err_ = 0.0f;
+  float best_s_ = 1.0f;
+  float best_z_ = 0.0f;
+};
+
+void MinMax(const float* x, int64_t n, float* lo, float* hi) {
+  float l = x[0], h = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    l = std::min(l, x[i]);
+    h = std::max(h, x[i]);
+  }
+  *lo = l + 0.0f;  // -0 -> +0, as rtn
+  *hi = h + 0.0f;
+}
+
+float MaxAbs(const float* x, int64_t n) {
+  float a = 0.0f;
+  for (int64_t i = 0; i < n; ++i) a = std::max(a, std::fabs(x[i]));
+  return a;
+}
+
+// rtn at storage precision, given the float32 rtn parameters and lo.
+void RtnToStorage(ParamDType param_dtype, Scheme scheme, float lo, float* s, float* z) {
+  if (param_dtype == ParamDType::kF32) return;
+  *s = RoundScaleF16(*s);
+  if (scheme == Scheme::kAsymmetric) *z = RoundF16(-lo / *s);
+}
+
+// "<what> in float16 (<rtn>scale S, zero point Z); use float32 parameters"
+std::string NotRepresentable(const char* what, const char* rtn, float s, float z,
+                             ParamDType param_dtype) {
+  const bool f16 = param_dtype == ParamDType::kF16;
+  return std::string(what) + (f16 ? " in float16 (" : " in float32 (") + rtn + "scale " +
+         std::to_string(s) + ", zero point " + std::to_string(z) + ")" +
+         (f16 ? "; use float32 parameters" : "");
+}
+
+}  // namespace
+
+const float* MseClips(int bits, int* count) {
+  switch (bits) {
+    case 2:
+      *count = static_cast<int>(std::size(kClips2));
+      return kClips2;
+    case 4:
+      *count = static_cast<int>(std::size(kClips4));
+      return kClips4;
+    default:
+      *count = static_cast<int>(std::size(kClips8));
+      return kClips8;
+  }
+}
+
+float RoundScaleF16(float s) {
+  const float r = RoundF16(s);
+  return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
+}
+
+bool Representable(float scale, float zero_point) {
+  return scale > 0.0f && std::isfinite(scale) && std::isfinite(1.0f / scale) &&
+         std::isfinite(zero_point);
+}
+
+const SearchPasses& ScalarSearchPasses() { return kScalarPasses; }
+
+const SearchPasses& BestSearchPasses() {
+  static const SearchPasses* best = [] {
+    const SearchPasses* avx2 = Avx2SearchPasses();
+    return avx2 ? avx2 : &kScalarPasses;
+  }();
+  return *best;
+}
+
+Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme,
+                        ParamDType param_dtype, float* scale, float* zero_point) {
+  AQ_RETURN_NOT_OK(RtnGroupParams(x, n, bits, scheme, scale, zero_point));
+  if (param_dtype == ParamDType::kF32) return Status::OK();
+  float lo = 0.0f, hi = 0.0f;
+  if (scheme == Scheme::kAsymmetric) MinMax(x, n, &lo, &hi);
+  const float s = *scale, z = *zero_point;
+  RtnToStorage(param_dtype, scheme, lo, scale, zero_point);
+  if (!Representable(*scale, *zero_point)) {
+    return Status::Invalid(NotRepresentable("rtn parameters not representable", "", s, z, param_dtype));
+  }
+  return Status::OK();
+}
+
+Status MseGroupParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
+                      float* scale, float* zero_point) {
+  return MseGroupParamsWith(BestSearchPasses(), x, n, bits, scheme, param_dtype, scale,
+                            zero_point);
+}
+
+Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
+                          Scheme scheme, ParamDType param_dtype, float* scale,
+                          float* zero_point) {
+  float s0 = 1.0f, z0 = 0.0f;
+  AQ_RETURN_NOT_OK(RtnGroupParams(x, n, bits, scheme, &s0, &z0));
+  Search search(passes, x, n, bits, scheme, param_dtype);
+  int n_clips = 0;
+  const float* clips = MseClips(bits, &n_clips);
+  if (search.symmetric()) {
+    const float a = MaxAbs(x, n);
+    RtnToStorage(param_dtype, scheme, 0.0f, &s0, &z0);
+    const bool rep0 = Representable(s0, z0);
+    search.SetCenter(0.0f);
+    if (rep0) search.Chain(s0, z0);
+    if (a > 0.0f) {
+      const float m_levels = static_cast<float>((1 << (bits - 1)) - 1);
+      for (int k = 0; k < n_clips; ++k) {
+        float s = a * clips[k] / m_levels;
+        float z = search.z_sym();
+        if (search.Store(&s, &z)) search.Chain(s, z);
+      }
+    }
+  } else {
+    float lo = 0.0f, hi = 0.0f;
+    MinMax(x, n, &lo, &hi);
+    RtnToStorage(param_dtype, scheme, lo, &s0, &z0);
+    const bool rep0 = Representable(s0, z0);
+    const float r = hi - lo;
+    const float mid = lo + r * 0.5f;
+    search.SetCenter(mid);
+    if (rep0) {
+      search.Chain(s0, z0);
+    } else {
+      // rtn's zero point (or scale) overflows: the range widened to include
+      // 0 keeps the zero point in [0, Q].
+      const float lo0 = std::min(lo, 0.0f);
+      const float hi0 = std::max(hi, 0.0f);
+      float sw = (hi0 - lo0) / search.q_max();
+      if (search.f16()) sw = RoundScaleF16(sw);
+      float zw = -lo0 / sw;
+      if (search.Store(&sw, &zw)) search.Chain(sw, zw);
+    }
+    if (hi > lo) {
+      const float half = search.q_max() * 0.5f;
+      for (int k = 0; k < n_clips; ++k) {
+        float s = r * clips[k] / search.q_max();
+        if (search.f16()) s = RoundScaleF16(s);
+        float z = half - mid / s;
+        if (search.Store(&s, &z)) search.Chain(s, z);
+      }
+    }
+  }
+  if (!search.has_best()) {
+    return Status::Invalid(NotRepresentable("no candidate parameters representable", "rtn: ", s0, z0,
+                                            param_dtype));
+  }
+  *scale = search.best_s();
+  *zero_point = search.best_z();
+  return Status::OK();
+}
+
+Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,
+                         float* zero_point) {
+  if (spec.method == Method::kMse) {
+    return MseGroupParams(x, n, spec.bits, spec.scheme, spec.param_dtype, scale, zero_point);
+  }
+  return RtnStorageParams(x, n, spec.bits, spec.scheme, spec.param_dtype, scale, zero_point);
+}
+
+}  // namespace arrowquant::kernels
