@@ -32,8 +32,10 @@ CLIPS: Dict[int, Tuple[float, ...]] = {
     4: (0.9, 0.8),
     8: (0.97,),
 }
-#: Least-squares refits after each starting candidate.
-REFITS = 2
+#: Least-squares refits after each starting candidate, and then after the
+#: best candidate found so far.
+START_REFITS = 1
+FINAL_REFITS = 2
 
 
 def _clips(bits: int) -> np.ndarray:
@@ -119,6 +121,7 @@ class _Search:
         self.best_z = np.zeros(N, dtype=np.float32)
         self.best_e = np.full(N, np.inf, dtype=np.float32)
         self.has_best = np.zeros(N, dtype=bool)
+        self.best_sums: Tuple[np.ndarray, ...] = ()
 
     def store(self, s: np.ndarray, z: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Storage precision: (scale, zero, representable)."""
@@ -159,6 +162,11 @@ class _Search:
         self.best_z = np.where(better, z_, self.best_z)
         self.best_e = np.where(better, err, self.best_e)
         self.has_best |= better
+        if not self.best_sums:
+            self.best_sums = tuple(np.array(v) for v in sums)
+        else:
+            self.best_sums = tuple(np.where(better, v, b)
+                                   for v, b in zip(sums, self.best_sums))
         return sums
 
     def refit(self, sums, sx: np.ndarray, mid: np.ndarray, active: np.ndarray):
@@ -262,26 +270,25 @@ def search_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, metho
             sx = grp.lane_sum(grp.x - mid[:, None])
         half = np.float32(st.q_max * np.float32(0.5))
 
-    # Chain 0: rtn, then its refits.
-    sums = st.evaluate(s0, z0, rep0, mid)
-    _refits(st, sums, sx, mid, rep0)
-    if not symmetric:
-        # A group whose rtn parameters overflow float16 falls back to the range
-        # widened to include 0 (zero point in [0, Q]).
-        wide = ~rep0
-        if wide.any():
-            lo0 = np.minimum(lo, _F0)
-            hi0 = np.maximum(hi, _F0)
-            with np.errstate(all="ignore"):
-                sw = ((hi0 - lo0) / st.q_max).astype(np.float32)
-                if f16:
-                    sw = round_scale_f16(sw)
-                zw = (-lo0 / sw).astype(np.float32)
-            sw, zw, repw = st.store(sw, zw)
-            act = wide & repw
-            sums = st.evaluate(sw, zw, act, mid)
-            _refits(st, sums, sx, mid, act)
-    # Chains 1..K: clipped ranges, then their refits.
+    # Starting candidates, in this order: rtn (or, when rtn is not
+    # representable, the asymmetric range widened to include 0), then each
+    # clipped range. All starts are evaluated, then (START_REFITS times) each
+    # is refitted and evaluated, then the best so far is refitted
+    # FINAL_REFITS times; the best is updated in that order (ties keep the
+    # earlier candidate, so rtn wins ties).
+    starts = [(s0, z0, rep0)]
+    if not symmetric and not rep0.all():
+        # rtn's zero point (or scale) overflows: the range widened to include
+        # 0 keeps the zero point in [0, Q].
+        lo0 = np.minimum(lo, _F0)
+        hi0 = np.maximum(hi, _F0)
+        with np.errstate(all="ignore"):
+            sw = ((hi0 - lo0) / st.q_max).astype(np.float32)
+            if f16:
+                sw = round_scale_f16(sw)
+            zw = (-lo0 / sw).astype(np.float32)
+        sw, zw, repw = st.store(sw, zw)
+        starts[0] = (np.where(rep0, s0, sw), np.where(rep0, z0, zw), rep0 | repw)
     search = _search_mask(lo, hi, symmetric)
     for c in _clips(bits):
         with np.errstate(all="ignore"):
@@ -294,16 +301,21 @@ def search_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, metho
                     s = round_scale_f16(s)
                 z = (half - mid / s).astype(np.float32)
         s, z, rep = st.store(s, z)
-        act = search & rep
-        sums = st.evaluate(s, z, act, mid)
-        _refits(st, sums, sx, mid, act)
+        starts.append((s, z, search & rep))
+    for t in range(START_REFITS + 1):
+        all_sums = [st.evaluate(s, z, act, mid) for s, z, act in starts]
+        if t == START_REFITS:
+            break
+        starts = [st.refit(sums, sx, mid, act) for sums, (_, _, act) in zip(all_sums, starts)]
+    if st.has_best.any():
+        _refits(st, st.best_sums, sx, mid, st.has_best.copy(), FINAL_REFITS)
     if not st.has_best.all():
         fail(~st.has_best, "no candidate parameters representable", "rtn: ")
     return st.best_s.reshape(rows, G), st.best_z.reshape(rows, G)
 
 
-def _refits(st: _Search, sums, sx, mid, active) -> None:
-    for _ in range(REFITS):
+def _refits(st: _Search, sums, sx, mid, active, count: int) -> None:
+    for _ in range(count):
         s, z, active = st.refit(sums, sx, mid, active)
         if not active.any():
             return

@@ -68,9 +68,20 @@ float ScalarCenteredSum(const float* x, int64_t n, float mid) {
   return Reduce8(acc);
 }
 
-const SearchPasses kScalarPasses = {"scalar", ScalarEvalAsym, ScalarEvalSym, ScalarCenteredSum};
+void ScalarMinMax(const float* x, int64_t n, float* lo, float* hi) {
+  float l = x[0], h = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    l = std::min(l, x[i]);
+    h = std::max(h, x[i]);
+  }
+  *lo = l + 0.0f;  // -0 -> +0, as rtn
+  *hi = h + 0.0f;
+}
 
 float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)); }
+
+const SearchPasses kScalarPasses = {"scalar",     ScalarEvalAsym, ScalarEvalSym,
+                                    ScalarCenteredSum, ScalarMinMax, RoundF16};
 
 // The state of one group's search: the best candidate so far.
 class Search {
@@ -85,26 +96,48 @@ class Search {
         symmetric_(scheme == Scheme::kSymmetric),
         f16_(param_dtype == ParamDType::kF16) {}
 
+  float RoundScale(float s) const {
+    const float r = p_.round_f16(s);
+    return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
+  }
+
   // Storage precision of a candidate; false when not representable.
   bool Store(float* s, float* z) const {
     if (f16_) {
-      *s = RoundScaleF16(*s);
-      *z = symmetric_ ? z_sym_ : RoundF16(*z);
+      *s = RoundScale(*s);
+      *z = symmetric_ ? z_sym_ : p_.round_f16(*z);
     }
     return Representable(*s, *z);
   }
 
-  // True error of (s, z); keeps it when strictly better (or the first).
-  EvalSums Evaluate(float s, float z) {
-    const EvalSums e = symmetric_ ? p_.eval_sym(x_, n_, s, z, q_max_)
-                                  : p_.eval_asym(x_, n_, s, z, mid_, q_max_);
-    if (!has_best_ || e.err < best_err_) {
-      has_best_ = true;
-      best_err_ = e.err;
-      best_s_ = s;
-      best_z_ = z;
+  // A starting candidate (evaluated by Run, in the order added).
+  void AddStart(float s, float z) { starts_[n_starts_++] = Cand{s, z, true, {}}; }
+
+  // Evaluates the starts, then (kMseStartRefits times) refits each and
+  // evaluates the refits, then refits from the best so far. The best is
+  // updated in that order, ties keeping the earlier candidate. Within a
+  // phase the evaluations are independent, which lets the CPU overlap them.
+  void Run() {
+    for (int t = 0;; ++t) {
+      for (int k = 0; k < n_starts_; ++k) {
+        if (starts_[k].ok) starts_[k].e = Eval(starts_[k].s, starts_[k].z);
+      }
+      for (int k = 0; k < n_starts_; ++k) {
+        if (starts_[k].ok) Consider(starts_[k]);
+      }
+      if (t == kMseStartRefits) break;
+      for (int k = 0; k < n_starts_; ++k) {
+        Cand& c = starts_[k];
+        if (c.ok) c.ok = Refit(c.e, &c.s, &c.z);
+      }
     }
-    return e;
+    if (!has_best_) return;
+    Cand c = best_;
+    for (int t = 0; t < kMseFinalRefits; ++t) {
+      if (!Refit(c.e, &c.s, &c.z)) return;
+      c.e = Eval(c.s, c.z);
+      Consider(c);
+    }
   }
 
   // Least-squares scale (and offset) for the codes of the last evaluation,
@@ -130,21 +163,12 @@ class Search {
     const double m = (dsx - s * dsl) / dn;
     float s32 = static_cast<float>(s);
     if (!(s32 > 0.0f) || !std::isfinite(s32)) return false;
-    if (f16_) s32 = RoundScaleF16(s32);
+    if (f16_) s32 = RoundScale(s32);
     float z32 = static_cast<float>(-(m + static_cast<double>(mid_)) / static_cast<double>(s32));
     if (!Store(&s32, &z32)) return false;
     *s_out = s32;
     *z_out = z32;
     return true;
-  }
-
-  // A starting candidate and its refits.
-  void Chain(float s, float z) {
-    EvalSums e = Evaluate(s, z);
-    for (int t = 0; t < kMseRefits; ++t) {
-      if (!Refit(e, &s, &z)) return;
-      e = Evaluate(s, z);
-    }
   }
 
   void SetCenter(float mid) {
@@ -157,10 +181,18 @@ class Search {
   float q_max() const { return q_max_; }
   float z_sym() const { return z_sym_; }
   bool has_best() const { return has_best_; }
-  float best_s() const { return best_s_; }
-  float best_z() const { return best_z_; }
+  float best_s() const { return best_.s; }
+  float best_z() const { return best_.z; }
 
  private:
+  struct Cand {
+    float s, z;
+    bool ok;
+    EvalSums e;
+  };
+  // rtn (or the widened range) plus the clipped ranges.
+  static constexpr int kMaxStarts = 8;
+
   const SearchPasses& p_;
   const float* x_;
   int64_t n_;
@@ -170,33 +202,33 @@ class Search {
   bool f16_;
   float mid_ = 0.0f;
   float sx_ = 0.0f;
+  Cand starts_[kMaxStarts];
+  int n_starts_ = 0;
   bool has_best_ = false;
-  float best_err_ = 0.0f;
-  float best_s_ = 1.0f;
-  float best_z_ = 0.0f;
+  Cand best_{1.0f, 0.0f, true, {}};
+
+  // True error of (s, z) and the refit sums.
+  EvalSums Eval(float s, float z) const {
+    return symmetric_ ? p_.eval_sym(x_, n_, s, z, q_max_)
+                      : p_.eval_asym(x_, n_, s, z, mid_, q_max_);
+  }
+
+  // Keeps c when strictly better than the best (or the first).
+  void Consider(const Cand& c) {
+    if (!has_best_ || c.e.err < best_.e.err) {
+      has_best_ = true;
+      best_ = c;
+    }
+  }
 };
 
-void MinMax(const float* x, int64_t n, float* lo, float* hi) {
-  float l = x[0], h = x[0];
-  for (int64_t i = 1; i < n; ++i) {
-    l = std::min(l, x[i]);
-    h = std::max(h, x[i]);
-  }
-  *lo = l + 0.0f;  // -0 -> +0, as rtn
-  *hi = h + 0.0f;
-}
-
-float MaxAbs(const float* x, int64_t n) {
-  float a = 0.0f;
-  for (int64_t i = 0; i < n; ++i) a = std::max(a, std::fabs(x[i]));
-  return a;
-}
-
 // rtn at storage precision, given the float32 rtn parameters and lo.
-void RtnToStorage(ParamDType param_dtype, Scheme scheme, float lo, float* s, float* z) {
+void RtnToStorage(const SearchPasses& p, ParamDType param_dtype, Scheme scheme, float lo, float* s,
+                  float* z) {
   if (param_dtype == ParamDType::kF32) return;
-  *s = RoundScaleF16(*s);
-  if (scheme == Scheme::kAsymmetric) *z = RoundF16(-lo / *s);
+  const float r = p.round_f16(*s);
+  *s = (r == 0.0f && *s > 0.0f) ? 0x1p-24f : r;
+  if (scheme == Scheme::kAsymmetric) *z = p.round_f16(-lo / *s);
 }
 
 // "<what> in float16 (<rtn>scale S, zero point Z); use float32 parameters"
@@ -246,12 +278,15 @@ const SearchPasses& BestSearchPasses() {
 
 Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme,
                         ParamDType param_dtype, float* scale, float* zero_point) {
-  AQ_RETURN_NOT_OK(RtnGroupParams(x, n, bits, scheme, scale, zero_point));
-  if (param_dtype == ParamDType::kF32) return Status::OK();
+  if (param_dtype == ParamDType::kF32) {
+    return RtnGroupParams(x, n, bits, scheme, scale, zero_point);
+  }
+  const SearchPasses& p = BestSearchPasses();
   float lo = 0.0f, hi = 0.0f;
-  if (scheme == Scheme::kAsymmetric) MinMax(x, n, &lo, &hi);
+  p.min_max(x, n, &lo, &hi);
+  AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, scale, zero_point));
   const float s = *scale, z = *zero_point;
-  RtnToStorage(param_dtype, scheme, lo, scale, zero_point);
+  RtnToStorage(p, param_dtype, scheme, lo, scale, zero_point);
   if (!Representable(*scale, *zero_point)) {
     return Status::Invalid(NotRepresentable("rtn parameters not representable", "", s, z, param_dtype));
   }
@@ -264,61 +299,91 @@ Status MseGroupParams(const float* x, int64_t n, int bits, Scheme scheme, ParamD
                             zero_point);
 }
 
+Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, float* zero_point) {
+  const float q_max = static_cast<float>((1 << bits) - 1);
+  if (scheme == Scheme::kSymmetric) {
+    const float a = std::max(std::fabs(lo), std::fabs(hi));
+    const float m = static_cast<float>((1 << (bits - 1)) - 1);
+    float s = a > 0.0f ? a / m : 1.0f;
+    if (s == 0.0f || !std::isfinite(1.0f / s)) s = 1.0f;
+    *scale = s;
+    *zero_point = static_cast<float>(1 << (bits - 1));
+    return Status::OK();
+  }
+  if (hi > lo) {
+    const float s = (hi - lo) / q_max;
+    if (!std::isfinite(s)) {
+      return Status::Invalid("group range max - min overflows float32 (min " + std::to_string(lo) +
+                             ", max " + std::to_string(hi) + ")");
+    }
+    if (s != 0.0f && std::isfinite(1.0f / s)) {
+      *scale = s;
+      *zero_point = -lo / s;
+      return Status::OK();
+    }
+  }
+  *scale = 1.0f;
+  *zero_point = -lo;
+  return Status::OK();
+}
+
 Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
                           Scheme scheme, ParamDType param_dtype, float* scale,
                           float* zero_point) {
+  float lo = 0.0f, hi = 0.0f;
+  passes.min_max(x, n, &lo, &hi);
   float s0 = 1.0f, z0 = 0.0f;
-  AQ_RETURN_NOT_OK(RtnGroupParams(x, n, bits, scheme, &s0, &z0));
+  AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, &s0, &z0));
+  RtnToStorage(passes, param_dtype, scheme, lo, &s0, &z0);
+  const bool rep0 = Representable(s0, z0);
   Search search(passes, x, n, bits, scheme, param_dtype);
   int n_clips = 0;
   const float* clips = MseClips(bits, &n_clips);
+  // Starting candidates, in this order: rtn (or, when rtn is not
+  // representable, the asymmetric range widened to include 0), then each
+  // clipped range; each is followed by its refits, then the best by more.
   if (search.symmetric()) {
-    const float a = MaxAbs(x, n);
-    RtnToStorage(param_dtype, scheme, 0.0f, &s0, &z0);
-    const bool rep0 = Representable(s0, z0);
+    const float a = std::max(std::fabs(lo), std::fabs(hi));
     search.SetCenter(0.0f);
-    if (rep0) search.Chain(s0, z0);
+    if (rep0) search.AddStart(s0, z0);
     if (a > 0.0f) {
       const float m_levels = static_cast<float>((1 << (bits - 1)) - 1);
       for (int k = 0; k < n_clips; ++k) {
         float s = a * clips[k] / m_levels;
         float z = search.z_sym();
-        if (search.Store(&s, &z)) search.Chain(s, z);
+        if (search.Store(&s, &z)) search.AddStart(s, z);
       }
     }
   } else {
-    float lo = 0.0f, hi = 0.0f;
-    MinMax(x, n, &lo, &hi);
-    RtnToStorage(param_dtype, scheme, lo, &s0, &z0);
-    const bool rep0 = Representable(s0, z0);
     const float r = hi - lo;
     const float mid = lo + r * 0.5f;
     search.SetCenter(mid);
     if (rep0) {
-      search.Chain(s0, z0);
+      search.AddStart(s0, z0);
     } else {
       // rtn's zero point (or scale) overflows: the range widened to include
       // 0 keeps the zero point in [0, Q].
       const float lo0 = std::min(lo, 0.0f);
       const float hi0 = std::max(hi, 0.0f);
       float sw = (hi0 - lo0) / search.q_max();
-      if (search.f16()) sw = RoundScaleF16(sw);
+      if (search.f16()) sw = search.RoundScale(sw);
       float zw = -lo0 / sw;
-      if (search.Store(&sw, &zw)) search.Chain(sw, zw);
+      if (search.Store(&sw, &zw)) search.AddStart(sw, zw);
     }
     if (hi > lo) {
       const float half = search.q_max() * 0.5f;
       for (int k = 0; k < n_clips; ++k) {
         float s = r * clips[k] / search.q_max();
-        if (search.f16()) s = RoundScaleF16(s);
+        if (search.f16()) s = search.RoundScale(s);
         float z = half - mid / s;
-        if (search.Store(&s, &z)) search.Chain(s, z);
+        if (search.Store(&s, &z)) search.AddStart(s, z);
       }
     }
   }
+  search.Run();
   if (!search.has_best()) {
-    return Status::Invalid(NotRepresentable("no candidate parameters representable", "rtn: ", s0, z0,
-                                            param_dtype));
+    return Status::Invalid(NotRepresentable("no candidate parameters representable", "rtn: ", s0,
+                                            z0, param_dtype));
   }
   *scale = search.best_s();
   *zero_point = search.best_z();

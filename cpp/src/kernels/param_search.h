@@ -12,8 +12,10 @@
 
 namespace arrowquant::kernels {
 
-// Least-squares refits after each starting candidate.
-inline constexpr int kMseRefits = 2;
+// Least-squares refits after each starting candidate, and then after the
+// best candidate found so far.
+inline constexpr int kMseStartRefits = 1;
+inline constexpr int kMseFinalRefits = 2;
 
 // Clip fractions of the starting candidates for `bits` (a fraction c gives
 // the range c * (hi - lo) around the group's midpoint, or c * max|x| for the
@@ -47,6 +49,10 @@ struct SearchPasses {
   EvalSums (*eval_sym)(const float* x, int64_t n, float scale, float zero_point, float q_max);
   // sum (x - mid) in the order above.
   float (*centered_sum)(const float* x, int64_t n, float mid);
+  // min and max of n > 0 values, each + 0.0f (so a zero is +0).
+  void (*min_max)(const float* x, int64_t n, float* lo, float* hi);
+  // float32 -> float16 -> float32, round to nearest even (F16C or software).
+  float (*round_f16)(float v);
 };
 
 const SearchPasses& ScalarSearchPasses();
@@ -64,6 +70,11 @@ Status MseGroupParams(const float* x, int64_t n, int bits, Scheme scheme, ParamD
                       float* scale, float* zero_point);
 Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
                           Scheme scheme, ParamDType param_dtype, float* scale, float* zero_point);
+
+// FORMAT.md rtn parameters from a group's min and max (lo, hi; for the
+// symmetric scheme max|x| = max(|lo|, |hi|)): the same values as
+// RtnGroupParams without a second pass over the group.
+Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, float* zero_point);
 
 // rtn parameters at storage precision: float32 as FORMAT.md; float16 rounds
 // the scale (RoundScaleF16), re-derives the asymmetric zero point -lo / scale
