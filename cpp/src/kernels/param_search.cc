@@ -27,8 +27,8 @@ float Reduce8(const float* l) {
 
 float Clamp(float v, float q_max) { return std::min(std::max(v, 0.0f), q_max); }
 
-EvalSums ScalarEvalAsym(const float* x, int64_t n, float scale, float zero_point, float mid,
-                        float q_max) {
+void ScalarEvalAsym(const float* x, int64_t n, float scale, float zero_point, float mid,
+                    float q_max, EvalSums* result) {
   const float inv = 1.0f / scale;
   float err[8] = {0}, sxq[8] = {0};
   EvalSums out;
@@ -42,10 +42,11 @@ EvalSums ScalarEvalAsym(const float* x, int64_t n, float scale, float zero_point
   }
   out.err = Reduce8(err);
   out.sum_xq = Reduce8(sxq);
-  return out;
+  *result = out;
 }
 
-EvalSums ScalarEvalSym(const float* x, int64_t n, float scale, float zero_point, float q_max) {
+void ScalarEvalSym(const float* x, int64_t n, float scale, float zero_point, float q_max,
+                 EvalSums* result) {
   const float inv = 1.0f / scale;
   float err[8] = {0}, sxk[8] = {0};
   EvalSums out;
@@ -59,7 +60,7 @@ EvalSums ScalarEvalSym(const float* x, int64_t n, float scale, float zero_point,
   }
   out.err = Reduce8(err);
   out.sum_xq = Reduce8(sxk);
-  return out;
+  *result = out;
 }
 
 float ScalarCenteredSum(const float* x, int64_t n, float mid) {
@@ -111,7 +112,7 @@ class Search {
   }
 
   // A starting candidate (evaluated by Run, in the order added).
-  void AddStart(float s, float z) { starts_[n_starts_++] = Cand{s, z, true, {}}; }
+  void AddStart(float s, float z) { phases_[0][n_starts_++] = Cand{s, z, true, {}}; }
 
   // Evaluates the starts, then (kMseStartRefits times) refits each and
   // evaluates the refits, then refits from the best so far. The best is
@@ -119,24 +120,27 @@ class Search {
   // phase the evaluations are independent, which lets the CPU overlap them.
   void Run() {
     for (int t = 0;; ++t) {
+      Cand* phase = phases_[t];
       for (int k = 0; k < n_starts_; ++k) {
-        if (starts_[k].ok) starts_[k].e = Eval(starts_[k].s, starts_[k].z);
+        if (phase[k].ok) Eval(phase[k].s, phase[k].z, &phase[k].e);
       }
       for (int k = 0; k < n_starts_; ++k) {
-        if (starts_[k].ok) Consider(starts_[k]);
+        if (phase[k].ok) Consider(phase[k]);
       }
       if (t == kMseStartRefits) break;
+      Cand* next = phases_[t + 1];
       for (int k = 0; k < n_starts_; ++k) {
-        Cand& c = starts_[k];
-        if (c.ok) c.ok = Refit(c.e, &c.s, &c.z);
+        next[k].ok = phase[k].ok && Refit(phase[k].e, &next[k].s, &next[k].z);
       }
     }
-    if (!has_best_) return;
-    Cand c = best_;
+    if (best_ == nullptr) return;
+    const Cand* from = best_;
     for (int t = 0; t < kMseFinalRefits; ++t) {
-      if (!Refit(c.e, &c.s, &c.z)) return;
-      c.e = Eval(c.s, c.z);
+      Cand& c = polish_[t];
+      if (!Refit(from->e, &c.s, &c.z)) return;
+      Eval(c.s, c.z, &c.e);
       Consider(c);
+      from = &c;
     }
   }
 
@@ -180,9 +184,9 @@ class Search {
   bool f16() const { return f16_; }
   float q_max() const { return q_max_; }
   float z_sym() const { return z_sym_; }
-  bool has_best() const { return has_best_; }
-  float best_s() const { return best_.s; }
-  float best_z() const { return best_.z; }
+  bool has_best() const { return best_ != nullptr; }
+  float best_s() const { return best_->s; }
+  float best_z() const { return best_->z; }
 
  private:
   struct Cand {
@@ -202,23 +206,26 @@ class Search {
   bool f16_;
   float mid_ = 0.0f;
   float sx_ = 0.0f;
-  Cand starts_[kMaxStarts];
+  // Every evaluated candidate keeps its own slot: phases_[0] the starts,
+  // phases_[t] their t-th refits, polish_ the refits of the best.
+  Cand phases_[kMseStartRefits + 1][kMaxStarts];
+  Cand polish_[kMseFinalRefits];
   int n_starts_ = 0;
-  bool has_best_ = false;
-  Cand best_{1.0f, 0.0f, true, {}};
+  // Points into phases_ or polish_ (never copied: cheaper than moving sums).
+  const Cand* best_ = nullptr;
 
   // True error of (s, z) and the refit sums.
-  EvalSums Eval(float s, float z) const {
-    return symmetric_ ? p_.eval_sym(x_, n_, s, z, q_max_)
-                      : p_.eval_asym(x_, n_, s, z, mid_, q_max_);
+  void Eval(float s, float z, EvalSums* e) const {
+    if (symmetric_) {
+      p_.eval_sym(x_, n_, s, z, q_max_, e);
+    } else {
+      p_.eval_asym(x_, n_, s, z, mid_, q_max_, e);
+    }
   }
 
   // Keeps c when strictly better than the best (or the first).
   void Consider(const Cand& c) {
-    if (!has_best_ || c.e.err < best_.e.err) {
-      has_best_ = true;
-      best_ = c;
-    }
+    if (best_ == nullptr || c.e.err < best_->e.err) best_ = &c;
   }
 };
 

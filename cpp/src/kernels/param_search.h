@@ -44,9 +44,12 @@ struct EvalSums {
 
 struct SearchPasses {
   const char* name;
-  EvalSums (*eval_asym)(const float* x, int64_t n, float scale, float zero_point, float mid,
-                        float q_max);
-  EvalSums (*eval_sym)(const float* x, int64_t n, float scale, float zero_point, float q_max);
+  // Write into *out (not a return value: a by-value struct costs a
+  // store-forwarding stall per candidate).
+  void (*eval_asym)(const float* x, int64_t n, float scale, float zero_point, float mid,
+                    float q_max, EvalSums* out);
+  void (*eval_sym)(const float* x, int64_t n, float scale, float zero_point, float q_max,
+                   EvalSums* out);
   // sum (x - mid) in the order above.
   float (*centered_sum)(const float* x, int64_t n, float mid);
   // min and max of n > 0 values, each + 0.0f (so a zero is +0).

@@ -75,8 +75,8 @@ struct AsymState {
   }
 };
 
-EvalSums Avx2EvalAsym(const float* x, int64_t n, float scale, float zero_point, float mid,
-                      float q_max) {
+void Avx2EvalAsym(const float* x, int64_t n, float scale, float zero_point, float mid,
+                  float q_max, EvalSums* result) {
   const float inv = 1.0f / scale;
   const __m256 zero = _mm256_setzero_ps();
   AsymState st{_mm256_set1_ps(inv), _mm256_set1_ps(zero_point), _mm256_set1_ps(scale),
@@ -99,7 +99,7 @@ EvalSums Avx2EvalAsym(const float* x, int64_t n, float scale, float zero_point, 
   }
   out.err = Reduce8(st.err);
   out.sum_xq = Reduce8(st.sxq);
-  return out;
+  *result = out;
 }
 
 struct SymState {
@@ -126,7 +126,8 @@ struct SymState {
   }
 };
 
-EvalSums Avx2EvalSym(const float* x, int64_t n, float scale, float zero_point, float q_max) {
+void Avx2EvalSym(const float* x, int64_t n, float scale, float zero_point, float q_max,
+                 EvalSums* result) {
   const float inv = 1.0f / scale;
   const __m256 zero = _mm256_setzero_ps();
   SymState st{_mm256_set1_ps(inv), _mm256_set1_ps(zero_point), _mm256_set1_ps(scale),
@@ -147,7 +148,7 @@ EvalSums Avx2EvalSym(const float* x, int64_t n, float scale, float zero_point, f
   }
   out.err = Reduce8(st.err);
   out.sum_xq = Reduce8(st.sxk);
-  return out;
+  *result = out;
 }
 
 float Avx2CenteredSum(const float* x, int64_t n, float mid) {
