@@ -44,3 +44,7 @@ __all__ = [
     "ShapeMismatchError",
     "ValidationError",
 ]
+
+from .api import QuantizeSummary, dequantize, inspect, load, quantize, validate  # noqa: E402
+
+__all__ += ["quantize", "load", "inspect", "validate", "dequantize", "QuantizeSummary"]

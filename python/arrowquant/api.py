@@ -1,0 +1,617 @@
+"""The public operations on model files: quantize, load, inspect, validate,
+dequantize. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+
+from . import __version__ as _version
+from . import parquet_v2
+from .errors import ArrowQuantError, ConfigurationError, FormatError, ModelNotFoundError
+from .pipeline import (
+    LOCK_NAME,
+    STAGING,
+    OutputLock,
+    PipelineOptions,
+    StreamingQuantizer,
+    TensorRecord,
+    _atomic_write_text,
+    check_memory_budget,
+    default_plans,
+)
+from .plan import DEFAULT_MIN_COSINE, Planner
+from .sources import WEIGHT_SUFFIXES, ModelSource, is_pipeline_dir, is_v2_dir, open_model
+from .tensor import check_spec
+from .units import format_size
+
+PathLike = Union[str, os.PathLike]
+ProgressArg = Union[None, bool, Callable[[str, float], Any]]
+
+
+@dataclass
+class QuantizeSummary:
+    """The outcome of one quantize run (also the `summary` of metadata.json)."""
+
+    output: str
+    source: str
+    source_format: str
+    output_format: str
+    modality: str
+    bits: int
+    tensors: int
+    quantized_tensors: int
+    params: int
+    input_bytes: int
+    output_bytes: int
+    compression_ratio: float
+    mean_cosine: Optional[float]
+    min_cosine: Optional[float]
+    worst_tensor: Optional[str]
+    bits_per_weight: float
+    seconds: float
+    files: List[str] = field(default_factory=list)
+    records: List[TensorRecord] = field(default_factory=list, repr=False)
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.output) / "quantization_report.json"
+
+    def as_dict(self, with_records: bool = False) -> Dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "records"}
+        if with_records:
+            d["tensors_detail"] = [r.as_dict() for r in self.records]
+        return d
+
+
+def _progress_fn(progress: ProgressArg, total_bytes: int) -> Optional[Callable[[str, float], None]]:
+    """A (message, fraction) callback: tqdm on a terminal, the user's callable,
+    or nothing. Exceptions raised by a user callback are reported, not fatal."""
+    if progress is False:
+        return None
+    if callable(progress):
+        user = progress
+
+        def call(message: str, fraction: float) -> None:
+            try:
+                user(message, fraction)
+            except Exception as exc:  # a broken callback must not kill an hour-long run
+                warnings.warn(f"progress callback raised {type(exc).__name__}: {exc}", RuntimeWarning)
+
+        return call
+    if progress is None and not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+               desc="quantize", dynamic_ncols=True, file=sys.stderr)
+
+    def update(message: str, fraction: float) -> None:
+        target = int(fraction * total_bytes)
+        bar.update(max(0, target - bar.n))
+        bar.set_postfix_str(message[:60], refresh=False)
+        if fraction >= 1.0:
+            bar.close()
+
+    return update
+
+
+def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ArrowQuantError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        ours = (out / "metadata.json").exists() or (out / STAGING).exists() or (out / LOCK_NAME).exists()
+        if resume:
+            if not (out / STAGING).exists():
+                raise ArrowQuantError(f"{out}: exists but holds no interrupted ArrowQuant run to "
+                                      "resume")
+            return
+        if not overwrite:
+            raise ArrowQuantError(f"{out}: already exists; pass --overwrite to replace it or "
+                                  "--resume to finish an interrupted run")
+        if not ours:
+            raise ArrowQuantError(f"{out}: exists and does not look like ArrowQuant output; "
+                                  "refusing to delete it (choose another output path)")
+        lock = OutputLock(out)
+        lock.acquire()  # refuse to delete what a live run is writing
+        try:
+            for child in out.iterdir():
+                if child.name == LOCK_NAME:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        finally:
+            lock.release()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _fingerprint(source: ModelSource) -> List[List[Any]]:
+    out = []
+    for p in source.weight_files:
+        st = Path(p).stat()
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _detect_modality(source: ModelSource, explicit: Optional[str]) -> Dict[str, Any]:
+    if explicit:
+        return {"modality": explicit, "rule": "config", "evidence": "given by the user"}
+    hint = source.modality_hint
+    if hint:
+        return {"modality": hint, "rule": "metadata", "evidence": "metadata modality field"}
+    return {"modality": "unknown", "rule": "none", "evidence": "no metadata"}
+
+
+def quantize(
+    input: PathLike,
+    output: PathLike,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    scheme: str = "asymmetric",
+    method: str = "rtn",
+    param_dtype: str = "float32",
+    threads: int = 0,
+    max_memory: Union[str, int] = "256MiB",
+    chunk_size: Union[str, int] = "256MiB",
+    shard_size: Union[str, int] = "2GiB",
+    overwrite: bool = False,
+    resume: bool = False,
+    quantize_1d: bool = False,
+    output_format: str = "parquet",
+    engine: str = "native",
+    planner: Optional[Planner] = None,
+    fallback: bool = False,
+    fail_fast: bool = False,
+    min_cosine: Optional[Dict[int, float]] = None,
+    modality: Optional[str] = None,
+    progress: ProgressArg = None,
+    on_tensor: Optional[Callable[[TensorRecord], None]] = None,
+    cancel: Optional[threading.Event] = None,
+    config_dict: Optional[Dict[str, Any]] = None,
+) -> QuantizeSummary:
+    """Quantizes the model at `input` into an ArrowQuant Parquet V2 directory.
+
+    Streams tensor by tensor in row chunks; `max_memory` bounds the pipeline's
+    buffers. `fallback=True` redoes a layer at the next width when its cosine
+    falls below `min_cosine[bits]` (default 2: 0.70, 4: 0.90, 8: 0.95).
+    """
+    if output_format not in ("parquet", "gguf"):
+        raise ConfigurationError(f"output format must be 'parquet' or 'gguf', got {output_format!r}")
+    if overwrite and resume:
+        raise ConfigurationError("--overwrite and --resume exclude each other")
+    check_spec(bits, group_size, scheme, method, param_dtype)
+    opts = PipelineOptions(threads=threads, max_memory=max_memory, chunk_size=chunk_size,
+                           shard_size=shard_size, engine=engine, fail_fast=fail_fast)
+    if output_format == "gguf":
+        from .gguf_export import export_gguf
+
+        return export_gguf(input, output, bits=bits, scheme=scheme, threads=threads,
+                           overwrite=overwrite, progress=progress)
+    t0 = time.perf_counter()
+    out = Path(output)
+    if is_pipeline_dir(Path(input)):
+        return _quantize_pipeline(
+            Path(input), out, overwrite=overwrite, resume=resume, progress=progress, t0=t0,
+            options=dict(bits=bits, group_size=group_size, scheme=scheme, method=method,
+                         param_dtype=param_dtype, threads=threads, max_memory=max_memory,
+                         chunk_size=chunk_size, shard_size=shard_size, quantize_1d=quantize_1d,
+                         engine=engine, planner=planner, fallback=fallback, fail_fast=fail_fast,
+                         min_cosine=min_cosine, modality=modality, on_tensor=on_tensor,
+                         cancel=cancel, config_dict=config_dict))
+    if resume and (out / "metadata.json").exists():
+        # Finished: every model file was in place before metadata.json was
+        # written. Only a leftover staging folder (a stop during cleanup) remains.
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+        return finished_summary(out)
+    with open_model(input) as source:
+        modality_info = _detect_modality(source, modality)
+        opts.modality = modality_info["modality"]
+        opts.is_diffusion_model = opts.modality in ("image", "audio") or bool(
+            source.metadata.get("is_diffusion_model"))
+        plans = default_plans(
+            source, planner, bits=bits, group_size=group_size, scheme=scheme, method=method,
+            param_dtype=param_dtype, quantize_1d=quantize_1d, fallback=fallback or fail_fast,
+            min_cosine=dict(min_cosine or DEFAULT_MIN_COSINE),
+        )
+        config = {
+            "bits": bits, "group_size": group_size, "scheme": scheme, "method": method,
+            "param_dtype": param_dtype, "quantize_1d": quantize_1d, "engine": engine,
+            "chunk_size": opts.chunk_size, "fallback": fallback, "fail_fast": fail_fast,
+            "min_cosine": {str(k): v for k, v in (min_cosine or DEFAULT_MIN_COSINE).items()},
+            "planner": type(planner).__name__ if planner else "RulePlanner",
+            **(config_dict or {}),
+        }
+        check_memory_budget(source.tensors, plans, opts)
+        _prepare_output(out, overwrite, resume)
+        lock = OutputLock(out)
+        lock.acquire()
+        try:
+            summary = _run_locked(source, plans, out, opts, config, modality_info, progress,
+                                  on_tensor, cancel, t0, bits)
+        finally:
+            lock.release(remove=(out / "metadata.json").exists())
+    return summary
+
+
+def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: PipelineOptions,
+                config: Dict[str, Any], modality_info: Dict[str, Any], progress: ProgressArg,
+                on_tensor: Optional[Callable[[TensorRecord], None]],
+                cancel: Optional[threading.Event], t0: float, bits: int) -> QuantizeSummary:
+    staging = out / STAGING
+    staging.mkdir(exist_ok=True)
+    run_file = staging / "run.json"
+    fingerprint = _fingerprint(source)
+    run_info = {"source": str(Path(source.root).resolve()), "config": config,
+                "fingerprint": fingerprint}
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous.get("config") != config or previous.get("source") != run_info["source"]:
+            raise ConfigurationError(
+                f"{out}: the interrupted run used other settings or another input "
+                f"({previous.get('source')}); resume with the same ones, or --overwrite")
+        if previous.get("fingerprint") != fingerprint:
+            raise FormatError(f"{out}: the input files changed since the interrupted run started; "
+                              "start again with --overwrite")
+    else:
+        _atomic_write_text(run_file, json.dumps(run_info, indent=2))
+
+    runner = StreamingQuantizer(source, plans, out, opts,
+                                progress=_progress_fn(progress, source.total_bytes),
+                                on_tensor=on_tensor, cancel=cancel)
+    records = runner.run()
+    if _fingerprint(source) != fingerprint:
+        raise FormatError(f"{source.root}: input files changed while they were being read; "
+                          "the output was not finished")
+    files = runner.assemble(records)
+    for extra in source.extra_files:
+        tmp = out / (extra.name + ".tmp")
+        shutil.copy2(extra, tmp)
+        os.replace(tmp, out / extra.name)
+
+    seconds = time.perf_counter() - t0
+    quantized = [r for r in records if r.bits is not None]
+    cosines = [r.cosine for r in quantized if r.cosine is not None]
+    worst = min(quantized, key=lambda r: r.cosine if r.cosine is not None else 1.0) if quantized else None
+    params = sum(r.num_params for r in records)
+    in_bytes = sum(r.input_bytes for r in records)
+    out_bytes = sum(r.output_bytes for r in records)
+    summary = QuantizeSummary(
+        output=str(out), source=str(source.root), source_format=source.format,
+        output_format="arrowquant-parquet-v2", modality=modality_info["modality"], bits=bits,
+        tensors=len(records), quantized_tensors=len(quantized), params=params,
+        input_bytes=in_bytes, output_bytes=out_bytes,
+        compression_ratio=in_bytes / out_bytes if out_bytes else 0.0,
+        mean_cosine=float(np.mean(cosines)) if cosines else None,
+        min_cosine=float(min(cosines)) if cosines else None,
+        worst_tensor=worst.name if worst else None,
+        bits_per_weight=8.0 * out_bytes / params if params else 0.0,
+        seconds=seconds, files=files, records=records,
+    )
+    report = {"format": parquet_v2.FORMAT_NAME, "tool_version": _version,
+              "tensors": [r.as_dict() for r in records]}
+    _atomic_write_text(out / "quantization_report.json", json.dumps(report, indent=2))
+    metadata = {
+        "format": parquet_v2.FORMAT_NAME,
+        "format_version": parquet_v2.FORMAT_VERSION,
+        "modality": modality_info["modality"],
+        "modality_detection": modality_info,
+        "is_diffusion_model": opts.is_diffusion_model,
+        "source": {"path": str(source.root), "format": source.format},
+        "quantization": config,
+        "tool": {"name": "arrowquant", "version": _version},
+        "files": files,
+        "summary": summary.as_dict(),
+    }
+    _atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2))  # last: done
+    shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+PIPELINE_FORMAT = "arrowquant-parquet-v2-pipeline"
+
+
+def _has_weights(d: Path) -> bool:
+    return any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in d.iterdir())
+
+
+def _quantize_pipeline(src: Path, out: Path, *, overwrite: bool, resume: bool,
+                       progress: ProgressArg, t0: float, options: Dict[str, Any]) -> QuantizeSummary:
+    """A diffusers pipeline (model_index.json + component folders): each
+    component with weights becomes its own V2 directory under `out`; other
+    folders and files are copied unchanged. metadata.json at the top is
+    written last and lists the components."""
+    if resume and (out / "metadata.json").exists():
+        return finished_summary(out)
+    _prepare_output(out, overwrite, resume)
+    if not (out / STAGING).exists():
+        (out / STAGING).mkdir()
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        components = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+        quantized = [d for d in components if _has_weights(d)]
+        summaries: List[QuantizeSummary] = []
+        for i, comp in enumerate(quantized):
+            comp_out = out / comp.name
+            comp_progress = progress
+            if callable(progress):
+                comp_progress = (lambda m, f, i=i, name=comp.name:
+                                 progress(f"{name}/{m}", (i + f) / len(quantized)))
+            if (comp_out / "metadata.json").exists() and resume:
+                summaries.append(finished_summary(comp_out))
+                continue
+            summaries.append(quantize(comp, comp_out, resume=resume and comp_out.exists(),
+                                      overwrite=not resume and comp_out.exists(),
+                                      progress=comp_progress, **options))
+        for comp in components:
+            if comp not in quantized and not (out / comp.name).exists():
+                shutil.copytree(comp, out / (comp.name + ".tmp"))
+                os.replace(out / (comp.name + ".tmp"), out / comp.name)
+        for f in src.iterdir():
+            if f.is_file() and f.name != "metadata.json":
+                shutil.copy2(f, out / (f.name + ".tmp"))
+                os.replace(out / (f.name + ".tmp"), out / f.name)
+        if not summaries:
+            raise ModelNotFoundError(f"{src}: a diffusers pipeline with no component weights")
+        summary = _combine(summaries, src, out, time.perf_counter() - t0)
+        meta = {"format": PIPELINE_FORMAT, "format_version": parquet_v2.FORMAT_VERSION,
+                "components": [c.name for c in quantized],
+                "copied": [c.name for c in components if c not in quantized],
+                "modality": summary.modality, "tool": {"name": "arrowquant", "version": _version},
+                "summary": summary.as_dict()}
+        report = {"format": PIPELINE_FORMAT, "tensors": [
+            {**r.as_dict(), "name": f"{c.name}/{r.name}"}
+            for c, s in zip(quantized, summaries) for r in s.records]}
+        _atomic_write_text(out / "quantization_report.json", json.dumps(report, indent=2))
+        _atomic_write_text(out / "metadata.json", json.dumps(meta, indent=2))
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+        return summary
+    finally:
+        lock.release(remove=(out / "metadata.json").exists())
+
+
+def _combine(parts: List[QuantizeSummary], src: Path, out: Path, seconds: float) -> QuantizeSummary:
+    records = [r for s in parts for r in s.records]
+    cos = [r.cosine for r in records if r.cosine is not None]
+    in_b = sum(s.input_bytes for s in parts)
+    out_b = sum(s.output_bytes for s in parts)
+    params = sum(s.params for s in parts)
+    worst = min((r for r in records if r.cosine is not None), key=lambda r: r.cosine, default=None)
+    modalities = {s.modality for s in parts} - {"unknown"}
+    return QuantizeSummary(
+        output=str(out), source=str(src), source_format="diffusers-pipeline",
+        output_format=PIPELINE_FORMAT,
+        modality="image" if "image" in modalities else (modalities.pop() if modalities else "unknown"),
+        bits=parts[0].bits, tensors=len(records),
+        quantized_tensors=sum(s.quantized_tensors for s in parts), params=params,
+        input_bytes=in_b, output_bytes=out_b, compression_ratio=in_b / out_b if out_b else 0.0,
+        mean_cosine=float(np.mean(cos)) if cos else None, min_cosine=min(cos) if cos else None,
+        worst_tensor=worst.name if worst else None,
+        bits_per_weight=8.0 * out_b / params if params else 0.0, seconds=seconds,
+        files=[f"{p.output}/{f}" for p in parts for f in p.files], records=records)
+
+
+def finished_summary(out: Path) -> QuantizeSummary:
+    """The summary of a finished output directory, from its metadata.json."""
+    meta = json.loads((out / "metadata.json").read_text())
+    fields = {f.name for f in dataclasses.fields(QuantizeSummary)} - {"records"}
+    summary = QuantizeSummary(**{k: v for k, v in meta["summary"].items() if k in fields})
+    report = json.loads((out / "quantization_report.json").read_text())
+    record_fields = {f.name for f in dataclasses.fields(TensorRecord)}
+    summary.records = [TensorRecord(**{k: v for k, v in r.items() if k in record_fields})
+                       for r in report["tensors"]]
+    return summary
+
+
+def load(path: PathLike) -> parquet_v2.QuantizedModel:
+    """Opens an ArrowQuant V2 directory: a lazy Mapping name -> float32 array;
+    `.raw(name)` gives packed codes and parameters, `.info(name)` the entry."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"{p}: no such directory")
+    meta = p / "metadata.json"
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("format") == PIPELINE_FORMAT:
+            comps = ", ".join(f"{p / c}" for c in info.get("components", []))
+            raise FormatError(f"{p}: a quantized diffusers pipeline; load one of its components: "
+                              f"{comps}")
+    return parquet_v2.QuantizedModel(p)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def inspect(path: PathLike) -> Dict[str, Any]:
+    """What a model holds: format, modality and, per tensor, shape, dtype,
+    quant type, bits per weight and size."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from .gguf_export import inspect_gguf
+
+        return inspect_gguf(p)
+    if p.is_dir() and is_v2_dir(p):
+        model = load(p)
+        report_path = p / "quantization_report.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() else {"tensors": []}
+        by_name = {r["name"]: r for r in report.get("tensors", [])}
+        tensors = []
+        for name, e in model.entries.items():
+            r = by_name.get(name, {})
+            numel = math.prod(e.shape)
+            nbytes = r.get("output_bytes")
+            tensors.append({
+                "name": name, "shape": list(e.shape), "dtype": e.dtype, "quant_type": e.quant_type,
+                "group_size": e.group_size, "scheme": e.scheme, "method": e.method,
+                "bytes": nbytes, "chunks": len(e.chunks),
+                "bits_per_weight": (8.0 * nbytes / numel) if nbytes and numel else None,
+            })
+        total_params = sum(math.prod(e.shape) for e in model.entries.values())
+        out_bytes = sum(t["bytes"] or 0 for t in tensors)
+        return {"path": str(p), "format": parquet_v2.FORMAT_NAME,
+                "modality": model.metadata.get("modality"), "tensors": tensors,
+                "num_tensors": len(tensors), "params": total_params, "bytes": out_bytes,
+                "bits_per_weight": 8.0 * out_bytes / total_params if total_params else 0.0,
+                "files": [f.name for f in model.files],
+                "summary": model.metadata.get("summary")}
+    with open_model(p) as source:
+        tensors = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "quant_type": "none",
+                    "bytes": t.nbytes,
+                    "bits_per_weight": 8.0 * t.nbytes / t.numel if t.numel else None}
+                   for t in source.tensors]
+        params = sum(t.numel for t in source.tensors)
+        return {"path": str(p), "format": source.format, "modality": source.modality_hint,
+                "tensors": tensors, "num_tensors": len(tensors), "params": params,
+                "bytes": source.total_bytes,
+                "bits_per_weight": 8.0 * source.total_bytes / params if params else 0.0,
+                "files": [str(f) for f in source.weight_files]}
+
+
+# ---------------------------------------------------------------- validate
+
+
+@dataclass
+class LayerCheck:
+    name: str
+    quant_type: str
+    cosine: float
+    rel_mse: float
+    sqnr_db: float
+    max_abs_error: float
+    threshold: Optional[float]
+    passed: bool
+
+
+@dataclass
+class ValidationReport:
+    original: str
+    quantized: str
+    layers: List[LayerCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(l.passed for l in self.layers)
+
+    @property
+    def mean_cosine(self) -> float:
+        return float(np.mean([l.cosine for l in self.layers])) if self.layers else 1.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        def clean(v: Any) -> Any:
+            return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+        return {"original": self.original, "quantized": self.quantized, "passed": self.passed,
+                "mean_cosine": self.mean_cosine,
+                "failed": [l.name for l in self.layers if not l.passed],
+                "layers": [{k: clean(v) for k, v in dataclasses.asdict(l).items()}
+                           for l in self.layers]}
+
+    def to_markdown(self) -> str:
+        lines = [f"# Validation: {self.quantized}", "",
+                 f"Original: `{self.original}`  ",
+                 f"Result: **{'PASS' if self.passed else 'FAIL'}**, mean cosine "
+                 f"{self.mean_cosine:.6f}, {sum(not l.passed for l in self.layers)} layer(s) failed",
+                 "", "| layer | type | cosine | rel. MSE | SQNR dB | max abs err | threshold | ok |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for l in self.layers:
+            thr = "" if l.threshold is None else f"{l.threshold:.2f}"
+            lines.append(f"| {l.name} | {l.quant_type} | {l.cosine:.6f} | {l.rel_mse:.3e} | "
+                         f"{l.sqnr_db:.2f} | {l.max_abs_error:.3e} | {thr} | "
+                         f"{'yes' if l.passed else 'NO'} |")
+        return "\n".join(lines) + "\n"
+
+
+def validate(original: PathLike, quantized: PathLike,
+             thresholds: Optional[Dict[int, float]] = None) -> ValidationReport:
+    """Compares every tensor of a quantized model with its original, one
+    tensor at a time: cosine, relative MSE, SQNR, max error, and pass/fail
+    against the cosine threshold of its bit width (unquantized: exact)."""
+    from .reference import to_float32
+    from .tensor import ErrorSums
+
+    thresholds = dict(thresholds or DEFAULT_MIN_COSINE)
+    model = load(quantized)
+    layers: List[LayerCheck] = []
+    with open_model(original) as source:
+        names = {t.name for t in source.tensors}
+        missing = [n for n in model.entries if n not in names]
+        if missing:
+            raise FormatError(f"{quantized}: tensor {missing[0]!r} is not in {original}")
+        for t in source.tensors:
+            if t.name not in model.entries:
+                raise FormatError(f"{quantized}: tensor {t.name!r} of the original is missing")
+            e = model.info(t.name)
+            raw = source.read(t.name)
+            if t.is_float:
+                x = to_float32(np.ascontiguousarray(raw), t.dtype).astype(np.float64)
+            else:
+                x = raw.view(_np_dtype(t.dtype)).astype(np.float64)
+            y = model.dequantize(t.name, out_dtype=np.float64).reshape(-1)
+            x = x.reshape(-1)
+            err = x - y
+            sums = ErrorSums(float(x @ x), float(y @ y), float(x @ y), float(err @ err),
+                             float(np.abs(err).max()) if err.size else 0.0, int(x.size))
+            m = sums.metrics()
+            thr = thresholds.get(e.bits) if e.bits else None
+            ok = (m.cosine >= thr) if thr is not None else bool(np.array_equal(x, y))
+            layers.append(LayerCheck(t.name, e.quant_type, m.cosine, m.rel_mse, m.sqnr_db,
+                                     m.max_abs_error, thr, ok))
+    return ValidationReport(str(original), str(quantized), layers)
+
+
+def _np_dtype(name: str) -> Any:
+    return {"float64": np.float64, "int64": np.int64, "int32": np.int32, "int16": np.int16,
+            "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}[name]
+
+
+# ---------------------------------------------------------------- dequantize
+
+
+def dequantize(quantized: PathLike, output: PathLike, dtype: str = "float16",
+               overwrite: bool = False) -> Path:
+    """Writes a V2 model back to a SafeTensors file (float16 or float32 for
+    quantized tensors; unquantized tensors keep their dtype), tensor by tensor."""
+    from .safetensors_io import SafeTensorsWriter
+
+    if dtype not in ("float16", "float32"):
+        raise ConfigurationError(f"dequantize dtype must be float16 or float32, got {dtype!r}")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise ArrowQuantError(f"{out}: already exists; pass --overwrite to replace it")
+    model = load(quantized)
+    np_out = np.float16 if dtype == "float16" else np.float32
+    specs = []
+    for name, e in model.entries.items():
+        out_dtype = dtype if e.quant_type != "none" else e.dtype
+        specs.append((name, out_dtype, tuple(e.shape)))
+    writer = SafeTensorsWriter(out, specs, metadata={"format": "pt", "arrowquant_source": str(quantized)})
+    try:
+        for name, out_dtype, _shape in specs:
+            e = model.info(name)
+            if e.quant_type == "none":
+                parts = list(model._chunk_rows(e))
+                for p_ in parts:
+                    writer.write(name, p_["data"])
+            else:
+                arr = model.dequantize(name).astype(np_out)
+                writer.write(name, np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return out

@@ -1,0 +1,251 @@
+"""`arrowquant` command line: parses flags and calls the API (arrowquant.api)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+from .errors import ArrowQuantError
+from .units import format_size
+
+
+def _add_quant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, choices=(2, 4, 8), default=4,
+                   help="bits per weight code (default 4)")
+    p.add_argument("--group-size", type=int, default=128, metavar="N",
+                   help="weights per group sharing one scale and zero point (default 128)")
+    p.add_argument("--scheme", choices=("asymmetric", "symmetric"), default="asymmetric",
+                   help="affine with a zero point (default) or symmetric around zero")
+    p.add_argument("--method", choices=("rtn", "mse"), default="rtn",
+                   help="how scales are chosen: rtn = min/max (FORMAT.md), mse = error-minimizing search")
+    p.add_argument("--param-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage precision of scales and zero points")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="engine threads (default 0 = all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arrowquant",
+        description="Quantize model weights (SafeTensors, sharded Hugging Face / diffusers, "
+                    "Parquet V1) to INT2/INT4/INT8, group-wise, with a report of what each "
+                    "layer lost.",
+    )
+    parser.add_argument("--version", action="version", version=f"arrowquant {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model into ArrowQuant Parquet V2",
+                       description="Quantize INPUT (a .safetensors file, a model directory, a "
+                                   "sharded index, or Parquet V1) into the directory OUTPUT.")
+    q.add_argument("input", help="model file or directory")
+    q.add_argument("output", help="output directory (ArrowQuant Parquet V2)")
+    _add_quant_flags(q)
+    q.add_argument("--max-memory", default="256MiB", metavar="SIZE",
+                   help="memory budget of the pipeline's buffers (default 256MiB)")
+    q.add_argument("--chunk-size", default="256MiB", metavar="SIZE",
+                   help="largest piece of one tensor stored as one row (default 256MiB of source)")
+    q.add_argument("--shard-size", default="2GiB", metavar="SIZE",
+                   help="split the output into files of about this size (default 2GiB)")
+    q.add_argument("--quantize-1d", action="store_true",
+                   help="also quantize 0-D/1-D tensors (biases, norms); kept as is by default")
+    q.add_argument("--fallback", action="store_true",
+                   help="redo a layer at the next width when its cosine is below the floor "
+                        "(2: 0.70, 4: 0.90, 8: 0.95)")
+    q.add_argument("--fail-fast", action="store_true",
+                   help="stop with an error instead of falling back")
+    q.add_argument("--modality", choices=("text", "code", "image", "audio"),
+                   help="override modality detection")
+    q.add_argument("--engine", choices=("native", "reference"), default="native",
+                   help="C++ engine (default) or the numpy reference (slow; for checks)")
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    mode.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="list a model's tensors, dtypes, quant types, sizes")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("validate", help="compare a quantized model with its original",
+                       description="Per-layer cosine, relative MSE, SQNR and max error; exits 1 "
+                                   "when a layer is below the threshold of its bit width.")
+    v.add_argument("original")
+    v.add_argument("quantized")
+    v.add_argument("--report", metavar="FILE", help="write a .json or .md report")
+    v.add_argument("--threshold", action="append", default=[], metavar="BITS=COS",
+                   help="cosine threshold for a width, e.g. 4=0.95 (repeatable)")
+    v.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("dequantize", help="write a quantized model back to SafeTensors")
+    d.add_argument("quantized")
+    d.add_argument("output", help="output .safetensors file")
+    d.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    d.add_argument("--overwrite", action="store_true")
+
+    demo = sub.add_parser("demo", help="quantize a generated model end to end (no files needed)")
+    demo.add_argument("--output", default="demo-output", help="where to write (default demo-output)")
+    demo.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
+    demo.add_argument("--size", default="10M", help="synthetic model size class (default 10M)")
+    return parser
+
+
+def _fmt_metric(v: Optional[float], spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "exact"
+    return format(v, spec)
+
+
+def _tensor_line(r: Any) -> str:
+    shape = "x".join(str(d) for d in r.shape) or "scalar"
+    if r.bits is None:
+        return f"  {r.name:<48} {shape:<14} {r.dtype:<9} kept          ({r.reason})"
+    return (f"  {r.name:<48} {shape:<14} {r.dtype:<9} int{r.bits:<2} "
+            f"cos {_fmt_metric(r.cosine, '.6f')}  SQNR {_fmt_metric(r.sqnr_db, '6.2f')} dB  "
+            f"max err {_fmt_metric(r.max_abs_error, '.2e')}"
+            + (f"  [{'; '.join(r.decisions)}]" if r.decisions else ""))
+
+
+def print_summary(s: Any) -> None:
+    print(f"quantized {s.tensors} tensors ({s.quantized_tensors} quantized, "
+          f"{s.params / 1e6:.2f}M params) in {s.seconds:.2f} s")
+    print(f"  {format_size(s.input_bytes)} -> {format_size(s.output_bytes)}: compression "
+          f"{s.compression_ratio:.2f}x, {s.bits_per_weight:.2f} bits per weight (parameters included)")
+    if s.mean_cosine is not None:
+        print(f"  cosine: mean {s.mean_cosine:.6f}, worst {s.min_cosine:.6f} ({s.worst_tensor})")
+    print(f"  modality {s.modality}; output {s.output} ({', '.join(s.files)})")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import api
+
+    on_tensor = (lambda r: print(_tensor_line(r), flush=True)) if args.verbose else None
+    summary = api.quantize(
+        args.input, args.output, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
+        method=args.method, param_dtype=args.param_dtype, threads=args.threads,
+        max_memory=args.max_memory, chunk_size=args.chunk_size, shard_size=args.shard_size,
+        overwrite=args.overwrite, resume=args.resume, quantize_1d=args.quantize_1d,
+        engine=args.engine, fallback=args.fallback, fail_fast=args.fail_fast,
+        modality=args.modality, progress=False if (args.no_progress or args.json) else None,
+        on_tensor=on_tensor,
+    )
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import api
+
+    info = api.inspect(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {info['format']}, modality {info.get('modality') or 'unknown'}, "
+          f"{info['num_tensors']} tensors, {info['params'] / 1e6:.2f}M params, "
+          f"{format_size(info['bytes'])}, {info['bits_per_weight']:.2f} bits per weight")
+    for t in info["tensors"]:
+        shape = "x".join(str(d) for d in t["shape"]) or "scalar"
+        bpw = "-" if t.get("bits_per_weight") is None else f"{t['bits_per_weight']:.2f}"
+        size = "-" if t.get("bytes") is None else format_size(t["bytes"])
+        print(f"  {t['name']:<52} {shape:<16} {t['dtype']:<9} {t['quant_type']:<5} "
+              f"{bpw:>6} bpw {size:>10}")
+    return 0
+
+
+def _parse_thresholds(items: Sequence[str]) -> Dict[int, float]:
+    from .plan import DEFAULT_MIN_COSINE
+
+    out = dict(DEFAULT_MIN_COSINE)
+    for item in items:
+        try:
+            b, c = item.split("=")
+            out[int(b)] = float(c)
+        except ValueError:
+            raise ArrowQuantError(f"--threshold expects BITS=COSINE such as 4=0.95, got {item!r}") from None
+    return out
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from . import api
+
+    report = api.validate(args.original, args.quantized, _parse_thresholds(args.threshold))
+    if args.report:
+        path = Path(args.report)
+        text = report.to_markdown() if path.suffix.lower() in (".md", ".markdown") \
+            else json.dumps(report.as_dict(), indent=2)
+        path.write_text(text)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for l in report.layers:
+            mark = "ok  " if l.passed else "FAIL"
+            print(f"  {mark} {l.name:<48} {l.quant_type:<5} cos {l.cosine:.6f} "
+                  f"SQNR {_fmt_metric(l.sqnr_db, '6.2f')} dB  max err {l.max_abs_error:.2e}")
+        failed = sum(not l.passed for l in report.layers)
+        print(f"{'PASS' if report.passed else 'FAIL'}: {len(report.layers)} layers, {failed} "
+              f"below threshold, mean cosine {report.mean_cosine:.6f}")
+    return 0 if report.passed else 1
+
+
+def cmd_dequantize(args: argparse.Namespace) -> int:
+    from . import api
+
+    out = api.dequantize(args.quantized, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import api
+    from .synthetic import generate_model
+
+    cache = Path(args.output) / "source"
+    print(f"generating a synthetic {args.size} float16 transformer (Parquet V1) in {cache} ...")
+    model = generate_model(cache, size=args.size, fmt="parquet", seed=0)
+    out = Path(args.output) / f"int{args.bits}"
+    print(f"quantizing to INT{args.bits}, group size 128, into {out}:")
+    summary = api.quantize(model, out, bits=args.bits, overwrite=out.exists(), progress=False,
+                           on_tensor=lambda r: print(_tensor_line(r), flush=True))
+    print_summary(summary)
+    print(f"report: {summary.report_path}")
+    return 0
+
+
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "inspect": cmd_inspect,
+    "validate": cmd_validate,
+    "dequantize": cmd_dequantize,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except ArrowQuantError as exc:
+        print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
