@@ -239,9 +239,28 @@ def search_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, metho
     s0 = s_rtn.reshape(-1).astype(np.float32)
     z0 = z_rtn.reshape(-1).astype(np.float32)
     lo, hi = _stats(grp, symmetric)
+    s_msg, z_msg = s0, z0  # float32 rtn, named in error messages
     if f16:
         s0, z0 = _rtn_storage(s0, z0, lo, symmetric)
     rep0 = representable(s0, z0)
+    if not symmetric and not rep0.all():
+        # rtn's zero point (or scale) is not representable (a zero point beyond
+        # float16's range when lo is far from 0 relative to the spread): the
+        # range widened to include 0 keeps the zero point in [0, Q].
+        lo0 = np.minimum(lo, _F0)
+        hi0 = np.maximum(hi, _F0)
+        q_max = np.float32(2**bits - 1)
+        with np.errstate(all="ignore"):
+            sw = ((hi0 - lo0) / q_max).astype(np.float32)
+            if f16:
+                sw = round_scale_f16(sw)
+            zw = (-lo0 / sw).astype(np.float32)
+            if f16:
+                zw = round_f16(zw)
+        repw = representable(sw, zw)
+        s0 = np.where(rep0, s0, sw).astype(np.float32)
+        z0 = np.where(rep0, z0, zw).astype(np.float32)
+        rep0 = rep0 | repw
 
     def fail(mask: np.ndarray, what: str, rtn: str) -> None:
         i = int(np.argmax(mask))
@@ -249,7 +268,7 @@ def search_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, metho
         tail = "; use float32 parameters" if f16 else ""
         raise ValidationError(
             f"tensor {name!r}: row {r}, group {j}: {what} in {param_dtype} "
-            f"({rtn}scale {s0[i]!r}, zero point {z0[i]!r}){tail}"
+            f"({rtn}scale {s_msg[i]!r}, zero point {z_msg[i]!r}){tail}"
         )
 
     if method == "rtn":
@@ -270,25 +289,12 @@ def search_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, metho
             sx = grp.lane_sum(grp.x - mid[:, None])
         half = np.float32(st.q_max * np.float32(0.5))
 
-    # Starting candidates, in this order: rtn (or, when rtn is not
-    # representable, the asymmetric range widened to include 0), then each
-    # clipped range. All starts are evaluated, then (START_REFITS times) each
-    # is refitted and evaluated, then the best so far is refitted
-    # FINAL_REFITS times; the best is updated in that order (ties keep the
-    # earlier candidate, so rtn wins ties).
+    # Starting candidates, in this order: rtn at storage precision (with the
+    # widened-range fallback above), then each clipped range. All starts are
+    # evaluated, then (START_REFITS times) each is refitted and evaluated,
+    # then the best so far is refitted FINAL_REFITS times; the best is
+    # updated in that order (ties keep the earlier candidate: rtn wins ties).
     starts = [(s0, z0, rep0)]
-    if not symmetric and not rep0.all():
-        # rtn's zero point (or scale) overflows: the range widened to include
-        # 0 keeps the zero point in [0, Q].
-        lo0 = np.minimum(lo, _F0)
-        hi0 = np.maximum(hi, _F0)
-        with np.errstate(all="ignore"):
-            sw = ((hi0 - lo0) / st.q_max).astype(np.float32)
-            if f16:
-                sw = round_scale_f16(sw)
-            zw = (-lo0 / sw).astype(np.float32)
-        sw, zw, repw = st.store(sw, zw)
-        starts[0] = (np.where(rep0, s0, sw), np.where(rep0, z0, zw), rep0 | repw)
     search = _search_mask(lo, hi, symmetric)
     for c in _clips(bits):
         with np.errstate(all="ignore"):

@@ -84,6 +84,12 @@ float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)); }
 const SearchPasses kScalarPasses = {"scalar",     ScalarEvalAsym, ScalarEvalSym,
                                     ScalarCenteredSum, ScalarMinMax, RoundF16};
 
+// RoundScaleF16 with the given passes' float16 rounding.
+float RoundScaleWith(const SearchPasses& p, float s) {
+  const float r = p.round_f16(s);
+  return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
+}
+
 // The state of one group's search: the best candidate so far.
 class Search {
  public:
@@ -97,10 +103,7 @@ class Search {
         symmetric_(scheme == Scheme::kSymmetric),
         f16_(param_dtype == ParamDType::kF16) {}
 
-  float RoundScale(float s) const {
-    const float r = p_.round_f16(s);
-    return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
-  }
+  float RoundScale(float s) const { return RoundScaleWith(p_, s); }
 
   // Storage precision of a candidate; false when not representable.
   bool Store(float* s, float* z) const {
@@ -229,13 +232,31 @@ class Search {
   }
 };
 
-// rtn at storage precision, given the float32 rtn parameters and lo.
-void RtnToStorage(const SearchPasses& p, ParamDType param_dtype, Scheme scheme, float lo, float* s,
-                  float* z) {
-  if (param_dtype == ParamDType::kF32) return;
-  const float r = p.round_f16(*s);
-  *s = (r == 0.0f && *s > 0.0f) ? 0x1p-24f : r;
-  if (scheme == Scheme::kAsymmetric) *z = p.round_f16(-lo / *s);
+// The rtn start at storage precision, from the float32 rtn parameters (s, z)
+// and the group's lo, hi: float16 rounds the scale and re-derives the
+// asymmetric zero point -lo / scale from it. When that is not representable
+// (an asymmetric zero point beyond float16's range, when lo is far from 0
+// relative to the spread), the range widened to include 0 is used instead:
+// its zero point lies in [0, Q]. False when neither is representable.
+bool RtnStart(const SearchPasses& p, ParamDType param_dtype, Scheme scheme, int bits, float lo,
+              float hi, float* s, float* z) {
+  const bool f16 = param_dtype == ParamDType::kF16;
+  if (f16) {
+    *s = RoundScaleWith(p, *s);
+    if (scheme == Scheme::kAsymmetric) *z = p.round_f16(-lo / *s);
+  }
+  if (Representable(*s, *z)) return true;
+  if (scheme == Scheme::kSymmetric) return false;
+  const float lo0 = std::min(lo, 0.0f);
+  const float hi0 = std::max(hi, 0.0f);
+  float sw = (hi0 - lo0) / static_cast<float>((1 << bits) - 1);
+  if (f16) sw = RoundScaleWith(p, sw);
+  float zw = -lo0 / sw;
+  if (f16) zw = p.round_f16(zw);
+  if (!Representable(sw, zw)) return false;
+  *s = sw;
+  *z = zw;
+  return true;
 }
 
 // "<what> in float16 (<rtn>scale S, zero point Z); use float32 parameters"
@@ -293,9 +314,9 @@ Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme,
   p.min_max(x, n, &lo, &hi);
   AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, scale, zero_point));
   const float s = *scale, z = *zero_point;
-  RtnToStorage(p, param_dtype, scheme, lo, scale, zero_point);
-  if (!Representable(*scale, *zero_point)) {
-    return Status::Invalid(NotRepresentable("rtn parameters not representable", "", s, z, param_dtype));
+  if (!RtnStart(p, param_dtype, scheme, bits, lo, hi, scale, zero_point)) {
+    return Status::Invalid(
+        NotRepresentable("rtn parameters not representable", "", s, z, param_dtype));
   }
   return Status::OK();
 }
@@ -341,14 +362,14 @@ Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
   passes.min_max(x, n, &lo, &hi);
   float s0 = 1.0f, z0 = 0.0f;
   AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, &s0, &z0));
-  RtnToStorage(passes, param_dtype, scheme, lo, &s0, &z0);
-  const bool rep0 = Representable(s0, z0);
+  const float s_rtn = s0, z_rtn = z0;
+  const bool rep0 = RtnStart(passes, param_dtype, scheme, bits, lo, hi, &s0, &z0);
   Search search(passes, x, n, bits, scheme, param_dtype);
   int n_clips = 0;
   const float* clips = MseClips(bits, &n_clips);
-  // Starting candidates, in this order: rtn (or, when rtn is not
-  // representable, the asymmetric range widened to include 0), then each
-  // clipped range; each is followed by its refits, then the best by more.
+  // Starting candidates, in this order: rtn at storage precision (RtnStart),
+  // then each clipped range; Run() evaluates them, their refits, and the
+  // refits of the best.
   if (search.symmetric()) {
     const float a = std::max(std::fabs(lo), std::fabs(hi));
     search.SetCenter(0.0f);
@@ -365,18 +386,7 @@ Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
     const float r = hi - lo;
     const float mid = lo + r * 0.5f;
     search.SetCenter(mid);
-    if (rep0) {
-      search.AddStart(s0, z0);
-    } else {
-      // rtn's zero point (or scale) overflows: the range widened to include
-      // 0 keeps the zero point in [0, Q].
-      const float lo0 = std::min(lo, 0.0f);
-      const float hi0 = std::max(hi, 0.0f);
-      float sw = (hi0 - lo0) / search.q_max();
-      if (search.f16()) sw = search.RoundScale(sw);
-      float zw = -lo0 / sw;
-      if (search.Store(&sw, &zw)) search.AddStart(sw, zw);
-    }
+    if (rep0) search.AddStart(s0, z0);
     if (hi > lo) {
       const float half = search.q_max() * 0.5f;
       for (int k = 0; k < n_clips; ++k) {
@@ -389,8 +399,8 @@ Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
   }
   search.Run();
   if (!search.has_best()) {
-    return Status::Invalid(NotRepresentable("no candidate parameters representable", "rtn: ", s0,
-                                            z0, param_dtype));
+    return Status::Invalid(NotRepresentable("no candidate parameters representable", "rtn: ",
+                                            s_rtn, z_rtn, param_dtype));
   }
   *scale = search.best_s();
   *zero_point = search.best_z();

@@ -235,23 +235,26 @@ TEST(ParamSearch, ClippingBeatsMinMaxOnAnOutlier) {
 }
 
 TEST(ParamSearch, Float16OverflowRules) {
-  // Far from 0 with a small spread: rtn's zero point (about -1.5e5) overflows
-  // float16. rtn is refused with the reason; mse falls back to the range
-  // widened to include 0, whose zero point is representable.
+  // Far from 0 with a small spread: rtn's zero point (about -1.5e5)
+  // overflows float16; both methods fall back to the range widened to
+  // include 0, whose zero point is in [0, Q].
   const float x[] = {1000.0f, 1000.1f, 1000.05f, 1000.025f};
   float s, z;
-  Status st = RtnStorageParams(x, 4, 4, Scheme::kAsymmetric, ParamDType::kF16, &s, &z);
-  ASSERT_FALSE(st.ok());
-  EXPECT_NE(st.ToString().find("not representable in float16"), std::string::npos)
-      << st.ToString();
+  ASSERT_TRUE(RtnStorageParams(x, 4, 4, Scheme::kAsymmetric, ParamDType::kF16, &s, &z).ok());
+  EXPECT_TRUE(z >= 0.0f && z <= 15.0f) << z;
+  const double e_rtn = TrueError({x, x + 4}, 4, Scheme::kAsymmetric, s, z);
+  EXPECT_LT(e_rtn, 4 * 34.0 * 34.0);  // half a step of 1000.1 / 15 at most
   ASSERT_TRUE(MseGroupParams(x, 4, 4, Scheme::kAsymmetric, ParamDType::kF16, &s, &z).ok());
   EXPECT_TRUE(Representable(s, z));
-  EXPECT_LT(TrueError({x, x + 4}, 4, Scheme::kAsymmetric, s, z), 4 * 40.0);
-  // With float32 parameters rtn is fine.
-  EXPECT_TRUE(RtnStorageParams(x, 4, 4, Scheme::kAsymmetric, ParamDType::kF32, &s, &z).ok());
+  EXPECT_LE(TrueError({x, x + 4}, 4, Scheme::kAsymmetric, s, z), e_rtn);
+  Status st;
 
   // A symmetric scale above float16's range has no representable candidate.
   const float big[] = {1e7f, -3e6f};
+  st = RtnStorageParams(big, 2, 2, Scheme::kSymmetric, ParamDType::kF16, &s, &z);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.ToString().find("rtn parameters not representable in float16"), std::string::npos)
+      << st.ToString();
   st = MseGroupParams(big, 2, 2, Scheme::kSymmetric, ParamDType::kF16, &s, &z);
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.ToString().find("no candidate parameters representable"), std::string::npos);
