@@ -198,3 +198,23 @@ def test_method_is_recorded():
     x = _matrix(2, 2, 64, "gauss")
     assert engine.quantize_array(x, method="mse").method == "mse"
     assert reference.quantize_array(x, method="mse").method == "mse"
+
+
+def test_end_to_end_float16_parameters_round_trip(tmp_path):
+    """Through the pipeline: the V2 file holds list<float16> parameters and
+    method "mse", and loading gives exactly the engine's dequantization."""
+    import pyarrow.parquet as pq
+    from safetensors.numpy import save_file
+
+    import arrowquant
+
+    w = _matrix(5, 32, 256, "student")
+    save_file({"layer.weight": w}, str(tmp_path / "model.safetensors"))
+    arrowquant.quantize(tmp_path / "model.safetensors", tmp_path / "out", bits=4, group_size=64,
+                        method="mse", param_dtype="float16")
+    table = pq.read_table(tmp_path / "out" / "model.parquet")
+    assert str(table.schema.field("scales").type.value_type) == "halffloat"
+    assert table.column("method")[0].as_py() == "mse"
+    loaded = arrowquant.load(tmp_path / "out")["layer.weight"]
+    qt = engine.quantize_array(w, bits=4, group_size=64, method="mse", param_dtype="float16")
+    np.testing.assert_array_equal(loaded, engine.dequantize_array(qt))
