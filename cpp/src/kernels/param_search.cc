@@ -84,6 +84,15 @@ float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)); }
 const SearchPasses kScalarPasses = {"scalar",     ScalarEvalAsym, ScalarEvalSym,
                                     ScalarCenteredSum, ScalarMinMax, RoundF16};
 
+// "<what> in float16 (<rtn>scale S, zero point Z); use float32 parameters"
+std::string NotRepresentable(const char* what, const char* rtn, float s, float z,
+                             ParamDType param_dtype) {
+  const bool f16 = param_dtype == ParamDType::kF16;
+  return std::string(what) + (f16 ? " in float16 (" : " in float32 (") + rtn + "scale " +
+         std::to_string(s) + ", zero point " + std::to_string(z) + ")" +
+         (f16 ? "; use float32 parameters" : "");
+}
+
 // RoundScaleF16 with the given passes' float16 rounding.
 float RoundScaleWith(const SearchPasses& p, float s) {
   const float r = p.round_f16(s);
@@ -117,34 +126,42 @@ class Search {
   // A starting candidate (evaluated by Run, in the order added).
   void AddStart(float s, float z) { phases_[0][n_starts_++] = Cand{s, z, true, {}}; }
 
-  // Evaluates the starts, then (kMseStartRefits times) refits each and
-  // evaluates the refits, then refits from the best so far. The best is
-  // updated in that order, ties keeping the earlier candidate. Within a
-  // phase the evaluations are independent, which lets the CPU overlap them.
-  void Run() {
-    for (int t = 0;; ++t) {
-      Cand* phase = phases_[t];
+  // The search runs in kSteps steps: evaluate the starts; then
+  // kMseStartRefits times refit each and evaluate the refits; then
+  // kMseFinalRefits times refit from the best so far (each from the
+  // previous one). The best is updated in that order, ties keeping the
+  // earlier candidate. Within a step the evaluations are independent, so the
+  // CPU can overlap them.
+  static constexpr int kSteps = 1 + 2 * kMseStartRefits + kMseFinalRefits;
+
+  void Step(int i) {
+    if (i <= 2 * kMseStartRefits) {
+      Cand* phase = phases_[(i + 1) / 2];
+      if (i % 2 == 1) {  // refit the previous phase into this one
+        const Cand* prev = phases_[(i - 1) / 2];
+        for (int k = 0; k < n_starts_; ++k) {
+          phase[k].ok = prev[k].ok && Refit(prev[k].e, &phase[k].s, &phase[k].z);
+        }
+      }
       for (int k = 0; k < n_starts_; ++k) {
         if (phase[k].ok) Eval(phase[k].s, phase[k].z, &phase[k].e);
       }
       for (int k = 0; k < n_starts_; ++k) {
         if (phase[k].ok) Consider(phase[k]);
       }
-      if (t == kMseStartRefits) break;
-      Cand* next = phases_[t + 1];
-      for (int k = 0; k < n_starts_; ++k) {
-        next[k].ok = phase[k].ok && Refit(phase[k].e, &next[k].s, &next[k].z);
-      }
+      return;
     }
-    if (best_ == nullptr) return;
-    const Cand* from = best_;
-    for (int t = 0; t < kMseFinalRefits; ++t) {
-      Cand& c = polish_[t];
-      if (!Refit(from->e, &c.s, &c.z)) return;
-      Eval(c.s, c.z, &c.e);
-      Consider(c);
-      from = &c;
-    }
+    const int t = i - 1 - 2 * kMseStartRefits;
+    const Cand* from = t == 0 ? best_ : &polish_[t - 1];
+    Cand& c = polish_[t];
+    c.ok = from != nullptr && from->ok && Refit(from->e, &c.s, &c.z);
+    if (!c.ok) return;
+    Eval(c.s, c.z, &c.e);
+    Consider(c);
+  }
+
+  void Run() {
+    for (int i = 0; i < kSteps; ++i) Step(i);
   }
 
   // Least-squares scale (and offset) for the codes of the last evaluation,
@@ -187,6 +204,23 @@ class Search {
   bool f16() const { return f16_; }
   float q_max() const { return q_max_; }
   float z_sym() const { return z_sym_; }
+  void SetRtn(float s, float z) {
+    s_rtn_ = s;
+    z_rtn_ = z;
+  }
+
+  // The best candidate; Invalid when none was representable.
+  Status Result(float* scale, float* zero_point) const {
+    if (best_ == nullptr) {
+      return Status::Invalid(NotRepresentable("no candidate parameters representable", "rtn: ",
+                                              s_rtn_, z_rtn_, f16_ ? ParamDType::kF16
+                                                                   : ParamDType::kF32));
+    }
+    *scale = best_->s;
+    *zero_point = best_->z;
+    return Status::OK();
+  }
+
   bool has_best() const { return best_ != nullptr; }
   float best_s() const { return best_->s; }
   float best_z() const { return best_->z; }
@@ -209,6 +243,8 @@ class Search {
   bool f16_;
   float mid_ = 0.0f;
   float sx_ = 0.0f;
+  float s_rtn_ = 1.0f;  // float32 rtn parameters, for the error message
+  float z_rtn_ = 0.0f;
   // Every evaluated candidate keeps its own slot: phases_[0] the starts,
   // phases_[t] their t-th refits, polish_ the refits of the best.
   Cand phases_[kMseStartRefits + 1][kMaxStarts];
@@ -257,15 +293,6 @@ bool RtnStart(const SearchPasses& p, ParamDType param_dtype, Scheme scheme, int 
   *s = sw;
   *z = zw;
   return true;
-}
-
-// "<what> in float16 (<rtn>scale S, zero point Z); use float32 parameters"
-std::string NotRepresentable(const char* what, const char* rtn, float s, float z,
-                             ParamDType param_dtype) {
-  const bool f16 = param_dtype == ParamDType::kF16;
-  return std::string(what) + (f16 ? " in float16 (" : " in float32 (") + rtn + "scale " +
-         std::to_string(s) + ", zero point " + std::to_string(z) + ")" +
-         (f16 ? "; use float32 parameters" : "");
 }
 
 }  // namespace
@@ -355,55 +382,72 @@ Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, f
   return Status::OK();
 }
 
-Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
-                          Scheme scheme, ParamDType param_dtype, float* scale,
-                          float* zero_point) {
+namespace {
+
+// Sets up the starting candidates of one group's search (docs/FORMAT.md
+// section 7): rtn at storage precision (RtnStart), then each clipped range.
+Status Prepare(const SearchPasses& passes, const float* x, int64_t n, int bits, Scheme scheme,
+               ParamDType param_dtype, Search* search) {
   float lo = 0.0f, hi = 0.0f;
   passes.min_max(x, n, &lo, &hi);
   float s0 = 1.0f, z0 = 0.0f;
   AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, &s0, &z0));
-  const float s_rtn = s0, z_rtn = z0;
+  search->SetRtn(s0, z0);
   const bool rep0 = RtnStart(passes, param_dtype, scheme, bits, lo, hi, &s0, &z0);
-  Search search(passes, x, n, bits, scheme, param_dtype);
   int n_clips = 0;
   const float* clips = MseClips(bits, &n_clips);
-  // Starting candidates, in this order: rtn at storage precision (RtnStart),
-  // then each clipped range; Run() evaluates them, their refits, and the
-  // refits of the best.
-  if (search.symmetric()) {
+  if (search->symmetric()) {
     const float a = std::max(std::fabs(lo), std::fabs(hi));
-    search.SetCenter(0.0f);
-    if (rep0) search.AddStart(s0, z0);
+    search->SetCenter(0.0f);
+    if (rep0) search->AddStart(s0, z0);
     if (a > 0.0f) {
       const float m_levels = static_cast<float>((1 << (bits - 1)) - 1);
       for (int k = 0; k < n_clips; ++k) {
         float s = a * clips[k] / m_levels;
-        float z = search.z_sym();
-        if (search.Store(&s, &z)) search.AddStart(s, z);
+        float z = search->z_sym();
+        if (search->Store(&s, &z)) search->AddStart(s, z);
       }
     }
-  } else {
-    const float r = hi - lo;
-    const float mid = lo + r * 0.5f;
-    search.SetCenter(mid);
-    if (rep0) search.AddStart(s0, z0);
-    if (hi > lo) {
-      const float half = search.q_max() * 0.5f;
-      for (int k = 0; k < n_clips; ++k) {
-        float s = r * clips[k] / search.q_max();
-        if (search.f16()) s = search.RoundScale(s);
-        float z = half - mid / s;
-        if (search.Store(&s, &z)) search.AddStart(s, z);
-      }
+    return Status::OK();
+  }
+  const float r = hi - lo;
+  const float mid = lo + r * 0.5f;
+  search->SetCenter(mid);
+  if (rep0) search->AddStart(s0, z0);
+  if (hi > lo) {
+    const float half = search->q_max() * 0.5f;
+    for (int k = 0; k < n_clips; ++k) {
+      float s = r * clips[k] / search->q_max();
+      if (search->f16()) s = search->RoundScale(s);
+      float z = half - mid / s;
+      if (search->Store(&s, &z)) search->AddStart(s, z);
     }
   }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
+                          Scheme scheme, ParamDType param_dtype, float* scale,
+                          float* zero_point) {
+  Search search(passes, x, n, bits, scheme, param_dtype);
+  AQ_RETURN_NOT_OK(Prepare(passes, x, n, bits, scheme, param_dtype, &search));
   search.Run();
-  if (!search.has_best()) {
-    return Status::Invalid(NotRepresentable("no candidate parameters representable", "rtn: ",
-                                            s_rtn, z_rtn, param_dtype));
+  return search.Result(scale, zero_point);
+}
+
+Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
+                       float* zero_points, int64_t* failed_group) {
+  const int64_t g = spec.group_size;
+  for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
+    Status st = ChooseGroupParams(x + c0, std::min(g, cols - c0), spec, &scales[j],
+                                  &zero_points[j]);
+    if (!st.ok()) {
+      *failed_group = j;
+      return st;
+    }
   }
-  *scale = search.best_s();
-  *zero_point = search.best_z();
   return Status::OK();
 }
 

@@ -85,8 +85,14 @@ Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, f
 Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme,
                         ParamDType param_dtype, float* scale, float* zero_point);
 
-// One group by spec.method and spec.param_dtype (what choose_params calls).
+// One group by spec.method and spec.param_dtype.
 Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,
                          float* zero_point);
+
+// The G groups of one row by spec.method and spec.param_dtype (what
+// choose_params calls for everything but float32 rtn). On error
+// *failed_group is the first failing group.
+Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
+                       float* zero_points, int64_t* failed_group);
 
 }  // namespace arrowquant::kernels

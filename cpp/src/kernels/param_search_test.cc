@@ -265,6 +265,53 @@ TEST(ParamSearch, Float16OverflowRules) {
   EXPECT_EQ(s, 0x1p-24f);
 }
 
+TEST(ParamSearch, RowEqualsGroupByGroup) {
+  std::mt19937 rng(23);
+  for (int64_t cols : {1, 50, 64, 100, 129, 300}) {
+    const std::vector<float> x = RandomGroup(rng, cols, static_cast<int>(cols));
+    for (int64_t g : {1, 7, 32, 64}) {
+      for (ParamDType pd : {ParamDType::kF32, ParamDType::kF16}) {
+        QuantSpec spec;
+        spec.bits = 4;
+        spec.group_size = g;
+        spec.method = Method::kMse;
+        spec.param_dtype = pd;
+        const int64_t groups = GroupsPerRow(cols, g);
+        std::vector<float> s(groups), z(groups);
+        int64_t failed = -1;
+        ASSERT_TRUE(ChooseRowParams(x.data(), cols, spec, s.data(), z.data(), &failed).ok());
+        for (int64_t j = 0; j < groups; ++j) {
+          float s1, z1;
+          ASSERT_TRUE(MseGroupParams(x.data() + j * g, std::min(g, cols - j * g), 4,
+                                     Scheme::kAsymmetric, pd, &s1, &z1)
+                          .ok());
+          ASSERT_EQ(Bits(s[j]), Bits(s1));
+          ASSERT_EQ(Bits(z[j]), Bits(z1));
+        }
+      }
+    }
+  }
+}
+
+TEST(ParamSearch, RowReportsTheFirstFailingGroup) {
+  QuantSpec spec;
+  spec.bits = 2;
+  spec.group_size = 1;
+  spec.scheme = Scheme::kSymmetric;
+  spec.method = Method::kMse;
+  spec.param_dtype = ParamDType::kF16;
+  // groups 2 and 3 both fail; group 2 is reported
+  const float row[] = {0.5f, 0.25f, 1e7f, 2e7f, 1.0f};
+  float s[5], z[5];
+  int64_t failed = -1;
+  EXPECT_FALSE(ChooseRowParams(row, 5, spec, s, z, &failed).ok());
+  EXPECT_EQ(failed, 2);
+  // only the last group fails
+  const float row2[] = {0.5f, 0.25f, 1.0f, 2e7f};
+  EXPECT_FALSE(ChooseRowParams(row2, 4, spec, s, z, &failed).ok());
+  EXPECT_EQ(failed, 3);
+}
+
 TEST(ParamSearch, ChooseParamsNamesRowAndGroup) {
   QuantSpec spec;
   spec.bits = 2;

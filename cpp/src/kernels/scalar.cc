@@ -59,11 +59,19 @@ namespace {
 
 Status ScalarChooseParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                           float* zero_points, int64_t row) {
+  if (spec.method != Method::kRtn || spec.param_dtype != ParamDType::kF32) {
+    // float16 parameters and the mse search: param_search.cc.
+    int64_t j = 0;
+    Status st = ChooseRowParams(x, cols, spec, scales, zero_points, &j);
+    if (!st.ok()) {
+      return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
+    }
+    return Status::OK();
+  }
   const int64_t g = spec.group_size;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
     const int64_t n = std::min(g, cols - c0);
-    // rtn (FORMAT.md), its float16 storage, or the mse search: param_search.cc.
-    Status st = ChooseGroupParams(x + c0, n, spec, &scales[j], &zero_points[j]);
+    Status st = RtnGroupParams(x + c0, n, spec.bits, spec.scheme, &scales[j], &zero_points[j]);
     if (!st.ok()) {
       return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
     }
