@@ -114,6 +114,14 @@ class Search {
 
   float RoundScale(float s) const { return RoundScaleWith(p_, s); }
 
+  // Storage precision of a candidate whose scale is already stored
+  // (asymmetric: the zero point is derived from the rounded scale); false
+  // when not representable.
+  bool StoreZero(float s, float* z) const {
+    if (f16_ && !symmetric_) *z = p_.round_f16(*z);
+    return Representable(s, *z);
+  }
+
   // Storage precision of a candidate; false when not representable.
   bool Store(float* s, float* z) const {
     if (f16_) {
@@ -189,7 +197,7 @@ class Search {
     if (!(s32 > 0.0f) || !std::isfinite(s32)) return false;
     if (f16_) s32 = RoundScale(s32);
     float z32 = static_cast<float>(-(m + static_cast<double>(mid_)) / static_cast<double>(s32));
-    if (!Store(&s32, &z32)) return false;
+    if (!StoreZero(s32, &z32)) return false;
     *s_out = s32;
     *z_out = z32;
     return true;
@@ -420,7 +428,7 @@ Status Prepare(const SearchPasses& passes, const float* x, int64_t n, int bits, 
       float s = r * clips[k] / search->q_max();
       if (search->f16()) s = search->RoundScale(s);
       float z = half - mid / s;
-      if (search->Store(&s, &z)) search->AddStart(s, z);
+      if (search->StoreZero(s, &z)) search->AddStart(s, z);
     }
   }
   return Status::OK();
