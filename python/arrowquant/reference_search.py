@@ -28,14 +28,14 @@ _F1 = np.float32(1.0)
 #: Clip fractions of the candidate ranges, per bit width (float32 values,
 #: identical to kMseClips in cpp/src/kernels/param_search.h).
 CLIPS: Dict[int, Tuple[float, ...]] = {
-    2: (0.85, 0.7, 0.55),
+    2: (0.8, 0.6),
     4: (0.9, 0.8),
-    8: (0.97,),
+    8: (),
 }
 #: Least-squares refits after each starting candidate, and then after the
 #: best candidate found so far.
-START_REFITS = 1
-FINAL_REFITS = 2
+START_REFITS = 0
+FINAL_REFITS = 3
 
 
 def _clips(bits: int) -> np.ndarray:

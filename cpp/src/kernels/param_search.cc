@@ -16,9 +16,8 @@ namespace arrowquant::kernels {
 
 namespace {
 
-constexpr float kClips2[] = {0.85f, 0.7f, 0.55f};
+constexpr float kClips2[] = {0.8f, 0.6f};
 constexpr float kClips4[] = {0.9f, 0.8f};
-constexpr float kClips8[] = {0.97f};
 
 float Reduce8(const float* l) {
   const float a0 = l[0] + l[4], a1 = l[1] + l[5], a2 = l[2] + l[6], a3 = l[3] + l[7];
@@ -313,9 +312,9 @@ const float* MseClips(int bits, int* count) {
     case 4:
       *count = static_cast<int>(std::size(kClips4));
       return kClips4;
-    default:
-      *count = static_cast<int>(std::size(kClips8));
-      return kClips8;
+    default:  // 8 bits: clipping never pays at 255 steps; refits do
+      *count = 0;
+      return nullptr;
   }
 }
 

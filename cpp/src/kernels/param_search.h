@@ -14,8 +14,8 @@ namespace arrowquant::kernels {
 
 // Least-squares refits after each starting candidate, and then after the
 // best candidate found so far.
-inline constexpr int kMseStartRefits = 1;
-inline constexpr int kMseFinalRefits = 2;
+inline constexpr int kMseStartRefits = 0;
+inline constexpr int kMseFinalRefits = 3;
 
 // Clip fractions of the starting candidates for `bits` (a fraction c gives
 // the range c * (hi - lo) around the group's midpoint, or c * max|x| for the
