@@ -23,7 +23,7 @@ enum class Method : uint8_t {
   // Error-minimizing search (docs/FORMAT.md section 7): per group, the
   // candidate with the least true squared error among rtn, clipped ranges
   // and least-squares refits of scale and offset; deterministic, never worse
-  // than rtn on any group, bit-identical to the numpy reference. About 6-10
+  // than rtn on any group, bit-identical to the numpy reference. 4-6
   // evaluation passes over each group (AVX2 when the CPU has it).
   kMse,
 };
