@@ -1,12 +1,21 @@
 """ArrowQuant: group-wise INT2/INT4/INT8 weight quantization with a C++20 engine.
 
-The quantize path, from the top: cli.py -> api.quantize -> pipeline ->
-engine.quantize_array -> arrowquant._core.quantize (cpp/src/python) ->
+The quantize path, from the top: cli.py -> api.quantize -> pipeline
+(StreamingQuantizer) -> arrowquant._core.quantize (cpp/src/python) ->
 arrowquant::Quantize (cpp/src/quantize.cc) -> per-row kernels
-(cpp/src/kernels/scalar.cc, avx2.cc)."""
+(cpp/src/kernels/scalar.cc, avx2.cc). docs/ARCHITECTURE.md has the map.
+
+Importing arrowquant never imports torch; arrowquant.torch does.
+"""
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
+from .api import QuantizeSummary, dequantize, inspect, load, quantize, validate
+from .config import DiffusionQuantConfig
+from .config import resolve as resolve_config
+from .diffusion import DiffusionPlanner
 from .engine import active_kernel, dequantize_array, quantize_array
 from .errors import (
     ArrowQuantError,
@@ -21,30 +30,22 @@ from .errors import (
     ShapeMismatchError,
     ValidationError,
 )
+from .metrics import MarkovMetrics, get_markov_metrics
+from .modality import ModalityDecision, detect_modality
+from .plan import RulePlanner, TensorInfo, TensorPlan
 from .tensor import ErrorMetrics, QuantizedTensor
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",
-    "quantize_array",
-    "dequantize_array",
-    "active_kernel",
-    "QuantizedTensor",
-    "ErrorMetrics",
-    "ArrowQuantError",
-    "ArrowQuantIOError",
-    "CancelledError",
-    "ConfigurationError",
-    "FormatError",
-    "MemoryBudgetError",
-    "MetadataError",
-    "ModelNotFoundError",
-    "QuantizationError",
-    "ShapeMismatchError",
-    "ValidationError",
+    # model files
+    "quantize", "load", "inspect", "validate", "dequantize", "QuantizeSummary",
+    # in-memory tensors
+    "quantize_array", "dequantize_array", "active_kernel", "QuantizedTensor", "ErrorMetrics",
+    # configuration and planning
+    "DiffusionQuantConfig", "resolve_config", "DiffusionPlanner", "RulePlanner", "TensorInfo",
+    "TensorPlan", "ModalityDecision", "detect_modality", "MarkovMetrics", "get_markov_metrics",
+    # errors
+    "ArrowQuantError", "ArrowQuantIOError", "CancelledError", "ConfigurationError", "FormatError",
+    "MemoryBudgetError", "MetadataError", "ModelNotFoundError", "QuantizationError",
+    "ShapeMismatchError", "ValidationError",
 ]
-
-from .api import QuantizeSummary, dequantize, inspect, load, quantize, validate  # noqa: E402
-
-__all__ += ["quantize", "load", "inspect", "validate", "dequantize", "QuantizeSummary"]

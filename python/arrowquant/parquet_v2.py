@@ -91,9 +91,10 @@ def _list_array(values: Optional[np.ndarray], value_type: pa.DataType) -> pa.Arr
     return pa.ListArray.from_arrays(offsets, pa.array(flat, type=value_type))
 
 
-def record_batch(rec: ChunkRecord) -> pa.RecordBatch:
-    """The V2 row of one chunk, its blobs wrapped without copies."""
-    sch = schema(rec.param_dtype)
+def record_batch(rec: ChunkRecord, param_dtype: Optional[str] = None) -> pa.RecordBatch:
+    """The V2 row of one chunk, its blobs wrapped without copies. `param_dtype`
+    is the file's parameter type (default: the chunk's own)."""
+    sch = schema(param_dtype or rec.param_dtype)
     quantized = rec.quant_type != "none"
     cols = [
         pa.array([rec.layer_name], pa.string()),
