@@ -198,7 +198,8 @@ def quantize(
     cancel: Optional[threading.Event] = None,
     config_dict: Optional[Dict[str, Any]] = None,
     config: Optional["DiffusionQuantConfig"] = None,
-) -> QuantizeSummary:
+    gguf_type: Optional[str] = None,
+) -> Union[QuantizeSummary, Dict[str, Any]]:
     """Quantizes the model at `input` into an ArrowQuant Parquet V2 directory.
 
     Streams tensor by tensor in row chunks; `max_memory` bounds the pipeline's
@@ -211,6 +212,15 @@ def quantize(
     method / param_dtype / threads / fail_fast / modality, and a mean cosine
     below `config.min_accuracy` is reported (an error under fail_fast).
     """
+    if output_format == "gguf":
+        # One GGUF file, block types from bits / scheme (gguf_export's rules);
+        # returns export_gguf's report dict.
+        from .gguf_export import export_gguf
+
+        if config is not None:
+            bits, scheme, threads = config.bit_width, config.scheme, config.num_threads
+        return export_gguf(input, output, bits=bits, scheme=scheme, gguf_type=gguf_type,
+                           threads=threads, overwrite=overwrite, progress=progress)
     if is_pipeline_dir(Path(input)):
         return _quantize_pipeline(
             Path(input), Path(output), overwrite=overwrite, resume=resume, progress=progress,
@@ -235,11 +245,6 @@ def quantize(
     check_spec(bits, group_size, scheme, method, param_dtype)
     opts = PipelineOptions(threads=threads, max_memory=max_memory, chunk_size=chunk_size,
                            shard_size=shard_size, engine=engine, fail_fast=fail_fast)
-    if output_format == "gguf":
-        from .gguf_export import export_gguf
-
-        return export_gguf(input, output, bits=bits, scheme=scheme, threads=threads,
-                           overwrite=overwrite, progress=progress)
     t0 = time.perf_counter()
     out = Path(output)
     if resume and (out / "metadata.json").exists():

@@ -13,6 +13,8 @@ from . import __version__
 from .errors import ArrowQuantError
 from .units import format_size
 
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
+
 
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     # Defaults are None so that an unset flag does not override --config,
@@ -89,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode = q.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
     mode.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    q.add_argument("--format", choices=("parquet", "gguf"), default="parquet",
+                   help="output: an ArrowQuant Parquet V2 directory (default) or one GGUF file")
+    q.add_argument("--gguf-type", choices=GGUF_TYPES,
+                   help="GGUF tensor type (default from --bits/--scheme: 8 -> Q8_0, "
+                        "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
     q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("output", help="output .safetensors file")
     d.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     d.add_argument("--overwrite", action="store_true")
+
+    g = sub.add_parser("export-gguf", help="write a model (source or ArrowQuant V2) as a GGUF file")
+    g.add_argument("input", help="model file or directory, or an ArrowQuant V2 directory")
+    g.add_argument("output", help="output .gguf file")
+    g.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    g.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric",
+                   help="4 bits: symmetric -> Q4_0 (default), asymmetric -> Q4_1")
+    g.add_argument("--gguf-type", choices=GGUF_TYPES)
+    g.add_argument("--threads", type=int, default=0, metavar="N")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    g.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="quantize a generated model end to end (no files needed)")
     demo.add_argument("--output", default="demo-output", help="where to write (default demo-output)")
@@ -182,6 +202,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
 
     config = resolve_config(args)
+    if args.format == "gguf":
+        return _export_gguf(args, config.bit_width, config.scheme, config.num_threads)
     on_tensor = (lambda r: print(_tensor_line(r), flush=True)) if args.verbose else None
     summary = api.quantize(
         args.input, args.output, config=config, max_memory=args.max_memory,
@@ -251,6 +273,20 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf(args: argparse.Namespace, bits: int, scheme: str, threads: int) -> int:
+    from .gguf_export import export_gguf, format_report
+
+    report = export_gguf(args.input, args.output, bits=bits, scheme=scheme,
+                         gguf_type=args.gguf_type, threads=threads, overwrite=args.overwrite,
+                         progress=False if (args.no_progress or args.json) else None)
+    print(json.dumps(report, indent=2) if args.json else format_report(report, args.verbose))
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    return _export_gguf(args, args.bits, args.scheme, args.threads)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import api
     from .synthetic import generate_model
@@ -272,6 +308,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "validate": cmd_validate,
     "dequantize": cmd_dequantize,
+    "export-gguf": cmd_export_gguf,
     "demo": cmd_demo,
 }
 
