@@ -62,6 +62,28 @@ void ScalarEvalSym(const float* x, int64_t n, float scale, float zero_point, flo
   *result = out;
 }
 
+float ScalarErrorAsym(const float* x, int64_t n, float scale, float zero_point, float q_max) {
+  const float inv = 1.0f / scale;
+  float err[8] = {0};
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = Clamp(std::nearbyint(x[i] * inv + zero_point), q_max);
+    const float e = x[i] - (q - zero_point) * scale;
+    err[i & 7] += e * e;
+  }
+  return Reduce8(err);
+}
+
+float ScalarErrorSym(const float* x, int64_t n, float scale, float zero_point, float q_max) {
+  const float inv = 1.0f / scale;
+  float err[8] = {0};
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = Clamp(std::nearbyint(x[i] * inv) + zero_point, q_max);
+    const float e = x[i] - (q - zero_point) * scale;
+    err[i & 7] += e * e;
+  }
+  return Reduce8(err);
+}
+
 float ScalarCenteredSum(const float* x, int64_t n, float mid) {
   float acc[8] = {0};
   for (int64_t i = 0; i < n; ++i) acc[i & 7] += x[i] - mid;
@@ -80,8 +102,9 @@ void ScalarMinMax(const float* x, int64_t n, float* lo, float* hi) {
 
 float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)); }
 
-const SearchPasses kScalarPasses = {"scalar",     ScalarEvalAsym, ScalarEvalSym,
-                                    ScalarCenteredSum, ScalarMinMax, RoundF16};
+const SearchPasses kScalarPasses = {"scalar",       ScalarEvalAsym,    ScalarEvalSym,
+                                    ScalarErrorAsym, ScalarErrorSym,    ScalarCenteredSum,
+                                    ScalarMinMax,    RoundF16};
 
 // "<what> in float16 (<rtn>scale S, zero point Z); use float32 parameters"
 std::string NotRepresentable(const char* what, const char* rtn, float s, float z,
@@ -163,7 +186,12 @@ class Search {
     Cand& c = polish_[t];
     c.ok = from != nullptr && from->ok && Refit(from->e, &c.s, &c.z);
     if (!c.ok) return;
-    Eval(c.s, c.z, &c.e);
+    if (t + 1 < kMseFinalRefits) {
+      Eval(c.s, c.z, &c.e);
+    } else {  // the last candidate: its error only
+      c.e.err = symmetric_ ? p_.error_sym(x_, n_, c.s, c.z, q_max_)
+                           : p_.error_asym(x_, n_, c.s, c.z, q_max_);
+    }
     Consider(c);
   }
 

@@ -50,6 +50,10 @@ struct SearchPasses {
                     float q_max, EvalSums* out);
   void (*eval_sym)(const float* x, int64_t n, float scale, float zero_point, float q_max,
                    EvalSums* out);
+  // Only EvalSums::err of the passes above (the last candidate needs no
+  // refit sums): the same value, fewer operations.
+  float (*error_asym)(const float* x, int64_t n, float scale, float zero_point, float q_max);
+  float (*error_sym)(const float* x, int64_t n, float scale, float zero_point, float q_max);
   // sum (x - mid) in the order above.
   float (*centered_sum)(const float* x, int64_t n, float mid);
   // min and max of n > 0 values, each + 0.0f (so a zero is +0).

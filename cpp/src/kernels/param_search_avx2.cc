@@ -151,6 +151,33 @@ void Avx2EvalSym(const float* x, int64_t n, float scale, float zero_point, float
   *result = out;
 }
 
+// Only the error of Avx2EvalAsym / Avx2EvalSym (same operations, same lanes).
+template <bool kSymmetric>
+float Avx2Error(const float* x, int64_t n, float scale, float zero_point, float q_max) {
+  const float inv = 1.0f / scale;
+  const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(zero_point);
+  const __m256 vs = _mm256_set1_ps(scale), vq = _mm256_set1_ps(q_max);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 err = zero;
+  auto step = [&](__m256 xv) {
+    const __m256 q =
+        kSymmetric
+            ? Clamp(_mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(xv, vinv), kRound), vz), zero, vq)
+            : Clamp(_mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(xv, vinv), vz), kRound), zero, vq);
+    const __m256 e = _mm256_sub_ps(xv, _mm256_mul_ps(_mm256_sub_ps(q, vz), vs));
+    return _mm256_mul_ps(e, e);
+  };
+  int64_t i = 0;
+  const int64_t n8 = n & ~int64_t{7};
+  for (; i < n8; i += 8) err = _mm256_add_ps(err, step(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    const __m256i m = TailMask(n - i);
+    err = _mm256_add_ps(err, _mm256_and_ps(step(_mm256_maskload_ps(x + i, m)),
+                                           _mm256_castsi256_ps(m)));
+  }
+  return Reduce8(err);
+}
+
 float Avx2CenteredSum(const float* x, int64_t n, float mid) {
   const __m256 vmid = _mm256_set1_ps(mid);
   __m256 acc = _mm256_setzero_ps();
@@ -197,8 +224,9 @@ float F16cRoundF16(float v) {
   return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-const SearchPasses kAvx2Passes = {"avx2",     Avx2EvalAsym, Avx2EvalSym, Avx2CenteredSum,
-                                  Avx2MinMax, F16cRoundF16};
+const SearchPasses kAvx2Passes = {"avx2",           Avx2EvalAsym,    Avx2EvalSym,
+                                  Avx2Error<false>, Avx2Error<true>, Avx2CenteredSum,
+                                  Avx2MinMax,       F16cRoundF16};
 
 }  // namespace
 

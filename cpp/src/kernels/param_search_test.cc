@@ -77,6 +77,8 @@ TEST(ParamSearch, Avx2PassesMatchScalarBitForBit) {
           scalar.eval_asym(x.data(), n, s, z, mid, q_max, &a);
           avx2->eval_asym(x.data(), n, s, z, mid, q_max, &b);
           ASSERT_EQ(Bits(a.err), Bits(b.err)) << n << " " << bits;
+          ASSERT_EQ(Bits(a.err), Bits(scalar.error_asym(x.data(), n, s, z, q_max)));
+          ASSERT_EQ(Bits(a.err), Bits(avx2->error_asym(x.data(), n, s, z, q_max)));
           ASSERT_EQ(Bits(a.sum_xq), Bits(b.sum_xq));
           ASSERT_EQ(a.sum_q, b.sum_q);
           ASSERT_EQ(a.sum_qq, b.sum_qq);
@@ -84,6 +86,8 @@ TEST(ParamSearch, Avx2PassesMatchScalarBitForBit) {
           scalar.eval_sym(x.data(), n, s, zs, q_max, &a);
           avx2->eval_sym(x.data(), n, s, zs, q_max, &b);
           ASSERT_EQ(Bits(a.err), Bits(b.err));
+          ASSERT_EQ(Bits(a.err), Bits(scalar.error_sym(x.data(), n, s, zs, q_max)));
+          ASSERT_EQ(Bits(a.err), Bits(avx2->error_sym(x.data(), n, s, zs, q_max)));
           ASSERT_EQ(Bits(a.sum_xq), Bits(b.sum_xq));
           ASSERT_EQ(a.sum_qq, b.sum_qq);
         }
