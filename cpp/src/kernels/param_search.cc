@@ -45,7 +45,7 @@ void ScalarEvalAsym(const float* x, int64_t n, float scale, float zero_point, fl
 }
 
 void ScalarEvalSym(const float* x, int64_t n, float scale, float zero_point, float q_max,
-                 EvalSums* result) {
+                   EvalSums* result) {
   const float inv = 1.0f / scale;
   float err[8] = {0}, sxk[8] = {0};
   EvalSums out;
@@ -102,8 +102,8 @@ void ScalarMinMax(const float* x, int64_t n, float* lo, float* hi) {
 
 float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)); }
 
-const SearchPasses kScalarPasses = {"scalar",       ScalarEvalAsym,    ScalarEvalSym,
-                                    ScalarErrorAsym, ScalarErrorSym,    ScalarCenteredSum,
+const SearchPasses kScalarPasses = {"scalar",        ScalarEvalAsym, ScalarEvalSym,
+                                    ScalarErrorAsym, ScalarErrorSym, ScalarCenteredSum,
                                     ScalarMinMax,    RoundF16};
 
 // "<what> in float16 (<rtn>scale S, zero point Z); use float32 parameters"
@@ -247,9 +247,9 @@ class Search {
   // The best candidate; Invalid when none was representable.
   Status Result(float* scale, float* zero_point) const {
     if (best_ == nullptr) {
-      return Status::Invalid(NotRepresentable("no candidate parameters representable", "rtn: ",
-                                              s_rtn_, z_rtn_, f16_ ? ParamDType::kF16
-                                                                   : ParamDType::kF32));
+      return Status::Invalid(NotRepresentable("no candidate parameters representable",
+                                              "rtn: ", s_rtn_, z_rtn_,
+                                              f16_ ? ParamDType::kF16 : ParamDType::kF32));
     }
     *scale = best_->s;
     *zero_point = best_->z;
@@ -366,8 +366,8 @@ const SearchPasses& BestSearchPasses() {
   return *best;
 }
 
-Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme,
-                        ParamDType param_dtype, float* scale, float* zero_point) {
+Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
+                        float* scale, float* zero_point) {
   if (param_dtype == ParamDType::kF32) {
     return RtnGroupParams(x, n, bits, scheme, scale, zero_point);
   }
@@ -385,8 +385,7 @@ Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme,
 
 Status MseGroupParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
                       float* scale, float* zero_point) {
-  return MseGroupParamsWith(BestSearchPasses(), x, n, bits, scheme, param_dtype, scale,
-                            zero_point);
+  return MseGroupParamsWith(BestSearchPasses(), x, n, bits, scheme, param_dtype, scale, zero_point);
 }
 
 Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, float* zero_point) {
@@ -464,8 +463,7 @@ Status Prepare(const SearchPasses& passes, const float* x, int64_t n, int bits, 
 }  // namespace
 
 Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
-                          Scheme scheme, ParamDType param_dtype, float* scale,
-                          float* zero_point) {
+                          Scheme scheme, ParamDType param_dtype, float* scale, float* zero_point) {
   Search search(passes, x, n, bits, scheme, param_dtype);
   AQ_RETURN_NOT_OK(Prepare(passes, x, n, bits, scheme, param_dtype, &search));
   search.Run();
@@ -476,8 +474,8 @@ Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, floa
                        float* zero_points, int64_t* failed_group) {
   const int64_t g = spec.group_size;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
-    Status st = ChooseGroupParams(x + c0, std::min(g, cols - c0), spec, &scales[j],
-                                  &zero_points[j]);
+    Status st =
+        ChooseGroupParams(x + c0, std::min(g, cols - c0), spec, &scales[j], &zero_points[j]);
     if (!st.ok()) {
       *failed_group = j;
       return st;

@@ -86,8 +86,8 @@ Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, f
 // rtn parameters at storage precision: float32 as FORMAT.md; float16 rounds
 // the scale (RoundScaleF16), re-derives the asymmetric zero point -lo / scale
 // from the rounded scale and rounds it. Invalid when not representable.
-Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme,
-                        ParamDType param_dtype, float* scale, float* zero_point);
+Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
+                        float* scale, float* zero_point);
 
 // One group by spec.method and spec.param_dtype.
 Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,

@@ -75,12 +75,20 @@ struct AsymState {
   }
 };
 
-void Avx2EvalAsym(const float* x, int64_t n, float scale, float zero_point, float mid,
-                  float q_max, EvalSums* result) {
+void Avx2EvalAsym(const float* x, int64_t n, float scale, float zero_point, float mid, float q_max,
+                  EvalSums* result) {
   const float inv = 1.0f / scale;
   const __m256 zero = _mm256_setzero_ps();
-  AsymState st{_mm256_set1_ps(inv), _mm256_set1_ps(zero_point), _mm256_set1_ps(scale),
-               _mm256_set1_ps(mid), _mm256_set1_ps(q_max), zero, zero, zero, zero, zero};
+  AsymState st{_mm256_set1_ps(inv),
+               _mm256_set1_ps(zero_point),
+               _mm256_set1_ps(scale),
+               _mm256_set1_ps(mid),
+               _mm256_set1_ps(q_max),
+               zero,
+               zero,
+               zero,
+               zero,
+               zero};
   EvalSums out;
   int64_t i = 0;
   const int64_t n8 = n & ~int64_t{7};
@@ -130,8 +138,14 @@ void Avx2EvalSym(const float* x, int64_t n, float scale, float zero_point, float
                  EvalSums* result) {
   const float inv = 1.0f / scale;
   const __m256 zero = _mm256_setzero_ps();
-  SymState st{_mm256_set1_ps(inv), _mm256_set1_ps(zero_point), _mm256_set1_ps(scale),
-              _mm256_set1_ps(q_max), zero, zero, zero, zero};
+  SymState st{_mm256_set1_ps(inv),
+              _mm256_set1_ps(zero_point),
+              _mm256_set1_ps(scale),
+              _mm256_set1_ps(q_max),
+              zero,
+              zero,
+              zero,
+              zero};
   EvalSums out;
   int64_t i = 0;
   const int64_t n8 = n & ~int64_t{7};
@@ -172,8 +186,8 @@ float Avx2Error(const float* x, int64_t n, float scale, float zero_point, float 
   for (; i < n8; i += 8) err = _mm256_add_ps(err, step(_mm256_loadu_ps(x + i)));
   if (i < n) {
     const __m256i m = TailMask(n - i);
-    err = _mm256_add_ps(err, _mm256_and_ps(step(_mm256_maskload_ps(x + i, m)),
-                                           _mm256_castsi256_ps(m)));
+    err = _mm256_add_ps(err,
+                        _mm256_and_ps(step(_mm256_maskload_ps(x + i, m)), _mm256_castsi256_ps(m)));
   }
   return Reduce8(err);
 }
@@ -224,16 +238,14 @@ float F16cRoundF16(float v) {
   return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-const SearchPasses kAvx2Passes = {"avx2",           Avx2EvalAsym,    Avx2EvalSym,
-                                  Avx2Error<false>, Avx2Error<true>, Avx2CenteredSum,
-                                  Avx2MinMax,       F16cRoundF16};
+const SearchPasses kAvx2Passes = {"avx2",          Avx2EvalAsym,    Avx2EvalSym, Avx2Error<false>,
+                                  Avx2Error<true>, Avx2CenteredSum, Avx2MinMax,  F16cRoundF16};
 
 }  // namespace
 
 const SearchPasses* Avx2SearchPasses() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? &kAvx2Passes
-                                                                          : nullptr;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? &kAvx2Passes : nullptr;
 }
 
 }  // namespace arrowquant::kernels

@@ -27,10 +27,18 @@ std::vector<float> RandomGroup(std::mt19937& rng, int64_t n, int kind) {
   std::vector<float> x(static_cast<size_t>(n));
   for (auto& v : x) {
     switch (kind % 4) {
-      case 0: v = normal(rng); break;
-      case 1: v = t3(rng) * 0.01f; break;
-      case 2: v = 100.0f + normal(rng); break;
-      default: v = std::round(normal(rng) * 2.0f) * 0.5f; break;  // many ties
+      case 0:
+        v = normal(rng);
+        break;
+      case 1:
+        v = t3(rng) * 0.01f;
+        break;
+      case 2:
+        v = 100.0f + normal(rng);
+        break;
+      default:
+        v = std::round(normal(rng) * 2.0f) * 0.5f;
+        break;  // many ties
     }
   }
   return x;
@@ -42,8 +50,8 @@ double TrueError(const std::vector<float>& x, int bits, Scheme scheme, float s, 
   const float inv = 1.0f / s;
   double err = 0.0;
   for (float v : x) {
-    float q = scheme == Scheme::kSymmetric ? std::nearbyint(v * inv) + z
-                                           : std::nearbyint(v * inv + z);
+    float q =
+        scheme == Scheme::kSymmetric ? std::nearbyint(v * inv) + z : std::nearbyint(v * inv + z);
     q = std::min(std::max(q, 0.0f), q_max);
     const double e = static_cast<double>(v) - static_cast<double>((q - z) * s);
     err += e * e;
@@ -100,9 +108,10 @@ TEST(ParamSearch, F16cRoundingMatchesSoftware) {
   const SearchPasses* avx2 = Avx2SearchPasses();
   if (avx2 == nullptr) GTEST_SKIP() << "no AVX2/F16C on this CPU";
   const SearchPasses& scalar = ScalarSearchPasses();
-  std::vector<float> values = {0.0f, -0.0f, 65504.0f, 65519.99f, 65520.0f, 1e6f, -1e6f,
-                               6.1e-5f, 5.96e-8f, 2.98e-8f, 2.99e-8f, 1e-9f, 1.0f + 0x1p-11f,
-                               1.0f + 0x1p-12f, INFINITY, -INFINITY};
+  std::vector<float> values = {0.0f,     -0.0f, 65504.0f,        65519.99f,       65520.0f,
+                               1e6f,     -1e6f, 6.1e-5f,         5.96e-8f,        2.98e-8f,
+                               2.99e-8f, 1e-9f, 1.0f + 0x1p-11f, 1.0f + 0x1p-12f, INFINITY,
+                               -INFINITY};
   std::mt19937 rng(3);
   std::uniform_int_distribution<uint32_t> any_bits;
   for (int i = 0; i < 200000; ++i) {
@@ -127,9 +136,9 @@ TEST(ParamSearch, Avx2SearchMatchesScalarSearch) {
         for (Scheme scheme : {Scheme::kAsymmetric, Scheme::kSymmetric}) {
           for (ParamDType pd : {ParamDType::kF32, ParamDType::kF16}) {
             float s1, z1, s2, z2;
-            ASSERT_TRUE(MseGroupParamsWith(ScalarSearchPasses(), x.data(), n, bits, scheme, pd,
-                                           &s1, &z1)
-                            .ok());
+            ASSERT_TRUE(
+                MseGroupParamsWith(ScalarSearchPasses(), x.data(), n, bits, scheme, pd, &s1, &z1)
+                    .ok());
             ASSERT_TRUE(MseGroupParamsWith(*avx2, x.data(), n, bits, scheme, pd, &s2, &z2).ok());
             ASSERT_EQ(Bits(s1), Bits(s2));
             ASSERT_EQ(Bits(z1), Bits(z2));
@@ -230,10 +239,10 @@ TEST(ParamSearch, ClippingBeatsMinMaxOnAnOutlier) {
   for (int i = 0; i < 63; ++i) x[i] = -1.0f + 2.0f * static_cast<float>(i) / 62.0f;
   x[63] = 40.0f;
   float sr, zr, sm, zm;
-  ASSERT_TRUE(RtnStorageParams(x.data(), 64, 2, Scheme::kAsymmetric, ParamDType::kF32, &sr, &zr)
-                  .ok());
-  ASSERT_TRUE(MseGroupParams(x.data(), 64, 2, Scheme::kAsymmetric, ParamDType::kF32, &sm, &zm)
-                  .ok());
+  ASSERT_TRUE(
+      RtnStorageParams(x.data(), 64, 2, Scheme::kAsymmetric, ParamDType::kF32, &sr, &zr).ok());
+  ASSERT_TRUE(
+      MseGroupParams(x.data(), 64, 2, Scheme::kAsymmetric, ParamDType::kF32, &sm, &zm).ok());
   EXPECT_LT(TrueError(x, 2, Scheme::kAsymmetric, sm, zm),
             0.8 * TrueError(x, 2, Scheme::kAsymmetric, sr, zr));
 }
