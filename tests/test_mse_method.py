@@ -73,6 +73,32 @@ def test_engine_matches_reference_bit_for_bit(seed, rows, cols, group_size, bits
     _same(engine.quantize_array(x, force_scalar=True, threads=1, **kw), ref)
 
 
+def _outcome(impl, x, **kw):
+    """(scales, zero points, data) or the error's class and message up to the
+    parameter values (printed differently by C++ and Python)."""
+    try:
+        qt = impl.quantize_array(x, **kw)
+    except Exception as exc:  # compared below
+        return type(exc).__name__, str(exc).split("(")[0]
+    return qt.scales.tobytes(), qt.zero_points.tobytes(), qt.data.tobytes()
+
+
+@pytest.mark.parametrize("magnitude", [1e-41, 1e-30, 1e30, 1e37, 7e4])
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
+def test_engine_matches_reference_at_extreme_magnitudes(magnitude, scheme):
+    """Subnormal groups, scales that overflow float16, ranges near float32's
+    limit: same parameters, or the same error, from both."""
+    rng = np.random.default_rng(int(np.log10(magnitude)) + 50)
+    x = (rng.standard_normal((3, 40)) * magnitude).astype(np.float32)
+    x[2, :8] = np.float32(magnitude)  # a constant group
+    for bits in (2, 4, 8):
+        for method in ("rtn", "mse"):
+            for param_dtype in ("float32", "float16"):
+                kw = dict(bits=bits, group_size=8, scheme=scheme, method=method,
+                          param_dtype=param_dtype)
+                assert _outcome(engine, x, **kw) == _outcome(reference, x, **kw), kw
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_engine_matches_reference_for_narrow_inputs(dtype):
     import ml_dtypes
