@@ -177,8 +177,8 @@ def quantize(
     bits: int = 4,
     group_size: int = 128,
     scheme: str = "asymmetric",
-    method: str = "rtn",
-    param_dtype: str = "float32",
+    method: str = "mse",
+    param_dtype: str = "float16",
     threads: int = 0,
     max_memory: Union[str, int] = "256MiB",  # DEFAULT_MAX_MEMORY
     chunk_size: Union[str, int] = "256MiB",
