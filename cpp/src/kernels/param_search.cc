@@ -388,34 +388,6 @@ Status MseGroupParams(const float* x, int64_t n, int bits, Scheme scheme, ParamD
   return MseGroupParamsWith(BestSearchPasses(), x, n, bits, scheme, param_dtype, scale, zero_point);
 }
 
-Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, float* zero_point) {
-  const float q_max = static_cast<float>((1 << bits) - 1);
-  if (scheme == Scheme::kSymmetric) {
-    const float a = std::max(std::fabs(lo), std::fabs(hi));
-    const float m = static_cast<float>((1 << (bits - 1)) - 1);
-    float s = a > 0.0f ? a / m : 1.0f;
-    if (s == 0.0f || !std::isfinite(1.0f / s)) s = 1.0f;
-    *scale = s;
-    *zero_point = static_cast<float>(1 << (bits - 1));
-    return Status::OK();
-  }
-  if (hi > lo) {
-    const float s = (hi - lo) / q_max;
-    if (!std::isfinite(s)) {
-      return Status::Invalid("group range max - min overflows float32 (min " + std::to_string(lo) +
-                             ", max " + std::to_string(hi) + ")");
-    }
-    if (s != 0.0f && std::isfinite(1.0f / s)) {
-      *scale = s;
-      *zero_point = -lo / s;
-      return Status::OK();
-    }
-  }
-  *scale = 1.0f;
-  *zero_point = -lo;
-  return Status::OK();
-}
-
 namespace {
 
 // Sets up the starting candidates of one group's search (docs/FORMAT.md

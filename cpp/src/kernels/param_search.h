@@ -78,11 +78,6 @@ Status MseGroupParams(const float* x, int64_t n, int bits, Scheme scheme, ParamD
 Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
                           Scheme scheme, ParamDType param_dtype, float* scale, float* zero_point);
 
-// FORMAT.md rtn parameters from a group's min and max (lo, hi; for the
-// symmetric scheme max|x| = max(|lo|, |hi|)): the same values as
-// RtnGroupParams without a second pass over the group.
-Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, float* zero_point);
-
 // rtn parameters at storage precision: float32 as FORMAT.md; float16 rounds
 // the scale (RoundScaleF16), re-derives the asymmetric zero point -lo / scale
 // from the rounded scale and rounds it. Invalid when not representable.
