@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -103,20 +104,28 @@ class FirstError {
   Status status_;
 };
 
+// Error sums of parallel tasks, merged in row order so that the total does
+// not depend on which thread finished first.
+class OrderedStats {
+ public:
+  void Add(int64_t first_row, const ErrorStats& s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    parts_.emplace_back(first_row, s);
+  }
+  void MergeInto(ErrorStats* total) {
+    std::sort(parts_.begin(), parts_.end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (const auto& p : parts_) total->Merge(p.second);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<int64_t, ErrorStats>> parts_;
+};
+
 // Rows per parallel task: enough work (~64K elements) to amortize a thread.
 int64_t MinRowsPerTask(int64_t cols) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1));
-}
-
-Status CheckFinite(const float* x, int64_t cols, int64_t row) {
-  for (int64_t c = 0; c < cols; ++c) {
-    if (!std::isfinite(x[c])) {
-      return Status::Invalid(std::string(std::isnan(x[c]) ? "NaN" : "Inf") + " at index " +
-                             std::to_string(row * cols + c) + " (row " + std::to_string(row) +
-                             ", column " + std::to_string(c) + ")");
-    }
-  }
-  return Status::OK();
 }
 
 // Shared driver: for each row, convert + check, then `choose` fills the
@@ -134,7 +143,7 @@ Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales
   const int64_t row_bytes = PackedRowBytes(src.cols, spec.bits);
   const size_t item = DTypeSize(src.dtype);
   FirstError error;
-  std::mutex stats_mu;
+  OrderedStats parts;
 
   ParallelFor(src.rows, exec.threads, MinRowsPerTask(src.cols), [&](int64_t r0, int64_t r1) {
     std::vector<float> row(static_cast<size_t>(src.cols));
@@ -142,7 +151,7 @@ Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales
     for (int64_t r = r0; r < r1; ++r) {
       const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
       k.convert(src.dtype, in, row.data(), static_cast<size_t>(src.cols));
-      Status st = CheckFinite(row.data(), src.cols, r);
+      Status st = kernels::CheckFiniteRow(row.data(), src.cols, r);
       if (st.ok()) st = choose(k, row.data(), r, G);
       if (!st.ok()) {
         error.Record(r, std::move(st));
@@ -152,12 +161,41 @@ Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales
       const float* z = out_zero_points ? out_zero_points + r * G : zero_points + r * G;
       k.encode(row.data(), src.cols, spec, s, z, packed + r * row_bytes, stats ? &local : nullptr);
     }
-    if (stats) {
-      std::lock_guard<std::mutex> lock(stats_mu);
-      stats->Merge(local);
-    }
+    if (stats) parts.Add(r0, local);
   });
   if (error.any()) return error.status();
+  if (stats) parts.MergeInto(stats);
+  return Status::OK();
+}
+
+// Method rtn with float32 parameters on a path with a fused row kernel: one
+// sweep over the source per row, no separate conversion buffer.
+Status RunFusedRtn(kernels::FusedRtnRowFn fused, const TensorView& src, const QuantSpec& spec,
+                   const QuantizedBuffers& out, ErrorStats* stats, const ExecOptions& exec) {
+  AQ_RETURN_NOT_OK(ValidateSpec(spec));
+  AQ_RETURN_NOT_OK(CheckView(src));
+  if (src.rows == 0 || src.cols == 0) return Status::OK();
+  const int64_t G = GroupsPerRow(src.cols, spec.group_size);
+  const int64_t row_bytes = PackedRowBytes(src.cols, spec.bits);
+  const size_t item = DTypeSize(src.dtype);
+  FirstError error;
+  OrderedStats parts;
+  ParallelFor(src.rows, exec.threads, MinRowsPerTask(src.cols), [&](int64_t r0, int64_t r1) {
+    ErrorStats local;
+    for (int64_t r = r0; r < r1; ++r) {
+      const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
+      Status st = fused(src.dtype, in, src.cols, spec, out.scales + r * G,
+                        out.zero_points + r * G, out.packed + r * row_bytes,
+                        stats ? &local : nullptr, r);
+      if (!st.ok()) {
+        error.Record(r, std::move(st));
+        return;
+      }
+    }
+    if (stats) parts.Add(r0, local);
+  });
+  if (error.any()) return error.status();
+  if (stats) parts.MergeInto(stats);
   return Status::OK();
 }
 
@@ -165,6 +203,11 @@ Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales
 
 Status Quantize(const TensorView& src, const QuantSpec& spec, const QuantizedBuffers& out,
                 ErrorStats* stats, const ExecOptions& exec) {
+  if (spec.method == Method::kRtn && spec.param_dtype == ParamDType::kF32) {
+    if (kernels::FusedRtnRowFn fused = kernels::SelectFusedRtn(exec.force_scalar)) {
+      return RunFusedRtn(fused, src, spec, out, stats, exec);
+    }
+  }
   return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats,
                  exec, [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
                    return k.choose_params(x, src.cols, spec, out.scales + r * G,
@@ -201,6 +244,34 @@ Status Dequantize(const uint8_t* packed, int64_t rows, int64_t cols, const Quant
   });
   return Status::OK();
 }
+
+namespace kernels {
+
+Status CheckFiniteRow(const float* x, int64_t cols, int64_t row) {
+  // Branch-free test per block (the compiler vectorizes it); the exact
+  // index is searched only in a block that holds a NaN or Inf.
+  constexpr int64_t kBlock = 256;
+  for (int64_t b = 0; b < cols; b += kBlock) {
+    const int64_t e = std::min(cols, b + kBlock);
+    uint32_t bad = 0;
+    for (int64_t c = b; c < e; ++c) {
+      uint32_t u;
+      std::memcpy(&u, &x[c], sizeof u);
+      bad |= static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u);
+    }
+    if (bad == 0) continue;
+    for (int64_t c = b; c < e; ++c) {
+      if (!std::isfinite(x[c])) {
+        return Status::Invalid(std::string(std::isnan(x[c]) ? "NaN" : "Inf") + " at index " +
+                               std::to_string(row * cols + c) + " (row " + std::to_string(row) +
+                               ", column " + std::to_string(c) + ")");
+      }
+    }
+  }
+  return Status::OK();
+}
+
+}  // namespace kernels
 
 const char* ActiveKernelName() { return kernels::Select(false).name; }
 

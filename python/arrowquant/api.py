@@ -29,6 +29,7 @@ from .pipeline import (
     StreamingQuantizer,
     TensorRecord,
     _atomic_write_text,
+    check_memory_budget,
     default_plans,
 )
 from .plan import DEFAULT_MIN_COSINE, Planner
@@ -113,9 +114,6 @@ def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
     if out.exists() and any(out.iterdir()):
         ours = (out / "metadata.json").exists() or (out / STAGING).exists() or (out / LOCK_NAME).exists()
         if resume:
-            if (out / "metadata.json").exists() and not (out / STAGING).exists():
-                raise ArrowQuantError(f"{out}: already holds a finished model; nothing to resume "
-                                      "(use --overwrite to redo it)")
             if not (out / STAGING).exists():
                 raise ArrowQuantError(f"{out}: exists but holds no interrupted ArrowQuant run to "
                                       "resume")
@@ -206,6 +204,11 @@ def quantize(
                            overwrite=overwrite, progress=progress)
     t0 = time.perf_counter()
     out = Path(output)
+    if resume and (out / "metadata.json").exists():
+        # Finished: every model file was in place before metadata.json was
+        # written. Only a leftover staging folder (a stop during cleanup) remains.
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+        return finished_summary(out)
     with open_model(input) as source:
         modality_info = _detect_modality(source, modality)
         opts.modality = modality_info["modality"]
@@ -224,6 +227,7 @@ def quantize(
             "planner": type(planner).__name__ if planner else "RulePlanner",
             **(config_dict or {}),
         }
+        check_memory_budget(source.tensors, plans, opts)
         _prepare_output(out, overwrite, resume)
         lock = OutputLock(out)
         lock.acquire()
@@ -306,6 +310,18 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
     }
     _atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2))  # last: done
     shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def finished_summary(out: Path) -> QuantizeSummary:
+    """The summary of a finished output directory, from its metadata.json."""
+    meta = json.loads((out / "metadata.json").read_text())
+    fields = {f.name for f in dataclasses.fields(QuantizeSummary)} - {"records"}
+    summary = QuantizeSummary(**{k: v for k, v in meta["summary"].items() if k in fields})
+    report = json.loads((out / "quantization_report.json").read_text())
+    record_fields = {f.name for f in dataclasses.fields(TensorRecord)}
+    summary.records = [TensorRecord(**{k: v for k, v in r.items() if k in record_fields})
+                       for r in report["tensors"]]
     return summary
 
 

@@ -300,9 +300,9 @@ class QuantizedModel(Mapping):
             name=name,
         )
 
-    def dequantize(self, name: str, out_dtype: Any = np.float32) -> np.ndarray:
-        """The tensor as float32 (or its original values when stored unquantized),
-        with channel equalization undone when it was applied."""
+    def dequantize(self, name: str, out_dtype: Any = None) -> np.ndarray:
+        """A quantized tensor as float32, an unquantized one with its original
+        dtype (or either as `out_dtype`), with channel equalization undone."""
         from . import engine
 
         entry = self.info(name)
@@ -310,7 +310,8 @@ class QuantizedModel(Mapping):
             parts = list(self._chunk_rows(entry))
             _check_coverage(entry, parts)
             raw = np.concatenate([p["data"] for p in parts]) if len(parts) > 1 else parts[0]["data"]
-            return _raw_to_array(raw, entry.dtype, entry.shape).astype(out_dtype, copy=False)
+            values = _raw_to_array(raw, entry.dtype, entry.shape)
+            return values if out_dtype is None else values.astype(out_dtype, copy=False)
         values = engine.dequantize_array(self.raw(name))
         if entry.spatial_quant_json:
             spatial = json.loads(entry.spatial_quant_json)
@@ -318,7 +319,7 @@ class QuantizedModel(Mapping):
             if s.size:
                 rows, cols = view_2d(entry.shape)
                 values = (values.reshape(rows, cols) / s[None, :]).reshape(entry.shape)
-        return values.astype(out_dtype, copy=False)
+        return values if out_dtype is None else values.astype(out_dtype, copy=False)
 
     def close(self) -> None:
         self._files.clear()

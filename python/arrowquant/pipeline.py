@@ -597,22 +597,26 @@ class StreamingQuantizer:
         return records
 
     def assemble(self, records: Sequence[TensorRecord]) -> List[str]:
-        """Joins the parts, in order, into model.parquet or numbered shards."""
-        parts: List[Path] = []
+        """Joins the parts, in order, into model.parquet or numbered shards. A
+        tensor never spans two shards (the index maps each tensor to one file),
+        so a shard may exceed shard_size by at most one tensor."""
+        per_tensor: List[List[Path]] = []
         for ti, (t, rec) in enumerate(zip(self.source.tensors, records)):
+            parts = []
             for ci in range(rec.chunks):
                 p = self.staging / part_name(ti, ci)
                 if not p.exists():
                     raise ArrowQuantError(f"missing staged chunk {p.name} of tensor {t.name!r}")
                 parts.append(p)
+            per_tensor.append(parts)
         shards: List[List[Path]] = [[]]
         size = 0
-        for p in parts:
-            n = p.stat().st_size
+        for parts in per_tensor:
+            n = sum(p.stat().st_size for p in parts)
             if shards[-1] and size + n > self.opts.shard_size:
                 shards.append([])
                 size = 0
-            shards[-1].append(p)
+            shards[-1].extend(parts)
             size += n
         names = ["model.parquet"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
@@ -644,6 +648,14 @@ class StreamingQuantizer:
 
 def sums_tuple(s: ErrorSums) -> Tuple[float, ...]:
     return s.as_tuple()
+
+
+def check_memory_budget(tensors: Sequence[TensorInfo], plans: Dict[str, TensorPlan],
+                        opts: PipelineOptions) -> None:
+    """Up front, before anything is written: every tensor's smallest chunk
+    must fit in max_memory (raises MemoryBudgetError naming the tensor)."""
+    for t in tensors:
+        chunk_rows(t, plans[t.name], opts)
 
 
 def default_plans(source: ModelSource, planner: Optional[Planner], **rule_kwargs: Any) -> Dict[str, TensorPlan]:

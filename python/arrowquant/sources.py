@@ -214,6 +214,8 @@ class SafeTensorsSource(ModelSource):
         from .safetensors_io import SafeTensorsModel
 
         self.root = root
+        # pread into our buffers: file pages stay in the page cache (warm for
+        # the next run) without counting in this process's resident memory.
         self._model = SafeTensorsModel(path)
         self.tensors = list(self._model.tensors)
         self.metadata = dict(self._model.metadata or {})
@@ -284,8 +286,7 @@ class ParquetV2Source(ModelSource):
         if self._cache_name != name:
             self._cache = None
             e = self.model.info(name)
-            arr = self.model.dequantize(name, out_dtype=np.float32) if e.quant_type != "none" \
-                else self.model.dequantize(name, out_dtype=None)
+            arr = self.model.dequantize(name)
             self._cache = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
             self._cache_name = name
         off, n = _rows_slice(t, row_start, row_count)
@@ -294,28 +295,6 @@ class ParquetV2Source(ModelSource):
     def close(self) -> None:
         self._cache = None
         self.model.close()
-
-
-def _pick_safetensors(root: Path) -> Optional[Path]:
-    """The index or single SafeTensors file of a model directory."""
-    indexes = sorted(root.glob("*.safetensors.index.json"))
-    preferred = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
-    for name in preferred:
-        if (root / name).exists():
-            return root / name
-    if len(indexes) == 1:
-        return indexes[0]
-    files = sorted(root.glob("*.safetensors"))
-    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
-        if (root / name).exists():
-            return root / name
-    if len(files) == 1:
-        return files[0]
-    if len(files) > 1 or len(indexes) > 1:
-        names = ", ".join(p.name for p in (indexes or files))
-        raise FormatError(f"{root}: several SafeTensors weights ({names}) and no index to tie "
-                          "them together; pass one file")
-    return None
 
 
 def is_v2_dir(root: Path) -> bool:
@@ -347,9 +326,8 @@ def open_model(path: Any) -> ModelSource:
                           ".safetensors.index.json or .parquet)")
     if is_v2_dir(p):
         return ParquetV2Source(p)
-    st = _pick_safetensors(p)
-    if st is not None:
-        return SafeTensorsSource(st, p)
+    if any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")):
+        return SafeTensorsSource(p, p)  # the reader picks the index or the single file
     parquet = sorted(p.glob("*.parquet"))
     if parquet:
         return ParquetV1Source(parquet, p)

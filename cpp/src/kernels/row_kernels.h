@@ -34,6 +34,20 @@ const RowKernels* Avx2Kernels();
 // The fastest path this CPU runs, or the scalar one when forced.
 const RowKernels& Select(bool force_scalar);
 
+// One sweep over a row of the source for method rtn with float32 parameters:
+// conversion, NaN/Inf check, parameters, codes, packing and error sums, with
+// the same results and error statuses as convert + CheckFiniteRow +
+// choose_params + encode.
+using FusedRtnRowFn = Status (*)(DType dtype, const void* src, int64_t cols,
+                                 const QuantSpec& spec, float* scales, float* zero_points,
+                                 uint8_t* packed_row, ErrorStats* stats, int64_t row);
+// The fused row quantizer of the fastest path, or null (scalar / forced).
+FusedRtnRowFn SelectFusedRtn(bool force_scalar);
+
+// Invalid status naming the first NaN/Inf of row `row` (its index in the
+// whole tensor, row and column), or OK. Defined in quantize.cc.
+Status CheckFiniteRow(const float* x, int64_t cols, int64_t row);
+
 // FORMAT.md rtn parameters of one group (scalar; shared by every path since
 // min/max is exact in any order). Fails when max - min overflows float32.
 Status RtnGroupParams(const float* x, int64_t n, int bits, Scheme scheme, float* scale,

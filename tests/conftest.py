@@ -1,0 +1,53 @@
+"""Shared fixtures: small models written by hand in the formats the tool reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+V1_SCHEMA = pa.schema([
+    ("layer_name", pa.string()),
+    ("shape", pa.list_(pa.int64())),
+    ("dtype", pa.string()),
+    ("data", pa.large_binary()),
+    ("num_params", pa.int64()),
+])
+
+
+def write_v1(path: Path, tensors: Dict[str, np.ndarray], modality: str = "text",
+             dtype_names: Dict[str, str] = None) -> Path:
+    """Parquet V1 (FORMAT.md section 4), one row group per tensor."""
+    path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, a in tensors.items():
+        dtype = (dtype_names or {}).get(name, a.dtype.name)
+        rows.append({"layer_name": name, "shape": list(a.shape), "dtype": dtype,
+                     "data": np.ascontiguousarray(a).tobytes(), "num_params": int(a.size)})
+    pq.write_table(pa.Table.from_pylist(rows, schema=V1_SCHEMA), path / "model.parquet",
+                   row_group_size=1)
+    (path / "metadata.json").write_text(json.dumps({"modality": modality}))
+    return path
+
+
+def small_tensors(seed: int = 0) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "model.embed_tokens.weight": (rng.standard_normal((500, 64)) * 0.02).astype(np.float16),
+        "model.layers.0.self_attn.q_proj.weight": (rng.standard_normal((64, 64)) * 0.05).astype(np.float16),
+        "model.layers.0.mlp.up_proj.weight": (rng.standard_normal((300, 64)) * 0.05).astype(np.float32),
+        "model.layers.0.input_layernorm.weight": np.ones(64, dtype=np.float16),
+        "model.layers.0.conv.weight": (rng.standard_normal((16, 8, 3, 3)) * 0.1).astype(np.float16),
+        "lm_head.weight": (rng.standard_normal((500, 64)) * 0.02).astype(np.float16),
+    }
+
+
+@pytest.fixture
+def v1_model(tmp_path: Path) -> Tuple[Path, Dict[str, np.ndarray]]:
+    tensors = small_tensors()
+    return write_v1(tmp_path / "v1", tensors), tensors
