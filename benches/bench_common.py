@@ -162,6 +162,14 @@ def total_memory_gb() -> Optional[float]:
     return None
 
 
+def load_average() -> Optional[float]:
+    """1-minute load average: above the core count, timings are contended."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def machine_info() -> Dict[str, object]:
     return {
         "hostname": platform.node(),
@@ -170,6 +178,7 @@ def machine_info() -> Dict[str, object]:
         "cpu_count": os.cpu_count(),
         "memory_gb": total_memory_gb(),
         "python": platform.python_version(),
+        "load_average_1m": load_average(),
     }
 
 

@@ -383,6 +383,8 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
     lines += [f"Date:     {meta['timestamp']}",
               f"Commit:   {meta['commit']}",
               f"Machine:  {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB RAM, {m['platform']}",
+              f"Load:     1-min load average {m.get('load_average_1m')} at start (above {m['cpu_count']} "
+              f"cores means other work competed for the CPU: times are then pessimistic)",
               f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
               f"Settings: group size {GROUP_SIZE}, asymmetric rtn, threads {meta['threads'] or 'all'}, "
               f"repeat {meta['repeat']} (time = median, memory = max over repeats)",

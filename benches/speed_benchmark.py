@@ -31,20 +31,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
 
-def timed_median(fns: Dict[str, Callable[[], object]], runs: int) -> Dict[str, dict]:
-    """Runs each callable once to warm up, then `runs` times alternating the
-    order between rounds; returns median and all timings per name."""
+def timed_median(fns: Dict[str, Callable[[], object]], runs: int, min_time: float = 0.0) -> Dict[str, dict]:
+    """Runs each callable once to warm up, then `runs` timings alternating the
+    order between rounds; returns the median seconds per call for each name.
+
+    A timing repeats a fast callable until it spans `min_time` seconds, so that
+    scheduler noise on a shared machine does not dominate millisecond calls."""
+    import math
+
     names = list(fns)
     times: Dict[str, List[float]] = {n: [] for n in names}
-    for fn in fns.values():
+    inner: Dict[str, int] = {}
+    for n, fn in fns.items():
+        t0 = time.perf_counter()
         fn()
+        warm = time.perf_counter() - t0
+        inner[n] = max(1, math.ceil(min_time / warm)) if warm > 0 else 1
     for r in range(runs):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: {"median_s": bc.median(ts), "runs_s": [round(t, 5) for t in ts]} for n, ts in times.items()}
+            for _ in range(inner[n]):
+                fns[n]()
+            times[n].append((time.perf_counter() - t0) / inner[n])
+    return {n: {"median_s": bc.median(ts), "runs_s": [round(t, 6) for t in ts], "calls_per_run": inner[n]}
+            for n, ts in times.items()}
 
 
 def make_matrix(rows: int, cols: int, dtype: str, seed: int = 0):
@@ -72,7 +83,7 @@ def kernel_benchmark(args, log) -> List[dict]:
                 fns[f"engine t={th or os.cpu_count()}"] = (
                     lambda th=th: engine.quantize_array(x, bits=bits, group_size=args.group_size, threads=th))
             fns["reference"] = lambda: reference.quantize_array(x, bits=bits, group_size=args.group_size)
-            res = timed_median(fns, args.runs)
+            res = timed_median(fns, args.runs, args.min_time)
             ref_t = res["reference"]["median_s"]
             for name, r in res.items():
                 row = {"kind": "kernel", "contender": name, "dtype": dtype, "bit_width": bits,
@@ -118,7 +129,7 @@ def gguf_benchmark(args, log) -> List[dict]:
             f"engine sym INT{bits} g32 t={th or os.cpu_count()}": lambda b=bits: engine.quantize_array(
                 x, bits=b, group_size=32, scheme="symmetric", threads=th),
         }
-        res = timed_median(fns, args.runs)
+        res = timed_median(fns, args.runs, args.min_time)
         g_name, e_name = list(fns)
         # Accuracy of each, so the speed comparison is of comparable work.
         g_hat = dequantize(quantize(x32, qtype), qtype)
@@ -229,6 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--runs", type=int, default=5, help="timed runs per kernel contender (median)")
+    p.add_argument("--min-time", type=float, default=0.2,
+                   help="a kernel timing repeats the call until it spans this many seconds (default 0.2)")
     p.add_argument("--e2e-size", default="100M", help="synthetic model for end-to-end runs (default 100M)")
     p.add_argument("--e2e-bits", type=int, action="append", choices=(2, 4, 8),
                    help="end-to-end bit widths (repeatable; default 4)")
@@ -257,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(msg, flush=True)
 
     log(f"ArrowQuant speed benchmark: {bc.cpu_model()}, {os.cpu_count()} cores, "
-        f"kernel {arrowquant.active_kernel()}, commit {bc.git_commit()}")
+        f"kernel {arrowquant.active_kernel()}, commit {bc.git_commit()}, load average {bc.load_average()}")
     log(f"kernel: {args.rows}x{args.cols} matrix, group size {args.group_size}, median of {args.runs} runs")
     rows = kernel_benchmark(args, log)
     if not args.skip_gguf:
