@@ -33,7 +33,7 @@ from .pipeline import (
     default_plans,
 )
 from .plan import DEFAULT_MIN_COSINE, Planner
-from .sources import ModelSource, is_v2_dir, open_model
+from .sources import WEIGHT_SUFFIXES, ModelSource, is_pipeline_dir, is_v2_dir, open_model
 from .tensor import check_spec
 from .units import format_size
 
@@ -101,7 +101,7 @@ def _progress_fn(progress: ProgressArg, total_bytes: int) -> Optional[Callable[[
     def update(message: str, fraction: float) -> None:
         target = int(fraction * total_bytes)
         bar.update(max(0, target - bar.n))
-        bar.set_postfix_str(message[-40:], refresh=False)
+        bar.set_postfix_str(message[:60], refresh=False)
         if fraction >= 1.0:
             bar.close()
 
@@ -204,6 +204,15 @@ def quantize(
                            overwrite=overwrite, progress=progress)
     t0 = time.perf_counter()
     out = Path(output)
+    if is_pipeline_dir(Path(input)):
+        return _quantize_pipeline(
+            Path(input), out, overwrite=overwrite, resume=resume, progress=progress, t0=t0,
+            options=dict(bits=bits, group_size=group_size, scheme=scheme, method=method,
+                         param_dtype=param_dtype, threads=threads, max_memory=max_memory,
+                         chunk_size=chunk_size, shard_size=shard_size, quantize_1d=quantize_1d,
+                         engine=engine, planner=planner, fallback=fallback, fail_fast=fail_fast,
+                         min_cosine=min_cosine, modality=modality, on_tensor=on_tensor,
+                         cancel=cancel, config_dict=config_dict))
     if resume and (out / "metadata.json").exists():
         # Finished: every model file was in place before metadata.json was
         # written. Only a leftover staging folder (a stop during cleanup) remains.
@@ -313,6 +322,90 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
     return summary
 
 
+PIPELINE_FORMAT = "arrowquant-parquet-v2-pipeline"
+
+
+def _has_weights(d: Path) -> bool:
+    return any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in d.iterdir())
+
+
+def _quantize_pipeline(src: Path, out: Path, *, overwrite: bool, resume: bool,
+                       progress: ProgressArg, t0: float, options: Dict[str, Any]) -> QuantizeSummary:
+    """A diffusers pipeline (model_index.json + component folders): each
+    component with weights becomes its own V2 directory under `out`; other
+    folders and files are copied unchanged. metadata.json at the top is
+    written last and lists the components."""
+    if resume and (out / "metadata.json").exists():
+        return finished_summary(out)
+    _prepare_output(out, overwrite, resume)
+    if not (out / STAGING).exists():
+        (out / STAGING).mkdir()
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        components = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+        quantized = [d for d in components if _has_weights(d)]
+        summaries: List[QuantizeSummary] = []
+        for i, comp in enumerate(quantized):
+            comp_out = out / comp.name
+            comp_progress = progress
+            if callable(progress):
+                comp_progress = (lambda m, f, i=i, name=comp.name:
+                                 progress(f"{name}/{m}", (i + f) / len(quantized)))
+            if (comp_out / "metadata.json").exists() and resume:
+                summaries.append(finished_summary(comp_out))
+                continue
+            summaries.append(quantize(comp, comp_out, resume=resume and comp_out.exists(),
+                                      overwrite=not resume and comp_out.exists(),
+                                      progress=comp_progress, **options))
+        for comp in components:
+            if comp not in quantized and not (out / comp.name).exists():
+                shutil.copytree(comp, out / (comp.name + ".tmp"))
+                os.replace(out / (comp.name + ".tmp"), out / comp.name)
+        for f in src.iterdir():
+            if f.is_file() and f.name != "metadata.json":
+                shutil.copy2(f, out / (f.name + ".tmp"))
+                os.replace(out / (f.name + ".tmp"), out / f.name)
+        if not summaries:
+            raise ModelNotFoundError(f"{src}: a diffusers pipeline with no component weights")
+        summary = _combine(summaries, src, out, time.perf_counter() - t0)
+        meta = {"format": PIPELINE_FORMAT, "format_version": parquet_v2.FORMAT_VERSION,
+                "components": [c.name for c in quantized],
+                "copied": [c.name for c in components if c not in quantized],
+                "modality": summary.modality, "tool": {"name": "arrowquant", "version": _version},
+                "summary": summary.as_dict()}
+        report = {"format": PIPELINE_FORMAT, "tensors": [
+            {**r.as_dict(), "name": f"{c.name}/{r.name}"}
+            for c, s in zip(quantized, summaries) for r in s.records]}
+        _atomic_write_text(out / "quantization_report.json", json.dumps(report, indent=2))
+        _atomic_write_text(out / "metadata.json", json.dumps(meta, indent=2))
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+        return summary
+    finally:
+        lock.release(remove=(out / "metadata.json").exists())
+
+
+def _combine(parts: List[QuantizeSummary], src: Path, out: Path, seconds: float) -> QuantizeSummary:
+    records = [r for s in parts for r in s.records]
+    cos = [r.cosine for r in records if r.cosine is not None]
+    in_b = sum(s.input_bytes for s in parts)
+    out_b = sum(s.output_bytes for s in parts)
+    params = sum(s.params for s in parts)
+    worst = min((r for r in records if r.cosine is not None), key=lambda r: r.cosine, default=None)
+    modalities = {s.modality for s in parts} - {"unknown"}
+    return QuantizeSummary(
+        output=str(out), source=str(src), source_format="diffusers-pipeline",
+        output_format=PIPELINE_FORMAT,
+        modality="image" if "image" in modalities else (modalities.pop() if modalities else "unknown"),
+        bits=parts[0].bits, tensors=len(records),
+        quantized_tensors=sum(s.quantized_tensors for s in parts), params=params,
+        input_bytes=in_b, output_bytes=out_b, compression_ratio=in_b / out_b if out_b else 0.0,
+        mean_cosine=float(np.mean(cos)) if cos else None, min_cosine=min(cos) if cos else None,
+        worst_tensor=worst.name if worst else None,
+        bits_per_weight=8.0 * out_b / params if params else 0.0, seconds=seconds,
+        files=[f"{p.output}/{f}" for p in parts for f in p.files], records=records)
+
+
 def finished_summary(out: Path) -> QuantizeSummary:
     """The summary of a finished output directory, from its metadata.json."""
     meta = json.loads((out / "metadata.json").read_text())
@@ -331,6 +424,13 @@ def load(path: PathLike) -> parquet_v2.QuantizedModel:
     p = Path(path)
     if not p.exists():
         raise ModelNotFoundError(f"{p}: no such directory")
+    meta = p / "metadata.json"
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("format") == PIPELINE_FORMAT:
+            comps = ", ".join(f"{p / c}" for c in info.get("components", []))
+            raise FormatError(f"{p}: a quantized diffusers pipeline; load one of its components: "
+                              f"{comps}")
     return parquet_v2.QuantizedModel(p)
 
 

@@ -333,8 +333,9 @@ class StreamingQuantizer:
                                             {b"arrowquant.part": json.dumps(info).encode()})
             writer.write_batch(batch, row_group_size=1)
             writer.close()
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            # Renamed only when complete, so a killed run never leaves a part
+            # that looks finished. No fsync: a process kill keeps the page
+            # cache; parts unreadable after a power loss are redone on resume.
             os.replace(tmp, path)
         except OSError as exc:
             try:
@@ -518,7 +519,7 @@ class StreamingQuantizer:
         for info in done.values():
             sums.merge(ErrorSums(*info["sums"]))
             out_bytes += info["output_bytes"]
-            self._advance(t, info["row_count"])
+            self._advance(ti, t, info["row_count"])
         single_with_floor = plan.min_cosine is not None and plan.fallback_bits and len(chunks) == 1
         for c in chunks:
             if c.index in done:
@@ -550,7 +551,7 @@ class StreamingQuantizer:
                     "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,
                     "sums": list(sums_tuple(s)), "output_bytes": nbytes, "decisions": decisions}
             self._put((self.staging / part_name(ti, c.index), rec, info))
-            self._advance(t, c.row_count)
+            self._advance(ti, t, c.row_count)
         seconds = time.perf_counter() - start
         m = sums.metrics() if plan.bits is not None else None
         reason = plan.reason
@@ -571,10 +572,11 @@ class StreamingQuantizer:
             self.on_tensor(record)
         return record
 
-    def _advance(self, t: TensorInfo, rows: int) -> None:
+    def _advance(self, ti: int, t: TensorInfo, rows: int) -> None:
         self._done_bytes += rows * t.cols * itemsize(t.dtype) if t.rows else t.nbytes
         if self.progress:
-            self.progress(t.name, min(1.0, self._done_bytes / self._total_bytes))
+            message = f"tensor {ti + 1}/{len(self.source.tensors)} {t.name}"
+            self.progress(message, min(1.0, self._done_bytes / self._total_bytes))
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
