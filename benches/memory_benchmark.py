@@ -12,6 +12,7 @@ The native and reference outputs are compared bit for bit in the same run.
     python benches/memory_benchmark.py --model-size 100M --model-size 600M --bit-width 4 --bit-width 8 \\
         --generate-charts
     python benches/memory_benchmark.py --charts-from .benchmarks/memory   # redraw charts of a run
+    python benches/memory_benchmark.py --markdown-from .benchmarks/memory # its targets table in markdown
 """
 
 from __future__ import annotations
@@ -450,6 +451,38 @@ def load_cases(out_dir: Path) -> List[Case]:
     return list(cases.values())
 
 
+def format_markdown(cases: Sequence[Case]) -> str:
+    """Per case: the measured figures and each target with its mark, as one markdown table."""
+    lines = ["| size | bits | input | native peak / quant. MB | reference peak / quant. MB | ratio (<= 0.25) "
+             "| native s | reference s | speedup (>= 10x) | pure I/O s | native / I/O (<= 1.5x) "
+             "| time target | bit-exact |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for c in cases:
+        by = {r["implementation"]: r for r in c.records}
+        t = c.targets
+
+        def mem(impl: str) -> str:
+            r = by.get(impl)
+            return "-" if r is None else f"{r['peak_memory_mb']:.0f} / {r['quantization_memory_mb']:.0f}"
+
+        def secs(impl: str) -> str:
+            r = by.get(impl)
+            return "-" if r is None else f"{r['quantization_time_s']:.2f}"
+
+        def target(name: str, spec: str, unit: str = "") -> str:
+            if name not in t or t[name]["value"] is None:
+                return "-"
+            return f"{format(t[name]['value'], spec)}{unit} {t[name]['mark']}"
+
+        time_t = (f"< {bc.TIME_TARGETS_S[c.size]:g} s: {t['time']['mark']}" if "time" in t else "-")
+        exact = "-" if c.bit_exact is None else ("yes" if c.bit_exact else "NO")
+        lines.append(f"| {c.size} | {c.bits} | {c.fmt} | {mem('native')} | {mem('reference')} "
+                     f"| {target('memory_ratio', '.3f')} | {secs('native')} | {secs('reference')} "
+                     f"| {target('speedup', '.1f', 'x')} | {secs(IO_JOB)} "
+                     f"| {target('io_bound', '.2f', 'x')} | {time_t} | {exact} |")
+    return "\n".join(lines) + "\n"
+
+
 # --- main ---------------------------------------------------------------------
 
 
@@ -490,6 +523,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return child_main(argv[1])
+    if argv[:1] == ["--markdown-from"]:
+        sys.stdout.write(format_markdown(load_cases(Path(argv[1]))))
+        return 0
     if argv[:1] == ["--charts-from"]:
         import charts
 
@@ -565,6 +601,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records = [r for c in cases for r in c.records]
     report = format_report(cases, skipped, meta)
     (out_dir / "memory_benchmark_report.txt").write_text(report)
+    (out_dir / "memory_benchmark_report.md").write_text(format_markdown(cases))
     bc.write_json(out_dir / "memory_benchmark_results.json", records)
     bc.write_json(out_dir / "memory_timeline.json", [
         {"model_size": c.size, "bit_width": c.bits, "input_format": c.fmt, "implementation": impl,
