@@ -170,6 +170,10 @@ def test_targets_and_report():
     text = mb.format_report([case], ["7B: not enough free disk space"], meta)
     assert "[FAIL]" in text and "[PASS]" in text and "SKIPPED: 7B" in text
     assert "Targets: 4 passed, 1 failed" in text
+    md = mb.format_markdown([case]).strip().splitlines()
+    assert len(md) == 3
+    assert "| 100M | 4 | parquet | 100 / 20 | 100 / 200 | 0.100 PASS | 2.00 | 30.00 | 15.0x PASS | 1.00 " \
+           "| 2.00x FAIL | < 5 s: PASS | yes |" == md[2]
 
 
 # --- end to end ---------------------------------------------------------------------
