@@ -75,6 +75,23 @@ def child_generate(spec: dict) -> dict:
             "params": synthetic.count_params(spec["size"]), "bytes": _dir_bytes(out)}
 
 
+def child_info(spec: dict) -> dict:
+    """Parameter count, weight bytes and cache state of each size class (kept out of
+    the parent so that it never imports numpy or arrowquant)."""
+    from arrowquant import synthetic
+
+    out = {}
+    for size in spec["sizes"]:
+        dirs = {fmt: Path(spec["models_dir"]) / model_dir_name(size, fmt, spec["seed"]) for fmt in spec["formats"]}
+        out[size] = {"params": synthetic.count_params(size), "bytes": synthetic.model_bytes(size),
+                     "cached": all(synthetic.read_manifest(d) is not None for d in dirs.values())}
+    return out
+
+
+def model_dir_name(size: str, fmt: str, seed: int) -> str:
+    return f"{size}-{fmt}-seed{seed}"
+
+
 def child_quantize(spec: dict) -> dict:
     import time
     import tracemalloc
@@ -183,7 +200,7 @@ def child_compare(spec: dict) -> dict:
     return {"equal": not mismatches and len(a) > 0, "rows": len(a), "mismatches": mismatches[:20]}
 
 
-CHILD_JOBS = {"generate": child_generate, "quantize": child_quantize, "io": child_io,
+CHILD_JOBS = {"info": child_info, "generate": child_generate, "quantize": child_quantize, "io": child_io,
               "compare": child_compare}
 
 
@@ -422,6 +439,12 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
             lines.append(f"  native end-to-end time:        {t['time']['value']:.2f} s"
                          f"  (target {t['time']['target']})  [{t['time']['mark']}]")
         lines.append("")
+    for case in cases:
+        for r in case.records:
+            if r.get("parent_rss_mb", 0) >= r["baseline_memory_mb"]:
+                lines.append(f"WARNING: {case.size} {r['implementation']}: the parent's RSS "
+                             f"({r['parent_rss_mb']:.0f} MB) reached the child's baseline; its peak may be "
+                             "overstated (Linux carries the parent's peak into a child's ru_maxrss).")
     for s in skipped:
         lines.append(f"SKIPPED: {s}")
     marks = [t["mark"] for c in cases for t in c.targets.values()]
@@ -533,8 +556,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"chart: {path}")
         return 0
     args = parse_args(argv)
-    bc.use_source_tree()
-    from arrowquant import synthetic  # numpy only; the parent stays far below any child's baseline
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -550,11 +571,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="work-", dir=out_dir))
     generated: List[Path] = []
     try:
+        info = run_job("info", {"sizes": args.sizes, "formats": formats, "models_dir": str(args.models_dir),
+                                "seed": args.seed}, work).data
         for size in args.sizes:
-            params = synthetic.count_params(size)
-            model_bytes = synthetic.model_bytes(size)
-            dirs = {fmt: args.models_dir / f"{size}-{fmt}-seed{args.seed}" for fmt in formats}
-            cached = all(synthetic.read_manifest(d) is not None for d in dirs.values())
+            params, model_bytes, cached = info[size]["params"], info[size]["bytes"], info[size]["cached"]
+            dirs = {fmt: args.models_dir / model_dir_name(size, fmt, args.seed) for fmt in formats}
             need = disk_needed(model_bytes, cached, params, args.bits, len(formats))
             ok, free = check_disk(args.models_dir, need)
             if ok and args.models_dir.resolve() != out_dir.resolve():

@@ -194,6 +194,8 @@ def test_memory_benchmark_10m_end_to_end(tmp_path):
                   "machine", "commit", "versions"):
             assert k in r, k
         assert r["peak_memory_mb"] > r["baseline_memory_mb"] > 0
+        # The parent must stay below every child's baseline (ru_maxrss inherits its peak).
+        assert r["parent_rss_mb"] < r["baseline_memory_mb"]
         assert r["params"] == 9_865_472
     native = next(r for r in records if r["implementation"] == "native")
     assert native["bit_exact"] is True and native["targets"]["bit_exact"]["mark"] == bc.PASS
