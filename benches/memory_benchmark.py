@@ -102,7 +102,7 @@ def child_quantize(spec: dict) -> dict:
 
     versions = _child_versions()
     baseline = bc.rss_mb()
-    if spec.get("tracemalloc", True):
+    if spec.get("tracemalloc", False):
         tracemalloc.start()
     t0 = time.perf_counter()
     summary = arrowquant.quantize(spec["input"], spec["output"], bits=spec["bits"],
@@ -130,7 +130,8 @@ def child_io(spec: dict) -> dict:
 
     versions = _child_versions()
     baseline = bc.rss_mb()
-    tracemalloc.start()
+    if spec.get("tracemalloc", False):
+        tracemalloc.start()
     t0 = time.perf_counter()
     remaining = int(spec["target_bytes"])
     read_bytes = 0
@@ -155,7 +156,7 @@ def child_io(spec: dict) -> dict:
     finally:
         src.close()
     seconds = time.perf_counter() - t0
-    traced = tracemalloc.get_traced_memory()[1] / bc.MB
+    traced = tracemalloc.get_traced_memory()[1] / bc.MB if tracemalloc.is_tracing() else None
     tracemalloc.stop()
     return {"baseline_rss_mb": baseline, "seconds": seconds, "tracemalloc_peak_mb": traced,
             "vm_hwm_mb": bc.vm_hwm_mb(), "versions": versions, "input_bytes": read_bytes,
@@ -277,7 +278,10 @@ def check_disk(path: Path, needed: int) -> Tuple[bool, int]:
     return free >= needed, free
 
 
-def aggregate(impl: str, case: Case, results: List[JobResult], common: dict) -> dict:
+def aggregate(impl: str, case: Case, results: List[JobResult], common: dict,
+              traced_mb: Optional[float] = None) -> dict:
+    """One record from the timed runs of a job; `traced_mb` comes from the separate
+    tracemalloc run (tracing slows Python code, so it never runs in a timed job)."""
     times = [r.data["seconds"] for r in results]
     peaks = [r.run.peak_rss_mb for r in results]
     qmem = [r.quantization_memory_mb for r in results]
@@ -297,8 +301,7 @@ def aggregate(impl: str, case: Case, results: List[JobResult], common: dict) -> 
         "params": params,
         "throughput_mparams_s": round(params / t / 1e6, 2) if t > 0 else None,
         "throughput_mb_s": round(common["model_bytes"] / t / bc.MB, 1) if t > 0 else None,
-        "tracemalloc_peak_mb_python_heap_only": (None if first.get("tracemalloc_peak_mb") is None else
-                                                 round(max(r.data["tracemalloc_peak_mb"] for r in results), 2)),
+        "tracemalloc_peak_mb_python_heap_only": None if traced_mb is None else round(traced_mb, 2),
         "vm_hwm_mb": first.get("vm_hwm_mb"),
         "time_runs_s": [round(x, 4) for x in times],
         "peak_memory_runs_mb": [round(x, 2) for x in peaks],
@@ -349,20 +352,24 @@ def run_case(case: Case, model: Path, work: Path, args: argparse.Namespace, comm
     results: Dict[str, List[JobResult]] = {k: [] for k in impls + [IO_JOB]}
     outputs = {impl: work / f"out-{impl}" for impl in impls}
     io_out = work / "io.bin"
+
+    def quantize_spec(impl: str, traced: bool = False) -> dict:
+        return {"input": str(model), "output": str(outputs[impl]), "bits": case.bits, "group_size": GROUP_SIZE,
+                "implementation": impl, "threads": args.threads, "tracemalloc": traced}
+
+    def io_spec(traced: bool = False) -> dict:
+        return {"input": str(model), "output": str(io_out), "chunk_bytes": 64 << 20,
+                "target_bytes": results["native"][-1].data["output_bytes"], "tracemalloc": traced}
+
     for rep in range(args.repeat):
         # Alternate the order so neither engine always runs on a warmer machine.
         order = impls[rep % len(impls):] + impls[:rep % len(impls)]
         for impl in order:
-            spec = {"input": str(model), "output": str(outputs[impl]), "bits": case.bits,
-                    "group_size": GROUP_SIZE, "implementation": impl, "threads": args.threads,
-                    "tracemalloc": not args.no_tracemalloc}
-            r = run_job("quantize", spec, work)
+            r = run_job("quantize", quantize_spec(impl), work)
             results[impl].append(r)
             log(f"    {impl:<9} rep {rep + 1}: {r.data['seconds']:.3f} s, peak {r.run.peak_rss_mb:.1f} MB, "
                 f"quantization memory {r.quantization_memory_mb:.1f} MB")
-        spec = {"input": str(model), "output": str(io_out), "chunk_bytes": 64 << 20,
-                "target_bytes": results["native"][-1].data["output_bytes"]}
-        r = run_job("io", spec, work)
+        r = run_job("io", io_spec(), work)
         results[IO_JOB].append(r)
         log(f"    {'pure I/O':<9} rep {rep + 1}: {r.data['seconds']:.3f} s, peak {r.run.peak_rss_mb:.1f} MB")
         io_out.unlink(missing_ok=True)
@@ -371,8 +378,17 @@ def run_case(case: Case, model: Path, work: Path, args: argparse.Namespace, comm
         case.bit_exact = bool(cmp.data["equal"])
         case.mismatches = cmp.data["mismatches"]
         log(f"    bit-exact native == reference: {case.bit_exact} ({cmp.data['rows']} rows compared)")
+    traced: Dict[str, Optional[float]] = {k: None for k in results}
+    if not args.no_tracemalloc:
+        # One more, untimed run per job with tracemalloc on: tracing slows Python code.
+        for impl in impls:
+            traced[impl] = run_job("quantize", quantize_spec(impl, traced=True), work).data["tracemalloc_peak_mb"]
+        traced[IO_JOB] = run_job("io", io_spec(traced=True), work).data["tracemalloc_peak_mb"]
+        io_out.unlink(missing_ok=True)
+        log("    tracemalloc peaks (separate untimed runs, Python heap only): "
+            + ", ".join(f"{k} {v:.1f} MB" for k, v in traced.items()))
     for impl, rs in results.items():
-        case.records.append(aggregate(impl, case, rs, common))
+        case.records.append(aggregate(impl, case, rs, common, traced[impl]))
         # The timeline of the run with the median time.
         mid = sorted(rs, key=lambda x: x.data["seconds"])[len(rs) // 2]
         case.timelines[impl] = mid.run.timeline
@@ -409,8 +425,9 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
               "",
               "Peak = true peak RSS of the job's process (os.wait4 ru_maxrss). Baseline = RSS after",
               "imports. Quantization memory = peak - baseline. tracemalloc = Python heap only",
-              "(numpy buffers included, the engine's C++ allocations not). Pure I/O reads the input",
-              "and writes an output of the native output's size once. Inputs are in the page cache.",
+              "(numpy buffers included, the engine's C++ allocations not), from a separate untimed",
+              "run. Pure I/O reads the input and writes an output of the native output's size once.",
+              "Inputs are in the page cache.",
               ""]
     header = (f"  {'implementation':<15}{'peak MB':>10}{'baseline MB':>13}{'quant. MB':>11}{'time s':>10}"
               f"{'Mparams/s':>11}{'MB/s':>9}{'tracemalloc MB':>16}")
@@ -530,7 +547,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="engine threads (0 = all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tracemalloc", action="store_true",
-                   help="do not trace the Python heap (removes its small time overhead)")
+                   help="skip the extra untimed run per job that measures the Python heap with tracemalloc")
     args = p.parse_args(argv)
     if args.all:
         args.sizes = list(dict.fromkeys((args.sizes or []) + list(ALL_SIZES)))
