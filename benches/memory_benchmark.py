@@ -458,7 +458,7 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
         lines.append("")
     for case in cases:
         for r in case.records:
-            if r.get("parent_rss_mb", 0) >= r["baseline_memory_mb"]:
+            if "parent_rss_mb" in r and r["parent_rss_mb"] >= r["baseline_memory_mb"]:
                 lines.append(f"WARNING: {case.size} {r['implementation']}: the parent's RSS "
                              f"({r['parent_rss_mb']:.0f} MB) reached the child's baseline; its peak may be "
                              "overstated (Linux carries the parent's peak into a child's ru_maxrss).")

@@ -155,7 +155,7 @@ def test_targets_and_report():
     case = mb.Case(size="100M", fmt="parquet", bits=4, bit_exact=True)
     case.records = [dict(rec("native", size="100M", quant=20, t=2.0), params=100_000_000,
                          throughput_mparams_s=50.0, throughput_mb_s=95.0, tracemalloc_peak_mb_python_heap_only=1.0),
-                    dict(rec("reference", size="100M", quant=200, t=30.0), params=100_000_000,
+                    dict(rec("reference", size="100M", peak=300, quant=200, t=30.0), params=100_000_000,
                          throughput_mparams_s=3.3, throughput_mb_s=6.0, tracemalloc_peak_mb_python_heap_only=150.0),
                     dict(rec("io", size="100M", quant=10, t=1.0), params=100_000_000, throughput_mparams_s=100.0,
                          throughput_mb_s=190.0, tracemalloc_peak_mb_python_heap_only=0.0)]
@@ -168,11 +168,13 @@ def test_targets_and_report():
     meta = {"timestamp": "now", "commit": "abc", "machine": bc.machine_info(), "versions": {"numpy": "x"},
             "threads": 0, "repeat": 1}
     text = mb.format_report([case], ["7B: not enough free disk space"], meta)
-    assert "[FAIL]" in text and "[PASS]" in text and "SKIPPED: 7B" in text
+    assert "[FAIL]" in text and "[PASS]" in text and "SKIPPED: 7B" in text and "WARNING" not in text
+    case.records[0]["parent_rss_mb"] = 95.0  # above the native child's baseline (80 MB)
+    assert "WARNING: 100M native" in mb.format_report([case], [], meta)
     assert "Targets: 4 passed, 1 failed" in text
     md = mb.format_markdown([case]).strip().splitlines()
     assert len(md) == 3
-    assert "| 100M | 4 | parquet | 100 / 20 | 100 / 200 | 0.100 PASS | 2.00 | 30.00 | 15.0x PASS | 1.00 " \
+    assert "| 100M | 4 | parquet | 100 / 20 | 300 / 200 | 0.100 PASS | 2.00 | 30.00 | 15.0x PASS | 1.00 " \
            "| 2.00x FAIL | < 5 s: PASS | yes |" == md[2]
 
 
