@@ -611,7 +611,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          "seed": args.seed}, work)
                 if not g.data["was_cached"]:
                     generated.append(dirs[fmt])
-                    log(f"  generated in {g.data['seconds']:.1f} s")
+                    log(f"  generated in {g.data['seconds']:.1f} s, peak RSS {g.run.peak_rss_mb:.0f} MB "
+                        f"for {g.data['bytes'] / 1e6:.0f} MB of model")
                 versions = dict(meta["versions"])
                 common = {"params": params, "model_bytes": g.data["bytes"], "threads": args.threads,
                           "machine": meta["machine"], "commit": meta["commit"], "versions": versions}
