@@ -203,7 +203,7 @@ def test_fallback_redoes_a_layer_at_the_next_width(tmp_path):
     by_name = {r.name: r for r in s.records}
     assert by_name["smooth.weight"].bits == 2
     assert by_name["heavy.weight"].bits in (4, 8)
-    assert by_name["heavy.weight"].decisions and "redone at next width" in by_name["heavy.weight"].decisions[0]
+    assert by_name["heavy.weight"].decisions and "redone at int4" in by_name["heavy.weight"].decisions[0]
     with pytest.raises(aq.QuantizationError, match="heavy.weight"):
         aq.quantize(src, tmp_path / "out2", bits=2, fail_fast=True,
                     min_cosine={2: 0.85, 4: 0.9, 8: 0.95}, progress=False)

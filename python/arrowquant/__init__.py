@@ -48,3 +48,14 @@ __all__ = [
 from .api import QuantizeSummary, dequantize, inspect, load, quantize, validate  # noqa: E402
 
 __all__ += ["quantize", "load", "inspect", "validate", "dequantize", "QuantizeSummary"]
+
+from .config import DiffusionQuantConfig  # noqa: E402
+from .config import resolve as resolve_config  # noqa: E402
+from .diffusion import DiffusionPlanner  # noqa: E402
+from .metrics import MarkovMetrics, get_markov_metrics  # noqa: E402
+from .modality import ModalityDecision, detect_modality  # noqa: E402
+from .plan import RulePlanner, TensorInfo, TensorPlan  # noqa: E402
+
+__all__ += ["DiffusionQuantConfig", "resolve_config", "DiffusionPlanner", "MarkovMetrics",
+            "get_markov_metrics", "ModalityDecision", "detect_modality", "RulePlanner",
+            "TensorInfo", "TensorPlan"]

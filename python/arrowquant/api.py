@@ -14,13 +14,19 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
 from . import __version__ as _version
 from . import parquet_v2
-from .errors import ArrowQuantError, ConfigurationError, FormatError, ModelNotFoundError
+from .errors import (
+    ArrowQuantError,
+    ConfigurationError,
+    FormatError,
+    ModelNotFoundError,
+    QuantizationError,
+)
 from .pipeline import (
     LOCK_NAME,
     STAGING,
@@ -37,7 +43,11 @@ from .sources import WEIGHT_SUFFIXES, ModelSource, is_pipeline_dir, is_v2_dir, o
 from .tensor import check_spec
 from .units import format_size
 
+if TYPE_CHECKING:
+    from .config import DiffusionQuantConfig
+
 PathLike = Union[str, os.PathLike]
+DEFAULT_MAX_MEMORY = "256MiB"
 ProgressArg = Union[None, bool, Callable[[str, float], Any]]
 
 
@@ -108,7 +118,9 @@ def _progress_fn(progress: ProgressArg, total_bytes: int) -> Optional[Callable[[
     return update
 
 
-def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
+def _prepare_output(out: Path, overwrite: bool, resume: bool, check_only: bool = False) -> None:
+    """Refuses an output that exists (unless overwrite / resume allow it) and,
+    unless check_only, empties it for --overwrite and creates it."""
     if out.exists() and not out.is_dir():
         raise ArrowQuantError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
@@ -124,6 +136,8 @@ def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
         if not ours:
             raise ArrowQuantError(f"{out}: exists and does not look like ArrowQuant output; "
                                   "refusing to delete it (choose another output path)")
+        if check_only:
+            return
         lock = OutputLock(out)
         lock.acquire()  # refuse to delete what a live run is writing
         try:
@@ -136,7 +150,8 @@ def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
                     child.unlink()
         finally:
             lock.release()
-    out.mkdir(parents=True, exist_ok=True)
+    if not check_only:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def _fingerprint(source: ModelSource) -> List[List[Any]]:
@@ -148,12 +163,11 @@ def _fingerprint(source: ModelSource) -> List[List[Any]]:
 
 
 def _detect_modality(source: ModelSource, explicit: Optional[str]) -> Dict[str, Any]:
-    if explicit:
-        return {"modality": explicit, "rule": "config", "evidence": "given by the user"}
-    hint = source.modality_hint
-    if hint:
-        return {"modality": hint, "rule": "metadata", "evidence": "metadata modality field"}
-    return {"modality": "unknown", "rule": "none", "evidence": "no metadata"}
+    from .modality import detect_modality
+
+    decision = detect_modality(source.root, [t.name for t in source.tensors],
+                               metadata=source.metadata, config=explicit)
+    return decision.as_dict()
 
 
 def quantize(
@@ -166,7 +180,7 @@ def quantize(
     method: str = "rtn",
     param_dtype: str = "float32",
     threads: int = 0,
-    max_memory: Union[str, int] = "256MiB",
+    max_memory: Union[str, int] = "256MiB",  # DEFAULT_MAX_MEMORY
     chunk_size: Union[str, int] = "256MiB",
     shard_size: Union[str, int] = "2GiB",
     overwrite: bool = False,
@@ -183,13 +197,37 @@ def quantize(
     on_tensor: Optional[Callable[[TensorRecord], None]] = None,
     cancel: Optional[threading.Event] = None,
     config_dict: Optional[Dict[str, Any]] = None,
+    config: Optional["DiffusionQuantConfig"] = None,
 ) -> QuantizeSummary:
     """Quantizes the model at `input` into an ArrowQuant Parquet V2 directory.
 
     Streams tensor by tensor in row chunks; `max_memory` bounds the pipeline's
     buffers. `fallback=True` redoes a layer at the next width when its cosine
     falls below `min_cosine[bits]` (default 2: 0.70, 4: 0.90, 8: 0.95).
+
+    With `config` (a DiffusionQuantConfig) the diffusion-aware planner decides
+    each layer (timestep layers at INT8+, rules, mixed precision, per-layer
+    fallback), the config's values replace bits / group_size / scheme /
+    method / param_dtype / threads / fail_fast / modality, and a mean cosine
+    below `config.min_accuracy` is reported (an error under fail_fast).
     """
+    if is_pipeline_dir(Path(input)):
+        return _quantize_pipeline(
+            Path(input), Path(output), overwrite=overwrite, resume=resume, progress=progress,
+            t0=time.perf_counter(),
+            options=dict(bits=bits, group_size=group_size, scheme=scheme, method=method,
+                         param_dtype=param_dtype, threads=threads, max_memory=max_memory,
+                         chunk_size=chunk_size, shard_size=shard_size, quantize_1d=quantize_1d,
+                         engine=engine, planner=planner, fallback=fallback, fail_fast=fail_fast,
+                         min_cosine=min_cosine, modality=modality, on_tensor=on_tensor,
+                         cancel=cancel, config_dict=config_dict, config=config))
+    if config is not None:
+        return _quantize_with_config(input, output, config, planner=planner, max_memory=max_memory,
+                                     chunk_size=chunk_size, shard_size=shard_size,
+                                     overwrite=overwrite, resume=resume,
+                                     output_format=output_format, engine=engine,
+                                     progress=progress, on_tensor=on_tensor, cancel=cancel,
+                                     config_dict=config_dict)
     if output_format not in ("parquet", "gguf"):
         raise ConfigurationError(f"output format must be 'parquet' or 'gguf', got {output_format!r}")
     if overwrite and resume:
@@ -204,25 +242,20 @@ def quantize(
                            overwrite=overwrite, progress=progress)
     t0 = time.perf_counter()
     out = Path(output)
-    if is_pipeline_dir(Path(input)):
-        return _quantize_pipeline(
-            Path(input), out, overwrite=overwrite, resume=resume, progress=progress, t0=t0,
-            options=dict(bits=bits, group_size=group_size, scheme=scheme, method=method,
-                         param_dtype=param_dtype, threads=threads, max_memory=max_memory,
-                         chunk_size=chunk_size, shard_size=shard_size, quantize_1d=quantize_1d,
-                         engine=engine, planner=planner, fallback=fallback, fail_fast=fail_fast,
-                         min_cosine=min_cosine, modality=modality, on_tensor=on_tensor,
-                         cancel=cancel, config_dict=config_dict))
     if resume and (out / "metadata.json").exists():
         # Finished: every model file was in place before metadata.json was
         # written. Only a leftover staging folder (a stop during cleanup) remains.
         shutil.rmtree(out / STAGING, ignore_errors=True)
         return finished_summary(out)
+    _prepare_output(out, overwrite, resume, check_only=True)  # fail before any work
     with open_model(input) as source:
+        report = _progress_fn(progress, source.total_bytes)
         modality_info = _detect_modality(source, modality)
         opts.modality = modality_info["modality"]
         opts.is_diffusion_model = opts.modality in ("image", "audio") or bool(
             source.metadata.get("is_diffusion_model"))
+        if report and planner is not None:
+            report(f"planning {len(source.tensors)} tensors", 0.0)
         plans = default_plans(
             source, planner, bits=bits, group_size=group_size, scheme=scheme, method=method,
             param_dtype=param_dtype, quantize_1d=quantize_1d, fallback=fallback or fail_fast,
@@ -241,7 +274,7 @@ def quantize(
         lock = OutputLock(out)
         lock.acquire()
         try:
-            summary = _run_locked(source, plans, out, opts, config, modality_info, progress,
+            summary = _run_locked(source, plans, out, opts, config, modality_info, report,
                                   on_tensor, cancel, t0, bits)
         finally:
             lock.release(remove=(out / "metadata.json").exists())
@@ -249,7 +282,8 @@ def quantize(
 
 
 def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: PipelineOptions,
-                config: Dict[str, Any], modality_info: Dict[str, Any], progress: ProgressArg,
+                config: Dict[str, Any], modality_info: Dict[str, Any],
+                report: Optional[Callable[[str, float], None]],
                 on_tensor: Optional[Callable[[TensorRecord], None]],
                 cancel: Optional[threading.Event], t0: float, bits: int) -> QuantizeSummary:
     staging = out / STAGING
@@ -271,7 +305,7 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
         _atomic_write_text(run_file, json.dumps(run_info, indent=2))
 
     runner = StreamingQuantizer(source, plans, out, opts,
-                                progress=_progress_fn(progress, source.total_bytes),
+                                progress=report,
                                 on_tensor=on_tensor, cancel=cancel)
     records = runner.run()
     if _fingerprint(source) != fingerprint:
@@ -319,6 +353,34 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
     }
     _atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2))  # last: done
     shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _quantize_with_config(input: PathLike, output: PathLike, config: "DiffusionQuantConfig", *,
+                          planner: Optional[Planner], max_memory: Union[str, int],
+                          **kwargs: Any) -> QuantizeSummary:
+    from .diffusion import DiffusionPlanner
+
+    config.validate()
+    if planner is None and not is_pipeline_dir(Path(input)):
+        # A path, not an open source: the planner opens it only to measure.
+        planner = DiffusionPlanner(config, source=input)
+    if max_memory == DEFAULT_MAX_MEMORY and config.max_memory_limit_mb:
+        max_memory = f"{config.max_memory_limit_mb}MiB"
+    config_dict = {"config": config.to_dict(), **(kwargs.pop("config_dict") or {})}
+    summary = quantize(
+        input, output, bits=config.bit_width, group_size=config.group_size,
+        scheme=config.scheme, method=config.method, param_dtype=config.param_dtype,
+        threads=config.num_threads, quantize_1d=config.quantize_1d, planner=planner,
+        fallback=True, fail_fast=config.fail_fast,
+        min_cosine={b: c for b, c in config.fallback_thresholds.items() if c},
+        modality=config.modality, max_memory=max_memory, config_dict=config_dict, **kwargs)
+    if summary.mean_cosine is not None and summary.mean_cosine < config.min_accuracy:
+        message = (f"mean cosine {summary.mean_cosine:.4f} is below min_accuracy "
+                   f"{config.min_accuracy}")
+        if config.fail_fast:
+            raise QuantizationError(f"{output}: {message} (fail_fast)")
+        warnings.warn(f"{output}: {message}", RuntimeWarning)
     return summary
 
 

@@ -15,18 +15,50 @@ from .units import format_size
 
 
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, choices=(2, 4, 8), default=4,
+    # Defaults are None so that an unset flag does not override --config,
+    # --profile or ARROW_QUANT_* (precedence: profile < file < env < flags).
+    p.add_argument("--bits", type=int, choices=(2, 4, 8), default=None,
                    help="bits per weight code (default 4)")
-    p.add_argument("--group-size", type=int, default=128, metavar="N",
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="weights per group sharing one scale and zero point (default 128)")
-    p.add_argument("--scheme", choices=("asymmetric", "symmetric"), default="asymmetric",
+    p.add_argument("--scheme", choices=("asymmetric", "symmetric"), default=None,
                    help="affine with a zero point (default) or symmetric around zero")
-    p.add_argument("--method", choices=("rtn", "mse"), default="rtn",
+    p.add_argument("--method", choices=("rtn", "mse"), default=None,
                    help="how scales are chosen: rtn = min/max (FORMAT.md), mse = error-minimizing search")
-    p.add_argument("--param-dtype", choices=("float32", "float16"), default="float32",
+    p.add_argument("--param-dtype", choices=("float32", "float16"), default=None,
                    help="storage precision of scales and zero points")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
+    p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="engine threads (default 0 = all cores)")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (see docs/CONFIGURATION.md)")
+    g.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    g.add_argument("--profile", choices=("edge", "local", "cloud", "base"),
+                   help="preset: edge (2 bits, g256), local (4 bits, g128; default), "
+                        "cloud (8 bits, g64), base (4 bits, no time-aware / spatial)")
+    g.add_argument("--target-bpw", type=float, default=None, metavar="X",
+                   help="mixed precision: choose 2/4/8 bits or float16 per layer to minimize "
+                        "error at X bits per weight on average (parameters included)")
+    g.add_argument("--mixed-precision", action="store_true", default=None,
+                   help="mixed precision at the budget of uniform --bits")
+    g.add_argument("--keep", action="append", default=None, metavar="PATTERN",
+                   help="never quantize tensors matching PATTERN (fnmatch, or re:REGEX); repeatable")
+    g.add_argument("--bits-for", action="append", default=None, metavar="PATTERN=BITS",
+                   help="bits for tensors matching PATTERN (16 = keep); repeatable")
+    g.add_argument("--skip-sensitive", action="store_true", default=None,
+                   help="keep embeddings, norms and output heads unquantized")
+    g.add_argument("--fallback-threshold", action="append", default=None, metavar="BITS=COS",
+                   help="cosine floor per width below which a layer is redone at the next "
+                        "width (defaults 2=0.70, 4=0.90, 8=0.95; 0 disables)")
+    g.add_argument("--fail-fast", action="store_true", default=None,
+                   help="stop with an error instead of falling back")
+    g.add_argument("--min-accuracy", type=float, default=None, metavar="COS",
+                   help="mean cosine the model must reach (warning, or error with --fail-fast)")
+    g.add_argument("--modality", choices=("text", "code", "image", "audio"),
+                   help="override modality detection")
+    g.add_argument("--quantize-1d", action="store_true", default=None,
+                   help="also quantize 0-D/1-D tensors (biases, norms); kept as is by default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,21 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("input", help="model file or directory")
     q.add_argument("output", help="output directory (ArrowQuant Parquet V2)")
     _add_quant_flags(q)
+    _add_config_flags(q)
     q.add_argument("--max-memory", default="256MiB", metavar="SIZE",
                    help="memory budget of the pipeline's buffers (default 256MiB)")
     q.add_argument("--chunk-size", default="256MiB", metavar="SIZE",
                    help="largest piece of one tensor stored as one row (default 256MiB of source)")
     q.add_argument("--shard-size", default="2GiB", metavar="SIZE",
                    help="split the output into files of about this size (default 2GiB)")
-    q.add_argument("--quantize-1d", action="store_true",
-                   help="also quantize 0-D/1-D tensors (biases, norms); kept as is by default")
-    q.add_argument("--fallback", action="store_true",
-                   help="redo a layer at the next width when its cosine is below the floor "
-                        "(2: 0.70, 4: 0.90, 8: 0.95)")
-    q.add_argument("--fail-fast", action="store_true",
-                   help="stop with an error instead of falling back")
-    q.add_argument("--modality", choices=("text", "code", "image", "audio"),
-                   help="override modality detection")
     q.add_argument("--engine", choices=("native", "reference"), default="native",
                    help="C++ engine (default) or the numpy reference (slow; for checks)")
     mode = q.add_mutually_exclusive_group()
@@ -124,18 +148,46 @@ def print_summary(s: Any) -> None:
     print(f"  modality {s.modality}; output {s.output} ({', '.join(s.files)})")
 
 
+def _thresholds(items: Optional[Sequence[str]]) -> Optional[Dict[int, float]]:
+    if not items:
+        return None
+    out: Dict[int, float] = {}
+    for item in items:
+        try:
+            b, c = item.split("=")
+            out[int(b)] = float(c)
+        except ValueError:
+            raise ArrowQuantError(f"expected BITS=COSINE such as 4=0.95, got {item!r}") from None
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    """The run's DiffusionQuantConfig: profile < --config file < ARROW_QUANT_* < flags."""
+    from .config import resolve
+
+    overrides = {
+        "bit_width": args.bits, "group_size": args.group_size, "scheme": args.scheme,
+        "method": args.method, "param_dtype": args.param_dtype, "num_threads": args.threads,
+        "target_bpw": args.target_bpw, "enable_mixed_precision": args.mixed_precision,
+        "keep_patterns": args.keep, "bits_for": args.bits_for,
+        "skip_sensitive_layers": args.skip_sensitive,
+        "fallback_thresholds": _thresholds(args.fallback_threshold),
+        "fail_fast": args.fail_fast, "min_accuracy": args.min_accuracy,
+        "modality": args.modality, "quantize_1d": args.quantize_1d,
+    }
+    return resolve(config_file=args.config, profile=args.profile, overrides=overrides)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
 
+    config = resolve_config(args)
     on_tensor = (lambda r: print(_tensor_line(r), flush=True)) if args.verbose else None
     summary = api.quantize(
-        args.input, args.output, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
-        method=args.method, param_dtype=args.param_dtype, threads=args.threads,
-        max_memory=args.max_memory, chunk_size=args.chunk_size, shard_size=args.shard_size,
-        overwrite=args.overwrite, resume=args.resume, quantize_1d=args.quantize_1d,
-        engine=args.engine, fallback=args.fallback, fail_fast=args.fail_fast,
-        modality=args.modality, progress=False if (args.no_progress or args.json) else None,
-        on_tensor=on_tensor,
+        args.input, args.output, config=config, max_memory=args.max_memory,
+        chunk_size=args.chunk_size, shard_size=args.shard_size, overwrite=args.overwrite,
+        resume=args.resume, engine=args.engine,
+        progress=False if (args.no_progress or args.json) else None, on_tensor=on_tensor,
     )
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
@@ -166,14 +218,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _parse_thresholds(items: Sequence[str]) -> Dict[int, float]:
     from .plan import DEFAULT_MIN_COSINE
 
-    out = dict(DEFAULT_MIN_COSINE)
-    for item in items:
-        try:
-            b, c = item.split("=")
-            out[int(b)] = float(c)
-        except ValueError:
-            raise ArrowQuantError(f"--threshold expects BITS=COSINE such as 4=0.95, got {item!r}") from None
-    return out
+    return {**DEFAULT_MIN_COSINE, **(_thresholds(items) or {})}
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -240,6 +285,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ArrowQuantError as exc:
+        print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the system refused a read or write outside the engine's wrapping
         print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

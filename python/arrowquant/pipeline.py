@@ -38,6 +38,7 @@ from .errors import (
     QuantizationError,
     ValidationError,
 )
+from .metrics import MarkovMetrics, get_markov_metrics
 from .plan import Planner, RulePlanner, TensorInfo, TensorPlan
 from .sources import ModelSource, itemsize
 from .tensor import ErrorSums, groups_per_row, packed_row_bytes
@@ -454,41 +455,42 @@ class StreamingQuantizer:
         )
 
     # -- one tensor -------------------------------------------------------
-    def _widths(self, plan: TensorPlan) -> List[Optional[int]]:
-        return [plan.bits, *plan.fallback_bits]
-
-    def _below_floor(self, plan: TensorPlan, sums: ErrorSums) -> bool:
-        return plan.bits is not None and plan.min_cosine is not None and \
-            sums.metrics().cosine < plan.min_cosine
-
-    def _choose_bits(self, t: TensorInfo, plan: TensorPlan, chunks: List[Chunk]) -> Tuple[TensorPlan, List[str]]:
-        """For a multi-chunk tensor with a quality floor: probe each width over
-        the whole tensor (codes discarded) and keep the first that passes."""
-        decisions: List[str] = []
-        for i, bits in enumerate(self._widths(plan)):
-            trial = dataclasses.replace(plan, bits=bits)
-            if bits is None:
-                return trial, decisions
-            sums = ErrorSums()
-            for c in chunks:
-                _, s, _ = self._quantize_chunk(t, trial, c)
-                sums.merge(s)
-            cos = sums.metrics().cosine
-            floor = plan.min_cosine
-            if floor is None or cos >= floor or i == len(self._widths(plan)) - 1:
-                if floor is not None and cos < floor:
-                    decisions.append(f"int{bits}: cosine {cos:.4f} < {floor}; no wider width left")
-                return trial, decisions
-            decisions.append(f"int{bits}: cosine {cos:.4f} < {floor}; redone at next width")
-            self._fallback_or_fail(t, bits, cos, floor)
-        return plan, decisions
-
-    def _fallback_or_fail(self, t: TensorInfo, bits: int, cos: float, floor: float) -> None:
+    def _next_width(self, t: TensorInfo, plan: TensorPlan, sums: ErrorSums,
+                    decisions: List[str]) -> Optional[TensorPlan]:
+        """The plan to redo the tensor with when it is below its floor, or None
+        to keep the result. Under fail_fast a tensor below its floor is an error."""
+        floor = plan.floor()
+        if floor is None:
+            return None
+        cos = sums.metrics().cosine
+        if cos >= floor:
+            return None
         if self.opts.fail_fast:
             raise QuantizationError(
-                f"tensor {t.name!r}: cosine {cos:.4f} at INT{bits} is below the floor {floor} "
-                "(fail_fast is on, so no fallback to more bits)"
-            )
+                f"tensor {t.name!r}: cosine {cos:.4f} at INT{plan.bits} is below the floor "
+                f"{floor} (fail_fast is on, so no fallback to more bits)")
+        wider = [b for b in plan.fallback_bits if b > plan.bits]
+        if not wider:
+            decisions.append(f"int{plan.bits}: cosine {cos:.4f} < {floor}; no wider width left, "
+                             "kept")
+            return None
+        decisions.append(f"int{plan.bits}: cosine {cos:.4f} < {floor}; redone at int{wider[0]}")
+        return dataclasses.replace(plan, bits=wider[0])
+
+    def _probe_bits(self, t: TensorInfo, plan: TensorPlan, chunks: List[Chunk],
+                    decisions: List[str]) -> TensorPlan:
+        """For a tensor of several chunks with a quality floor: measure each
+        width over the whole tensor (codes discarded) before writing any."""
+        while True:
+            sums = ErrorSums()
+            for c in chunks:
+                self._check_cancel()
+                _, s, _ = self._quantize_chunk(t, plan, c)
+                sums.merge(s)
+            wider = self._next_width(t, plan, sums, decisions)
+            if wider is None:
+                return plan
+            plan = wider
 
     def run_tensor(self, ti: int, t: TensorInfo, plan: TensorPlan) -> TensorRecord:
         start = time.perf_counter()
@@ -506,57 +508,63 @@ class StreamingQuantizer:
                     done[c.index] = info
                 else:
                     p.unlink()
+        has_floor = plan.floor() is not None
         if done:
-            bits_done = {i["bits"] for i in done.values()}
-            if len(bits_done) == 1:
-                plan = dataclasses.replace(plan, bits=bits_done.pop())
-                decisions = list(next(iter(done.values())).get("decisions", []))
-        elif plan.min_cosine is not None and plan.fallback_bits and len(chunks) > 1:
-            plan, decisions = self._choose_bits(t, plan, chunks)
+            # The width was decided before the interruption.
+            plan = dataclasses.replace(plan, bits=next(iter(done.values()))["bits"])
+            decisions = list(next(iter(done.values())).get("decisions", []))
+        elif has_floor and len(chunks) > 1 and (plan.fallback_bits or self.opts.fail_fast):
+            plan = self._probe_bits(t, plan, chunks, decisions)
+        planned_bits = plan.bits
+        markov: Optional[MarkovMetrics] = None
 
         sums = ErrorSums()
         out_bytes = 0
         for info in done.values():
             sums.merge(ErrorSums(*info["sums"]))
             out_bytes += info["output_bytes"]
+            if info.get("markov"):
+                markov = _merge_markov(markov, MarkovMetrics(**info["markov"]))
             self._advance(ti, t, info["row_count"])
-        single_with_floor = plan.min_cosine is not None and plan.fallback_bits and len(chunks) == 1
         for c in chunks:
             if c.index in done:
                 continue
             self._check_cancel()
-            if single_with_floor:
+            if has_floor and len(chunks) == 1:
+                # Redo from the bytes already read rather than reading again.
                 rec, s, raw = self._quantize_chunk(t, plan, c, keep_source=True)
-                widths = self._widths(plan)
-                k = 0
-                while self._below_floor(plan, s) and k + 1 < len(widths):
-                    cos = s.metrics().cosine
-                    self._fallback_or_fail(t, plan.bits, cos, plan.min_cosine)
-                    decisions.append(f"int{plan.bits}: cosine {cos:.4f} < {plan.min_cosine}; "
-                                     "redone at next width")
-                    k += 1
-                    plan = dataclasses.replace(plan, bits=widths[k])
+                while (wider := self._next_width(t, plan, s, decisions)) is not None:
+                    plan = wider
                     rec, s, _ = self._quantize_chunk(t, plan, c, retained=raw)
-                if self._below_floor(plan, s):
-                    decisions.append(f"int{plan.bits}: cosine {s.metrics().cosine:.4f} < "
-                                     f"{plan.min_cosine}; no wider width left")
             else:
                 rec, s, _ = self._quantize_chunk(t, plan, c)
             sums.merge(s)
+            chunk_markov = None
+            if rec.scales is not None and rec.scales.size:
+                chunk_markov = get_markov_metrics(
+                    (rec.scales, rec.zero_points),
+                    groups_per_row=groups_per_row(t.cols, plan.group_size), bits=plan.bits)
+                markov = _merge_markov(markov, chunk_markov)
             nbytes = int(rec.data.nbytes + (0 if rec.scales is None else
                                             (rec.scales.size + rec.zero_points.size) *
                                             (2 if rec.param_dtype == "float16" else 4)))
             out_bytes += nbytes
             info = {"tensor": t.name, "tensor_index": ti, "chunk": c.index,
                     "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,
-                    "sums": list(sums_tuple(s)), "output_bytes": nbytes, "decisions": decisions}
+                    "sums": list(sums_tuple(s)), "output_bytes": nbytes, "decisions": decisions,
+                    "markov": dataclasses.asdict(chunk_markov) if chunk_markov else None}
             self._put((self.staging / part_name(ti, c.index), rec, info))
             self._advance(ti, t, c.row_count)
+        if has_floor and len(chunks) > 1 and not done and plan.bits == planned_bits:
+            self._next_width(t, dataclasses.replace(plan, fallback_bits=()), sums, decisions)
         seconds = time.perf_counter() - start
         m = sums.metrics() if plan.bits is not None else None
         reason = plan.reason
-        if decisions:
-            reason = f"{reason}; fallback to int{plan.bits}" if plan.bits else reason
+        if plan.bits != planned_bits or any("redone" in d for d in decisions):
+            reason = f"{reason}; fallback to int{plan.bits} (cosine floor)"
+        extra = dict(plan.extra)
+        if markov is not None:
+            extra["markov"] = markov.as_dict()
         record = TensorRecord(
             name=t.name, shape=tuple(t.shape), dtype=t.dtype,
             quant_type=f"int{plan.bits}" if plan.bits else "none", bits=plan.bits, reason=reason,
@@ -566,7 +574,7 @@ class StreamingQuantizer:
             input_bytes=t.nbytes, output_bytes=out_bytes, seconds=seconds,
             cosine=m.cosine if m else None, rel_mse=m.rel_mse if m else None,
             sqnr_db=m.sqnr_db if m else None, max_abs_error=m.max_abs_error if m else None,
-            decisions=decisions, extra=dict(plan.extra),
+            decisions=decisions, extra=extra,
         )
         if self.on_tensor:
             self.on_tensor(record)
@@ -646,6 +654,13 @@ class StreamingQuantizer:
                 {"metadata": {"format": parquet_v2.FORMAT_NAME, "total_size": total},
                  "weight_map": weight_map}, indent=2))
         return names
+
+
+def _merge_markov(acc: Optional[MarkovMetrics], new: MarkovMetrics) -> MarkovMetrics:
+    if acc is None:
+        return new
+    acc.merge(new)
+    return acc
 
 
 def sums_tuple(s: ErrorSums) -> Tuple[float, ...]:

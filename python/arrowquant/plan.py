@@ -56,9 +56,13 @@ class TensorPlan:
     method: str = "rtn"
     param_dtype: str = "float32"
     reason: str = ""                    # why these bits, for the report
-    # Widths to try, in order, when the cosine falls below min_cosine[bits].
+    # Quality floor: the cosine a tensor must reach at its width. Below it the
+    # pipeline redoes the tensor at the next of fallback_bits (checked against
+    # that width's floor, min_cosine_by_bits[width]); under fail_fast it stops
+    # with an error instead.
     fallback_bits: Tuple[int, ...] = ()
     min_cosine: Optional[float] = None
+    min_cosine_by_bits: Dict[int, Optional[float]] = field(default_factory=dict)
     # Per-input-channel importance (length cols) for importance-weighted
     # parameter search; None for plain methods.
     importance: Optional[np.ndarray] = field(default=None, repr=False)
@@ -69,6 +73,12 @@ class TensorPlan:
     spatial_json: Optional[str] = None
     activation_stats_json: Optional[str] = None
     extra: dict = field(default_factory=dict)   # more report fields (sensitivity, entropy, ...)
+
+    def floor(self) -> Optional[float]:
+        """The cosine floor at the plan's current width (None: no check)."""
+        if self.bits is None:
+            return None
+        return self.min_cosine_by_bits.get(self.bits, self.min_cosine)
 
 
 class Planner(Protocol):
@@ -111,4 +121,5 @@ class RulePlanner:
             reason=f"default: {self.bits} bits for every weight",
             fallback_bits=tuple(fallback),
             min_cosine=self.min_cosine.get(self.bits) if self.fallback else None,
+            min_cosine_by_bits=dict(self.min_cosine) if self.fallback else {},
         )
