@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,23 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate_model(tmp_path / "m", "10M")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_run_temp_is_cleaned_up(tmp_path):
+    import subprocess
+    import sys
+
+    # A pid that has surely exited: a finished child's.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".m.tmp-{dead}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / f".m.tmp-{os.getppid()}"  # the parent of this process is alive
+    live.mkdir()
+    generate_model(tmp_path / "m", "10M", fmt="safetensors")
+    assert not stale.exists() and live.exists()
+    assert synthetic.read_manifest(tmp_path / "m") is not None
 
 
 def test_refuses_foreign_directory(tmp_path):
