@@ -11,15 +11,15 @@ PYTEST_ARGS ?= -m "not slow"
 
 SOURCES := $(shell find cpp python CMakeLists.txt pyproject.toml -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.toml' \) 2>/dev/null)
 
-.PHONY: demo test test-all test-cpp test-python setup system-deps bench bench-ci dev format clean
+.PHONY: demo test test-all test-cpp test-python test-asan test-fuzz fuzz setup system-deps bench bench-ci dev format clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/arrowquant demo
 
-test: test-cpp test-python
+test: test-cpp test-python test-fuzz
 
 test-all: PYTEST_ARGS :=
-test-all: test-cpp test-python
+test-all: test-cpp test-python test-fuzz
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,24 @@ test-cpp: build/cpp/.built
 
 test-python: $(VENV)/.installed
 	cd tests && HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
+
+# C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer.
+test-asan: system-deps $(VENV)/.deps
+	$(VENV)/bin/cmake -S . -B build/asan -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+	  -DARROWQUANT_SANITIZE=ON -DARROWQUANT_BUILD_TESTS=ON -DARROWQUANT_BUILD_PYTHON=OFF > /dev/null
+	$(VENV)/bin/cmake --build build/asan -j $(JOBS)
+	cd build/asan && ../../$(VENV)/bin/ctest --output-on-failure -j $(JOBS)
+
+# Bounded libFuzzer runs of the file parsers (needs clang; installed with apt-get).
+FUZZ_SECONDS ?= 60
+fuzz: $(VENV)/.deps
+	@command -v clang++ >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq clang libclang-rt-14-dev)
+	PATH="$(abspath $(VENV)/bin):$$PATH" scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# The short fuzz run that `make test` includes.
+test-fuzz: FUZZ_SECONDS := 20
+test-fuzz: fuzz
 
 bench: $(VENV)/.installed
 	$(VPY) benches/memory_benchmark.py --model-size 100M --model-size 600M --generate-charts

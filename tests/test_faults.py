@@ -64,7 +64,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(reference_run, t
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         finished = (out / "metadata.json").exists()
-        staged = len(list((out / ".arrowquant-staging").glob("*.parquet")))
+        staged = len(list((out / ".arrowquant-staging").glob("*.part")))
         print(f"attempt {attempt}: finished before the kill: {finished}, staged parts: {staged}")
         if not finished:
             # Whatever is there must not look like a finished model.

@@ -16,6 +16,17 @@
 
 namespace arrowquant {
 
+void OrderedStats::Add(int64_t first_index, const ErrorStats& s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  parts_.emplace_back(first_index, s);
+}
+
+void OrderedStats::MergeInto(ErrorStats* total) {
+  std::sort(parts_.begin(), parts_.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& p : parts_) total->Merge(p.second);
+}
+
 void ErrorStats::Merge(const ErrorStats& other) {
   sum_x2 += other.sum_x2;
   sum_xhat2 += other.sum_xhat2;
@@ -30,7 +41,7 @@ ErrorMetrics FinalizeMetrics(const ErrorStats& s) {
   m.max_abs_error = s.max_abs_err;
   const double denom = std::sqrt(s.sum_x2) * std::sqrt(s.sum_xhat2);
   if (denom > 0.0) {
-    m.cosine = s.sum_x_xhat / denom;
+    m.cosine = std::clamp(s.sum_x_xhat / denom, -1.0, 1.0);  // rounding can step past 1
   } else {
     // Both zero: identical. One zero: orthogonal by convention.
     m.cosine = (s.sum_x2 == 0.0 && s.sum_xhat2 == 0.0) ? 1.0 : 0.0;
@@ -104,28 +115,24 @@ class FirstError {
   Status status_;
 };
 
-// Error sums of parallel tasks, merged in row order so that the total does
-// not depend on which thread finished first.
-class OrderedStats {
- public:
-  void Add(int64_t first_row, const ErrorStats& s) {
-    std::lock_guard<std::mutex> lock(mu_);
-    parts_.emplace_back(first_row, s);
-  }
-  void MergeInto(ErrorStats* total) {
-    std::sort(parts_.begin(), parts_.end(),
-              [](const auto& a, const auto& b) { return a.first < b.first; });
-    for (const auto& p : parts_) total->Merge(p.second);
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<std::pair<int64_t, ErrorStats>> parts_;
-};
-
 // Rows per parallel task: enough work (~64K elements) to amortize a thread.
 int64_t MinRowsPerTask(int64_t cols) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1));
+}
+
+// A NaN or Inf anywhere in the tensor is reported before any other error
+// (as the reference does): after a failed parallel loop, whose tasks stop at
+// their first error, the whole tensor is scanned once more for one.
+Status PreferNonFinite(const TensorView& src, Status error) {
+  std::vector<float> row(static_cast<size_t>(src.cols));
+  const size_t item = DTypeSize(src.dtype);
+  for (int64_t r = 0; r < src.rows; ++r) {
+    const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
+    ConvertToFloat32(src.dtype, in, row.data(), row.size());
+    Status st = kernels::CheckFiniteRow(row.data(), src.cols, r);
+    if (!st.ok()) return st;
+  }
+  return error;
 }
 
 // Shared driver: for each row, convert + check, then `choose` fills the
@@ -163,7 +170,7 @@ Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales
     }
     if (stats) parts.Add(r0, local);
   });
-  if (error.any()) return error.status();
+  if (error.any()) return PreferNonFinite(src, error.status());
   if (stats) parts.MergeInto(stats);
   return Status::OK();
 }
@@ -194,7 +201,7 @@ Status RunFusedRtn(kernels::FusedRtnRowFn fused, const TensorView& src, const Qu
     }
     if (stats) parts.Add(r0, local);
   });
-  if (error.any()) return error.status();
+  if (error.any()) return PreferNonFinite(src, error.status());
   if (stats) parts.MergeInto(stats);
   return Status::OK();
 }

@@ -177,8 +177,8 @@ def quantize(
     bits: int = 4,
     group_size: int = 128,
     scheme: str = "asymmetric",
-    method: str = "rtn",
-    param_dtype: str = "float32",
+    method: str = "mse",
+    param_dtype: str = "float16",
     threads: int = 0,
     max_memory: Union[str, int] = "256MiB",  # DEFAULT_MAX_MEMORY
     chunk_size: Union[str, int] = "256MiB",
@@ -198,7 +198,11 @@ def quantize(
     cancel: Optional[threading.Event] = None,
     config_dict: Optional[Dict[str, Any]] = None,
     config: Optional["DiffusionQuantConfig"] = None,
-) -> QuantizeSummary:
+    gguf_type: Optional[str] = None,
+    calibration: Any = None,
+    equalization: bool = True,
+    importance_mode: str = "max",
+) -> Union[QuantizeSummary, Dict[str, Any]]:
     """Quantizes the model at `input` into an ArrowQuant Parquet V2 directory.
 
     Streams tensor by tensor in row chunks; `max_memory` bounds the pipeline's
@@ -210,7 +214,22 @@ def quantize(
     fallback), the config's values replace bits / group_size / scheme /
     method / param_dtype / threads / fail_fast / modality, and a mean cosine
     below `config.min_accuracy` is reported (an error under fail_fast).
+
+    `calibration` (a statistics file from `arrowquant calibrate`, or loaded
+    CalibrationStats) turns on importance-weighted scales for the layers it
+    covers, with per-layer channel equalization when `equalization` is on;
+    `importance_mode` "max" keeps every timestep group's salient channels,
+    "mean" pools them (with a config: enable_time_aware / enable_spatial).
     """
+    if output_format == "gguf":
+        # One GGUF file, block types from bits / scheme (gguf_export's rules);
+        # returns export_gguf's report dict.
+        from .gguf_export import export_gguf
+
+        if config is not None:
+            bits, scheme, threads = config.bit_width, config.scheme, config.num_threads
+        return export_gguf(input, output, bits=bits, scheme=scheme, gguf_type=gguf_type,
+                           threads=threads, overwrite=overwrite, progress=progress)
     if is_pipeline_dir(Path(input)):
         return _quantize_pipeline(
             Path(input), Path(output), overwrite=overwrite, resume=resume, progress=progress,
@@ -220,14 +239,16 @@ def quantize(
                          chunk_size=chunk_size, shard_size=shard_size, quantize_1d=quantize_1d,
                          engine=engine, planner=planner, fallback=fallback, fail_fast=fail_fast,
                          min_cosine=min_cosine, modality=modality, on_tensor=on_tensor,
-                         cancel=cancel, config_dict=config_dict, config=config))
+                         cancel=cancel, config_dict=config_dict, config=config,
+                         equalization=equalization, importance_mode=importance_mode),
+            calibration=calibration)
     if config is not None:
         return _quantize_with_config(input, output, config, planner=planner, max_memory=max_memory,
                                      chunk_size=chunk_size, shard_size=shard_size,
                                      overwrite=overwrite, resume=resume,
                                      output_format=output_format, engine=engine,
                                      progress=progress, on_tensor=on_tensor, cancel=cancel,
-                                     config_dict=config_dict)
+                                     config_dict=config_dict, calibration=calibration)
     if output_format not in ("parquet", "gguf"):
         raise ConfigurationError(f"output format must be 'parquet' or 'gguf', got {output_format!r}")
     if overwrite and resume:
@@ -235,11 +256,6 @@ def quantize(
     check_spec(bits, group_size, scheme, method, param_dtype)
     opts = PipelineOptions(threads=threads, max_memory=max_memory, chunk_size=chunk_size,
                            shard_size=shard_size, engine=engine, fail_fast=fail_fast)
-    if output_format == "gguf":
-        from .gguf_export import export_gguf
-
-        return export_gguf(input, output, bits=bits, scheme=scheme, threads=threads,
-                           overwrite=overwrite, progress=progress)
     t0 = time.perf_counter()
     out = Path(output)
     if resume and (out / "metadata.json").exists():
@@ -261,12 +277,22 @@ def quantize(
             param_dtype=param_dtype, quantize_1d=quantize_1d, fallback=fallback or fail_fast,
             min_cosine=dict(min_cosine or DEFAULT_MIN_COSINE),
         )
+        if calibration is not None:
+            from .calibrated import apply_calibration
+
+            if report:
+                report("calibrated planning (importance, equalization)", 0.0)
+            apply_calibration(plans, source.tensors, _stats(calibration), source,
+                              equalization=equalization, importance_mode=importance_mode,
+                              threads=threads)
         config = {
             "bits": bits, "group_size": group_size, "scheme": scheme, "method": method,
             "param_dtype": param_dtype, "quantize_1d": quantize_1d, "engine": engine,
             "chunk_size": opts.chunk_size, "fallback": fallback, "fail_fast": fail_fast,
             "min_cosine": {str(k): v for k, v in (min_cosine or DEFAULT_MIN_COSINE).items()},
             "planner": type(planner).__name__ if planner else "RulePlanner",
+            "calibration": _calibration_label(calibration),
+            "equalization": equalization if calibration is not None else None,
             **(config_dict or {}),
         }
         check_memory_budget(source.tensors, plans, opts)
@@ -311,7 +337,7 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
     if _fingerprint(source) != fingerprint:
         raise FormatError(f"{source.root}: input files changed while they were being read; "
                           "the output was not finished")
-    files = runner.assemble(records)
+    files = runner.finish()
     for extra in source.extra_files:
         tmp = out / (extra.name + ".tmp")
         shutil.copy2(extra, tmp)
@@ -356,15 +382,39 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
     return summary
 
 
+def _stats(calibration: Any) -> Any:
+    """CalibrationStats from a statistics file path (or as given)."""
+    if isinstance(calibration, (str, os.PathLike)):
+        from .calibration import load_stats
+
+        stats = load_stats(calibration)
+        stats.metadata["stats_path"] = str(Path(calibration).resolve())
+        return stats
+    return calibration
+
+
+def _calibration_label(calibration: Any) -> Optional[str]:
+    """What the report and run.json say of the statistics used."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        return str(Path(calibration).resolve())
+    meta = getattr(calibration, "metadata", {}) or {}
+    return meta.get("stats_path") or f"statistics of {meta.get('model', 'an unnamed model')}"
+
+
 def _quantize_with_config(input: PathLike, output: PathLike, config: "DiffusionQuantConfig", *,
                           planner: Optional[Planner], max_memory: Union[str, int],
-                          **kwargs: Any) -> QuantizeSummary:
+                          calibration: Any = None, **kwargs: Any) -> QuantizeSummary:
     from .diffusion import DiffusionPlanner
 
     config.validate()
+    stats = None if calibration is None else _stats(calibration)
+    kwargs.pop("equalization", None)   # the config decides these
+    kwargs.pop("importance_mode", None)
     if planner is None and not is_pipeline_dir(Path(input)):
         # A path, not an open source: the planner opens it only to measure.
-        planner = DiffusionPlanner(config, source=input)
+        planner = DiffusionPlanner(config, stats=stats, source=input)
     if max_memory == DEFAULT_MAX_MEMORY and config.max_memory_limit_mb:
         max_memory = f"{config.max_memory_limit_mb}MiB"
     config_dict = {"config": config.to_dict(), **(kwargs.pop("config_dict") or {})}
@@ -374,7 +424,9 @@ def _quantize_with_config(input: PathLike, output: PathLike, config: "DiffusionQ
         threads=config.num_threads, quantize_1d=config.quantize_1d, planner=planner,
         fallback=True, fail_fast=config.fail_fast,
         min_cosine={b: c for b, c in config.fallback_thresholds.items() if c},
-        modality=config.modality, max_memory=max_memory, config_dict=config_dict, **kwargs)
+        modality=config.modality, max_memory=max_memory, config_dict=config_dict,
+        calibration=stats, equalization=config.enable_spatial,
+        importance_mode="max" if config.enable_time_aware else "mean", **kwargs)
     if summary.mean_cosine is not None and summary.mean_cosine < config.min_accuracy:
         message = (f"mean cosine {summary.mean_cosine:.4f} is below min_accuracy "
                    f"{config.min_accuracy}")
@@ -392,7 +444,8 @@ def _has_weights(d: Path) -> bool:
 
 
 def _quantize_pipeline(src: Path, out: Path, *, overwrite: bool, resume: bool,
-                       progress: ProgressArg, t0: float, options: Dict[str, Any]) -> QuantizeSummary:
+                       progress: ProgressArg, t0: float, options: Dict[str, Any],
+                       calibration: Any = None) -> QuantizeSummary:
     """A diffusers pipeline (model_index.json + component folders): each
     component with weights becomes its own V2 directory under `out`; other
     folders and files are copied unchanged. metadata.json at the top is
@@ -407,6 +460,10 @@ def _quantize_pipeline(src: Path, out: Path, *, overwrite: bool, resume: bool,
     try:
         components = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
         quantized = [d for d in components if _has_weights(d)]
+        # Statistics are recorded on the denoiser (what `arrowquant calibrate`
+        # runs); applying them by name to another component would be wrong.
+        names = [d.name for d in quantized]
+        denoiser = next((n for n in ("unet", "transformer") if n in names), None)
         summaries: List[QuantizeSummary] = []
         for i, comp in enumerate(quantized):
             comp_out = out / comp.name
@@ -417,9 +474,10 @@ def _quantize_pipeline(src: Path, out: Path, *, overwrite: bool, resume: bool,
             if (comp_out / "metadata.json").exists() and resume:
                 summaries.append(finished_summary(comp_out))
                 continue
-            summaries.append(quantize(comp, comp_out, resume=resume and comp_out.exists(),
-                                      overwrite=not resume and comp_out.exists(),
-                                      progress=comp_progress, **options))
+            summaries.append(quantize(
+                comp, comp_out, resume=resume and comp_out.exists(),
+                overwrite=not resume and comp_out.exists(), progress=comp_progress,
+                calibration=calibration if comp.name == denoiser else None, **options))
         for comp in components:
             if comp not in quantized and not (out / comp.name).exists():
                 shutil.copytree(comp, out / (comp.name + ".tmp"))
@@ -665,13 +723,13 @@ def dequantize(quantized: PathLike, output: PathLike, dtype: str = "float16",
     try:
         for name, out_dtype, _shape in specs:
             e = model.info(name)
-            if e.quant_type == "none":
-                parts = list(model._chunk_rows(e))
-                for p_ in parts:
-                    writer.write(name, p_["data"])
-            else:
-                arr = model.dequantize(name).astype(np_out)
-                writer.write(name, np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            # Chunk by chunk, in row order: memory holds one chunk, not the tensor.
+            for loc in sorted(e.chunks, key=lambda c: c.row_start):
+                if e.quant_type == "none":
+                    writer.write(name, next(model._chunk_rows(e, [loc]))["data"])
+                else:
+                    values = model.dequantize_chunk(name, loc).astype(np_out)
+                    writer.write(name, np.ascontiguousarray(values).reshape(-1).view(np.uint8))
         writer.close()
     except BaseException:
         writer.abort()

@@ -13,6 +13,8 @@ from . import __version__
 from .errors import ArrowQuantError
 from .units import format_size
 
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
+
 
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     # Defaults are None so that an unset flag does not override --config,
@@ -24,9 +26,10 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", choices=("asymmetric", "symmetric"), default=None,
                    help="affine with a zero point (default) or symmetric around zero")
     p.add_argument("--method", choices=("rtn", "mse"), default=None,
-                   help="how scales are chosen: rtn = min/max (FORMAT.md), mse = error-minimizing search")
+                   help="how scales are chosen: mse = error-minimizing search (default), "
+                        "rtn = plain min/max (FORMAT.md section 2)")
     p.add_argument("--param-dtype", choices=("float32", "float16"), default=None,
-                   help="storage precision of scales and zero points")
+                   help="storage precision of scales and zero points (default float16)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="engine threads (default 0 = all cores)")
 
@@ -59,6 +62,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="override modality detection")
     g.add_argument("--quantize-1d", action="store_true", default=None,
                    help="also quantize 0-D/1-D tensors (biases, norms); kept as is by default")
+    g.add_argument("--calibration", metavar="STATS",
+                   help="activation statistics from `arrowquant calibrate`: importance-weighted "
+                        "scales and channel equalization for the layers they cover")
+    g.add_argument("--no-time-aware", dest="time_aware", action="store_false", default=None,
+                   help="pool the statistics of all timesteps instead of keeping every "
+                        "timestep group's salient channels")
+    g.add_argument("--no-spatial", dest="spatial", action="store_false", default=None,
+                   help="no channel equalization (importance weighting only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode = q.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
     mode.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    q.add_argument("--format", choices=("parquet", "gguf"), default="parquet",
+                   help="output: an ArrowQuant Parquet V2 directory (default) or one GGUF file")
+    q.add_argument("--gguf-type", choices=GGUF_TYPES,
+                   help="GGUF tensor type (default from --bits/--scheme: 8 -> Q8_0, "
+                        "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
     q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,6 +128,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("output", help="output .safetensors file")
     d.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     d.add_argument("--overwrite", action="store_true")
+
+    g = sub.add_parser("export-gguf", help="write a model (source or ArrowQuant V2) as a GGUF file")
+    g.add_argument("input", help="model file or directory, or an ArrowQuant V2 directory")
+    g.add_argument("output", help="output .gguf file")
+    g.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    g.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric",
+                   help="4 bits: symmetric -> Q4_0 (default), asymmetric -> Q4_1")
+    g.add_argument("--gguf-type", choices=GGUF_TYPES)
+    g.add_argument("--threads", type=int, default=0, metavar="N")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    g.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("calibrate", help="record activation statistics across timesteps",
+                       description="Run MODEL (diffusers UNet / DiT / pipeline, or a transformers "
+                                   "model) on calibration inputs and record per-input-channel "
+                                   "activation statistics of every Linear / Conv2d layer, per "
+                                   "timestep group (needs torch and diffusers / transformers).")
+    c.add_argument("model", help="model directory")
+    c.add_argument("--out", required=True, metavar="STATS", help="output statistics (.parquet)")
+    c.add_argument("--num-time-groups", type=int, default=10, metavar="N")
+    c.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="latents (diffusers, default 4) or sentences (text models)")
+    c.add_argument("--inputs", metavar="FILE",
+                   help="calibration inputs: .txt sentences, or JSONL / Parquet / Arrow records "
+                        "of the first version ({data, timestep, shape})")
+    c.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="denoising steps per latent (default 2 x time groups)")
+    c.add_argument("--scheduler", choices=("ddpm", "ddim"), default=None)
+    c.add_argument("--batch-size", type=int, default=8, metavar="N")
+    c.add_argument("--seed", type=int, default=0)
 
     demo = sub.add_parser("demo", help="quantize a generated model end to end (no files needed)")
     demo.add_argument("--output", default="demo-output", help="where to write (default demo-output)")
@@ -174,6 +222,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
         "fallback_thresholds": _thresholds(args.fallback_threshold),
         "fail_fast": args.fail_fast, "min_accuracy": args.min_accuracy,
         "modality": args.modality, "quantize_1d": args.quantize_1d,
+        "enable_time_aware": args.time_aware, "enable_spatial": args.spatial,
     }
     return resolve(config_file=args.config, profile=args.profile, overrides=overrides)
 
@@ -182,11 +231,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
 
     config = resolve_config(args)
+    if args.format == "gguf":
+        return _export_gguf(args, config.bit_width, config.scheme, config.num_threads)
     on_tensor = (lambda r: print(_tensor_line(r), flush=True)) if args.verbose else None
     summary = api.quantize(
         args.input, args.output, config=config, max_memory=args.max_memory,
         chunk_size=args.chunk_size, shard_size=args.shard_size, overwrite=args.overwrite,
-        resume=args.resume, engine=args.engine,
+        resume=args.resume, engine=args.engine, calibration=args.calibration,
         progress=False if (args.no_progress or args.json) else None, on_tensor=on_tensor,
     )
     if args.json:
@@ -251,6 +302,31 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf(args: argparse.Namespace, bits: int, scheme: str, threads: int) -> int:
+    from .gguf_export import export_gguf, format_report
+
+    report = export_gguf(args.input, args.output, bits=bits, scheme=scheme,
+                         gguf_type=args.gguf_type, threads=threads, overwrite=args.overwrite,
+                         progress=False if (args.no_progress or args.json) else None)
+    print(json.dumps(report, indent=2) if args.json else format_report(report, args.verbose))
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    return _export_gguf(args, args.bits, args.scheme, args.threads)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate, load_stats
+
+    out = calibrate(args.model, args.out, num_time_groups=args.num_time_groups,
+                    samples=args.samples, inputs=args.inputs, steps=args.steps,
+                    scheduler=args.scheduler, batch_size=args.batch_size, seed=args.seed)
+    stats = load_stats(out)
+    print(f"wrote {out}: {len(stats.layers)} layers, {stats.num_time_groups} time group(s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import api
     from .synthetic import generate_model
@@ -272,6 +348,8 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "validate": cmd_validate,
     "dequantize": cmd_dequantize,
+    "export-gguf": cmd_export_gguf,
+    "calibrate": cmd_calibrate,
     "demo": cmd_demo,
 }
 

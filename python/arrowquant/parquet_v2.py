@@ -91,9 +91,10 @@ def _list_array(values: Optional[np.ndarray], value_type: pa.DataType) -> pa.Arr
     return pa.ListArray.from_arrays(offsets, pa.array(flat, type=value_type))
 
 
-def record_batch(rec: ChunkRecord) -> pa.RecordBatch:
-    """The V2 row of one chunk, its blobs wrapped without copies."""
-    sch = schema(rec.param_dtype)
+def record_batch(rec: ChunkRecord, param_dtype: Optional[str] = None) -> pa.RecordBatch:
+    """The V2 row of one chunk, its blobs wrapped without copies. `param_dtype`
+    is the file's parameter type (default: the chunk's own)."""
+    sch = schema(param_dtype or rec.param_dtype)
     quantized = rec.quant_type != "none"
     cols = [
         pa.array([rec.layer_name], pa.string()),
@@ -265,9 +266,10 @@ class QuantizedModel(Mapping):
         except KeyError:
             raise ModelNotFoundError(f"{self.root}: no tensor named {name!r}") from None
 
-    def _chunk_rows(self, entry: TensorEntry) -> Iterator[Dict[str, Any]]:
+    def _chunk_rows(self, entry: TensorEntry,
+                    only: Optional[Sequence[ChunkLocation]] = None) -> Iterator[Dict[str, Any]]:
         cols = ["row_start", "row_count", "data", "scales", "zero_points", "layer_name"]
-        for loc in sorted(entry.chunks, key=lambda c: c.row_start):
+        for loc in sorted(only if only is not None else entry.chunks, key=lambda c: c.row_start):
             table = self._parquet(loc.file).read_row_group(loc.row_group, columns=cols)
             for i in range(table.num_rows):
                 if table.column("layer_name")[i].as_py() != entry.name:
@@ -282,6 +284,30 @@ class QuantizedModel(Mapping):
                     "scales": _list_values(table.column("scales"), i),
                     "zero_points": _list_values(table.column("zero_points"), i),
                 }
+
+    def dequantize_chunk(self, name: str, loc: ChunkLocation) -> np.ndarray:
+        """One chunk's rows as a (row_count, cols) array: float32 for quantized
+        tensors (equalization undone), the original dtype otherwise."""
+        from . import engine
+
+        entry = self.info(name)
+        rows, cols = view_2d(entry.shape)
+        part = next(self._chunk_rows(entry, [loc]))
+        if entry.quant_type == "none":
+            return _raw_to_array(part["data"], entry.dtype, (loc.row_count, cols))
+        qt = QuantizedTensor(
+            data=part["data"], scales=part["scales"].astype(np.float32),
+            zero_points=part["zero_points"].astype(np.float32), shape=(loc.row_count, cols),
+            dtype=entry.dtype, bits=entry.bits, group_size=entry.group_size, name=name)
+        values = engine.dequantize_array(qt).reshape(loc.row_count, cols)
+        s = self._equalization(entry)
+        return values / s[None, :] if s is not None else values
+
+    def _equalization(self, entry: TensorEntry) -> Optional[np.ndarray]:
+        if not entry.spatial_quant_json:
+            return None
+        s = np.asarray(json.loads(entry.spatial_quant_json).get("scales", []), dtype=np.float32)
+        return s if s.size else None
 
     def raw(self, name: str) -> QuantizedTensor:
         """Packed codes and parameters of a quantized tensor (chunks joined)."""
@@ -313,12 +339,10 @@ class QuantizedModel(Mapping):
             values = _raw_to_array(raw, entry.dtype, entry.shape)
             return values if out_dtype is None else values.astype(out_dtype, copy=False)
         values = engine.dequantize_array(self.raw(name))
-        if entry.spatial_quant_json:
-            spatial = json.loads(entry.spatial_quant_json)
-            s = np.asarray(spatial.get("scales", []), dtype=np.float32)
-            if s.size:
-                rows, cols = view_2d(entry.shape)
-                values = (values.reshape(rows, cols) / s[None, :]).reshape(entry.shape)
+        s = self._equalization(entry)
+        if s is not None:
+            rows, cols = view_2d(entry.shape)
+            values = (values.reshape(rows, cols) / s[None, :]).reshape(entry.shape)
         return values if out_dtype is None else values.astype(out_dtype, copy=False)
 
     def close(self) -> None:
@@ -363,13 +387,22 @@ def _check_coverage(entry: TensorEntry, parts: Sequence[Dict[str, Any]]) -> None
         raise FormatError(f"tensor {entry.name!r}: chunks cover {expect} of {rows} rows")
 
 
+#: Unquantized dtypes numpy holds natively; bfloat16 / float8 read back as float32 (exact).
+NATIVE_DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16,
+                 "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8,
+                 "uint8": np.uint8, "bool": np.bool_}
+
+
+def readback_dtype(dtype: str) -> str:
+    """The dtype an unquantized tensor of `dtype` is read back as."""
+    return dtype if dtype in NATIVE_DTYPES else "float32"
+
+
 def _raw_to_array(raw: np.ndarray, dtype: str, shape: Sequence[int]) -> np.ndarray:
     from .reference import to_float32
 
-    np_types = {"float64": np.float64, "int64": np.int64, "int32": np.int32, "int16": np.int16,
-                "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
-    if dtype in np_types:
-        return raw.view(np_types[dtype]).reshape(shape)
+    if dtype in NATIVE_DTYPES:
+        return raw.view(NATIVE_DTYPES[dtype]).reshape(shape)
     return to_float32(raw, dtype).reshape(shape)
 
 

@@ -1,18 +1,18 @@
 """The streaming quantization pipeline: source -> quantize -> ArrowQuant
 Parquet V2, tensor by tensor and chunk by chunk, in bounded memory.
 
-Three stages overlap: a reader thread fills read buffers (pread for
-SafeTensors, one row group for Parquet V1), the calling thread quantizes them
-with the engine (which releases the GIL and uses every core), and a writer
-thread writes each finished chunk as its own small Parquet "part" in a staging
-folder inside the output directory. Parts make the run resumable chunk by
-chunk; when all exist they are assembled, in order, into the final shard
-files, and `metadata.json` is written last: a directory without it is never a
-finished model.
+Three stages overlap: a prefetch thread reads every unit the quantizer will
+need, in order (pread for SafeTensors, one row group for Parquet V1), the
+calling thread quantizes them with the engine (which releases the GIL and uses
+every core), and a writer thread stages each finished chunk as a small "part"
+file (what makes the run resumable chunk by chunk) and appends it to the
+output Parquet file. `metadata.json` is written last: a directory without it
+is never a finished model.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fcntl
 import json
@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -266,17 +266,153 @@ def _io_error(exc: OSError, what: str) -> ArrowQuantIOError:
                              "fixed")
 
 
+PART_MAGIC = b"AQPART1\0"
+_RECORD_FIELDS = ("layer_name", "row_start", "row_count", "dtype", "num_params", "quant_type",
+                  "scheme", "method", "group_size", "param_dtype", "is_diffusion_model",
+                  "modality", "time_aware_quant_json", "spatial_quant_json",
+                  "activation_stats_json")
+
+
 def part_name(tensor_index: int, chunk_index: int) -> str:
-    return f"{tensor_index:06d}-{chunk_index:06d}.parquet"
+    return f"{tensor_index:06d}-{chunk_index:06d}.part"
+
+
+def write_part(path: Path, rec: parquet_v2.ChunkRecord, info: Dict[str, Any]) -> None:
+    """A finished chunk as a staging file: magic, header length, JSON header,
+    then the packed data, scales and zero points (float32). Written to *.tmp
+    and renamed, so a killed run never leaves a part that looks complete."""
+    scales = np.zeros(0, np.float32) if rec.scales is None else np.asarray(rec.scales, np.float32)
+    zeros = np.zeros(0, np.float32) if rec.zero_points is None else np.asarray(rec.zero_points, np.float32)
+    record = {k: getattr(rec, k) for k in _RECORD_FIELDS}
+    record["shape"] = list(rec.shape)
+    record["data_bytes"] = int(rec.data.nbytes)
+    record["params"] = int(scales.size)
+    header = json.dumps({"info": info, "record": record}).encode()
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(PART_MAGIC + len(header).to_bytes(8, "little") + header)
+            f.write(memoryview(np.ascontiguousarray(rec.data, dtype=np.uint8)))
+            f.write(memoryview(scales))
+            f.write(memoryview(zeros))
+        # No fsync: a killed process keeps the page cache; a part unreadable
+        # after a power loss fails its size check and is redone on resume.
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise _io_error(exc, f"writing {path}") from None
+
+
+def _part_header(f: Any, size: int) -> Optional[Tuple[Dict[str, Any], int]]:
+    head = f.read(16)
+    if len(head) < 16 or head[:8] != PART_MAGIC:
+        return None
+    n = int.from_bytes(head[8:], "little")
+    if n > size - 16:
+        return None
+    try:
+        header = json.loads(f.read(n))
+    except ValueError:
+        return None
+    rec = header.get("record", {})
+    if size != 16 + n + rec.get("data_bytes", -1) + 8 * rec.get("params", -1):
+        return None  # cut short
+    return header, 16 + n
 
 
 def read_part_info(path: Path) -> Optional[Dict[str, Any]]:
-    """The chunk record stored in a finished part, or None if it is unreadable."""
+    """The info of a complete part, or None when it is missing or damaged."""
     try:
-        md = pq.read_metadata(str(path)).metadata or {}
-        return json.loads(md[b"arrowquant.part"])
-    except Exception:  # a part cut short by a crash: redo it
+        with open(path, "rb") as f:
+            found = _part_header(f, os.fstat(f.fileno()).st_size)
+    except OSError:
         return None
+    return None if found is None else found[0]["info"]
+
+
+def read_part(path: Path) -> parquet_v2.ChunkRecord:
+    """The chunk stored in a part (data read into memory)."""
+    with open(path, "rb") as f:
+        found = _part_header(f, os.fstat(f.fileno()).st_size)
+        if found is None:
+            raise ArrowQuantError(f"{path}: damaged staging part; rerun with --resume")
+        header, _ = found
+        r = header["record"]
+        data = np.frombuffer(f.read(r["data_bytes"]), dtype=np.uint8)
+        scales = np.frombuffer(f.read(4 * r["params"]), dtype=np.float32)
+        zeros = np.frombuffer(f.read(4 * r["params"]), dtype=np.float32)
+    quantized = r["quant_type"] != "none"
+    return parquet_v2.ChunkRecord(
+        shape=tuple(r["shape"]), data=data, scales=scales if quantized else None,
+        zero_points=zeros if quantized else None, **{k: r[k] for k in _RECORD_FIELDS})
+
+
+class ShardWriter:
+    """Appends chunk rows, in order, to model.parquet or numbered shards. A
+    tensor never spans two files (the index maps each tensor to one), so a new
+    file starts only between tensors, decided from the tensor's planned output
+    bytes: the same boundaries whether a run was interrupted or not."""
+
+    def __init__(self, out_dir: Path, shard_size: int, param_dtype: str):
+        self.out_dir = out_dir
+        self.shard_size = shard_size
+        self.param_dtype = param_dtype
+        self.files: List[Path] = []      # temporary names, in order
+        self.weight_map: Dict[str, int] = {}
+        self._writer: Optional[pq.ParquetWriter] = None
+        self._size = 0
+
+    def begin_tensor(self, name: str, planned_bytes: int) -> None:
+        if self._writer is None or (self._size and self._size + planned_bytes > self.shard_size):
+            self._close_current()
+            path = self.out_dir / f"model-{len(self.files) + 1:05d}.parquet.tmp"
+            try:
+                self._writer = parquet_v2.open_writer(path, self.param_dtype)
+            except OSError as exc:
+                raise _io_error(exc, f"writing {path}") from None
+            self.files.append(path)
+            self._size = 0
+        self.weight_map[name] = len(self.files) - 1
+        self._size += planned_bytes
+
+    def write(self, rec: parquet_v2.ChunkRecord) -> None:
+        assert self._writer is not None, "begin_tensor first"
+        try:
+            parquet_v2.write_row(self._writer, parquet_v2.record_batch(rec, self.param_dtype))
+        except OSError as exc:
+            raise _io_error(exc, f"writing {self.files[-1]}") from None
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except OSError as exc:
+                raise _io_error(exc, f"writing {self.files[-1]}") from None
+            self._writer = None
+
+    def abort(self) -> None:
+        try:
+            self._close_current()
+        except ArrowQuantError:
+            pass
+
+    def finish(self) -> List[str]:
+        """Renames the files to their final names; writes the index when sharded."""
+        self._close_current()
+        n = len(self.files)
+        names = ["model.parquet"] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.parquet" for i in range(n)]
+        for tmp, name in zip(self.files, names):
+            os.replace(tmp, self.out_dir / name)
+        if n > 1:
+            total = sum((self.out_dir / name).stat().st_size for name in names)
+            _atomic_write_text(self.out_dir / parquet_v2.INDEX_NAME, json.dumps(
+                {"metadata": {"format": parquet_v2.FORMAT_NAME, "total_size": total},
+                 "weight_map": {t: names[i] for t, i in self.weight_map.items()}}, indent=2))
+        return names
 
 
 # ---------------------------------------------------------------- the run
@@ -306,46 +442,38 @@ class StreamingQuantizer:
         self.on_tensor = on_tensor
         self.cancel = cancel
         self.quantizer = ChunkQuantizer(opts.engine, opts.threads)
-        self._write_q: "queue.Queue[Optional[Tuple[Path, parquet_v2.ChunkRecord, dict]]]" = \
-            queue.Queue(maxsize=1)
+        self._write_q: "queue.Queue[Optional[WriteItem]]" = queue.Queue(maxsize=1)
         self._writer_error: Optional[BaseException] = None
         self._done_bytes = 0
         self._total_bytes = max(1, source.total_bytes)
+        param_dtype = "float16" if any(p.bits and p.param_dtype == "float16"
+                                       for p in plans.values()) else "float32"
+        self.shards = ShardWriter(out_dir, opts.shard_size, param_dtype)
 
     # -- writer thread ---------------------------------------------------
     def _writer_loop(self) -> None:
+        """Stages each chunk (unless it was staged by an earlier run) and
+        appends it to the output files, in order."""
         while True:
             item = self._write_q.get()
             if item is None:
                 return
             if self._writer_error is not None:
                 continue  # drain
-            path, rec, info = item
             try:
-                self._write_part(path, rec, info)
+                path = self.staging / part_name(item.tensor_index, item.chunk_index)
+                rec = item.record
+                if rec is None:
+                    rec = read_part(path)  # resumed: staged by the interrupted run
+                else:
+                    write_part(path, rec, item.info)
+                if item.chunk_index == 0:
+                    self.shards.begin_tensor(rec.layer_name, item.tensor_bytes)
+                self.shards.write(rec)
             except BaseException as exc:  # reported by the main thread
                 self._writer_error = exc
 
-    def _write_part(self, path: Path, rec: parquet_v2.ChunkRecord, info: dict) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        batch = parquet_v2.record_batch(rec)
-        try:
-            writer = parquet_v2.open_writer(tmp, rec.param_dtype,
-                                            {b"arrowquant.part": json.dumps(info).encode()})
-            writer.write_batch(batch, row_group_size=1)
-            writer.close()
-            # Renamed only when complete, so a killed run never leaves a part
-            # that looks finished. No fsync: a process kill keeps the page
-            # cache; parts unreadable after a power loss are redone on resume.
-            os.replace(tmp, path)
-        except OSError as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise _io_error(exc, f"writing {path}") from None
-
-    def _put(self, item: Tuple[Path, parquet_v2.ChunkRecord, dict]) -> None:
+    def _put(self, item: "WriteItem") -> None:
         while True:
             if self._writer_error is not None:
                 raise self._writer_error
@@ -356,58 +484,35 @@ class StreamingQuantizer:
                 continue
 
     # -- reading ---------------------------------------------------------
-    def _read_units(self, t: TensorInfo, chunk: Chunk, unit_rows: int) -> Iterator[Tuple[int, np.ndarray]]:
-        """(row offset within the chunk, raw bytes) for consecutive row ranges,
-        read ahead by a thread so reading overlaps quantizing."""
-        ranges = [(r, min(unit_rows, chunk.row_count - r)) for r in range(0, chunk.row_count, unit_rows)]
-        if len(ranges) <= 1:
-            for r, n in ranges:
-                yield r, self.source.read(t.name, chunk.row_start + r, n)
-            return
-        q: "queue.Queue[Any]" = queue.Queue(maxsize=2)
-        stop = threading.Event()
+    def _unit_rows(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, single_floor: bool) -> int:
+        """Rows per read of a chunk. The engine streams 16 MiB units; the numpy
+        reference works a whole chunk at a time (as numpy code does), and so do
+        weighted plans, unquantized ones, and a single chunk that may be redone
+        at a wider width from the bytes already read."""
+        whole = self.opts.engine == "reference" or plan.bits is None or single_floor \
+            or plan.importance is not None or plan.equalization is not None
+        if whole:
+            return max(1, chunk.row_count)
+        return max(1, READ_UNIT // max(1, t.cols * itemsize(t.dtype)))
 
-        def reader() -> None:
-            try:
-                for r, n in ranges:
-                    if stop.is_set():
-                        return
-                    buf = np.empty(n * t.cols * itemsize(t.dtype), dtype=np.uint8)
-                    self.source.read(t.name, chunk.row_start + r, n, out=buf)
-                    q.put((r, buf))
-                q.put(None)
-            except BaseException as exc:
-                q.put(exc)
-
-        th = threading.Thread(target=reader, name="arrowquant-reader", daemon=True)
-        th.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while th.is_alive():  # unblock a reader waiting on a full queue
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            th.join()
+    def _sync_units(self, t: TensorInfo, chunk: Chunk, unit_rows: int) -> Iterator[Tuple[int, np.ndarray]]:
+        """Reads of a chunk in the calling thread (probing widths re-reads)."""
+        for r in range(0, max(chunk.row_count, 1), unit_rows):
+            n = min(unit_rows, chunk.row_count - r) if chunk.row_count else 0
+            yield r, self.source.read(t.name, chunk.row_start + r, n)
 
     # -- one chunk --------------------------------------------------------
     def _quantize_chunk(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk,
-                        retained: Optional[np.ndarray] = None,
+                        units: Iterable[Tuple[int, np.ndarray]],
                         keep_source: bool = False) -> Tuple[parquet_v2.ChunkRecord, ErrorSums, Optional[np.ndarray]]:
+        """Quantizes a chunk from its read units (row offset, raw bytes). With
+        keep_source, the chunk's bytes (one unit) come back for a redo."""
         rows, cols = chunk.row_count, t.cols
         src_row = cols * itemsize(t.dtype)
         if plan.bits is None:
-            data = retained if retained is not None else self.source.read(t.name, chunk.row_start, rows)
-            data = np.array(data, dtype=np.uint8, copy=True)  # own it: the reader may reuse buffers
-            rec = self._record(t, plan, chunk, data, None, None)
+            parts = [raw for _, raw in units]
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            rec = self._record(t, plan, chunk, np.asarray(data, dtype=np.uint8), None, None)
             return rec, ErrorSums(), None
         G = groups_per_row(cols, plan.group_size)
         row_bytes = packed_row_bytes(cols, plan.bits)
@@ -415,13 +520,7 @@ class StreamingQuantizer:
         scales = np.empty(rows * G, dtype=np.float32)
         zeros = np.empty(rows * G, dtype=np.float32)
         sums = ErrorSums()
-        # The numpy reference works a whole chunk at a time (as numpy code
-        # does); the engine streams small units. Weighted plans see the chunk.
-        whole = self.opts.engine == "reference" or plan.importance is not None \
-            or plan.equalization is not None or keep_source or retained is not None
-        unit_rows = rows if whole else max(1, READ_UNIT // max(1, src_row))
         kept: Optional[np.ndarray] = None
-        units = [(0, retained)] if retained is not None else self._read_units(t, chunk, unit_rows)
         for r, raw in units:
             n = raw.size // max(1, src_row)
             s = self.quantizer.quantize_rows(
@@ -477,27 +576,26 @@ class StreamingQuantizer:
         decisions.append(f"int{plan.bits}: cosine {cos:.4f} < {floor}; redone at int{wider[0]}")
         return dataclasses.replace(plan, bits=wider[0])
 
-    def _probe_bits(self, t: TensorInfo, plan: TensorPlan, chunks: List[Chunk],
+    def _probe_bits(self, t: TensorInfo, plan: TensorPlan, layout: "TensorLayout",
                     decisions: List[str]) -> TensorPlan:
         """For a tensor of several chunks with a quality floor: measure each
         width over the whole tensor (codes discarded) before writing any."""
         while True:
             sums = ErrorSums()
-            for c in chunks:
+            for c in layout.chunks:
                 self._check_cancel()
-                _, s, _ = self._quantize_chunk(t, plan, c)
+                units = self._sync_units(t, c, layout.unit_rows[c.index])
+                _, s, _ = self._quantize_chunk(t, plan, c, units)
                 sums.merge(s)
             wider = self._next_width(t, plan, sums, decisions)
             if wider is None:
                 return plan
             plan = wider
 
-    def run_tensor(self, ti: int, t: TensorInfo, plan: TensorPlan) -> TensorRecord:
-        start = time.perf_counter()
-        rows_per_chunk = chunk_rows(t, plan, self.opts)
-        chunks = plan_chunks(t, rows_per_chunk)
-        decisions: List[str] = []
-        # Resume: parts already written for this tensor.
+    def layout(self, ti: int, t: TensorInfo, plan: TensorPlan) -> "TensorLayout":
+        """Chunks and read units of a tensor, and the chunks an interrupted run
+        already staged (a damaged part is removed and redone)."""
+        chunks = plan_chunks(t, chunk_rows(t, plan, self.opts))
         done: Dict[int, Dict[str, Any]] = {}
         for c in chunks:
             p = self.staging / part_name(ti, c.index)
@@ -508,36 +606,48 @@ class StreamingQuantizer:
                     done[c.index] = info
                 else:
                     p.unlink()
+        single_floor = plan.floor() is not None and len(chunks) == 1
+        unit_rows = {c.index: self._unit_rows(t, plan, c, single_floor) for c in chunks}
+        return TensorLayout(chunks, done, unit_rows)
+
+    def run_tensor(self, ti: int, t: TensorInfo, plan: TensorPlan,
+                   layout: "TensorLayout", prefetch: "Prefetcher") -> TensorRecord:
+        start = time.perf_counter()
+        chunks, done = layout.chunks, layout.done
+        decisions: List[str] = []
         has_floor = plan.floor() is not None
         if done:
             # The width was decided before the interruption.
             plan = dataclasses.replace(plan, bits=next(iter(done.values()))["bits"])
             decisions = list(next(iter(done.values())).get("decisions", []))
         elif has_floor and len(chunks) > 1 and (plan.fallback_bits or self.opts.fail_fast):
-            plan = self._probe_bits(t, plan, chunks, decisions)
+            plan = self._probe_bits(t, plan, layout, decisions)
         planned_bits = plan.bits
         markov: Optional[MarkovMetrics] = None
 
         sums = ErrorSums()
         out_bytes = 0
-        for info in done.values():
-            sums.merge(ErrorSums(*info["sums"]))
-            out_bytes += info["output_bytes"]
-            if info.get("markov"):
-                markov = _merge_markov(markov, MarkovMetrics(**info["markov"]))
-            self._advance(ti, t, info["row_count"])
+        tensor_bytes = max(1, t.rows) * output_row_bytes(t, plan)
         for c in chunks:
-            if c.index in done:
-                continue
             self._check_cancel()
+            if c.index in done:
+                info = done[c.index]
+                sums.merge(ErrorSums(*info["sums"]))
+                out_bytes += info["output_bytes"]
+                if info.get("markov"):
+                    markov = _merge_markov(markov, MarkovMetrics(**info["markov"]))
+                self._put(WriteItem(ti, c.index, None, info, tensor_bytes))
+                self._advance(ti, t, c.row_count)
+                continue
+            units = prefetch.units(ti, c.index)
             if has_floor and len(chunks) == 1:
                 # Redo from the bytes already read rather than reading again.
-                rec, s, raw = self._quantize_chunk(t, plan, c, keep_source=True)
+                rec, s, raw = self._quantize_chunk(t, plan, c, units, keep_source=True)
                 while (wider := self._next_width(t, plan, s, decisions)) is not None:
                     plan = wider
-                    rec, s, _ = self._quantize_chunk(t, plan, c, retained=raw)
+                    rec, s, _ = self._quantize_chunk(t, plan, c, [(0, raw)])
             else:
-                rec, s, _ = self._quantize_chunk(t, plan, c)
+                rec, s, _ = self._quantize_chunk(t, plan, c, units)
             sums.merge(s)
             chunk_markov = None
             if rec.scales is not None and rec.scales.size:
@@ -553,7 +663,7 @@ class StreamingQuantizer:
                     "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,
                     "sums": list(sums_tuple(s)), "output_bytes": nbytes, "decisions": decisions,
                     "markov": dataclasses.asdict(chunk_markov) if chunk_markov else None}
-            self._put((self.staging / part_name(ti, c.index), rec, info))
+            self._put(WriteItem(ti, c.index, rec, info, tensor_bytes))
             self._advance(ti, t, c.row_count)
         if has_floor and len(chunks) > 1 and not done and plan.bits == planned_bits:
             self._next_width(t, dataclasses.replace(plan, fallback_bits=()), sums, decisions)
@@ -592,68 +702,118 @@ class StreamingQuantizer:
 
     # -- whole run ---------------------------------------------------------
     def run(self) -> List[TensorRecord]:
+        """Quantizes every tensor; the output files are complete (under
+        temporary names) when it returns. finish() renames them."""
         self.staging.mkdir(parents=True, exist_ok=True)
         writer = threading.Thread(target=self._writer_loop, name="arrowquant-writer", daemon=True)
         writer.start()
         records: List[TensorRecord] = []
+        layouts = [self.layout(ti, t, self.plans[t.name]) for ti, t in enumerate(self.source.tensors)]
+        reads = [(ti, c.index, t.name, c.row_start + r,
+                  min(lay.unit_rows[c.index], c.row_count - r),
+                  min(lay.unit_rows[c.index], c.row_count - r) * t.cols * itemsize(t.dtype))
+                 for ti, (t, lay) in enumerate(zip(self.source.tensors, layouts))
+                 for c in lay.chunks if c.index not in lay.done
+                 for r in range(0, max(c.row_count, 1), lay.unit_rows[c.index])]
+        budget = max(READ_UNIT, self.opts.max_memory // 4)
+        prefetch = Prefetcher(self.source, reads, budget)
         try:
             for ti, t in enumerate(self.source.tensors):
-                records.append(self.run_tensor(ti, t, self.plans[t.name]))
+                records.append(self.run_tensor(ti, t, self.plans[t.name], layouts[ti], prefetch))
         finally:
+            prefetch.close()
             self._write_q.put(None)
             writer.join()
+            if self._writer_error is not None or len(records) < len(self.source.tensors):
+                self.shards.abort()
         if self._writer_error is not None:
             raise self._writer_error
         return records
 
-    def assemble(self, records: Sequence[TensorRecord]) -> List[str]:
-        """Joins the parts, in order, into model.parquet or numbered shards. A
-        tensor never spans two shards (the index maps each tensor to one file),
-        so a shard may exceed shard_size by at most one tensor."""
-        per_tensor: List[List[Path]] = []
-        for ti, (t, rec) in enumerate(zip(self.source.tensors, records)):
-            parts = []
-            for ci in range(rec.chunks):
-                p = self.staging / part_name(ti, ci)
-                if not p.exists():
-                    raise ArrowQuantError(f"missing staged chunk {p.name} of tensor {t.name!r}")
-                parts.append(p)
-            per_tensor.append(parts)
-        shards: List[List[Path]] = [[]]
-        size = 0
-        for parts in per_tensor:
-            n = sum(p.stat().st_size for p in parts)
-            if shards[-1] and size + n > self.opts.shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].extend(parts)
-            size += n
-        names = ["model.parquet"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
-        weight_map: Dict[str, str] = {}
-        param_dtype = "float16" if any(r.param_dtype == "float16" for r in records) else "float32"
-        for name, group in zip(names, shards):
-            tmp = self.out_dir / (name + ".tmp")
+    def finish(self) -> List[str]:
+        """Final names for the output files (and the index when sharded)."""
+        return self.shards.finish()
+
+
+@dataclass
+class TensorLayout:
+    chunks: List[Chunk]
+    done: Dict[int, Dict[str, Any]]     # chunk index -> info of a part staged earlier
+    unit_rows: Dict[int, int]           # chunk index -> rows per read
+
+
+class Prefetcher:
+    """Reads, in a thread of its own, every unit the pipeline will quantize,
+    in order, ahead of the quantizer, holding at most `budget` bytes of read
+    buffers (but always at least one unit)."""
+
+    def __init__(self, source: ModelSource, reads: Sequence[Tuple[int, int, str, int, int, int]],
+                 budget: int):
+        self.source = source
+        self.reads = list(reads)   # (tensor index, chunk index, name, row, rows, bytes)
+        self.budget = budget
+        self._count = collections.Counter((ti, ci) for ti, ci, *_ in self.reads)
+        self._cond = threading.Condition()
+        self._ready: "collections.deque[Tuple[int, int, int, Any]]" = collections.deque()
+        self._held = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="arrowquant-reader", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        for ti, ci, name, row, n, nbytes in self.reads:
+            with self._cond:
+                while not self._stop and self._held and self._held + nbytes > self.budget:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._held += nbytes
             try:
-                w = parquet_v2.open_writer(tmp, param_dtype)
-                for p in group:
-                    table = pq.read_table(str(p), memory_map=True)
-                    table = table.cast(parquet_v2.schema(param_dtype))
-                    for batch in table.to_batches():
-                        parquet_v2.write_row(w, batch)
-                        weight_map.setdefault(batch.column(0)[0].as_py(), name)
-                    del table
-                w.close()
-            except OSError as exc:
-                raise _io_error(exc, f"writing {tmp}") from None
-        for name in names:
-            os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
-        if len(names) > 1:
-            total = sum((self.out_dir / n).stat().st_size for n in names)
-            _atomic_write_text(self.out_dir / parquet_v2.INDEX_NAME, json.dumps(
-                {"metadata": {"format": parquet_v2.FORMAT_NAME, "total_size": total},
-                 "weight_map": weight_map}, indent=2))
-        return names
+                item: Any = self.source.read(name, row, n, out=np.empty(nbytes, dtype=np.uint8))
+            except BaseException as exc:  # handed to the consumer at this position
+                item = exc
+            with self._cond:
+                self._ready.append((ti, ci, row, item))
+                self._cond.notify_all()
+
+    def units(self, ti: int, ci: int) -> Iterator[Tuple[int, np.ndarray]]:
+        """The units of chunk (ti, ci), as (row offset in the chunk, bytes)."""
+        first_row: Optional[int] = None
+        for _ in range(self._count[(ti, ci)]):
+            with self._cond:
+                while not self._ready:
+                    if not self._thread.is_alive():
+                        raise ArrowQuantError("the reader stopped before the end of the model")
+                    self._cond.wait(timeout=0.5)
+                got_ti, got_ci, row, item = self._ready.popleft()
+                assert (got_ti, got_ci) == (ti, ci), "units consumed out of order"
+                if not isinstance(item, BaseException):
+                    self._held -= item.nbytes
+                self._cond.notify_all()
+            if isinstance(item, BaseException):
+                raise item
+            if first_row is None:
+                first_row = row
+            yield row - first_row, item
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+
+@dataclass
+class WriteItem:
+    """A chunk for the writer thread: its record, or None to replay the part
+    an interrupted run staged."""
+
+    tensor_index: int
+    chunk_index: int
+    record: Optional[parquet_v2.ChunkRecord]
+    info: Dict[str, Any]
+    tensor_bytes: int
 
 
 def _merge_markov(acc: Optional[MarkovMetrics], new: MarkovMetrics) -> MarkovMetrics:

@@ -30,7 +30,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from .errors import ArrowQuantIOError, FormatError, ModelNotFoundError, ValidationError
+from .errors import (
+    ArrowQuantError,
+    ArrowQuantIOError,
+    FormatError,
+    ModelNotFoundError,
+    ValidationError,
+)
 from .plan import TensorInfo
 from .tensor import view_2d
 
@@ -101,12 +107,22 @@ def _check_shard_name(name: Any, index_path: Path, root: Path, allowed: Path) ->
             f"{index_path}: shard file name {name!r} contains '..'; "
             "shards must be inside the model directory")
     path = root / pure
-    real = path.resolve()
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops, names too long
+        raise ValidationError(f"{index_path}: shard file name {name!r} cannot be resolved: {e}") from None
     if real != allowed and allowed not in real.parents:
         raise ValidationError(
             f"{index_path}: shard {name!r} resolves to {real}, outside the model directory "
             f"{allowed} (a symlink that escapes it)")
     return path
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system cannot exist
+        return False
 
 
 def _load_index(index_path: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
@@ -178,6 +194,12 @@ class SafeTensorsModel:
         self._closed = False
         try:
             self._open()
+        except ArrowQuantError:
+            self.close()
+            raise
+        except OSError as e:
+            self.close()
+            raise ArrowQuantIOError(f"{self.path}: {e}") from None
         except BaseException:
             self.close()
             raise
@@ -244,7 +266,7 @@ class SafeTensorsModel:
         # Every name is checked before any shard is touched.
         shard_paths = {name: _check_shard_name(name, index_path, self.root, allowed) for name in by_file}
         order = sorted(by_file)
-        missing = [name for name in order if not shard_paths[name].is_file()]
+        missing = [name for name in order if not _is_file(shard_paths[name])]
         if missing:
             raise ModelNotFoundError(
                 f"{index_path}: {len(missing)} shard(s) named in the index are missing: "
@@ -488,7 +510,12 @@ class SafeTensorsWriter:
             raise ValidationError(f"{self.path}: writer is closed")
         try:
             mv = _as_bytes(data)
-            self._skip_complete()
+            # Move past finished tensors, but not past the one named: a later
+            # write of zero bytes to a complete tensor is harmless.
+            while (self._current < len(self._pending)
+                   and self._pending[self._current].name != name
+                   and self._pending[self._current].written == self._pending[self._current].nbytes):
+                self._current += 1
             if self._current >= len(self._pending):
                 raise ValidationError(f"{self.path}: every tensor is complete; no room for {name!r}")
             p = self._pending[self._current]

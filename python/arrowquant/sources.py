@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -71,10 +72,13 @@ class ModelSource(abc.ABC):
         return out
 
     def info(self, name: str) -> TensorInfo:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise ModelNotFoundError(f"{self.root}: no tensor named {name!r}")
+        by_name = self.__dict__.get("_by_name")
+        if by_name is None or len(by_name) != len(self.tensors):
+            by_name = self.__dict__["_by_name"] = {t.name: t for t in self.tensors}
+        try:
+            return by_name[name]
+        except KeyError:
+            raise ModelNotFoundError(f"{self.root}: no tensor named {name!r}") from None
 
     @property
     def total_bytes(self) -> int:
@@ -130,6 +134,7 @@ class ParquetV1Source(ModelSource):
         self._pf: Dict[Path, pq.ParquetFile] = {}
         self._cache_key: Optional[tuple] = None
         self._cache: Optional[pa.Array] = None
+        self._lock = threading.Lock()  # the pipeline reads from a thread of its own
         for f in self.files:
             self._index(f)
 
@@ -182,21 +187,14 @@ class ParquetV1Source(ModelSource):
 
     def read(self, name: str, row_start: int = 0, row_count: Optional[int] = None,
              out: Optional[np.ndarray] = None) -> np.ndarray:
-        if name not in self._where:
-            raise ModelNotFoundError(f"{self.root}: no tensor named {name!r}")
-        t = self.tensors_by_name[name]
-        blob = self._tensor_bytes(name)
+        t = self.info(name)
+        with self._lock:
+            blob = self._tensor_bytes(name)
         if blob.size != t.nbytes:
             raise FormatError(f"{self._where[name][0]}: tensor {name!r} has {blob.size} data bytes, "
                               f"shape {list(t.shape)} of {t.dtype} needs {t.nbytes}")
         off, n = _rows_slice(t, row_start, row_count)
         return _into(blob[off: off + n], out)
-
-    @property
-    def tensors_by_name(self) -> Dict[str, TensorInfo]:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {t.name: t for t in self.tensors}
-        return self._by_name
 
     def close(self) -> None:
         self._cache = None
@@ -232,18 +230,10 @@ class SafeTensorsSource(ModelSource):
 
     def read(self, name: str, row_start: int = 0, row_count: Optional[int] = None,
              out: Optional[np.ndarray] = None) -> np.ndarray:
-        t = self._model_info(name)
+        t = self.info(name)
         if row_count is None:
             row_count = t.rows - row_start
         return self._model.read_rows(name, row_start, row_count, out=out)
-
-    def _model_info(self, name: str) -> TensorInfo:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {t.name: t for t in self.tensors}
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise ModelNotFoundError(f"{self.root}: no tensor named {name!r}") from None
 
     def close(self) -> None:
         self._model.close()
@@ -255,18 +245,19 @@ class ParquetV2Source(ModelSource):
     format = "arrowquant-parquet-v2"
 
     def __init__(self, root: Path):
-        from .parquet_v2 import QuantizedModel
+        from .parquet_v2 import QuantizedModel, readback_dtype
 
         self.root = root
         self.model = QuantizedModel(root)
         self.metadata = dict(self.model.metadata)
         self.tensors = []
         for e in self.model.entries.values():
-            dtype = e.dtype if e.quant_type == "none" else "float32"
+            dtype = readback_dtype(e.dtype) if e.quant_type == "none" else "float32"
             self.tensors.append(TensorInfo(e.name, e.shape, dtype,
                                            math.prod(e.shape) * itemsize(dtype)))
-        self._cache_name: Optional[str] = None
+        self._cache_key: Optional[tuple] = None
         self._cache: Optional[np.ndarray] = None
+        self._lock = threading.Lock()
 
     @property
     def modality_hint(self) -> Optional[str]:
@@ -282,15 +273,34 @@ class ParquetV2Source(ModelSource):
 
     def read(self, name: str, row_start: int = 0, row_count: Optional[int] = None,
              out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows dequantized chunk by chunk (one chunk cached), so reading a
+        large tensor holds one chunk, not the tensor."""
         t = self.info(name)
-        if self._cache_name != name:
-            self._cache = None
-            e = self.model.info(name)
-            arr = self.model.dequantize(name)
-            self._cache = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-            self._cache_name = name
-        off, n = _rows_slice(t, row_start, row_count)
-        return _into(self._cache[off: off + n], out)
+        entry = self.model.info(name)
+        if row_count is None:
+            row_count = t.rows - row_start
+        _rows_slice(t, row_start, row_count)  # range check
+        row_bytes = t.cols * itemsize(t.dtype)
+        pieces = []
+        for loc in sorted(entry.chunks, key=lambda c: c.row_start):
+            lo = max(row_start, loc.row_start)
+            hi = min(row_start + row_count, loc.row_start + loc.row_count)
+            if lo >= hi:
+                continue
+            with self._lock:
+                if self._cache_key != (name, loc.row_start):
+                    self._cache = None
+                    arr = np.ascontiguousarray(self.model.dequantize_chunk(name, loc))
+                    self._cache = arr.reshape(-1).view(np.uint8)
+                    self._cache_key = (name, loc.row_start)
+                cache = self._cache
+            a = (lo - loc.row_start) * row_bytes
+            pieces.append(cache[a: a + (hi - lo) * row_bytes])
+        if not pieces:
+            view = np.zeros(0, np.uint8)
+        else:
+            view = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return _into(view, out)
 
     def close(self) -> None:
         self._cache = None

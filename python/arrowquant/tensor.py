@@ -191,7 +191,7 @@ class ErrorSums:
         x2, h2, xh, e2 = self.sum_x2, self.sum_xhat2, self.sum_x_xhat, self.sum_err2
         denom = math.sqrt(x2) * math.sqrt(h2)
         if denom > 0:
-            cosine = xh / denom
+            cosine = max(-1.0, min(1.0, xh / denom))  # rounding can step past 1
         else:
             cosine = 1.0 if (x2 == 0 and h2 == 0) else 0.0
         rel = e2 / x2 if x2 > 0 else (math.inf if e2 > 0 else 0.0)

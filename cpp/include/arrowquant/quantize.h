@@ -8,6 +8,9 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "arrowquant/dtype.h"
 #include "arrowquant/status.h"
@@ -20,12 +23,20 @@ enum class Scheme : uint8_t { kAsymmetric, kSymmetric };
 // are the same for every method, so readers never need to know it.
 enum class Method : uint8_t {
   kRtn,  // FORMAT.md: min/max (asymmetric) or max-abs (symmetric)
-  kMse,  // error-minimizing search (issue 8)
+  // Error-minimizing search (docs/FORMAT.md section 7): per group, the
+  // candidate with the least true squared error among rtn, clipped ranges
+  // and least-squares refits of scale and offset; deterministic, never worse
+  // than rtn on any group, bit-identical to the numpy reference. 4-6
+  // evaluation passes over each group (AVX2 when the CPU has it).
+  kMse,
 };
 
 // Precision in which scales and zero points are stored. With kF16 they are
 // rounded to float16 before the codes are computed, so that dequantization
-// from the stored values is exact.
+// from the stored values is exact (docs/FORMAT.md section 7: a scale that
+// would underflow is stored as 2^-24; an asymmetric zero point beyond
+// float16's range falls back to the range widened to include 0; a group with
+// no representable candidate is an Invalid status naming it).
 enum class ParamDType : uint8_t { kF32, kF16 };
 
 struct QuantSpec {
@@ -68,6 +79,18 @@ struct ErrorStats {
   double max_abs_err = 0.0;  // max |x - x_hat|
   int64_t count = 0;
   void Merge(const ErrorStats& other);
+};
+
+// Error sums of parallel tasks, merged in index order so that the total (a
+// floating-point sum) does not depend on which thread finished first.
+class OrderedStats {
+ public:
+  void Add(int64_t first_index, const ErrorStats& s);  // thread-safe
+  void MergeInto(ErrorStats* total);
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<int64_t, ErrorStats>> parts_;
 };
 
 struct ErrorMetrics {

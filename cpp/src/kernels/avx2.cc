@@ -2,16 +2,24 @@
 // time, giving the same bytes and parameters (avx2_test.cc compares them).
 //
 // Why the results are identical: conversions are exact; min/max is exact in
-// any order (-0/+0 are canonicalized by RtnGroupParams, which does all
-// parameter arithmetic); the code formula uses the same operations in the
-// same order (mul, add, round half to even, max, min) and no FMA; the inverse
+// any order (-0/+0 are canonicalized as RtnGroupParams does); the parameter
+// formulas are RtnGroupParams' float32 operations, lane by lane for eight
+// groups at once; the code formula uses the same operations in the same
+// order (mul, add, round half to even, max, min) and no FMA; the inverse
 // 1/scale is the same float the scalar path computes.
 //
 // Only the error sums use FMA and a different summation order; they are
-// metrics, compared with a tolerance. Within a group they are accumulated in
-// float32 (flushed to double every few hundred elements) when the group's
-// magnitudes keep squares far from float32 overflow and underflow; otherwise
-// they are accumulated in double like the scalar path.
+// metrics, compared with a tolerance. They are accumulated in float32 lanes,
+// flushed to double every 256 elements, when every group of a block keeps
+// squares far from float32 overflow and underflow; otherwise in double like
+// the scalar path.
+//
+// A row is processed in blocks of up to 8 groups (about 4K elements): one
+// scan of the block (conversion into an L1-sized buffer, min/max per group,
+// NaN/Inf check, squares), the parameters of its 8 groups in one vector
+// pass, then codes and errors. Groups of a block do not wait on each other,
+// so per-group work overlaps.
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -90,24 +98,21 @@ struct LoadF8E4M3 {  // 256-entry table
 template <typename Fn>
 auto WithLoader(DType dtype, const void* src, Fn&& fn) {
   switch (dtype) {
-    case DType::kF16: return fn(LoadF16{static_cast<const uint16_t*>(src)});
-    case DType::kBF16: return fn(LoadBF16{static_cast<const uint16_t*>(src)});
-    case DType::kF8E5M2: return fn(LoadF8E5M2{static_cast<const uint8_t*>(src)});
+    case DType::kF16:
+      return fn(LoadF16{static_cast<const uint16_t*>(src)});
+    case DType::kBF16:
+      return fn(LoadBF16{static_cast<const uint16_t*>(src)});
+    case DType::kF8E5M2:
+      return fn(LoadF8E5M2{static_cast<const uint8_t*>(src)});
     case DType::kF8E4M3:
       return fn(LoadF8E4M3{static_cast<const uint8_t*>(src), F8E4M3Table().data()});
-    default: return fn(LoadF32{static_cast<const float*>(src)});
+    default:
+      return fn(LoadF32{static_cast<const float*>(src)});
   }
 }
 
 // ---------------------------------------------------------------------------
 // Horizontal reductions.
-
-float HMin(__m256 v) {
-  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_min_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
 
 float HMax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -155,55 +160,113 @@ void Avx2Convert(DType dtype, const void* src, float* dst, size_t n) {
   });
 }
 
-// ---------------------------------------------------------------------------
-// Group scan: min, max and finiteness of elements [c0, c0 + n), copying the
-// converted values to buf[0, n) when the source is not float32.
+inline __m256d Widen(__m256 v) {
+  return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                       _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
 
-struct GroupRange {
-  float lo;
-  float hi;
-  bool finite;
+// Lane k of the result is op over the 8 lanes of v[k] (a transposing
+// reduction: 8 groups' min or max in 21 instructions).
+template <typename Op>
+__m256 TransposeReduce(const __m256* v, Op op) {
+  auto pair = [&](__m256 a, __m256 b) {
+    return op(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  };
+  auto quad = [&](__m256 a, __m256 b) {
+    const __m256d ad = _mm256_castps_pd(a), bd = _mm256_castps_pd(b);
+    return op(_mm256_castpd_ps(_mm256_unpacklo_pd(ad, bd)),
+              _mm256_castpd_ps(_mm256_unpackhi_pd(ad, bd)));
+  };
+  const __m256 b0 = quad(pair(v[0], v[1]), pair(v[2], v[3]));  // groups 0-3, two halves
+  const __m256 b1 = quad(pair(v[4], v[5]), pair(v[6], v[7]));  // groups 4-7
+  return op(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+// ---------------------------------------------------------------------------
+// Block scan: groups [b0 + k g, b0 + min((k + 1) g, total)) for k < count.
+
+struct BlockScan {
+  __m256 lo;  // lane k: min of group k (0 for k >= count)
+  __m256 hi;  // lane k: max of group k
+  // True: no NaN or Inf in the block. False: maybe one; with squares the
+  // test is that their sum stays finite (NaN and Inf propagate, so it costs
+  // nothing extra), which also fails for finite |x| > 1.8e19 whose square
+  // overflows: the caller then checks exactly.
+  bool clean;
+  // Sum of x^2 over the block's elements that the vector loops covered
+  // (tails of groups are left to the encoder), float32 partials widened.
+  __m256d x2;
 };
 
-template <typename Loader>
-GroupRange ScanGroup(const Loader& ld, int64_t c0, int64_t n, float* buf) {
-  __m256 vlo = _mm256_set1_ps(INFINITY);
-  __m256 vhi = _mm256_set1_ps(-INFINITY);
+// Converts the block into buf[0, total) when the source is not float32.
+template <bool kSquares, typename Loader>
+BlockScan ScanBlock(const Loader& ld, int64_t b0, int64_t g, int64_t count, int64_t total,
+                    float* buf) {
   const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
   __m256i vbits = _mm256_setzero_si256();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 a = ld.Load8(c0 + i);
-    const __m256 b = ld.Load8(c0 + i + 8);
-    if constexpr (Loader::kCopies) {
-      _mm256_storeu_ps(buf + i, a);
-      _mm256_storeu_ps(buf + i + 8, b);
+  uint32_t tail_bits = 0;
+  __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+  __m256d x2 = _mm256_setzero_pd();
+  int steps = 0;
+  __m256 los[8], his[8];
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t c0 = k * g;
+    const int64_t end = std::min(c0 + g, total);
+    __m256 vlo = _mm256_set1_ps(INFINITY);
+    __m256 vhi = _mm256_set1_ps(-INFINITY);
+    int64_t i = c0;
+    for (; i + 16 <= end; i += 16) {
+      const __m256 a = ld.Load8(b0 + i);
+      const __m256 b = ld.Load8(b0 + i + 8);
+      if constexpr (Loader::kCopies) {
+        _mm256_storeu_ps(buf + i, a);
+        _mm256_storeu_ps(buf + i + 8, b);
+      }
+      vlo = _mm256_min_ps(vlo, _mm256_min_ps(a, b));
+      vhi = _mm256_max_ps(vhi, _mm256_max_ps(a, b));
+      if constexpr (!kSquares) {
+        // Unsigned max of |bits|: Inf and NaN are the largest patterns.
+        const __m256i ab = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(a), abs_mask),
+                                            _mm256_and_si256(_mm256_castps_si256(b), abs_mask));
+        vbits = _mm256_max_epu32(vbits, ab);
+      } else {
+        sa = _mm256_fmadd_ps(a, a, sa);
+        sb = _mm256_fmadd_ps(b, b, sb);
+        if (++steps == 16) {  // at most 16 float additions per lane
+          x2 = _mm256_add_pd(x2, Widen(_mm256_add_ps(sa, sb)));
+          sa = sb = _mm256_setzero_ps();
+          steps = 0;
+        }
+      }
     }
-    vlo = _mm256_min_ps(vlo, _mm256_min_ps(a, b));
-    vhi = _mm256_max_ps(vhi, _mm256_max_ps(a, b));
-    // Unsigned max of |bits|: Inf and NaN are the largest patterns.
-    const __m256i ab = _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(a), abs_mask),
-                                        _mm256_and_si256(_mm256_castps_si256(b), abs_mask));
-    vbits = _mm256_max_epu32(vbits, ab);
+    for (; i + 8 <= end; i += 8) {
+      const __m256 a = ld.Load8(b0 + i);
+      if constexpr (Loader::kCopies) _mm256_storeu_ps(buf + i, a);
+      vlo = _mm256_min_ps(vlo, a);
+      vhi = _mm256_max_ps(vhi, a);
+      if constexpr (!kSquares) {
+        vbits = _mm256_max_epu32(vbits, _mm256_and_si256(_mm256_castps_si256(a), abs_mask));
+      } else {
+        sa = _mm256_fmadd_ps(a, a, sa);
+      }
+    }
+    for (; i < end; ++i) {
+      const float v = ld.Load1(b0 + i);
+      if constexpr (Loader::kCopies) buf[i] = v;
+      vlo = _mm256_min_ps(vlo, _mm256_set1_ps(v));
+      vhi = _mm256_max_ps(vhi, _mm256_set1_ps(v));
+      tail_bits = std::max(tail_bits, AbsBits(v));
+    }
+    los[k] = vlo;
+    his[k] = vhi;
   }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 a = ld.Load8(c0 + i);
-    if constexpr (Loader::kCopies) _mm256_storeu_ps(buf + i, a);
-    vlo = _mm256_min_ps(vlo, a);
-    vhi = _mm256_max_ps(vhi, a);
-    vbits = _mm256_max_epu32(vbits, _mm256_and_si256(_mm256_castps_si256(a), abs_mask));
-  }
-  float lo = HMin(vlo);
-  float hi = HMax(vhi);
-  uint32_t bits = HMaxU32(vbits);
-  for (; i < n; ++i) {
-    const float v = ld.Load1(c0 + i);
-    if constexpr (Loader::kCopies) buf[i] = v;
-    lo = std::min(lo, v);
-    hi = std::max(hi, v);
-    bits = std::max(bits, AbsBits(v));
-  }
-  return GroupRange{lo, hi, bits < kInfBits};
+  for (int64_t k = count; k < 8; ++k) los[k] = his[k] = _mm256_setzero_ps();
+  if constexpr (kSquares) x2 = _mm256_add_pd(x2, Widen(_mm256_add_ps(sa, sb)));
+  const auto vmin = [](__m256 a, __m256 b) { return _mm256_min_ps(a, b); };
+  const auto vmax = [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); };
+  bool clean = std::max(HMaxU32(vbits), tail_bits) < kInfBits;
+  if constexpr (kSquares) clean = clean && std::isfinite(HSum(x2));
+  return BlockScan{TransposeReduce(los, vmin), TransposeReduce(his, vmax), clean, x2};
 }
 
 // ---------------------------------------------------------------------------
@@ -216,7 +279,7 @@ struct RowSums {
   __m256d x2 = _mm256_setzero_pd();
   __m256d h2 = _mm256_setzero_pd();
   __m256d e2 = _mm256_setzero_pd();
-  __m256 emax = _mm256_setzero_ps();
+  __m256 emax = _mm256_setzero_ps();  // max |x - x_hat| of the vector part
   // Scalar part (tails and groups summed in double), as the scalar path.
   double sx2 = 0, sh2 = 0, sxh = 0, se2 = 0, semax = 0;
 
@@ -229,13 +292,7 @@ struct RowSums {
     semax = std::max(semax, std::fabs(e));
   }
 
-  static __m256d Widen(__m256 v) {
-    return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                         _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-  }
-
-  void Flush(__m256 fx2, __m256 fh2, __m256 fe2) {
-    x2 = _mm256_add_pd(x2, Widen(fx2));
+  void Flush(__m256 fh2, __m256 fe2) {
     h2 = _mm256_add_pd(h2, Widen(fh2));
     e2 = _mm256_add_pd(e2, Widen(fe2));
   }
@@ -246,17 +303,81 @@ struct RowSums {
     stats->sum_xhat2 += sh2 + vh2;
     stats->sum_x_xhat += sxh + 0.5 * (vx2 + vh2 - ve2);
     stats->sum_err2 += se2 + ve2;
-    stats->max_abs_err = std::max({stats->max_abs_err, semax, static_cast<double>(HMax(emax))});
+    const double vmax = HMax(emax);
+    stats->max_abs_err = std::max({stats->max_abs_err, semax, vmax});
     stats->count += count;
   }
 };
 
-// Float32 partial sums are safe when squares of every value and of every
-// reconstruction stay far inside float32 range (and are not all tiny).
-bool FloatSumsSafe(float magnitude, float scale, float zero_point, float q_max) {
-  const float reach = (q_max + std::fabs(zero_point)) * scale;
-  return (magnitude == 0.0f || (magnitude >= 0x1p-40f && magnitude <= 0x1p40f)) &&
-         reach <= 0x1p41f;
+// ---------------------------------------------------------------------------
+// Parameters of up to 8 groups, one per lane: RtnGroupParams' float32
+// operations (three divisions for eight groups, no branch per group).
+
+struct BlockParamsResult {
+  int overflow;     // index of the first group whose max - min overflows, or -1
+  bool float_sums;  // error sums of every group may use float32 partials
+};
+
+// Writes scales, zero points and inv = 1.0f / scale of groups [0, count)
+// (nothing when a group overflows).
+BlockParamsResult BlockParams(__m256 vlo, __m256 vhi, int64_t count, const QuantSpec& spec,
+                              float* scales, float* zero_points, float* inv) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kAbsMask)));
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m256 inf = _mm256_set1_ps(INFINITY), one = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  const auto finite = [&](__m256 v) {
+    return _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), inf, _CMP_LT_OQ);
+  };
+  const int lanes = (1 << count) - 1;
+  const float q_max = static_cast<float>((1 << spec.bits) - 1);
+  int overflow = 0;
+  __m256 s, z;
+  if (spec.scheme == Scheme::kSymmetric) {
+    const __m256 a = _mm256_max_ps(_mm256_and_ps(vlo, abs_mask), _mm256_and_ps(vhi, abs_mask));
+    const __m256 m = _mm256_set1_ps(static_cast<float>((1 << (spec.bits - 1)) - 1));
+    const __m256 sa = _mm256_div_ps(a, m);
+    const __m256 ok = _mm256_and_ps(
+        _mm256_and_ps(_mm256_cmp_ps(a, zero, _CMP_GT_OQ), _mm256_cmp_ps(sa, zero, _CMP_NEQ_OQ)),
+        finite(_mm256_div_ps(one, sa)));
+    s = _mm256_blendv_ps(one, sa, ok);
+    z = _mm256_set1_ps(static_cast<float>(1 << (spec.bits - 1)));
+  } else {
+    const __m256 l = _mm256_add_ps(vlo, zero);  // -0 -> +0, as RtnGroupParams
+    const __m256 h = _mm256_add_ps(vhi, zero);
+    const __m256 spread = _mm256_cmp_ps(h, l, _CMP_GT_OQ);
+    const __m256 sa = _mm256_div_ps(_mm256_sub_ps(h, l), _mm256_set1_ps(q_max));
+    const __m256 sa_finite = finite(sa);
+    overflow = _mm256_movemask_ps(_mm256_andnot_ps(sa_finite, spread)) & lanes;
+    const __m256 ok = _mm256_and_ps(
+        _mm256_and_ps(spread, sa_finite),
+        _mm256_and_ps(_mm256_cmp_ps(sa, zero, _CMP_NEQ_OQ), finite(_mm256_div_ps(one, sa))));
+    const __m256 neg_l = _mm256_xor_ps(l, sign);
+    z = _mm256_blendv_ps(neg_l, _mm256_div_ps(neg_l, sa), ok);
+    s = _mm256_blendv_ps(one, sa, ok);
+  }
+  if (overflow != 0) return {__builtin_ctz(static_cast<unsigned>(overflow)), false};
+  // Float32 partial sums are safe when squares of every value and of every
+  // reconstruction stay far inside float32 range (and are not all tiny).
+  const __m256 mag = _mm256_max_ps(_mm256_and_ps(vlo, abs_mask), _mm256_and_ps(vhi, abs_mask));
+  const __m256 mag_ok =
+      _mm256_or_ps(_mm256_cmp_ps(mag, zero, _CMP_EQ_OQ),
+                   _mm256_and_ps(_mm256_cmp_ps(mag, _mm256_set1_ps(0x1p-40f), _CMP_GE_OQ),
+                                 _mm256_cmp_ps(mag, _mm256_set1_ps(0x1p40f), _CMP_LE_OQ)));
+  const __m256 reach =
+      _mm256_mul_ps(_mm256_add_ps(_mm256_set1_ps(q_max), _mm256_and_ps(z, abs_mask)), s);
+  const __m256 safe =
+      _mm256_and_ps(mag_ok, _mm256_cmp_ps(reach, _mm256_set1_ps(0x1p41f), _CMP_LE_OQ));
+  alignas(32) float s_out[8], z_out[8], i_out[8];
+  _mm256_store_ps(s_out, s);
+  _mm256_store_ps(z_out, z);
+  _mm256_store_ps(i_out, _mm256_div_ps(one, s));
+  for (int64_t k = 0; k < count; ++k) {
+    scales[k] = s_out[k];
+    zero_points[k] = z_out[k];
+    inv[k] = i_out[k];
+  }
+  return {-1, (_mm256_movemask_ps(safe) & lanes) == lanes};
 }
 
 // ---------------------------------------------------------------------------
@@ -282,8 +403,9 @@ struct GroupEncoder {
   float s, z, inv, q_max;
   __m256 vs, vz, vinv, vq, v0;
 
-  GroupEncoder(float scale, float zero_point, float qmax)
-      : s(scale), z(zero_point), inv(1.0f / scale), q_max(qmax) {
+  // `inverse` is 1.0f / scale (computed by the caller, possibly 8 at once).
+  GroupEncoder(float scale, float zero_point, float inverse, float qmax)
+      : s(scale), z(zero_point), inv(inverse), q_max(qmax) {
     vs = _mm256_set1_ps(s);
     vz = _mm256_set1_ps(z);
     vinv = _mm256_set1_ps(inv);
@@ -332,80 +454,106 @@ void EncodeGroupNoStats(const GroupEncoder<kSymmetric>& enc, const float* x, int
   for (; i < n; ++i) codes[i] = enc.Code1(x[i]);
 }
 
-// One group with error sums in float32 partials (FloatSumsSafe holds).
+// Sixteen int32 codes -> sixteen bytes.
+// (Immediate shuffles only: no index vector to hold in a register.)
+inline void StoreCodes16(__m256i q0, __m256i q1, uint8_t* dst) {
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), _MM_SHUFFLE(3, 1, 2, 0));
+  const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
+}
+
+// Groups [k g, min((k + 1) g, total)) of x, k < count, with parameters s,
+// z, inv[k]: codes, and error sums in float32 partials (the caller checked
+// that they are safe; it adds the sum of x^2, which the scan computed).
+// Sixteen elements per step; the two halves are combined before they meet
+// the accumulators, so that the loop carries only three vectors (short
+// dependency chains, nothing spilled from the 16 registers), and they stay
+// in registers across the groups.
 template <bool kSymmetric>
-void EncodeGroupFloatSums(const GroupEncoder<kSymmetric>& enc, const float* x, int64_t n,
-                          uint8_t* codes, RowSums* sums) {
+void EncodeRunFloatSums(const float* x, int64_t g, int64_t count, int64_t total,
+                        const float* scales, const float* zero_points, const float* inv,
+                        float q_max, uint8_t* codes, RowSums* sums) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kAbsMask)));
-  __m256 ax2 = _mm256_setzero_ps(), ah2 = _mm256_setzero_ps(), ae2 = _mm256_setzero_ps();
-  __m256 bx2 = _mm256_setzero_ps(), bh2 = _mm256_setzero_ps(), be2 = _mm256_setzero_ps();
+  __m256 sh2 = _mm256_setzero_ps(), se2 = _mm256_setzero_ps();
   __m256 emax = sums->emax;
-  auto accumulate = [&](__m256 xv, __m256 cv, __m256& sx2, __m256& sh2, __m256& se2) {
-    const __m256 h = enc.Dequant(cv);
-    const __m256 e = _mm256_sub_ps(xv, h);
-    sx2 = _mm256_fmadd_ps(xv, xv, sx2);
-    sh2 = _mm256_fmadd_ps(h, h, sh2);
-    se2 = _mm256_fmadd_ps(e, e, se2);
-    emax = _mm256_max_ps(emax, _mm256_and_ps(e, abs_mask));
-  };
-  int64_t i = 0;
-  int64_t since_flush = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m256 x0 = _mm256_loadu_ps(x + i);
-    const __m256 x1 = _mm256_loadu_ps(x + i + 8);
-    const __m256 x2 = _mm256_loadu_ps(x + i + 16);
-    const __m256 x3 = _mm256_loadu_ps(x + i + 24);
-    const __m256 c0 = enc.Code(x0), c1 = enc.Code(x1), c2 = enc.Code(x2), c3 = enc.Code(x3);
-    StoreCodes32(_mm256_cvttps_epi32(c0), _mm256_cvttps_epi32(c1), _mm256_cvttps_epi32(c2),
-                 _mm256_cvttps_epi32(c3), codes + i);
-    accumulate(x0, c0, ax2, ah2, ae2);
-    accumulate(x1, c1, bx2, bh2, be2);
-    accumulate(x2, c2, ax2, ah2, ae2);
-    accumulate(x3, c3, bx2, bh2, be2);
-    // Flush every 256 elements: at most 16 float additions per lane.
-    if (++since_flush == 8) {
-      sums->Flush(_mm256_add_ps(ax2, bx2), _mm256_add_ps(ah2, bh2), _mm256_add_ps(ae2, be2));
-      ax2 = ah2 = ae2 = bx2 = bh2 = be2 = _mm256_setzero_ps();
-      since_flush = 0;
+  int steps = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const GroupEncoder<kSymmetric> enc(scales[k], zero_points[k], inv[k], q_max);
+    const int64_t end = std::min((k + 1) * g, total);
+    int64_t i = k * g;
+    for (; i + 16 <= end; i += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + i);
+      const __m256 c0 = enc.Code(x0);
+      const __m256 x1 = _mm256_loadu_ps(x + i + 8);
+      const __m256 c1 = enc.Code(x1);
+      StoreCodes16(_mm256_cvttps_epi32(c0), _mm256_cvttps_epi32(c1), codes + i);
+      const __m256 h0 = enc.Dequant(c0), h1 = enc.Dequant(c1);
+      const __m256 e0 = _mm256_sub_ps(x0, h0), e1 = _mm256_sub_ps(x1, h1);
+      sh2 = _mm256_add_ps(sh2, _mm256_fmadd_ps(h0, h0, _mm256_mul_ps(h1, h1)));
+      se2 = _mm256_add_ps(se2, _mm256_fmadd_ps(e0, e0, _mm256_mul_ps(e1, e1)));
+      const __m256 a0 = _mm256_and_ps(e0, abs_mask), a1 = _mm256_and_ps(e1, abs_mask);
+      emax = _mm256_max_ps(emax, _mm256_max_ps(a0, a1));
+      if (++steps == 16) {  // at most 16 float additions per lane
+        sums->Flush(sh2, se2);
+        sh2 = se2 = _mm256_setzero_ps();
+        steps = 0;
+      }
+    }
+    for (; i + 8 <= end; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + i);
+      const __m256 cv = enc.Code(xv);
+      StoreCodes8(_mm256_cvttps_epi32(cv), codes + i);
+      const __m256 h = enc.Dequant(cv);
+      const __m256 e = _mm256_sub_ps(xv, h);
+      sh2 = _mm256_fmadd_ps(h, h, sh2);
+      se2 = _mm256_fmadd_ps(e, e, se2);
+      emax = _mm256_max_ps(emax, _mm256_and_ps(e, abs_mask));
+    }
+    for (; i < end; ++i) {
+      codes[i] = enc.Code1(x[i]);
+      sums->AddScalar(x[i], enc.Dequant1(codes[i]));
     }
   }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    const __m256 cv = enc.Code(xv);
-    StoreCodes8(_mm256_cvttps_epi32(cv), codes + i);
-    accumulate(xv, cv, ax2, ah2, ae2);
-  }
-  sums->Flush(_mm256_add_ps(ax2, bx2), _mm256_add_ps(ah2, bh2), _mm256_add_ps(ae2, be2));
+  sums->Flush(sh2, se2);
   sums->emax = emax;
-  for (; i < n; ++i) {
-    codes[i] = enc.Code1(x[i]);
-    sums->AddScalar(x[i], enc.Dequant1(codes[i]));
-  }
 }
 
-// Codes of one group; sums (if any) in float32 partials when safe, else in
-// double from the codes.
+// The same groups without error sums (sums == nullptr), or with them in
+// double from the codes (groups whose squares float32 cannot hold).
 template <bool kSymmetric>
-void EncodeGroup(const float* x, int64_t n, float scale, float zero_point, float q_max,
-                 float magnitude, uint8_t* codes, RowSums* sums) {
-  const GroupEncoder<kSymmetric> enc(scale, zero_point, q_max);
-  if (sums != nullptr && FloatSumsSafe(magnitude, scale, zero_point, q_max)) {
-    EncodeGroupFloatSums(enc, x, n, codes, sums);
-    return;
-  }
-  EncodeGroupNoStats(enc, x, n, codes);
-  if (sums != nullptr) {
-    for (int64_t i = 0; i < n; ++i) sums->AddScalar(x[i], enc.Dequant1(codes[i]));
+void EncodeRunDouble(const float* x, int64_t g, int64_t count, int64_t total, const float* scales,
+                     const float* zero_points, const float* inv, float q_max, uint8_t* codes,
+                     RowSums* sums) {
+  for (int64_t k = 0; k < count; ++k) {
+    const GroupEncoder<kSymmetric> enc(scales[k], zero_points[k], inv[k], q_max);
+    const int64_t c0 = k * g;
+    const int64_t n = std::min(c0 + g, total) - c0;
+    EncodeGroupNoStats(enc, x + c0, n, codes + c0);
+    if (sums != nullptr) {
+      for (int64_t i = c0; i < c0 + n; ++i) sums->AddScalar(x[i], enc.Dequant1(codes[i]));
+    }
   }
 }
 
-void EncodeGroupAny(const QuantSpec& spec, const float* x, int64_t n, float scale,
-                    float zero_point, float magnitude, uint8_t* codes, RowSums* sums) {
+// Codes of a run of groups, and their error (when sums is not null): in
+// float32 partials when `float_sums` (x2 is then the run's sum of x^2 from
+// the scan), else in double.
+void EncodeRun(const QuantSpec& spec, const float* x, int64_t g, int64_t count, int64_t total,
+               const float* scales, const float* zero_points, const float* inv, bool float_sums,
+               __m256d x2, uint8_t* codes, RowSums* sums) {
   const float q_max = static_cast<float>((1 << spec.bits) - 1);
-  if (spec.scheme == Scheme::kSymmetric) {
-    EncodeGroup<true>(x, n, scale, zero_point, q_max, magnitude, codes, sums);
+  const bool sym = spec.scheme == Scheme::kSymmetric;
+  if (sums != nullptr && float_sums) {
+    if (sym) {
+      EncodeRunFloatSums<true>(x, g, count, total, scales, zero_points, inv, q_max, codes, sums);
+    } else {
+      EncodeRunFloatSums<false>(x, g, count, total, scales, zero_points, inv, q_max, codes, sums);
+    }
+    sums->x2 = _mm256_add_pd(sums->x2, x2);
+  } else if (sym) {
+    EncodeRunDouble<true>(x, g, count, total, scales, zero_points, inv, q_max, codes, sums);
   } else {
-    EncodeGroup<false>(x, n, scale, zero_point, q_max, magnitude, codes, sums);
+    EncodeRunDouble<false>(x, g, count, total, scales, zero_points, inv, q_max, codes, sums);
   }
 }
 
@@ -421,8 +569,8 @@ void PackCodes(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed_row
     for (; c + 64 <= cols; c += 64) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c));
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c + 32));
-      const __m256i w = _mm256_packus_epi16(_mm256_maddubs_epi16(a, pair),
-                                            _mm256_maddubs_epi16(b, pair));
+      const __m256i w =
+          _mm256_packus_epi16(_mm256_maddubs_epi16(a, pair), _mm256_maddubs_epi16(b, pair));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed_row + c / 2),
                           _mm256_permute4x64_epi64(w, _MM_SHUFFLE(3, 1, 2, 0)));
     }
@@ -434,8 +582,7 @@ void PackCodes(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed_row
     for (; c + 128 <= cols; c += 128) {
       __m256i v[4];
       for (int k = 0; k < 4; ++k) {
-        const __m256i b =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c + 32 * k));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c + 32 * k));
         v[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(b, pair), quad);
       }
       const __m256i w =
@@ -451,21 +598,59 @@ void PackCodes(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed_row
   }
 }
 
-// Per-thread scratch (rows of one-byte codes, converted groups).
-uint8_t* CodeScratch(int64_t n) {
+// Per-thread scratch of a row (one-byte codes, converted groups), reused
+// from row to row; TrimScratch after a row releases a buffer larger than
+// 1 MiB, so that a thread does not keep one after a very long row.
+std::vector<uint8_t>& CodeBuffer() {
   thread_local std::vector<uint8_t> buf;
+  return buf;
+}
+
+std::vector<float>& FloatBuffer() {
+  thread_local std::vector<float> buf;
+  return buf;
+}
+
+uint8_t* CodeScratch(int64_t n) {
+  std::vector<uint8_t>& buf = CodeBuffer();
   if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
   return buf.data();
 }
 
 float* FloatScratch(int64_t n) {
-  thread_local std::vector<float> buf;
+  std::vector<float>& buf = FloatBuffer();
   if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
   return buf.data();
 }
 
+void TrimScratch() {
+  constexpr size_t kKeepBytes = size_t{1} << 20;
+  if (CodeBuffer().capacity() > kKeepBytes) std::vector<uint8_t>().swap(CodeBuffer());
+  if (FloatBuffer().capacity() * sizeof(float) > kKeepBytes) {
+    std::vector<float>().swap(FloatBuffer());
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The four RowKernels operations.
+
+// Blocks of up to 8 groups and about 4K elements.
+constexpr int64_t kBlockElements = 4096;
+int64_t GroupsPerBlock(int64_t g) { return std::clamp<int64_t>(kBlockElements / g, 1, 8); }
+
+Status OverflowError(const BlockScan& scan, int k, const QuantSpec& spec, int64_t row,
+                     int64_t group) {
+  // RtnGroupParams of {lo, hi} is that of the group (its min is lo, its max
+  // hi): it words the error exactly as the scalar path.
+  alignas(32) float lo[8], hi[8];
+  _mm256_store_ps(lo, scan.lo);
+  _mm256_store_ps(hi, scan.hi);
+  const float ends[2] = {lo[k], hi[k]};
+  float s, z;
+  Status st = RtnGroupParams(ends, 2, spec.bits, spec.scheme, &s, &z);
+  if (st.ok()) st = Status::Internal("vector and scalar group parameters disagree");
+  return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(group));
+}
 
 Status Avx2ChooseParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                         float* zero_points, int64_t row) {
@@ -473,28 +658,19 @@ Status Avx2ChooseParams(const float* x, int64_t cols, const QuantSpec& spec, flo
     return ScalarKernels().choose_params(x, cols, spec, scales, zero_points, row);
   }
   const int64_t g = spec.group_size;
-  for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
-    const int64_t n = std::min(g, cols - c0);
-    const GroupRange r = ScanGroup(LoadF32{x}, c0, n, nullptr);
-    // RtnGroupParams of {lo, hi} equals that of the group: its min is lo,
-    // its max hi, its max |x| max(|lo|, |hi|).
-    const float ends[2] = {r.lo, r.hi};
-    Status st = RtnGroupParams(ends, 2, spec.bits, spec.scheme, &scales[j], &zero_points[j]);
-    if (!st.ok()) {
-      return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
-    }
+  const int64_t G = GroupsPerRow(cols, g);
+  const int64_t per_block = GroupsPerBlock(g);
+  float inv[8];
+  for (int64_t j0 = 0; j0 < G; j0 += per_block) {
+    const int64_t count = std::min(per_block, G - j0);
+    const int64_t b0 = j0 * g;
+    const BlockScan scan =
+        ScanBlock<false>(LoadF32{x}, b0, g, count, std::min(count * g, cols - b0), nullptr);
+    const BlockParamsResult r =
+        BlockParams(scan.lo, scan.hi, count, spec, scales + j0, zero_points + j0, inv);
+    if (r.overflow >= 0) return OverflowError(scan, r.overflow, spec, row, j0 + r.overflow);
   }
   return Status::OK();
-}
-
-float MaxAbs(const float* x, int64_t n) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kAbsMask)));
-  __m256 m = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
-  float r = HMax(m);
-  for (; i < n; ++i) r = std::max(r, std::fabs(x[i]));
-  return r;
 }
 
 void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float* scales,
@@ -503,24 +679,40 @@ void Avx2Encode(const float* x, int64_t cols, const QuantSpec& spec, const float
   RowSums sums;
   RowSums* sp = stats != nullptr ? &sums : nullptr;
   const int64_t g = spec.group_size;
+  const float q_max = static_cast<float>((1 << spec.bits) - 1);
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
     const int64_t n = std::min(g, cols - c0);
-    const float magnitude = sp != nullptr ? MaxAbs(x + c0, n) : 0.0f;
-    EncodeGroupAny(spec, x + c0, n, scales[j], zero_points[j], magnitude, codes + c0, sp);
+    const float inv = 1.0f / scales[j];
+    bool float_sums = false;
+    __m256d x2 = _mm256_setzero_pd();
+    if (sp != nullptr) {
+      // The caller's parameters: check the group's range for float32 sums.
+      const BlockScan scan = ScanBlock<true>(LoadF32{x}, c0, n, 1, n, nullptr);
+      alignas(32) float lo[8], hi[8];
+      _mm256_store_ps(lo, scan.lo);
+      _mm256_store_ps(hi, scan.hi);
+      const float mag = std::max(std::fabs(lo[0]), std::fabs(hi[0]));
+      const float reach = (q_max + std::fabs(zero_points[j])) * scales[j];
+      float_sums = (mag == 0.0f || (mag >= 0x1p-40f && mag <= 0x1p40f)) && reach <= 0x1p41f;
+      x2 = scan.x2;
+    }
+    EncodeRun(spec, x + c0, n, 1, n, scales + j, zero_points + j, &inv, float_sums, x2, codes + c0,
+              sp);
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
+  TrimScratch();
 }
 
-void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec,
-                const float* scales, const float* zero_points, float* out) {
+void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec, const float* scales,
+                const float* zero_points, float* out) {
   const int bits = spec.bits;
   const int64_t g = spec.group_size;
   const int64_t row_bytes = PackedRowBytes(cols, bits);
   const uint8_t mask = static_cast<uint8_t>((1 << bits) - 1);
   // Lane k takes the code at bit k * bits of a 32-bit word.
-  const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                            _mm256_set1_epi32(bits));
+  const __m256i shifts =
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
   const __m256i vmask = _mm256_set1_epi32(mask);
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
     const int64_t end = std::min(c0 + g, cols);
@@ -532,14 +724,13 @@ void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec,
       const int64_t bit = c * bits;
       __m256i q;
       if (bits == 8) {
-        q = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed_row + c)));
+        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed_row + c)));
       } else {
         uint64_t w;
         std::memcpy(&w, packed_row + (bit >> 3), sizeof w);
         const auto word = static_cast<uint32_t>(w >> (bit & 7));
-        q = _mm256_and_si256(
-            _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), vmask);
+        q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+                             vmask);
       }
       const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), vz), vs);
       _mm256_storeu_ps(out + c, v);
@@ -552,8 +743,9 @@ void Avx2Decode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec,
 }
 
 // ---------------------------------------------------------------------------
-// The fused rtn row: one scan per group (convert + min/max + finiteness),
-// then codes and error from the converted group while it is in L1.
+// The fused rtn row, block by block: one scan of the block (conversion,
+// min/max, NaN/Inf, squares), its parameters, then codes and errors from the
+// converted block while it is in L1.
 
 Status RowFiniteError(DType dtype, const void* src, int64_t cols, int64_t row) {
   std::vector<float> x(static_cast<size_t>(cols));
@@ -562,43 +754,54 @@ Status RowFiniteError(DType dtype, const void* src, int64_t cols, int64_t row) {
 }
 
 template <typename Loader>
-Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols,
-                const QuantSpec& spec, float* scales, float* zero_points, uint8_t* packed_row,
-                ErrorStats* stats, int64_t row) {
+Status FusedRow(const Loader& ld, DType dtype, const void* src, int64_t cols, const QuantSpec& spec,
+                float* scales, float* zero_points, uint8_t* packed_row, ErrorStats* stats,
+                int64_t row) {
   const int64_t g = spec.group_size;
-  float* buf = Loader::kCopies ? FloatScratch(std::min(g, cols)) : nullptr;
+  const int64_t G = GroupsPerRow(cols, g);
+  const int64_t per_block = GroupsPerBlock(g);
+  float* buf = Loader::kCopies ? FloatScratch(std::min(g * per_block, cols)) : nullptr;
   uint8_t* codes = spec.bits == 8 ? packed_row : CodeScratch(cols);
   RowSums sums;
   RowSums* sp = stats != nullptr ? &sums : nullptr;
-  for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
-    const int64_t n = std::min(g, cols - c0);
-    const GroupRange r = ScanGroup(ld, c0, n, buf);
-    if (!r.finite) return RowFiniteError(dtype, src, cols, row);
-    const float ends[2] = {r.lo, r.hi};
-    Status st = RtnGroupParams(ends, 2, spec.bits, spec.scheme, &scales[j], &zero_points[j]);
-    if (!st.ok()) {
+  float inv[8];
+  bool row_checked = false;  // the whole row is known to be finite
+  for (int64_t j0 = 0; j0 < G; j0 += per_block) {
+    const int64_t count = std::min(per_block, G - j0);
+    const int64_t b0 = j0 * g;  // first column of the block
+    const int64_t total = std::min(count * g, cols - b0);
+    const BlockScan scan = sp != nullptr ? ScanBlock<true>(ld, b0, g, count, total, buf)
+                                         : ScanBlock<false>(ld, b0, g, count, total, buf);
+    if (!scan.clean && !row_checked) {
+      AQ_RETURN_NOT_OK(RowFiniteError(dtype, src, cols, row));
+      row_checked = true;  // a false alarm: huge finite values
+    }
+    const BlockParamsResult r =
+        BlockParams(scan.lo, scan.hi, count, spec, scales + j0, zero_points + j0, inv);
+    if (r.overflow >= 0) {
       // The scalar path checks the whole row for NaN/Inf first.
       Status fe = RowFiniteError(dtype, src, cols, row);
       if (!fe.ok()) return fe;
-      return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
+      return OverflowError(scan, r.overflow, spec, row, j0 + r.overflow);
     }
     const float* x;
     if constexpr (Loader::kCopies) {
       x = buf;
     } else {
-      x = ld.p + c0;
+      x = ld.p + b0;
     }
-    const float magnitude = std::max(std::fabs(r.lo), std::fabs(r.hi));
-    EncodeGroupAny(spec, x, n, scales[j], zero_points[j], magnitude, codes + c0, sp);
+    EncodeRun(spec, x, g, count, total, scales + j0, zero_points + j0, inv, r.float_sums, scan.x2,
+              codes + b0, sp);
   }
   if (spec.bits != 8) PackCodes(codes, cols, spec.bits, packed_row);
   if (stats != nullptr) sums.AddTo(stats, cols);
+  TrimScratch();
   return Status::OK();
 }
 
 Status Avx2QuantizeRowRtn(DType dtype, const void* src, int64_t cols, const QuantSpec& spec,
-                          float* scales, float* zero_points, uint8_t* packed_row,
-                          ErrorStats* stats, int64_t row) {
+                          float* scales, float* zero_points, uint8_t* packed_row, ErrorStats* stats,
+                          int64_t row) {
   return WithLoader(dtype, src, [&](auto ld) {
     return FusedRow(ld, dtype, src, cols, spec, scales, zero_points, packed_row, stats, row);
   });
@@ -608,9 +811,20 @@ const RowKernels kAvx2 = {"avx2", Avx2Convert, Avx2ChooseParams, Avx2Encode, Avx
 
 bool CpuHasAvx2() {
   // The build compiles this file with -mavx2 -mf16c -mfma; run it only on a
-  // CPU (and OS, which GCC's check includes) that supports all three.
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                         __builtin_cpu_supports("fma");
+  // CPU that has all three and an OS that saves the YMM registers. CPUID
+  // directly (not __builtin_cpu_supports, which clang 14 lacks for f16c).
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const bool fma = (c & bit_FMA) != 0, f16c = (c & bit_F16C) != 0;
+    const bool osxsave = (c & bit_OSXSAVE) != 0, avx = (c & bit_AVX) != 0;
+    if (!(fma && f16c && osxsave && avx)) return false;
+    unsigned xcr0_lo = 0, xcr0_hi = 0;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 0x6u) != 0x6u) return false;  // XMM and YMM state enabled
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (b & bit_AVX2) != 0;
+  }();
   return ok;
 }
 

@@ -115,7 +115,8 @@ RawTensor RandomTensor(std::mt19937& rng, DType dtype, int64_t rows, int64_t col
         dst[0] = b;
         break;
       }
-      default: ADD_FAILURE() << "unexpected dtype";
+      default:
+        ADD_FAILURE() << "unexpected dtype";
     }
   }
   return t;
@@ -134,13 +135,14 @@ Output RunBoth(const RawTensor& t, const QuantSpec& spec, bool force_scalar, int
   o.packed.assign(static_cast<size_t>(t.rows * PackedRowBytes(t.cols, spec.bits)), 0xCD);
   o.scales.assign(static_cast<size_t>(t.rows * G), -1.f);
   o.zeros.assign(static_cast<size_t>(t.rows * G), -1.f);
-  o.status = Quantize(t.view(), spec, QuantizedBuffers{o.packed.data(), o.scales.data(),
-                                                       o.zeros.data()},
-                      &o.stats, ExecOptions{threads, force_scalar});
+  o.status =
+      Quantize(t.view(), spec, QuantizedBuffers{o.packed.data(), o.scales.data(), o.zeros.data()},
+               &o.stats, ExecOptions{threads, force_scalar});
   if (o.status.ok()) {
     o.dequant.assign(static_cast<size_t>(t.rows * t.cols), NAN);
-    const Status st = Dequantize(o.packed.data(), t.rows, t.cols, spec, o.scales.data(),
-                                 o.zeros.data(), o.dequant.data(), ExecOptions{threads, force_scalar});
+    const Status st =
+        Dequantize(o.packed.data(), t.rows, t.cols, spec, o.scales.data(), o.zeros.data(),
+                   o.dequant.data(), ExecOptions{threads, force_scalar});
     EXPECT_TRUE(st.ok()) << st.ToString();
   }
   return o;
@@ -158,8 +160,8 @@ void ExpectClose(double a, double b, double scale, const char* what) {
 }
 
 void ExpectSame(const Output& scalar, const Output& simd, const std::string& ctx) {
-  ASSERT_EQ(scalar.status.code(), simd.status.code()) << ctx << ": " << scalar.status.ToString()
-                                                      << " vs " << simd.status.ToString();
+  ASSERT_EQ(scalar.status.code(), simd.status.code())
+      << ctx << ": " << scalar.status.ToString() << " vs " << simd.status.ToString();
   ASSERT_EQ(scalar.status.message(), simd.status.message()) << ctx;
   if (!scalar.status.ok()) return;
   ASSERT_EQ(scalar.packed, simd.packed) << ctx;
@@ -193,8 +195,7 @@ TEST_F(Avx2Test, IsSelectedByDefault) {
 
 TEST_F(Avx2Test, RandomTensorsAllDtypesBitsSchemesGroups) {
   std::mt19937 rng(20261123);
-  const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kF8E4M3,
-                          DType::kF8E5M2};
+  const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kF8E4M3, DType::kF8E5M2};
   const int64_t cols_list[] = {1, 5, 8, 33, 64, 129, 300, 1031};
   const int64_t groups[] = {1, 3, 8, 17, 32, 64, 100, 128, 256, 5000};
   int cases = 0;
@@ -207,11 +208,10 @@ TEST_F(Avx2Test, RandomTensorsAllDtypesBitsSchemesGroups) {
         for (Scheme scheme : {Scheme::kAsymmetric, Scheme::kSymmetric}) {
           for (int64_t g : groups) {
             QuantSpec spec{bits, g, scheme};
-            const std::string ctx = std::string(DTypeName(dtype)) + " " + std::to_string(rows) +
-                                    "x" + std::to_string(cols) + " bits " +
-                                    std::to_string(bits) + " g " + std::to_string(g) +
-                                    (scheme == Scheme::kSymmetric ? " sym" : " asym") +
-                                    (patterns ? " patterns" : "");
+            const std::string ctx =
+                std::string(DTypeName(dtype)) + " " + std::to_string(rows) + "x" +
+                std::to_string(cols) + " bits " + std::to_string(bits) + " g " + std::to_string(g) +
+                (scheme == Scheme::kSymmetric ? " sym" : " asym") + (patterns ? " patterns" : "");
             const Output a = RunBoth(t, spec, true, 1);
             const Output b = RunBoth(t, spec, false, 1 + cases % 2);
             ExpectSame(a, b, ctx);
@@ -291,6 +291,13 @@ TEST_F(Avx2Test, EdgeValues) {
   // max - min overflows float32: an error on both paths, same message.
   std::vector<float> overflow = {fmax, -fmax, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f};
   CompareAllSpecs(overflow, 1, "overflow");
+  // ... in a later group of a block, after degenerate (subnormal-range) groups.
+  std::vector<float> later(64, 1.f);
+  for (size_t i = 0; i < 16; ++i) later[i] = sub * static_cast<float>(i % 4);
+  later[41] = fmax;
+  later[42] = -fmax;
+  CompareAllSpecs(later, 1, "overflow in a later group");
+  CompareAllSpecs(later, 2, "overflow in a later group, two rows");
 }
 
 TEST_F(Avx2Test, NonFiniteErrorsMatch) {
@@ -339,38 +346,46 @@ TEST_F(Avx2Test, KernelOperationsMatchScalar) {
   const RowKernels& v = *Avx2Kernels();
   std::mt19937 rng(99);
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16, DType::kF8E4M3, DType::kF8E5M2}) {
-    for (int64_t cols : {1, 7, 8, 9, 63, 200, 515}) {
-      const RawTensor t = RandomTensor(rng, dtype, 1, cols, false);
-      std::vector<float> xs(static_cast<size_t>(cols)), xv(static_cast<size_t>(cols));
-      s.convert(dtype, t.bytes.data(), xs.data(), xs.size());
-      v.convert(dtype, t.bytes.data(), xv.data(), xv.size());
-      ASSERT_EQ(BitsOf(xs), BitsOf(xv)) << DTypeName(dtype) << " cols " << cols;
-      for (int bits : {2, 4, 8}) {
-        for (Scheme scheme : {Scheme::kAsymmetric, Scheme::kSymmetric}) {
-          for (int64_t g : {1, 5, 32, 1000}) {
-            const QuantSpec spec{bits, g, scheme};
-            const int64_t G = GroupsPerRow(cols, g);
-            std::vector<float> ss(G), zs(G), sv(G), zv(G);
-            ASSERT_TRUE(s.choose_params(xs.data(), cols, spec, ss.data(), zs.data(), 0).ok());
-            ASSERT_TRUE(v.choose_params(xs.data(), cols, spec, sv.data(), zv.data(), 0).ok());
-            ASSERT_EQ(BitsOf(ss), BitsOf(sv));
-            ASSERT_EQ(BitsOf(zs), BitsOf(zv));
-            const int64_t nb = PackedRowBytes(cols, bits);
-            std::vector<uint8_t> ps(nb, 0x11), pv(nb, 0x77);
-            ErrorStats es, ev;
-            s.encode(xs.data(), cols, spec, ss.data(), zs.data(), ps.data(), &es);
-            v.encode(xs.data(), cols, spec, ss.data(), zs.data(), pv.data(), &ev);
-            ASSERT_EQ(ps, pv) << DTypeName(dtype) << " cols " << cols << " bits " << bits;
-            EXPECT_EQ(es.count, ev.count);
-            ExpectClose(es.sum_err2, ev.sum_err2, es.sum_err2, "encode sum_err2");
-            // Without error sums too.
-            std::fill(pv.begin(), pv.end(), 0x55);
-            v.encode(xs.data(), cols, spec, ss.data(), zs.data(), pv.data(), nullptr);
-            ASSERT_EQ(ps, pv);
-            std::vector<float> ds(cols), dv(cols);
-            s.decode(ps.data(), cols, spec, ss.data(), zs.data(), ds.data());
-            v.decode(ps.data(), cols, spec, ss.data(), zs.data(), dv.data());
-            ASSERT_EQ(BitsOf(ds), BitsOf(dv));
+    for (int64_t cols : {1, 7, 8, 9, 63, 200, 515, 2000}) {
+      for (bool patterns : {false, true}) {
+        const RawTensor t = RandomTensor(rng, dtype, 1, cols, patterns);
+        std::vector<float> xs(static_cast<size_t>(cols)), xv(static_cast<size_t>(cols));
+        s.convert(dtype, t.bytes.data(), xs.data(), xs.size());
+        v.convert(dtype, t.bytes.data(), xv.data(), xv.size());
+        ASSERT_EQ(BitsOf(xs), BitsOf(xv)) << DTypeName(dtype) << " cols " << cols;
+        for (int bits : {2, 4, 8}) {
+          for (Scheme scheme : {Scheme::kAsymmetric, Scheme::kSymmetric}) {
+            for (int64_t g : {1, 5, 32, 1000}) {
+              const QuantSpec spec{bits, g, scheme};
+              const int64_t G = GroupsPerRow(cols, g);
+              std::vector<float> ss(G), zs(G), sv(G), zv(G);
+              const Status sts = s.choose_params(xs.data(), cols, spec, ss.data(), zs.data(), 7);
+              const Status stv = v.choose_params(xs.data(), cols, spec, sv.data(), zv.data(), 7);
+              ASSERT_EQ(sts.ok(), stv.ok()) << sts.ToString() << " vs " << stv.ToString();
+              ASSERT_EQ(sts.message(), stv.message());
+              if (!sts.ok()) continue;  // max - min overflowed (bit patterns)
+              ASSERT_EQ(BitsOf(ss), BitsOf(sv));
+              ASSERT_EQ(BitsOf(zs), BitsOf(zv));
+              const int64_t nb = PackedRowBytes(cols, bits);
+              std::vector<uint8_t> ps(nb, 0x11), pv(nb, 0x77);
+              ErrorStats es, ev;
+              s.encode(xs.data(), cols, spec, ss.data(), zs.data(), ps.data(), &es);
+              v.encode(xs.data(), cols, spec, ss.data(), zs.data(), pv.data(), &ev);
+              ASSERT_EQ(ps, pv) << DTypeName(dtype) << " cols " << cols << " bits " << bits;
+              EXPECT_EQ(es.count, ev.count);
+              ExpectClose(es.sum_x2, ev.sum_x2, es.sum_x2, "encode sum_x2");
+              ExpectClose(es.sum_xhat2, ev.sum_xhat2, es.sum_xhat2, "encode sum_xhat2");
+              ExpectClose(es.sum_err2, ev.sum_err2, es.sum_err2, "encode sum_err2");
+              ExpectClose(es.max_abs_err, ev.max_abs_err, es.max_abs_err, "encode max_abs_err");
+              // Without error sums too.
+              std::fill(pv.begin(), pv.end(), 0x55);
+              v.encode(xs.data(), cols, spec, ss.data(), zs.data(), pv.data(), nullptr);
+              ASSERT_EQ(ps, pv);
+              std::vector<float> ds(cols), dv(cols);
+              s.decode(ps.data(), cols, spec, ss.data(), zs.data(), ds.data());
+              v.decode(ps.data(), cols, spec, ss.data(), zs.data(), dv.data());
+              ASSERT_EQ(BitsOf(ds), BitsOf(dv));
+            }
           }
         }
       }

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/param_search.h"
 #include "kernels/row_kernels.h"
 
 namespace arrowquant::kernels {
@@ -59,7 +60,13 @@ namespace {
 Status ScalarChooseParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                           float* zero_points, int64_t row) {
   if (spec.method != Method::kRtn || spec.param_dtype != ParamDType::kF32) {
-    return Status::Invalid("only method rtn with float32 parameters is built in this version");
+    // float16 parameters and the mse search: param_search.cc.
+    int64_t j = 0;
+    Status st = ChooseRowParams(x, cols, spec, scales, zero_points, &j);
+    if (!st.ok()) {
+      return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
+    }
+    return Status::OK();
   }
   const int64_t g = spec.group_size;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
