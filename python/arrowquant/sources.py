@@ -144,7 +144,8 @@ class ParquetV1Source(ModelSource):
 
     def _index(self, f: Path) -> None:
         try:
-            pf = pq.ParquetFile(str(f))
+            # No pre-buffering: it would hold a second copy of the row group.
+            pf = pq.ParquetFile(str(f), pre_buffer=False)
         except (pa.ArrowInvalid, OSError) as exc:
             raise FormatError(f"{f}: not a readable Parquet file ({exc})") from None
         missing = [c for c in self.REQUIRED if c not in pf.schema_arrow.names]

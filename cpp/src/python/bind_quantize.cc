@@ -5,6 +5,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
+#include <malloc.h>
+
 #include <string>
 #include <tuple>
 
@@ -84,6 +86,18 @@ std::tuple<double, double, double, double> BindFinalizeMetrics(const StatsTuple&
   return {m.cosine, m.rel_mse, m.sqnr_db, m.max_abs_error};
 }
 
+// glibc raises its mmap threshold each time a large mmapped block is freed,
+// after which big buffers come from the heap and stay resident when freed.
+// A fixed threshold keeps every buffer of 256 KiB or more in its own mapping,
+// returned to the system on free: what bounds the pipeline's resident memory.
+bool FixMmapThreshold() {
+#ifdef M_MMAP_THRESHOLD
+  return mallopt(M_MMAP_THRESHOLD, 256 * 1024) == 1;
+#else
+  return false;
+#endif
+}
+
 void Bind(nb::module_& m) {
   m.def("quantize", &BindQuantize, nb::arg("src"), nb::arg("dtype"), nb::arg("rows"),
         nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"), nb::arg("scheme"),
@@ -101,6 +115,8 @@ void Bind(nb::module_& m) {
   m.def("finalize_metrics", &BindFinalizeMetrics, nb::arg("stats"),
         "(cosine, rel_mse, sqnr_db, max_abs_error) from error sums.");
   m.def("active_kernel", &ActiveKernelName);
+  m.def("fix_mmap_threshold", &FixMmapThreshold,
+        "Large allocations always mmapped (returned to the OS when freed); process-wide.");
   m.def("hardware_threads", &HardwareThreads);
 }
 
