@@ -107,6 +107,7 @@ def child_quantize(spec: dict) -> dict:
     t0 = time.perf_counter()
     summary = arrowquant.quantize(spec["input"], spec["output"], bits=spec["bits"],
                                   group_size=spec["group_size"], engine=spec["implementation"],
+                                  method=spec["method"], param_dtype=spec["param_dtype"],
                                   threads=spec["threads"], overwrite=True)
     seconds = time.perf_counter() - t0
     traced = tracemalloc.get_traced_memory()[1] / bc.MB if tracemalloc.is_tracing() else None
@@ -310,6 +311,8 @@ def aggregate(impl: str, case: Case, results: List[JobResult], common: dict,
         "output_bytes": first.get("output_bytes"),
         "input_bytes": common["model_bytes"],
         "group_size": GROUP_SIZE,
+        "method": common.get("method"),
+        "param_dtype": common.get("param_dtype"),
         "threads": common["threads"],
         "repeat": len(results),
         "machine": common["machine"],
@@ -356,6 +359,7 @@ def run_case(case: Case, model: Path, work: Path, args: argparse.Namespace, comm
 
     def quantize_spec(impl: str, traced: bool = False) -> dict:
         return {"input": str(model), "output": str(outputs[impl]), "bits": case.bits, "group_size": GROUP_SIZE,
+                "method": args.method, "param_dtype": args.param_dtype,
                 "implementation": impl, "threads": args.threads, "tracemalloc": traced}
 
     def io_spec(traced: bool = False) -> dict:
@@ -421,7 +425,8 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
               f"Load:     1-min load average {m.get('load_average_1m')} at start (above {m['cpu_count']} "
               f"cores means other work competed for the CPU: times are then pessimistic)",
               f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-              f"Settings: group size {GROUP_SIZE}, asymmetric rtn, threads {meta['threads'] or 'all'}, "
+              f"Settings: group size {GROUP_SIZE}, asymmetric, method {meta.get('method', 'mse')} with "
+              f"{meta.get('param_dtype', 'float16')} parameters, threads {meta['threads'] or 'all'}, "
               f"repeat {meta['repeat']} (time = median, memory = max over repeats)",
               "",
               "Peak = true peak RSS of the job's process (os.wait4 ru_maxrss). Baseline = RSS after",
@@ -546,6 +551,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"keep generated models over {CACHE_LIMIT_BYTES >> 30} GiB (smaller ones are always kept)")
     p.add_argument("--input-format", choices=FORMATS + ("both",), default="parquet")
     p.add_argument("--threads", type=int, default=0, help="engine threads (0 = all cores)")
+    p.add_argument("--method", choices=("mse", "rtn"), default="mse",
+                   help="scale search (default mse, the tool's default; rtn = plain min/max)")
+    p.add_argument("--param-dtype", choices=("float16", "float32"), default="float16",
+                   help="storage of scales and zero points (default float16, the tool's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tracemalloc", action="store_true",
                    help="skip the extra untimed run per job that measures the Python heap with tracemalloc")
@@ -582,7 +591,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     formats = list(FORMATS) if args.input_format == "both" else [args.input_format]
     meta = {"timestamp": bc.timestamp(), "commit": bc.git_commit(), "machine": bc.machine_info(),
-            "versions": bc.package_versions(), "threads": args.threads, "repeat": args.repeat}
+            "versions": bc.package_versions(), "threads": args.threads, "repeat": args.repeat,
+            "method": args.method, "param_dtype": args.param_dtype}
     cases: List[Case] = []
     skipped: List[str] = []
     failed = False
@@ -616,6 +626,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f"for {g.data['bytes'] / 1e6:.0f} MB of model")
                 versions = dict(meta["versions"])
                 common = {"params": params, "model_bytes": g.data["bytes"], "threads": args.threads,
+                          "method": args.method, "param_dtype": args.param_dtype,
                           "machine": meta["machine"], "commit": meta["commit"], "versions": versions}
                 for bits in args.bits:
                     log(f"  {bits}-bit:")
