@@ -364,8 +364,10 @@ class QuantizedModel(Mapping):
                     need += self._add_chunk(f, rg, i, row)
                 have = data_column_bytes(pf, rg)
                 if need > have:
-                    raise ShapeMismatchError(f"{f}: row group {rg} needs {need} data bytes for the "
-                                             f"shapes it declares, its data column holds {have}")
+                    names = ", ".join(repr(r["layer_name"]) for r in rows)
+                    raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} "
+                                             f"data bytes for the shapes it declares, its data "
+                                             f"column holds {have}")
         except (pa.ArrowException, OSError, KeyError, ValueError, TypeError) as exc:
             if isinstance(exc, ArrowQuantError):
                 raise
@@ -400,10 +402,6 @@ class QuantizedModel(Mapping):
                 raise FormatError(f"{where}: unknown scheme {row['scheme']!r}")
             if spatial:
                 _equalization_scales(where, spatial, cols)
-        start, count = row["row_start"], row["row_count"]
-        if start < 0 or count < 0 or start + count > rows:
-            raise ShapeMismatchError(f"{where}: rows [{start}, {start + count}) outside the "
-                                     f"{rows} rows of shape {list(shape)}")
         entry = self.entries.get(name)
         if entry is None:
             entry = TensorEntry(
@@ -422,6 +420,10 @@ class QuantizedModel(Mapping):
                 raise FormatError(f"{where}: chunk disagrees with an earlier chunk of the same "
                                   f"tensor (shape/dtype/quant_type/group_size/scheme/equalization "
                                   f"{mine[:5]} vs {theirs[:5]})")
+        start, count = row["row_start"], row["row_count"]
+        if start < 0 or count < 0 or start + count > rows:
+            raise ShapeMismatchError(f"{where}: rows [{start}, {start + count}) outside the "
+                                     f"{rows} rows of shape {list(shape)}")
         entry.chunks.append(ChunkLocation(f, rg, start, count))
         return count * _row_bytes(entry)
 

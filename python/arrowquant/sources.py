@@ -155,6 +155,9 @@ class ParquetV1Source(ModelSource):
                                               "num_params": _is_int})
         except (pa.ArrowException, OSError) as exc:
             raise FormatError(f"{f}: not a readable Parquet file ({exc})") from None
+        if (pf.schema_arrow.metadata or {}).get(b"arrowquant.format") == b"parquet-v2":
+            raise FormatError(f"{f}: an ArrowQuant Parquet V2 file, not Parquet V1 weights (the "
+                              "V2 directory's metadata.json is missing or unreadable)")
         self._pf[f] = pf
         for rg in range(pf.num_row_groups):
             try:
@@ -177,8 +180,10 @@ class ParquetV1Source(ModelSource):
                 need += n * _V1_DTYPES[dtype]
             have = data_column_bytes(pf, rg)
             if need > have:
-                raise ShapeMismatchError(f"{f}: row group {rg} needs {need} data bytes for the "
-                                         f"shapes it declares, its data column holds {have}")
+                names = ", ".join(repr(r) for r in t.column("layer_name").to_pylist())
+                raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} data "
+                                         f"bytes for the shapes it declares, its data column "
+                                         f"holds {have}")
 
     def _tensor_bytes(self, name: str) -> np.ndarray:
         f, rg, i = self._where[name]
