@@ -162,10 +162,12 @@ class ParquetV1Source(ModelSource):
         for rg in range(pf.num_row_groups):
             try:
                 t = pf.read_row_group(rg, columns=["layer_name", "shape", "dtype", "num_params"])
-            except (pa.ArrowException, OSError) as exc:
-                raise FormatError(f"{f}: row group {rg} unreadable ({exc})") from None
+                rows = t.to_pylist()  # strings are decoded here: invalid UTF-8 is a ValueError
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise FormatError(f"{f}: row group {rg} unreadable ({type(exc).__name__}: {exc})") \
+                    from None
             need = 0
-            for i, row in enumerate(t.to_pylist()):
+            for i, row in enumerate(rows):
                 name, shape, dtype, n = row["layer_name"], row["shape"], row["dtype"], row["num_params"]
                 if name is None or shape is None or dtype is None or n is None:
                     raise FormatError(f"{f}: row {i} of row group {rg} has null fields")
@@ -180,7 +182,7 @@ class ParquetV1Source(ModelSource):
                 need += n * _V1_DTYPES[dtype]
             have = data_column_bytes(pf, rg)
             if need > have:
-                names = ", ".join(repr(r) for r in t.column("layer_name").to_pylist())
+                names = ", ".join(repr(r["layer_name"]) for r in rows)
                 raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} data "
                                          f"bytes for the shapes it declares, its data column "
                                          f"holds {have}")
