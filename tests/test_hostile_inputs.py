@@ -628,6 +628,7 @@ def test_v1_file_is_v2_is_refused(base, tmp_path):
                       max_size=6))
 @example(keep=None, edits=[(0.7103502444390262, 128)])  # found: invalid UTF-8 in a name
 @example(keep=None, edits=[(0.125, 124)])               # found: a weight decoding to Inf
+@example(keep=None, edits=[(0.923828125, 128)])         # found: invalid UTF-8 in the footer
 def test_v1_truncated_and_mutated(tmp_path_factory, keep, edits):
     d = tmp_path_factory.mktemp("v1fuzz")
     path = write_v1_rows(d / "m", v1_rows(), row_group_size=2)

@@ -302,15 +302,19 @@ def check_shape(where: str, shape: Any, num_params: Any) -> Tuple[int, ...]:
     return tuple(shape)
 
 
-def data_column_bytes(pf: pq.ParquetFile, rg: int, column: str = "data") -> int:
+def data_column_bytes(f: Path, pf: pq.ParquetFile, rg: int, column: str = "data") -> int:
     """Decoded size of a row group's blob column from the footer (an upper bound
     of the blob bytes it holds): lets a reader reject a shape its file cannot
     hold before allocating anything for it."""
-    md = pf.metadata.row_group(rg)
-    for c in range(md.num_columns):
-        col = md.column(c)
-        if col.path_in_schema == column:
-            return max(0, int(col.total_uncompressed_size))
+    try:
+        md = pf.metadata.row_group(rg)
+        for c in range(md.num_columns):
+            col = md.column(c)
+            if col.path_in_schema == column:
+                return max(0, int(col.total_uncompressed_size))
+    except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
+        raise FormatError(f"{f}: row group {rg}: damaged footer ({type(exc).__name__}: "
+                          f"{exc})") from None
     return 0
 
 
@@ -362,7 +366,7 @@ class QuantizedModel(Mapping):
                 need = 0
                 for i, row in enumerate(rows):
                     need += self._add_chunk(f, rg, i, row)
-                have = data_column_bytes(pf, rg)
+                have = data_column_bytes(f, pf, rg)
                 if need > have:
                     names = ", ".join(repr(r["layer_name"]) for r in rows)
                     raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} "

@@ -180,7 +180,7 @@ class ParquetV1Source(ModelSource):
                 self._where[name] = (f, rg, i)
                 self.tensors.append(TensorInfo(name, tuple(shape), dtype, n * _V1_DTYPES[dtype]))
                 need += n * _V1_DTYPES[dtype]
-            have = data_column_bytes(pf, rg)
+            have = data_column_bytes(f, pf, rg)
             if need > have:
                 names = ", ".join(repr(r["layer_name"]) for r in rows)
                 raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} data "
