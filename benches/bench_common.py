@@ -81,10 +81,13 @@ class ChildRun:
     timeline: List[Tuple[float, float]] = field(default_factory=list)  # (seconds, RSS MB)
     parent_rss_mb: float = 0.0        # this process's RSS when the child started
     stderr: str = ""
+    # Largest file-backed part of the RSS seen by the sampler (mapped files: page
+    # cache the kernel can drop, unlike anonymous memory).
+    sampled_file_backed_mb: float = 0.0
 
 
 def _sample(pid: int, stop: threading.Event, interval: float, t0: float,
-            out: List[Tuple[float, float]]) -> None:
+            out: List[Tuple[float, float]], shared: List[float]) -> None:
     try:
         import psutil
     except ImportError:
@@ -92,7 +95,9 @@ def _sample(pid: int, stop: threading.Event, interval: float, t0: float,
     try:
         proc = psutil.Process(pid)
         while not stop.is_set():
-            out.append((time.perf_counter() - t0, proc.memory_info().rss / MB))
+            info = proc.memory_info()
+            out.append((time.perf_counter() - t0, info.rss / MB))
+            shared.append(getattr(info, "shared", 0) / MB)
             stop.wait(interval)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return
@@ -113,7 +118,8 @@ def run_child(cmd: Sequence[str], *, sample_interval: float = 0.02,
         proc = subprocess.Popen(list(cmd), stderr=err, env=env)
         stop = threading.Event()
         timeline: List[Tuple[float, float]] = []
-        sampler = threading.Thread(target=_sample, args=(proc.pid, stop, sample_interval, t0, timeline),
+        shared: List[float] = []
+        sampler = threading.Thread(target=_sample, args=(proc.pid, stop, sample_interval, t0, timeline, shared),
                                    daemon=True)
         sampler.start()
         deadline = None if timeout is None else t0 + timeout
@@ -134,7 +140,8 @@ def run_child(cmd: Sequence[str], *, sample_interval: float = 0.02,
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     return ChildRun(returncode=proc.returncode, peak_rss_mb=usage.ru_maxrss / 1024.0, wall_s=wall,
-                    timeline=timeline, parent_rss_mb=parent_rss, stderr=stderr)
+                    timeline=timeline, parent_rss_mb=parent_rss, stderr=stderr,
+                    sampled_file_backed_mb=max(shared, default=0.0))
 
 
 # --- machine and provenance ---------------------------------------------------
@@ -162,6 +169,14 @@ def total_memory_gb() -> Optional[float]:
     return None
 
 
+def load_average() -> Optional[float]:
+    """1-minute load average: above the core count, timings are contended."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def machine_info() -> Dict[str, object]:
     return {
         "hostname": platform.node(),
@@ -170,6 +185,7 @@ def machine_info() -> Dict[str, object]:
         "cpu_count": os.cpu_count(),
         "memory_gb": total_memory_gb(),
         "python": platform.python_version(),
+        "load_average_1m": load_average(),
     }
 
 

@@ -30,6 +30,11 @@ def _impls(cases) -> List[str]:
     return [i for i in ("native", "reference", "io") if i in seen]
 
 
+def _num(y: float) -> str:
+    """Bar label: whole numbers from 100 up (no exponent), three significant digits below."""
+    return f"{y:,.0f}" if y >= 100 else f"{y:.3g}"
+
+
 def _grouped_bars(ax, cases, impls, key: str, unit: str, log: bool) -> None:
     n = len(impls)
     width = 0.8 / n
@@ -42,7 +47,7 @@ def _grouped_bars(ax, cases, impls, key: str, unit: str, log: bool) -> None:
                 ys.append(max(rec[key], 0.01))
         bars = ax.bar(xs, ys, width, label=LABELS[impl], color=COLORS[impl])
         for b, y in zip(bars, ys):
-            ax.annotate(f"{y:.3g}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom",
+            ax.annotate(_num(y), (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom",
                         fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(cases)), [_label(c) for c in cases], fontsize=8)
     ax.set_ylabel(unit)

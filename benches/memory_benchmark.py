@@ -12,6 +12,7 @@ The native and reference outputs are compared bit for bit in the same run.
     python benches/memory_benchmark.py --model-size 100M --model-size 600M --bit-width 4 --bit-width 8 \\
         --generate-charts
     python benches/memory_benchmark.py --charts-from .benchmarks/memory   # redraw charts of a run
+    python benches/memory_benchmark.py --markdown-from .benchmarks/memory # its targets table in markdown
 """
 
 from __future__ import annotations
@@ -74,6 +75,23 @@ def child_generate(spec: dict) -> dict:
             "params": synthetic.count_params(spec["size"]), "bytes": _dir_bytes(out)}
 
 
+def child_info(spec: dict) -> dict:
+    """Parameter count, weight bytes and cache state of each size class (kept out of
+    the parent so that it never imports numpy or arrowquant)."""
+    from arrowquant import synthetic
+
+    out = {}
+    for size in spec["sizes"]:
+        dirs = {fmt: Path(spec["models_dir"]) / model_dir_name(size, fmt, spec["seed"]) for fmt in spec["formats"]}
+        out[size] = {"params": synthetic.count_params(size), "bytes": synthetic.model_bytes(size),
+                     "cached": all(synthetic.read_manifest(d) is not None for d in dirs.values())}
+    return out
+
+
+def model_dir_name(size: str, fmt: str, seed: int) -> str:
+    return f"{size}-{fmt}-seed{seed}"
+
+
 def child_quantize(spec: dict) -> dict:
     import time
     import tracemalloc
@@ -84,7 +102,7 @@ def child_quantize(spec: dict) -> dict:
 
     versions = _child_versions()
     baseline = bc.rss_mb()
-    if spec.get("tracemalloc", True):
+    if spec.get("tracemalloc", False):
         tracemalloc.start()
     t0 = time.perf_counter()
     summary = arrowquant.quantize(spec["input"], spec["output"], bits=spec["bits"],
@@ -112,7 +130,8 @@ def child_io(spec: dict) -> dict:
 
     versions = _child_versions()
     baseline = bc.rss_mb()
-    tracemalloc.start()
+    if spec.get("tracemalloc", False):
+        tracemalloc.start()
     t0 = time.perf_counter()
     remaining = int(spec["target_bytes"])
     read_bytes = 0
@@ -137,7 +156,7 @@ def child_io(spec: dict) -> dict:
     finally:
         src.close()
     seconds = time.perf_counter() - t0
-    traced = tracemalloc.get_traced_memory()[1] / bc.MB
+    traced = tracemalloc.get_traced_memory()[1] / bc.MB if tracemalloc.is_tracing() else None
     tracemalloc.stop()
     return {"baseline_rss_mb": baseline, "seconds": seconds, "tracemalloc_peak_mb": traced,
             "vm_hwm_mb": bc.vm_hwm_mb(), "versions": versions, "input_bytes": read_bytes,
@@ -182,7 +201,7 @@ def child_compare(spec: dict) -> dict:
     return {"equal": not mismatches and len(a) > 0, "rows": len(a), "mismatches": mismatches[:20]}
 
 
-CHILD_JOBS = {"generate": child_generate, "quantize": child_quantize, "io": child_io,
+CHILD_JOBS = {"info": child_info, "generate": child_generate, "quantize": child_quantize, "io": child_io,
               "compare": child_compare}
 
 
@@ -259,7 +278,10 @@ def check_disk(path: Path, needed: int) -> Tuple[bool, int]:
     return free >= needed, free
 
 
-def aggregate(impl: str, case: Case, results: List[JobResult], common: dict) -> dict:
+def aggregate(impl: str, case: Case, results: List[JobResult], common: dict,
+              traced_mb: Optional[float] = None) -> dict:
+    """One record from the timed runs of a job; `traced_mb` comes from the separate
+    tracemalloc run (tracing slows Python code, so it never runs in a timed job)."""
     times = [r.data["seconds"] for r in results]
     peaks = [r.run.peak_rss_mb for r in results]
     qmem = [r.quantization_memory_mb for r in results]
@@ -279,9 +301,9 @@ def aggregate(impl: str, case: Case, results: List[JobResult], common: dict) -> 
         "params": params,
         "throughput_mparams_s": round(params / t / 1e6, 2) if t > 0 else None,
         "throughput_mb_s": round(common["model_bytes"] / t / bc.MB, 1) if t > 0 else None,
-        "tracemalloc_peak_mb_python_heap_only": (None if first.get("tracemalloc_peak_mb") is None else
-                                                 round(max(r.data["tracemalloc_peak_mb"] for r in results), 2)),
+        "tracemalloc_peak_mb_python_heap_only": None if traced_mb is None else round(traced_mb, 2),
         "vm_hwm_mb": first.get("vm_hwm_mb"),
+        "sampled_file_backed_mb": round(max(r.run.sampled_file_backed_mb for r in results), 1),
         "time_runs_s": [round(x, 4) for x in times],
         "peak_memory_runs_mb": [round(x, 2) for x in peaks],
         "parent_rss_mb": round(max(r.run.parent_rss_mb for r in results), 1),
@@ -331,20 +353,24 @@ def run_case(case: Case, model: Path, work: Path, args: argparse.Namespace, comm
     results: Dict[str, List[JobResult]] = {k: [] for k in impls + [IO_JOB]}
     outputs = {impl: work / f"out-{impl}" for impl in impls}
     io_out = work / "io.bin"
+
+    def quantize_spec(impl: str, traced: bool = False) -> dict:
+        return {"input": str(model), "output": str(outputs[impl]), "bits": case.bits, "group_size": GROUP_SIZE,
+                "implementation": impl, "threads": args.threads, "tracemalloc": traced}
+
+    def io_spec(traced: bool = False) -> dict:
+        return {"input": str(model), "output": str(io_out), "chunk_bytes": 64 << 20,
+                "target_bytes": results["native"][-1].data["output_bytes"], "tracemalloc": traced}
+
     for rep in range(args.repeat):
         # Alternate the order so neither engine always runs on a warmer machine.
         order = impls[rep % len(impls):] + impls[:rep % len(impls)]
         for impl in order:
-            spec = {"input": str(model), "output": str(outputs[impl]), "bits": case.bits,
-                    "group_size": GROUP_SIZE, "implementation": impl, "threads": args.threads,
-                    "tracemalloc": not args.no_tracemalloc}
-            r = run_job("quantize", spec, work)
+            r = run_job("quantize", quantize_spec(impl), work)
             results[impl].append(r)
             log(f"    {impl:<9} rep {rep + 1}: {r.data['seconds']:.3f} s, peak {r.run.peak_rss_mb:.1f} MB, "
                 f"quantization memory {r.quantization_memory_mb:.1f} MB")
-        spec = {"input": str(model), "output": str(io_out), "chunk_bytes": 64 << 20,
-                "target_bytes": results["native"][-1].data["output_bytes"]}
-        r = run_job("io", spec, work)
+        r = run_job("io", io_spec(), work)
         results[IO_JOB].append(r)
         log(f"    {'pure I/O':<9} rep {rep + 1}: {r.data['seconds']:.3f} s, peak {r.run.peak_rss_mb:.1f} MB")
         io_out.unlink(missing_ok=True)
@@ -353,8 +379,17 @@ def run_case(case: Case, model: Path, work: Path, args: argparse.Namespace, comm
         case.bit_exact = bool(cmp.data["equal"])
         case.mismatches = cmp.data["mismatches"]
         log(f"    bit-exact native == reference: {case.bit_exact} ({cmp.data['rows']} rows compared)")
+    traced: Dict[str, Optional[float]] = {k: None for k in results}
+    if not args.no_tracemalloc:
+        # One more, untimed run per job with tracemalloc on: tracing slows Python code.
+        for impl in impls:
+            traced[impl] = run_job("quantize", quantize_spec(impl, traced=True), work).data["tracemalloc_peak_mb"]
+        traced[IO_JOB] = run_job("io", io_spec(traced=True), work).data["tracemalloc_peak_mb"]
+        io_out.unlink(missing_ok=True)
+        log("    tracemalloc peaks (separate untimed runs, Python heap only): "
+            + ", ".join(f"{k} {v:.1f} MB" for k, v in traced.items()))
     for impl, rs in results.items():
-        case.records.append(aggregate(impl, case, rs, common))
+        case.records.append(aggregate(impl, case, rs, common, traced[impl]))
         # The timeline of the run with the median time.
         mid = sorted(rs, key=lambda x: x.data["seconds"])[len(rs) // 2]
         case.timelines[impl] = mid.run.timeline
@@ -383,14 +418,17 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
     lines += [f"Date:     {meta['timestamp']}",
               f"Commit:   {meta['commit']}",
               f"Machine:  {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB RAM, {m['platform']}",
+              f"Load:     1-min load average {m.get('load_average_1m')} at start (above {m['cpu_count']} "
+              f"cores means other work competed for the CPU: times are then pessimistic)",
               f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
               f"Settings: group size {GROUP_SIZE}, asymmetric rtn, threads {meta['threads'] or 'all'}, "
               f"repeat {meta['repeat']} (time = median, memory = max over repeats)",
               "",
               "Peak = true peak RSS of the job's process (os.wait4 ru_maxrss). Baseline = RSS after",
               "imports. Quantization memory = peak - baseline. tracemalloc = Python heap only",
-              "(numpy buffers included, the engine's C++ allocations not). Pure I/O reads the input",
-              "and writes an output of the native output's size once. Inputs are in the page cache.",
+              "(numpy buffers included, the engine's C++ allocations not), from a separate untimed",
+              "run. Pure I/O reads the input and writes an output of the native output's size once.",
+              "Inputs are in the page cache.",
               ""]
     header = (f"  {'implementation':<15}{'peak MB':>10}{'baseline MB':>13}{'quant. MB':>11}{'time s':>10}"
               f"{'Mparams/s':>11}{'MB/s':>9}{'tracemalloc MB':>16}")
@@ -419,6 +457,12 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
             lines.append(f"  native end-to-end time:        {t['time']['value']:.2f} s"
                          f"  (target {t['time']['target']})  [{t['time']['mark']}]")
         lines.append("")
+    for case in cases:
+        for r in case.records:
+            if "parent_rss_mb" in r and r["parent_rss_mb"] >= r["baseline_memory_mb"]:
+                lines.append(f"WARNING: {case.size} {r['implementation']}: the parent's RSS "
+                             f"({r['parent_rss_mb']:.0f} MB) reached the child's baseline; its peak may be "
+                             "overstated (Linux carries the parent's peak into a child's ru_maxrss).")
     for s in skipped:
         lines.append(f"SKIPPED: {s}")
     marks = [t["mark"] for c in cases for t in c.targets.values()]
@@ -448,6 +492,38 @@ def load_cases(out_dir: Path) -> List[Case]:
     return list(cases.values())
 
 
+def format_markdown(cases: Sequence[Case]) -> str:
+    """Per case: the measured figures and each target with its mark, as one markdown table."""
+    lines = ["| size | bits | input | native peak / quant. MB | reference peak / quant. MB | ratio (<= 0.25) "
+             "| native s | reference s | speedup (>= 10x) | pure I/O s | native / I/O (<= 1.5x) "
+             "| time target | bit-exact |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for c in cases:
+        by = {r["implementation"]: r for r in c.records}
+        t = c.targets
+
+        def mem(impl: str) -> str:
+            r = by.get(impl)
+            return "-" if r is None else f"{r['peak_memory_mb']:.0f} / {r['quantization_memory_mb']:.0f}"
+
+        def secs(impl: str) -> str:
+            r = by.get(impl)
+            return "-" if r is None else f"{r['quantization_time_s']:.2f}"
+
+        def target(name: str, spec: str, unit: str = "") -> str:
+            if name not in t or t[name]["value"] is None:
+                return "-"
+            return f"{format(t[name]['value'], spec)}{unit} {t[name]['mark']}"
+
+        time_t = (f"< {bc.TIME_TARGETS_S[c.size]:g} s: {t['time']['mark']}" if "time" in t else "-")
+        exact = "-" if c.bit_exact is None else ("yes" if c.bit_exact else "NO")
+        lines.append(f"| {c.size} | {c.bits} | {c.fmt} | {mem('native')} | {mem('reference')} "
+                     f"| {target('memory_ratio', '.3f')} | {secs('native')} | {secs('reference')} "
+                     f"| {target('speedup', '.1f', 'x')} | {secs(IO_JOB)} "
+                     f"| {target('io_bound', '.2f', 'x')} | {time_t} | {exact} |")
+    return "\n".join(lines) + "\n"
+
+
 # --- main ---------------------------------------------------------------------
 
 
@@ -472,7 +548,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="engine threads (0 = all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tracemalloc", action="store_true",
-                   help="do not trace the Python heap (removes its small time overhead)")
+                   help="skip the extra untimed run per job that measures the Python heap with tracemalloc")
     args = p.parse_args(argv)
     if args.all:
         args.sizes = list(dict.fromkeys((args.sizes or []) + list(ALL_SIZES)))
@@ -488,6 +564,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return child_main(argv[1])
+    if argv[:1] == ["--markdown-from"]:
+        sys.stdout.write(format_markdown(load_cases(Path(argv[1]))))
+        return 0
     if argv[:1] == ["--charts-from"]:
         import charts
 
@@ -495,8 +574,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"chart: {path}")
         return 0
     args = parse_args(argv)
-    bc.use_source_tree()
-    from arrowquant import synthetic  # numpy only; the parent stays far below any child's baseline
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -512,11 +589,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="work-", dir=out_dir))
     generated: List[Path] = []
     try:
+        info = run_job("info", {"sizes": args.sizes, "formats": formats, "models_dir": str(args.models_dir),
+                                "seed": args.seed}, work).data
         for size in args.sizes:
-            params = synthetic.count_params(size)
-            model_bytes = synthetic.model_bytes(size)
-            dirs = {fmt: args.models_dir / f"{size}-{fmt}-seed{args.seed}" for fmt in formats}
-            cached = all(synthetic.read_manifest(d) is not None for d in dirs.values())
+            params, model_bytes, cached = info[size]["params"], info[size]["bytes"], info[size]["cached"]
+            dirs = {fmt: args.models_dir / model_dir_name(size, fmt, args.seed) for fmt in formats}
             need = disk_needed(model_bytes, cached, params, args.bits, len(formats))
             ok, free = check_disk(args.models_dir, need)
             if ok and args.models_dir.resolve() != out_dir.resolve():
@@ -535,7 +612,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          "seed": args.seed}, work)
                 if not g.data["was_cached"]:
                     generated.append(dirs[fmt])
-                    log(f"  generated in {g.data['seconds']:.1f} s")
+                    log(f"  generated in {g.data['seconds']:.1f} s, peak RSS {g.run.peak_rss_mb:.0f} MB "
+                        f"for {g.data['bytes'] / 1e6:.0f} MB of model")
                 versions = dict(meta["versions"])
                 common = {"params": params, "model_bytes": g.data["bytes"], "threads": args.threads,
                           "machine": meta["machine"], "commit": meta["commit"], "versions": versions}
@@ -563,6 +641,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records = [r for c in cases for r in c.records]
     report = format_report(cases, skipped, meta)
     (out_dir / "memory_benchmark_report.txt").write_text(report)
+    (out_dir / "memory_benchmark_report.md").write_text(format_markdown(cases))
     bc.write_json(out_dir / "memory_benchmark_results.json", records)
     bc.write_json(out_dir / "memory_timeline.json", [
         {"model_size": c.size, "bit_width": c.bits, "input_format": c.fmt, "implementation": impl,

@@ -26,7 +26,8 @@ def test_defaults_are_the_first_versions():
     cfg = DiffusionQuantConfig()
     for k, v in FIRST_VERSION_DEFAULTS.items():
         assert getattr(cfg, k) == v, k
-    assert cfg.scheme == "asymmetric" and cfg.method == "rtn"
+    # Method and parameter precision: the measured defaults of docs/quality.md.
+    assert cfg.scheme == "asymmetric" and cfg.method == "mse" and cfg.param_dtype == "float16"
     assert cfg.target_bpw is None and cfg.keep_patterns == [] and cfg.bits_for == {}
     assert cfg.fallback_thresholds == {2: 0.70, 4: 0.90, 8: 0.95}
     assert cfg.quantize_1d is False

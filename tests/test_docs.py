@@ -105,8 +105,11 @@ def _env(tmp: Path) -> dict:
         f.chmod(0o755)
     env = dict(os.environ)
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    import arrowquant  # the one under test: installed in CI, python/ in a dev tree
+
+    package_root = str(Path(arrowquant.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO / "python"), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+        p for p in (package_root, str(REPO / "tests"), env.get("PYTHONPATH")) if p)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                PYTHONWARNINGS="ignore::FutureWarning")
     return env

@@ -40,6 +40,28 @@ def _group_weighted_errors(x: np.ndarray, xhat: np.ndarray, w: np.ndarray, g: in
     return pad.reshape(rows, G, g).sum(axis=2)
 
 
+def test_f16_params_start_from_representable_rtn():
+    # Groups far from 0 with a tiny spread: rtn's zero point -lo/scale passes
+    # float16's range, and tiny groups whose scale rounds to 0 in float16. The
+    # search must start from the stored-rtn rule (FORMAT.md section 7), not
+    # from inf / 0 parameters.
+    rng = np.random.default_rng(11)
+    far = (1000.0 + rng.standard_normal((4, 64)) * 1e-3).astype(np.float32)
+    tiny = (rng.standard_normal((4, 64)) * 1e-9).astype(np.float32)
+    x = np.concatenate([far, tiny])
+    w = _lognormal_importance(rng, 64)
+    eng = quantize_importance_array(x, w, bits=4, group_size=32, param_dtype="float16")
+    ref = ref_quantize_importance(x, w, bits=4, group_size=32, param_dtype="float16")
+    np.testing.assert_array_equal(eng.scales.view(np.uint32), ref.scales.view(np.uint32))
+    np.testing.assert_array_equal(eng.zero_points.view(np.uint32), ref.zero_points.view(np.uint32))
+    np.testing.assert_array_equal(eng.data, ref.data)
+    assert np.all(np.isfinite(eng.scales)) and np.all(eng.scales > 0)
+    assert np.all(np.isfinite(eng.zero_points))
+    xhat = dequantize_array(eng)
+    assert np.all(np.isfinite(xhat))
+    np.testing.assert_allclose(xhat[:4], x[:4], rtol=1e-3)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
 @pytest.mark.parametrize("cols,group_size", [(96, 32), (100, 32), (7, 128)])

@@ -39,7 +39,8 @@ def test_safetensors_package_file_all_dtypes(tmp_path):
         e = model.info(name)
         if a.ndim >= 2:
             assert e.quant_type == "int8"
-            expect = engine.quantize_array(a, bits=8, group_size=32)
+            expect = engine.quantize_array(a, bits=8, group_size=32, method="mse",
+                                           param_dtype="float16")
             assert model.raw(name).data.tobytes() == expect.data.tobytes()
         else:
             assert e.quant_type == "none"

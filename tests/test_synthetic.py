@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +162,51 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_killed_run_temp_is_cleaned_up(tmp_path):
+    import subprocess
+    import sys
+
+    # A pid that has surely exited: a finished child's.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".m.tmp-{dead}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / f".m.tmp-{os.getppid()}"  # the parent of this process is alive
+    live.mkdir()
+    generate_model(tmp_path / "m", "10M", fmt="safetensors")
+    assert not stale.exists() and live.exists()
+    assert synthetic.read_manifest(tmp_path / "m") is not None
+
+
 def test_refuses_foreign_directory(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "mine.txt").write_text("user data")
     with pytest.raises(FileExistsError):
         generate_model(tmp_path / "m", "10M")
     assert (tmp_path / "m" / "mine.txt").read_text() == "user data"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["safetensors", "parquet"])
+def test_generation_memory_is_bounded(tmp_path, fmt):
+    """A 100M model (201 MB of float16) is written in far less memory than its size."""
+    import subprocess
+    import sys
+
+    from arrowquant.synthetic import model_bytes
+
+    out = tmp_path / "m"
+    code = ("import resource, sys; from arrowquant.synthetic import generate_model; "
+            "import pyarrow.parquet, numpy; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"generate_model(sys.argv[1], '100M', fmt='{fmt}'); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    growth_mb = float(p.stdout.strip())
+    # Bounded by row blocks (16 MiB float32 scratch + its cast) for SafeTensors; for Parquet
+    # also by the largest tensor (one cell, plus the writer's page copy), never the model.
+    largest_mb = max(int(np.prod(s)) for _, s in model_spec("100M")) * 2 / 1e6
+    bound = 64 if fmt == "safetensors" else 48 + 3 * largest_mb
+    assert growth_mb < bound < model_bytes("100M") / 1e6 / 2, (growth_mb, bound)
+    assert synthetic.read_manifest(out)["params"] == count_params("100M")

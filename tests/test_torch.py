@@ -52,7 +52,8 @@ def test_importing_arrowquant_never_imports_torch():
             "arrowquant.quantize; "
             "bad = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    # The arrowquant these tests import (the installed one in CI, python/ in a dev tree).
+    env = dict(os.environ, PYTHONPATH=str(Path(aq.__file__).resolve().parents[1]))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

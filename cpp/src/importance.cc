@@ -1,5 +1,6 @@
 // Importance-weighted parameter search (see importance.h for the contract).
 #include "arrowquant/importance.h"
+#include "kernels/param_search.h"
 
 #include <algorithm>
 #include <cmath>
@@ -59,10 +60,11 @@ class GroupSearch {
         symmetric_(spec.scheme == Scheme::kSymmetric), codes_(static_cast<size_t>(n)) {}
 
   Status Run(float* scale, float* zero) {
+    // Start from rtn as stored (the float16 rules of FORMAT.md section 7:
+    // never a scale rounded to 0 or a zero point past the float16 range).
     Candidate rtn;
-    AQ_RETURN_NOT_OK(
-        kernels::RtnGroupParams(x_, n_, spec_.bits, spec_.scheme, &rtn.scale, &rtn.zero));
-    kernels::RoundParamsToStorage(spec_, &rtn.scale, &rtn.zero);
+    AQ_RETURN_NOT_OK(kernels::RtnStorageParams(x_, n_, spec_.bits, spec_.scheme, spec_.param_dtype,
+                                               &rtn.scale, &rtn.zero));
     best_ = rtn;
     best_err_ = Error(rtn);
     if (best_err_ > 0.0) {

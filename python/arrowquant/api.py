@@ -37,6 +37,7 @@ from .pipeline import (
     _atomic_write_text,
     check_memory_budget,
     default_plans,
+    lean_allocators,
 )
 from .plan import DEFAULT_MIN_COSINE, Planner
 from .sources import WEIGHT_SUFFIXES, ModelSource, is_pipeline_dir, is_v2_dir, open_model
@@ -177,8 +178,8 @@ def quantize(
     bits: int = 4,
     group_size: int = 128,
     scheme: str = "asymmetric",
-    method: str = "rtn",
-    param_dtype: str = "float32",
+    method: str = "mse",
+    param_dtype: str = "float16",
     threads: int = 0,
     max_memory: Union[str, int] = "256MiB",  # DEFAULT_MAX_MEMORY
     chunk_size: Union[str, int] = "256MiB",
@@ -264,7 +265,7 @@ def quantize(
         shutil.rmtree(out / STAGING, ignore_errors=True)
         return finished_summary(out)
     _prepare_output(out, overwrite, resume, check_only=True)  # fail before any work
-    with open_model(input) as source:
+    with lean_allocators(), open_model(input) as source:
         report = _progress_fn(progress, source.total_bytes)
         modality_info = _detect_modality(source, modality)
         opts.modality = modality_info["modality"]

@@ -26,9 +26,10 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", choices=("asymmetric", "symmetric"), default=None,
                    help="affine with a zero point (default) or symmetric around zero")
     p.add_argument("--method", choices=("rtn", "mse"), default=None,
-                   help="how scales are chosen: rtn = min/max (FORMAT.md), mse = error-minimizing search")
+                   help="how scales are chosen: mse = error-minimizing search (default), "
+                        "rtn = plain min/max (FORMAT.md section 2)")
     p.add_argument("--param-dtype", choices=("float32", "float16"), default=None,
-                   help="storage precision of scales and zero points")
+                   help="storage precision of scales and zero points (default float16)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="engine threads (default 0 = all cores)")
 

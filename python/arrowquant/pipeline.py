@@ -13,6 +13,7 @@ is never a finished model.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -715,7 +716,8 @@ class StreamingQuantizer:
                  for ti, (t, lay) in enumerate(zip(self.source.tensors, layouts))
                  for c in lay.chunks if c.index not in lay.done
                  for r in range(0, max(c.row_count, 1), lay.unit_rows[c.index])]
-        budget = max(READ_UNIT, self.opts.max_memory // 4)
+        # One unit ahead is enough to keep the engine busy; more only costs memory.
+        budget = min(READ_UNIT, self.opts.max_memory // 4)
         prefetch = Prefetcher(self.source, reads, budget)
         try:
             for ti, t in enumerate(self.source.tensors):
@@ -814,6 +816,26 @@ class WriteItem:
     record: Optional[parquet_v2.ChunkRecord]
     info: Dict[str, Any]
     tensor_bytes: int
+
+
+@contextlib.contextmanager
+def lean_allocators() -> Iterator[None]:
+    """Buffers freed by the pipeline go back to the system instead of staying
+    resident in an allocator's cache: glibc's mmap threshold is fixed (the
+    engine's fix_mmap_threshold) and Arrow allocates from the system pool
+    for the run (the previous pool is restored after). Readers opened inside
+    allocate from it too."""
+    import pyarrow as pa
+
+    from . import _core
+
+    _core.fix_mmap_threshold()
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
 
 
 def _merge_markov(acc: Optional[MarkovMetrics], new: MarkovMetrics) -> MarkovMetrics:

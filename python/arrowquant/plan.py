@@ -97,8 +97,8 @@ class RulePlanner:
     bits: int = 4
     group_size: int = 128
     scheme: str = "asymmetric"
-    method: str = "rtn"
-    param_dtype: str = "float32"
+    method: str = "mse"
+    param_dtype: str = "float16"
     quantize_1d: bool = False
     fallback: bool = False
     min_cosine: Dict[int, float] = field(default_factory=lambda: dict(DEFAULT_MIN_COSINE))

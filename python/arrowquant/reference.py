@@ -170,10 +170,14 @@ def _error_sums(x2: np.ndarray, xhat: np.ndarray) -> ErrorSums:
 
 def choose_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, method: str,
                   param_dtype: str, name: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point per group for a method (rtn here; see FORMAT.md)."""
-    if method != "rtn" or param_dtype != "float32":
-        raise ValidationError("only method rtn with float32 parameters is built in this version")
-    return rtn_params(x2, bits, group_size, scheme, name)
+    """Scale and zero point per group for a method (FORMAT.md rtn; mse and
+    float16 parameters in reference_search)."""
+    scale, zero = rtn_params(x2, bits, group_size, scheme, name)
+    if method == "rtn" and param_dtype == "float32":
+        return scale, zero
+    from .reference_search import search_params
+
+    return search_params(x2, bits, group_size, scheme, method, param_dtype, scale, zero, name)
 
 
 def quantize_array(

@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from .errors import ValidationError
-from .reference import _check_finite, encode, pack, rtn_params, dequantize_codes, _error_sums, to_float32
+from .reference import _check_finite, choose_params, encode, pack, dequantize_codes, _error_sums, to_float32
 from .tensor import QuantizedTensor, as_source, check_spec, groups_per_row
 
 _F0 = np.float32(0.0)
@@ -171,7 +171,8 @@ def importance_params(x2: np.ndarray, importance: np.ndarray, *, bits: int, grou
         raise ValidationError(f"tensor {name!r}: importance has {w.size} entries, {cols} columns")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise ValidationError(f"tensor {name!r}: importance must be finite and non-negative")
-    s0, z0 = rtn_params(x2, bits, group_size, scheme, name)
+    # Start from rtn as stored (float16 rules of FORMAT.md section 7).
+    s0, z0 = choose_params(x2, bits, group_size, scheme, "rtn", param_dtype, name)
     G = groups_per_row(cols, group_size)
     full = cols // group_size
     symmetric = scheme == "symmetric"

@@ -149,7 +149,8 @@ class ParquetV1Source(ModelSource):
                                  check_shape, data_column_bytes)
 
         try:
-            pf = pq.ParquetFile(str(f))
+            # No pre-buffering: it would hold a second copy of the row group.
+            pf = pq.ParquetFile(str(f), pre_buffer=False)
             check_schema(f, pf.schema_arrow, {"layer_name": _is_str, "shape": _is_int_list,
                                               "dtype": _is_str, "data": _is_blob,
                                               "num_params": _is_int})

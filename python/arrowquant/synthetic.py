@@ -208,6 +208,7 @@ def generate_model(out_dir: Union[str, Path], size: str = "10M", fmt: str = "par
                 f"{out} exists and is not a synthetic model written by arrowquant; "
                 "choose another directory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -232,6 +233,25 @@ def generate_model(out_dir: Union[str, Path], size: str = "10M", fmt: str = "par
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Removes the temporary directories of earlier runs that were killed (a
+    SIGKILL or SIGTERM leaves no chance to clean up); a live writer's is kept."""
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        suffix = path.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and int(suffix) != os.getpid() and not _pid_alive(int(suffix)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir_files(directory: Path) -> None:

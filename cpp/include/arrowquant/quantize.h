@@ -23,12 +23,20 @@ enum class Scheme : uint8_t { kAsymmetric, kSymmetric };
 // are the same for every method, so readers never need to know it.
 enum class Method : uint8_t {
   kRtn,  // FORMAT.md: min/max (asymmetric) or max-abs (symmetric)
-  kMse,  // error-minimizing search (issue 8)
+  // Error-minimizing search (docs/FORMAT.md section 7): per group, the
+  // candidate with the least true squared error among rtn, clipped ranges
+  // and least-squares refits of scale and offset; deterministic, never worse
+  // than rtn on any group, bit-identical to the numpy reference. 4-6
+  // evaluation passes over each group (AVX2 when the CPU has it).
+  kMse,
 };
 
 // Precision in which scales and zero points are stored. With kF16 they are
 // rounded to float16 before the codes are computed, so that dequantization
-// from the stored values is exact.
+// from the stored values is exact (docs/FORMAT.md section 7: a scale that
+// would underflow is stored as 2^-24; an asymmetric zero point beyond
+// float16's range falls back to the range widened to include 0; a group with
+// no representable candidate is an Invalid status naming it).
 enum class ParamDType : uint8_t { kF32, kF16 };
 
 struct QuantSpec {

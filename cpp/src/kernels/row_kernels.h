@@ -48,6 +48,11 @@ FusedRtnRowFn SelectFusedRtn(bool force_scalar);
 // whole tensor, row and column), or OK. Defined in quantize.cc.
 Status CheckFiniteRow(const float* x, int64_t cols, int64_t row);
 
+// FORMAT.md rtn parameters from a group's min and max (lo, hi; for the
+// symmetric scheme max|x| = max(|lo|, |hi|)): the same values as
+// RtnGroupParams without a second pass over the group.
+Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, float* zero_point);
+
 // FORMAT.md rtn parameters of one group (scalar; shared by every path since
 // min/max is exact in any order). Fails when max - min overflows float32.
 Status RtnGroupParams(const float* x, int64_t n, int bits, Scheme scheme, float* scale,

@@ -3,24 +3,13 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/param_search.h"
 #include "kernels/row_kernels.h"
 
 namespace arrowquant::kernels {
 
 Status RtnGroupParams(const float* x, int64_t n, int bits, Scheme scheme, float* scale,
                       float* zero_point) {
-  const float q_max = static_cast<float>((1 << bits) - 1);
-  if (scheme == Scheme::kSymmetric) {
-    float a = 0.0f;
-    for (int64_t i = 0; i < n; ++i) a = std::max(a, std::fabs(x[i]));
-    const float m = static_cast<float>((1 << (bits - 1)) - 1);
-    float s = a > 0.0f ? a / m : 1.0f;
-    // A scale too small to invert (subnormal) is treated as a constant group.
-    if (s == 0.0f || !std::isfinite(1.0f / s)) s = 1.0f;
-    *scale = s;
-    *zero_point = static_cast<float>(1 << (bits - 1));
-    return Status::OK();
-  }
   float lo = x[0];
   float hi = x[0];
   for (int64_t i = 1; i < n; ++i) {
@@ -29,8 +18,20 @@ Status RtnGroupParams(const float* x, int64_t n, int bits, Scheme scheme, float*
   }
   // Canonical zero: -0 and +0 compare equal, so min/max order could pick
   // either; adding +0 makes both +0 and the parameters deterministic.
-  lo += 0.0f;
-  hi += 0.0f;
+  return RtnFromRange(lo + 0.0f, hi + 0.0f, bits, scheme, scale, zero_point);
+}
+
+Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, float* zero_point) {
+  const float q_max = static_cast<float>((1 << bits) - 1);
+  if (scheme == Scheme::kSymmetric) {
+    const float a = std::max(std::fabs(lo), std::fabs(hi));
+    const float m = static_cast<float>((1 << (bits - 1)) - 1);
+    float s = a > 0.0f ? a / m : 1.0f;
+    if (s == 0.0f || !std::isfinite(1.0f / s)) s = 1.0f;
+    *scale = s;
+    *zero_point = static_cast<float>(1 << (bits - 1));
+    return Status::OK();
+  }
   if (hi > lo) {
     const float s = (hi - lo) / q_max;
     if (!std::isfinite(s)) {
@@ -59,7 +60,13 @@ namespace {
 Status ScalarChooseParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                           float* zero_points, int64_t row) {
   if (spec.method != Method::kRtn || spec.param_dtype != ParamDType::kF32) {
-    return Status::Invalid("only method rtn with float32 parameters is built in this version");
+    // float16 parameters and the mse search: param_search.cc.
+    int64_t j = 0;
+    Status st = ChooseRowParams(x, cols, spec, scales, zero_points, &j);
+    if (!st.ok()) {
+      return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
+    }
+    return Status::OK();
   }
   const int64_t g = spec.group_size;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {

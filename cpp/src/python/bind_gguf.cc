@@ -18,11 +18,7 @@ namespace {
 
 using namespace arrowquant::gguf;
 
-using ReadOnlyArray = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
-using InFloats = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
-using InBytes = nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>;
-using OutBytes = nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu>;
-using OutFloats = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+using ReadOnlyArray = ReadOnlyBytes;
 
 // (key, type name, value) as Python gives them.
 using PyKeyValue = std::tuple<std::string, std::string, nb::object>;

@@ -5,6 +5,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
+#include <malloc.h>
+
 #include <string>
 #include <tuple>
 
@@ -14,68 +16,6 @@
 
 namespace arrowquant::python {
 namespace {
-
-using ReadOnlyBytes = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
-using OutBytes = nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu>;
-using OutFloats = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
-using InBytes = nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>;
-using InFloats = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
-using StatsTuple = std::tuple<double, double, double, double, double, int64_t>;
-
-QuantSpec MakeSpec(int bits, int64_t group_size, const std::string& scheme,
-                   const std::string& method, const std::string& param_dtype) {
-  QuantSpec spec;
-  spec.bits = bits;
-  spec.group_size = group_size;
-  if (scheme == "asymmetric") {
-    spec.scheme = Scheme::kAsymmetric;
-  } else if (scheme == "symmetric") {
-    spec.scheme = Scheme::kSymmetric;
-  } else {
-    ThrowIfError(Status::Invalid("scheme must be 'asymmetric' or 'symmetric', got '" + scheme + "'"));
-  }
-  if (method == "rtn") {
-    spec.method = Method::kRtn;
-  } else if (method == "mse") {
-    spec.method = Method::kMse;
-  } else {
-    ThrowIfError(Status::Invalid("method must be 'rtn' or 'mse', got '" + method + "'"));
-  }
-  if (param_dtype == "float32") {
-    spec.param_dtype = ParamDType::kF32;
-  } else if (param_dtype == "float16") {
-    spec.param_dtype = ParamDType::kF16;
-  } else {
-    ThrowIfError(Status::Invalid("param dtype must be 'float32' or 'float16', got '" + param_dtype + "'"));
-  }
-  ThrowIfError(ValidateSpec(spec));
-  return spec;
-}
-
-TensorView MakeView(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
-                    int64_t cols) {
-  const DType dt = ValueOrThrow(ParseDType(dtype));
-  const size_t item_bits = src.dtype().bits;
-  const size_t nbytes = src.size() * item_bits / 8;
-  if (rows < 0 || cols < 0 || nbytes != static_cast<size_t>(rows * cols) * DTypeSize(dt)) {
-    ThrowIfError(Status::ShapeMismatch(
-        "buffer holds " + std::to_string(nbytes) + " bytes but " + std::to_string(rows) + " x " +
-        std::to_string(cols) + " " + std::string(DTypeName(dt)) + " needs " +
-        std::to_string(static_cast<size_t>(rows * cols) * DTypeSize(dt))));
-  }
-  return TensorView{src.data(), dt, rows, cols};
-}
-
-void CheckSize(const char* what, size_t have, int64_t need) {
-  if (have != static_cast<size_t>(need)) {
-    ThrowIfError(Status::ShapeMismatch(std::string(what) + " buffer has " + std::to_string(have) +
-                                       " elements, " + std::to_string(need) + " needed"));
-  }
-}
-
-StatsTuple ToTuple(const ErrorStats& s) {
-  return {s.sum_x2, s.sum_xhat2, s.sum_x_xhat, s.sum_err2, s.max_abs_err, s.count};
-}
 
 StatsTuple BindQuantize(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
                         int64_t cols, int bits, int64_t group_size, const std::string& scheme,
@@ -146,6 +86,18 @@ std::tuple<double, double, double, double> BindFinalizeMetrics(const StatsTuple&
   return {m.cosine, m.rel_mse, m.sqnr_db, m.max_abs_error};
 }
 
+// glibc raises its mmap threshold each time a large mmapped block is freed,
+// after which big buffers come from the heap and stay resident when freed.
+// A fixed threshold keeps every buffer of 256 KiB or more in its own mapping,
+// returned to the system on free: what bounds the pipeline's resident memory.
+bool FixMmapThreshold() {
+#ifdef M_MMAP_THRESHOLD
+  return mallopt(M_MMAP_THRESHOLD, 256 * 1024) == 1;
+#else
+  return false;
+#endif
+}
+
 void Bind(nb::module_& m) {
   m.def("quantize", &BindQuantize, nb::arg("src"), nb::arg("dtype"), nb::arg("rows"),
         nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"), nb::arg("scheme"),
@@ -163,6 +115,8 @@ void Bind(nb::module_& m) {
   m.def("finalize_metrics", &BindFinalizeMetrics, nb::arg("stats"),
         "(cosine, rel_mse, sqnr_db, max_abs_error) from error sums.");
   m.def("active_kernel", &ActiveKernelName);
+  m.def("fix_mmap_threshold", &FixMmapThreshold,
+        "Large allocations always mmapped (returned to the OS when freed); process-wide.");
   m.def("hardware_threads", &HardwareThreads);
 }
 

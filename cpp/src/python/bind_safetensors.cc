@@ -17,7 +17,6 @@
 namespace arrowquant::python {
 namespace {
 
-using OutBytes = nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu>;
 // (name, canonical dtype name, shape, offset, nbytes)
 using TensorTuple = std::tuple<std::string, std::string, std::vector<int64_t>, uint64_t, uint64_t>;
 

@@ -4,10 +4,13 @@
 #pragma once
 
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
+#include "arrowquant/quantize.h"
 #include "arrowquant/status.h"
 
 namespace arrowquant::python {
@@ -34,6 +37,26 @@ T ValueOrThrow(Result<T> result) {
   if (!result.ok()) throw StatusError(result.status());
   return std::move(result).value();
 }
+
+// Buffer types of the bindings: read-only inputs of any element type (the
+// dtype name says what the bytes are), caller-allocated outputs.
+using ReadOnlyBytes = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
+using InBytes = nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>;
+using InFloats = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using OutBytes = nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu>;
+using OutFloats = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+// ErrorStats as Python sees it: (sum_x2, sum_xhat2, sum_x_xhat, sum_err2, max_abs_err, count).
+using StatsTuple = std::tuple<double, double, double, double, double, int64_t>;
+
+// A validated QuantSpec from the Python-side names.
+QuantSpec MakeSpec(int bits, int64_t group_size, const std::string& scheme,
+                   const std::string& method, const std::string& param_dtype);
+// A view of rows x cols elements of `dtype` over `src`, whose size must match.
+TensorView MakeView(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
+                    int64_t cols);
+// ShapeMismatch unless a buffer holds exactly `need` elements.
+void CheckSize(const char* what, size_t have, int64_t need);
+StatsTuple ToTuple(const ErrorStats& s);
 
 using BindFn = void (*)(nb::module_&);
 

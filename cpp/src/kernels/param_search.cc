@@ -1,0 +1,467 @@
+// The `mse` parameter search and float16 parameter storage (see
+// param_search.h). Scalar reference passes here; param_search_avx2.cc has
+// their vector twins. python/arrowquant/reference_search.py repeats every
+// step in numpy, so the candidate order and each float32/float64 operation
+// below are fixed by that contract: change both or neither.
+#include "kernels/param_search.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "arrowquant/dtype.h"
+#include "kernels/row_kernels.h"
+
+namespace arrowquant::kernels {
+
+namespace {
+
+constexpr float kClips2[] = {0.8f, 0.6f};
+constexpr float kClips4[] = {0.9f, 0.8f};
+
+float Reduce8(const float* l) {
+  const float a0 = l[0] + l[4], a1 = l[1] + l[5], a2 = l[2] + l[6], a3 = l[3] + l[7];
+  return (a0 + a2) + (a1 + a3);
+}
+
+float Clamp(float v, float q_max) { return std::min(std::max(v, 0.0f), q_max); }
+
+void ScalarEvalAsym(const float* x, int64_t n, float scale, float zero_point, float mid,
+                    float q_max, EvalSums* result) {
+  const float inv = 1.0f / scale;
+  float err[8] = {0}, sxq[8] = {0};
+  EvalSums out;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = Clamp(std::nearbyint(x[i] * inv + zero_point), q_max);
+    const float e = x[i] - (q - zero_point) * scale;
+    err[i & 7] += e * e;
+    sxq[i & 7] += (x[i] - mid) * q;
+    out.sum_q += static_cast<int64_t>(q);
+    out.sum_qq += static_cast<int64_t>(q * q);
+  }
+  out.err = Reduce8(err);
+  out.sum_xq = Reduce8(sxq);
+  *result = out;
+}
+
+void ScalarEvalSym(const float* x, int64_t n, float scale, float zero_point, float q_max,
+                   EvalSums* result) {
+  const float inv = 1.0f / scale;
+  float err[8] = {0}, sxk[8] = {0};
+  EvalSums out;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = Clamp(std::nearbyint(x[i] * inv) + zero_point, q_max);
+    const float k = q - zero_point;
+    const float e = x[i] - k * scale;
+    err[i & 7] += e * e;
+    sxk[i & 7] += x[i] * k;
+    out.sum_qq += static_cast<int64_t>(k * k);
+  }
+  out.err = Reduce8(err);
+  out.sum_xq = Reduce8(sxk);
+  *result = out;
+}
+
+float ScalarErrorAsym(const float* x, int64_t n, float scale, float zero_point, float q_max) {
+  const float inv = 1.0f / scale;
+  float err[8] = {0};
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = Clamp(std::nearbyint(x[i] * inv + zero_point), q_max);
+    const float e = x[i] - (q - zero_point) * scale;
+    err[i & 7] += e * e;
+  }
+  return Reduce8(err);
+}
+
+float ScalarErrorSym(const float* x, int64_t n, float scale, float zero_point, float q_max) {
+  const float inv = 1.0f / scale;
+  float err[8] = {0};
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = Clamp(std::nearbyint(x[i] * inv) + zero_point, q_max);
+    const float e = x[i] - (q - zero_point) * scale;
+    err[i & 7] += e * e;
+  }
+  return Reduce8(err);
+}
+
+float ScalarCenteredSum(const float* x, int64_t n, float mid) {
+  float acc[8] = {0};
+  for (int64_t i = 0; i < n; ++i) acc[i & 7] += x[i] - mid;
+  return Reduce8(acc);
+}
+
+void ScalarMinMax(const float* x, int64_t n, float* lo, float* hi) {
+  float l = x[0], h = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    l = std::min(l, x[i]);
+    h = std::max(h, x[i]);
+  }
+  *lo = l + 0.0f;  // -0 -> +0, as rtn
+  *hi = h + 0.0f;
+}
+
+float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)); }
+
+const SearchPasses kScalarPasses = {"scalar",        ScalarEvalAsym, ScalarEvalSym,
+                                    ScalarErrorAsym, ScalarErrorSym, ScalarCenteredSum,
+                                    ScalarMinMax,    RoundF16};
+
+// "<what> in float16 (<rtn>scale S, zero point Z); use float32 parameters"
+std::string NotRepresentable(const char* what, const char* rtn, float s, float z,
+                             ParamDType param_dtype) {
+  const bool f16 = param_dtype == ParamDType::kF16;
+  return std::string(what) + (f16 ? " in float16 (" : " in float32 (") + rtn + "scale " +
+         std::to_string(s) + ", zero point " + std::to_string(z) + ")" +
+         (f16 ? "; use float32 parameters" : "");
+}
+
+// RoundScaleF16 with the given passes' float16 rounding.
+float RoundScaleWith(const SearchPasses& p, float s) {
+  const float r = p.round_f16(s);
+  return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
+}
+
+// The state of one group's search: the best candidate so far.
+class Search {
+ public:
+  Search(const SearchPasses& passes, const float* x, int64_t n, int bits, Scheme scheme,
+         ParamDType param_dtype)
+      : p_(passes),
+        x_(x),
+        n_(n),
+        q_max_(static_cast<float>((1 << bits) - 1)),
+        z_sym_(static_cast<float>(1 << (bits - 1))),
+        symmetric_(scheme == Scheme::kSymmetric),
+        f16_(param_dtype == ParamDType::kF16) {}
+
+  float RoundScale(float s) const { return RoundScaleWith(p_, s); }
+
+  // Storage precision of a candidate whose scale is already stored
+  // (asymmetric: the zero point is derived from the rounded scale); false
+  // when not representable.
+  bool StoreZero(float s, float* z) const {
+    if (f16_ && !symmetric_) *z = p_.round_f16(*z);
+    return Representable(s, *z);
+  }
+
+  // Storage precision of a candidate; false when not representable.
+  bool Store(float* s, float* z) const {
+    if (f16_) {
+      *s = RoundScale(*s);
+      *z = symmetric_ ? z_sym_ : p_.round_f16(*z);
+    }
+    return Representable(*s, *z);
+  }
+
+  // A starting candidate (evaluated by Run, in the order added).
+  void AddStart(float s, float z) { phases_[0][n_starts_++] = Cand{s, z, true, {}}; }
+
+  // The search runs in kSteps steps: evaluate the starts; then
+  // kMseStartRefits times refit each and evaluate the refits; then
+  // kMseFinalRefits times refit from the best so far (each from the
+  // previous one). The best is updated in that order, ties keeping the
+  // earlier candidate. Within a step the evaluations are independent, so the
+  // CPU can overlap them.
+  static constexpr int kSteps = 1 + 2 * kMseStartRefits + kMseFinalRefits;
+
+  void Step(int i) {
+    if (i <= 2 * kMseStartRefits) {
+      Cand* phase = phases_[(i + 1) / 2];
+      if (i % 2 == 1) {  // refit the previous phase into this one
+        const Cand* prev = phases_[(i - 1) / 2];
+        for (int k = 0; k < n_starts_; ++k) {
+          phase[k].ok = prev[k].ok && Refit(prev[k].e, &phase[k].s, &phase[k].z);
+        }
+      }
+      for (int k = 0; k < n_starts_; ++k) {
+        if (phase[k].ok) Eval(phase[k].s, phase[k].z, &phase[k].e);
+      }
+      for (int k = 0; k < n_starts_; ++k) {
+        if (phase[k].ok) Consider(phase[k]);
+      }
+      return;
+    }
+    const int t = i - 1 - 2 * kMseStartRefits;
+    const Cand* from = t == 0 ? best_ : &polish_[t - 1];
+    Cand& c = polish_[t];
+    c.ok = from != nullptr && from->ok && Refit(from->e, &c.s, &c.z);
+    if (!c.ok) return;
+    if (t + 1 < kMseFinalRefits) {
+      Eval(c.s, c.z, &c.e);
+    } else {  // the last candidate: its error only
+      c.e.err = symmetric_ ? p_.error_sym(x_, n_, c.s, c.z, q_max_)
+                           : p_.error_asym(x_, n_, c.s, c.z, q_max_);
+    }
+    Consider(c);
+  }
+
+  void Run() {
+    for (int i = 0; i < kSteps; ++i) Step(i);
+  }
+
+  // Least-squares scale (and offset) for the codes of the last evaluation,
+  // computed in float64; false when degenerate or not representable.
+  bool Refit(const EvalSums& e, float* s_out, float* z_out) const {
+    if (symmetric_) {
+      if (e.sum_qq <= 0) return false;
+      const double s = static_cast<double>(e.sum_xq) / static_cast<double>(e.sum_qq);
+      float s32 = static_cast<float>(s);
+      if (!(s32 > 0.0f) || !std::isfinite(s32)) return false;
+      float z32 = z_sym_;
+      if (!Store(&s32, &z32)) return false;
+      *s_out = s32;
+      *z_out = z32;
+      return true;
+    }
+    const double dn = static_cast<double>(n_);
+    const double dsl = static_cast<double>(e.sum_q);
+    const double det = dn * static_cast<double>(e.sum_qq) - dsl * dsl;
+    if (!(det > 0.0)) return false;
+    const double dsx = static_cast<double>(sx_);
+    const double s = (dn * static_cast<double>(e.sum_xq) - dsx * dsl) / det;
+    const double m = (dsx - s * dsl) / dn;
+    float s32 = static_cast<float>(s);
+    if (!(s32 > 0.0f) || !std::isfinite(s32)) return false;
+    if (f16_) s32 = RoundScale(s32);
+    float z32 = static_cast<float>(-(m + static_cast<double>(mid_)) / static_cast<double>(s32));
+    if (!StoreZero(s32, &z32)) return false;
+    *s_out = s32;
+    *z_out = z32;
+    return true;
+  }
+
+  void SetCenter(float mid) {
+    mid_ = mid;
+    sx_ = p_.centered_sum(x_, n_, mid);
+  }
+
+  bool symmetric() const { return symmetric_; }
+  bool f16() const { return f16_; }
+  float q_max() const { return q_max_; }
+  float z_sym() const { return z_sym_; }
+  void SetRtn(float s, float z) {
+    s_rtn_ = s;
+    z_rtn_ = z;
+  }
+
+  // The best candidate; Invalid when none was representable.
+  Status Result(float* scale, float* zero_point) const {
+    if (best_ == nullptr) {
+      return Status::Invalid(NotRepresentable("no candidate parameters representable",
+                                              "rtn: ", s_rtn_, z_rtn_,
+                                              f16_ ? ParamDType::kF16 : ParamDType::kF32));
+    }
+    *scale = best_->s;
+    *zero_point = best_->z;
+    return Status::OK();
+  }
+
+  bool has_best() const { return best_ != nullptr; }
+  float best_s() const { return best_->s; }
+  float best_z() const { return best_->z; }
+
+ private:
+  struct Cand {
+    float s, z;
+    bool ok;
+    EvalSums e;
+  };
+  // rtn (or the widened range) plus the clipped ranges.
+  static constexpr int kMaxStarts = 8;
+
+  const SearchPasses& p_;
+  const float* x_;
+  int64_t n_;
+  float q_max_;
+  float z_sym_;
+  bool symmetric_;
+  bool f16_;
+  float mid_ = 0.0f;
+  float sx_ = 0.0f;
+  float s_rtn_ = 1.0f;  // float32 rtn parameters, for the error message
+  float z_rtn_ = 0.0f;
+  // Every evaluated candidate keeps its own slot: phases_[0] the starts,
+  // phases_[t] their t-th refits, polish_ the refits of the best.
+  Cand phases_[kMseStartRefits + 1][kMaxStarts];
+  Cand polish_[kMseFinalRefits];
+  int n_starts_ = 0;
+  // Points into phases_ or polish_ (never copied: cheaper than moving sums).
+  const Cand* best_ = nullptr;
+
+  // True error of (s, z) and the refit sums.
+  void Eval(float s, float z, EvalSums* e) const {
+    if (symmetric_) {
+      p_.eval_sym(x_, n_, s, z, q_max_, e);
+    } else {
+      p_.eval_asym(x_, n_, s, z, mid_, q_max_, e);
+    }
+  }
+
+  // Keeps c when strictly better than the best (or the first).
+  void Consider(const Cand& c) {
+    if (best_ == nullptr || c.e.err < best_->e.err) best_ = &c;
+  }
+};
+
+// The rtn start at storage precision, from the float32 rtn parameters (s, z)
+// and the group's lo, hi: float16 rounds the scale and re-derives the
+// asymmetric zero point -lo / scale from it. When that is not representable
+// (an asymmetric zero point beyond float16's range, when lo is far from 0
+// relative to the spread), the range widened to include 0 is used instead:
+// its zero point lies in [0, Q]. False when neither is representable.
+bool RtnStart(const SearchPasses& p, ParamDType param_dtype, Scheme scheme, int bits, float lo,
+              float hi, float* s, float* z) {
+  const bool f16 = param_dtype == ParamDType::kF16;
+  if (f16) {
+    *s = RoundScaleWith(p, *s);
+    if (scheme == Scheme::kAsymmetric) *z = p.round_f16(-lo / *s);
+  }
+  if (Representable(*s, *z)) return true;
+  if (scheme == Scheme::kSymmetric) return false;
+  const float lo0 = std::min(lo, 0.0f);
+  const float hi0 = std::max(hi, 0.0f);
+  float sw = (hi0 - lo0) / static_cast<float>((1 << bits) - 1);
+  if (f16) sw = RoundScaleWith(p, sw);
+  float zw = -lo0 / sw;
+  if (f16) zw = p.round_f16(zw);
+  if (!Representable(sw, zw)) return false;
+  *s = sw;
+  *z = zw;
+  return true;
+}
+
+}  // namespace
+
+const float* MseClips(int bits, int* count) {
+  switch (bits) {
+    case 2:
+      *count = static_cast<int>(std::size(kClips2));
+      return kClips2;
+    case 4:
+      *count = static_cast<int>(std::size(kClips4));
+      return kClips4;
+    default:  // 8 bits: clipping never pays at 255 steps; refits do
+      *count = 0;
+      return nullptr;
+  }
+}
+
+float RoundScaleF16(float s) {
+  const float r = RoundF16(s);
+  return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
+}
+
+bool Representable(float scale, float zero_point) {
+  return scale > 0.0f && std::isfinite(scale) && std::isfinite(1.0f / scale) &&
+         std::isfinite(zero_point);
+}
+
+const SearchPasses& ScalarSearchPasses() { return kScalarPasses; }
+
+const SearchPasses& BestSearchPasses() {
+  static const SearchPasses* best = [] {
+    const SearchPasses* avx2 = Avx2SearchPasses();
+    return avx2 ? avx2 : &kScalarPasses;
+  }();
+  return *best;
+}
+
+Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
+                        float* scale, float* zero_point) {
+  if (param_dtype == ParamDType::kF32) {
+    return RtnGroupParams(x, n, bits, scheme, scale, zero_point);
+  }
+  const SearchPasses& p = BestSearchPasses();
+  float lo = 0.0f, hi = 0.0f;
+  p.min_max(x, n, &lo, &hi);
+  AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, scale, zero_point));
+  const float s = *scale, z = *zero_point;
+  if (!RtnStart(p, param_dtype, scheme, bits, lo, hi, scale, zero_point)) {
+    return Status::Invalid(
+        NotRepresentable("rtn parameters not representable", "", s, z, param_dtype));
+  }
+  return Status::OK();
+}
+
+Status MseGroupParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
+                      float* scale, float* zero_point) {
+  return MseGroupParamsWith(BestSearchPasses(), x, n, bits, scheme, param_dtype, scale, zero_point);
+}
+
+namespace {
+
+// Sets up the starting candidates of one group's search (docs/FORMAT.md
+// section 7): rtn at storage precision (RtnStart), then each clipped range.
+Status Prepare(const SearchPasses& passes, const float* x, int64_t n, int bits, Scheme scheme,
+               ParamDType param_dtype, Search* search) {
+  float lo = 0.0f, hi = 0.0f;
+  passes.min_max(x, n, &lo, &hi);
+  float s0 = 1.0f, z0 = 0.0f;
+  AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, &s0, &z0));
+  search->SetRtn(s0, z0);
+  const bool rep0 = RtnStart(passes, param_dtype, scheme, bits, lo, hi, &s0, &z0);
+  int n_clips = 0;
+  const float* clips = MseClips(bits, &n_clips);
+  if (search->symmetric()) {
+    const float a = std::max(std::fabs(lo), std::fabs(hi));
+    search->SetCenter(0.0f);
+    if (rep0) search->AddStart(s0, z0);
+    if (a > 0.0f) {
+      const float m_levels = static_cast<float>((1 << (bits - 1)) - 1);
+      for (int k = 0; k < n_clips; ++k) {
+        float s = a * clips[k] / m_levels;
+        float z = search->z_sym();
+        if (search->Store(&s, &z)) search->AddStart(s, z);
+      }
+    }
+    return Status::OK();
+  }
+  const float r = hi - lo;
+  const float mid = lo + r * 0.5f;
+  search->SetCenter(mid);
+  if (rep0) search->AddStart(s0, z0);
+  if (hi > lo) {
+    const float half = search->q_max() * 0.5f;
+    for (int k = 0; k < n_clips; ++k) {
+      float s = r * clips[k] / search->q_max();
+      if (search->f16()) s = search->RoundScale(s);
+      float z = half - mid / s;
+      if (search->StoreZero(s, &z)) search->AddStart(s, z);
+    }
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
+                          Scheme scheme, ParamDType param_dtype, float* scale, float* zero_point) {
+  Search search(passes, x, n, bits, scheme, param_dtype);
+  AQ_RETURN_NOT_OK(Prepare(passes, x, n, bits, scheme, param_dtype, &search));
+  search.Run();
+  return search.Result(scale, zero_point);
+}
+
+Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
+                       float* zero_points, int64_t* failed_group) {
+  const int64_t g = spec.group_size;
+  for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
+    Status st =
+        ChooseGroupParams(x + c0, std::min(g, cols - c0), spec, &scales[j], &zero_points[j]);
+    if (!st.ok()) {
+      *failed_group = j;
+      return st;
+    }
+  }
+  return Status::OK();
+}
+
+Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,
+                         float* zero_point) {
+  if (spec.method == Method::kMse) {
+    return MseGroupParams(x, n, spec.bits, spec.scheme, spec.param_dtype, scale, zero_point);
+  }
+  return RtnStorageParams(x, n, spec.bits, spec.scheme, spec.param_dtype, scale, zero_point);
+}
+
+}  // namespace arrowquant::kernels

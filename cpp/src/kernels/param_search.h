@@ -1,0 +1,97 @@
+// Parameter choice beyond FORMAT.md's rtn rule: the `mse` search and
+// float16 parameter storage (docs/FORMAT.md, "Method mse" and "float16
+// parameters"). Internal to the engine; python/arrowquant/reference_search.py
+// is the bit-exact numpy twin, so every constant and every operation order
+// here is part of that contract.
+#pragma once
+
+#include <cstdint>
+
+#include "arrowquant/quantize.h"
+#include "arrowquant/status.h"
+
+namespace arrowquant::kernels {
+
+// Least-squares refits after each starting candidate, and then after the
+// best candidate found so far.
+inline constexpr int kMseStartRefits = 0;
+inline constexpr int kMseFinalRefits = 3;
+
+// Clip fractions of the starting candidates for `bits` (a fraction c gives
+// the range c * (hi - lo) around the group's midpoint, or c * max|x| for the
+// symmetric scheme). Sets *count.
+const float* MseClips(int bits, int* count);
+
+// float16 storage of a positive scale: round to nearest even, but a scale
+// that would round to 0 becomes 2^-24 (the smallest float16 subnormal).
+float RoundScaleF16(float s);
+
+// Scale and zero point the code formula can use: 0 < scale, 1/scale finite,
+// zero point finite.
+bool Representable(float scale, float zero_point);
+
+// The evaluation pass of one candidate: the true squared error of the group
+// under FORMAT.md's code and dequantization formulas, plus the code sums of a
+// least-squares refit. Summation order (the reference's too): element i adds
+// into float32 lane i % 8 sequentially in i, from +0; lanes are combined as
+// ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)). Code sums are exact integers.
+struct EvalSums {
+  float err = 0.0f;     // sum (x - x_hat)^2
+  int64_t sum_q = 0;    // asymmetric: sum q
+  int64_t sum_qq = 0;   // asymmetric: sum q^2; symmetric: sum k^2 (k = q - zero)
+  float sum_xq = 0.0f;  // asymmetric: sum (x - mid) q; symmetric: sum x k
+};
+
+struct SearchPasses {
+  const char* name;
+  // Write into *out (not a return value: a by-value struct costs a
+  // store-forwarding stall per candidate).
+  void (*eval_asym)(const float* x, int64_t n, float scale, float zero_point, float mid,
+                    float q_max, EvalSums* out);
+  void (*eval_sym)(const float* x, int64_t n, float scale, float zero_point, float q_max,
+                   EvalSums* out);
+  // Only EvalSums::err of the passes above (the last candidate needs no
+  // refit sums): the same value, fewer operations.
+  float (*error_asym)(const float* x, int64_t n, float scale, float zero_point, float q_max);
+  float (*error_sym)(const float* x, int64_t n, float scale, float zero_point, float q_max);
+  // sum (x - mid) in the order above.
+  float (*centered_sum)(const float* x, int64_t n, float mid);
+  // min and max of n > 0 values, each + 0.0f (so a zero is +0).
+  void (*min_max)(const float* x, int64_t n, float* lo, float* hi);
+  // float32 -> float16 -> float32, round to nearest even (F16C or software).
+  float (*round_f16)(float v);
+};
+
+const SearchPasses& ScalarSearchPasses();
+// Null when the binary or the CPU lacks AVX2 (param_search_avx2.cc).
+const SearchPasses* Avx2SearchPasses();
+// The fastest passes this CPU runs; all give identical results.
+const SearchPasses& BestSearchPasses();
+
+// mse parameters of one group of n > 0 finite values: the candidate with the
+// least true error among rtn (at storage precision), clipped ranges and their
+// least-squares refits; ties keep the earlier candidate, rtn first, so the
+// result is never worse than rtn. Invalid when no candidate is representable
+// at param_dtype.
+Status MseGroupParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
+                      float* scale, float* zero_point);
+Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
+                          Scheme scheme, ParamDType param_dtype, float* scale, float* zero_point);
+
+// rtn parameters at storage precision: float32 as FORMAT.md; float16 rounds
+// the scale (RoundScaleF16), re-derives the asymmetric zero point -lo / scale
+// from the rounded scale and rounds it. Invalid when not representable.
+Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
+                        float* scale, float* zero_point);
+
+// One group by spec.method and spec.param_dtype.
+Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,
+                         float* zero_point);
+
+// The G groups of one row by spec.method and spec.param_dtype (what
+// choose_params calls for everything but float32 rtn). On error
+// *failed_group is the first failing group.
+Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
+                       float* zero_points, int64_t* failed_group);
+
+}  // namespace arrowquant::kernels

@@ -1,0 +1,343 @@
+#include "kernels/param_search.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "arrowquant/dtype.h"
+#include "kernels/row_kernels.h"
+
+namespace arrowquant::kernels {
+namespace {
+
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// Groups with the shapes that matter: tails (n % 8), several 2048-element
+// blocks, heavy tails, offsets far from 0, constant stretches.
+std::vector<float> RandomGroup(std::mt19937& rng, int64_t n, int kind) {
+  std::normal_distribution<float> normal;
+  std::student_t_distribution<float> t3(3.0f);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) {
+    switch (kind % 4) {
+      case 0:
+        v = normal(rng);
+        break;
+      case 1:
+        v = t3(rng) * 0.01f;
+        break;
+      case 2:
+        v = 100.0f + normal(rng);
+        break;
+      default:
+        v = std::round(normal(rng) * 2.0f) * 0.5f;
+        break;  // many ties
+    }
+  }
+  return x;
+}
+
+// Squared error of FORMAT.md's formulas for (s, z), summed in double.
+double TrueError(const std::vector<float>& x, int bits, Scheme scheme, float s, float z) {
+  const float q_max = static_cast<float>((1 << bits) - 1);
+  const float inv = 1.0f / s;
+  double err = 0.0;
+  for (float v : x) {
+    float q =
+        scheme == Scheme::kSymmetric ? std::nearbyint(v * inv) + z : std::nearbyint(v * inv + z);
+    q = std::min(std::max(q, 0.0f), q_max);
+    const double e = static_cast<double>(v) - static_cast<double>((q - z) * s);
+    err += e * e;
+  }
+  return err;
+}
+
+TEST(ParamSearch, Avx2PassesMatchScalarBitForBit) {
+  const SearchPasses* avx2 = Avx2SearchPasses();
+  if (avx2 == nullptr) GTEST_SKIP() << "no AVX2 on this CPU";
+  const SearchPasses& scalar = ScalarSearchPasses();
+  std::mt19937 rng(7);
+  for (int64_t n : {1, 3, 7, 8, 9, 15, 16, 31, 64, 100, 128, 257, 2048, 2049, 5000}) {
+    for (int kind = 0; kind < 4; ++kind) {
+      const std::vector<float> x = RandomGroup(rng, n, kind);
+      float lo_a, hi_a, lo_b, hi_b;
+      scalar.min_max(x.data(), n, &lo_a, &hi_a);
+      avx2->min_max(x.data(), n, &lo_b, &hi_b);
+      ASSERT_EQ(Bits(lo_a), Bits(lo_b));
+      ASSERT_EQ(Bits(hi_a), Bits(hi_b));
+      const float mid = lo_a + (hi_a - lo_a) * 0.5f;
+      ASSERT_EQ(Bits(scalar.centered_sum(x.data(), n, mid)),
+                Bits(avx2->centered_sum(x.data(), n, mid)));
+      for (int bits : {2, 4, 8}) {
+        const float q_max = static_cast<float>((1 << bits) - 1);
+        const float r = hi_a > lo_a ? hi_a - lo_a : 1.0f;
+        for (float c : {1.0f, 0.7f, 1.3f}) {
+          const float s = r * c / q_max;
+          const float z = q_max * 0.5f - mid / s;
+          EvalSums a, b;
+          scalar.eval_asym(x.data(), n, s, z, mid, q_max, &a);
+          avx2->eval_asym(x.data(), n, s, z, mid, q_max, &b);
+          ASSERT_EQ(Bits(a.err), Bits(b.err)) << n << " " << bits;
+          ASSERT_EQ(Bits(a.err), Bits(scalar.error_asym(x.data(), n, s, z, q_max)));
+          ASSERT_EQ(Bits(a.err), Bits(avx2->error_asym(x.data(), n, s, z, q_max)));
+          ASSERT_EQ(Bits(a.sum_xq), Bits(b.sum_xq));
+          ASSERT_EQ(a.sum_q, b.sum_q);
+          ASSERT_EQ(a.sum_qq, b.sum_qq);
+          const float zs = static_cast<float>(1 << (bits - 1));
+          scalar.eval_sym(x.data(), n, s, zs, q_max, &a);
+          avx2->eval_sym(x.data(), n, s, zs, q_max, &b);
+          ASSERT_EQ(Bits(a.err), Bits(b.err));
+          ASSERT_EQ(Bits(a.err), Bits(scalar.error_sym(x.data(), n, s, zs, q_max)));
+          ASSERT_EQ(Bits(a.err), Bits(avx2->error_sym(x.data(), n, s, zs, q_max)));
+          ASSERT_EQ(Bits(a.sum_xq), Bits(b.sum_xq));
+          ASSERT_EQ(a.sum_qq, b.sum_qq);
+        }
+      }
+    }
+  }
+}
+
+TEST(ParamSearch, F16cRoundingMatchesSoftware) {
+  const SearchPasses* avx2 = Avx2SearchPasses();
+  if (avx2 == nullptr) GTEST_SKIP() << "no AVX2/F16C on this CPU";
+  const SearchPasses& scalar = ScalarSearchPasses();
+  std::vector<float> values = {0.0f,     -0.0f, 65504.0f,        65519.99f,       65520.0f,
+                               1e6f,     -1e6f, 6.1e-5f,         5.96e-8f,        2.98e-8f,
+                               2.99e-8f, 1e-9f, 1.0f + 0x1p-11f, 1.0f + 0x1p-12f, INFINITY,
+                               -INFINITY};
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<uint32_t> any_bits;
+  for (int i = 0; i < 200000; ++i) {
+    uint32_t u = any_bits(rng);
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    if (std::isfinite(f)) values.push_back(f);
+  }
+  for (float v : values) {
+    ASSERT_EQ(Bits(scalar.round_f16(v)), Bits(avx2->round_f16(v))) << v;
+  }
+}
+
+TEST(ParamSearch, Avx2SearchMatchesScalarSearch) {
+  const SearchPasses* avx2 = Avx2SearchPasses();
+  if (avx2 == nullptr) GTEST_SKIP() << "no AVX2 on this CPU";
+  std::mt19937 rng(11);
+  for (int64_t n : {1, 2, 5, 32, 37, 64, 128, 256, 3000}) {
+    for (int kind = 0; kind < 4; ++kind) {
+      const std::vector<float> x = RandomGroup(rng, n, kind);
+      for (int bits : {2, 4, 8}) {
+        for (Scheme scheme : {Scheme::kAsymmetric, Scheme::kSymmetric}) {
+          for (ParamDType pd : {ParamDType::kF32, ParamDType::kF16}) {
+            float s1, z1, s2, z2;
+            ASSERT_TRUE(
+                MseGroupParamsWith(ScalarSearchPasses(), x.data(), n, bits, scheme, pd, &s1, &z1)
+                    .ok());
+            ASSERT_TRUE(MseGroupParamsWith(*avx2, x.data(), n, bits, scheme, pd, &s2, &z2).ok());
+            ASSERT_EQ(Bits(s1), Bits(s2));
+            ASSERT_EQ(Bits(z1), Bits(z2));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ParamSearch, RtnFromRangeEqualsRtnGroupParams) {
+  std::mt19937 rng(5);
+  for (int64_t n : {1, 2, 9, 64, 130}) {
+    for (int kind = 0; kind < 4; ++kind) {
+      std::vector<float> x = RandomGroup(rng, n, kind);
+      if (kind == 3) x.assign(x.size(), -0.0f);  // constant, signed zero
+      for (int bits : {2, 4, 8}) {
+        for (Scheme scheme : {Scheme::kAsymmetric, Scheme::kSymmetric}) {
+          float lo, hi, s1, z1, s2, z2;
+          ScalarSearchPasses().min_max(x.data(), n, &lo, &hi);
+          ASSERT_TRUE(RtnFromRange(lo, hi, bits, scheme, &s1, &z1).ok());
+          ASSERT_TRUE(RtnGroupParams(x.data(), n, bits, scheme, &s2, &z2).ok());
+          ASSERT_EQ(Bits(s1), Bits(s2));
+          ASSERT_EQ(Bits(z1), Bits(z2));
+        }
+      }
+    }
+  }
+}
+
+TEST(ParamSearch, NeverWorseThanRtnAndBetterOnAverage) {
+  std::mt19937 rng(13);
+  for (int bits : {2, 4, 8}) {
+    for (Scheme scheme : {Scheme::kAsymmetric, Scheme::kSymmetric}) {
+      for (ParamDType pd : {ParamDType::kF32, ParamDType::kF16}) {
+        double total_rtn = 0.0, total_mse = 0.0;
+        for (int trial = 0; trial < 200; ++trial) {
+          const int64_t n = 1 + trial % 130;
+          const std::vector<float> x = RandomGroup(rng, n, trial);
+          float sr, zr, sm, zm;
+          ASSERT_TRUE(RtnStorageParams(x.data(), n, bits, scheme, pd, &sr, &zr).ok());
+          ASSERT_TRUE(MseGroupParams(x.data(), n, bits, scheme, pd, &sm, &zm).ok());
+          const double er = TrueError(x, bits, scheme, sr, zr);
+          const double em = TrueError(x, bits, scheme, sm, zm);
+          // The search compares float32 sums; allow their rounding only.
+          ASSERT_LE(em, er * (1.0 + 1e-5) + 1e-30) << "bits " << bits << " n " << n;
+          total_rtn += er;
+          total_mse += em;
+        }
+        EXPECT_LT(total_mse, total_rtn) << "bits " << bits;
+      }
+    }
+  }
+}
+
+TEST(ParamSearch, Float16ParametersAreExactlyRepresentable) {
+  std::mt19937 rng(17);
+  for (int trial = 0; trial < 300; ++trial) {
+    const int64_t n = 1 + trial % 77;
+    const std::vector<float> x = RandomGroup(rng, n, trial);
+    for (Method method : {Method::kRtn, Method::kMse}) {
+      QuantSpec spec;
+      spec.bits = 2 << (trial % 3);  // 2, 4, 8
+      spec.scheme = trial % 5 == 0 ? Scheme::kSymmetric : Scheme::kAsymmetric;
+      spec.method = method;
+      spec.param_dtype = ParamDType::kF16;
+      float s, z;
+      ASSERT_TRUE(ChooseGroupParams(x.data(), n, spec, &s, &z).ok());
+      EXPECT_EQ(Bits(HalfToFloat(FloatToHalf(s))), Bits(s));
+      EXPECT_EQ(Bits(HalfToFloat(FloatToHalf(z))), Bits(z));
+      EXPECT_GT(s, 0.0f);
+    }
+  }
+}
+
+TEST(ParamSearch, KnownGroupsAreExact) {
+  // Codes 0..3 at scale 1 reproduce [0, 1, 2, 3] exactly: rtn is optimal and
+  // wins the tie, in both precisions.
+  const float x[] = {0.f, 1.f, 2.f, 3.f};
+  for (ParamDType pd : {ParamDType::kF32, ParamDType::kF16}) {
+    float s, z;
+    ASSERT_TRUE(MseGroupParams(x, 4, 2, Scheme::kAsymmetric, pd, &s, &z).ok());
+    EXPECT_EQ(s, 1.0f);
+    EXPECT_EQ(z, 0.0f);
+  }
+  // A constant group keeps rtn's exact parameters.
+  const float c[] = {2.5f, 2.5f, 2.5f};
+  float s, z;
+  ASSERT_TRUE(MseGroupParams(c, 3, 4, Scheme::kAsymmetric, ParamDType::kF32, &s, &z).ok());
+  EXPECT_EQ(s, 1.0f);
+  EXPECT_EQ(z, -2.5f);
+}
+
+TEST(ParamSearch, ClippingBeatsMinMaxOnAnOutlier) {
+  // 63 values in [-1, 1] and one at 40: at 2 bits rtn spends its range on
+  // the outlier; the search must find a much smaller error.
+  std::vector<float> x(64);
+  for (int i = 0; i < 63; ++i) x[i] = -1.0f + 2.0f * static_cast<float>(i) / 62.0f;
+  x[63] = 40.0f;
+  float sr, zr, sm, zm;
+  ASSERT_TRUE(
+      RtnStorageParams(x.data(), 64, 2, Scheme::kAsymmetric, ParamDType::kF32, &sr, &zr).ok());
+  ASSERT_TRUE(
+      MseGroupParams(x.data(), 64, 2, Scheme::kAsymmetric, ParamDType::kF32, &sm, &zm).ok());
+  EXPECT_LT(TrueError(x, 2, Scheme::kAsymmetric, sm, zm),
+            0.8 * TrueError(x, 2, Scheme::kAsymmetric, sr, zr));
+}
+
+TEST(ParamSearch, Float16OverflowRules) {
+  // Far from 0 with a small spread: rtn's zero point (about -1.5e5)
+  // overflows float16; both methods fall back to the range widened to
+  // include 0, whose zero point is in [0, Q].
+  const float x[] = {1000.0f, 1000.1f, 1000.05f, 1000.025f};
+  float s, z;
+  ASSERT_TRUE(RtnStorageParams(x, 4, 4, Scheme::kAsymmetric, ParamDType::kF16, &s, &z).ok());
+  EXPECT_TRUE(z >= 0.0f && z <= 15.0f) << z;
+  const double e_rtn = TrueError({x, x + 4}, 4, Scheme::kAsymmetric, s, z);
+  EXPECT_LT(e_rtn, 4 * 34.0 * 34.0);  // half a step of 1000.1 / 15 at most
+  ASSERT_TRUE(MseGroupParams(x, 4, 4, Scheme::kAsymmetric, ParamDType::kF16, &s, &z).ok());
+  EXPECT_TRUE(Representable(s, z));
+  EXPECT_LE(TrueError({x, x + 4}, 4, Scheme::kAsymmetric, s, z), e_rtn);
+  Status st;
+
+  // A symmetric scale above float16's range has no representable candidate.
+  const float big[] = {1e7f, -3e6f};
+  st = RtnStorageParams(big, 2, 2, Scheme::kSymmetric, ParamDType::kF16, &s, &z);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.ToString().find("rtn parameters not representable in float16"), std::string::npos)
+      << st.ToString();
+  st = MseGroupParams(big, 2, 2, Scheme::kSymmetric, ParamDType::kF16, &s, &z);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.ToString().find("no candidate parameters representable"), std::string::npos);
+
+  // A scale below float16's smallest subnormal is stored as 2^-24, not 0.
+  const float tiny[] = {1e-9f, -1e-9f, 5e-10f};
+  ASSERT_TRUE(RtnStorageParams(tiny, 3, 8, Scheme::kSymmetric, ParamDType::kF16, &s, &z).ok());
+  EXPECT_EQ(s, 0x1p-24f);
+}
+
+TEST(ParamSearch, RowEqualsGroupByGroup) {
+  std::mt19937 rng(23);
+  for (int64_t cols : {1, 50, 64, 100, 129, 300}) {
+    const std::vector<float> x = RandomGroup(rng, cols, static_cast<int>(cols));
+    for (int64_t g : {1, 7, 32, 64}) {
+      for (ParamDType pd : {ParamDType::kF32, ParamDType::kF16}) {
+        QuantSpec spec;
+        spec.bits = 4;
+        spec.group_size = g;
+        spec.method = Method::kMse;
+        spec.param_dtype = pd;
+        const int64_t groups = GroupsPerRow(cols, g);
+        std::vector<float> s(groups), z(groups);
+        int64_t failed = -1;
+        ASSERT_TRUE(ChooseRowParams(x.data(), cols, spec, s.data(), z.data(), &failed).ok());
+        for (int64_t j = 0; j < groups; ++j) {
+          float s1, z1;
+          ASSERT_TRUE(MseGroupParams(x.data() + j * g, std::min(g, cols - j * g), 4,
+                                     Scheme::kAsymmetric, pd, &s1, &z1)
+                          .ok());
+          ASSERT_EQ(Bits(s[j]), Bits(s1));
+          ASSERT_EQ(Bits(z[j]), Bits(z1));
+        }
+      }
+    }
+  }
+}
+
+TEST(ParamSearch, RowReportsTheFirstFailingGroup) {
+  QuantSpec spec;
+  spec.bits = 2;
+  spec.group_size = 1;
+  spec.scheme = Scheme::kSymmetric;
+  spec.method = Method::kMse;
+  spec.param_dtype = ParamDType::kF16;
+  // groups 2 and 3 both fail; group 2 is reported
+  const float row[] = {0.5f, 0.25f, 1e7f, 2e7f, 1.0f};
+  float s[5], z[5];
+  int64_t failed = -1;
+  EXPECT_FALSE(ChooseRowParams(row, 5, spec, s, z, &failed).ok());
+  EXPECT_EQ(failed, 2);
+  // only the last group fails
+  const float row2[] = {0.5f, 0.25f, 1.0f, 2e7f};
+  EXPECT_FALSE(ChooseRowParams(row2, 4, spec, s, z, &failed).ok());
+  EXPECT_EQ(failed, 3);
+}
+
+TEST(ParamSearch, ChooseParamsNamesRowAndGroup) {
+  QuantSpec spec;
+  spec.bits = 2;
+  spec.group_size = 2;
+  spec.scheme = Scheme::kSymmetric;
+  spec.method = Method::kMse;
+  spec.param_dtype = ParamDType::kF16;
+  const float row[] = {0.5f, 0.25f, 1e7f, 2e7f};
+  float scales[2], zeros[2];
+  Status st = ScalarKernels().choose_params(row, 4, spec, scales, zeros, 3);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.ToString().find("row 3, group 1"), std::string::npos) << st.ToString();
+}
+
+}  // namespace
+}  // namespace arrowquant::kernels
