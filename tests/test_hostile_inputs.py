@@ -767,6 +767,17 @@ def test_metrics_of_an_overflowed_reconstruction_do_not_raise():
     assert m.sqnr_db == -np.inf
 
 
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="open: api.validate does not compare the quantized tensor's shape with "
+                          "the original's (numpy broadcasting error)")
+def test_validate_against_an_original_of_other_shapes(tmp_path):
+    a = write_v1(tmp_path / "a", {"w": np.ones((8, 64), np.float32)})
+    b = write_v1(tmp_path / "b", {"w": np.ones((4, 64), np.float32)})
+    aq.quantize(b, tmp_path / "q", bits=4, group_size=32, progress=False)
+    with pytest.raises(ShapeMismatchError, match="'w'"):
+        aq.validate(a, tmp_path / "q")
+
+
 # ------------------------------------------------------------------ memory budget (CLI)
 
 

@@ -525,7 +525,8 @@ class QuantizedModel(Mapping):
         """Packed codes and parameters of a quantized tensor (chunks joined)."""
         entry = self.info(name)
         if entry.quant_type == "none":
-            raise FormatError(f"tensor {name!r} is stored unquantized; use model[{name!r}]")
+            raise FormatError(f"{self.root}: tensor {name!r} is stored unquantized; use "
+                              f"model[{name!r}]")
         parts = list(self._chunk_rows(entry))
         if not parts:
             raise FormatError(f"{self.root}: tensor {name!r} has no chunks")
