@@ -35,7 +35,7 @@ from arrowquant.errors import (FormatError, MetadataError, ModelNotFoundError, S
                                ValidationError)
 from arrowquant.gguf_export import export_gguf
 from arrowquant.parquet_v2 import QuantizedModel
-from arrowquant.sources import ParquetV1Source, ParquetV2Source, open_model
+from arrowquant.sources import ParquetV1Source, open_model
 from conftest import V1_SCHEMA, write_v1
 
 #: What a bad file may raise (MetadataError is a FormatError).
@@ -629,6 +629,7 @@ def test_v1_file_is_v2_is_refused(base, tmp_path):
 @example(keep=None, edits=[(0.7103502444390262, 128)])  # found: invalid UTF-8 in a name
 @example(keep=None, edits=[(0.125, 124)])               # found: a weight decoding to Inf
 @example(keep=None, edits=[(0.923828125, 128)])         # found: invalid UTF-8 in the footer
+@example(keep=None, edits=[(0.759765625, 128)])         # found: ... in a schema column path
 def test_v1_truncated_and_mutated(tmp_path_factory, keep, edits):
     d = tmp_path_factory.mktemp("v1fuzz")
     path = write_v1_rows(d / "m", v1_rows(), row_group_size=2)

@@ -154,8 +154,9 @@ class ParquetV1Source(ModelSource):
             check_schema(f, pf.schema_arrow, {"layer_name": _is_str, "shape": _is_int_list,
                                               "dtype": _is_str, "data": _is_blob,
                                               "num_params": _is_int})
-        except (pa.ArrowException, OSError) as exc:
-            raise FormatError(f"{f}: not a readable Parquet file ({exc})") from None
+        except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: bad UTF-8 in the footer
+            raise FormatError(f"{f}: not a readable Parquet file ({type(exc).__name__}: {exc})") \
+                from None
         if (pf.schema_arrow.metadata or {}).get(b"arrowquant.format") == b"parquet-v2":
             raise FormatError(f"{f}: an ArrowQuant Parquet V2 file, not Parquet V1 weights (the "
                               "V2 directory's metadata.json is missing or unreadable)")
@@ -194,7 +195,7 @@ class ParquetV1Source(ModelSource):
             self._cache = None  # release the previous row group first
             try:
                 col = self._pf[f].read_row_group(rg, columns=["data"]).column(0)
-            except (pa.ArrowException, OSError) as exc:
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 raise FormatError(f"{f}: row group {rg} unreadable ({exc})") from None
             self._cache = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
             self._cache_key = (f, rg)
