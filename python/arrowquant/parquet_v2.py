@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import FormatError, ModelNotFoundError
-from .tensor import ErrorSums, QuantizedTensor, view_2d
+from .errors import ArrowQuantError, FormatError, MetadataError, ModelNotFoundError, ShapeMismatchError, ValidationError
+from .tensor import QUANTIZABLE_DTYPES, ErrorSums, QuantizedTensor, groups_per_row, packed_row_bytes, view_2d
 
 FORMAT_NAME = "arrowquant-parquet-v2"
 FORMAT_VERSION = 1
@@ -174,28 +174,148 @@ class TensorEntry:
         return None if self.quant_type == "none" else int(self.quant_type[3:])
 
 
+def _inside(root: Path, p: Path) -> bool:
+    """Whether `p`, symlinks resolved, lies inside `root`."""
+    try:
+        p.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def read_index(root: Path) -> Optional[Dict[str, str]]:
+    """The weight map of a sharded V2 directory (tensor -> file name), checked:
+    names are strings and every file stays inside the directory."""
+    index = root / INDEX_NAME
+    if not index.exists():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise FormatError(f"{index}: not a valid V2 index ({exc})") from None
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise FormatError(f"{index}: tensor {tensor!r} maps to {name!r}, not a file name")
+        if Path(name).is_absolute() or ".." in Path(name).parts or not _inside(root, root / name):
+            raise FormatError(f"{index}: file {name!r} (tensor {tensor!r}) points outside the "
+                              "model directory")
+    return weight_map
+
+
 def model_files(root: Path) -> List[Path]:
     """The Parquet files of a V2 directory, in order."""
-    index = root / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FormatError(f"{index}: not a valid V2 index ({exc})") from None
-        names = sorted(set(weight_map.values()))
+    weight_map = read_index(root)
+    if weight_map is not None:
         files = []
-        for name in names:
-            p = (root / name)
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise FormatError(f"{index}: file {name!r} points outside the model directory")
-            if not p.exists():
-                raise ModelNotFoundError(f"{index}: names {name!r}, which does not exist")
+        for name in sorted(set(weight_map.values())):
+            p = root / name
+            if not p.is_file():
+                raise ModelNotFoundError(f"{root / INDEX_NAME}: names {name!r}, which does not exist")
             files.append(p)
         return files
     single = root / "model.parquet"
     if single.exists():
+        if not _inside(root, single):
+            raise FormatError(f"{single}: a symlink that points outside the model directory")
         return [single]
     raise ModelNotFoundError(f"{root}: no model.parquet or {INDEX_NAME}: not an ArrowQuant V2 model")
+
+
+def read_metadata(path: Path) -> Dict[str, Any]:
+    """metadata.json as a dict ({} when absent); MetadataError when unusable."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise MetadataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise MetadataError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    return meta
+
+
+#: Column -> predicate on its Arrow type (FORMAT.md section 5).
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t)
+
+
+def _is_str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_int_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+def _is_param_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and \
+        t.value_type in (pa.float16(), pa.float32())
+
+
+def _is_blob(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+V2_COLUMNS = {
+    "layer_name": _is_str, "row_start": _is_int, "row_count": _is_int, "shape": _is_int_list,
+    "dtype": _is_str, "data": _is_blob, "num_params": _is_int, "quant_type": _is_str,
+    "scheme": _is_str, "method": _is_str, "group_size": _is_int, "scales": _is_param_list,
+    "zero_points": _is_param_list,
+}
+OPTIONAL_COLUMNS = {"spatial_quant_json": _is_str}
+_ITEMSIZE = {**QUANTIZABLE_DTYPES, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1}
+QUANT_TYPES = {"int2": 2, "int4": 4, "int8": 8, "none": None}
+#: Largest element count a tensor may claim (int64 arithmetic stays exact below it).
+MAX_NUMEL = 1 << 62
+MAX_RANK = 32
+
+
+def check_schema(f: Path, sch: pa.Schema, required: Mapping, optional: Mapping = {}) -> None:
+    """FormatError naming the file and column when a column is missing or of the wrong type."""
+    for name, ok in list(required.items()) + list(optional.items()):
+        i = sch.get_field_index(name)
+        if i < 0:
+            if name in required:
+                raise FormatError(f"{f}: missing column {name!r}")
+            continue
+        if not ok(sch.field(i).type):
+            raise FormatError(f"{f}: column {name!r} has type {sch.field(i).type}, not the "
+                              "type its format requires")
+
+
+def check_shape(where: str, shape: Any, num_params: Any) -> Tuple[int, ...]:
+    """A shape of non-negative dims whose product is num_params and stays far below 2^63."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK or \
+            any(not isinstance(d, int) or d < 0 for d in shape):
+        raise ShapeMismatchError(f"{where}: invalid shape {shape!r}")
+    n = 1
+    for d in shape:
+        n *= d
+        if n > MAX_NUMEL:
+            raise ShapeMismatchError(f"{where}: shape {list(shape)} has more than 2^62 elements")
+    if n != num_params:
+        raise ShapeMismatchError(f"{where}: shape {list(shape)} holds {n} elements, num_params "
+                                 f"says {num_params}")
+    return tuple(shape)
+
+
+def data_column_bytes(f: Path, pf: pq.ParquetFile, rg: int, column: str = "data") -> int:
+    """Decoded size of a row group's blob column from the footer (an upper bound
+    of the blob bytes it holds): lets a reader reject a shape its file cannot
+    hold before allocating anything for it."""
+    try:
+        md = pf.metadata.row_group(rg)
+        for c in range(md.num_columns):
+            col = md.column(c)
+            if col.path_in_schema == column:
+                return max(0, int(col.total_uncompressed_size))
+    except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
+        raise FormatError(f"{f}: row group {rg}: damaged footer ({type(exc).__name__}: "
+                          f"{exc})") from None
+    return 0
 
 
 class QuantizedModel(Mapping):
@@ -207,13 +327,23 @@ class QuantizedModel(Mapping):
         if not self.root.is_dir():
             raise ModelNotFoundError(f"{self.root}: not a directory")
         self.engine = engine
-        meta_path = self.root / "metadata.json"
-        self.metadata: Dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        self.metadata: Dict[str, Any] = read_metadata(self.root / "metadata.json")
+        self.weight_map = read_index(self.root)
         self.files = model_files(self.root)
         self.entries: Dict[str, TensorEntry] = {}
         self._files: Dict[Path, pq.ParquetFile] = {}
         for f in self.files:
             self._index_file(f)
+        for entry in self.entries.values():
+            _check_coverage(entry)
+        if self.weight_map is not None:
+            for name, fname in self.weight_map.items():
+                entry = self.entries.get(name)
+                if entry is None:
+                    raise FormatError(f"{self.root / INDEX_NAME}: tensor {name!r} is in no file")
+                if any(c.file != self.root / fname for c in entry.chunks):
+                    raise FormatError(f"{self.root / INDEX_NAME}: tensor {name!r} maps to "
+                                      f"{fname!r} but is stored elsewhere")
 
     def _parquet(self, f: Path) -> pq.ParquetFile:
         if f not in self._files:
@@ -226,29 +356,80 @@ class QuantizedModel(Mapping):
             kv = pf.schema_arrow.metadata or {}
             if kv.get(b"arrowquant.format") != b"parquet-v2":
                 raise FormatError(f"{f}: missing arrowquant.format = parquet-v2 metadata")
+            check_schema(f, pf.schema_arrow, V2_COLUMNS, OPTIONAL_COLUMNS)
             cols = ["layer_name", "row_start", "row_count", "shape", "dtype", "num_params",
-                    "quant_type", "scheme", "method", "group_size", "spatial_quant_json"]
-            rg_offset = 0
+                    "quant_type", "scheme", "method", "group_size"]
+            if "spatial_quant_json" in pf.schema_arrow.names:
+                cols.append("spatial_quant_json")
             for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=cols).to_pylist()
-                for row in t:
-                    self._add_chunk(f, rg, row)
-                rg_offset += 1
-        except (pa.ArrowInvalid, OSError, KeyError) as exc:
-            raise FormatError(f"{f}: cannot read as ArrowQuant Parquet V2 ({exc})") from None
+                rows = pf.read_row_group(rg, columns=cols).to_pylist()
+                need = 0
+                for i, row in enumerate(rows):
+                    need += self._add_chunk(f, rg, i, row)
+                have = data_column_bytes(f, pf, rg)
+                if need > have:
+                    names = ", ".join(repr(r["layer_name"]) for r in rows)
+                    raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} "
+                                             f"data bytes for the shapes it declares, its data "
+                                             f"column holds {have}")
+        except (pa.ArrowException, OSError, KeyError, ValueError, TypeError) as exc:
+            if isinstance(exc, ArrowQuantError):
+                raise
+            raise FormatError(f"{f}: cannot read as ArrowQuant Parquet V2 "
+                              f"({type(exc).__name__}: {exc})") from None
 
-    def _add_chunk(self, f: Path, rg: int, row: Dict[str, Any]) -> None:
+    def _add_chunk(self, f: Path, rg: int, i: int, row: Dict[str, Any]) -> int:
+        """Checks one row against FORMAT.md section 5 and records it; returns
+        the data bytes the row must hold."""
         name = row["layer_name"]
+        if not isinstance(name, str) or not name:
+            raise FormatError(f"{f}: row {i} of row group {rg} has no layer_name")
+        where = f"{f}: tensor {name!r} (row group {rg})"
+        for key in ("row_start", "row_count", "shape", "dtype", "num_params", "quant_type"):
+            if row[key] is None:
+                raise FormatError(f"{where}: {key} is null")
+        qt = row["quant_type"]
+        if qt not in QUANT_TYPES:
+            raise FormatError(f"{where}: quant_type {qt!r} is not one of int2, int4, int8, none")
+        dtype = row["dtype"]
+        if dtype not in _ITEMSIZE:
+            raise FormatError(f"{where}: unknown dtype {dtype!r}")
+        shape = check_shape(where, row["shape"], row["num_params"])
+        rows, cols = view_2d(shape)
+        bits = QUANT_TYPES[qt]
+        group_size = row["group_size"]
+        spatial = row.get("spatial_quant_json")
+        if bits is not None:
+            if not isinstance(group_size, int) or group_size <= 0:
+                raise FormatError(f"{where}: group_size {group_size!r} must be a positive integer")
+            if row["scheme"] not in (None, "asymmetric", "symmetric"):
+                raise FormatError(f"{where}: unknown scheme {row['scheme']!r}")
+            if spatial:
+                _equalization_scales(where, spatial, cols)
         entry = self.entries.get(name)
         if entry is None:
             entry = TensorEntry(
-                name=name, shape=tuple(row["shape"]), dtype=row["dtype"],
-                num_params=row["num_params"], quant_type=row["quant_type"],
-                scheme=row["scheme"], method=row["method"], group_size=row["group_size"],
-                chunks=[], spatial_quant_json=row["spatial_quant_json"],
+                name=name, shape=shape, dtype=dtype, num_params=row["num_params"],
+                quant_type=qt, scheme=row["scheme"], method=row["method"],
+                group_size=group_size if bits is not None else None,
+                chunks=[], spatial_quant_json=spatial,
             )
             self.entries[name] = entry
-        entry.chunks.append(ChunkLocation(f, rg, row["row_start"], row["row_count"]))
+        else:
+            mine = (shape, dtype, qt, group_size if bits is not None else None, row["scheme"],
+                    spatial)
+            theirs = (entry.shape, entry.dtype, entry.quant_type, entry.group_size, entry.scheme,
+                      entry.spatial_quant_json)
+            if mine != theirs:
+                raise FormatError(f"{where}: chunk disagrees with an earlier chunk of the same "
+                                  f"tensor (shape/dtype/quant_type/group_size/scheme/equalization "
+                                  f"{mine[:5]} vs {theirs[:5]})")
+        start, count = row["row_start"], row["row_count"]
+        if start < 0 or count < 0 or start + count > rows:
+            raise ShapeMismatchError(f"{where}: rows [{start}, {start + count}) outside the "
+                                     f"{rows} rows of shape {list(shape)}")
+        entry.chunks.append(ChunkLocation(f, rg, start, count))
+        return count * _row_bytes(entry)
 
     # Mapping interface -------------------------------------------------------
     def __getitem__(self, name: str) -> np.ndarray:
@@ -268,22 +449,52 @@ class QuantizedModel(Mapping):
 
     def _chunk_rows(self, entry: TensorEntry,
                     only: Optional[Sequence[ChunkLocation]] = None) -> Iterator[Dict[str, Any]]:
+        """The chunks' blobs and parameters, each checked against the sizes its
+        row declares (a file changed or damaged since it was opened is an error)."""
         cols = ["row_start", "row_count", "data", "scales", "zero_points", "layer_name"]
+        rows, n_cols = view_2d(entry.shape)
+        bits = entry.bits
         for loc in sorted(only if only is not None else entry.chunks, key=lambda c: c.row_start):
-            table = self._parquet(loc.file).read_row_group(loc.row_group, columns=cols)
-            for i in range(table.num_rows):
-                if table.column("layer_name")[i].as_py() != entry.name:
-                    continue
-                if table.column("row_start")[i].as_py() != loc.row_start:
-                    continue
-                data_arr = table.column("data").chunk(0)
-                yield {
-                    "row_start": loc.row_start,
-                    "row_count": loc.row_count,
-                    "data": _blob_view(data_arr, i),
-                    "scales": _list_values(table.column("scales"), i),
-                    "zero_points": _list_values(table.column("zero_points"), i),
-                }
+            where = f"{loc.file}: tensor {entry.name!r} rows [{loc.row_start}, " \
+                    f"{loc.row_start + loc.row_count})"
+            part = None
+            try:
+                table = self._parquet(loc.file).read_row_group(loc.row_group, columns=cols)
+                names = table.column("layer_name").to_pylist()
+                starts = table.column("row_start").to_pylist()
+                for i in range(table.num_rows):
+                    if names[i] != entry.name or starts[i] != loc.row_start:
+                        continue
+                    data_col = table.column("data")
+                    data_arr = data_col.chunk(0) if data_col.num_chunks == 1 \
+                        else pa.concat_arrays(data_col.chunks)
+                    part = {
+                        "row_start": loc.row_start,
+                        "row_count": loc.row_count,
+                        "data": _blob_view(data_arr, i),
+                        "scales": _list_values(table.column("scales"), i),
+                        "zero_points": _list_values(table.column("zero_points"), i),
+                    }
+                    break
+            except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
+                raise FormatError(f"{where}: cannot read ({type(exc).__name__}: {exc})") from None
+            if part is None:
+                raise FormatError(f"{where}: chunk not found (the file changed since it was opened)")
+            want = loc.row_count * _row_bytes(entry)
+            if part["data"].size != want:
+                raise ShapeMismatchError(f"{where}: {part['data'].size} data bytes, expected {want}")
+            if bits is not None:
+                n_params = loc.row_count * groups_per_row(n_cols, entry.group_size)
+                for key in ("scales", "zero_points"):
+                    v = part[key]
+                    if v.size != n_params:
+                        raise ShapeMismatchError(f"{where}: {v.size} {key}, expected "
+                                                 f"{loc.row_count} rows x "
+                                                 f"{groups_per_row(n_cols, entry.group_size)} groups")
+                    if not np.isfinite(v).all():
+                        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+                        raise ValidationError(f"{where}: {key}[{bad}] is {v[bad]} (not finite)")
+            yield part
 
     def dequantize_chunk(self, name: str, loc: ChunkLocation) -> np.ndarray:
         """One chunk's rows as a (row_count, cols) array: float32 for quantized
@@ -306,16 +517,19 @@ class QuantizedModel(Mapping):
     def _equalization(self, entry: TensorEntry) -> Optional[np.ndarray]:
         if not entry.spatial_quant_json:
             return None
-        s = np.asarray(json.loads(entry.spatial_quant_json).get("scales", []), dtype=np.float32)
+        s = _equalization_scales(f"{self.root}: tensor {entry.name!r}", entry.spatial_quant_json,
+                                 view_2d(entry.shape)[1])
         return s if s.size else None
 
     def raw(self, name: str) -> QuantizedTensor:
         """Packed codes and parameters of a quantized tensor (chunks joined)."""
         entry = self.info(name)
         if entry.quant_type == "none":
-            raise FormatError(f"tensor {name!r} is stored unquantized; use model[{name!r}]")
+            raise FormatError(f"{self.root}: tensor {name!r} is stored unquantized; use "
+                              f"model[{name!r}]")
         parts = list(self._chunk_rows(entry))
-        _check_coverage(entry, parts)
+        if not parts:
+            raise FormatError(f"{self.root}: tensor {name!r} has no chunks")
         return QuantizedTensor(
             data=np.concatenate([p["data"] for p in parts]) if len(parts) > 1 else parts[0]["data"],
             scales=np.concatenate([p["scales"].astype(np.float32) for p in parts]),
@@ -334,7 +548,8 @@ class QuantizedModel(Mapping):
         entry = self.info(name)
         if entry.quant_type == "none":
             parts = list(self._chunk_rows(entry))
-            _check_coverage(entry, parts)
+            if not parts:
+                raise FormatError(f"{self.root}: tensor {name!r} has no chunks")
             raw = np.concatenate([p["data"] for p in parts]) if len(parts) > 1 else parts[0]["data"]
             values = _raw_to_array(raw, entry.dtype, entry.shape)
             return values if out_dtype is None else values.astype(out_dtype, copy=False)
@@ -356,35 +571,78 @@ class QuantizedModel(Mapping):
 
 
 def _blob_view(arr: pa.Array, i: int) -> np.ndarray:
-    """Bytes of element i of a (large_)binary array, without copying."""
+    """Bytes of element i of a (large_)binary array, without copying (empty
+    for a null element; offsets outside the buffer are a FormatError)."""
+    if arr.null_count and not arr[i].is_valid:
+        return np.zeros(0, dtype=np.uint8)
     offsets_buf, data_buf = arr.buffers()[1], arr.buffers()[2]
     off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
     offsets = np.frombuffer(offsets_buf, dtype=off_type)
     j = arr.offset + i
     start, end = int(offsets[j]), int(offsets[j + 1])
     if data_buf is None:
+        if end != start:
+            raise FormatError(f"binary element {i}: {end - start} bytes without a data buffer")
         return np.zeros(0, dtype=np.uint8)
+    if not 0 <= start <= end <= data_buf.size:
+        raise FormatError(f"binary element {i}: offsets [{start}, {end}) outside its buffer")
     return np.frombuffer(data_buf, dtype=np.uint8, count=end - start, offset=start)
 
 
 def _list_values(col: pa.ChunkedArray, i: int) -> np.ndarray:
+    """Values of list element i as float16/float32 (empty for null); null
+    values inside the list become NaN (rejected by the caller's finite check)."""
     arr = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
+    if not arr[i].is_valid:
+        return np.zeros(0, dtype=np.float32)
     values = arr[i].values
     if values is None or len(values) == 0:
         return np.zeros(0, dtype=np.float32)
-    return values.to_numpy(zero_copy_only=False)
+    out = values.to_numpy(zero_copy_only=False)
+    if out.dtype not in (np.float16, np.float32):
+        raise FormatError(f"list element {i}: values of type {values.type}, expected float16/float32")
+    return out
 
 
-def _check_coverage(entry: TensorEntry, parts: Sequence[Dict[str, Any]]) -> None:
+def _row_bytes(entry: TensorEntry) -> int:
+    """Bytes one row of the 2-D view takes in the data column."""
+    _, cols = view_2d(entry.shape)
+    if entry.bits is None:
+        return cols * _ITEMSIZE[entry.dtype]
+    return packed_row_bytes(cols, entry.bits)
+
+
+def _equalization_scales(where: str, text: str, cols: int) -> np.ndarray:
+    """The `scales` of a spatial_quant_json (FORMAT.md 8.2): C finite, positive values."""
+    try:
+        spec = json.loads(text)
+        s = np.asarray(spec.get("scales", []) if isinstance(spec, dict) else None,
+                       dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise FormatError(f"{where}: spatial_quant_json unusable ({exc})") from None
+    if s.ndim != 1 or (s.size and s.size != cols):
+        raise ShapeMismatchError(f"{where}: spatial_quant_json has {s.size} scales for {cols} "
+                                 "columns")
+    if s.size and not (np.isfinite(s).all() and (s > 0).all()):
+        raise ValidationError(f"{where}: spatial_quant_json scales must be finite and positive")
+    return s
+
+
+def _check_coverage(entry: TensorEntry) -> None:
+    """Chunks cover rows 0..R of the 2-D view once each, in order, with no gap or overlap."""
     rows, _ = view_2d(entry.shape)
     expect = 0
-    for p in parts:
-        if p["row_start"] != expect:
-            raise FormatError(f"tensor {entry.name!r}: chunks do not cover rows contiguously "
-                              f"(expected row {expect}, found {p['row_start']})")
-        expect += p["row_count"]
-    if expect != rows and not (rows == 1 and expect == 1):
-        raise FormatError(f"tensor {entry.name!r}: chunks cover {expect} of {rows} rows")
+    for c in sorted(entry.chunks, key=lambda c: (c.row_start, c.row_count)):
+        if c.row_start != expect:
+            kind = "overlap" if c.row_start < expect else "gap"
+            raise FormatError(f"{c.file}: tensor {entry.name!r}: chunks {kind} (expected row "
+                              f"{expect}, found a chunk starting at row {c.row_start})")
+        if c.row_count == 0 and rows != 0:
+            raise FormatError(f"{c.file}: tensor {entry.name!r}: empty chunk at row {c.row_start}")
+        expect += c.row_count
+    if expect != rows:
+        raise FormatError(f"{entry.chunks[0].file}: tensor {entry.name!r}: chunks cover "
+                          f"{expect} of {rows} rows")
 
 
 #: Unquantized dtypes numpy holds natively; bfloat16 / float8 read back as float32 (exact).

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import FormatError, ModelNotFoundError
+from .errors import FormatError, ModelNotFoundError, ShapeMismatchError
 from .plan import TensorInfo
 from .tensor import QUANTIZABLE_DTYPES
 
@@ -129,6 +129,8 @@ class ParquetV1Source(ModelSource):
                 self.metadata = json.loads(meta_path.read_text())
             except ValueError as exc:
                 raise FormatError(f"{meta_path}: invalid JSON ({exc})") from None
+            if not isinstance(self.metadata, dict):
+                raise FormatError(f"{meta_path}: expected a JSON object")
         self.tensors = []
         self._where: Dict[str, tuple] = {}
         self._pf: Dict[Path, pq.ParquetFile] = {}
@@ -143,21 +145,31 @@ class ParquetV1Source(ModelSource):
         return self.files
 
     def _index(self, f: Path) -> None:
+        from .parquet_v2 import (_is_blob, _is_int, _is_int_list, _is_str, check_schema,
+                                 check_shape, data_column_bytes)
+
         try:
             # No pre-buffering: it would hold a second copy of the row group.
             pf = pq.ParquetFile(str(f), pre_buffer=False)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise FormatError(f"{f}: not a readable Parquet file ({exc})") from None
-        missing = [c for c in self.REQUIRED if c not in pf.schema_arrow.names]
-        if missing:
-            raise FormatError(f"{f}: not Parquet V1 weights: missing column(s) {', '.join(missing)}")
+            check_schema(f, pf.schema_arrow, {"layer_name": _is_str, "shape": _is_int_list,
+                                              "dtype": _is_str, "data": _is_blob,
+                                              "num_params": _is_int})
+        except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: bad UTF-8 in the footer
+            raise FormatError(f"{f}: not a readable Parquet file ({type(exc).__name__}: {exc})") \
+                from None
+        if (pf.schema_arrow.metadata or {}).get(b"arrowquant.format") == b"parquet-v2":
+            raise FormatError(f"{f}: an ArrowQuant Parquet V2 file, not Parquet V1 weights (the "
+                              "V2 directory's metadata.json is missing or unreadable)")
         self._pf[f] = pf
         for rg in range(pf.num_row_groups):
             try:
                 t = pf.read_row_group(rg, columns=["layer_name", "shape", "dtype", "num_params"])
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise FormatError(f"{f}: row group {rg} unreadable ({exc})") from None
-            for i, row in enumerate(t.to_pylist()):
+                rows = t.to_pylist()  # strings are decoded here: invalid UTF-8 is a ValueError
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise FormatError(f"{f}: row group {rg} unreadable ({type(exc).__name__}: {exc})") \
+                    from None
+            need = 0
+            for i, row in enumerate(rows):
                 name, shape, dtype, n = row["layer_name"], row["shape"], row["dtype"], row["num_params"]
                 if name is None or shape is None or dtype is None or n is None:
                     raise FormatError(f"{f}: row {i} of row group {rg} has null fields")
@@ -166,11 +178,16 @@ class ParquetV1Source(ModelSource):
                 if dtype not in _V1_DTYPES:
                     raise FormatError(f"{f}: tensor {name!r} has dtype {dtype!r}; Parquet V1 allows "
                                       "float32, float16, bfloat16")
-                if any(d < 0 for d in shape) or math.prod(shape) != n:
-                    raise FormatError(f"{f}: tensor {name!r}: shape {shape} does not hold "
-                                      f"num_params {n}")
+                check_shape(f"{f}: tensor {name!r}", shape, n)
                 self._where[name] = (f, rg, i)
                 self.tensors.append(TensorInfo(name, tuple(shape), dtype, n * _V1_DTYPES[dtype]))
+                need += n * _V1_DTYPES[dtype]
+            have = data_column_bytes(f, pf, rg)
+            if need > have:
+                names = ", ".join(repr(r["layer_name"]) for r in rows)
+                raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} data "
+                                         f"bytes for the shapes it declares, its data column "
+                                         f"holds {have}")
 
     def _tensor_bytes(self, name: str) -> np.ndarray:
         f, rg, i = self._where[name]
@@ -178,13 +195,16 @@ class ParquetV1Source(ModelSource):
             self._cache = None  # release the previous row group first
             try:
                 col = self._pf[f].read_row_group(rg, columns=["data"]).column(0)
-            except (pa.ArrowInvalid, OSError) as exc:
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 raise FormatError(f"{f}: row group {rg} unreadable ({exc})") from None
             self._cache = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
             self._cache_key = (f, rg)
         from .parquet_v2 import _blob_view
 
-        return _blob_view(self._cache, i)
+        try:
+            return _blob_view(self._cache, i)
+        except (FormatError, IndexError) as exc:
+            raise FormatError(f"{f}: tensor {name!r}: {exc}") from None
 
     def read(self, name: str, row_start: int = 0, row_count: Optional[int] = None,
              out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -314,7 +334,7 @@ def is_v2_dir(root: Path) -> bool:
         return False
     try:
         return json.loads(meta.read_text()).get("format") == "arrowquant-parquet-v2"
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, OSError):
         return False
 
 
