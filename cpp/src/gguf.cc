@@ -661,6 +661,21 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
         } else {
           QuantizeQ4_1Block(x, ob);
         }
+        // The block's float16 scale (and Q4_1's min) must be finite: weights
+        // beyond float16's reach cannot be stored in these types.
+        const bool fits = std::isfinite(HalfToFloat(GetHalf(ob))) &&
+                          (type != GgmlType::kQ4_1 || std::isfinite(HalfToFloat(GetHalf(ob + 2))));
+        if (!fits) {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (first_bad < 0 || start < first_bad) {
+            first_bad = start;
+            first_status = Status::Invalid(
+                "weights at index " + std::to_string(element_base + start) +
+                " are too large for the float16 block scale of " + std::string(GgmlTypeName(static_cast<uint32_t>(type))) +
+                "; export this tensor as F32 or F16 (--gguf-type)");
+          }
+          return;
+        }
         if (stats != nullptr) (void)DequantizeBlocks(type, ob, kBlock, y);
       }
       if (stats != nullptr) {

@@ -41,7 +41,9 @@ ErrorMetrics FinalizeMetrics(const ErrorStats& s) {
   m.max_abs_error = s.max_abs_err;
   const double denom = std::sqrt(s.sum_x2) * std::sqrt(s.sum_xhat2);
   if (denom > 0.0) {
-    m.cosine = std::clamp(s.sum_x_xhat / denom, -1.0, 1.0);  // rounding can step past 1
+    // Rounding can step past 1; a non-finite value (inf / inf) stays NaN.
+    const double c = s.sum_x_xhat / denom;
+    m.cosine = std::isfinite(c) ? std::clamp(c, -1.0, 1.0) : std::numeric_limits<double>::quiet_NaN();
   } else {
     // Both zero: identical. One zero: orthogonal by convention.
     m.cosine = (s.sum_x2 == 0.0 && s.sum_xhat2 == 0.0) ? 1.0 : 0.0;

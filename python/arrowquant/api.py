@@ -24,8 +24,10 @@ from .errors import (
     ArrowQuantError,
     ConfigurationError,
     FormatError,
+    MetadataError,
     ModelNotFoundError,
     QuantizationError,
+    ShapeMismatchError,
 )
 from .pipeline import (
     LOCK_NAME,
@@ -547,7 +549,7 @@ def load(path: PathLike) -> parquet_v2.QuantizedModel:
         raise ModelNotFoundError(f"{p}: no such directory")
     meta = p / "metadata.json"
     if meta.exists():
-        info = json.loads(meta.read_text())
+        info = parquet_v2.read_metadata(meta)
         if info.get("format") == PIPELINE_FORMAT:
             comps = ", ".join(f"{p / c}" for c in info.get("components", []))
             raise FormatError(f"{p}: a quantized diffusers pipeline; load one of its components: "
@@ -569,8 +571,14 @@ def inspect(path: PathLike) -> Dict[str, Any]:
     if p.is_dir() and is_v2_dir(p):
         model = load(p)
         report_path = p / "quantization_report.json"
-        report = json.loads(report_path.read_text()) if report_path.exists() else {"tensors": []}
-        by_name = {r["name"]: r for r in report.get("tensors", [])}
+        report: Any = {"tensors": []}
+        if report_path.exists():
+            try:
+                report = json.loads(report_path.read_text())
+            except ValueError as exc:
+                raise MetadataError(f"{report_path}: invalid JSON ({exc})") from None
+        rows = report.get("tensors", []) if isinstance(report, dict) else []
+        by_name = {r["name"]: r for r in rows if isinstance(r, dict) and "name" in r}
         tensors = []
         for name, e in model.entries.items():
             r = by_name.get(name, {})
@@ -677,6 +685,9 @@ def validate(original: PathLike, quantized: PathLike,
             if t.name not in model.entries:
                 raise FormatError(f"{quantized}: tensor {t.name!r} of the original is missing")
             e = model.info(t.name)
+            if tuple(e.shape) != tuple(t.shape):
+                raise ShapeMismatchError(f"{quantized}: tensor {t.name!r} has shape {list(e.shape)}, "
+                                         f"the original {list(t.shape)}")
             raw = source.read(t.name)
             if t.is_float:
                 x = to_float32(np.ascontiguousarray(raw), t.dtype).astype(np.float64)

@@ -191,11 +191,21 @@ class ErrorSums:
         x2, h2, xh, e2 = self.sum_x2, self.sum_xhat2, self.sum_x_xhat, self.sum_err2
         denom = math.sqrt(x2) * math.sqrt(h2)
         if denom > 0:
-            cosine = max(-1.0, min(1.0, xh / denom))  # rounding can step past 1
+            cosine = xh / denom
+            # Rounding can step past 1; a non-finite one (an overflowed
+            # reconstruction: inf / inf) stays NaN, never a perfect 1.
+            if math.isfinite(cosine):
+                cosine = max(-1.0, min(1.0, cosine))
+            else:
+                cosine = math.nan
         else:
             cosine = 1.0 if (x2 == 0 and h2 == 0) else 0.0
         rel = e2 / x2 if x2 > 0 else (math.inf if e2 > 0 else 0.0)
-        sqnr = 10.0 * math.log10(x2 / e2) if e2 > 0 else math.inf
+        if e2 > 0:
+            ratio = x2 / e2
+            sqnr = -math.inf if ratio == 0 else 10.0 * math.log10(ratio) if ratio == ratio else math.nan
+        else:
+            sqnr = math.inf
         return ErrorMetrics(cosine=cosine, rel_mse=rel, sqnr_db=sqnr, max_abs_error=self.max_abs_err)
 
 
