@@ -809,6 +809,9 @@ Status Avx2QuantizeRowRtn(DType dtype, const void* src, int64_t cols, const Quan
 
 const RowKernels kAvx2 = {"avx2", Avx2Convert, Avx2ChooseParams, Avx2Encode, Avx2Decode};
 
+
+}  // namespace
+
 bool CpuHasAvx2() {
   // The build compiles this file with -mavx2 -mf16c -mfma; run it only on a
   // CPU that has all three and an OS that saves the YMM registers. CPUID
@@ -827,8 +830,6 @@ bool CpuHasAvx2() {
   }();
   return ok;
 }
-
-}  // namespace
 
 const RowKernels* Avx2Kernels() { return CpuHasAvx2() ? &kAvx2 : nullptr; }
 

@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "kernels/param_search.h"
+#include "kernels/row_kernels.h"
 
 namespace arrowquant::kernels {
 namespace {
@@ -245,7 +246,7 @@ const SearchPasses kAvx2Passes = {"avx2",          Avx2EvalAsym,    Avx2EvalSym,
 
 const SearchPasses* Avx2SearchPasses() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? &kAvx2Passes : nullptr;
+  return CpuHasAvx2() ? &kAvx2Passes : nullptr;
 }
 
 }  // namespace arrowquant::kernels

@@ -29,6 +29,9 @@ struct RowKernels {
 };
 
 const RowKernels& ScalarKernels();
+// True when the CPU has AVX2, F16C and FMA and the OS saves YMM state (what
+// every *avx2*.cc file is compiled for).
+bool CpuHasAvx2();
 // Null when the binary or the CPU lacks AVX2 + F16C.
 const RowKernels* Avx2Kernels();
 // The fastest path this CPU runs, or the scalar one when forced.
