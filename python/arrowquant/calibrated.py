@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from .calibration import CalibrationStats, load_stats
+from .errors import ConfigurationError
 from .importance import METHOD, SearchOptions, per_column, plan_equalization
 from .plan import Planner, TensorInfo, TensorPlan
 from .reference import to_float32
@@ -30,9 +31,10 @@ from .reference import to_float32
 @dataclass
 class CalibratedPlanner:
     """Wraps a planner: the base decides the bits (and what is kept);
-    this adds importance, equalization and the report columns."""
+    this adds importance, equalization and the report columns. With base
+    None it only annotates existing plans (apply_calibration)."""
 
-    base: Planner
+    base: Optional[Planner]
     stats: CalibrationStats
     source: Any                         # a ModelSource (read(name, row_start, row_count) -> raw
                                         # bytes), or the model's path
@@ -44,6 +46,9 @@ class CalibratedPlanner:
     ranking_options: Optional[SearchOptions] = None   # alpha ranking (default RANKING_OPTIONS)
 
     def plan(self, tensors: Sequence[TensorInfo]) -> Dict[str, TensorPlan]:
+        if self.base is None:
+            raise ConfigurationError("CalibratedPlanner.plan needs a base planner; use "
+                                     "apply_calibration to annotate existing plans")
         plans = self.base.plan(tensors)
         opened = None
         if isinstance(self.source, (str, Path)):
@@ -112,7 +117,7 @@ def apply_calibration(plans: Dict[str, TensorPlan], tensors: Sequence[TensorInfo
     CalibrationStats or the path of a statistics file."""
     if not isinstance(stats, CalibrationStats):
         stats = load_stats(stats)
-    helper = CalibratedPlanner(base=_NoPlanner(), stats=stats, source=source,
+    helper = CalibratedPlanner(base=None, stats=stats, source=source,
                                equalization=equalization, importance_mode=importance_mode,
                                threads=threads)
     for t in tensors:
@@ -122,6 +127,3 @@ def apply_calibration(plans: Dict[str, TensorPlan], tensors: Sequence[TensorInfo
     return plans
 
 
-class _NoPlanner:
-    def plan(self, tensors: Sequence[TensorInfo]) -> Dict[str, TensorPlan]:
-        raise NotImplementedError("apply_calibration works on existing plans")
