@@ -30,6 +30,11 @@ import bench_common as bc  # noqa: E402
 
 Key = Tuple[str, int, str, str]
 MEMORY_METRICS = ("peak_memory_mb", "quantization_memory_mb")
+# What gates: quantization memory (peak minus the RSS after imports). The peak
+# itself also carries the environment's import baseline, which differs between
+# virtual environments and machines (~35 MB between two venvs of the same
+# pinned packages here), so its changes are reported, not fatal.
+GATED_MEMORY_METRIC = "quantization_memory_mb"
 TIME_METRIC = "quantization_time_s"
 REGRESSION, IMPROVEMENT, UNCHANGED = "regression", "improvement", "unchanged"
 
@@ -59,7 +64,7 @@ class RowComparison:
 
     @property
     def memory_regression(self) -> bool:
-        return any(c.status == REGRESSION and c.metric in MEMORY_METRICS for c in self.changes)
+        return any(c.status == REGRESSION and c.metric == GATED_MEMORY_METRIC for c in self.changes)
 
     @property
     def time_regression(self) -> bool:
@@ -165,8 +170,11 @@ def _pct(p: Optional[float]) -> str:
 
 def _flag(c: MetricChange, fail_on_time: bool) -> str:
     if c.status == REGRESSION:
-        fatal = c.metric in MEMORY_METRICS or fail_on_time
-        return "REGRESSION" if fatal else "regression (time, not fatal)"
+        if c.metric == GATED_MEMORY_METRIC:
+            return "REGRESSION"
+        if c.metric == TIME_METRIC:
+            return "REGRESSION" if fail_on_time else "regression (time, not fatal)"
+        return "regression (peak incl. import baseline, not fatal)"
     return "improvement" if c.status == IMPROVEMENT else ""
 
 

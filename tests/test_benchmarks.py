@@ -288,3 +288,15 @@ def test_accuracy_minilm_weights_load_offline():
 
     names = [n for n, _ in ab.minilm_weights()]
     assert any("attention" in n for n in names) and len(names) > 30
+
+
+def test_peak_change_from_the_import_baseline_alone_is_reported_not_fatal(tmp_path):
+    # Another environment: +40 MB after imports, the same quantization memory.
+    cur = [dict(r, peak_memory_mb=r["peak_memory_mb"] + 40,
+                baseline_memory_mb=r["baseline_memory_mb"] + 40) for r in BASE]
+    p = run_compare(tmp_path, BASE, cur)
+    assert p.returncode == 0, p.stdout
+    assert "not fatal" in p.stdout
+    # A quantization-memory increase still fails.
+    cur = [rec("native", peak=140, quant=60, t=1.0)] + BASE[1:]
+    assert run_compare(tmp_path, BASE, cur).returncode == 1
