@@ -300,3 +300,9 @@ def test_peak_change_from_the_import_baseline_alone_is_reported_not_fatal(tmp_pa
     # A quantization-memory increase still fails.
     cur = [rec("native", peak=140, quant=60, t=1.0)] + BASE[1:]
     assert run_compare(tmp_path, BASE, cur).returncode == 1
+
+
+def test_pure_io_yardstick_changes_are_not_fatal(tmp_path):
+    cur = BASE[:2] + [rec("io", peak=120, quant=40, t=0.5)]
+    p = run_compare(tmp_path, BASE, cur)
+    assert p.returncode == 0 and "pure I/O yardstick" in p.stdout
