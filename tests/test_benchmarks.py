@@ -180,7 +180,7 @@ def test_targets_and_report():
     assert "[FAIL]" in text and "[PASS]" in text and "SKIPPED: 7B" in text and "WARNING" not in text
     case.records[0]["parent_rss_mb"] = 95.0  # above the native child's baseline (80 MB)
     assert "WARNING: 100M native" in mb.format_report([case], [], meta)
-    assert "Targets: 4 passed, 1 failed" in text
+    assert "Targets met: 4 of 5 (1 missed" in text
     md = mb.format_markdown([case]).strip().splitlines()
     assert len(md) == 3
     assert "| 100M | 4 | parquet | 100 / 20 | 300 / 200 | 0.100 PASS | 2.00 | 30.00 | 15.0x PASS | 1.00 " \
