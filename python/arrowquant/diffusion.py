@@ -276,10 +276,10 @@ class DiffusionPlanner:
         # allocator); a second plan() of the same model reuses the measurements.
         infos = {t.name: t for t in tensors}
         if self.measure:
-            todo = [infos[n] for n, p in plans.items() if p.bits is not None] + free
-            todo = [t for t in todo if t.name not in self.sensitivities]
-            if todo:
-                self._measure_all(todo)
+            to_measure = [infos[n] for n, p in plans.items() if p.bits is not None] + free
+            to_measure = [t for t in to_measure if t.name not in self.sensitivities]
+            if to_measure:
+                self._measure_all(to_measure)
 
         if cfg.mixed_precision and free:
             chosen = self._allocate(tensors, plans, free)
@@ -466,7 +466,7 @@ class DiffusionPlanner:
                             threads=cfg.num_threads)
         return dequantize_array(qt, threads=cfg.num_threads)
 
-    def _measure_all(self, todo: Sequence[TensorInfo]) -> None:
+    def _measure_all(self, to_measure: Sequence[TensorInfo]) -> None:
         opened = None
         if self.weights is None and isinstance(self.source, (str, Path)):
             from .sources import open_model
@@ -475,7 +475,7 @@ class DiffusionPlanner:
         else:
             self._reader = self.source
         try:
-            for t in todo:
+            for t in to_measure:
                 self.sensitivities[t.name] = self._measure(t)
         finally:
             self._reader = None
