@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from .tensor import QUANTIZABLE_DTYPES, view_2d
+from .tensor import QUANTIZABLE_DTYPES, View2D
 
 #: Minimum cosine similarity per bit width below which a layer is redone at the
 #: next width (issue 5's fallback); configurable through QuantOptions.
@@ -17,28 +17,13 @@ DEFAULT_MIN_COSINE: Dict[int, float] = {2: 0.70, 4: 0.90, 8: 0.95}
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(View2D):
     """A tensor of a source model, before reading it."""
 
     name: str
     shape: Tuple[int, ...]
     dtype: str          # canonical name ("float16", "bfloat16", "int64", ...)
     nbytes: int         # bytes in the source
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def rows(self) -> int:
-        return view_2d(self.shape)[0]
-
-    @property
-    def cols(self) -> int:
-        return view_2d(self.shape)[1]
 
     @property
     def is_float(self) -> bool:

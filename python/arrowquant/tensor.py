@@ -76,6 +76,24 @@ def check_spec(bits: int, group_size: int, scheme: str, method: str = "rtn",
         raise ValidationError(f"param dtype must be 'float32' or 'float16', got {param_dtype!r}")
 
 
+class View2D:
+    """rows / cols (FORMAT.md section 1) and numel of anything with a `shape`."""
+
+    shape: Tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return view_2d(self.shape)[0]
+
+    @property
+    def cols(self) -> int:
+        return view_2d(self.shape)[1]
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+
 @dataclass(frozen=True)
 class SourceTensor:
     """A user's tensor as the engine sees it: a flat byte view (never a copy),
@@ -210,7 +228,7 @@ class ErrorSums:
 
 
 @dataclass
-class QuantizedTensor:
+class QuantizedTensor(View2D):
     """A quantized tensor: packed codes (FORMAT.md section 3) and per-group
     parameters (row-major, index r * G + j), with what it was made from."""
 
@@ -226,18 +244,6 @@ class QuantizedTensor:
     param_dtype: str = "float32"
     name: str = "tensor"
     error: Optional[ErrorSums] = field(default=None, repr=False)
-
-    @property
-    def rows(self) -> int:
-        return view_2d(self.shape)[0]
-
-    @property
-    def cols(self) -> int:
-        return view_2d(self.shape)[1]
-
-    @property
-    def numel(self) -> int:
-        return int(math.prod(self.shape))
 
     @property
     def groups_per_row(self) -> int:

@@ -36,9 +36,8 @@ StatsTuple BindQuantizeImportance(const ReadOnlyBytes& src, const std::string& d
   const ImportanceOptions opts = Options(grid_steps, max_clip, refit_iters, refit_all);
   const TensorView view = MakeView(src, dtype, rows, cols);
   CheckSize("importance", importance.size(), cols);
-  CheckSize("packed", packed.size(), rows * PackedRowBytes(cols, bits));
-  CheckSize("scales", scales.size(), rows * GroupsPerRow(cols, group_size));
-  CheckSize("zero_points", zero_points.size(), rows * GroupsPerRow(cols, group_size));
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
+                    zero_points.size());
   ErrorStats stats;
   Status st;
   {

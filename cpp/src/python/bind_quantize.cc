@@ -24,9 +24,8 @@ StatsTuple BindQuantize(const ReadOnlyBytes& src, const std::string& dtype, int6
                         bool force_scalar) {
   const QuantSpec spec = MakeSpec(bits, group_size, scheme, method, param_dtype);
   const TensorView view = MakeView(src, dtype, rows, cols);
-  CheckSize("packed", packed.size(), rows * PackedRowBytes(cols, bits));
-  CheckSize("scales", scales.size(), rows * GroupsPerRow(cols, group_size));
-  CheckSize("zero_points", zero_points.size(), rows * GroupsPerRow(cols, group_size));
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
+                    zero_points.size());
   ErrorStats stats;
   Status st;
   {
@@ -45,9 +44,8 @@ StatsTuple BindQuantizeWithParams(const ReadOnlyBytes& src, const std::string& d
                                   bool force_scalar) {
   const QuantSpec spec = MakeSpec(bits, group_size, scheme, "rtn", "float32");
   const TensorView view = MakeView(src, dtype, rows, cols);
-  CheckSize("packed", packed.size(), rows * PackedRowBytes(cols, bits));
-  CheckSize("scales", scales.size(), rows * GroupsPerRow(cols, group_size));
-  CheckSize("zero_points", zero_points.size(), rows * GroupsPerRow(cols, group_size));
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
+                    zero_points.size());
   ErrorStats stats;
   Status st;
   {
@@ -66,9 +64,8 @@ void BindDequantize(InBytes packed, int64_t rows, int64_t cols, int bits, int64_
   spec.bits = bits;
   spec.group_size = group_size;
   ThrowIfError(ValidateSpec(spec));
-  CheckSize("packed", packed.size(), rows * PackedRowBytes(cols, bits));
-  CheckSize("scales", scales.size(), rows * GroupsPerRow(cols, group_size));
-  CheckSize("zero_points", zero_points.size(), rows * GroupsPerRow(cols, group_size));
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
+                    zero_points.size());
   CheckSize("out", out.size(), rows * cols);
   Status st;
   {

@@ -56,6 +56,10 @@ TensorView MakeView(const ReadOnlyBytes& src, const std::string& dtype, int64_t 
                     int64_t cols);
 // ShapeMismatch unless a buffer holds exactly `need` elements.
 void CheckSize(const char* what, size_t have, int64_t need);
+// The three output buffers of rows x cols quantized at `bits`, group size g:
+// packed codes, and one scale and zero point per group.
+void CheckQuantBuffers(int64_t rows, int64_t cols, int bits, int64_t group_size,
+                       size_t packed_size, size_t scales_size, size_t zero_points_size);
 StatsTuple ToTuple(const ErrorStats& s);
 
 using BindFn = void (*)(nb::module_&);

@@ -56,6 +56,13 @@ void CheckSize(const char* what, size_t have, int64_t need) {
   }
 }
 
+void CheckQuantBuffers(int64_t rows, int64_t cols, int bits, int64_t group_size,
+                       size_t packed_size, size_t scales_size, size_t zero_points_size) {
+  CheckSize("packed", packed_size, rows * PackedRowBytes(cols, bits));
+  CheckSize("scales", scales_size, rows * GroupsPerRow(cols, group_size));
+  CheckSize("zero_points", zero_points_size, rows * GroupsPerRow(cols, group_size));
+}
+
 StatsTuple ToTuple(const ErrorStats& s) {
   return {s.sum_x2, s.sum_xhat2, s.sum_x_xhat, s.sum_err2, s.max_abs_err, s.count};
 }
