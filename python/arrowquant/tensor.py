@@ -29,7 +29,15 @@ _DTYPE_ALIASES = {
 VALID_BITS = (2, 4, 8)
 VALID_SCHEMES = ("asymmetric", "symmetric")
 VALID_METHODS = ("rtn", "mse")
-VALID_PARAM_DTYPES = ("float32", "float16")
+VALID_PARAM_DTYPES = ("float32", "float16", "superblock")
+
+#: Two-level parameters (param_dtype "superblock", docs/FORMAT.md section 9):
+#: the groups of a row are taken SUPERBLOCK_WEIGHTS // group_size at a time
+#: (at least one); each super-block stores a float16 scale unit `d` and zero
+#: point unit `dz`, each group a scale code `a` in [1, 2^p - 1] and a zero code
+#: `c` in [0, 2^p - 1]; the group's parameters are `a * d` and `c * dz`
+#: (float32 products, exact).
+SUPERBLOCK_WEIGHTS = 256
 
 
 def canonical_dtype(name: str) -> str:
@@ -73,7 +81,96 @@ def check_spec(bits: int, group_size: int, scheme: str, method: str = "rtn",
     if method not in VALID_METHODS:
         raise ValidationError(f"method must be one of {VALID_METHODS}, got {method!r}")
     if param_dtype not in VALID_PARAM_DTYPES:
-        raise ValidationError(f"param dtype must be 'float32' or 'float16', got {param_dtype!r}")
+        raise ValidationError(
+            f"param dtype must be 'float32', 'float16' or 'superblock', got {param_dtype!r}")
+    if param_dtype == "superblock" and scheme != "asymmetric":
+        raise ValidationError("param dtype 'superblock' needs the asymmetric scheme "
+                              "(its zero codes carry the offset)")
+
+
+def superblock_groups(group_size: int) -> int:
+    """Groups per super-block: SUPERBLOCK_WEIGHTS // group_size, at least 1."""
+    return max(1, SUPERBLOCK_WEIGHTS // int(group_size))
+
+
+def superblock_code_bits(bits: int) -> int:
+    """Bits of each group's scale and zero code: 4 at INT2, 6 at INT4 / INT8
+    (what the engine writes; readers take the value stored with the tensor)."""
+    return 4 if bits == 2 else 6
+
+
+def superblocks_per_row(cols: int, group_size: int) -> int:
+    return -(-groups_per_row(cols, group_size) // superblock_groups(group_size))
+
+
+def param_code_bytes(groups: int, code_bits: int) -> int:
+    """Bytes of the packed (scale code, zero code) stream of `groups` groups."""
+    return (groups * 2 * code_bits + 7) // 8
+
+
+def pack_param_codes(scale_codes: np.ndarray, zero_codes: np.ndarray, code_bits: int) -> np.ndarray:
+    """The param_codes stream: for each group in row-major order its scale
+    code then its zero code, `code_bits` each, as one little-endian bit stream
+    (code k occupies bits k*p .. k*p+p-1, bit 0 = least significant bit of
+    byte 0); the unused high bits of the last byte are zero."""
+    a = np.asarray(scale_codes, dtype=np.uint8).reshape(-1)
+    c = np.asarray(zero_codes, dtype=np.uint8).reshape(-1)
+    codes = np.empty(a.size * 2, dtype=np.uint8)
+    codes[0::2] = a
+    codes[1::2] = c
+    bits = ((codes[:, None] >> np.arange(code_bits, dtype=np.uint8)) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(-1), bitorder="little")
+
+
+def unpack_param_codes(stream: np.ndarray, groups: int,
+                       code_bits: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(scale codes, zero codes) of `groups` groups from a param_codes stream
+    (ValidationError when its length is not param_code_bytes(groups, code_bits)
+    or the padding bits are not zero)."""
+    stream = np.asarray(stream, dtype=np.uint8).reshape(-1)
+    need = param_code_bytes(groups, code_bits)
+    if stream.size != need:
+        raise ValidationError(
+            f"param_codes holds {stream.size} bytes, {groups} groups of {code_bits}-bit codes "
+            f"need {need}")
+    bits = np.unpackbits(stream, bitorder="little")
+    used = groups * 2 * code_bits
+    if bits[used:].any():
+        raise ValidationError("param_codes: padding bits after the last code are not zero")
+    weights = (1 << np.arange(code_bits, dtype=np.uint16)).astype(np.uint16)
+    codes = (bits[:used].reshape(-1, code_bits).astype(np.uint16) * weights).sum(
+        axis=1).astype(np.uint8)
+    return codes[0::2].copy(), codes[1::2].copy()
+
+
+def expand_superblock(sb_scales: np.ndarray, sb_zero_points: np.ndarray, scale_codes: np.ndarray,
+                      zero_codes: np.ndarray, rows: int, groups: int,
+                      sb_groups: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-group float32 (scales, zero points), index r * G + j: scale code
+    times its super-block's unit, zero code times its zero unit. Both
+    products are exact in float32 (an 11-bit float16 significand times a code
+    of at most 8 bits), so the expansion is what the engine used."""
+    S = -(-groups // sb_groups)
+    sb_of = np.arange(groups) // sb_groups
+    d = np.asarray(sb_scales, dtype=np.float32).reshape(rows, S)[:, sb_of]
+    dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(rows, S)[:, sb_of]
+    a = np.asarray(scale_codes).reshape(rows, groups).astype(np.float32)
+    c = np.asarray(zero_codes).reshape(rows, groups).astype(np.float32)
+    return (d * a).reshape(-1).astype(np.float32), (dz * c).reshape(-1).astype(np.float32)
+
+
+def superblock_codes(scales: np.ndarray, zero_points: np.ndarray, sb_scales: np.ndarray,
+                     sb_zero_points: np.ndarray, rows: int, groups: int,
+                     sb_groups: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The (scale codes, zero codes) behind expanded parameters: the exact
+    quotients scale / d and zero point / dz (an expansion inverted)."""
+    S = -(-groups // sb_groups)
+    sb_of = np.arange(groups) // sb_groups
+    d = np.asarray(sb_scales, dtype=np.float32).reshape(rows, S)[:, sb_of]
+    dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(rows, S)[:, sb_of]
+    a = np.asarray(scales, dtype=np.float32).reshape(rows, groups) / d
+    c = np.asarray(zero_points, dtype=np.float32).reshape(rows, groups) / dz
+    return a.reshape(-1).astype(np.uint8), c.reshape(-1).astype(np.uint8)
 
 
 class View2D:
@@ -244,10 +341,30 @@ class QuantizedTensor(View2D):
     param_dtype: str = "float32"
     name: str = "tensor"
     error: Optional[ErrorSums] = field(default=None, repr=False)
+    # param_dtype "superblock" only: the float16 units of each super-block
+    # (float32 arrays holding float16 values, rows * superblocks_per_row);
+    # scales / zero_points then hold the exact expanded per-group values.
+    superblock_scales: Optional[np.ndarray] = field(default=None, repr=False)
+    superblock_zero_points: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
     def groups_per_row(self) -> int:
         return groups_per_row(self.cols, self.group_size)
+
+    @property
+    def superblock_groups(self) -> int:
+        return superblock_groups(self.group_size)
+
+    @property
+    def param_code_bits(self) -> int:
+        return superblock_code_bits(self.bits)
+
+    def param_codes(self) -> np.ndarray:
+        """The packed param_codes stream of a "superblock" tensor."""
+        a, c = superblock_codes(self.scales, self.zero_points, self.superblock_scales,
+                                self.superblock_zero_points, self.rows, self.groups_per_row,
+                                self.superblock_groups)
+        return pack_param_codes(a, c, self.param_code_bits)
 
     @property
     def metrics(self) -> Optional[ErrorMetrics]:
@@ -256,6 +373,10 @@ class QuantizedTensor(View2D):
     @property
     def nbytes(self) -> int:
         """Stored bytes: codes plus parameters at their storage precision."""
+        if self.param_dtype == "superblock":
+            units = self.superblock_scales.size + self.superblock_zero_points.size
+            return int(self.data.nbytes + units * 2
+                       + param_code_bytes(self.scales.size, self.param_code_bits))
         param_bytes = 2 if self.param_dtype == "float16" else 4
         return int(self.data.nbytes + (self.scales.size + self.zero_points.size) * param_bytes)
 
