@@ -144,14 +144,15 @@ def test_env_overrides_every_variable():
         "ARROW_QUANT_NUM_TIME_GROUPS": "7", "ARROW_QUANT_MIN_ACCURACY": "0.9",
         "ARROW_QUANT_CALIBRATION_SAMPLES": "16", "ARROW_QUANT_FAIL_FAST": "yes",
         "ARROW_QUANT_NUM_THREADS": "2", "ARROW_QUANT_MAX_MEMORY_MB": "512",
-        "UNRELATED": "x",
+        "ARROW_QUANT_PARAM_DTYPE": "superblock", "UNRELATED": "x",
     }
     assert set(env) - {"UNRELATED"} == set(ENV_FIELDS)
     base = DiffusionQuantConfig()
     cfg = DiffusionQuantConfig.from_env(env)
     assert (cfg.bit_width, cfg.group_size, cfg.num_time_groups, cfg.min_accuracy,
             cfg.calibration_samples, cfg.fail_fast, cfg.num_threads,
-            cfg.max_memory_limit_mb) == (8, 64, 7, 0.9, 16, True, 2, 512)
+            cfg.max_memory_limit_mb, cfg.param_dtype) == (8, 64, 7, 0.9, 16, True, 2, 512,
+                                                          "superblock")
     assert base.bit_width == 4  # apply_env returns a copy
     assert base.apply_env({"ARROW_QUANT_FAIL_FAST": "off"}).fail_fast is False
     assert base.apply_env({"ARROW_QUANT_BIT_WIDTH": "  "}).bit_width == 4  # empty: ignored

@@ -28,6 +28,7 @@ from .errors import (
     ModelNotFoundError,
     QuantizationError,
     ShapeMismatchError,
+    ValidationError,
 )
 from .pipeline import (
     LOCK_NAME,
@@ -224,6 +225,13 @@ def quantize(
     `importance_mode` "max" keeps every timestep group's salient channels,
     "mean" pools them (with a config: enable_time_aware / enable_spatial).
     """
+    requested = config.param_dtype if config is not None else param_dtype
+    if calibration is not None and requested == "superblock" and output_format != "gguf":
+        # Checked first: a diffusers pipeline would quantize components before
+        # reaching the one the statistics are for.
+        raise ValidationError(
+            "calibrated (importance-weighted) quantization does not support param dtype "
+            "'superblock'; use float16 or float32 parameters with --calibration")
     if output_format == "gguf":
         # One GGUF file, block types from bits / scheme (gguf_export's rules);
         # returns export_gguf's report dict.
@@ -370,7 +378,8 @@ def _run_locked(source: ModelSource, plans: Dict[str, Any], out: Path, opts: Pip
     _atomic_write_text(out / "quantization_report.json", json.dumps(report, indent=2))
     metadata = {
         "format": parquet_v2.FORMAT_NAME,
-        "format_version": parquet_v2.FORMAT_VERSION,
+        "format_version": parquet_v2.format_version(
+            any(p.bits and p.param_dtype == "superblock" for p in plans.values())),
         "modality": modality_info["modality"],
         "modality_detection": modality_info,
         "is_diffusion_model": opts.is_diffusion_model,
@@ -492,7 +501,8 @@ def _quantize_pipeline(src: Path, out: Path, *, overwrite: bool, resume: bool,
         if not summaries:
             raise ModelNotFoundError(f"{src}: a diffusers pipeline with no component weights")
         summary = _combine(summaries, src, out, time.perf_counter() - t0)
-        meta = {"format": PIPELINE_FORMAT, "format_version": parquet_v2.FORMAT_VERSION,
+        superblock = any(r.param_dtype == "superblock" for s in summaries for r in s.records)
+        meta = {"format": PIPELINE_FORMAT, "format_version": parquet_v2.format_version(superblock),
                 "components": [c.name for c in quantized],
                 "copied": [c.name for c in components if c not in quantized],
                 "modality": summary.modality, "tool": {"name": "arrowquant", "version": _version},
@@ -587,7 +597,7 @@ def inspect(path: PathLike) -> Dict[str, Any]:
             tensors.append({
                 "name": name, "shape": list(e.shape), "dtype": e.dtype, "quant_type": e.quant_type,
                 "group_size": e.group_size, "scheme": e.scheme, "method": e.method,
-                "bytes": nbytes, "chunks": len(e.chunks),
+                "param_dtype": e.param_dtype, "bytes": nbytes, "chunks": len(e.chunks),
                 "bits_per_weight": (8.0 * nbytes / numel) if nbytes and numel else None,
             })
         total_params = sum(math.prod(e.shape) for e in model.entries.values())

@@ -28,8 +28,13 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("rtn", "mse"), default=None,
                    help="how scales are chosen: mse = error-minimizing search (default), "
                         "rtn = plain min/max (FORMAT.md section 2)")
-    p.add_argument("--param-dtype", choices=("float32", "float16"), default=None,
-                   help="storage precision of scales and zero points (default float16)")
+    p.add_argument("--param-dtype", choices=("float32", "float16", "superblock"), default=None,
+                   help="storage of scales and zero points (default float16): float32 or "
+                        "float16 per group (64 or 32 bits per group: INT4 g128 = 4.25 bits per "
+                        "weight at float16); superblock = two levels like llama.cpp's K-quants, "
+                        "a 6-bit (INT2: 4-bit) scale and zero code per group and two float16 "
+                        "units per 256 weights (INT4 g32 = 4.5, INT2 g16 = 2.625 bits per "
+                        "weight; asymmetric only)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="engine threads (default 0 = all cores)")
 
@@ -261,8 +266,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         shape = "x".join(str(d) for d in t["shape"]) or "scalar"
         bpw = "-" if t.get("bits_per_weight") is None else f"{t['bits_per_weight']:.2f}"
         size = "-" if t.get("bytes") is None else format_size(t["bytes"])
+        params = t.get("param_dtype") or "-"
         print(f"  {t['name']:<52} {shape:<16} {t['dtype']:<9} {t['quant_type']:<5} "
-              f"{bpw:>6} bpw {size:>10}")
+              f"{params:<10} {bpw:>6} bpw {size:>10}")
     return 0
 
 

@@ -10,8 +10,8 @@ Precedence (lowest to highest), as implemented by `resolve()`:
 3. the environment: ARROW_QUANT_BIT_WIDTH, ARROW_QUANT_GROUP_SIZE,
    ARROW_QUANT_NUM_TIME_GROUPS, ARROW_QUANT_MIN_ACCURACY,
    ARROW_QUANT_CALIBRATION_SAMPLES, ARROW_QUANT_FAIL_FAST,
-   ARROW_QUANT_NUM_THREADS, ARROW_QUANT_MAX_MEMORY_MB (an empty variable is
-   ignored);
+   ARROW_QUANT_NUM_THREADS, ARROW_QUANT_MAX_MEMORY_MB, ARROW_QUANT_PARAM_DTYPE
+   (an empty variable is ignored);
 4. explicit overrides (the CLI's flags): keys whose value is None are ignored,
    so a CLI can pass every flag and let unset ones fall through.
 
@@ -60,6 +60,7 @@ ENV_FIELDS: Dict[str, str] = {
     "ARROW_QUANT_FAIL_FAST": "fail_fast",
     "ARROW_QUANT_NUM_THREADS": "num_threads",
     "ARROW_QUANT_MAX_MEMORY_MB": "max_memory_limit_mb",
+    "ARROW_QUANT_PARAM_DTYPE": "param_dtype",
 }
 
 _TRUE = ("1", "true", "yes", "on")
@@ -232,6 +233,10 @@ class DiffusionQuantConfig:
         _choice("scheme", self.scheme, VALID_SCHEMES)
         _choice("method", self.method, VALID_METHODS)
         _choice("param_dtype", self.param_dtype, VALID_PARAM_DTYPES)
+        if self.param_dtype == "superblock" and self.scheme != "asymmetric":
+            raise ConfigurationError(
+                f"param_dtype 'superblock' needs scheme 'asymmetric' (its zero codes carry the "
+                f"offset), got scheme {self.scheme!r}")
         if self.target_bpw is not None:
             t = self.target_bpw
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not (2.0 < t <= 32.0):
@@ -399,6 +404,8 @@ def _normalize(name: str, value: Any) -> Any:
 
 
 def _parse_env(var: str, name: str, raw: str) -> Any:
+    if name == "param_dtype":
+        return raw  # validated with the rest of the config
     if name == "fail_fast":
         low = raw.lower()
         if low in _TRUE:

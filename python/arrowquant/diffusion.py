@@ -35,8 +35,10 @@ sum((w - w_hat)^2) / sum(w^2) on the sample, weighted per input channel by
 Allocation (mixed precision): each free layer l chooses an option o in
 {2, 4, 8, keep} with cost bits(l, o) = rows*ceil(cols*o/8)*8 + rows*G*2*p
 (packed codes with each row's byte padding, plus p = 32 bits, or 16 with
-param_dtype float16, per scale and per zero point; keep costs the source
-bytes): exactly the bytes the ArrowQuant file stores for the tensor and error
+param_dtype float16, per scale and per zero point; with param_dtype
+superblock two float16 units per super-block and 2 * (4 or 6) code bits per
+group instead, plan.param_bytes; keep costs the source bytes): the bytes the
+ArrowQuant file stores for the tensor (superblock: to a byte per chunk) and error
 numel * sensitivity[o] (keep: 0). Widths whose sampled cosine is already below
 that width's fallback threshold are not offered (the pipeline would redo
 them). Greedy marginal gain: start every layer at its cheapest option, then
@@ -70,8 +72,7 @@ import numpy as np
 
 from .config import KEEP_BITS, DiffusionQuantConfig
 from .errors import ConfigurationError, ValidationError
-from .plan import TensorInfo, TensorPlan
-from .tensor import groups_per_row, packed_row_bytes
+from .plan import TensorInfo, TensorPlan, stored_bytes
 
 WIDTHS = (2, 4, 8)
 
@@ -160,10 +161,8 @@ def layer_cost_bits(info: TensorInfo, bits: Optional[int], group_size: int,
     group, or the source bytes when kept (bits None)."""
     if bits is None:
         return 8 * int(info.nbytes)
-    rows, cols = info.rows, info.cols
-    pbits = 16 if param_dtype == "float16" else 32
     # Rows start on a byte boundary (FORMAT.md section 3): count the padding too.
-    return rows * packed_row_bytes(cols, bits) * 8 + rows * groups_per_row(cols, group_size) * 2 * pbits
+    return 8 * stored_bytes(info.rows, info.cols, bits, group_size, param_dtype)
 
 
 @dataclass
@@ -452,7 +451,9 @@ class DiffusionPlanner:
                 dtype=np.float32).reshape(sample.shape)
         from .engine import dequantize_array, quantize_array
 
-        if importance is not None:
+        if importance is not None and cfg.param_dtype != "superblock":
+            # (The weighted search has no two-level parameters: a superblock
+            # layer is measured with the plain method and a weighted error.)
             weighted = _weighted_quantizer()
             if weighted is not None:
                 # What the calibrated pipeline will do with this layer.

@@ -1,12 +1,13 @@
 """ArrowQuant Parquet V2 (FORMAT.md section 5): the schema, a writer of one
-row per tensor chunk, and a lazy reader."""
+row per tensor chunk, and a lazy reader. Files with two-level ("superblock")
+parameters add three columns and say format version 2 (FORMAT.md section 9)."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -14,42 +15,79 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ArrowQuantError, FormatError, MetadataError, ModelNotFoundError, ShapeMismatchError, ValidationError
-from .tensor import QUANTIZABLE_DTYPES, ErrorSums, QuantizedTensor, groups_per_row, packed_row_bytes, view_2d
+from .errors import (ArrowQuantError, FormatError, MetadataError, ModelNotFoundError,
+                     QuantizationError, ShapeMismatchError, ValidationError)
+from .tensor import (QUANTIZABLE_DTYPES, ErrorSums, QuantizedTensor, expand_superblock,
+                     groups_per_row, pack_param_codes, packed_row_bytes, param_code_bytes,
+                     superblock_code_bits, superblock_groups, unpack_param_codes, view_2d)
 
 FORMAT_NAME = "arrowquant-parquet-v2"
+#: Version of files without two-level parameters; files with them say 2.
 FORMAT_VERSION = 1
+FORMAT_VERSION_SUPERBLOCK = 2
+READABLE_VERSIONS = (1, 2)
 FILE_KV_METADATA = {b"arrowquant.format": b"parquet-v2", b"arrowquant.format_version": b"1"}
 INDEX_NAME = "model.parquet.index.json"
-BLOB_COLUMNS = ("data", "scales", "zero_points")
+BLOB_COLUMNS = ("data", "scales", "zero_points", "param_codes")
+#: The columns of two-level parameters (FORMAT.md section 9), after the others.
+SUPERBLOCK_COLUMNS = (("param_codes", pa.large_binary()), ("param_code_bits", pa.int64()),
+                      ("superblock_groups", pa.int64()))
 
 
-def schema(param_dtype: str = "float32") -> pa.Schema:
-    param_type = pa.float16() if param_dtype == "float16" else pa.float32()
-    return pa.schema(
-        [
-            ("layer_name", pa.string()),
-            ("row_start", pa.int64()),
-            ("row_count", pa.int64()),
-            ("shape", pa.list_(pa.int64())),
-            ("dtype", pa.string()),
-            ("data", pa.large_binary()),
-            ("num_params", pa.int64()),
-            ("quant_type", pa.string()),
-            ("scheme", pa.string()),
-            ("method", pa.string()),
-            ("group_size", pa.int64()),
-            ("scales", pa.list_(param_type)),
-            ("zero_points", pa.list_(param_type)),
-            ("quant_axis", pa.int64()),
-            ("is_diffusion_model", pa.bool_()),
-            ("modality", pa.string()),
-            ("time_aware_quant_json", pa.string()),
-            ("spatial_quant_json", pa.string()),
-            ("activation_stats_json", pa.string()),
-        ],
-        metadata=FILE_KV_METADATA,
-    )
+def format_version(superblock: bool) -> int:
+    """The format version a file (or model directory) says: 2 when it holds
+    two-level parameters, else 1 (readable by every V2 reader)."""
+    return FORMAT_VERSION_SUPERBLOCK if superblock else FORMAT_VERSION
+
+
+def file_layout(param_dtypes: Any) -> Tuple[str, bool]:
+    """(list value type, superblock columns) of a file holding tensors with
+    these param dtypes: float32 lists when any tensor has float32 parameters
+    (float16 values, a superblock's units included, are exact in them), else
+    float16; the superblock columns when any tensor uses them."""
+    kinds = set(param_dtypes)
+    value_type = "float32" if "float32" in kinds or not kinds & {"float16", "superblock"} \
+        else "float16"
+    return value_type, "superblock" in kinds
+
+
+def _layout_of(param_dtype: str, superblock: Optional[bool]) -> Tuple[str, bool]:
+    if param_dtype == "superblock":
+        return "float16", True
+    return ("float16" if param_dtype == "float16" else "float32"), bool(superblock)
+
+
+def schema(param_dtype: str = "float32", superblock: Optional[bool] = None) -> pa.Schema:
+    """The V2 schema; `param_dtype` "float16" / "float32" is the list value
+    type of scales and zero points, "superblock" means float16 lists plus the
+    superblock columns (which `superblock=True` adds to float32 lists)."""
+    value_type, with_sb = _layout_of(param_dtype, superblock)
+    param_type = pa.float16() if value_type == "float16" else pa.float32()
+    fields = [
+        ("layer_name", pa.string()),
+        ("row_start", pa.int64()),
+        ("row_count", pa.int64()),
+        ("shape", pa.list_(pa.int64())),
+        ("dtype", pa.string()),
+        ("data", pa.large_binary()),
+        ("num_params", pa.int64()),
+        ("quant_type", pa.string()),
+        ("scheme", pa.string()),
+        ("method", pa.string()),
+        ("group_size", pa.int64()),
+        ("scales", pa.list_(param_type)),
+        ("zero_points", pa.list_(param_type)),
+        ("quant_axis", pa.int64()),
+        ("is_diffusion_model", pa.bool_()),
+        ("modality", pa.string()),
+        ("time_aware_quant_json", pa.string()),
+        ("spatial_quant_json", pa.string()),
+        ("activation_stats_json", pa.string()),
+    ]
+    if with_sb:
+        fields += list(SUPERBLOCK_COLUMNS)
+    version = str(format_version(with_sb)).encode()
+    return pa.schema(fields, metadata={**FILE_KV_METADATA, b"arrowquant.format_version": version})
 
 
 @dataclass
@@ -75,6 +113,73 @@ class ChunkRecord:
     time_aware_quant_json: Optional[str] = None
     spatial_quant_json: Optional[str] = None
     activation_stats_json: Optional[str] = None
+    # param_dtype "superblock" (FORMAT.md section 9): `scales` / `zero_points`
+    # then hold the super-block units d / dz (row_count * S, float16 values)
+    # and these the packed (scale code, zero code) stream and its layout.
+    param_codes: Optional[np.ndarray] = None
+    param_code_bits: Optional[int] = None
+    superblock_groups: Optional[int] = None
+    # In memory only (not a column): the expanded per-group (scales, zero
+    # points) of a superblock chunk the pipeline just quantized.
+    group_params: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this row stores for the tensor: data plus parameters at their
+        storage size (4 or 2 bytes per value, superblock units 2 bytes each
+        plus the packed codes)."""
+        n = int(self.data.nbytes)
+        if self.scales is None or self.quant_type == "none":
+            return n
+        values = int(np.asarray(self.scales).size + np.asarray(self.zero_points).size)
+        if self.param_dtype == "superblock":
+            return n + 2 * values + int(np.asarray(self.param_codes).size)
+        return n + values * (2 if self.param_dtype == "float16" else 4)
+
+
+def superblock_params(name: str, rows: int, cols: int, bits: int, group_size: int,
+                      scales: np.ndarray, zero_points: np.ndarray, sb_scales: np.ndarray,
+                      sb_zero_points: np.ndarray) -> np.ndarray:
+    """The param_codes stream of a chunk that the engine quantized with
+    two-level parameters (expanded per-group `scales` / `zero_points` and the
+    units). Checks that the units and the codes they imply are what the file
+    can hold and expand back to exactly the parameters the codes were made
+    with; anything else is an engine fault (QuantizationError), never written."""
+    G = groups_per_row(cols, group_size)
+    K = superblock_groups(group_size)
+    S = -(-G // K)
+    p = superblock_code_bits(bits)
+    top = (1 << p) - 1
+    where = f"tensor {name!r}"
+    s = np.asarray(scales, dtype=np.float32).reshape(rows, G)
+    z = np.asarray(zero_points, dtype=np.float32).reshape(rows, G)
+    try:
+        d = np.asarray(sb_scales, dtype=np.float32).reshape(rows, S)
+        dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(rows, S)
+    except (ValueError, TypeError):
+        raise QuantizationError(f"{where}: superblock units of {np.size(sb_scales)} and "
+                                f"{np.size(sb_zero_points)} values, {rows} rows x {S} super-blocks "
+                                "expected") from None
+    if not (np.isfinite(d).all() and (d > 0).all() and np.isfinite(dz).all() and (dz >= 0).all()):
+        raise QuantizationError(f"{where}: superblock units must be finite, scale units > 0 and "
+                                "zero units >= 0")
+    if not (np.array_equal(d.astype(np.float16).astype(np.float32), d)
+            and np.array_equal(dz.astype(np.float16).astype(np.float32), dz)):
+        raise QuantizationError(f"{where}: superblock units are not float16 values")
+    sb_of = np.arange(G) // K
+    a = np.rint(s / d[:, sb_of])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(dz[:, sb_of] > 0, np.rint(z / dz[:, sb_of]), 0.0)
+    if not (np.isfinite(a).all() and np.isfinite(c).all() and a.min(initial=1) >= 1
+            and a.max(initial=1) <= top and c.min(initial=0) >= 0 and c.max(initial=0) <= top):
+        raise QuantizationError(f"{where}: superblock codes outside [1, {top}] / [0, {top}]")
+    a8, c8 = a.astype(np.uint8), c.astype(np.uint8)
+    s2, z2 = expand_superblock(d, dz, a8, c8, rows, G, K)
+    # Equal values (a zero point of -0 and one of +0 dequantize alike).
+    if not (np.array_equal(s2, s.reshape(-1)) and np.array_equal(z2, z.reshape(-1))):
+        raise QuantizationError(f"{where}: superblock parameters do not expand to the scales and "
+                                "zero points the codes were made with")
+    return pack_param_codes(a8, c8, p)
 
 
 def _binary_array(buf: np.ndarray) -> pa.Array:
@@ -91,11 +196,16 @@ def _list_array(values: Optional[np.ndarray], value_type: pa.DataType) -> pa.Arr
     return pa.ListArray.from_arrays(offsets, pa.array(flat, type=value_type))
 
 
-def record_batch(rec: ChunkRecord, param_dtype: Optional[str] = None) -> pa.RecordBatch:
+def record_batch(rec: ChunkRecord, param_dtype: Optional[str] = None,
+                 superblock: Optional[bool] = None) -> pa.RecordBatch:
     """The V2 row of one chunk, its blobs wrapped without copies. `param_dtype`
-    is the file's parameter type (default: the chunk's own)."""
-    sch = schema(param_dtype or rec.param_dtype)
+    and `superblock` are the file's layout (schema(); default: the chunk's own)."""
+    sch = schema(param_dtype or rec.param_dtype, superblock)
     quantized = rec.quant_type != "none"
+    sb_row = quantized and rec.param_dtype == "superblock"
+    if sb_row and "param_codes" not in sch.names:
+        raise ValueError(f"tensor {rec.layer_name!r}: superblock parameters need a file with "
+                         "the superblock columns")
     cols = [
         pa.array([rec.layer_name], pa.string()),
         pa.array([rec.row_start], pa.int64()),
@@ -117,16 +227,24 @@ def record_batch(rec: ChunkRecord, param_dtype: Optional[str] = None) -> pa.Reco
         pa.array([rec.spatial_quant_json], pa.string()),
         pa.array([rec.activation_stats_json], pa.string()),
     ]
+    if "param_codes" in sch.names:
+        if sb_row:
+            cols += [_binary_array(rec.param_codes), pa.array([rec.param_code_bits], pa.int64()),
+                     pa.array([rec.superblock_groups], pa.int64())]
+        else:
+            cols += [pa.nulls(1, pa.large_binary()), pa.nulls(1, pa.int64()),
+                     pa.nulls(1, pa.int64())]
     return pa.RecordBatch.from_arrays(cols, schema=sch)
 
 
 def open_writer(path: Path, param_dtype: str = "float32",
-                extra_metadata: Optional[Dict[bytes, bytes]] = None) -> pq.ParquetWriter:
+                extra_metadata: Optional[Dict[bytes, bytes]] = None,
+                superblock: Optional[bool] = None) -> pq.ParquetWriter:
     """A Parquet writer for V2 rows: no compression or statistics on the blob
     columns (packed codes do not compress; huge min/max values break readers)."""
-    sch = schema(param_dtype)
+    sch = schema(param_dtype, superblock)
     if extra_metadata:
-        sch = sch.with_metadata({**FILE_KV_METADATA, **extra_metadata})
+        sch = sch.with_metadata({**sch.metadata, **extra_metadata})
     stats_cols = [f.name for f in sch if f.name not in BLOB_COLUMNS]
     return pq.ParquetWriter(
         str(path), sch,
@@ -168,6 +286,9 @@ class TensorEntry:
     chunks: List[ChunkLocation]
     data_bytes: int = 0
     spatial_quant_json: Optional[str] = None
+    param_dtype: Optional[str] = None       # float32 / float16 / superblock (None: "none")
+    param_code_bits: Optional[int] = None   # superblock only: p
+    superblock_groups: Optional[int] = None  # superblock only: K
 
     @property
     def bits(self) -> Optional[int]:
@@ -264,7 +385,10 @@ V2_COLUMNS = {
     "scheme": _is_str, "method": _is_str, "group_size": _is_int, "scales": _is_param_list,
     "zero_points": _is_param_list,
 }
-OPTIONAL_COLUMNS = {"spatial_quant_json": _is_str}
+OPTIONAL_COLUMNS = {"spatial_quant_json": _is_str, "param_codes": _is_blob,
+                    "param_code_bits": _is_int, "superblock_groups": _is_int}
+#: Largest param_code_bits (codes are at most one byte).
+MAX_CODE_BITS = 8
 _ITEMSIZE = {**QUANTIZABLE_DTYPES, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
              "int8": 1, "uint8": 1, "bool": 1}
 QUANT_TYPES = {"int2": 2, "int4": 4, "int8": 8, "none": None}
@@ -356,11 +480,20 @@ class QuantizedModel(Mapping):
             kv = pf.schema_arrow.metadata or {}
             if kv.get(b"arrowquant.format") != b"parquet-v2":
                 raise FormatError(f"{f}: missing arrowquant.format = parquet-v2 metadata")
+            check_version(f, kv.get(b"arrowquant.format_version"))
             check_schema(f, pf.schema_arrow, V2_COLUMNS, OPTIONAL_COLUMNS)
+            names = pf.schema_arrow.names
+            sb_cols = [c for c, _ in SUPERBLOCK_COLUMNS]
+            present = [c for c in sb_cols if c in names]
+            if present and len(present) != len(sb_cols):
+                missing = sorted(set(sb_cols) - set(present))
+                raise FormatError(f"{f}: has superblock column(s) {present} without {missing}")
+            list_type = pf.schema_arrow.field("scales").type.value_type
+            self._list_dtype = "float16" if list_type == pa.float16() else "float32"
             cols = ["layer_name", "row_start", "row_count", "shape", "dtype", "num_params",
                     "quant_type", "scheme", "method", "group_size"]
-            if "spatial_quant_json" in pf.schema_arrow.names:
-                cols.append("spatial_quant_json")
+            cols += [c for c in ("spatial_quant_json", "param_code_bits", "superblock_groups")
+                     if c in names]
             for rg in range(pf.num_row_groups):
                 rows = pf.read_row_group(rg, columns=cols).to_pylist()
                 need = 0
@@ -399,6 +532,7 @@ class QuantizedModel(Mapping):
         bits = QUANT_TYPES[qt]
         group_size = row["group_size"]
         spatial = row.get("spatial_quant_json")
+        p, K = row.get("param_code_bits"), row.get("superblock_groups")
         if bits is not None:
             if not isinstance(group_size, int) or group_size <= 0:
                 raise FormatError(f"{where}: group_size {group_size!r} must be a positive integer")
@@ -406,24 +540,31 @@ class QuantizedModel(Mapping):
                 raise FormatError(f"{where}: unknown scheme {row['scheme']!r}")
             if spatial:
                 _equalization_scales(where, spatial, cols)
+            check_superblock_layout(where, p, K)
+        elif p is not None or K is not None:
+            raise FormatError(f"{where}: an unquantized tensor with superblock parameters")
+        param_dtype = None if bits is None else "superblock" if p is not None else self._list_dtype
         entry = self.entries.get(name)
         if entry is None:
             entry = TensorEntry(
                 name=name, shape=shape, dtype=dtype, num_params=row["num_params"],
                 quant_type=qt, scheme=row["scheme"], method=row["method"],
                 group_size=group_size if bits is not None else None,
-                chunks=[], spatial_quant_json=spatial,
+                chunks=[], spatial_quant_json=spatial, param_dtype=param_dtype,
+                param_code_bits=p, superblock_groups=K,
             )
             self.entries[name] = entry
         else:
             mine = (shape, dtype, qt, group_size if bits is not None else None, row["scheme"],
-                    spatial)
+                    spatial, param_dtype, p, K)
             theirs = (entry.shape, entry.dtype, entry.quant_type, entry.group_size, entry.scheme,
-                      entry.spatial_quant_json)
+                      entry.spatial_quant_json, entry.param_dtype, entry.param_code_bits,
+                      entry.superblock_groups)
             if mine != theirs:
                 raise FormatError(f"{where}: chunk disagrees with an earlier chunk of the same "
-                                  f"tensor (shape/dtype/quant_type/group_size/scheme/equalization "
-                                  f"{mine[:5]} vs {theirs[:5]})")
+                                  f"tensor (shape/dtype/quant_type/group_size/scheme/equalization/"
+                                  f"parameters {mine[:5] + mine[6:]} vs "
+                                  f"{theirs[:5] + theirs[6:]})")
         start, count = row["row_start"], row["row_count"]
         if start < 0 or count < 0 or start + count > rows:
             raise ShapeMismatchError(f"{where}: rows [{start}, {start + count}) outside the "
@@ -452,6 +593,7 @@ class QuantizedModel(Mapping):
         """The chunks' blobs and parameters, each checked against the sizes its
         row declares (a file changed or damaged since it was opened is an error)."""
         cols = ["row_start", "row_count", "data", "scales", "zero_points", "layer_name"]
+        sb = entry.param_dtype == "superblock"
         rows, n_cols = view_2d(entry.shape)
         bits = entry.bits
         for loc in sorted(only if only is not None else entry.chunks, key=lambda c: c.row_start):
@@ -459,7 +601,10 @@ class QuantizedModel(Mapping):
                     f"{loc.row_start + loc.row_count})"
             part = None
             try:
-                table = self._parquet(loc.file).read_row_group(loc.row_group, columns=cols)
+                pf = self._parquet(loc.file)
+                has_codes = "param_codes" in pf.schema_arrow.names
+                table = pf.read_row_group(loc.row_group,
+                                          columns=cols + (["param_codes"] if has_codes else []))
                 names = table.column("layer_name").to_pylist()
                 starts = table.column("row_start").to_pylist()
                 for i in range(table.num_rows):
@@ -475,6 +620,12 @@ class QuantizedModel(Mapping):
                         "scales": _list_values(table.column("scales"), i),
                         "zero_points": _list_values(table.column("zero_points"), i),
                     }
+                    if has_codes:
+                        codes_col = table.column("param_codes")
+                        codes_arr = codes_col.chunk(0) if codes_col.num_chunks == 1 \
+                            else pa.concat_arrays(codes_col.chunks)
+                        part["param_codes"] = None if not codes_arr[i].is_valid \
+                            else _blob_view(codes_arr, i)
                     break
             except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
                 raise FormatError(f"{where}: cannot read ({type(exc).__name__}: {exc})") from None
@@ -483,7 +634,14 @@ class QuantizedModel(Mapping):
             want = loc.row_count * _row_bytes(entry)
             if part["data"].size != want:
                 raise ShapeMismatchError(f"{where}: {part['data'].size} data bytes, expected {want}")
-            if bits is not None:
+            if not sb and part.pop("param_codes", None) is not None:
+                raise FormatError(f"{where}: param_codes set in a row without param_code_bits")
+            if sb:
+                part.update(expand_chunk(where, part.pop("scales"), part.pop("zero_points"),
+                                         part.pop("param_codes"), entry.param_code_bits,
+                                         entry.superblock_groups, loc.row_count,
+                                         groups_per_row(n_cols, entry.group_size)))
+            elif bits is not None:
                 n_params = loc.row_count * groups_per_row(n_cols, entry.group_size)
                 for key in ("scales", "zero_points"):
                     v = part[key]
@@ -530,15 +688,24 @@ class QuantizedModel(Mapping):
         parts = list(self._chunk_rows(entry))
         if not parts:
             raise FormatError(f"{self.root}: tensor {name!r} has no chunks")
-        return QuantizedTensor(
+        fields = dict(
             data=np.concatenate([p["data"] for p in parts]) if len(parts) > 1 else parts[0]["data"],
             scales=np.concatenate([p["scales"].astype(np.float32) for p in parts]),
             zero_points=np.concatenate([p["zero_points"].astype(np.float32) for p in parts]),
             shape=entry.shape, dtype=entry.dtype, bits=entry.bits, group_size=entry.group_size,
             scheme=entry.scheme or "asymmetric", method=entry.method or "rtn",
-            param_dtype="float16" if parts[0]["scales"].dtype == np.float16 else "float32",
-            name=name,
+            param_dtype=entry.param_dtype or "float32", name=name,
         )
+        if entry.param_dtype != "superblock":
+            return QuantizedTensor(**fields)
+        fields["superblock_scales"] = np.concatenate([p["sb_scales"] for p in parts])
+        fields["superblock_zero_points"] = np.concatenate([p["sb_zero_points"] for p in parts])
+        if entry.param_code_bits == superblock_code_bits(entry.bits) and \
+                entry.superblock_groups == superblock_groups(entry.group_size):
+            return QuantizedTensor(**fields)
+        # A layout other than the engine's (readers take what the file says).
+        return StoredSuperblockTensor(**fields, stored_code_bits=entry.param_code_bits,
+                                      stored_superblock_groups=entry.superblock_groups)
 
     def dequantize(self, name: str, out_dtype: Any = None) -> np.ndarray:
         """A quantized tensor as float32, an unquantized one with its original
@@ -568,6 +735,97 @@ class QuantizedModel(Mapping):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@dataclass
+class StoredSuperblockTensor(QuantizedTensor):
+    """A superblock tensor read from a file whose code bits or groups per
+    super-block differ from what the engine writes for its bits and group size."""
+
+    stored_code_bits: int = 0
+    stored_superblock_groups: int = 1
+
+    @property
+    def param_code_bits(self) -> int:  # type: ignore[override]
+        return self.stored_code_bits
+
+    @property
+    def superblock_groups(self) -> int:  # type: ignore[override]
+        return self.stored_superblock_groups
+
+
+def check_version(f: Path, value: Optional[bytes]) -> int:
+    """The file's arrowquant.format_version (absent: 1); FormatError for a
+    version this reader does not know (a newer writer's file)."""
+    if value is None:
+        return FORMAT_VERSION
+    try:
+        version = int(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise FormatError(f"{f}: arrowquant.format_version {value!r} is not a number") from None
+    if version not in READABLE_VERSIONS:
+        raise FormatError(f"{f}: ArrowQuant Parquet V2 format version {version}; this reader "
+                          f"reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade "
+                          "arrowquant to read it)")
+    return version
+
+
+def check_superblock_layout(where: str, p: Any, K: Any) -> None:
+    """param_code_bits and superblock_groups: both null, or p in 1..8 and K >= 1."""
+    if p is None and K is None:
+        return
+    if p is None or K is None:
+        raise FormatError(f"{where}: param_code_bits {p!r} and superblock_groups {K!r}: one is "
+                          "null, the other not")
+    if not isinstance(p, int) or not 1 <= p <= MAX_CODE_BITS:
+        raise FormatError(f"{where}: param_code_bits {p!r} outside 1..{MAX_CODE_BITS}")
+    if not isinstance(K, int) or K < 1 or K > MAX_NUMEL:
+        raise FormatError(f"{where}: superblock_groups {K!r} must be a positive integer")
+
+
+def expand_chunk(where: str, d: np.ndarray, dz: np.ndarray, codes: Optional[np.ndarray], p: int,
+                 K: int, row_count: int, G: int) -> Dict[str, np.ndarray]:
+    """Per-group float32 parameters of a superblock chunk (FORMAT.md section
+    9), every stored value checked: unit and code counts, finite float16
+    units with d > 0 and dz >= 0, scale codes >= 1, zero padding bits."""
+    S = -(-G // K)
+    if codes is None:
+        raise FormatError(f"{where}: param_codes is null in a superblock row")
+    for key, v in (("scales", d), ("zero_points", dz)):
+        if v.size != row_count * S:
+            raise ShapeMismatchError(f"{where}: {v.size} {key} (superblock units), expected "
+                                     f"{row_count} rows x {S} super-blocks")
+    need = param_code_bytes(row_count * G, p)
+    if codes.size != need:
+        raise ShapeMismatchError(f"{where}: param_codes holds {codes.size} bytes, {row_count} rows "
+                                 f"x {G} groups of {p}-bit code pairs need {need}")
+    units = []
+    for key, stored in (("scales", d), ("zero_points", dz)):
+        v = stored.astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(v) | (v <= 0 if key == "scales" else v < 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            rule = "finite and > 0" if key == "scales" else "finite and >= 0"
+            raise ValidationError(f"{where}: superblock unit {key}[{i}] is {v[i]} (must be {rule})")
+        if stored.dtype != np.float16:
+            with np.errstate(over="ignore"):
+                off = v.astype(np.float16).astype(np.float32) != v
+            if off.any():
+                i = int(np.flatnonzero(off)[0])
+                raise ValidationError(f"{where}: superblock unit {key}[{i}] = {v[i]!r} is not a "
+                                      "float16 value")
+        units.append(v)
+    d32, dz32 = units
+    try:
+        a, c = unpack_param_codes(codes, row_count * G, p)
+    except ValidationError as exc:
+        raise ValidationError(f"{where}: {exc}") from None
+    if a.size and int(a.min()) < 1:
+        i = int(np.flatnonzero(a == 0)[0])
+        raise ValidationError(f"{where}: scale code of group {i} is 0 (scale codes are >= 1)")
+    scales, zeros = expand_superblock(d32, dz32, a, c, row_count, G, K)
+    return {"scales": scales, "zero_points": zeros, "sb_scales": d32, "sb_zero_points": dz32}
 
 
 def _blob_view(arr: pa.Array, i: int) -> np.ndarray:

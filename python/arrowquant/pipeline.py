@@ -40,9 +40,10 @@ from .errors import (
     ValidationError,
 )
 from .metrics import MarkovMetrics, get_markov_metrics
-from .plan import Planner, RulePlanner, TensorInfo, TensorPlan
+from .plan import Planner, RulePlanner, TensorInfo, TensorPlan, stored_bytes
 from .sources import ModelSource, itemsize
-from .tensor import ErrorSums, groups_per_row, packed_row_bytes
+from .tensor import (ErrorSums, groups_per_row, packed_row_bytes, superblock_code_bits,
+                     superblock_groups, superblocks_per_row)
 from .units import format_size, parse_size
 
 STAGING = ".arrowquant-staging"
@@ -132,8 +133,8 @@ def output_row_bytes(t: TensorInfo, plan: TensorPlan) -> int:
     """Bytes one row of the tensor takes in the output (codes + parameters)."""
     if plan.bits is None:
         return t.cols * itemsize(t.dtype)
-    param_bytes = 2 if plan.param_dtype == "float16" else 4
-    return packed_row_bytes(t.cols, plan.bits) + 2 * groups_per_row(t.cols, plan.group_size) * param_bytes
+    # One row on its own: a superblock row's code bytes rounded up (an upper bound).
+    return stored_bytes(1, t.cols, plan.bits, plan.group_size, plan.param_dtype)
 
 
 def chunk_rows(t: TensorInfo, plan: TensorPlan, opts: PipelineOptions) -> int:
@@ -179,8 +180,15 @@ class ChunkQuantizer:
         self.threads = threads
 
     def quantize_rows(self, raw: np.ndarray, t: TensorInfo, plan: TensorPlan, rows: int,
-                      packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> ErrorSums:
+                      packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
+                      sb_scales: Optional[np.ndarray] = None,
+                      sb_zeros: Optional[np.ndarray] = None) -> ErrorSums:
+        """Codes and per-group parameters of `rows` rows into the buffers; a
+        "superblock" plan also fills its super-block units (sb_scales / sb_zeros)."""
         cols = t.cols
+        if plan.param_dtype == "superblock":
+            return self._superblock_rows(raw, t, plan, rows, packed, scales, zeros, sb_scales,
+                                         sb_zeros)
         if plan.importance is not None or plan.equalization is not None:
             from .importance import quantize_weighted
 
@@ -205,6 +213,34 @@ class ChunkQuantizer:
                      plan.scheme, plan.method, plan.param_dtype, packed, scales, zeros,
                      self.threads, False)
         return ErrorSums(*sums)
+
+    def _superblock_rows(self, raw: np.ndarray, t: TensorInfo, plan: TensorPlan, rows: int,
+                         packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
+                         sb_scales: Optional[np.ndarray],
+                         sb_zeros: Optional[np.ndarray]) -> ErrorSums:
+        """Two-level parameters come from the engine's quantize_array (or the
+        reference's), which returns the units beside the expanded parameters.
+        Super-blocks never span rows, so row ranges quantize independently."""
+        if plan.importance is not None or plan.equalization is not None:
+            raise ConfigurationError(
+                f"tensor {t.name!r}: importance-weighted (calibrated) quantization does not "
+                "support param dtype 'superblock'; use float16 or float32 parameters")
+        if sb_scales is None or sb_zeros is None:
+            raise ValueError("a superblock plan needs buffers for its units")
+        if self.engine == "reference":
+            from .reference import quantize_array
+        else:
+            from .engine import quantize_array
+        kwargs = {} if self.engine == "reference" else {"threads": self.threads}
+        qt = quantize_array(raw, dtype=t.dtype, shape=(rows, t.cols), bits=plan.bits,
+                            group_size=plan.group_size, scheme=plan.scheme, method=plan.method,
+                            param_dtype="superblock", name=t.name, **kwargs)
+        if qt.superblock_scales is None or qt.superblock_zero_points is None:
+            raise QuantizationError(f"tensor {t.name!r}: the {self.engine} engine returned no "
+                                    "superblock units")
+        sb_scales[...] = np.asarray(qt.superblock_scales, dtype=np.float32)
+        sb_zeros[...] = np.asarray(qt.superblock_zero_points, dtype=np.float32)
+        return self._copy_out(qt, packed, scales, zeros)
 
     @staticmethod
     def _copy_out(qt: Any, packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> ErrorSums:
@@ -267,7 +303,7 @@ def _io_error(exc: OSError, what: str) -> ArrowQuantIOError:
                              "fixed")
 
 
-PART_MAGIC = b"AQPART1\0"
+PART_MAGIC = b"AQPART1\0"  # superblock chunks add "code_bytes" (FORMAT.md section 9)
 _RECORD_FIELDS = ("layer_name", "row_start", "row_count", "dtype", "num_params", "quant_type",
                   "scheme", "method", "group_size", "param_dtype", "is_diffusion_model",
                   "modality", "time_aware_quant_json", "spatial_quant_json",
@@ -288,6 +324,12 @@ def write_part(path: Path, rec: parquet_v2.ChunkRecord, info: Dict[str, Any]) ->
     record["shape"] = list(rec.shape)
     record["data_bytes"] = int(rec.data.nbytes)
     record["params"] = int(scales.size)
+    codes = np.zeros(0, np.uint8)
+    if rec.param_codes is not None:
+        codes = np.ascontiguousarray(rec.param_codes, dtype=np.uint8)
+        record["code_bytes"] = int(codes.size)
+        record["param_code_bits"] = rec.param_code_bits
+        record["superblock_groups"] = rec.superblock_groups
     header = json.dumps({"info": info, "record": record}).encode()
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -296,6 +338,7 @@ def write_part(path: Path, rec: parquet_v2.ChunkRecord, info: Dict[str, Any]) ->
             f.write(memoryview(np.ascontiguousarray(rec.data, dtype=np.uint8)))
             f.write(memoryview(scales))
             f.write(memoryview(zeros))
+            f.write(memoryview(codes))
         # No fsync: a killed process keeps the page cache; a part unreadable
         # after a power loss fails its size check and is redone on resume.
         os.replace(tmp, path)
@@ -319,7 +362,8 @@ def _part_header(f: Any, size: int) -> Optional[Tuple[Dict[str, Any], int]]:
     except ValueError:
         return None
     rec = header.get("record", {})
-    if size != 16 + n + rec.get("data_bytes", -1) + 8 * rec.get("params", -1):
+    if size != 16 + n + rec.get("data_bytes", -1) + 8 * rec.get("params", -1) + \
+            rec.get("code_bytes", 0):
         return None  # cut short
     return header, 16 + n
 
@@ -345,10 +389,14 @@ def read_part(path: Path) -> parquet_v2.ChunkRecord:
         data = np.frombuffer(f.read(r["data_bytes"]), dtype=np.uint8)
         scales = np.frombuffer(f.read(4 * r["params"]), dtype=np.float32)
         zeros = np.frombuffer(f.read(4 * r["params"]), dtype=np.float32)
+        codes = np.frombuffer(f.read(r["code_bytes"]), dtype=np.uint8) if "code_bytes" in r \
+            else None
     quantized = r["quant_type"] != "none"
     return parquet_v2.ChunkRecord(
         shape=tuple(r["shape"]), data=data, scales=scales if quantized else None,
-        zero_points=zeros if quantized else None, **{k: r[k] for k in _RECORD_FIELDS})
+        zero_points=zeros if quantized else None, param_codes=codes,
+        param_code_bits=r.get("param_code_bits"), superblock_groups=r.get("superblock_groups"),
+        **{k: r[k] for k in _RECORD_FIELDS})
 
 
 class ShardWriter:
@@ -357,10 +405,12 @@ class ShardWriter:
     file starts only between tensors, decided from the tensor's planned output
     bytes: the same boundaries whether a run was interrupted or not."""
 
-    def __init__(self, out_dir: Path, shard_size: int, param_dtype: str):
+    def __init__(self, out_dir: Path, shard_size: int, param_dtype: str,
+                 superblock: bool = False):
         self.out_dir = out_dir
         self.shard_size = shard_size
-        self.param_dtype = param_dtype
+        self.param_dtype = param_dtype   # list value type of every file (float16 / float32)
+        self.superblock = superblock     # every file has the superblock columns
         self.files: List[Path] = []      # temporary names, in order
         self.weight_map: Dict[str, int] = {}
         self._writer: Optional[pq.ParquetWriter] = None
@@ -371,7 +421,8 @@ class ShardWriter:
             self._close_current()
             path = self.out_dir / f"model-{len(self.files) + 1:05d}.parquet.tmp"
             try:
-                self._writer = parquet_v2.open_writer(path, self.param_dtype)
+                self._writer = parquet_v2.open_writer(path, self.param_dtype,
+                                                      superblock=self.superblock)
             except OSError as exc:
                 raise _io_error(exc, f"writing {path}") from None
             self.files.append(path)
@@ -382,7 +433,8 @@ class ShardWriter:
     def write(self, rec: parquet_v2.ChunkRecord) -> None:
         assert self._writer is not None, "begin_tensor first"
         try:
-            parquet_v2.write_row(self._writer, parquet_v2.record_batch(rec, self.param_dtype))
+            parquet_v2.write_row(self._writer, parquet_v2.record_batch(rec, self.param_dtype,
+                                                                       self.superblock))
         except OSError as exc:
             raise _io_error(exc, f"writing {self.files[-1]}") from None
 
@@ -447,9 +499,9 @@ class StreamingQuantizer:
         self._writer_error: Optional[BaseException] = None
         self._done_bytes = 0
         self._total_bytes = max(1, source.total_bytes)
-        param_dtype = "float16" if any(p.bits and p.param_dtype == "float16"
-                                       for p in plans.values()) else "float32"
-        self.shards = ShardWriter(out_dir, opts.shard_size, param_dtype)
+        value_type, superblock = parquet_v2.file_layout(
+            p.param_dtype for p in plans.values() if p.bits)
+        self.shards = ShardWriter(out_dir, opts.shard_size, value_type, superblock)
 
     # -- writer thread ---------------------------------------------------
     def _writer_loop(self) -> None:
@@ -520,17 +572,31 @@ class StreamingQuantizer:
         packed = np.empty(rows * row_bytes, dtype=np.uint8)
         scales = np.empty(rows * G, dtype=np.float32)
         zeros = np.empty(rows * G, dtype=np.float32)
+        sb = plan.param_dtype == "superblock"
+        S = superblocks_per_row(cols, plan.group_size) if sb else 0
+        sb_scales = np.empty(rows * S, dtype=np.float32)
+        sb_zeros = np.empty(rows * S, dtype=np.float32)
         sums = ErrorSums()
         kept: Optional[np.ndarray] = None
         for r, raw in units:
             n = raw.size // max(1, src_row)
             s = self.quantizer.quantize_rows(
                 raw, t, plan, n, packed[r * row_bytes:(r + n) * row_bytes],
-                scales[r * G:(r + n) * G], zeros[r * G:(r + n) * G])
+                scales[r * G:(r + n) * G], zeros[r * G:(r + n) * G],
+                sb_scales[r * S:(r + n) * S] if sb else None,
+                sb_zeros[r * S:(r + n) * S] if sb else None)
             sums.merge(s)
             if keep_source:
                 kept = raw
-        rec = self._record(t, plan, chunk, packed, scales, zeros)
+        if sb:
+            rec = self._record(t, plan, chunk, packed, sb_scales, sb_zeros)
+            rec.param_codes = parquet_v2.superblock_params(
+                t.name, rows, cols, plan.bits, plan.group_size, scales, zeros, sb_scales, sb_zeros)
+            rec.param_code_bits = superblock_code_bits(plan.bits)
+            rec.superblock_groups = superblock_groups(plan.group_size)
+            rec.group_params = (scales, zeros)
+        else:
+            rec = self._record(t, plan, chunk, packed, scales, zeros)
         return rec, sums, kept
 
     def _record(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, data: np.ndarray,
@@ -651,14 +717,13 @@ class StreamingQuantizer:
                 rec, s, _ = self._quantize_chunk(t, plan, c, units)
             sums.merge(s)
             chunk_markov = None
-            if rec.scales is not None and rec.scales.size:
+            group_params = rec.group_params or (rec.scales, rec.zero_points)
+            if group_params[0] is not None and group_params[0].size:
                 chunk_markov = get_markov_metrics(
-                    (rec.scales, rec.zero_points),
-                    groups_per_row=groups_per_row(t.cols, plan.group_size), bits=plan.bits)
+                    group_params, groups_per_row=groups_per_row(t.cols, plan.group_size),
+                    bits=plan.bits)
                 markov = _merge_markov(markov, chunk_markov)
-            nbytes = int(rec.data.nbytes + (0 if rec.scales is None else
-                                            (rec.scales.size + rec.zero_points.size) *
-                                            (2 if rec.param_dtype == "float16" else 4)))
+            nbytes = rec.stored_bytes
             out_bytes += nbytes
             info = {"tensor": t.name, "tensor_index": ti, "chunk": c.index,
                     "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,

@@ -9,11 +9,33 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from .tensor import QUANTIZABLE_DTYPES, View2D
+from .tensor import (QUANTIZABLE_DTYPES, View2D, groups_per_row, packed_row_bytes,
+                     param_code_bytes, superblock_code_bits, superblocks_per_row)
 
 #: Minimum cosine similarity per bit width below which a layer is redone at the
 #: next width (issue 5's fallback); configurable through QuantOptions.
 DEFAULT_MIN_COSINE: Dict[int, float] = {2: 0.70, 4: 0.90, 8: 0.95}
+
+
+def param_bytes(rows: int, cols: int, bits: int, group_size: int, param_dtype: str) -> int:
+    """Bytes the group parameters of `rows` rows take in a V2 file: a scale
+    and a zero point per group at 4 bytes (float32) or 2 (float16); with
+    "superblock", two float16 units per super-block plus one packed stream of
+    2 * p bits per group (p = 4 at INT2, 6 otherwise; FORMAT.md section 9).
+    The stream is padded to a byte per V2 row, so a tensor stored in several
+    chunks may take up to one byte more per extra chunk."""
+    G = groups_per_row(cols, group_size)
+    if param_dtype == "superblock":
+        return rows * superblocks_per_row(cols, group_size) * 2 * 2 + \
+            param_code_bytes(rows * G, superblock_code_bits(bits))
+    return rows * G * 2 * (2 if param_dtype == "float16" else 4)
+
+
+def stored_bytes(rows: int, cols: int, bits: int, group_size: int, param_dtype: str) -> int:
+    """Bytes of `rows` quantized rows in a V2 file: packed codes (each row
+    padded to a byte, FORMAT.md section 3) plus param_bytes()."""
+    return rows * packed_row_bytes(cols, bits) + param_bytes(rows, cols, bits, group_size,
+                                                             param_dtype)
 
 
 @dataclass(frozen=True)
