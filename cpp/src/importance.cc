@@ -274,6 +274,10 @@ Status ImportanceSearchParams(const TensorView& src, const QuantSpec& spec,
                               const float* importance, float* scales, float* zero_points,
                               const ImportanceOptions& opts, const ExecOptions& exec) {
   AQ_RETURN_NOT_OK(ValidateSpec(spec));
+  if (spec.param_dtype == ParamDType::kSuperblock) {
+    return Status::Invalid(
+        "importance-weighted search stores float32 or float16 parameters, not superblock");
+  }
   AQ_RETURN_NOT_OK(ValidateImportanceOptions(opts));
   if (src.rows < 0 || src.cols < 0) return Status::Invalid("negative tensor dimensions");
   if (!IsQuantizableFloat(src.dtype)) {

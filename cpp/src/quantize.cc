@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "arrowquant/parallel.h"
+#include "kernels/param_search.h"
 #include "kernels/row_kernels.h"
 
 namespace arrowquant {
@@ -72,8 +73,23 @@ Status ValidateSpec(const QuantSpec& spec) {
   if (spec.method != Method::kRtn && spec.method != Method::kMse) {
     return Status::Invalid("unknown quantization method");
   }
+  if (spec.param_dtype == ParamDType::kSuperblock && spec.scheme != Scheme::kAsymmetric) {
+    return Status::Invalid(
+        "superblock parameters need the asymmetric scheme (their zero codes carry the offset)");
+  }
   return Status::OK();
 }
+
+int64_t SuperblockGroups(int64_t group_size) {
+  return std::max<int64_t>(1, kSuperblockWeights / group_size);
+}
+
+int64_t SuperblocksPerRow(int64_t cols, int64_t group_size) {
+  const int64_t k = SuperblockGroups(group_size);
+  return (GroupsPerRow(cols, group_size) + k - 1) / k;
+}
+
+int SuperblockCodeBits(int bits) { return bits == 2 ? 4 : 6; }
 
 int64_t GroupsPerRow(int64_t cols, int64_t group_size) {
   return (cols + group_size - 1) / group_size;
@@ -216,6 +232,27 @@ Status Quantize(const TensorView& src, const QuantSpec& spec, const QuantizedBuf
     if (kernels::FusedRtnRowFn fused = kernels::SelectFusedRtn(exec.force_scalar)) {
       return RunFusedRtn(fused, src, spec, out, stats, exec);
     }
+  }
+  if (spec.param_dtype == ParamDType::kSuperblock) {
+    if (src.rows * src.cols > 0 &&
+        (out.superblock_scales == nullptr || out.superblock_zero_points == nullptr)) {
+      return Status::Invalid("superblock parameters need super-block output buffers");
+    }
+    const kernels::SearchPasses& passes =
+        exec.force_scalar ? kernels::ScalarSearchPasses() : kernels::BestSearchPasses();
+    const int64_t S = SuperblocksPerRow(src.cols, spec.group_size);
+    return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats,
+                   exec, [&](const kernels::RowKernels&, const float* x, int64_t r, int64_t G) {
+                     int64_t j = 0;
+                     Status st = kernels::ChooseRowSuperblock(
+                         passes, x, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
+                         out.superblock_scales + r * S, out.superblock_zero_points + r * S, &j);
+                     if (!st.ok()) {
+                       return st.WithContext("row " + std::to_string(r) + ", group " +
+                                             std::to_string(j));
+                     }
+                     return Status::OK();
+                   });
   }
   return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats,
                  exec, [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {

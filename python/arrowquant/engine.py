@@ -14,6 +14,7 @@ from .tensor import (
     check_spec,
     groups_per_row,
     packed_row_bytes,
+    superblocks_per_row,
     view_2d,
 )
 
@@ -45,6 +46,19 @@ def quantize_array(
     packed = np.empty(rows * packed_row_bytes(cols, bits), dtype=np.uint8)
     scales = np.empty(rows * G, dtype=np.float32)
     zero_points = np.empty(rows * G, dtype=np.float32)
+    if param_dtype == "superblock":
+        units = rows * superblocks_per_row(cols, group_size)
+        sb_scales = np.empty(units, dtype=np.float32)
+        sb_zeros = np.empty(units, dtype=np.float32)
+        sums = _call(name, _core.quantize_superblock, src.raw, src.dtype, rows, cols, bits,
+                     group_size, method, packed, scales, zero_points, sb_scales, sb_zeros,
+                     threads, force_scalar)
+        return QuantizedTensor(
+            data=packed, scales=scales, zero_points=zero_points, shape=src.shape,
+            dtype=src.dtype, bits=bits, group_size=group_size, scheme=scheme, method=method,
+            param_dtype=param_dtype, name=name, error=ErrorSums(*sums),
+            superblock_scales=sb_scales, superblock_zero_points=sb_zeros,
+        )
     sums = _call(name, _core.quantize, src.raw, src.dtype, rows, cols, bits, group_size, scheme,
                  method, param_dtype, packed, scales, zero_points, threads, force_scalar)
     return QuantizedTensor(

@@ -202,13 +202,23 @@ def quantize_array(
     x = to_float32(src.raw, src.dtype)
     _check_finite(x, cols, name)
     x2 = x.reshape(rows, cols)
-    scale, zero = choose_params(x2, bits, group_size, scheme, method, param_dtype, name)
+    sb_scales = sb_zeros = None
+    if param_dtype == "superblock":
+        from .reference_superblock import superblock_params
+
+        s_rtn, z_rtn = rtn_params(x2, bits, group_size, scheme, name)
+        scale, zero, sb_scales, sb_zeros = superblock_params(x2, bits, group_size, method, s_rtn,
+                                                             z_rtn, name)
+        sb_scales, sb_zeros = sb_scales.reshape(-1), sb_zeros.reshape(-1)
+    else:
+        scale, zero = choose_params(x2, bits, group_size, scheme, method, param_dtype, name)
     codes = encode(x2, bits, group_size, scheme, scale, zero)
     xhat = dequantize_codes(codes, scale, zero, group_size)
     return QuantizedTensor(
         data=pack(codes, bits), scales=scale.reshape(-1), zero_points=zero.reshape(-1),
         shape=src.shape, dtype=src.dtype, bits=bits, group_size=group_size, scheme=scheme,
         method=method, param_dtype=param_dtype, name=name, error=_error_sums(x2, xhat),
+        superblock_scales=sb_scales, superblock_zero_points=sb_zeros,
     )
 
 

@@ -36,6 +36,10 @@ CLIPS: Dict[int, Tuple[float, ...]] = {
 #: best candidate found so far.
 START_REFITS = 0
 FINAL_REFITS = 3
+#: Extra starts when the search feeds a super-block (param_dtype superblock,
+#: stage 1): ranges c * (hi - lo) anchored at the minimum, then at the
+#: maximum, for each c (kSuperblockAnchorClips in param_search.h).
+ANCHOR_CLIPS: Tuple[float, ...] = (0.95, 0.85)
 
 
 def _clips(bits: int) -> np.ndarray:
@@ -227,10 +231,11 @@ def _stats(grp: _Groups, symmetric: bool):
 
 def search_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, method: str,
                   param_dtype: str, s_rtn: np.ndarray, z_rtn: np.ndarray,
-                  name: str = "tensor") -> Tuple[np.ndarray, np.ndarray]:
+                  name: str = "tensor", anchored: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(R, G) scale and zero point for method rtn at float16 or method mse.
 
-    s_rtn / z_rtn are the FORMAT.md rtn parameters (R, G) at float32."""
+    s_rtn / z_rtn are the FORMAT.md rtn parameters (R, G) at float32.
+    `anchored` adds the ANCHOR_CLIPS starts (asymmetric float32 mse only)."""
     rows, cols = x2.shape
     symmetric = scheme == "symmetric"
     f16 = param_dtype == "float16"
@@ -308,6 +313,15 @@ def search_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, metho
                 z = (half - mid / s).astype(np.float32)
         s, z, rep = st.store(s, z)
         starts.append((s, z, search & rep))
+    if anchored and not symmetric and not f16:
+        for c in np.array(ANCHOR_CLIPS, dtype=np.float32):
+            with np.errstate(all="ignore"):
+                s = (r * c / st.q_max).astype(np.float32)
+                z_lo = (-lo / s).astype(np.float32)
+                z_hi = (st.q_max - hi / s).astype(np.float32)
+            for z in (z_lo, z_hi):
+                s_, z_, rep = st.store(s, z)
+                starts.append((s_, z_, search & rep))
     for t in range(START_REFITS + 1):
         all_sums = [st.evaluate(s, z, act, mid) for s, z, act in starts]
         if t == START_REFITS:

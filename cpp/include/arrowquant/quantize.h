@@ -37,7 +37,25 @@ enum class Method : uint8_t {
 // would underflow is stored as 2^-24; an asymmetric zero point beyond
 // float16's range falls back to the range widened to include 0; a group with
 // no representable candidate is an Invalid status naming it).
-enum class ParamDType : uint8_t { kF32, kF16 };
+//
+// kSuperblock: two-level parameters (docs/FORMAT.md section 9), asymmetric
+// scheme only. The groups of a row are taken SuperblockGroups(group_size) at a
+// time; each super-block stores a float16 scale unit d and zero unit dz, each
+// group a scale code a in [1, 2^p - 1] and a zero code c in [0, 2^p - 1]
+// (p = SuperblockCodeBits(bits)); the group's scale is d * a and its zero
+// point dz * c, float32 products that are exact. The engine fills the
+// expanded per-group values and the units; the codes are their quotients.
+enum class ParamDType : uint8_t { kF32, kF16, kSuperblock };
+
+// Weights per super-block of two-level parameters.
+inline constexpr int64_t kSuperblockWeights = 256;
+// Groups per super-block: kSuperblockWeights / group_size, at least 1.
+int64_t SuperblockGroups(int64_t group_size);
+// Super-blocks per row (a super-block never spans rows; the last one of a
+// row may hold fewer groups).
+int64_t SuperblocksPerRow(int64_t cols, int64_t group_size);
+// Bits of each group's scale code and zero code: 4 at INT2, 6 at INT4/INT8.
+int SuperblockCodeBits(int bits);
 
 struct QuantSpec {
   int bits = 4;               // 2, 4 or 8
@@ -63,10 +81,14 @@ int64_t PackedRowBytes(int64_t cols, int bits);
 
 // Output buffers, sized by the caller: packed = rows * PackedRowBytes,
 // scales and zero_points = rows * GroupsPerRow (row-major, index r * G + j).
+// With ParamDType::kSuperblock also superblock_scales and
+// superblock_zero_points, rows * SuperblocksPerRow each (float16 values).
 struct QuantizedBuffers {
   uint8_t* packed = nullptr;
   float* scales = nullptr;
   float* zero_points = nullptr;
+  float* superblock_scales = nullptr;
+  float* superblock_zero_points = nullptr;
 };
 
 // Running sums from which the error metrics follow; sums of several chunks

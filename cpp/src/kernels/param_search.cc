@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "arrowquant/dtype.h"
 #include "kernels/row_kernels.h"
@@ -393,7 +394,7 @@ namespace {
 // Sets up the starting candidates of one group's search (docs/FORMAT.md
 // section 7): rtn at storage precision (RtnStart), then each clipped range.
 Status Prepare(const SearchPasses& passes, const float* x, int64_t n, int bits, Scheme scheme,
-               ParamDType param_dtype, Search* search) {
+               ParamDType param_dtype, Search* search, bool anchored = false) {
   float lo = 0.0f, hi = 0.0f;
   passes.min_max(x, n, &lo, &hi);
   float s0 = 1.0f, z0 = 0.0f;
@@ -428,6 +429,15 @@ Status Prepare(const SearchPasses& passes, const float* x, int64_t n, int bits, 
       float z = half - mid / s;
       if (search->StoreZero(s, &z)) search->AddStart(s, z);
     }
+    if (anchored) {  // float32 parameters only (stage 1 of superblock)
+      for (const float c : kSuperblockAnchorClips) {
+        const float s = r * c / search->q_max();
+        float z_lo = -lo / s;
+        if (search->StoreZero(s, &z_lo)) search->AddStart(s, z_lo);
+        float z_hi = search->q_max() - hi / s;
+        if (search->StoreZero(s, &z_hi)) search->AddStart(s, z_hi);
+      }
+    }
   }
   return Status::OK();
 }
@@ -440,6 +450,175 @@ Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
   AQ_RETURN_NOT_OK(Prepare(passes, x, n, bits, scheme, param_dtype, &search));
   search.Run();
   return search.Result(scale, zero_point);
+}
+
+namespace {
+
+// Clamped code, + 0.0f so that a -0 (from a zero point of -0) is stored as +0.
+float ClampCode(float v, float lo, float hi) { return std::min(std::max(v, lo), hi) + 0.0f; }
+
+// One group of a super-block: its values, center and stage-1 parameters.
+struct SbGroup {
+  const float* x;
+  int64_t n;
+  float lo, hi, mid, sx;
+  float s, z;  // stage 1 (float32)
+};
+
+// Stage 2 of one group (method mse): the code search under fixed units.
+class CodeSearch {
+ public:
+  CodeSearch(const SearchPasses& p, const SbGroup& g, float d, float dz, float q_max,
+             float p_max)
+      : p_(p), g_(g), d_(d), dz_(dz), q_max_(q_max), p_max_(p_max) {}
+
+  // The nearest codes of a float32 candidate (scale > 0, zero point finite).
+  void Nearest(float s, float z, float* a, float* c) const {
+    *a = ClampCode(std::nearbyint(s / d_), 1.0f, p_max_);
+    *c = ClampCode(std::nearbyint(std::max(z, 0.0f) / dz_), 0.0f, p_max_);
+  }
+
+  void Consider(float a, float c) {
+    EvalSums e;
+    p_.eval_asym(g_.x, g_.n, d_ * a, dz_ * c, g_.mid, q_max_, &e);
+    if (!has_best_ || e.err < best_.err) {
+      has_best_ = true;
+      best_ = e;
+      a_ = a;
+      c_ = c;
+    }
+  }
+
+  // Least-squares refit of the best candidate's codes (float64, as the mse
+  // search's refit at float32), then its nearest codes; nothing when
+  // degenerate or not representable.
+  void Requant() {
+    const double dn = static_cast<double>(g_.n);
+    const double dsl = static_cast<double>(best_.sum_q);
+    const double det = dn * static_cast<double>(best_.sum_qq) - dsl * dsl;
+    if (!(det > 0.0)) return;
+    const double dsx = static_cast<double>(g_.sx);
+    const double s = (dn * static_cast<double>(best_.sum_xq) - dsx * dsl) / det;
+    const double m = (dsx - s * dsl) / dn;
+    const float s32 = static_cast<float>(s);
+    if (!(s32 > 0.0f) || !std::isfinite(s32)) return;
+    const float z32 = static_cast<float>(-(m + static_cast<double>(g_.mid)) /
+                                         static_cast<double>(s32));
+    if (!Representable(s32, z32)) return;
+    float a = 0.0f, c = 0.0f;
+    Nearest(s32, z32, &a, &c);
+    Consider(a, c);
+  }
+
+  void Run() {
+    float a = 0.0f, c = 0.0f;
+    Nearest(g_.s, g_.z, &a, &c);
+    Consider(a, c);
+    Requant();
+    const float a0 = a_, c0 = c_;
+    for (int da = -1; da <= 1; ++da) {
+      for (int dc = -1; dc <= 1; ++dc) {
+        if (da == 0 && dc == 0) continue;
+        const float a2 = ClampCode(a0 + static_cast<float>(da), 1.0f, p_max_);
+        const float c2 = ClampCode(c0 + static_cast<float>(dc), 0.0f, p_max_);
+        // A clamped neighbour equal to the best cannot be strictly better.
+        if (a2 == a0 && c2 == c0) continue;
+        Consider(a2, c2);
+      }
+    }
+    Requant();
+  }
+
+  float a() const { return a_; }
+  float c() const { return c_; }
+
+ private:
+  const SearchPasses& p_;
+  const SbGroup& g_;
+  float d_, dz_, q_max_, p_max_;
+  bool has_best_ = false;
+  EvalSums best_;
+  float a_ = 1.0f, c_ = 0.0f;
+};
+
+// Stage 1 of one group: lo, hi, center and float32 parameters.
+Status SuperblockStage1(const SearchPasses& passes, const QuantSpec& spec, SbGroup* g) {
+  passes.min_max(g->x, g->n, &g->lo, &g->hi);
+  const float r = g->hi - g->lo;
+  g->mid = g->lo + r * 0.5f;
+  if (spec.method == Method::kMse) {
+    Search search(passes, g->x, g->n, spec.bits, Scheme::kAsymmetric, ParamDType::kF32);
+    AQ_RETURN_NOT_OK(Prepare(passes, g->x, g->n, spec.bits, Scheme::kAsymmetric,
+                             ParamDType::kF32, &search, /*anchored=*/true));
+    search.Run();
+    AQ_RETURN_NOT_OK(search.Result(&g->s, &g->z));
+    g->sx = passes.centered_sum(g->x, g->n, g->mid);
+    return Status::OK();
+  }
+  AQ_RETURN_NOT_OK(RtnFromRange(g->lo, g->hi, spec.bits, Scheme::kAsymmetric, &g->s, &g->z));
+  if (!Representable(g->s, g->z)) {
+    return Status::Invalid("rtn parameters not representable (scale " + std::to_string(g->s) +
+                           ", zero point " + std::to_string(g->z) + ")");
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t cols,
+                           const QuantSpec& spec, float* scales, float* zero_points,
+                           float* superblock_scales, float* superblock_zero_points,
+                           int64_t* failed_group) {
+  const int64_t g = spec.group_size;
+  const int64_t G = GroupsPerRow(cols, g);
+  const int64_t K = SuperblockGroups(g);
+  const float q_max = static_cast<float>((1 << spec.bits) - 1);
+  const float p_max = static_cast<float>((1 << SuperblockCodeBits(spec.bits)) - 1);
+  const float z_cap = 65504.0f * p_max;  // keeps dz finite in float16
+  std::vector<SbGroup> groups(static_cast<size_t>(std::min(K, G)));
+  for (int64_t b = 0, j0 = 0; j0 < G; ++b, j0 += K) {
+    const int64_t count = std::min(K, G - j0);
+    *failed_group = j0;
+    float s_max = 0.0f, z_max = 0.0f;
+    for (int64_t k = 0; k < count; ++k) {
+      SbGroup& gr = groups[static_cast<size_t>(k)];
+      const int64_t c0 = (j0 + k) * g;
+      gr.x = x + c0;
+      gr.n = std::min(g, cols - c0);
+      Status st = SuperblockStage1(passes, spec, &gr);
+      if (!st.ok()) {
+        *failed_group = j0 + k;
+        return st;
+      }
+      gr.z = std::min(std::max(gr.z, 0.0f), z_cap) + 0.0f;
+      if (gr.hi > gr.lo) s_max = std::max(s_max, gr.s);
+      z_max = std::max(z_max, gr.z);
+    }
+    const float d = s_max > 0.0f ? RoundScaleWith(passes, s_max / p_max) : 1.0f;
+    const float dz = z_max > 0.0f ? RoundScaleWith(passes, z_max / p_max) : 1.0f;
+    if (!std::isfinite(d)) {
+      return Status::Invalid("superblock scale unit not representable in float16 (largest group "
+                             "scale " + std::to_string(s_max) + "); use float32 parameters");
+    }
+    superblock_scales[b] = d;
+    superblock_zero_points[b] = dz;
+    for (int64_t k = 0; k < count; ++k) {
+      const SbGroup& gr = groups[static_cast<size_t>(k)];
+      float a = 0.0f, c = 0.0f;
+      if (spec.method == Method::kMse) {
+        CodeSearch cs(passes, gr, d, dz, q_max, p_max);
+        cs.Run();
+        a = cs.a();
+        c = cs.c();
+      } else {
+        a = ClampCode(std::nearbyint(gr.s / d), 1.0f, p_max);
+        c = ClampCode(std::nearbyint(gr.z / dz), 0.0f, p_max);
+      }
+      scales[j0 + k] = d * a;
+      zero_points[j0 + k] = dz * c;
+    }
+  }
+  return Status::OK();
 }
 
 Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
@@ -458,6 +637,9 @@ Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, floa
 
 Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,
                          float* zero_point) {
+  if (spec.param_dtype == ParamDType::kSuperblock) {  // a row at a time: ChooseRowSuperblock
+    return Status::Invalid("superblock parameters are chosen per super-block, not per group");
+  }
   if (spec.method == Method::kMse) {
     return MseGroupParams(x, n, spec.bits, spec.scheme, spec.param_dtype, scale, zero_point);
   }

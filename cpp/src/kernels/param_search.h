@@ -84,6 +84,32 @@ Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
 Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
                         float* scale, float* zero_point);
 
+// Two-level parameters (ParamDType::kSuperblock, docs/FORMAT.md section 9).
+//
+// Extra starting candidates of the mse search when its result feeds a
+// super-block (stage 1): ranges of c * (hi - lo) anchored at the group's
+// minimum and at its maximum (the other end clipped), for each fraction c in
+// order, the minimum-anchored one first.
+inline constexpr float kSuperblockAnchorClips[] = {0.95f, 0.85f};
+
+// The parameters of one row's groups under spec (param_dtype kSuperblock,
+// asymmetric): per super-block, stage 1 chooses each group's float32
+// (scale, zero point) (method rtn: FORMAT.md's rule; mse: the search above
+// with the anchored starts); the units are d = RoundScaleF16(max scale / P)
+// over groups with a spread (1 when there is none) and
+// dz = RoundScaleF16(max zero / P) over the zero points clamped to
+// [0, 65504 * P] (1 when all are 0); the codes are the nearest ones, clamped.
+// Method mse then searches the codes by the true error of each candidate
+// (ties keep the earlier): the nearest codes, the codes of a least-squares
+// refit, the 8 neighbours (+-1) of the best, and a last refit of the best.
+// Writes the expanded scales and zero points (d * a, dz * c) of the row's G
+// groups and the units of its super-blocks. On error *failed_group names the
+// first group of the failing super-block.
+Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t cols,
+                           const QuantSpec& spec, float* scales, float* zero_points,
+                           float* superblock_scales, float* superblock_zero_points,
+                           int64_t* failed_group);
+
 // One group by spec.method and spec.param_dtype.
 Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,
                          float* zero_point);

@@ -339,5 +339,162 @@ TEST(ParamSearch, ChooseParamsNamesRowAndGroup) {
   EXPECT_NE(st.ToString().find("row 3, group 1"), std::string::npos) << st.ToString();
 }
 
+// Superblock parameters of one row through the given passes.
+struct SuperblockRow {
+  std::vector<float> scales, zeros, units, zero_units;
+  Status status;
+  int64_t failed = -1;
+};
+
+SuperblockRow RunSuperblock(const SearchPasses& p, const std::vector<float>& x, int bits,
+                            int64_t g, Method method) {
+  QuantSpec spec;
+  spec.bits = bits;
+  spec.group_size = g;
+  spec.method = method;
+  spec.param_dtype = ParamDType::kSuperblock;
+  const int64_t cols = static_cast<int64_t>(x.size());
+  const int64_t G = GroupsPerRow(cols, g);
+  const int64_t S = SuperblocksPerRow(cols, g);
+  SuperblockRow r;
+  r.scales.assign(static_cast<size_t>(G), 0.0f);
+  r.zeros.assign(static_cast<size_t>(G), 0.0f);
+  r.units.assign(static_cast<size_t>(S), 0.0f);
+  r.zero_units.assign(static_cast<size_t>(S), 0.0f);
+  r.status = ChooseRowSuperblock(p, x.data(), cols, spec, r.scales.data(), r.zeros.data(),
+                                 r.units.data(), r.zero_units.data(), &r.failed);
+  return r;
+}
+
+TEST(Superblock, Avx2MatchesScalarBitForBit) {
+  const SearchPasses* avx2 = Avx2SearchPasses();
+  if (avx2 == nullptr) GTEST_SKIP() << "no AVX2 on this CPU";
+  std::mt19937 rng(21);
+  for (int64_t cols : {1, 7, 40, 256, 300, 1000}) {
+    for (int kind = 0; kind < 4; ++kind) {
+      const std::vector<float> x = RandomGroup(rng, cols, kind);
+      for (int bits : {2, 4, 8}) {
+        for (int64_t g : {8, 16, 32, 48, 256, 512}) {
+          for (Method m : {Method::kRtn, Method::kMse}) {
+            const SuperblockRow a = RunSuperblock(ScalarSearchPasses(), x, bits, g, m);
+            const SuperblockRow b = RunSuperblock(*avx2, x, bits, g, m);
+            ASSERT_TRUE(a.status.ok()) << a.status.ToString();
+            ASSERT_TRUE(b.status.ok()) << b.status.ToString();
+            for (size_t j = 0; j < a.scales.size(); ++j) {
+              ASSERT_EQ(Bits(a.scales[j]), Bits(b.scales[j])) << cols << " " << g << " " << j;
+              ASSERT_EQ(Bits(a.zeros[j]), Bits(b.zeros[j])) << cols << " " << g << " " << j;
+            }
+            for (size_t k = 0; k < a.units.size(); ++k) {
+              ASSERT_EQ(Bits(a.units[k]), Bits(b.units[k]));
+              ASSERT_EQ(Bits(a.zero_units[k]), Bits(b.zero_units[k]));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Every group's parameters are unit * code with codes in range and float16
+// units: what a reader rebuilds from the stored codes is what was used.
+TEST(Superblock, ParametersAreUnitTimesCode) {
+  std::mt19937 rng(5);
+  for (int kind = 0; kind < 4; ++kind) {
+    const std::vector<float> x = RandomGroup(rng, 777, kind);
+    for (int bits : {2, 4, 8}) {
+      for (int64_t g : {16, 32, 100}) {
+        const SuperblockRow r = RunSuperblock(BestSearchPasses(), x, bits, g, Method::kMse);
+        ASSERT_TRUE(r.status.ok()) << r.status.ToString();
+        const int64_t K = SuperblockGroups(g);
+        const float p_max = static_cast<float>((1 << SuperblockCodeBits(bits)) - 1);
+        for (size_t k = 0; k < r.units.size(); ++k) {
+          EXPECT_EQ(Bits(r.units[k]), Bits(HalfToFloat(FloatToHalf(r.units[k]))));
+          EXPECT_EQ(Bits(r.zero_units[k]), Bits(HalfToFloat(FloatToHalf(r.zero_units[k]))));
+          EXPECT_GT(r.units[k], 0.0f);
+          EXPECT_GE(r.zero_units[k], 0.0f);
+        }
+        for (size_t j = 0; j < r.scales.size(); ++j) {
+          const float d = r.units[j / static_cast<size_t>(K)];
+          const float dz = r.zero_units[j / static_cast<size_t>(K)];
+          const float a = r.scales[j] / d, c = r.zeros[j] / dz;
+          EXPECT_EQ(a, std::nearbyint(a));
+          EXPECT_EQ(c, std::nearbyint(c));
+          EXPECT_GE(a, 1.0f);
+          EXPECT_LE(a, p_max);
+          EXPECT_GE(c, 0.0f);
+          EXPECT_LE(c, p_max);
+          EXPECT_EQ(Bits(d * a), Bits(r.scales[j]));
+          EXPECT_EQ(Bits(dz * c), Bits(r.zeros[j]));
+        }
+      }
+    }
+  }
+}
+
+// The code search starts from the nearest codes of rtn-like parameters, so
+// mse is better than superblock rtn on average (not per group: the units
+// differ), and much better at 2 bits.
+TEST(Superblock, SearchBeatsNearestCodesOnAverage) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(4096);
+  for (auto& v : x) v = normal(rng);
+  for (int bits : {2, 4}) {
+    const int64_t g = bits == 2 ? 16 : 32;
+    const SuperblockRow rtn = RunSuperblock(BestSearchPasses(), x, bits, g, Method::kRtn);
+    const SuperblockRow mse = RunSuperblock(BestSearchPasses(), x, bits, g, Method::kMse);
+    double e_rtn = 0.0, e_mse = 0.0;
+    for (size_t j = 0; j < rtn.scales.size(); ++j) {
+      const std::vector<float> grp(x.begin() + static_cast<int64_t>(j) * g,
+                                   x.begin() + static_cast<int64_t>(j + 1) * g);
+      e_rtn += TrueError(grp, bits, Scheme::kAsymmetric, rtn.scales[j], rtn.zeros[j]);
+      e_mse += TrueError(grp, bits, Scheme::kAsymmetric, mse.scales[j], mse.zeros[j]);
+    }
+    EXPECT_LT(e_mse, (bits == 2 ? 0.7 : 0.9) * e_rtn) << bits;
+  }
+}
+
+// A constant group (whose rtn scale is 1) takes no part in the scale unit,
+// and an all-zero group decodes exactly.
+TEST(Superblock, ConstantGroupsDoNotSetTheUnit) {
+  std::vector<float> x(96, 0.0f);
+  for (int64_t c = 32; c < 64; ++c) x[static_cast<size_t>(c)] = 1.5f;  // constant group
+  for (int64_t c = 64; c < 96; ++c) x[static_cast<size_t>(c)] = static_cast<float>(c - 64) * 0.25f;
+  for (Method m : {Method::kRtn, Method::kMse}) {
+    const SuperblockRow r = RunSuperblock(BestSearchPasses(), x, 4, 32, m);
+    ASSERT_TRUE(r.status.ok());
+    // The ramp's scale (about 7.75 / 15) sets d = scale / 63, not the
+    // constant group's 1.
+    EXPECT_LT(r.units[0], 0.01f);
+    // The all-zero group: zero point 0, so every value decodes to 0.
+    EXPECT_EQ(r.zeros[0], 0.0f);
+    EXPECT_EQ(TrueError(std::vector<float>(x.begin(), x.begin() + 32), 4, Scheme::kAsymmetric,
+                        r.scales[0], r.zeros[0]),
+              0.0);
+  }
+}
+
+TEST(Superblock, HugeScalesAreAnErrorNamingTheGroup) {
+  std::vector<float> x(64, 0.0f);
+  for (int64_t c = 32; c < 64; ++c) x[static_cast<size_t>(c)] = static_cast<float>(c) * 1e7f;
+  const SuperblockRow r = RunSuperblock(BestSearchPasses(), x, 4, 32, Method::kRtn);
+  ASSERT_FALSE(r.status.ok());
+  EXPECT_NE(r.status.ToString().find("float16"), std::string::npos) << r.status.ToString();
+  EXPECT_EQ(r.failed, 0);  // the super-block's first group
+}
+
+TEST(Superblock, SymmetricSchemeIsRejected) {
+  QuantSpec spec;
+  spec.param_dtype = ParamDType::kSuperblock;
+  spec.scheme = Scheme::kSymmetric;
+  EXPECT_FALSE(ValidateSpec(spec).ok());
+  spec.scheme = Scheme::kAsymmetric;
+  EXPECT_TRUE(ValidateSpec(spec).ok());
+  EXPECT_EQ(SuperblockGroups(32), 8);
+  EXPECT_EQ(SuperblockGroups(300), 1);
+  EXPECT_EQ(SuperblocksPerRow(1000, 32), 4);  // 32 groups -> 4 super-blocks
+  EXPECT_EQ(SuperblocksPerRow(1000, 100), 5);  // 10 groups, 2 per super-block
+}
+
 }  // namespace
 }  // namespace arrowquant::kernels

@@ -37,6 +37,33 @@ StatsTuple BindQuantize(const ReadOnlyBytes& src, const std::string& dtype, int6
   return ToTuple(stats);
 }
 
+// param_dtype "superblock": also fills the super-block units.
+StatsTuple BindQuantizeSuperblock(const ReadOnlyBytes& src, const std::string& dtype,
+                                  int64_t rows, int64_t cols, int bits, int64_t group_size,
+                                  const std::string& method, OutBytes packed, OutFloats scales,
+                                  OutFloats zero_points, OutFloats superblock_scales,
+                                  OutFloats superblock_zero_points, int threads,
+                                  bool force_scalar) {
+  const QuantSpec spec = MakeSpec(bits, group_size, "asymmetric", method, "superblock");
+  const TensorView view = MakeView(src, dtype, rows, cols);
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
+                    zero_points.size());
+  const int64_t units = rows * SuperblocksPerRow(cols, group_size);
+  CheckSize("superblock_scales", superblock_scales.size(), units);
+  CheckSize("superblock_zero_points", superblock_zero_points.size(), units);
+  ErrorStats stats;
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = Quantize(view, spec,
+                  QuantizedBuffers{packed.data(), scales.data(), zero_points.data(),
+                                   superblock_scales.data(), superblock_zero_points.data()},
+                  &stats, ExecOptions{threads, force_scalar});
+  }
+  ThrowIfError(st);
+  return ToTuple(stats);
+}
+
 StatsTuple BindQuantizeWithParams(const ReadOnlyBytes& src, const std::string& dtype,
                                   int64_t rows, int64_t cols, int bits, int64_t group_size,
                                   const std::string& scheme, InFloats scales,
@@ -101,6 +128,13 @@ void Bind(nb::module_& m) {
         nb::arg("method"), nb::arg("param_dtype"), nb::arg("packed"), nb::arg("scales"),
         nb::arg("zero_points"), nb::arg("threads") = 0, nb::arg("force_scalar") = false,
         "Quantize rows x cols elements into caller-allocated buffers; returns error sums.");
+  m.def("quantize_superblock", &BindQuantizeSuperblock, nb::arg("src"), nb::arg("dtype"),
+        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"),
+        nb::arg("method"), nb::arg("packed"), nb::arg("scales"), nb::arg("zero_points"),
+        nb::arg("superblock_scales"), nb::arg("superblock_zero_points"), nb::arg("threads") = 0,
+        nb::arg("force_scalar") = false,
+        "Quantize with two-level (superblock) parameters: expanded per-group scales and zero "
+        "points plus the float16 units of each super-block; returns error sums.");
   m.def("quantize_with_params", &BindQuantizeWithParams, nb::arg("src"), nb::arg("dtype"),
         nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"),
         nb::arg("scheme"), nb::arg("scales"), nb::arg("zero_points"), nb::arg("packed"),

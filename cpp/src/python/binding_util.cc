@@ -28,8 +28,11 @@ QuantSpec MakeSpec(int bits, int64_t group_size, const std::string& scheme,
     spec.param_dtype = ParamDType::kF32;
   } else if (param_dtype == "float16") {
     spec.param_dtype = ParamDType::kF16;
+  } else if (param_dtype == "superblock") {
+    spec.param_dtype = ParamDType::kSuperblock;
   } else {
-    ThrowIfError(Status::Invalid("param dtype must be 'float32' or 'float16', got '" + param_dtype + "'"));
+    ThrowIfError(Status::Invalid("param dtype must be 'float32', 'float16' or 'superblock', got '" +
+                                 param_dtype + "'"));
   }
   ThrowIfError(ValidateSpec(spec));
   return spec;
