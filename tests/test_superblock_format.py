@@ -36,8 +36,8 @@ def naive_superblock(array: Any, *, bits: int = 4, group_size: int = 32,
     """A legitimate superblock tensor without the engine's search: rtn
     parameters per group, units = the super-block's largest scale / zero
     point over 2^p - 1 (float16), codes rounded, then the engine's codes for
-    the expanded parameters (quantize_with_params). Same signature as
-    engine.quantize_array, so the pipeline can run on it."""
+    the expanded parameters (quantize_with_params): files can then be tested
+    with tensors the engine's search would not make (sizes, shapes, codes)."""
     assert param_dtype == "superblock" and scheme == "asymmetric"
     src = np.asarray(array)
     if dtype is not None and dtype != src.dtype.name:
@@ -80,27 +80,10 @@ def naive_superblock(array: Any, *, bits: int = 4, group_size: int = 32,
         superblock_zero_points=dz.reshape(-1))
 
 
-def _engine_has_superblock() -> bool:
-    try:
-        qt = engine.quantize_array(np.ones((1, 64), np.float32), bits=4, group_size=32,
-                                   param_dtype="superblock")
-    except ArrowQuantError:
-        return False
-    return qt.superblock_scales is not None
-
-
-ENGINE_SB = _engine_has_superblock()
-
-
 @pytest.fixture
-def sb_quantize(monkeypatch):
-    """The engine's superblock quantizer; until it exists, naive_superblock
-    stands in for it (native and reference) so the file side is tested."""
-    if ENGINE_SB:
-        return engine.quantize_array
-    monkeypatch.setattr(engine, "quantize_array", naive_superblock)
-    monkeypatch.setattr(reference, "quantize_array", naive_superblock)
-    return naive_superblock
+def sb_quantize():
+    """What the pipeline runs for a superblock plan (the engine's own search)."""
+    return engine.quantize_array
 
 
 def _record(qt: QuantizedTensor, row_start: int, row_count: int) -> parquet_v2.ChunkRecord:
@@ -628,7 +611,7 @@ def test_cli_param_dtype_superblock(tmp_path, sb_quantize, capsys):
     _sb_model(tmp_path)
     out = tmp_path / "out"
     assert main(["quantize", str(tmp_path / "src"), str(out), "--bits", "2", "--group-size",
-                 "16", "--method", "rtn", "--param-dtype", "superblock", "--no-progress"]) == 0
+                 "16", "--param-dtype", "superblock", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     s = json.loads((out / "metadata.json").read_text())["summary"]
     assert f"{s['bits_per_weight']:.2f} bits per weight" in printed
@@ -637,3 +620,49 @@ def test_cli_param_dtype_superblock(tmp_path, sb_quantize, capsys):
     lines = [l for l in capsys.readouterr().out.splitlines() if "a.weight" in l]
     assert lines and "superblock" in lines[0]
     assert main(["validate", str(tmp_path / "src"), str(out)]) == 0
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_end_to_end_api_mse_superblock_is_the_engines_tensor(tmp_path):
+    tensors = _sb_model(tmp_path)
+    out = tmp_path / "out"
+    s = aq.quantize(tmp_path / "src", out, bits=4, group_size=32, param_dtype="superblock",
+                    chunk_size="8KiB", progress=False)
+    model = aq.load(out)
+    for name, a in tensors.items():
+        if a.ndim < 2:
+            continue
+        expect = engine.quantize_array(a, bits=4, group_size=32, method="mse",
+                                       param_dtype="superblock")
+        raw = model.raw(name)
+        assert raw.method == "mse" and raw.param_dtype == "superblock"
+        assert raw.data.tobytes() == expect.data.tobytes()
+        assert _bits(raw.scales) == _bits(expect.scales)
+        assert _bits(raw.zero_points) == _bits(expect.zero_points)
+        assert _bits(raw.superblock_scales) == _bits(expect.superblock_scales)
+        assert _bits(raw.superblock_zero_points) == _bits(expect.superblock_zero_points)
+        assert raw.param_codes().tobytes() == expect.param_codes().tobytes()
+    quantized = sum(a.size for a in tensors.values() if a.ndim >= 2)
+    assert s.quantized_tensors == 3 and quantized < s.params
+    report = aq.validate(tmp_path / "src", out)
+    assert report.passed and report.mean_cosine > 0.99
+
+
+def test_diffusion_planner_budget_counts_superblock_parameters(tmp_path):
+    """Mixed precision at a target: the planner's achieved bits per weight is
+    what the files store (every tensor here fits one chunk)."""
+    from arrowquant.config import DiffusionQuantConfig
+    from arrowquant.diffusion import DiffusionPlanner
+
+    _sb_model(tmp_path)
+    cfg = DiffusionQuantConfig(bit_width=4, group_size=32, param_dtype="superblock",
+                               target_bpw=4.0, fallback_thresholds={2: 0.0, 4: 0.0, 8: 0.0})
+    planner = DiffusionPlanner(cfg, source=tmp_path / "src")
+    s = aq.quantize(tmp_path / "src", tmp_path / "out", config=cfg, planner=planner,
+                    progress=False)
+    assert planner.summary is not None
+    assert planner.summary.achieved_bpw <= 4.0
+    assert s.bits_per_weight == pytest.approx(planner.summary.achieved_bpw, rel=1e-12)
+    assert {r.param_dtype for r in s.records if r.bits} == {"superblock"}
