@@ -666,3 +666,23 @@ def test_diffusion_planner_budget_counts_superblock_parameters(tmp_path):
     assert planner.summary.achieved_bpw <= 4.0
     assert s.bits_per_weight == pytest.approx(planner.summary.achieved_bpw, rel=1e-12)
     assert {r.param_dtype for r in s.records if r.bits} == {"superblock"}
+
+
+@pytest.mark.parametrize("p", range(1, 9))
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 129])
+def test_code_stream_fast_paths_equal_the_definition(p, n):
+    rng = np.random.default_rng(p * 1000 + n)
+    a = rng.integers(1, 1 << p, n, dtype=np.uint8) if p > 0 else None
+    c = rng.integers(0, 1 << p, n, dtype=np.uint8)
+    stream = parquet_v2.pack_codes(a, c, p)
+    assert stream.tobytes() == pack_param_codes(a, c, p).tobytes()
+    a2, c2 = parquet_v2.unpack_codes(stream, n, p)
+    assert a2.tolist() == a.tolist() and c2.tolist() == c.tolist()
+    used = 2 * n * p
+    if used % 8:
+        bad = stream.copy()
+        bad[-1] |= np.uint8(1 << 7)
+        with pytest.raises(ValidationError, match="padding bits"):
+            parquet_v2.unpack_codes(bad, n, p)
+    with pytest.raises(ValidationError, match="bytes"):
+        parquet_v2.unpack_codes(np.append(stream, np.uint8(0)), n, p)

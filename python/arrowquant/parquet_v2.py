@@ -137,6 +137,57 @@ class ChunkRecord:
         return n + values * (2 if self.param_dtype == "float16" else 4)
 
 
+def pack_codes(scale_codes: np.ndarray, zero_codes: np.ndarray, code_bits: int) -> np.ndarray:
+    """The param_codes stream (FORMAT.md 9.3) of these codes: the same bytes as
+    tensor.pack_param_codes, with direct paths for the widths the engine writes."""
+    a = np.asarray(scale_codes, dtype=np.uint8).reshape(-1)
+    c = np.asarray(zero_codes, dtype=np.uint8).reshape(-1)
+    if code_bits == 4:
+        return (a & 15) | ((c & 15) << 4)
+    if code_bits == 8:
+        return np.stack([a, c], axis=1).reshape(-1)
+    if code_bits == 6:
+        n = a.size
+        if n % 2:
+            a, c = np.append(a, np.uint8(0)), np.append(c, np.uint8(0))
+        a32, c32 = a.astype(np.uint32) & 63, c.astype(np.uint32) & 63
+        v = a32[0::2] | (c32[0::2] << 6) | (a32[1::2] << 12) | (c32[1::2] << 18)
+        out = np.stack([v & 255, (v >> 8) & 255, v >> 16], axis=1).astype(np.uint8).reshape(-1)
+        return out[:param_code_bytes(n, 6)]
+    return pack_param_codes(a, c, code_bits)
+
+
+def unpack_codes(stream: np.ndarray, groups: int, code_bits: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(scale codes, zero codes) of a param_codes stream; ValidationError for
+    a wrong length or a non-zero padding bit (as tensor.unpack_param_codes)."""
+    stream = np.asarray(stream, dtype=np.uint8).reshape(-1)
+    need = param_code_bytes(groups, code_bits)
+    if stream.size != need:
+        raise ValidationError(f"param_codes holds {stream.size} bytes, {groups} groups of "
+                              f"{code_bits}-bit codes need {need}")
+    tail = (groups * 2 * code_bits) % 8
+    if tail and int(stream[-1]) >> tail:
+        raise ValidationError("param_codes: padding bits after the last code are not zero")
+    if code_bits == 4:
+        return stream & 15, stream >> 4
+    if code_bits == 8:
+        return stream[0::2].copy(), stream[1::2].copy()
+    if code_bits == 6:
+        pairs = -(-groups // 2)
+        b = np.zeros(pairs * 3, dtype=np.uint32)
+        b[:stream.size] = stream
+        v = b[0::3] | (b[1::3] << 8) | (b[2::3] << 16)
+        a = np.stack([v & 63, (v >> 12) & 63], axis=1).reshape(-1)[:groups].astype(np.uint8)
+        c = np.stack([(v >> 6) & 63, (v >> 18) & 63], axis=1).reshape(-1)[:groups].astype(np.uint8)
+        return a, c
+    return unpack_param_codes(stream, groups, code_bits)
+
+
+def _per_group(units: np.ndarray, rows: int, S: int, K: int, G: int) -> np.ndarray:
+    """(rows, G): each group's super-block unit."""
+    return np.repeat(units.reshape(rows, S), K, axis=1)[:, :G]
+
+
 def superblock_params(name: str, rows: int, cols: int, bits: int, group_size: int,
                       scales: np.ndarray, zero_points: np.ndarray, sb_scales: np.ndarray,
                       sb_zero_points: np.ndarray) -> np.ndarray:
@@ -153,33 +204,32 @@ def superblock_params(name: str, rows: int, cols: int, bits: int, group_size: in
     where = f"tensor {name!r}"
     s = np.asarray(scales, dtype=np.float32).reshape(rows, G)
     z = np.asarray(zero_points, dtype=np.float32).reshape(rows, G)
-    try:
-        d = np.asarray(sb_scales, dtype=np.float32).reshape(rows, S)
-        dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(rows, S)
-    except (ValueError, TypeError):
-        raise QuantizationError(f"{where}: superblock units of {np.size(sb_scales)} and "
-                                f"{np.size(sb_zero_points)} values, {rows} rows x {S} super-blocks "
-                                "expected") from None
+    d = np.asarray(sb_scales, dtype=np.float32).reshape(-1)
+    dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(-1)
+    if d.size != rows * S or dz.size != rows * S:
+        raise QuantizationError(f"{where}: superblock units of {d.size} and {dz.size} values, "
+                                f"{rows} rows x {S} super-blocks expected")
     if not (np.isfinite(d).all() and (d > 0).all() and np.isfinite(dz).all() and (dz >= 0).all()):
         raise QuantizationError(f"{where}: superblock units must be finite, scale units > 0 and "
                                 "zero units >= 0")
     if not (np.array_equal(d.astype(np.float16).astype(np.float32), d)
             and np.array_equal(dz.astype(np.float16).astype(np.float32), dz)):
         raise QuantizationError(f"{where}: superblock units are not float16 values")
-    sb_of = np.arange(G) // K
-    a = np.rint(s / d[:, sb_of])
+    dg = _per_group(d, rows, S, K, G)
+    dzg = _per_group(dz, rows, S, K, G)
+    a = np.rint(s / dg)
     with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.where(dz[:, sb_of] > 0, np.rint(z / dz[:, sb_of]), 0.0)
+        c = np.where(dzg > 0, np.rint(z / dzg), np.float32(0))
     if not (np.isfinite(a).all() and np.isfinite(c).all() and a.min(initial=1) >= 1
             and a.max(initial=1) <= top and c.min(initial=0) >= 0 and c.max(initial=0) <= top):
         raise QuantizationError(f"{where}: superblock codes outside [1, {top}] / [0, {top}]")
-    a8, c8 = a.astype(np.uint8), c.astype(np.uint8)
-    s2, z2 = expand_superblock(d, dz, a8, c8, rows, G, K)
-    # Equal values (a zero point of -0 and one of +0 dequantize alike).
-    if not (np.array_equal(s2, s.reshape(-1)) and np.array_equal(z2, z.reshape(-1))):
+    # The expansion must give the engine's values (a zero point of -0 and one
+    # of +0 dequantize alike, so values, not bits, are compared).
+    if not (np.array_equal(dg * a.astype(np.float32), s)
+            and np.array_equal(dzg * c.astype(np.float32), z)):
         raise QuantizationError(f"{where}: superblock parameters do not expand to the scales and "
                                 "zero points the codes were made with")
-    return pack_param_codes(a8, c8, p)
+    return pack_codes(a.astype(np.uint8), c.astype(np.uint8), p)
 
 
 def _binary_array(buf: np.ndarray) -> pa.Array:
@@ -818,7 +868,7 @@ def expand_chunk(where: str, d: np.ndarray, dz: np.ndarray, codes: Optional[np.n
         units.append(v)
     d32, dz32 = units
     try:
-        a, c = unpack_param_codes(codes, row_count * G, p)
+        a, c = unpack_codes(codes, row_count * G, p)
     except ValidationError as exc:
         raise ValidationError(f"{where}: {exc}") from None
     if a.size and int(a.min()) < 1:

@@ -137,16 +137,27 @@ def output_row_bytes(t: TensorInfo, plan: TensorPlan) -> int:
     return stored_bytes(1, t.cols, plan.bits, plan.group_size, plan.param_dtype)
 
 
+def _buffer_row_bytes(t: TensorInfo, plan: TensorPlan) -> int:
+    """Bytes one row takes in a chunk's output buffers: what it stores, except
+    that a superblock row also holds its expanded per-group parameters and
+    its units as float32 until the codes are packed."""
+    if plan.bits is None or plan.param_dtype != "superblock":
+        return output_row_bytes(t, plan)
+    G = groups_per_row(t.cols, plan.group_size)
+    S = superblocks_per_row(t.cols, plan.group_size)
+    return output_row_bytes(t, plan) + 8 * G + 4 * S
+
+
 def chunk_rows(t: TensorInfo, plan: TensorPlan, opts: PipelineOptions) -> int:
     """Rows per V2 chunk: at most chunk_size of source bytes, and small enough
     that the pipeline's buffers (three output chunks in flight plus the read
     buffers) stay inside max_memory. Raises MemoryBudgetError when even one
     row does not fit."""
     src_row = max(1, t.cols * itemsize(t.dtype))
-    out_row = max(1, output_row_bytes(t, plan))
+    out_row = max(1, _buffer_row_bytes(t, plan))
     # Widest plan the tensor may end up with (fallback to more bits).
     for b in plan.fallback_bits:
-        out_row = max(out_row, output_row_bytes(t, dataclasses.replace(plan, bits=b)))
+        out_row = max(out_row, _buffer_row_bytes(t, dataclasses.replace(plan, bits=b)))
     read_rows = max(1, READ_UNIT // src_row)
     read_bytes = 3 * min(read_rows, t.rows) * src_row  # queued + being read + being quantized
     need_one_row = 3 * src_row + 3 * out_row
