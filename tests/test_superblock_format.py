@@ -686,3 +686,30 @@ def test_code_stream_fast_paths_equal_the_definition(p, n):
             parquet_v2.unpack_codes(bad, n, p)
     with pytest.raises(ValidationError, match="bytes"):
         parquet_v2.unpack_codes(np.append(stream, np.uint8(0)), n, p)
+
+
+@pytest.mark.parametrize("edit,exc,needle", [
+    (dict(importance=True), ConfigurationError, "does not support param dtype 'superblock'"),
+    (dict(scheme="symmetric"), ValidationError, "needs the asymmetric scheme"),
+])
+def test_planner_plans_the_pipeline_cannot_honor(tmp_path, edit, exc, needle):
+    """A custom planner asking for superblock with importance weights or the
+    symmetric scheme gets an error naming the tensor, not other parameters."""
+    from arrowquant.plan import TensorPlan
+
+    _sb_model(tmp_path)
+
+    class Planner:
+        def plan(self, tensors):
+            out = {}
+            for t in tensors:
+                kw = dict(group_size=32, method="rtn", param_dtype="superblock",
+                          scheme=edit.get("scheme", "asymmetric"))
+                if edit.get("importance"):
+                    kw["importance"] = np.ones(t.cols, np.float32)
+                out[t.name] = TensorPlan(t.name, 4 if len(t.shape) > 1 else None, **kw)
+            return out
+
+    with pytest.raises(exc, match=needle):
+        aq.quantize(tmp_path / "src", tmp_path / "out", planner=Planner(), progress=False)
+    assert not (tmp_path / "out" / "metadata.json").exists()

@@ -42,8 +42,8 @@ from .errors import (
 from .metrics import MarkovMetrics, get_markov_metrics
 from .plan import Planner, RulePlanner, TensorInfo, TensorPlan, stored_bytes
 from .sources import ModelSource, itemsize
-from .tensor import (ErrorSums, groups_per_row, packed_row_bytes, superblock_code_bits,
-                     superblock_groups, superblocks_per_row)
+from .tensor import (ErrorSums, check_spec, groups_per_row, packed_row_bytes,
+                     superblock_code_bits, superblock_groups, superblocks_per_row)
 from .units import format_size, parse_size
 
 STAGING = ".arrowquant-staging"
@@ -229,29 +229,34 @@ class ChunkQuantizer:
                          packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
                          sb_scales: Optional[np.ndarray],
                          sb_zeros: Optional[np.ndarray]) -> ErrorSums:
-        """Two-level parameters come from the engine's quantize_array (or the
-        reference's), which returns the units beside the expanded parameters.
-        Super-blocks never span rows, so row ranges quantize independently."""
+        """Two-level parameters: the engine writes the units beside the
+        expanded per-group parameters (the reference returns them with its
+        tensor). Super-blocks never span rows, so row ranges quantize
+        independently."""
         if plan.importance is not None or plan.equalization is not None:
             raise ConfigurationError(
                 f"tensor {t.name!r}: importance-weighted (calibrated) quantization does not "
                 "support param dtype 'superblock'; use float16 or float32 parameters")
         if sb_scales is None or sb_zeros is None:
             raise ValueError("a superblock plan needs buffers for its units")
+        check_spec(plan.bits, plan.group_size, plan.scheme, plan.method, "superblock")
         if self.engine == "reference":
-            from .reference import quantize_array
-        else:
-            from .engine import quantize_array
-        kwargs = {} if self.engine == "reference" else {"threads": self.threads}
-        qt = quantize_array(raw, dtype=t.dtype, shape=(rows, t.cols), bits=plan.bits,
-                            group_size=plan.group_size, scheme=plan.scheme, method=plan.method,
-                            param_dtype="superblock", name=t.name, **kwargs)
-        if qt.superblock_scales is None or qt.superblock_zero_points is None:
-            raise QuantizationError(f"tensor {t.name!r}: the {self.engine} engine returned no "
-                                    "superblock units")
-        sb_scales[...] = np.asarray(qt.superblock_scales, dtype=np.float32)
-        sb_zeros[...] = np.asarray(qt.superblock_zero_points, dtype=np.float32)
-        return self._copy_out(qt, packed, scales, zeros)
+            from . import reference
+
+            qt = reference.quantize_array(
+                raw, dtype=t.dtype, shape=(rows, t.cols), bits=plan.bits,
+                group_size=plan.group_size, scheme=plan.scheme, method=plan.method,
+                param_dtype="superblock", name=t.name)
+            sb_scales[...] = qt.superblock_scales
+            sb_zeros[...] = qt.superblock_zero_points
+            return self._copy_out(qt, packed, scales, zeros)
+        from . import _core
+        from .engine import _call
+
+        sums = _call(t.name, _core.quantize_superblock, raw, t.dtype, rows, t.cols, plan.bits,
+                     plan.group_size, plan.method, packed, scales, zeros, sb_scales, sb_zeros,
+                     self.threads, False)
+        return ErrorSums(*sums)
 
     @staticmethod
     def _copy_out(qt: Any, packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> ErrorSums:
