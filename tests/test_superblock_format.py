@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import arrowquant as aq
 from arrowquant import _core, engine, parquet_v2, reference
@@ -24,6 +26,7 @@ from arrowquant.tensor import (ErrorSums, QuantizedTensor, expand_superblock, gr
                                pack_param_codes, packed_row_bytes, superblock_code_bits,
                                superblock_groups, superblocks_per_row, view_2d)
 from conftest import write_v1
+from test_hostile_inputs import copy_v2, exercise_v2, fuzz, small_model
 
 # ---------------------------------------------------------------- a quantizer
 
@@ -713,3 +716,66 @@ def test_planner_plans_the_pipeline_cannot_honor(tmp_path, edit, exc, needle):
     with pytest.raises(exc, match=needle):
         aq.quantize(tmp_path / "src", tmp_path / "out", planner=Planner(), progress=False)
     assert not (tmp_path / "out" / "metadata.json").exists()
+
+
+# ---------------------------------------------------------------- generated hostile files
+
+
+@pytest.fixture(scope="module")
+def sb_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sbhostile")
+    src = write_v1(root / "src", small_model())
+    v2 = root / "v2"
+    aq.quantize(src, v2, bits=4, group_size=32, param_dtype="superblock", chunk_size="2KiB",
+                progress=False)
+    return src, v2
+
+
+def test_valid_superblock_model_passes_every_entry_point(sb_base, tmp_path):
+    src, v2 = sb_base
+    assert exercise_v2(v2, src, tmp_path) == {}
+
+
+@fuzz(60)
+@given(edits=st.lists(st.tuples(st.floats(0.0, 1.0, exclude_max=True), st.integers(0, 255)),
+                      min_size=1, max_size=8))
+def test_superblock_random_byte_mutations(sb_base, tmp_path_factory, edits):
+    src, v2 = sb_base
+    d = copy_v2(v2, tmp_path_factory.mktemp("sbmut") / "m")
+    blob = bytearray((d / "model.parquet").read_bytes())
+    for pos, value in edits:
+        blob[int(pos * len(blob))] = value
+    (d / "model.parquet").write_bytes(bytes(blob))
+    exercise_v2(d, src, d.parent)
+
+
+SB_FIELDS = {
+    "param_code_bits": st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), st.integers(-1, 10)),
+    "superblock_groups": st.one_of(st.none(), st.integers(-2**63, 2**63 - 1),
+                                   st.integers(-1, 300)),
+    "param_codes": st.one_of(st.none(), st.binary(max_size=80)),
+    "scales": st.one_of(st.none(), st.lists(st.one_of(st.none(), st.floats(width=16)),
+                                            max_size=12)),
+    "zero_points": st.one_of(st.none(), st.lists(st.one_of(st.none(), st.floats(width=16)),
+                                                 max_size=12)),
+    "group_size": st.one_of(st.none(), st.integers(-2, 300)),
+}
+
+
+@fuzz(80)
+@given(edits=st.lists(st.tuples(st.integers(0, 6), st.sampled_from(sorted(SB_FIELDS))),
+                      min_size=1, max_size=3).flatmap(
+    lambda picks: st.tuples(st.just(picks), st.tuples(*[SB_FIELDS[f] for _, f in picks]))))
+def test_superblock_generated_field_values(sb_base, tmp_path_factory, edits):
+    """Superblock rows whose layout, units and code streams take generated
+    values: named ArrowQuant errors or a clean read, nothing else."""
+    src, v2 = sb_base
+    d = copy_v2(v2, tmp_path_factory.mktemp("sbfields") / "m")
+    picks, values = edits
+    t = pq.read_table(d / "model.parquet")
+    rows = t.to_pylist()
+    for (row, name), value in zip(picks, values):
+        rows[row % len(rows)][name] = value
+    pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), d / "model.parquet",
+                   row_group_size=1)
+    exercise_v2(d, src, d.parent)
