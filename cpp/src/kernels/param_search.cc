@@ -475,6 +475,11 @@ struct SbGroup {
   float s, z;  // stage 1 (float32)
 };
 
+// How far the code search looks around the best codes: scale code +-1,
+// zero code +-kZeroCodeReach (a zero unit is finer than the spread of the
+// zero points it serves, so the best zero code often moves by 2).
+constexpr int kZeroCodeReach = 2;
+
 // Stage 2 of one group (method mse): the code search under fixed units.
 class CodeSearch {
  public:
@@ -549,7 +554,7 @@ class CodeSearch {
     Requant();
     const float a0 = a_, c0 = c_;
     for (int da = -1; da <= 1; ++da) {
-      for (int dc = -1; dc <= 1; ++dc) {
+      for (int dc = -kZeroCodeReach; dc <= kZeroCodeReach; ++dc) {
         if (da == 0 && dc == 0) continue;
         const float a2 = ClampCode(a0 + static_cast<float>(da), 1.0f, p_max_);
         const float c2 = ClampCode(c0 + static_cast<float>(dc), 0.0f, p_max_);
