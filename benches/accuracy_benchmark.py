@@ -12,6 +12,11 @@ stored bits per weight (codes plus scale and zero point per group).
 
     python benches/accuracy_benchmark.py                   # markdown table on stdout
     python benches/accuracy_benchmark.py --bit-width 4 --group-size 32 --group-size 128
+    python benches/accuracy_benchmark.py --vs-llama-cpp [--ggml-lib DIR]   # issue 8's table
+
+--vs-llama-cpp runs benches/quality_benchmark.py: SQNR and bits per weight for
+every width, group size, method and parameter format on Gaussian, Student-t,
+outlier-column and MiniLM matrices beside llama.cpp's Q2_K .. Q8_0.
 
 A row is one `Config` on one weight set; to study another knob, add a field to
 Config, a flag in `configs()` and a column in COLUMNS.
@@ -166,8 +171,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="weight sets (default: all)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=Path(".benchmarks/accuracy"))
+    p.add_argument("--vs-llama-cpp", action="store_true",
+                   help="the quality-per-byte table against llama.cpp (quality_benchmark.py)")
+    p.add_argument("--ggml-lib", default=None,
+                   help="with --vs-llama-cpp: libggml-base.so or its directory")
     args = p.parse_args(argv)
     bc.use_source_tree()
+    if args.vs_llama_cpp:
+        import quality_benchmark
+
+        return quality_benchmark.main(["--ggml-lib", args.ggml_lib] if args.ggml_lib else [])
     cfgs = configs(sorted(set(args.bits or [2, 4, 8])), sorted(set(args.groups or [32, 64, 128])),
                    args.schemes or ["asymmetric", "symmetric"], args.methods or ["rtn"],
                    args.param_dtypes or ["float32"])

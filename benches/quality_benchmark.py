@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO_ROOT / "python"))
 from arrowquant import engine  # noqa: E402
 
 BITS = (2, 4, 8)
-GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = (16, 32, 64, 128, 256)
 METHODS = ("rtn", "mse")
-PARAM_DTYPES = ("float32", "float16")
+PARAM_DTYPES = ("float32", "float16", "superblock")
 LLAMA_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q6_K", "Q8_0")
 #: (llama.cpp type, its bits per weight): ArrowQuant must reach its SQNR at
 #: the same or fewer bits per weight.
@@ -214,14 +214,17 @@ def measure_speed(ggml: Optional[Ggml], rows: int, cols: int) -> List[dict]:
             best = min(best, time.process_time() - t0)
         return best
 
-    for bits in BITS:
-        for g in (64, 128):
-            for method, pd in (("rtn", "float32"), ("rtn", "float16"), ("mse", "float16"),
-                               ("mse", "float32")):
-                sec = best_of(lambda: engine.quantize_array(
-                    x, bits=bits, group_size=g, method=method, param_dtype=pd, threads=1))
-                out.append(dict(quantizer="arrowquant", bits=bits, group_size=g, method=method,
-                                param_dtype=pd, mweights_per_s=x.size / sec / 1e6))
+    configs = [(bits, g, method, pd) for bits in BITS for g in (64, 128)
+               for method, pd in (("rtn", "float32"), ("rtn", "float16"), ("mse", "float16"),
+                                  ("mse", "float32"))]
+    # the superblock sizes that match K-quants' bits per weight, and g64
+    configs += [(bits, g, method, "superblock") for bits, g in ((2, 16), (4, 32), (4, 64), (8, 32))
+                for method in ("rtn", "mse")]
+    for bits, g, method, pd in configs:
+        sec = best_of(lambda: engine.quantize_array(
+            x, bits=bits, group_size=g, method=method, param_dtype=pd, threads=1))
+        out.append(dict(quantizer="arrowquant", bits=bits, group_size=g, method=method,
+                        param_dtype=pd, mweights_per_s=x.size / sec / 1e6))
     if ggml is not None:
         for t in LLAMA_TYPES:
             _, _, sec = ggml.quantize(x, t)
@@ -241,8 +244,9 @@ def markdown(results: dict) -> str:
     for fam, rows in results["families"].items():
         lines.append(f"## {fam}")
         lines.append("")
-        lines.append("| bits | group | rtn f32 | rtn f16 | mse f32 | mse f16 |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| bits | group | rtn f32 | rtn f16 | rtn superblock | mse f32 | mse f16 "
+                     "| mse superblock |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         ours = {(r["bits"], r["group_size"], r["method"], r["param_dtype"]): r
                 for r in rows if r["quantizer"] == "arrowquant"}
         for bits in BITS:

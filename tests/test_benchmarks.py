@@ -306,3 +306,27 @@ def test_pure_io_yardstick_changes_are_not_fatal(tmp_path):
     cur = BASE[:2] + [rec("io", peak=120, quant=40, t=0.5)]
     p = run_compare(tmp_path, BASE, cur)
     assert p.returncode == 0 and "pure I/O yardstick" in p.stdout
+
+
+def test_quality_benchmark_quick_run_counts_every_parameter_byte(tmp_path):
+    """The quality table on a small Gaussian matrix without llama.cpp: every
+    (width, group, method, parameter format) row, bits per weight as the bytes
+    a quantized tensor takes (superblock: codes, p-bit parameter codes and two
+    float16 units per 256 weights), and the mse search ahead of rtn."""
+    import quality_benchmark as qb
+
+    out = tmp_path / "q"
+    assert qb.main(["--rows", "16", "--cols", "512", "--families", "gaussian", "--no-speed",
+                    "--ggml-lib", str(tmp_path / "none"), "--output-dir", str(out)]) == 0
+    res = json.loads((out / "quality_benchmark.json").read_text())
+    rows = {(r["bits"], r["group_size"], r["method"], r["param_dtype"]): r
+            for r in res["families"]["gaussian"] if r["quantizer"] == "arrowquant"}
+    assert len(rows) == len(qb.BITS) * len(qb.GROUP_SIZES) * len(qb.METHODS) * len(qb.PARAM_DTYPES)
+    assert rows[(4, 32, "mse", "superblock")]["bpw"] == pytest.approx(4.5)
+    assert rows[(2, 16, "mse", "superblock")]["bpw"] == pytest.approx(2.625)
+    assert rows[(4, 64, "mse", "float16")]["bpw"] == pytest.approx(4.5)
+    assert rows[(4, 128, "rtn", "float32")]["bpw"] == pytest.approx(4.5)
+    for key, r in rows.items():
+        if key[2] == "mse":
+            assert r["sqnr_db"] >= rows[(key[0], key[1], "rtn", key[3])]["sqnr_db"] - 0.05, key
+    assert "superblock" in (out / "quality_benchmark.md").read_text()

@@ -19,6 +19,9 @@ from .tensor import superblock_code_bits, superblock_groups
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
+#: The code search's neighbours of the best: scale code +-1 (outer loop),
+#: zero code +-ZERO_CODE_REACH (inner), as kZeroCodeReach in param_search.cc.
+ZERO_CODE_REACH = 2
 
 
 def _clamp(v: np.ndarray, lo: np.float32, hi: np.float32) -> np.ndarray:
@@ -102,7 +105,7 @@ def superblock_params(x2: np.ndarray, bits: int, group_size: int, method: str,
         a0 = (st.best_s / d_g).astype(np.float32)
         c0 = (st.best_z / dz_g).astype(np.float32)
         for da in (-1, 0, 1):
-            for dc in (-1, 0, 1):
+            for dc in range(-ZERO_CODE_REACH, ZERO_CODE_REACH + 1):
                 if da == 0 and dc == 0:
                     continue
                 consider(_clamp(a0 + np.float32(da), _F1, p_max),

@@ -235,6 +235,14 @@ class Search {
     mid_ = mid;
     sx_ = p_.centered_sum(x_, n_, mid);
   }
+  float mid() const { return mid_; }
+  float centered_sum() const { return sx_; }
+  void SetRange(float lo, float hi) {
+    lo_ = lo;
+    hi_ = hi;
+  }
+  float lo() const { return lo_; }
+  float hi() const { return hi_; }
 
   bool symmetric() const { return symmetric_; }
   bool f16() const { return f16_; }
@@ -279,6 +287,7 @@ class Search {
   bool f16_;
   float mid_ = 0.0f;
   float sx_ = 0.0f;
+  float lo_ = 0.0f, hi_ = 0.0f;
   float s_rtn_ = 1.0f;  // float32 rtn parameters, for the error message
   float z_rtn_ = 0.0f;
   // Every evaluated candidate keeps its own slot: phases_[0] the starts,
@@ -397,6 +406,7 @@ Status Prepare(const SearchPasses& passes, const float* x, int64_t n, int bits, 
                ParamDType param_dtype, Search* search, bool anchored = false) {
   float lo = 0.0f, hi = 0.0f;
   passes.min_max(x, n, &lo, &hi);
+  search->SetRange(lo, hi);
   float s0 = 1.0f, z0 = 0.0f;
   AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, &s0, &z0));
   search->SetRtn(s0, z0);
@@ -465,6 +475,11 @@ struct SbGroup {
   float s, z;  // stage 1 (float32)
 };
 
+// How far the code search looks around the best codes: scale code +-1,
+// zero code +-kZeroCodeReach (a zero unit is finer than the spread of the
+// zero points it serves, so the best zero code often moves by 2).
+constexpr int kZeroCodeReach = 2;
+
 // Stage 2 of one group (method mse): the code search under fixed units.
 class CodeSearch {
  public:
@@ -478,6 +493,7 @@ class CodeSearch {
     *c = ClampCode(std::nearbyint(std::max(z, 0.0f) / dz_), 0.0f, p_max_);
   }
 
+  // Evaluates (a, c) with the refit sums; keeps it when strictly better.
   void Consider(float a, float c) {
     EvalSums e;
     p_.eval_asym(g_.x, g_.n, d_ * a, dz_ * c, g_.mid, q_max_, &e);
@@ -486,13 +502,33 @@ class CodeSearch {
       best_ = e;
       a_ = a;
       c_ = c;
+      sums_current_ = true;
+    }
+  }
+
+  // The same decision from the error alone (the neighbours: most lose, and
+  // the sums of one that wins are computed when a refit needs them).
+  void ConsiderError(float a, float c) {
+    const float err = p_.error_asym(g_.x, g_.n, d_ * a, dz_ * c, q_max_);
+    if (err < best_.err) {
+      best_.err = err;
+      a_ = a;
+      c_ = c;
+      sums_current_ = false;
     }
   }
 
   // Least-squares refit of the best candidate's codes (float64, as the mse
   // search's refit at float32), then its nearest codes; nothing when
-  // degenerate or not representable.
+  // degenerate, not representable, or the same codes as the best (whose
+  // error cannot be strictly smaller than itself).
   void Requant() {
+    if (!sums_current_) {
+      const float err = best_.err;
+      p_.eval_asym(g_.x, g_.n, d_ * a_, dz_ * c_, g_.mid, q_max_, &best_);
+      best_.err = err;  // the same value, from the same pass
+      sums_current_ = true;
+    }
     const double dn = static_cast<double>(g_.n);
     const double dsl = static_cast<double>(best_.sum_q);
     const double det = dn * static_cast<double>(best_.sum_qq) - dsl * dsl;
@@ -507,6 +543,7 @@ class CodeSearch {
     if (!Representable(s32, z32)) return;
     float a = 0.0f, c = 0.0f;
     Nearest(s32, z32, &a, &c);
+    if (a == a_ && c == c_) return;
     Consider(a, c);
   }
 
@@ -517,13 +554,13 @@ class CodeSearch {
     Requant();
     const float a0 = a_, c0 = c_;
     for (int da = -1; da <= 1; ++da) {
-      for (int dc = -1; dc <= 1; ++dc) {
+      for (int dc = -kZeroCodeReach; dc <= kZeroCodeReach; ++dc) {
         if (da == 0 && dc == 0) continue;
         const float a2 = ClampCode(a0 + static_cast<float>(da), 1.0f, p_max_);
         const float c2 = ClampCode(c0 + static_cast<float>(dc), 0.0f, p_max_);
         // A clamped neighbour equal to the best cannot be strictly better.
         if (a2 == a0 && c2 == c0) continue;
-        Consider(a2, c2);
+        ConsiderError(a2, c2);
       }
     }
     Requant();
@@ -537,24 +574,28 @@ class CodeSearch {
   const SbGroup& g_;
   float d_, dz_, q_max_, p_max_;
   bool has_best_ = false;
-  EvalSums best_;
+  EvalSums best_;  // err always of (a_, c_); the sums only when sums_current_
+  bool sums_current_ = false;
   float a_ = 1.0f, c_ = 0.0f;
 };
 
 // Stage 1 of one group: lo, hi, center and float32 parameters.
 Status SuperblockStage1(const SearchPasses& passes, const QuantSpec& spec, SbGroup* g) {
-  passes.min_max(g->x, g->n, &g->lo, &g->hi);
-  const float r = g->hi - g->lo;
-  g->mid = g->lo + r * 0.5f;
   if (spec.method == Method::kMse) {
+    // The search's own range and center (the same values as computed below).
     Search search(passes, g->x, g->n, spec.bits, Scheme::kAsymmetric, ParamDType::kF32);
     AQ_RETURN_NOT_OK(Prepare(passes, g->x, g->n, spec.bits, Scheme::kAsymmetric,
                              ParamDType::kF32, &search, /*anchored=*/true));
     search.Run();
     AQ_RETURN_NOT_OK(search.Result(&g->s, &g->z));
-    g->sx = passes.centered_sum(g->x, g->n, g->mid);
+    g->lo = search.lo();
+    g->hi = search.hi();
+    g->mid = search.mid();
+    g->sx = search.centered_sum();
     return Status::OK();
   }
+  passes.min_max(g->x, g->n, &g->lo, &g->hi);
+  g->mid = g->lo + (g->hi - g->lo) * 0.5f;
   AQ_RETURN_NOT_OK(RtnFromRange(g->lo, g->hi, spec.bits, Scheme::kAsymmetric, &g->s, &g->z));
   if (!Representable(g->s, g->z)) {
     return Status::Invalid("rtn parameters not representable (scale " + std::to_string(g->s) +

@@ -101,7 +101,8 @@ inline constexpr float kSuperblockAnchorClips[] = {0.95f, 0.85f};
 // [0, 65504 * P] (1 when all are 0); the codes are the nearest ones, clamped.
 // Method mse then searches the codes by the true error of each candidate
 // (ties keep the earlier): the nearest codes, the codes of a least-squares
-// refit, the 8 neighbours (+-1) of the best, and a last refit of the best.
+// refit, the 14 neighbours of the best (scale code +-1, zero code +-2), and a
+// last refit of the best.
 // Writes the expanded scales and zero points (d * a, dz * c) of the row's G
 // groups and the units of its super-blocks. On error *failed_group names the
 // first group of the failing super-block.
