@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -371,6 +372,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ArrowQuantError as exc:
         print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output stopped early (`arrowquant inspect M | head`):
+        # not a failure. Point stdout at /dev/null so the exit flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except OSError as exc:  # the system refused a read or write outside the engine's wrapping
         print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
