@@ -171,15 +171,18 @@ def test_file_stores_units_and_codes_as_specified(tmp_path):
     assert t.schema.field("param_codes").type == pa.large_binary()
     row = t.to_pylist()[0]
     assert row["param_code_bits"] == 6 and row["superblock_groups"] == 8
-    assert len(row["scales"]) == 3 * 3  # 19 groups per row -> 3 super-blocks
-    np.testing.assert_array_equal(np.float32(row["scales"]), qt.superblock_scales)
+    # 19 groups per row -> 3 super-blocks; scale units, then zero units, and
+    # zero_points empty (a reader predating section 9 refuses the row)
+    assert len(row["scales"]) == 2 * 3 * 3 and row["zero_points"] == []
+    np.testing.assert_array_equal(np.float32(row["scales"][:9]), qt.superblock_scales)
+    np.testing.assert_array_equal(np.float32(row["scales"][9:]), qt.superblock_zero_points)
     # Decode the stream by hand: code k at bits 6k .. 6k+5, LSB first.
     stream = row["param_codes"]
     assert len(stream) == math.ceil(3 * 19 * 2 * 6 / 8)
     value = int.from_bytes(stream, "little")
     codes = [(value >> (6 * k)) & 63 for k in range(3 * 19 * 2)]
     a, c = np.array(codes[0::2]), np.array(codes[1::2])
-    d_units = np.float32(row["scales"]).reshape(3, 3)[:, np.arange(19) // 8].reshape(-1)
+    d_units = np.float32(row["scales"][:9]).reshape(3, 3)[:, np.arange(19) // 8].reshape(-1)
     np.testing.assert_array_equal(a * d_units, qt.scales)
     assert value >> (3 * 19 * 2 * 6) == 0  # padding bits are zero
     # Statistics are off for the blob, on for the small columns.
@@ -259,9 +262,9 @@ def test_duckdb_and_pyarrow_read_the_file(tmp_path):
     assert t.num_rows == 2
     got = duckdb.sql(
         f"SELECT layer_name, row_count, param_code_bits, superblock_groups, "
-        f"octet_length(param_codes) AS n, len(scales) AS s "
+        f"octet_length(param_codes) AS n, len(scales) AS s, len(zero_points) AS z "
         f"FROM read_parquet('{d / 'model.parquet'}') ORDER BY row_start").fetchall()
-    assert got == [("w", 2, 6, 8, 24, 2), ("w", 4, 6, 8, 48, 4)]
+    assert got == [("w", 2, 6, 8, 24, 4, 0), ("w", 4, 6, 8, 48, 8, 0)]
 
 
 # ---------------------------------------------------------------- hostile rows
@@ -293,7 +296,10 @@ HOSTILE = {
     "units_short": (lambda r: r.update(scales=r["scales"][:-1]), ShapeMismatchError,
                     "superblock units"),
     "zero_units_long": (lambda r: r.update(zero_points=r["zero_points"] + [0.0]),
-                        ShapeMismatchError, "superblock units"),
+                        ShapeMismatchError, "zero_points in a superblock row"),
+    "units_swapped_into_zero_points": (
+        lambda r: r.update(zero_points=r["scales"][3:], scales=r["scales"][:3]),
+        ShapeMismatchError, "zero_points in a superblock row"),
     "codes_short": (lambda r: r.update(param_codes=r["param_codes"][:-1]), ShapeMismatchError,
                     "param_codes holds"),
     "codes_null": (lambda r: r.update(param_codes=None), FormatError, "param_codes is null"),
@@ -304,19 +310,19 @@ HOSTILE = {
     "k_negative": (lambda r: r.update(superblock_groups=-8), FormatError, "positive integer"),
     "scale_code_zero": (lambda r: r.update(param_codes=_flip_code(r["param_codes"], 4, 0)),
                         ValidationError, "scale code of group 2 is 0"),
-    "dz_negative": (lambda r: r.update(zero_points=[-1.0] + r["zero_points"][1:]),
-                    ValidationError, "zero_points\\[0\\]"),
-    "dz_inf": (lambda r: r.update(zero_points=r["zero_points"][:1] + [math.inf]
-                                  + r["zero_points"][2:]),
-               ValidationError, "zero_points\\[1\\]"),
+    # scales = 3 scale units (one super-block per row), then 3 zero units
+    "dz_negative": (lambda r: r.update(scales=r["scales"][:3] + [-1.0] + r["scales"][4:]),
+                    ValidationError, "zero unit 0 is -1"),
+    "dz_inf": (lambda r: r.update(scales=r["scales"][:4] + [math.inf] + r["scales"][5:]),
+               ValidationError, "zero unit 1 is inf"),
     "d_zero": (lambda r: r.update(scales=[0.0] + r["scales"][1:]), ValidationError,
-               "scales\\[0\\] is 0"),
+               "scale unit 0 is 0"),
     "d_negative": (lambda r: r.update(scales=[-0.5] + r["scales"][1:]), ValidationError,
                    "must be finite and > 0"),
-    "d_nan": (lambda r: r.update(scales=r["scales"][:2] + [math.nan]), ValidationError,
-              "scales\\[2\\] is nan"),
+    "d_nan": (lambda r: r.update(scales=r["scales"][:2] + [math.nan] + r["scales"][3:]),
+              ValidationError, "scale unit 2 is nan"),
     "d_null_value": (lambda r: r.update(scales=[None] + r["scales"][1:]), ValidationError,
-                     "scales\\[0\\] is nan"),
+                     "scale unit 0 is nan"),
     "padding": (lambda r: None, ValidationError, "padding bits"),
     "unquantized_with_p": (lambda r: r.update(quant_type="none", group_size=None,
                                               data=b"\0" * (3 * 256 * 4)),
@@ -779,3 +785,20 @@ def test_superblock_generated_field_values(sb_base, tmp_path_factory, edits):
     pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), d / "model.parquet",
                    row_group_size=1)
     exercise_v2(d, src, d.parent)
+
+
+@pytest.mark.parametrize("group_size,cols", [(32, 256), (256, 256), (512, 100)])
+def test_a_reader_predating_section_9_cannot_misread_a_superblock_row(tmp_path, group_size,
+                                                                      cols):
+    """A version-1 reader needs row_count * G zero points in every quantized
+    row; a superblock row stores none, so that reader refuses it even where
+    S == G (one group per row, or K = 1) and units would look like parameters."""
+    x = _matrix(3, cols, seed=8)
+    qt = engine.quantize_array(x, bits=4, group_size=group_size, method="mse",
+                               param_dtype="superblock", name="w")
+    d = write_model(tmp_path / "m", [_record(qt, 0, 3)])
+    row = pq.read_table(d / "model.parquet").to_pylist()[0]
+    G = groups_per_row(cols, group_size)
+    assert row["zero_points"] == [] and 3 * G >= 1
+    assert len(row["scales"]) == 2 * qt.superblock_scales.size
+    np.testing.assert_array_equal(aq.load(d)["w"], engine.dequantize_array(qt))

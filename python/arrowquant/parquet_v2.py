@@ -268,8 +268,15 @@ def record_batch(rec: ChunkRecord, param_dtype: Optional[str] = None,
         pa.array([rec.scheme if quantized else None], pa.string()),
         pa.array([rec.method if quantized else None], pa.string()),
         pa.array([rec.group_size if quantized else None], pa.int64()),
-        _list_array(rec.scales, sch.field("scales").type.value_type),
-        _list_array(rec.zero_points, sch.field("zero_points").type.value_type),
+        # A superblock row stores its scale units then its zero units in
+        # `scales` and leaves `zero_points` empty (FORMAT.md 9.2), so a
+        # reader that predates the format finds no zero point for any group
+        # and refuses the row instead of misreading units as parameters.
+        _list_array(np.concatenate([np.asarray(rec.scales).reshape(-1),
+                                    np.asarray(rec.zero_points).reshape(-1)]) if sb_row
+                    else rec.scales, sch.field("scales").type.value_type),
+        _list_array(np.zeros(0, np.float32) if sb_row else rec.zero_points,
+                    sch.field("zero_points").type.value_type),
         pa.array([1 if quantized else None], pa.int64()),
         pa.array([rec.is_diffusion_model], pa.bool_()),
         pa.array([rec.modality], pa.string()),
@@ -687,10 +694,21 @@ class QuantizedModel(Mapping):
             if not sb and part.pop("param_codes", None) is not None:
                 raise FormatError(f"{where}: param_codes set in a row without param_code_bits")
             if sb:
-                part.update(expand_chunk(where, part.pop("scales"), part.pop("zero_points"),
+                units, empty = part.pop("scales"), part.pop("zero_points")
+                G = groups_per_row(n_cols, entry.group_size)
+                S = -(-G // entry.superblock_groups)
+                if empty.size != 0:
+                    raise ShapeMismatchError(f"{where}: {empty.size} zero_points in a superblock "
+                                             "row (its units are all in scales; zero_points is "
+                                             "empty)")
+                if units.size != 2 * loc.row_count * S:
+                    raise ShapeMismatchError(f"{where}: {units.size} scales (superblock units), "
+                                             f"expected 2 x {loc.row_count} rows x {S} "
+                                             "super-blocks")
+                half = loc.row_count * S
+                part.update(expand_chunk(where, units[:half], units[half:],
                                          part.pop("param_codes"), entry.param_code_bits,
-                                         entry.superblock_groups, loc.row_count,
-                                         groups_per_row(n_cols, entry.group_size)))
+                                         entry.superblock_groups, loc.row_count, G))
             elif bits is not None:
                 n_params = loc.row_count * groups_per_row(n_cols, entry.group_size)
                 for key in ("scales", "zero_points"):
@@ -841,29 +859,29 @@ def expand_chunk(where: str, d: np.ndarray, dz: np.ndarray, codes: Optional[np.n
     S = -(-G // K)
     if codes is None:
         raise FormatError(f"{where}: param_codes is null in a superblock row")
-    for key, v in (("scales", d), ("zero_points", dz)):
+    for label, v in (("scale", d), ("zero", dz)):
         if v.size != row_count * S:
-            raise ShapeMismatchError(f"{where}: {v.size} {key} (superblock units), expected "
+            raise ShapeMismatchError(f"{where}: {v.size} superblock {label} units, expected "
                                      f"{row_count} rows x {S} super-blocks")
     need = param_code_bytes(row_count * G, p)
     if codes.size != need:
         raise ShapeMismatchError(f"{where}: param_codes holds {codes.size} bytes, {row_count} rows "
                                  f"x {G} groups of {p}-bit code pairs need {need}")
     units = []
-    for key, stored in (("scales", d), ("zero_points", dz)):
+    for label, stored in (("scale", d), ("zero", dz)):
         v = stored.astype(np.float32)
         with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(v) | (v <= 0 if key == "scales" else v < 0)
+            bad = ~np.isfinite(v) | (v <= 0 if label == "scale" else v < 0)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            rule = "finite and > 0" if key == "scales" else "finite and >= 0"
-            raise ValidationError(f"{where}: superblock unit {key}[{i}] is {v[i]} (must be {rule})")
+            rule = "finite and > 0" if label == "scale" else "finite and >= 0"
+            raise ValidationError(f"{where}: superblock {label} unit {i} is {v[i]} (must be {rule})")
         if stored.dtype != np.float16:
             with np.errstate(over="ignore"):
                 off = v.astype(np.float16).astype(np.float32) != v
             if off.any():
                 i = int(np.flatnonzero(off)[0])
-                raise ValidationError(f"{where}: superblock unit {key}[{i}] = {v[i]!r} is not a "
+                raise ValidationError(f"{where}: superblock {label} unit {i} = {v[i]!r} is not a "
                                       "float16 value")
         units.append(v)
     d32, dz32 = units

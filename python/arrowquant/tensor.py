@@ -169,7 +169,9 @@ def superblock_codes(scales: np.ndarray, zero_points: np.ndarray, sb_scales: np.
     d = np.asarray(sb_scales, dtype=np.float32).reshape(rows, S)[:, sb_of]
     dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(rows, S)[:, sb_of]
     a = np.asarray(scales, dtype=np.float32).reshape(rows, groups) / d
-    c = np.asarray(zero_points, dtype=np.float32).reshape(rows, groups) / dz
+    zp = np.asarray(zero_points, dtype=np.float32).reshape(rows, groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(dz > 0, zp / dz, np.float32(0))  # a zero unit of 0: every code is 0
     return a.reshape(-1).astype(np.uint8), c.reshape(-1).astype(np.uint8)
 
 
