@@ -310,7 +310,7 @@ def aggregate(impl: str, case: Case, results: List[JobResult], common: dict,
         "parent_rss_mb": round(max(r.run.parent_rss_mb for r in results), 1),
         "output_bytes": first.get("output_bytes"),
         "input_bytes": common["model_bytes"],
-        "group_size": GROUP_SIZE,
+        "group_size": common.get("group_size", GROUP_SIZE),
         "method": common.get("method"),
         "param_dtype": common.get("param_dtype"),
         "threads": common["threads"],
@@ -358,7 +358,8 @@ def run_case(case: Case, model: Path, work: Path, args: argparse.Namespace, comm
     io_out = work / "io.bin"
 
     def quantize_spec(impl: str, traced: bool = False) -> dict:
-        return {"input": str(model), "output": str(outputs[impl]), "bits": case.bits, "group_size": GROUP_SIZE,
+        return {"input": str(model), "output": str(outputs[impl]), "bits": case.bits,
+                "group_size": args.group_size,
                 "method": args.method, "param_dtype": args.param_dtype,
                 "implementation": impl, "threads": args.threads, "tracemalloc": traced}
 
@@ -425,7 +426,7 @@ def format_report(cases: Sequence[Case], skipped: Sequence[str], meta: dict) -> 
               f"Load:     1-min load average {m.get('load_average_1m')} at start (above {m['cpu_count']} "
               f"cores means other work competed for the CPU: times are then pessimistic)",
               f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-              f"Settings: group size {GROUP_SIZE}, asymmetric, method {meta.get('method', 'mse')} with "
+              f"Settings: group size {meta.get('group_size', GROUP_SIZE)}, asymmetric, method {meta.get('method', 'mse')} with "
               f"{meta.get('param_dtype', 'float16')} parameters, threads {meta['threads'] or 'all'}, "
               f"repeat {meta['repeat']} (time = median, memory = max over repeats)",
               "",
@@ -555,8 +556,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="engine threads (0 = all cores)")
     p.add_argument("--method", choices=("mse", "rtn"), default="mse",
                    help="scale search (default mse, the tool's default; rtn = plain min/max)")
-    p.add_argument("--param-dtype", choices=("float16", "float32"), default="float16",
-                   help="storage of scales and zero points (default float16, the tool's default)")
+    p.add_argument("--param-dtype", choices=("float16", "float32", "superblock"), default="float16",
+                   help="storage of scales and zero points (default float16, the tool's default; "
+                        "superblock: two-level, docs/FORMAT.md section 9)")
+    p.add_argument("--group-size", type=int, default=GROUP_SIZE,
+                   help=f"group size (default {GROUP_SIZE}, the tool's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tracemalloc", action="store_true",
                    help="skip the extra untimed run per job that measures the Python heap with tracemalloc")
@@ -594,7 +598,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     formats = list(FORMATS) if args.input_format == "both" else [args.input_format]
     meta = {"timestamp": bc.timestamp(), "commit": bc.git_commit(), "machine": bc.machine_info(),
             "versions": bc.package_versions(), "threads": args.threads, "repeat": args.repeat,
-            "method": args.method, "param_dtype": args.param_dtype}
+            "method": args.method, "param_dtype": args.param_dtype, "group_size": args.group_size}
     cases: List[Case] = []
     skipped: List[str] = []
     failed = False
@@ -629,7 +633,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 versions = dict(meta["versions"])
                 common = {"params": params, "model_bytes": g.data["bytes"], "threads": args.threads,
                           "method": args.method, "param_dtype": args.param_dtype,
-                          "machine": meta["machine"], "commit": meta["commit"], "versions": versions}
+                          "group_size": args.group_size, "machine": meta["machine"], "commit": meta["commit"], "versions": versions}
                 for bits in args.bits:
                     log(f"  {bits}-bit:")
                     case = Case(size=size, fmt=fmt, bits=bits)
