@@ -802,3 +802,14 @@ def test_a_reader_predating_section_9_cannot_misread_a_superblock_row(tmp_path, 
     assert row["zero_points"] == [] and 3 * G >= 1
     assert len(row["scales"]) == 2 * qt.superblock_scales.size
     np.testing.assert_array_equal(aq.load(d)["w"], engine.dequantize_array(qt))
+
+
+def test_gguf_output_refuses_superblock_parameters(tmp_path):
+    """GGUF has its own block types; asking for superblock parameters there is
+    an error, not a silently different file."""
+    src = tmp_path / "m"
+    write_v1(src, {"w": _matrix(8, 64)})
+    with pytest.raises(ConfigurationError, match="GGUF"):
+        aq.quantize(str(src), str(tmp_path / "o.gguf"), output_format="gguf",
+                    param_dtype="superblock", progress=False)
+    assert not (tmp_path / "o.gguf").exists()

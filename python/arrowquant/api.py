@@ -232,6 +232,11 @@ def quantize(
         raise ValidationError(
             "calibrated (importance-weighted) quantization does not support param dtype "
             "'superblock'; use float16 or float32 parameters with --calibration")
+    if output_format == "gguf" and requested == "superblock":
+        raise ConfigurationError(
+            "GGUF output uses llama.cpp's block types (Q8_0 / Q4_0 / Q4_1: blocks of 32 with "
+            "float16 parameters); param dtype 'superblock' is an ArrowQuant Parquet V2 format: "
+            "drop --param-dtype or write Parquet")
     if output_format == "gguf":
         # One GGUF file, block types from bits / scheme (gguf_export's rules);
         # returns export_gguf's report dict.
