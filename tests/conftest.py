@@ -51,3 +51,30 @@ def small_tensors(seed: int = 0) -> Dict[str, np.ndarray]:
 def v1_model(tmp_path: Path) -> Tuple[Path, Dict[str, np.ndarray]]:
     tensors = small_tensors()
     return write_v1(tmp_path / "v1", tensors), tensors
+
+
+def family_matrix(seed: int, rows: int, cols: int, family: str) -> np.ndarray:
+    """float32 test matrices with the shapes parameter searches must handle:
+    gauss, student (heavy tails), outlier (a few columns 30x), offset (far
+    from 0), negative (large zero points), ties (repeated values), zeros
+    (mostly zero with constant stretches)."""
+    rng = np.random.default_rng(seed)
+    if family == "gauss":
+        x = rng.standard_normal((rows, cols))
+    elif family == "student":
+        x = rng.standard_t(4, (rows, cols)) * 0.02
+    elif family == "outlier":
+        x = rng.standard_normal((rows, cols))
+        x[:, rng.integers(0, cols, max(1, cols // 50))] *= 30.0
+    elif family == "offset":
+        x = 50.0 + rng.standard_normal((rows, cols)) * 0.1
+    elif family == "negative":
+        x = -3.0 + rng.standard_normal((rows, cols)) * 0.2
+    elif family == "ties":
+        x = np.round(rng.standard_normal((rows, cols)) * 3.0) / 4.0
+    elif family == "zeros":
+        x = np.zeros((rows, cols))
+        x[:, ::5] = rng.standard_normal((rows, -(-cols // 5)))
+    else:
+        raise ValueError(family)
+    return x.astype(np.float32)

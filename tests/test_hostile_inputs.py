@@ -235,7 +235,13 @@ def test_v2_random_byte_mutations(base, tmp_path_factory, edits):
     """Damaged bytes anywhere (footer, page headers, values): an allowed error
     or a clean read; never anything else."""
     src, v2 = base
-    d = copy_v2(v2, tmp_path_factory.mktemp("mut") / "m")
+    mutate_and_exercise(v2, src, tmp_path_factory.mktemp("mut"), edits)
+
+
+def mutate_and_exercise(v2: Path, src: Path, work: Path, edits) -> None:
+    """A copy of the V2 model with model.parquet's byte at each fraction `pos`
+    of its length set to `value`, read through every entry point."""
+    d = copy_v2(v2, work / "m")
     blob = bytearray((d / "model.parquet").read_bytes())
     for pos, value in edits:
         blob[int(pos * len(blob))] = value

@@ -12,25 +12,13 @@ from hypothesis import strategies as st
 from arrowquant import engine, reference
 from arrowquant.errors import ValidationError
 from arrowquant.reference_search import round_scale_f16
+from conftest import family_matrix
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-def _matrix(seed: int, rows: int, cols: int, family: str) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if family == "gauss":
-        x = rng.standard_normal((rows, cols))
-    elif family == "student":
-        x = rng.standard_t(4, (rows, cols)) * 0.02
-    elif family == "outlier":
-        x = rng.standard_normal((rows, cols))
-        x[:, rng.integers(0, cols, max(1, cols // 50))] *= 30.0
-    elif family == "offset":
-        x = 50.0 + rng.standard_normal((rows, cols)) * 0.1
-    else:  # ties and repeated values
-        x = np.round(rng.standard_normal((rows, cols)) * 3.0) / 4.0
-    return x.astype(np.float32)
+_matrix = family_matrix
 
 
 FAMILIES = ["gauss", "student", "outlier", "offset", "ties"]

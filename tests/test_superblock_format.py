@@ -26,7 +26,7 @@ from arrowquant.tensor import (ErrorSums, QuantizedTensor, expand_superblock, gr
                                pack_param_codes, packed_row_bytes, superblock_code_bits,
                                superblock_groups, superblocks_per_row, view_2d)
 from conftest import write_v1
-from test_hostile_inputs import copy_v2, exercise_v2, fuzz, small_model
+from test_hostile_inputs import copy_v2, exercise_v2, fuzz, mutate_and_exercise, small_model
 
 # ---------------------------------------------------------------- a quantizer
 
@@ -747,12 +747,7 @@ def test_valid_superblock_model_passes_every_entry_point(sb_base, tmp_path):
                       min_size=1, max_size=8))
 def test_superblock_random_byte_mutations(sb_base, tmp_path_factory, edits):
     src, v2 = sb_base
-    d = copy_v2(v2, tmp_path_factory.mktemp("sbmut") / "m")
-    blob = bytearray((d / "model.parquet").read_bytes())
-    for pos, value in edits:
-        blob[int(pos * len(blob))] = value
-    (d / "model.parquet").write_bytes(bytes(blob))
-    exercise_v2(d, src, d.parent)
+    mutate_and_exercise(v2, src, tmp_path_factory.mktemp("sbmut"), edits)
 
 
 SB_FIELDS = {

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from arrowquant import engine, reference
 from arrowquant.errors import ValidationError
-from arrowquant.reference_search import search_params, _groups, _stats
+from arrowquant.reference_search import search_params
 from arrowquant.tensor import (
     expand_superblock,
     pack_param_codes,
@@ -23,31 +23,14 @@ from arrowquant.tensor import (
     superblock_groups,
     unpack_param_codes,
 )
+from conftest import family_matrix
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 FAMILIES = ["gauss", "student", "outlier", "offset", "negative", "ties", "zeros"]
 
 
-def _matrix(seed: int, rows: int, cols: int, family: str) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if family == "gauss":
-        x = rng.standard_normal((rows, cols))
-    elif family == "student":
-        x = rng.standard_t(4, (rows, cols)) * 0.02
-    elif family == "outlier":
-        x = rng.standard_normal((rows, cols))
-        x[:, rng.integers(0, cols, max(1, cols // 50))] *= 30.0
-    elif family == "offset":  # groups far from 0 (zero points clamp at 0)
-        x = 50.0 + rng.standard_normal((rows, cols)) * 0.1
-    elif family == "negative":  # large zero points
-        x = -3.0 + rng.standard_normal((rows, cols)) * 0.2
-    elif family == "ties":
-        x = np.round(rng.standard_normal((rows, cols)) * 3.0) / 4.0
-    else:  # mostly zero, with constant stretches
-        x = np.zeros((rows, cols))
-        x[:, ::5] = rng.standard_normal((rows, -(-cols // 5)))
-    return x.astype(np.float32)
+_matrix = family_matrix
 
 
 def _same(a, b) -> None:
