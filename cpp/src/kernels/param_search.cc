@@ -472,7 +472,8 @@ struct SbGroup {
   const float* x;
   int64_t n;
   float lo, hi, mid, sx;
-  float s, z;  // stage 1 (float32)
+  float s, z;   // stage 1 (float32)
+  bool spread;  // the range stage 1 used is not a single value
 };
 
 // How far the code search looks around the best codes: scale code +-1,
@@ -568,6 +569,7 @@ class CodeSearch {
 
   float a() const { return a_; }
   float c() const { return c_; }
+  float err() const { return best_.err; }
 
  private:
   const SearchPasses& p_;
@@ -604,6 +606,49 @@ Status SuperblockStage1(const SearchPasses& passes, const QuantSpec& spec, SbGro
   return Status::OK();
 }
 
+// Zero codes are >= 0 and share one unit per super-block, so a stage-1 zero
+// point outside [0, Q] (0 outside the codes' range [-z * s, (Q - z) * s]: a
+// group away from 0, or a clipped range that left 0 out) cannot be followed.
+// The range is then stretched to reach 0, keeping its other end: z < 0 gives
+// s = (Q - z) * s / Q, z = 0; z > Q gives s = z * s / Q, z = Q.
+void WidenToZero(const QuantSpec& spec, SbGroup* g) {
+  const float q_max = static_cast<float>((1 << spec.bits) - 1);
+  g->spread = g->hi > g->lo;
+  if (g->z < 0.0f) {
+    g->s = (q_max - g->z) * g->s / q_max;
+    g->z = 0.0f;
+  } else if (g->z > q_max) {
+    g->s = g->z * g->s / q_max;
+    g->z = q_max;
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// The units of a super-block from its groups' stage-1 parameters: d from the
+// largest scale of a group with a spread, dz from the largest zero point
+// (each 1 when there is none). d may be inf (caller's check).
+void SuperblockUnits(const SearchPasses& passes, const SbGroup* groups, int64_t count,
+                     float p_max, float* d, float* dz, float* largest_scale = nullptr) {
+  float s_max = 0.0f, z_max = 0.0f;
+  for (int64_t k = 0; k < count; ++k) {
+    if (groups[k].spread) s_max = std::max(s_max, groups[k].s);
+    z_max = std::max(z_max, groups[k].z);
+  }
+  *d = s_max > 0.0f ? RoundScaleWith(passes, s_max / p_max) : 1.0f;
+  *dz = z_max > 0.0f ? RoundScaleWith(passes, z_max / p_max) : 1.0f;
+  if (largest_scale != nullptr) *largest_scale = s_max;
+}
+
+float NearestScaleCode(float s, float d, float p_max) {
+  return ClampCode(std::nearbyint(s / d), 1.0f, p_max);
+}
+float NearestZeroCode(float z, float dz, float p_max) {
+  return ClampCode(std::nearbyint(std::max(z, 0.0f) / dz), 0.0f, p_max);
+}
+
 }  // namespace
 
 Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t cols,
@@ -615,12 +660,12 @@ Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t c
   const int64_t K = SuperblockGroups(g);
   const float q_max = static_cast<float>((1 << spec.bits) - 1);
   const float p_max = static_cast<float>((1 << SuperblockCodeBits(spec.bits)) - 1);
-  const float z_cap = 65504.0f * p_max;  // keeps dz finite in float16
-  std::vector<SbGroup> groups(static_cast<size_t>(std::min(K, G)));
+  const size_t slots = static_cast<size_t>(std::min(K, G));
+  std::vector<SbGroup> groups(slots), rtn(slots);
+  std::vector<float> a(slots), c(slots);
   for (int64_t b = 0, j0 = 0; j0 < G; ++b, j0 += K) {
     const int64_t count = std::min(K, G - j0);
     *failed_group = j0;
-    float s_max = 0.0f, z_max = 0.0f;
     for (int64_t k = 0; k < count; ++k) {
       SbGroup& gr = groups[static_cast<size_t>(k)];
       const int64_t c0 = (j0 + k) * g;
@@ -631,32 +676,65 @@ Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t c
         *failed_group = j0 + k;
         return st;
       }
-      gr.z = std::min(std::max(gr.z, 0.0f), z_cap) + 0.0f;
-      if (gr.hi > gr.lo) s_max = std::max(s_max, gr.s);
-      z_max = std::max(z_max, gr.z);
+      WidenToZero(spec, &gr);
+      gr.z = gr.z + 0.0f;  // in [0, Q]; -0 -> +0
     }
-    const float d = s_max > 0.0f ? RoundScaleWith(passes, s_max / p_max) : 1.0f;
-    const float dz = z_max > 0.0f ? RoundScaleWith(passes, z_max / p_max) : 1.0f;
+    float d = 1.0f, dz = 1.0f, s_max = 0.0f;
+    SuperblockUnits(passes, groups.data(), count, p_max, &d, &dz, &s_max);
     if (!std::isfinite(d)) {
       return Status::Invalid("superblock scale unit not representable in float16 (largest group "
                              "scale " + std::to_string(s_max) + "); use float32 parameters");
     }
+    if (spec.method == Method::kMse) {
+      // The code search, then the rtn solution of the super-block (its own
+      // units, nearest codes): whichever has the smaller total error, ties
+      // to the search, so mse is never worse than rtn on any super-block.
+      double err_mse = 0.0, err_rtn = 0.0;
+      for (int64_t k = 0; k < count; ++k) {
+        CodeSearch cs(passes, groups[static_cast<size_t>(k)], d, dz, q_max, p_max);
+        cs.Run();
+        a[static_cast<size_t>(k)] = cs.a();
+        c[static_cast<size_t>(k)] = cs.c();
+        err_mse += static_cast<double>(cs.err());
+      }
+      for (int64_t k = 0; k < count; ++k) {
+        SbGroup& r = rtn[static_cast<size_t>(k)];
+        r = groups[static_cast<size_t>(k)];
+        AQ_RETURN_NOT_OK(RtnFromRange(r.lo, r.hi, spec.bits, Scheme::kAsymmetric, &r.s, &r.z));
+        WidenToZero(spec, &r);
+        r.z = r.z + 0.0f;
+      }
+      float d_r = 1.0f, dz_r = 1.0f;
+      SuperblockUnits(passes, rtn.data(), count, p_max, &d_r, &dz_r);
+      if (std::isfinite(d_r)) {
+        for (int64_t k = 0; k < count; ++k) {
+          const SbGroup& r = rtn[static_cast<size_t>(k)];
+          err_rtn += static_cast<double>(
+              passes.error_asym(r.x, r.n, d_r * NearestScaleCode(r.s, d_r, p_max),
+                                dz_r * NearestZeroCode(r.z, dz_r, p_max), q_max));
+        }
+      }
+      if (std::isfinite(d_r) && err_rtn < err_mse) {
+        std::copy(rtn.begin(), rtn.begin() + count, groups.begin());
+        d = d_r;
+        dz = dz_r;
+      } else {
+        superblock_scales[b] = d;
+        superblock_zero_points[b] = dz;
+        for (int64_t k = 0; k < count; ++k) {
+          scales[j0 + k] = d * a[static_cast<size_t>(k)];
+          zero_points[j0 + k] = dz * c[static_cast<size_t>(k)];
+        }
+        continue;
+      }
+    }
+    // Method rtn, or rtn's solution won: the nearest codes.
     superblock_scales[b] = d;
     superblock_zero_points[b] = dz;
     for (int64_t k = 0; k < count; ++k) {
       const SbGroup& gr = groups[static_cast<size_t>(k)];
-      float a = 0.0f, c = 0.0f;
-      if (spec.method == Method::kMse) {
-        CodeSearch cs(passes, gr, d, dz, q_max, p_max);
-        cs.Run();
-        a = cs.a();
-        c = cs.c();
-      } else {
-        a = ClampCode(std::nearbyint(gr.s / d), 1.0f, p_max);
-        c = ClampCode(std::nearbyint(gr.z / dz), 0.0f, p_max);
-      }
-      scales[j0 + k] = d * a;
-      zero_points[j0 + k] = dz * c;
+      scales[j0 + k] = d * NearestScaleCode(gr.s, d, p_max);
+      zero_points[j0 + k] = dz * NearestZeroCode(gr.z, dz, p_max);
     }
   }
   return Status::OK();

@@ -93,16 +93,17 @@ Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, Para
 inline constexpr float kSuperblockAnchorClips[] = {0.95f, 0.85f};
 
 // The parameters of one row's groups under spec (param_dtype kSuperblock,
-// asymmetric): per super-block, stage 1 chooses each group's float32
-// (scale, zero point) (method rtn: FORMAT.md's rule; mse: the search above
-// with the anchored starts); the units are d = RoundScaleF16(max scale / P)
-// over groups with a spread (1 when there is none) and
-// dz = RoundScaleF16(max zero / P) over the zero points clamped to
-// [0, 65504 * P] (1 when all are 0); the codes are the nearest ones, clamped.
-// Method mse then searches the codes by the true error of each candidate
-// (ties keep the earlier): the nearest codes, the codes of a least-squares
-// refit, the 14 neighbours of the best (scale code +-1, zero code +-2), and a
-// last refit of the best.
+// asymmetric; docs/FORMAT.md 9.6): per super-block, stage 1 chooses each
+// group's float32 (scale, zero point) (method rtn: FORMAT.md's rule; mse: the
+// search above with the anchored starts), a zero point outside [0, Q]
+// stretching the range to reach 0; the units are d = RoundScaleF16(max
+// scale / P) over groups with a spread (1 when there is none) and
+// dz = RoundScaleF16(max zero / P) (1 when all are 0); the codes are the
+// nearest ones, clamped. Method mse then searches the codes by the true
+// error of each candidate (ties keep the earlier): the nearest codes, the
+// codes of a least-squares refit, the 14 neighbours of the best (scale code
+// +-1, zero code +-2), and a last refit of the best; and keeps rtn's
+// solution of a super-block when its total error is smaller.
 // Writes the expanded scales and zero points (d * a, dz * c) of the row's G
 // groups and the units of its super-blocks. On error *failed_group names the
 // first group of the failing super-block.
