@@ -35,7 +35,9 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
                         "weight at float16); superblock = two levels like llama.cpp's K-quants, "
                         "a 6-bit (INT2: 4-bit) scale and zero code per group and two float16 "
                         "units per 256 weights (INT4 g32 = 4.5, INT2 g16 = 2.625 bits per "
-                        "weight; asymmetric only)")
+                        "weight; asymmetric only). With --method mse it beats Q4_K / Q2_K at "
+                        "those sizes but quantizes about 4x slower than the default "
+                        "(docs/quality.md)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="engine threads (default 0 = all cores)")
 
