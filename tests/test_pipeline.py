@@ -127,6 +127,27 @@ def test_nan_weights_name_the_tensor_and_leave_no_finished_output(tmp_path):
     assert not (out / "model.parquet").exists()
 
 
+@pytest.mark.parametrize("engine_name", ["native", "reference"])
+@pytest.mark.parametrize("param_dtype", ["float16", "superblock"])
+def test_nan_far_into_a_chunked_tensor_is_placed_in_the_whole_tensor_and_file(
+        tmp_path, engine_name, param_dtype):
+    """The engine sees one read unit at a time; the error still gives the
+    position in the whole tensor and the file it came from."""
+    from safetensors.numpy import save_file
+
+    a = np.random.default_rng(0).standard_normal((1024, 256)).astype(np.float16)
+    a[900, 7] = np.inf
+    src = tmp_path / "m.safetensors"
+    save_file({"w": a}, str(src))
+    with pytest.raises(ValidationError,
+                       match=rf"'w': Inf at index {900 * 256 + 7} \(row 900, column 7\) in "
+                             rf".*m\.safetensors"):
+        aq.quantize(src, tmp_path / "out", progress=False, max_memory="2MiB",
+                    chunk_size="64KiB", engine=engine_name, param_dtype=param_dtype,
+                    group_size=32)
+    assert not (tmp_path / "out" / "metadata.json").exists()
+
+
 def test_memory_budget_below_one_row_is_an_error_up_front(v1_model, tmp_path):
     src, _ = v1_model
     with pytest.raises(MemoryBudgetError, match="max-memory"):

@@ -596,11 +596,14 @@ class StreamingQuantizer:
         kept: Optional[np.ndarray] = None
         for r, raw in units:
             n = raw.size // max(1, src_row)
-            s = self.quantizer.quantize_rows(
-                raw, t, plan, n, packed[r * row_bytes:(r + n) * row_bytes],
-                scales[r * G:(r + n) * G], zeros[r * G:(r + n) * G],
-                sb_scales[r * S:(r + n) * S] if sb else None,
-                sb_zeros[r * S:(r + n) * S] if sb else None)
+            try:
+                s = self.quantizer.quantize_rows(
+                    raw, t, plan, n, packed[r * row_bytes:(r + n) * row_bytes],
+                    scales[r * G:(r + n) * G], zeros[r * G:(r + n) * G],
+                    sb_scales[r * S:(r + n) * S] if sb else None,
+                    sb_zeros[r * S:(r + n) * S] if sb else None)
+            except ValidationError as exc:
+                raise self._located(exc, t, raw, chunk.row_start + r) from None
             sums.merge(s)
             if keep_source:
                 kept = raw
@@ -614,6 +617,22 @@ class StreamingQuantizer:
         else:
             rec = self._record(t, plan, chunk, packed, scales, zeros)
         return rec, sums, kept
+
+    def _located(self, exc: ValidationError, t: TensorInfo, raw: np.ndarray,
+                 first_row: int) -> ValidationError:
+        """The engine sees one read unit, so its NaN/Inf position counts rows
+        from the unit's start: restate it for the whole tensor, with the file."""
+        from .reference import to_float32
+
+        x = to_float32(np.asarray(raw, dtype=np.uint8), t.dtype)
+        bad = np.flatnonzero(~np.isfinite(x))
+        if bad.size == 0:  # another validation error: its message stands
+            return exc
+        i = int(bad[0])
+        row, col = first_row + i // t.cols, i % t.cols
+        kind = "NaN" if np.isnan(x[i]) else "Inf"
+        return ValidationError(f"tensor {t.name!r}: {kind} at index {row * t.cols + col} "
+                               f"(row {row}, column {col}) in {self.source.location(t.name)}")
 
     def _record(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, data: np.ndarray,
                 scales: Optional[np.ndarray], zeros: Optional[np.ndarray]) -> parquet_v2.ChunkRecord:

@@ -49,6 +49,10 @@ class ModelSource(abc.ABC):
         """Raw little-endian bytes (uint8) of rows [row_start, row_start+row_count)
         of the tensor's 2-D view; written into `out` when given."""
 
+    def location(self, name: str) -> str:
+        """The file a tensor is read from, for error messages."""
+        return str(self.root)
+
     @property
     def modality_hint(self) -> Optional[str]:
         m = self.metadata.get("modality")
@@ -206,6 +210,9 @@ class ParquetV1Source(ModelSource):
         except (FormatError, IndexError) as exc:
             raise FormatError(f"{f}: tensor {name!r}: {exc}") from None
 
+    def location(self, name: str) -> str:
+        return str(self._where[name][0]) if name in self._where else str(self.root)
+
     def read(self, name: str, row_start: int = 0, row_count: Optional[int] = None,
              out: Optional[np.ndarray] = None) -> np.ndarray:
         t = self.info(name)
@@ -248,6 +255,9 @@ class SafeTensorsSource(ModelSource):
     @property
     def weight_files(self) -> List[Path]:
         return [Path(p) for p in self._model.files]
+
+    def location(self, name: str) -> str:
+        return str(self._model.file_of(name))
 
     def read(self, name: str, row_start: int = 0, row_count: Optional[int] = None,
              out: Optional[np.ndarray] = None) -> np.ndarray:
