@@ -1,6 +1,5 @@
 // Importance-weighted parameter search (see importance.h for the contract).
 #include "arrowquant/importance.h"
-#include "kernels/param_search.h"
 
 #include <algorithm>
 #include <cmath>
@@ -10,6 +9,7 @@
 #include <vector>
 
 #include "arrowquant/parallel.h"
+#include "kernels/param_search.h"
 #include "kernels/row_kernels.h"
 
 namespace arrowquant {
@@ -47,17 +47,21 @@ struct Candidate {
 };
 
 bool Usable(float scale, float zero) {
-  return scale > 0.0f && std::isfinite(scale) && std::isfinite(1.0f / scale) &&
-         std::isfinite(zero);
+  return scale > 0.0f && std::isfinite(scale) && std::isfinite(1.0f / scale) && std::isfinite(zero);
 }
 
 class GroupSearch {
  public:
   GroupSearch(const float* x, const float* w, int64_t n, const QuantSpec& spec,
               const ImportanceOptions& opts)
-      : x_(x), w_(w), n_(n), spec_(spec), opts_(opts),
+      : x_(x),
+        w_(w),
+        n_(n),
+        spec_(spec),
+        opts_(opts),
         q_max_(static_cast<float>((1 << spec.bits) - 1)),
-        symmetric_(spec.scheme == Scheme::kSymmetric), codes_(static_cast<size_t>(n)) {}
+        symmetric_(spec.scheme == Scheme::kSymmetric),
+        codes_(static_cast<size_t>(n)) {}
 
   Status Run(float* scale, float* zero) {
     // Start from rtn as stored (the float16 rules of FORMAT.md section 7:
@@ -270,9 +274,9 @@ double WeightedGroupError(const float* x, const float* w, int64_t n, int bits, S
   return e2;
 }
 
-Status ImportanceSearchParams(const TensorView& src, const QuantSpec& spec,
-                              const float* importance, float* scales, float* zero_points,
-                              const ImportanceOptions& opts, const ExecOptions& exec) {
+Status ImportanceSearchParams(const TensorView& src, const QuantSpec& spec, const float* importance,
+                              float* scales, float* zero_points, const ImportanceOptions& opts,
+                              const ExecOptions& exec) {
   AQ_RETURN_NOT_OK(ValidateSpec(spec));
   if (spec.param_dtype == ParamDType::kSuperblock) {
     return Status::Invalid(
@@ -329,8 +333,8 @@ Status ImportanceSearchParams(const TensorView& src, const QuantSpec& spec,
 Status QuantizeImportance(const TensorView& src, const QuantSpec& spec, const float* importance,
                           const QuantizedBuffers& out, ErrorStats* stats,
                           const ImportanceOptions& opts, const ExecOptions& exec) {
-  AQ_RETURN_NOT_OK(ImportanceSearchParams(src, spec, importance, out.scales, out.zero_points,
-                                          opts, exec));
+  AQ_RETURN_NOT_OK(
+      ImportanceSearchParams(src, spec, importance, out.scales, out.zero_points, opts, exec));
   QuantSpec codes_spec = spec;
   codes_spec.method = Method::kRtn;  // the code formula does not depend on the method
   return QuantizeWithParams(src, codes_spec, out.scales, out.zero_points, out.packed, stats, exec);

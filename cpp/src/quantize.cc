@@ -44,7 +44,8 @@ ErrorMetrics FinalizeMetrics(const ErrorStats& s) {
   if (denom > 0.0) {
     // Rounding can step past 1; a non-finite value (inf / inf) stays NaN.
     const double c = s.sum_x_xhat / denom;
-    m.cosine = std::isfinite(c) ? std::clamp(c, -1.0, 1.0) : std::numeric_limits<double>::quiet_NaN();
+    m.cosine =
+        std::isfinite(c) ? std::clamp(c, -1.0, 1.0) : std::numeric_limits<double>::quiet_NaN();
   } else {
     // Both zero: identical. One zero: orthogonal by convention.
     m.cosine = (s.sum_x2 == 0.0 && s.sum_xhat2 == 0.0) ? 1.0 : 0.0;
@@ -157,9 +158,8 @@ Status PreferNonFinite(const TensorView& src, Status error) {
 // row's parameters (or leaves caller's), then encode.
 template <typename Choose>
 Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales,
-               const float* zero_points, uint8_t* packed, float* out_scales,
-               float* out_zero_points, ErrorStats* stats, const ExecOptions& exec,
-               Choose choose) {
+               const float* zero_points, uint8_t* packed, float* out_scales, float* out_zero_points,
+               ErrorStats* stats, const ExecOptions& exec, Choose choose) {
   AQ_RETURN_NOT_OK(ValidateSpec(spec));
   AQ_RETURN_NOT_OK(CheckView(src));
   if (src.rows == 0 || src.cols == 0) return Status::OK();
@@ -209,9 +209,8 @@ Status RunFusedRtn(kernels::FusedRtnRowFn fused, const TensorView& src, const Qu
     ErrorStats local;
     for (int64_t r = r0; r < r1; ++r) {
       const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
-      Status st = fused(src.dtype, in, src.cols, spec, out.scales + r * G,
-                        out.zero_points + r * G, out.packed + r * row_bytes,
-                        stats ? &local : nullptr, r);
+      Status st = fused(src.dtype, in, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
+                        out.packed + r * row_bytes, stats ? &local : nullptr, r);
       if (!st.ok()) {
         error.Record(r, std::move(st));
         return;
@@ -241,21 +240,21 @@ Status Quantize(const TensorView& src, const QuantSpec& spec, const QuantizedBuf
     const kernels::SearchPasses& passes =
         exec.force_scalar ? kernels::ScalarSearchPasses() : kernels::BestSearchPasses();
     const int64_t S = SuperblocksPerRow(src.cols, spec.group_size);
-    return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats,
-                   exec, [&](const kernels::RowKernels&, const float* x, int64_t r, int64_t G) {
-                     int64_t j = 0;
-                     Status st = kernels::ChooseRowSuperblock(
-                         passes, x, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
-                         out.superblock_scales + r * S, out.superblock_zero_points + r * S, &j);
-                     if (!st.ok()) {
-                       return st.WithContext("row " + std::to_string(r) + ", group " +
-                                             std::to_string(j));
-                     }
-                     return Status::OK();
-                   });
+    return RunRows(
+        src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats, exec,
+        [&](const kernels::RowKernels&, const float* x, int64_t r, int64_t G) {
+          int64_t j = 0;
+          Status st = kernels::ChooseRowSuperblock(
+              passes, x, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
+              out.superblock_scales + r * S, out.superblock_zero_points + r * S, &j);
+          if (!st.ok()) {
+            return st.WithContext("row " + std::to_string(r) + ", group " + std::to_string(j));
+          }
+          return Status::OK();
+        });
   }
-  return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats,
-                 exec, [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
+  return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats, exec,
+                 [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
                    return k.choose_params(x, src.cols, spec, out.scales + r * G,
                                           out.zero_points + r * G, r);
                  });
@@ -267,10 +266,9 @@ Status QuantizeWithParams(const TensorView& src, const QuantSpec& spec, const fl
   if (src.rows * src.cols > 0 && (scales == nullptr || zero_points == nullptr)) {
     return Status::Invalid("scales and zero points are required");
   }
-  return RunRows(src, spec, scales, zero_points, packed, nullptr, nullptr, stats, exec,
-                 [](const kernels::RowKernels&, const float*, int64_t, int64_t) {
-                   return Status::OK();
-                 });
+  return RunRows(
+      src, spec, scales, zero_points, packed, nullptr, nullptr, stats, exec,
+      [](const kernels::RowKernels&, const float*, int64_t, int64_t) { return Status::OK(); });
 }
 
 Status Dequantize(const uint8_t* packed, int64_t rows, int64_t cols, const QuantSpec& spec,

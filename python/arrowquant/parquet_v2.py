@@ -499,6 +499,17 @@ def data_column_bytes(f: Path, pf: pq.ParquetFile, rg: int, column: str = "data"
     return 0
 
 
+def check_row_group_holds(f: Path, pf: pq.ParquetFile, rg: int, rows: List[Dict[str, Any]],
+                          need: int) -> None:
+    """ShapeMismatchError when the data bytes the row group's shapes need
+    exceed what its data column can hold (checked before reading any blob)."""
+    have = data_column_bytes(f, pf, rg)
+    if need > have:
+        names = ", ".join(repr(r["layer_name"]) for r in rows)
+        raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} data "
+                                 f"bytes for the shapes it declares, its data column holds {have}")
+
+
 class QuantizedModel(Mapping):
     """A V2 directory opened lazily: a Mapping of tensor name -> dequantized
     float32 array (read and dequantized on access, one tensor at a time)."""
@@ -556,12 +567,7 @@ class QuantizedModel(Mapping):
                 need = 0
                 for i, row in enumerate(rows):
                     need += self._add_chunk(f, rg, i, row)
-                have = data_column_bytes(f, pf, rg)
-                if need > have:
-                    names = ", ".join(repr(r["layer_name"]) for r in rows)
-                    raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} "
-                                             f"data bytes for the shapes it declares, its data "
-                                             f"column holds {have}")
+                check_row_group_holds(f, pf, rg, rows, need)
         except (pa.ArrowException, OSError, KeyError, ValueError, TypeError) as exc:
             if isinstance(exc, ArrowQuantError):
                 raise

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import FormatError, ModelNotFoundError, ShapeMismatchError
+from .errors import FormatError, ModelNotFoundError
 from .plan import TensorInfo
 from .tensor import QUANTIZABLE_DTYPES
 
@@ -150,7 +150,7 @@ class ParquetV1Source(ModelSource):
 
     def _index(self, f: Path) -> None:
         from .parquet_v2 import (_is_blob, _is_int, _is_int_list, _is_str, check_schema,
-                                 check_shape, data_column_bytes)
+                                 check_row_group_holds, check_shape)
 
         try:
             # No pre-buffering: it would hold a second copy of the row group.
@@ -186,12 +186,7 @@ class ParquetV1Source(ModelSource):
                 self._where[name] = (f, rg, i)
                 self.tensors.append(TensorInfo(name, tuple(shape), dtype, n * _V1_DTYPES[dtype]))
                 need += n * _V1_DTYPES[dtype]
-            have = data_column_bytes(f, pf, rg)
-            if need > have:
-                names = ", ".join(repr(r["layer_name"]) for r in rows)
-                raise ShapeMismatchError(f"{f}: row group {rg} (tensor {names}) needs {need} data "
-                                         f"bytes for the shapes it declares, its data column "
-                                         f"holds {have}")
+            check_row_group_holds(f, pf, rg, rows, need)
 
     def _tensor_bytes(self, name: str) -> np.ndarray:
         f, rg, i = self._where[name]

@@ -143,6 +143,16 @@ def unpack_param_codes(stream: np.ndarray, groups: int,
     return codes[0::2].copy(), codes[1::2].copy()
 
 
+def _units_per_group(sb_scales: np.ndarray, sb_zero_points: np.ndarray, rows: int, groups: int,
+                     sb_groups: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Each group's (scale unit, zero unit) as (rows, groups) float32 arrays."""
+    S = -(-groups // sb_groups)
+    sb_of = np.arange(groups) // sb_groups
+    d = np.asarray(sb_scales, dtype=np.float32).reshape(rows, S)[:, sb_of]
+    dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(rows, S)[:, sb_of]
+    return d, dz
+
+
 def expand_superblock(sb_scales: np.ndarray, sb_zero_points: np.ndarray, scale_codes: np.ndarray,
                       zero_codes: np.ndarray, rows: int, groups: int,
                       sb_groups: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -150,10 +160,7 @@ def expand_superblock(sb_scales: np.ndarray, sb_zero_points: np.ndarray, scale_c
     times its super-block's unit, zero code times its zero unit. Both
     products are exact in float32 (an 11-bit float16 significand times a code
     of at most 8 bits), so the expansion is what the engine used."""
-    S = -(-groups // sb_groups)
-    sb_of = np.arange(groups) // sb_groups
-    d = np.asarray(sb_scales, dtype=np.float32).reshape(rows, S)[:, sb_of]
-    dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(rows, S)[:, sb_of]
+    d, dz = _units_per_group(sb_scales, sb_zero_points, rows, groups, sb_groups)
     a = np.asarray(scale_codes).reshape(rows, groups).astype(np.float32)
     c = np.asarray(zero_codes).reshape(rows, groups).astype(np.float32)
     return (d * a).reshape(-1).astype(np.float32), (dz * c).reshape(-1).astype(np.float32)
@@ -164,10 +171,7 @@ def superblock_codes(scales: np.ndarray, zero_points: np.ndarray, sb_scales: np.
                      sb_groups: int) -> Tuple[np.ndarray, np.ndarray]:
     """The (scale codes, zero codes) behind expanded parameters: the exact
     quotients scale / d and zero point / dz (an expansion inverted)."""
-    S = -(-groups // sb_groups)
-    sb_of = np.arange(groups) // sb_groups
-    d = np.asarray(sb_scales, dtype=np.float32).reshape(rows, S)[:, sb_of]
-    dz = np.asarray(sb_zero_points, dtype=np.float32).reshape(rows, S)[:, sb_of]
+    d, dz = _units_per_group(sb_scales, sb_zero_points, rows, groups, sb_groups)
     a = np.asarray(scales, dtype=np.float32).reshape(rows, groups) / d
     zp = np.asarray(zero_points, dtype=np.float32).reshape(rows, groups)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -194,7 +198,7 @@ class View2D:
 
 
 @dataclass(frozen=True)
-class SourceTensor:
+class SourceTensor(View2D):
     """A user's tensor as the engine sees it: a flat byte view (never a copy),
     its dtype name and shape."""
 
@@ -202,14 +206,6 @@ class SourceTensor:
     dtype: str
     shape: Tuple[int, ...]
     name: str
-
-    @property
-    def rows(self) -> int:
-        return view_2d(self.shape)[0]
-
-    @property
-    def cols(self) -> int:
-        return view_2d(self.shape)[1]
 
 
 def as_source(array: Any, dtype: Optional[str] = None, shape: Optional[Sequence[int]] = None,

@@ -58,8 +58,8 @@ int64_t SuperblocksPerRow(int64_t cols, int64_t group_size);
 int SuperblockCodeBits(int bits);
 
 struct QuantSpec {
-  int bits = 4;               // 2, 4 or 8
-  int64_t group_size = 128;   // any positive size
+  int bits = 4;              // 2, 4 or 8
+  int64_t group_size = 128;  // any positive size
   Scheme scheme = Scheme::kAsymmetric;
   Method method = Method::kRtn;
   ParamDType param_dtype = ParamDType::kF32;
@@ -116,9 +116,9 @@ class OrderedStats {
 };
 
 struct ErrorMetrics {
-  double cosine = 1.0;        // cos(x, x_hat); 1 when both are zero
-  double rel_mse = 0.0;       // sum (x - x_hat)^2 / sum x^2
-  double sqnr_db = 0.0;       // 10 log10(sum x^2 / sum (x - x_hat)^2); inf when exact
+  double cosine = 1.0;   // cos(x, x_hat); 1 when both are zero
+  double rel_mse = 0.0;  // sum (x - x_hat)^2 / sum x^2
+  double sqnr_db = 0.0;  // 10 log10(sum x^2 / sum (x - x_hat)^2); inf when exact
   double max_abs_error = 0.0;
 };
 ErrorMetrics FinalizeMetrics(const ErrorStats& stats);

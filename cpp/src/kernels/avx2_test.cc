@@ -4,6 +4,7 @@
 // and are compared with a tolerance.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -16,12 +17,6 @@
 
 namespace arrowquant::kernels {
 namespace {
-
-uint32_t Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
 
 // Raw bytes of a rows x cols tensor of `dtype`.
 struct RawTensor {
@@ -90,7 +85,7 @@ RawTensor RandomTensor(std::mt19937& rng, DType dtype, int64_t rows, int64_t col
         break;
       }
       case DType::kBF16: {
-        uint16_t b = static_cast<uint16_t>(Bits(v) >> 16);
+        uint16_t b = static_cast<uint16_t>(std::bit_cast<uint32_t>(v) >> 16);
         if (bit_patterns) {
           do {
             b = static_cast<uint16_t>(u32(rng));
@@ -150,7 +145,7 @@ Output RunBoth(const RawTensor& t, const QuantSpec& spec, bool force_scalar, int
 
 std::vector<uint32_t> BitsOf(const std::vector<float>& v) {
   std::vector<uint32_t> b(v.size());
-  for (size_t i = 0; i < v.size(); ++i) b[i] = Bits(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) b[i] = std::bit_cast<uint32_t>(v[i]);
   return b;
 }
 

@@ -484,8 +484,7 @@ constexpr int kZeroCodeReach = 2;
 // Stage 2 of one group (method mse): the code search under fixed units.
 class CodeSearch {
  public:
-  CodeSearch(const SearchPasses& p, const SbGroup& g, float d, float dz, float q_max,
-             float p_max)
+  CodeSearch(const SearchPasses& p, const SbGroup& g, float d, float dz, float q_max, float p_max)
       : p_(p), g_(g), d_(d), dz_(dz), q_max_(q_max), p_max_(p_max) {}
 
   // The nearest codes of a float32 candidate (scale > 0, zero point finite).
@@ -539,8 +538,8 @@ class CodeSearch {
     const double m = (dsx - s * dsl) / dn;
     const float s32 = static_cast<float>(s);
     if (!(s32 > 0.0f) || !std::isfinite(s32)) return;
-    const float z32 = static_cast<float>(-(m + static_cast<double>(g_.mid)) /
-                                         static_cast<double>(s32));
+    const float z32 =
+        static_cast<float>(-(m + static_cast<double>(g_.mid)) / static_cast<double>(s32));
     if (!Representable(s32, z32)) return;
     float a = 0.0f, c = 0.0f;
     Nearest(s32, z32, &a, &c);
@@ -586,8 +585,8 @@ Status SuperblockStage1(const SearchPasses& passes, const QuantSpec& spec, SbGro
   if (spec.method == Method::kMse) {
     // The search's own range and center (the same values as computed below).
     Search search(passes, g->x, g->n, spec.bits, Scheme::kAsymmetric, ParamDType::kF32);
-    AQ_RETURN_NOT_OK(Prepare(passes, g->x, g->n, spec.bits, Scheme::kAsymmetric,
-                             ParamDType::kF32, &search, /*anchored=*/true));
+    AQ_RETURN_NOT_OK(Prepare(passes, g->x, g->n, spec.bits, Scheme::kAsymmetric, ParamDType::kF32,
+                             &search, /*anchored=*/true));
     search.Run();
     AQ_RETURN_NOT_OK(search.Result(&g->s, &g->z));
     g->lo = search.lo();
@@ -630,8 +629,8 @@ namespace {
 // The units of a super-block from its groups' stage-1 parameters: d from the
 // largest scale of a group with a spread, dz from the largest zero point
 // (each 1 when there is none). d may be inf (caller's check).
-void SuperblockUnits(const SearchPasses& passes, const SbGroup* groups, int64_t count,
-                     float p_max, float* d, float* dz, float* largest_scale = nullptr) {
+void SuperblockUnits(const SearchPasses& passes, const SbGroup* groups, int64_t count, float p_max,
+                     float* d, float* dz, float* largest_scale = nullptr) {
   float s_max = 0.0f, z_max = 0.0f;
   for (int64_t k = 0; k < count; ++k) {
     if (groups[k].spread) s_max = std::max(s_max, groups[k].s);
@@ -682,8 +681,10 @@ Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t c
     float d = 1.0f, dz = 1.0f, s_max = 0.0f;
     SuperblockUnits(passes, groups.data(), count, p_max, &d, &dz, &s_max);
     if (!std::isfinite(d)) {
-      return Status::Invalid("superblock scale unit not representable in float16 (largest group "
-                             "scale " + std::to_string(s_max) + "); use float32 parameters");
+      return Status::Invalid(
+          "superblock scale unit not representable in float16 (largest group "
+          "scale " +
+          std::to_string(s_max) + "); use float32 parameters");
     }
     if (spec.method == Method::kMse) {
       // The code search, then the rtn solution of the super-block (its own

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -12,12 +13,6 @@
 
 namespace arrowquant::kernels {
 namespace {
-
-uint32_t Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
 
 // Groups with the shapes that matter: tails (n % 8), several 2048-element
 // blocks, heavy tails, offsets far from 0, constant stretches.
@@ -70,11 +65,11 @@ TEST(ParamSearch, Avx2PassesMatchScalarBitForBit) {
       float lo_a, hi_a, lo_b, hi_b;
       scalar.min_max(x.data(), n, &lo_a, &hi_a);
       avx2->min_max(x.data(), n, &lo_b, &hi_b);
-      ASSERT_EQ(Bits(lo_a), Bits(lo_b));
-      ASSERT_EQ(Bits(hi_a), Bits(hi_b));
+      ASSERT_EQ(std::bit_cast<uint32_t>(lo_a), std::bit_cast<uint32_t>(lo_b));
+      ASSERT_EQ(std::bit_cast<uint32_t>(hi_a), std::bit_cast<uint32_t>(hi_b));
       const float mid = lo_a + (hi_a - lo_a) * 0.5f;
-      ASSERT_EQ(Bits(scalar.centered_sum(x.data(), n, mid)),
-                Bits(avx2->centered_sum(x.data(), n, mid)));
+      ASSERT_EQ(std::bit_cast<uint32_t>(scalar.centered_sum(x.data(), n, mid)),
+                std::bit_cast<uint32_t>(avx2->centered_sum(x.data(), n, mid)));
       for (int bits : {2, 4, 8}) {
         const float q_max = static_cast<float>((1 << bits) - 1);
         const float r = hi_a > lo_a ? hi_a - lo_a : 1.0f;
@@ -84,19 +79,24 @@ TEST(ParamSearch, Avx2PassesMatchScalarBitForBit) {
           EvalSums a, b;
           scalar.eval_asym(x.data(), n, s, z, mid, q_max, &a);
           avx2->eval_asym(x.data(), n, s, z, mid, q_max, &b);
-          ASSERT_EQ(Bits(a.err), Bits(b.err)) << n << " " << bits;
-          ASSERT_EQ(Bits(a.err), Bits(scalar.error_asym(x.data(), n, s, z, q_max)));
-          ASSERT_EQ(Bits(a.err), Bits(avx2->error_asym(x.data(), n, s, z, q_max)));
-          ASSERT_EQ(Bits(a.sum_xq), Bits(b.sum_xq));
+          ASSERT_EQ(std::bit_cast<uint32_t>(a.err), std::bit_cast<uint32_t>(b.err))
+              << n << " " << bits;
+          ASSERT_EQ(std::bit_cast<uint32_t>(a.err),
+                    std::bit_cast<uint32_t>(scalar.error_asym(x.data(), n, s, z, q_max)));
+          ASSERT_EQ(std::bit_cast<uint32_t>(a.err),
+                    std::bit_cast<uint32_t>(avx2->error_asym(x.data(), n, s, z, q_max)));
+          ASSERT_EQ(std::bit_cast<uint32_t>(a.sum_xq), std::bit_cast<uint32_t>(b.sum_xq));
           ASSERT_EQ(a.sum_q, b.sum_q);
           ASSERT_EQ(a.sum_qq, b.sum_qq);
           const float zs = static_cast<float>(1 << (bits - 1));
           scalar.eval_sym(x.data(), n, s, zs, q_max, &a);
           avx2->eval_sym(x.data(), n, s, zs, q_max, &b);
-          ASSERT_EQ(Bits(a.err), Bits(b.err));
-          ASSERT_EQ(Bits(a.err), Bits(scalar.error_sym(x.data(), n, s, zs, q_max)));
-          ASSERT_EQ(Bits(a.err), Bits(avx2->error_sym(x.data(), n, s, zs, q_max)));
-          ASSERT_EQ(Bits(a.sum_xq), Bits(b.sum_xq));
+          ASSERT_EQ(std::bit_cast<uint32_t>(a.err), std::bit_cast<uint32_t>(b.err));
+          ASSERT_EQ(std::bit_cast<uint32_t>(a.err),
+                    std::bit_cast<uint32_t>(scalar.error_sym(x.data(), n, s, zs, q_max)));
+          ASSERT_EQ(std::bit_cast<uint32_t>(a.err),
+                    std::bit_cast<uint32_t>(avx2->error_sym(x.data(), n, s, zs, q_max)));
+          ASSERT_EQ(std::bit_cast<uint32_t>(a.sum_xq), std::bit_cast<uint32_t>(b.sum_xq));
           ASSERT_EQ(a.sum_qq, b.sum_qq);
         }
       }
@@ -121,7 +121,9 @@ TEST(ParamSearch, F16cRoundingMatchesSoftware) {
     if (std::isfinite(f)) values.push_back(f);
   }
   for (float v : values) {
-    ASSERT_EQ(Bits(scalar.round_f16(v)), Bits(avx2->round_f16(v))) << v;
+    ASSERT_EQ(std::bit_cast<uint32_t>(scalar.round_f16(v)),
+              std::bit_cast<uint32_t>(avx2->round_f16(v)))
+        << v;
   }
 }
 
@@ -140,8 +142,8 @@ TEST(ParamSearch, Avx2SearchMatchesScalarSearch) {
                 MseGroupParamsWith(ScalarSearchPasses(), x.data(), n, bits, scheme, pd, &s1, &z1)
                     .ok());
             ASSERT_TRUE(MseGroupParamsWith(*avx2, x.data(), n, bits, scheme, pd, &s2, &z2).ok());
-            ASSERT_EQ(Bits(s1), Bits(s2));
-            ASSERT_EQ(Bits(z1), Bits(z2));
+            ASSERT_EQ(std::bit_cast<uint32_t>(s1), std::bit_cast<uint32_t>(s2));
+            ASSERT_EQ(std::bit_cast<uint32_t>(z1), std::bit_cast<uint32_t>(z2));
           }
         }
       }
@@ -161,8 +163,8 @@ TEST(ParamSearch, RtnFromRangeEqualsRtnGroupParams) {
           ScalarSearchPasses().min_max(x.data(), n, &lo, &hi);
           ASSERT_TRUE(RtnFromRange(lo, hi, bits, scheme, &s1, &z1).ok());
           ASSERT_TRUE(RtnGroupParams(x.data(), n, bits, scheme, &s2, &z2).ok());
-          ASSERT_EQ(Bits(s1), Bits(s2));
-          ASSERT_EQ(Bits(z1), Bits(z2));
+          ASSERT_EQ(std::bit_cast<uint32_t>(s1), std::bit_cast<uint32_t>(s2));
+          ASSERT_EQ(std::bit_cast<uint32_t>(z1), std::bit_cast<uint32_t>(z2));
         }
       }
     }
@@ -207,8 +209,8 @@ TEST(ParamSearch, Float16ParametersAreExactlyRepresentable) {
       spec.param_dtype = ParamDType::kF16;
       float s, z;
       ASSERT_TRUE(ChooseGroupParams(x.data(), n, spec, &s, &z).ok());
-      EXPECT_EQ(Bits(HalfToFloat(FloatToHalf(s))), Bits(s));
-      EXPECT_EQ(Bits(HalfToFloat(FloatToHalf(z))), Bits(z));
+      EXPECT_EQ(std::bit_cast<uint32_t>(HalfToFloat(FloatToHalf(s))), std::bit_cast<uint32_t>(s));
+      EXPECT_EQ(std::bit_cast<uint32_t>(HalfToFloat(FloatToHalf(z))), std::bit_cast<uint32_t>(z));
       EXPECT_GT(s, 0.0f);
     }
   }
@@ -298,8 +300,8 @@ TEST(ParamSearch, RowEqualsGroupByGroup) {
           ASSERT_TRUE(MseGroupParams(x.data() + j * g, std::min(g, cols - j * g), 4,
                                      Scheme::kAsymmetric, pd, &s1, &z1)
                           .ok());
-          ASSERT_EQ(Bits(s[j]), Bits(s1));
-          ASSERT_EQ(Bits(z[j]), Bits(z1));
+          ASSERT_EQ(std::bit_cast<uint32_t>(s[j]), std::bit_cast<uint32_t>(s1));
+          ASSERT_EQ(std::bit_cast<uint32_t>(z[j]), std::bit_cast<uint32_t>(z1));
         }
       }
     }
@@ -346,8 +348,8 @@ struct SuperblockRow {
   int64_t failed = -1;
 };
 
-SuperblockRow RunSuperblock(const SearchPasses& p, const std::vector<float>& x, int bits,
-                            int64_t g, Method method) {
+SuperblockRow RunSuperblock(const SearchPasses& p, const std::vector<float>& x, int bits, int64_t g,
+                            Method method) {
   QuantSpec spec;
   spec.bits = bits;
   spec.group_size = g;
@@ -381,12 +383,15 @@ TEST(Superblock, Avx2MatchesScalarBitForBit) {
             ASSERT_TRUE(a.status.ok()) << a.status.ToString();
             ASSERT_TRUE(b.status.ok()) << b.status.ToString();
             for (size_t j = 0; j < a.scales.size(); ++j) {
-              ASSERT_EQ(Bits(a.scales[j]), Bits(b.scales[j])) << cols << " " << g << " " << j;
-              ASSERT_EQ(Bits(a.zeros[j]), Bits(b.zeros[j])) << cols << " " << g << " " << j;
+              ASSERT_EQ(std::bit_cast<uint32_t>(a.scales[j]), std::bit_cast<uint32_t>(b.scales[j]))
+                  << cols << " " << g << " " << j;
+              ASSERT_EQ(std::bit_cast<uint32_t>(a.zeros[j]), std::bit_cast<uint32_t>(b.zeros[j]))
+                  << cols << " " << g << " " << j;
             }
             for (size_t k = 0; k < a.units.size(); ++k) {
-              ASSERT_EQ(Bits(a.units[k]), Bits(b.units[k]));
-              ASSERT_EQ(Bits(a.zero_units[k]), Bits(b.zero_units[k]));
+              ASSERT_EQ(std::bit_cast<uint32_t>(a.units[k]), std::bit_cast<uint32_t>(b.units[k]));
+              ASSERT_EQ(std::bit_cast<uint32_t>(a.zero_units[k]),
+                        std::bit_cast<uint32_t>(b.zero_units[k]));
             }
           }
         }
@@ -408,8 +413,10 @@ TEST(Superblock, ParametersAreUnitTimesCode) {
         const int64_t K = SuperblockGroups(g);
         const float p_max = static_cast<float>((1 << SuperblockCodeBits(bits)) - 1);
         for (size_t k = 0; k < r.units.size(); ++k) {
-          EXPECT_EQ(Bits(r.units[k]), Bits(HalfToFloat(FloatToHalf(r.units[k]))));
-          EXPECT_EQ(Bits(r.zero_units[k]), Bits(HalfToFloat(FloatToHalf(r.zero_units[k]))));
+          EXPECT_EQ(std::bit_cast<uint32_t>(r.units[k]),
+                    std::bit_cast<uint32_t>(HalfToFloat(FloatToHalf(r.units[k]))));
+          EXPECT_EQ(std::bit_cast<uint32_t>(r.zero_units[k]),
+                    std::bit_cast<uint32_t>(HalfToFloat(FloatToHalf(r.zero_units[k]))));
           EXPECT_GT(r.units[k], 0.0f);
           EXPECT_GE(r.zero_units[k], 0.0f);
         }
@@ -423,8 +430,8 @@ TEST(Superblock, ParametersAreUnitTimesCode) {
           EXPECT_LE(a, p_max);
           EXPECT_GE(c, 0.0f);
           EXPECT_LE(c, p_max);
-          EXPECT_EQ(Bits(d * a), Bits(r.scales[j]));
-          EXPECT_EQ(Bits(dz * c), Bits(r.zeros[j]));
+          EXPECT_EQ(std::bit_cast<uint32_t>(d * a), std::bit_cast<uint32_t>(r.scales[j]));
+          EXPECT_EQ(std::bit_cast<uint32_t>(dz * c), std::bit_cast<uint32_t>(r.zeros[j]));
         }
       }
     }
@@ -492,7 +499,7 @@ TEST(Superblock, SymmetricSchemeIsRejected) {
   EXPECT_TRUE(ValidateSpec(spec).ok());
   EXPECT_EQ(SuperblockGroups(32), 8);
   EXPECT_EQ(SuperblockGroups(300), 1);
-  EXPECT_EQ(SuperblocksPerRow(1000, 32), 4);  // 32 groups -> 4 super-blocks
+  EXPECT_EQ(SuperblocksPerRow(1000, 32), 4);   // 32 groups -> 4 super-blocks
   EXPECT_EQ(SuperblocksPerRow(1000, 100), 5);  // 10 groups, 2 per super-block
 }
 

@@ -1,11 +1,10 @@
 // Bindings of the quantization kernels. Buffers come in as C-contiguous
 // ndarrays (read-only inputs, caller-allocated outputs); the GIL is released
 // while the engine works.
+#include <malloc.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
-
-#include <malloc.h>
 
 #include <string>
 #include <tuple>
@@ -19,13 +18,11 @@ namespace {
 
 StatsTuple BindQuantize(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
                         int64_t cols, int bits, int64_t group_size, const std::string& scheme,
-                        const std::string& method, const std::string& param_dtype,
-                        OutBytes packed, OutFloats scales, OutFloats zero_points, int threads,
-                        bool force_scalar) {
+                        const std::string& method, const std::string& param_dtype, OutBytes packed,
+                        OutFloats scales, OutFloats zero_points, int threads, bool force_scalar) {
   const QuantSpec spec = MakeSpec(bits, group_size, scheme, method, param_dtype);
   const TensorView view = MakeView(src, dtype, rows, cols);
-  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
-                    zero_points.size());
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(), zero_points.size());
   ErrorStats stats;
   Status st;
   {
@@ -38,16 +35,15 @@ StatsTuple BindQuantize(const ReadOnlyBytes& src, const std::string& dtype, int6
 }
 
 // param_dtype "superblock": also fills the super-block units.
-StatsTuple BindQuantizeSuperblock(const ReadOnlyBytes& src, const std::string& dtype,
-                                  int64_t rows, int64_t cols, int bits, int64_t group_size,
+StatsTuple BindQuantizeSuperblock(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
+                                  int64_t cols, int bits, int64_t group_size,
                                   const std::string& method, OutBytes packed, OutFloats scales,
                                   OutFloats zero_points, OutFloats superblock_scales,
                                   OutFloats superblock_zero_points, int threads,
                                   bool force_scalar) {
   const QuantSpec spec = MakeSpec(bits, group_size, "asymmetric", method, "superblock");
   const TensorView view = MakeView(src, dtype, rows, cols);
-  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
-                    zero_points.size());
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(), zero_points.size());
   const int64_t units = rows * SuperblocksPerRow(cols, group_size);
   CheckSize("superblock_scales", superblock_scales.size(), units);
   CheckSize("superblock_zero_points", superblock_zero_points.size(), units);
@@ -64,15 +60,13 @@ StatsTuple BindQuantizeSuperblock(const ReadOnlyBytes& src, const std::string& d
   return ToTuple(stats);
 }
 
-StatsTuple BindQuantizeWithParams(const ReadOnlyBytes& src, const std::string& dtype,
-                                  int64_t rows, int64_t cols, int bits, int64_t group_size,
-                                  const std::string& scheme, InFloats scales,
-                                  InFloats zero_points, OutBytes packed, int threads,
-                                  bool force_scalar) {
+StatsTuple BindQuantizeWithParams(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
+                                  int64_t cols, int bits, int64_t group_size,
+                                  const std::string& scheme, InFloats scales, InFloats zero_points,
+                                  OutBytes packed, int threads, bool force_scalar) {
   const QuantSpec spec = MakeSpec(bits, group_size, scheme, "rtn", "float32");
   const TensorView view = MakeView(src, dtype, rows, cols);
-  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
-                    zero_points.size());
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(), zero_points.size());
   ErrorStats stats;
   Status st;
   {
@@ -91,8 +85,7 @@ void BindDequantize(InBytes packed, int64_t rows, int64_t cols, int bits, int64_
   spec.bits = bits;
   spec.group_size = group_size;
   ThrowIfError(ValidateSpec(spec));
-  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
-                    zero_points.size());
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(), zero_points.size());
   CheckSize("out", out.size(), rows * cols);
   Status st;
   {
@@ -129,16 +122,15 @@ void Bind(nb::module_& m) {
         nb::arg("zero_points"), nb::arg("threads") = 0, nb::arg("force_scalar") = false,
         "Quantize rows x cols elements into caller-allocated buffers; returns error sums.");
   m.def("quantize_superblock", &BindQuantizeSuperblock, nb::arg("src"), nb::arg("dtype"),
-        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"),
-        nb::arg("method"), nb::arg("packed"), nb::arg("scales"), nb::arg("zero_points"),
-        nb::arg("superblock_scales"), nb::arg("superblock_zero_points"), nb::arg("threads") = 0,
-        nb::arg("force_scalar") = false,
+        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"), nb::arg("method"),
+        nb::arg("packed"), nb::arg("scales"), nb::arg("zero_points"), nb::arg("superblock_scales"),
+        nb::arg("superblock_zero_points"), nb::arg("threads") = 0, nb::arg("force_scalar") = false,
         "Quantize with two-level (superblock) parameters: expanded per-group scales and zero "
         "points plus the float16 units of each super-block; returns error sums.");
   m.def("quantize_with_params", &BindQuantizeWithParams, nb::arg("src"), nb::arg("dtype"),
-        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"),
-        nb::arg("scheme"), nb::arg("scales"), nb::arg("zero_points"), nb::arg("packed"),
-        nb::arg("threads") = 0, nb::arg("force_scalar") = false,
+        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"), nb::arg("scheme"),
+        nb::arg("scales"), nb::arg("zero_points"), nb::arg("packed"), nb::arg("threads") = 0,
+        nb::arg("force_scalar") = false,
         "Codes for given scales and zero points; returns error sums.");
   m.def("dequantize", &BindDequantize, nb::arg("packed"), nb::arg("rows"), nb::arg("cols"),
         nb::arg("bits"), nb::arg("group_size"), nb::arg("scales"), nb::arg("zero_points"),

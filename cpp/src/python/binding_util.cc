@@ -15,7 +15,8 @@ QuantSpec MakeSpec(int bits, int64_t group_size, const std::string& scheme,
   } else if (scheme == "symmetric") {
     spec.scheme = Scheme::kSymmetric;
   } else {
-    ThrowIfError(Status::Invalid("scheme must be 'asymmetric' or 'symmetric', got '" + scheme + "'"));
+    ThrowIfError(
+        Status::Invalid("scheme must be 'asymmetric' or 'symmetric', got '" + scheme + "'"));
   }
   if (method == "rtn") {
     spec.method = Method::kRtn;
@@ -59,8 +60,8 @@ void CheckSize(const char* what, size_t have, int64_t need) {
   }
 }
 
-void CheckQuantBuffers(int64_t rows, int64_t cols, int bits, int64_t group_size,
-                       size_t packed_size, size_t scales_size, size_t zero_points_size) {
+void CheckQuantBuffers(int64_t rows, int64_t cols, int bits, int64_t group_size, size_t packed_size,
+                       size_t scales_size, size_t zero_points_size) {
   CheckSize("packed", packed_size, rows * PackedRowBytes(cols, bits));
   CheckSize("scales", scales_size, rows * GroupsPerRow(cols, group_size));
   CheckSize("zero_points", zero_points_size, rows * GroupsPerRow(cols, group_size));
