@@ -181,7 +181,7 @@ def test_sensitivity_matches_direct_quantization():
     p = planner.plan([info("layer.weight", w.shape)])["layer.weight"]
     sens = p.extra["sensitivity"]
     for b in (2, 4, 8):
-        deq = dequantize_array(quantize_array(w, bits=b, group_size=128))
+        deq = dequantize_array(quantize_array(w, bits=b, group_size=128, method="rtn", param_dtype="float32"))
         rel = float(((w.astype(np.float64) - deq) ** 2).sum() / (w.astype(np.float64) ** 2).sum())
         assert sens[b] == pytest.approx(rel, rel=1e-6)  # engine sums per row in double
     assert sens[2] > sens[4] > sens[8] > 0
@@ -278,7 +278,7 @@ def test_sampling_reads_bounded_whole_row_blocks():
     assert all(b - a >= 10 for a, b in zip(starts, starts[1:]))  # blocks do not overlap
     # The measurement equals quantizing exactly those rows.
     sample = np.concatenate([w[s:s + 10] for s in starts]).astype(np.float32)
-    deq = dequantize_array(quantize_array(sample, bits=4, group_size=32))
+    deq = dequantize_array(quantize_array(sample, bits=4, group_size=32, method="rtn", param_dtype="float32"))
     x = sample.astype(np.float64)
     assert p.extra["sensitivity"][4] == pytest.approx(float(((x - deq) ** 2).sum() / (x * x).sum()))
 
@@ -401,7 +401,7 @@ def test_budget_counts_fixed_layers_and_float16_params():
                                fallback_thresholds={2: 0.0, 4: 0.0, 8: 0.0})
 
     def rtn(x, *, bits, group_size, **kw):  # the measurement itself at float32 parameters
-        return dequantize_array(quantize_array(x, bits=bits, group_size=group_size))
+        return dequantize_array(quantize_array(x, bits=bits, group_size=group_size, method="rtn", param_dtype="float32"))
 
     plans = DiffusionPlanner(cfg, weights=weights.__getitem__, quantizer=rtn).plan(tensors)
     assert plans["time_embedding.linear_1.weight"].bits == 8

@@ -19,19 +19,27 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 F32 = np.float32
 
 
+#: The FORMAT.md contract these tests check: rtn parameters in float32.
+RTN_F32 = {"method": "rtn", "param_dtype": "float32"}
+
+
 def _engine_simd(a, **kw) -> QuantizedTensor:
-    return engine.quantize_array(a, force_scalar=False, **kw)
+    return engine.quantize_array(a, force_scalar=False, **{**RTN_F32, **kw})
 
 
 def _engine_scalar(a, **kw) -> QuantizedTensor:
     kw.setdefault("threads", 1)
-    return engine.quantize_array(a, force_scalar=True, **kw)
+    return engine.quantize_array(a, force_scalar=True, **{**RTN_F32, **kw})
+
+
+def _reference(a, **kw) -> QuantizedTensor:
+    return reference.quantize_array(a, **{**RTN_F32, **kw})
 
 
 IMPLS: Dict[str, Callable[..., QuantizedTensor]] = {
     "engine": _engine_simd,
     "engine-scalar": _engine_scalar,
-    "reference": reference.quantize_array,
+    "reference": _reference,
 }
 DEQUANT = {
     "engine": engine.dequantize_array,
@@ -173,16 +181,16 @@ def test_dtypes_match_reference(dtype, bits, scheme):
                 "float8_e5m2": ml_dtypes.float8_e5m2}[dtype]
     a = (_gaussian((19, 300), seed=bits) * 40).astype(np_dtype)
     for g in (7, 64, 128, 1000):
-        ref = reference.quantize_array(a, bits=bits, group_size=g, scheme=scheme)
+        ref = reference.quantize_array(a, bits=bits, group_size=g, scheme=scheme, method="rtn", param_dtype="float32")
         assert ref.dtype == dtype
         for force_scalar in (False, True):
             for threads in (1, 2):
                 got = engine.quantize_array(a, bits=bits, group_size=g, scheme=scheme,
-                                            force_scalar=force_scalar, threads=threads)
+                                            force_scalar=force_scalar, threads=threads, method="rtn", param_dtype="float32")
                 assert_same(got, ref)
         # Raw bytes with the dtype named give the same result.
         raw = a.view(np.uint8 if a.itemsize == 1 else (np.uint16 if a.itemsize == 2 else F32))
-        got = engine.quantize_array(raw, dtype=dtype, bits=bits, group_size=g, scheme=scheme)
+        got = engine.quantize_array(raw, dtype=dtype, bits=bits, group_size=g, scheme=scheme, method="rtn", param_dtype="float32")
         assert_same(got, ref)
         np.testing.assert_array_equal(
             u32(engine.dequantize_array(got)), u32(reference.dequantize_array(ref))
@@ -195,9 +203,9 @@ def test_float16_subnormals_and_signed_zeros():
     a = np.tile(h, (3, 5))
     for bits in (2, 4, 8):
         for g in (1, 3, 8, 40):
-            ref = reference.quantize_array(a, bits=bits, group_size=g)
-            assert_same(engine.quantize_array(a, bits=bits, group_size=g), ref)
-            assert_same(engine.quantize_array(a, bits=bits, group_size=g, force_scalar=True),
+            ref = reference.quantize_array(a, bits=bits, group_size=g, method="rtn", param_dtype="float32")
+            assert_same(engine.quantize_array(a, bits=bits, group_size=g, method="rtn", param_dtype="float32"), ref)
+            assert_same(engine.quantize_array(a, bits=bits, group_size=g, force_scalar=True, method="rtn", param_dtype="float32"),
                         ref)
 
 
@@ -227,10 +235,10 @@ def test_edge_values_match_reference(case, scheme):
     a = np.ascontiguousarray(EDGE_CASES[case])
     for bits in (2, 4, 8):
         for g in (1, 4, 32, 128):
-            ref = reference.quantize_array(a, bits=bits, group_size=g, scheme=scheme)
+            ref = reference.quantize_array(a, bits=bits, group_size=g, scheme=scheme, method="rtn", param_dtype="float32")
             for force_scalar in (False, True):
                 got = engine.quantize_array(a, bits=bits, group_size=g, scheme=scheme,
-                                            force_scalar=force_scalar)
+                                            force_scalar=force_scalar, method="rtn", param_dtype="float32")
                 assert_same(got, ref)
                 np.testing.assert_array_equal(
                     u32(engine.dequantize_array(got)), u32(reference.dequantize_array(ref))
@@ -353,7 +361,7 @@ def test_engine_checks_buffer_sizes_itself():
 @pytest.mark.parametrize("g", [32, 128, 100])
 def test_asymmetric_error_bound(bits, g):
     a = _gaussian((64, 500), seed=bits + g)
-    qt = engine.quantize_array(a, bits=bits, group_size=g)
+    qt = engine.quantize_array(a, bits=bits, group_size=g, method="rtn", param_dtype="float32")
     xhat = engine.dequantize_array(qt)
     G = qt.groups_per_row
     scale = np.repeat(qt.scales.reshape(64, G), g, axis=1)[:, :500]
@@ -365,8 +373,8 @@ def test_asymmetric_error_bound(bits, g):
 
 def test_cosine_on_gaussian_weights():
     a = _gaussian((256, 1024), seed=3, scale=0.02)
-    int4 = engine.quantize_array(a, bits=4, group_size=128)
-    int8 = engine.quantize_array(a, bits=8, group_size=128)
+    int4 = engine.quantize_array(a, bits=4, group_size=128, method="rtn", param_dtype="float32")
+    int8 = engine.quantize_array(a, bits=8, group_size=128, method="rtn", param_dtype="float32")
     assert int4.metrics.cosine > 0.99
     assert int8.metrics.cosine > 0.9999
     # The metric is the cosine of the dequantized tensor.
@@ -381,25 +389,25 @@ def test_one_very_long_row():
     # its kept buffer), groups of 4096 and one group larger than the row.
     a = _gaussian((1_500_001,), seed=12).astype(np.float16)
     for g in (4096, 2_000_000):
-        ref = reference.quantize_array(a, bits=4, group_size=g)
-        assert_same(engine.quantize_array(a, bits=4, group_size=g), ref)
+        ref = reference.quantize_array(a, bits=4, group_size=g, method="rtn", param_dtype="float32")
+        assert_same(engine.quantize_array(a, bits=4, group_size=g, method="rtn", param_dtype="float32"), ref)
 
 
 def test_threads_and_paths_give_identical_bytes():
     a = _gaussian((301, 517), seed=9).astype(np.float16)
-    one = engine.quantize_array(a, bits=4, group_size=64, threads=1)
+    one = engine.quantize_array(a, bits=4, group_size=64, threads=1, method="rtn", param_dtype="float32")
     for threads in (2, 3, 0):
         for force_scalar in (False, True):
             other = engine.quantize_array(a, bits=4, group_size=64, threads=threads,
-                                          force_scalar=force_scalar)
+                                          force_scalar=force_scalar, method="rtn", param_dtype="float32")
             assert_same(one, other)
 
 
 def test_error_sums_do_not_depend_on_thread_timing():
     a = _gaussian((400, 300), seed=1)
-    first = engine.quantize_array(a, bits=4, group_size=32, threads=4).error.as_tuple()
+    first = engine.quantize_array(a, bits=4, group_size=32, threads=4, method="rtn", param_dtype="float32").error.as_tuple()
     for _ in range(4):
-        assert engine.quantize_array(a, bits=4, group_size=32, threads=4).error.as_tuple() == first
+        assert engine.quantize_array(a, bits=4, group_size=32, threads=4, method="rtn", param_dtype="float32").error.as_tuple() == first
 
 
 # --- zero copy ------------------------------------------------------------------
@@ -410,24 +418,24 @@ def test_buffers_are_read_in_place():
     assert np.shares_memory(as_source(a).raw, a)
     mv = memoryview(a)
     assert np.shares_memory(as_source(mv, dtype="float32", shape=a.shape).raw, a)
-    ref = engine.quantize_array(a, bits=4, group_size=64)
+    ref = engine.quantize_array(a, bits=4, group_size=64, method="rtn", param_dtype="float32")
     from_bytes = engine.quantize_array(a.tobytes(), dtype="float32", shape=a.shape, bits=4,
-                                       group_size=64)
-    from_view = engine.quantize_array(mv, dtype="float32", shape=a.shape, bits=4, group_size=64)
+                                       group_size=64, method="rtn", param_dtype="float32")
+    from_view = engine.quantize_array(mv, dtype="float32", shape=a.shape, bits=4, group_size=64, method="rtn", param_dtype="float32")
     assert_same(from_bytes, ref)
     assert_same(from_view, ref)
     # A read-only buffer (as pyarrow hands out) is accepted too.
     ro = a.copy()
     ro.setflags(write=False)
-    assert_same(engine.quantize_array(ro, bits=4, group_size=64), ref)
+    assert_same(engine.quantize_array(ro, bits=4, group_size=64, method="rtn", param_dtype="float32"), ref)
 
 
 def test_quantize_allocates_only_its_outputs():
     a = _gaussian((1024, 2048), seed=5)  # 8 MiB
-    engine.quantize_array(a[:2], bits=4, group_size=128)  # warm-up
+    engine.quantize_array(a[:2], bits=4, group_size=128, method="rtn", param_dtype="float32")  # warm-up
     tracemalloc.start()
     try:
-        qt = engine.quantize_array(a, bits=4, group_size=128)
+        qt = engine.quantize_array(a, bits=4, group_size=128, method="rtn", param_dtype="float32")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -50,10 +50,13 @@ shapes = st.one_of(
 )
 group_sizes = st.one_of(st.sampled_from([1, 2, 3, 8, 16, 32, 33, 64, 100, 128, 256]),
                         st.integers(1, 400))
+# The FORMAT.md rtn contract (rtn parameters in float32).
 specs = st.fixed_dictionaries({
     "bits": st.sampled_from([2, 4, 8]),
     "group_size": group_sizes,
     "scheme": st.sampled_from(["asymmetric", "symmetric"]),
+    "method": st.just("rtn"),
+    "param_dtype": st.just("float32"),
 })
 
 

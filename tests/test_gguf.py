@@ -318,7 +318,7 @@ def test_quantize_api_gguf_output(model, tmp_path):
     src, tensors = model
     out = tmp_path / "api.gguf"
     result = aq.quantize(src, out, bits=8, output_format="gguf", progress=False)
-    assert result["output_format"] == "gguf"
+    assert result.output_format == "gguf"
     assert len(gguf.GGUFReader(str(out)).tensors) == len(tensors)
 
 

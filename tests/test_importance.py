@@ -103,7 +103,7 @@ def test_never_worse_than_rtn_on_any_group(bits):
     x = (rng.standard_normal((32, 300)) * rng.uniform(0.1, 3.0, 300)).astype(np.float32)
     w = _lognormal_importance(rng, 300)
     g = 64
-    rtn = dequantize_array(quantize_array(x, bits=bits, group_size=g))
+    rtn = dequantize_array(quantize_array(x, bits=bits, group_size=g, method="rtn", param_dtype="float32"))
     imp = dequantize_array(quantize_importance_array(x, w, bits=bits, group_size=g))
     e_rtn = _group_weighted_errors(x, rtn, w, g)
     e_imp = _group_weighted_errors(x, imp, w, g)
@@ -168,7 +168,7 @@ def test_importance_and_equalization_cut_output_error_on_outlier_channels():
     w, x_test, mean_sq, absmax = _outlier_layer(0)
     reductions = {}
     for bits in (4, 2):
-        w_rtn = dequantize_array(quantize_array(w, bits=bits, group_size=128))
+        w_rtn = dequantize_array(quantize_array(w, bits=bits, group_size=128, method="rtn", param_dtype="float32"))
         qt, info = quantize_weighted(w, bits=bits, group_size=128, importance=mean_sq,
                                      equalization="search", act_absmax=absmax, name="fc")
         w_hat = dequantize_weighted(qt, info["spatial_quant_json"])
@@ -193,7 +193,7 @@ def test_importance_alone_helps_and_equalization_does_not_hurt_the_proxy():
         if eq == "search":
             errs = info["proxy_errors"]
             assert min(errs.values()) <= errs["none"]
-    e_rtn = weighted_output_error(w, dequantize_array(quantize_array(w, bits=4, group_size=128)),
+    e_rtn = weighted_output_error(w, dequantize_array(quantize_array(w, bits=4, group_size=128, method="rtn", param_dtype="float32")),
                                   x_test)
     assert e[None] < 0.8 * e_rtn
     assert e["search"] <= e[None] * 1.05
@@ -276,7 +276,7 @@ def test_search_options_change_the_search():
     w = _lognormal_importance(rng, 128)
     plain = quantize_importance_array(x, w, bits=4, group_size=128,
                                       options=SearchOptions(grid_steps=0, refit_iters=0))
-    rtn = quantize_array(x, bits=4, group_size=128)
+    rtn = quantize_array(x, bits=4, group_size=128, method="rtn", param_dtype="float32")
     np.testing.assert_array_equal(plain.scales, rtn.scales)
     full = quantize_importance_array(x, w, bits=4, group_size=128)
     assert not np.array_equal(full.scales, rtn.scales)

@@ -60,7 +60,7 @@ def test_from_a_quantized_tensor():
     # Row of 4 groups of 4: ranges 1, 1, 3 (jump 2/3), 3.
     row = np.concatenate([np.linspace(0, 1, 4), np.linspace(0, 1, 4),
                           np.linspace(0, 3, 4), np.linspace(0, 3, 4)]).astype(np.float32)
-    qt = quantize_array(row[None, :], bits=2, group_size=4)
+    qt = quantize_array(row[None, :], bits=2, group_size=4, method="rtn", param_dtype="float32")
     m = get_markov_metrics(qt, threshold=0.5)
     # scales (hi-lo)/3: 1/3, 1/3, 1, 1 -> jumps 0, 2/3, 0; zero points -lo/scale = 0.
     assert m.pairs == 3

@@ -155,8 +155,8 @@ def test_float16_parameters_dequantize_exactly_as_stored(method, scheme):
 
 def test_float16_parameters_are_counted_at_16_bits():
     x = _matrix(1, 4, 256, "gauss")
-    f32 = engine.quantize_array(x, bits=4, group_size=64, param_dtype="float32")
-    f16 = engine.quantize_array(x, bits=4, group_size=64, param_dtype="float16")
+    f32 = engine.quantize_array(x, bits=4, group_size=64, param_dtype="float32", method="rtn")
+    f16 = engine.quantize_array(x, bits=4, group_size=64, param_dtype="float16", method="rtn")
     assert f32.bits_per_weight == pytest.approx(4 + 64 / 64)
     assert f16.bits_per_weight == pytest.approx(4 + 32 / 64)
 
@@ -179,7 +179,7 @@ def test_scale_underflow_is_stored_as_smallest_subnormal():
     x = np.array([[1e-9, -1e-9, 5e-10, 0.0]], np.float32)
     for impl in (engine, reference):
         qt = impl.quantize_array(x, bits=8, group_size=4, scheme="symmetric",
-                                 param_dtype="float16")
+                                 param_dtype="float16", method="rtn")
         assert qt.scales[0] == np.float32(2.0**-24)
 
 
@@ -205,13 +205,13 @@ def test_float16_overflow_rules(impl):
         impl.quantize_array(big, bits=2, group_size=2, scheme="symmetric", method="mse",
                             param_dtype="float16")
     # with float32 parameters it is fine
-    impl.quantize_array(big, bits=2, group_size=2, scheme="symmetric", method="mse")
+    impl.quantize_array(big, bits=2, group_size=2, scheme="symmetric", method="mse", param_dtype="float32")
 
 
 def test_method_is_recorded():
     x = _matrix(2, 2, 64, "gauss")
-    assert engine.quantize_array(x, method="mse").method == "mse"
-    assert reference.quantize_array(x, method="mse").method == "mse"
+    assert engine.quantize_array(x, method="mse", param_dtype="float32").method == "mse"
+    assert reference.quantize_array(x, method="mse", param_dtype="float32").method == "mse"
 
 
 def test_end_to_end_float16_parameters_round_trip(tmp_path):

@@ -190,7 +190,7 @@ def test_errors_are_named(impl):
     x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
     with pytest.raises(ValidationError, match="asymmetric"):
         impl.quantize_array(x, bits=4, group_size=32, scheme="symmetric",
-                            param_dtype="superblock")
+                            param_dtype="superblock", method="rtn")
     huge = np.concatenate([np.zeros(32), np.arange(32) * 1e7]).astype(np.float32)
     with pytest.raises(ValidationError, match="float16"):
         impl.quantize_array(huge, bits=4, group_size=32, method="rtn", param_dtype="superblock",

@@ -8,7 +8,7 @@ Everything here is arrowquant underneath (see docs/migration.md)."""
 from __future__ import annotations
 
 from arrowquant import __version__
-from arrowquant.compat import (
+from ._v1 import (
     ArrowQuantV2,
     AsyncArrowQuantV2,
     ShardedSafeTensorsLoader,

@@ -1,26 +1,26 @@
 """ArrowQuant: group-wise INT2/INT4/INT8 weight quantization with a C++20 engine.
 
-The quantize path, from the top: cli.py -> api.quantize -> pipeline
-(StreamingQuantizer) -> arrowquant._core.quantize (cpp/src/python) ->
-arrowquant::Quantize (cpp/src/quantize.cc) -> per-row kernels
-(cpp/src/kernels/scalar.cc, avx2.cc). docs/ARCHITECTURE.md has the map.
+The quantize path, from the top (docs/ARCHITECTURE.md has the map):
+cli.py -> api.quantize (one Job) -> run.runner -> sources (read) ->
+planning (a TensorPlan per tensor) -> run.streaming -> engine.chunk ->
+arrowquant._core (cpp/src/python) -> arrowquant::Quantize (cpp/src/quantize.cc)
+-> per-row kernels (cpp/src/kernels) -> formats.v2_writer.
 
 Importing arrowquant never imports torch; arrowquant.torch does.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
-from .api import QuantizeSummary, dequantize, inspect, load, quantize, validate
-from .calibrated import CalibratedPlanner, apply_calibration
+from .api import QuantizeSummary, dequantize, inspect, load, quantize, run_job, validate
 from .calibration import CalibrationStats, calibrate, load_stats
 from .config import DiffusionQuantConfig
 from .config import resolve as resolve_config
-from .diffusion import DiffusionPlanner
 from .engine import active_kernel, dequantize_array, quantize_array
-from .gguf_export import export_gguf
-from .importance import equalization_scales, plan_equalization, quantize_weighted
+from .engine.metrics import ErrorMetrics, MarkovMetrics, get_markov_metrics
+from .engine.tensor import QuantizedTensor
+from .engine.weighted import equalization_scales, plan_equalization, quantize_weighted
 from .errors import (
     ArrowQuantError,
     ArrowQuantIOError,
@@ -34,17 +34,23 @@ from .errors import (
     ShapeMismatchError,
     ValidationError,
 )
-from .metrics import MarkovMetrics, get_markov_metrics
-from .modality import ModalityDecision, detect_modality
-from .plan import RulePlanner, TensorInfo, TensorPlan
-from .tensor import ErrorMetrics, QuantizedTensor
+from .formats.gguf.export import export_gguf
+from .job import Job, build_job
+from .planning.calibrated import CalibratedPlanner, apply_calibration
+from .planning.diffusion import DiffusionPlanner
+from .planning.plan import RulePlanner, TensorPlan
+from .sources import TensorInfo
+from .sources.modality import ModalityDecision, detect_modality
+from .spec import QuantSpec
 
 __all__ = [
     "__version__",
     # model files
     "quantize", "load", "inspect", "validate", "dequantize", "QuantizeSummary", "export_gguf",
+    "Job", "build_job", "run_job",
     # in-memory tensors
     "quantize_array", "dequantize_array", "active_kernel", "QuantizedTensor", "ErrorMetrics",
+    "QuantSpec",
     # configuration and planning
     "DiffusionQuantConfig", "resolve_config", "DiffusionPlanner", "RulePlanner", "TensorInfo",
     "TensorPlan", "ModalityDecision", "detect_modality", "MarkovMetrics", "get_markov_metrics",

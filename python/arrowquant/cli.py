@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import ArrowQuantError
-from .units import format_size
+from .sizes import format_size
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
 
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("output", help="output directory (ArrowQuant Parquet V2)")
     _add_quant_flags(q)
     _add_config_flags(q)
-    q.add_argument("--max-memory", default="256MiB", metavar="SIZE",
-                   help="memory budget of the pipeline's buffers (default 256MiB)")
+    q.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of the pipeline's buffers (default 256MiB, or "
+                        "ARROW_QUANT_MAX_MEMORY_MB / max_memory_limit_mb of --config)")
     q.add_argument("--chunk-size", default="256MiB", metavar="SIZE",
                    help="largest piece of one tensor stored as one row (default 256MiB of source)")
     q.add_argument("--shard-size", default="2GiB", metavar="SIZE",
@@ -237,19 +238,22 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
+    from .job import build_job
 
-    config = resolve_config(args)
-    if args.format == "gguf":
-        return _export_gguf(args, config.bit_width, config.scheme, config.num_threads)
+    job = build_job(args.input, args.output, config=resolve_config(args),
+                    max_memory=args.max_memory, chunk_size=args.chunk_size,
+                    shard_size=args.shard_size, output_format=args.format, engine=args.engine,
+                    overwrite=args.overwrite, resume=args.resume, calibration=args.calibration,
+                    gguf_type=args.gguf_type)
     on_tensor = (lambda r: print(_tensor_line(r), flush=True)) if args.verbose else None
-    summary = api.quantize(
-        args.input, args.output, config=config, max_memory=args.max_memory,
-        chunk_size=args.chunk_size, shard_size=args.shard_size, overwrite=args.overwrite,
-        resume=args.resume, engine=args.engine, calibration=args.calibration,
-        progress=False if (args.no_progress or args.json) else None, on_tensor=on_tensor,
-    )
+    summary = api.run_job(job, progress=False if (args.no_progress or args.json) else None,
+                          on_tensor=on_tensor)
     if args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
+        print(json.dumps(summary.details or summary.as_dict(), indent=2))
+    elif job.output_format == "gguf":
+        from .formats.gguf.export import format_report
+
+        print(format_report(summary.details, args.verbose))
     else:
         print_summary(summary)
     return 0
@@ -276,7 +280,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _parse_thresholds(items: Sequence[str]) -> Dict[int, float]:
-    from .plan import DEFAULT_MIN_COSINE
+    from .planning.plan import DEFAULT_MIN_COSINE
 
     return {**DEFAULT_MIN_COSINE, **(_thresholds(items) or {})}
 
@@ -311,18 +315,14 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_gguf(args: argparse.Namespace, bits: int, scheme: str, threads: int) -> int:
-    from .gguf_export import export_gguf, format_report
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .formats.gguf.export import export_gguf, format_report
 
-    report = export_gguf(args.input, args.output, bits=bits, scheme=scheme,
-                         gguf_type=args.gguf_type, threads=threads, overwrite=args.overwrite,
+    report = export_gguf(args.input, args.output, bits=args.bits, scheme=args.scheme,
+                         gguf_type=args.gguf_type, threads=args.threads, overwrite=args.overwrite,
                          progress=False if (args.no_progress or args.json) else None)
     print(json.dumps(report, indent=2) if args.json else format_report(report, args.verbose))
     return 0
-
-
-def cmd_export_gguf(args: argparse.Namespace) -> int:
-    return _export_gguf(args, args.bits, args.scheme, args.threads)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .errors import ConfigurationError
-from .plan import DEFAULT_MIN_COSINE
-from .tensor import VALID_BITS, VALID_METHODS, VALID_PARAM_DTYPES, VALID_SCHEMES
+from .spec import DEFAULT_SPEC, VALID_BITS, VALID_METHODS, VALID_PARAM_DTYPES, VALID_SCHEMES
 
 MODALITIES = ("text", "code", "image", "audio")
+#: Minimum cosine similarity per bit width below which a layer is redone at the
+#: next width (fallback_thresholds, --fallback-threshold).
+DEFAULT_MIN_COSINE: Dict[int, float] = {2: 0.70, 4: 0.90, 8: 0.95}
 #: Bits a --bits-for rule may name: the quantized widths, or 16 = keep unquantized.
 RULE_BITS = (2, 4, 8, 16)
 KEEP_BITS = 16
@@ -92,10 +94,10 @@ class DiffusionQuantConfig:
     - `quantize_1d`: quantize 1-D tensors (biases, norms) too.
     """
 
-    bit_width: int = 4
+    bit_width: int = DEFAULT_SPEC.bits
     modality: Optional[str] = None
     num_time_groups: int = 10
-    group_size: int = 128
+    group_size: int = DEFAULT_SPEC.group_size
     enable_time_aware: bool = True
     enable_spatial: bool = True
     min_accuracy: float = 0.85
@@ -108,11 +110,9 @@ class DiffusionQuantConfig:
     enable_mixed_precision: bool = False
     skip_sensitive_layers: bool = False
     # Additions of this version.
-    scheme: str = "asymmetric"
-    # Defaults measured in docs/quality.md: the error-minimizing search with
-    # float16 parameters gives more quality per byte than rtn / float32.
-    method: str = "mse"
-    param_dtype: str = "float16"
+    scheme: str = DEFAULT_SPEC.scheme
+    method: str = DEFAULT_SPEC.method          # the defaults: spec.QuantSpec
+    param_dtype: str = DEFAULT_SPEC.param_dtype
     target_bpw: Optional[float] = None
     keep_patterns: List[str] = field(default_factory=list)
     bits_for: Dict[str, int] = field(default_factory=dict)

@@ -29,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "arrowquant.torch needs PyTorch: pip install 'arrowquant[torch]' "
         "(on this machine kind: pip install torch==2.13.0)") from exc
 
-from .tensor import QuantizedTensor, groups_per_row, packed_row_bytes
+from .engine.tensor import QuantizedTensor
+from .spec import groups_per_row, packed_row_bytes
 
 PathLike = Any
 

@@ -12,37 +12,14 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ValidationError
-from .tensor import (
-    ErrorSums,
-    QuantizedTensor,
-    as_source,
-    check_spec,
-    groups_per_row,
-    packed_row_bytes,
-    view_2d,
-)
+from ..engine.dtypes import to_float32
+from ..engine.metrics import ErrorSums
+from ..engine.tensor import QuantizedTensor, as_source
+from ..errors import ValidationError
+from ..spec import DEFAULT_SPEC, check_spec, groups_per_row, packed_row_bytes, view_2d
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
-
-
-def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Exact conversion of raw little-endian bytes of `dtype` to float32."""
-    raw = raw.view(np.uint8)
-    if dtype == "float32":
-        return raw.view(np.float32)
-    if dtype == "float16":
-        return raw.view(np.float16).astype(np.float32)
-    if dtype == "bfloat16":
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    import ml_dtypes
-
-    if dtype == "float8_e4m3fn":
-        return raw.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    if dtype == "float8_e5m2":
-        return raw.view(ml_dtypes.float8_e5m2).astype(np.float32)
-    raise ValidationError(f"dtype {dtype!r} cannot be quantized")
 
 
 def _check_finite(x: np.ndarray, cols: int, name: str) -> None:
@@ -154,28 +131,14 @@ def dequantize_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray,
     )
 
 
-def _error_sums(x2: np.ndarray, xhat: np.ndarray) -> ErrorSums:
-    x = x2.astype(np.float64)
-    h = xhat.astype(np.float64)
-    e = x - h
-    return ErrorSums(
-        sum_x2=float(np.sum(x * x)),
-        sum_xhat2=float(np.sum(h * h)),
-        sum_x_xhat=float(np.sum(x * h)),
-        sum_err2=float(np.sum(e * e)),
-        max_abs_err=float(np.max(np.abs(e))) if e.size else 0.0,
-        count=int(x.size),
-    )
-
-
 def choose_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, method: str,
                   param_dtype: str, name: str) -> Tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per group for a method (FORMAT.md rtn; mse and
-    float16 parameters in reference_search)."""
+    float16 parameters in reference.search)."""
     scale, zero = rtn_params(x2, bits, group_size, scheme, name)
     if method == "rtn" and param_dtype == "float32":
         return scale, zero
-    from .reference_search import search_params
+    from .search import search_params
 
     return search_params(x2, bits, group_size, scheme, method, param_dtype, scale, zero, name)
 
@@ -183,11 +146,11 @@ def choose_params(x2: np.ndarray, bits: int, group_size: int, scheme: str, metho
 def quantize_array(
     array: Any,
     *,
-    bits: int = 4,
-    group_size: int = 128,
-    scheme: str = "asymmetric",
-    method: str = "rtn",
-    param_dtype: str = "float32",
+    bits: int = DEFAULT_SPEC.bits,
+    group_size: int = DEFAULT_SPEC.group_size,
+    scheme: str = DEFAULT_SPEC.scheme,
+    method: str = DEFAULT_SPEC.method,
+    param_dtype: str = DEFAULT_SPEC.param_dtype,
     dtype: Optional[str] = None,
     shape: Optional[Sequence[int]] = None,
     name: str = "tensor",
@@ -204,7 +167,7 @@ def quantize_array(
     x2 = x.reshape(rows, cols)
     sb_scales = sb_zeros = None
     if param_dtype == "superblock":
-        from .reference_superblock import superblock_params
+        from .superblock import superblock_params
 
         s_rtn, z_rtn = rtn_params(x2, bits, group_size, scheme, name)
         scale, zero, sb_scales, sb_zeros = superblock_params(x2, bits, group_size, method, s_rtn,
@@ -217,7 +180,7 @@ def quantize_array(
     return QuantizedTensor(
         data=pack(codes, bits), scales=scale.reshape(-1), zero_points=zero.reshape(-1),
         shape=src.shape, dtype=src.dtype, bits=bits, group_size=group_size, scheme=scheme,
-        method=method, param_dtype=param_dtype, name=name, error=_error_sums(x2, xhat),
+        method=method, param_dtype=param_dtype, name=name, error=ErrorSums.of(x2, xhat),
         superblock_scales=sb_scales, superblock_zero_points=sb_zeros,
     )
 

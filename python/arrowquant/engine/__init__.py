@@ -1,4 +1,7 @@
-"""In-memory quantization with the C++ engine (arrowquant._core)."""
+"""The engine, as Python sees it: in-memory quantization of arrays
+(quantize_array / dequantize_array) and the chunk quantizer the pipeline
+uses. The submodules are the only code that reaches the C++ engine
+(arrowquant._core, through engine.core)."""
 
 from __future__ import annotations
 
@@ -6,27 +9,22 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import _core
-from .tensor import (
-    ErrorSums,
-    QuantizedTensor,
-    as_source,
-    check_spec,
-    groups_per_row,
-    packed_row_bytes,
-    superblocks_per_row,
-    view_2d,
-)
+from ..spec import (DEFAULT_SPEC, check_spec, groups_per_row, packed_row_bytes,
+                    superblocks_per_row, view_2d)
+from . import core
+from .core import active_kernel
+from .metrics import ErrorSums
+from .tensor import QuantizedTensor, as_source
 
 
 def quantize_array(
     array: Any,
     *,
-    bits: int = 4,
-    group_size: int = 128,
-    scheme: str = "asymmetric",
-    method: str = "rtn",
-    param_dtype: str = "float32",
+    bits: int = DEFAULT_SPEC.bits,
+    group_size: int = DEFAULT_SPEC.group_size,
+    scheme: str = DEFAULT_SPEC.scheme,
+    method: str = DEFAULT_SPEC.method,
+    param_dtype: str = DEFAULT_SPEC.param_dtype,
     dtype: Optional[str] = None,
     shape: Optional[Sequence[int]] = None,
     name: str = "tensor",
@@ -50,7 +48,7 @@ def quantize_array(
         units = rows * superblocks_per_row(cols, group_size)
         sb_scales = np.empty(units, dtype=np.float32)
         sb_zeros = np.empty(units, dtype=np.float32)
-        sums = _call(name, _core.quantize_superblock, src.raw, src.dtype, rows, cols, bits,
+        sums = core.call(name, core.quantize_superblock, src.raw, src.dtype, rows, cols, bits,
                      group_size, method, packed, scales, zero_points, sb_scales, sb_zeros,
                      threads, force_scalar)
         return QuantizedTensor(
@@ -59,7 +57,7 @@ def quantize_array(
             param_dtype=param_dtype, name=name, error=ErrorSums(*sums),
             superblock_scales=sb_scales, superblock_zero_points=sb_zeros,
         )
-    sums = _call(name, _core.quantize, src.raw, src.dtype, rows, cols, bits, group_size, scheme,
+    sums = core.call(name, core.quantize, src.raw, src.dtype, rows, cols, bits, group_size, scheme,
                  method, param_dtype, packed, scales, zero_points, threads, force_scalar)
     return QuantizedTensor(
         data=packed, scales=scales, zero_points=zero_points, shape=src.shape, dtype=src.dtype,
@@ -73,24 +71,10 @@ def dequantize_array(qt: QuantizedTensor, *, threads: int = 0,
     """float32 array of qt.shape: x_hat = (q - zero_point) * scale."""
     rows, cols = view_2d(qt.shape)
     out = np.empty(rows * cols, dtype=np.float32)
-    _call(qt.name, _core.dequantize, np.ascontiguousarray(qt.data, dtype=np.uint8), rows, cols,
+    core.call(qt.name, core.dequantize, np.ascontiguousarray(qt.data, dtype=np.uint8), rows, cols,
           qt.bits, qt.group_size, np.ascontiguousarray(qt.scales, dtype=np.float32),
           np.ascontiguousarray(qt.zero_points, dtype=np.float32), out, threads, force_scalar)
     return out.reshape(qt.shape)
 
 
-def _call(name: str, fn, *args):
-    """Calls the engine; prefixes its error message with the tensor name."""
-    try:
-        return fn(*args)
-    except Exception as exc:  # re-raised as the same class with context
-        from .errors import ArrowQuantError
-
-        if isinstance(exc, ArrowQuantError):
-            raise type(exc)(f"tensor {name!r}: {exc}") from None
-        raise
-
-
-def active_kernel() -> str:
-    """The SIMD path the engine uses on this CPU ("avx2" or "scalar")."""
-    return _core.active_kernel()
+__all__ = ["quantize_array", "dequantize_array", "active_kernel"]

@@ -1,0 +1,90 @@
+"""The chunk quantizer: rows of one tensor, already read, into the output
+buffers of a V2 chunk, by the engine the run chose (the C++ engine, or the
+numpy reference for checks) and the tensor's spec (plain, importance-weighted
+or two-level parameters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import ConfigurationError
+from ..spec import QuantSpec
+from . import core
+from .metrics import ErrorSums
+
+
+@dataclass
+class ChunkBuffers:
+    """Output buffers of `rows` rows: packed codes, per-group float32 scales and
+    zero points, and with superblock parameters the units of each super-block."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    sb_scales: Optional[np.ndarray] = None
+    sb_zeros: Optional[np.ndarray] = None
+
+
+class ChunkQuantizer:
+    """Quantizes row ranges with the run's engine ("native" or "reference")."""
+
+    def __init__(self, engine: str = "native", threads: int = 0):
+        self.engine = engine
+        self.threads = threads
+
+    def quantize_rows(self, name: str, raw: np.ndarray, dtype: str, rows: int, cols: int,
+                      spec: QuantSpec, out: ChunkBuffers,
+                      importance: Optional[np.ndarray] = None,
+                      equalization: Optional[np.ndarray] = None) -> ErrorSums:
+        """Codes and parameters of `rows` rows of raw `dtype` bytes into `out`."""
+        weighted = importance is not None or equalization is not None
+        if spec.superblock:
+            if weighted:
+                raise ConfigurationError(
+                    f"tensor {name!r}: importance-weighted (calibrated) quantization does not "
+                    "support param dtype 'superblock'; use float16 or float32 parameters")
+            if out.sb_scales is None or out.sb_zeros is None:
+                raise ValueError("a superblock spec needs buffers for its units")
+            spec.validate()
+            if self.engine == "reference":
+                qt = self._reference(name, raw, dtype, rows, cols, spec)
+                out.sb_scales[...] = qt.superblock_scales
+                out.sb_zeros[...] = qt.superblock_zero_points
+                return _copy_out(qt, out)
+            sums = core.call(name, core.quantize_superblock, raw, dtype, rows, cols, spec.bits,
+                             spec.group_size, spec.method, out.packed, out.scales, out.zeros,
+                             out.sb_scales, out.sb_zeros, self.threads, False)
+            return ErrorSums(*sums)
+        if weighted:
+            from .weighted import quantize_weighted
+
+            qt, _info = quantize_weighted(
+                raw, dtype=dtype, shape=(rows, cols), bits=spec.bits, group_size=spec.group_size,
+                scheme=spec.scheme, importance=importance, equalization=equalization, name=name,
+                threads=self.threads)
+            return _copy_out(qt, out)
+        if self.engine == "reference":
+            return _copy_out(self._reference(name, raw, dtype, rows, cols, spec), out)
+        sums = core.call(name, core.quantize, raw, dtype, rows, cols, spec.bits, spec.group_size,
+                         spec.scheme, spec.method, spec.param_dtype, out.packed, out.scales,
+                         out.zeros, self.threads, False)
+        return ErrorSums(*sums)
+
+    @staticmethod
+    def _reference(name: str, raw: np.ndarray, dtype: str, rows: int, cols: int,
+                   spec: QuantSpec) -> Any:
+        from ..reference import quantize_array
+
+        return quantize_array(raw, dtype=dtype, shape=(rows, cols), bits=spec.bits,
+                              group_size=spec.group_size, scheme=spec.scheme, method=spec.method,
+                              param_dtype=spec.param_dtype, name=name)
+
+
+def _copy_out(qt: Any, out: ChunkBuffers) -> ErrorSums:
+    out.packed[...] = qt.data
+    out.scales[...] = qt.scales
+    out.zeros[...] = qt.zero_points
+    return qt.error if qt.error is not None else ErrorSums()

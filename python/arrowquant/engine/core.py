@@ -1,0 +1,50 @@
+"""The door to the C++ engine (arrowquant._core): the only module of the
+package that imports it. Everything else calls the engine through
+arrowquant.engine (array API, chunk quantizer, weighted search) or through the
+file codecs re-exported here (SafeTensors reader, GGUF writer / reader)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .. import _core
+from ..errors import ArrowQuantError
+
+# File codecs: the strict SafeTensors header parser and pread reader, the
+# streaming GGUF writer, its block codecs and its validating reader.
+SafeTensorsFile = _core.SafeTensorsFile
+parse_safetensors_header = _core.parse_safetensors_header
+parse_safetensors_buffer = _core.parse_safetensors_buffer
+GgufWriter = _core.GgufWriter
+gguf_read_file = _core.gguf_read_file
+gguf_parse = _core.gguf_parse
+gguf_file_type = _core.gguf_file_type
+gguf_quantize_blocks = _core.gguf_quantize_blocks
+gguf_dequantize_blocks = _core.gguf_dequantize_blocks
+
+# Kernels (buffers are allocated by the callers in arrowquant.engine).
+quantize = _core.quantize
+quantize_superblock = _core.quantize_superblock
+quantize_with_params = _core.quantize_with_params
+dequantize = _core.dequantize
+quantize_importance = _core.quantize_importance
+importance_params = _core.importance_params
+
+
+def call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Calls the engine; prefixes its error message with the tensor name
+    (same exception class)."""
+    try:
+        return fn(*args)
+    except ArrowQuantError as exc:
+        raise type(exc)(f"tensor {name!r}: {exc}") from None
+
+
+def active_kernel() -> str:
+    """The SIMD path the engine uses on this CPU ("avx2" or "scalar")."""
+    return _core.active_kernel()
+
+
+def fix_mmap_threshold() -> bool:
+    """Large allocations always mmapped, so freed buffers return to the system."""
+    return _core.fix_mmap_threshold()

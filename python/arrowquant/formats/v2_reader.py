@@ -1,0 +1,563 @@
+"""ArrowQuant Parquet V2 reader: a model directory opened lazily, every row
+checked against FORMAT.md sections 5 and 9 before its data is used."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..engine import dequantize_array
+from ..engine.dtypes import ITEMSIZE, raw_to_array
+from ..engine.superblock import expand_superblock, unpack_codes
+from ..engine.tensor import QuantizedTensor
+from ..errors import (ArrowQuantError, FormatError, MetadataError, ModelNotFoundError,
+                      ShapeMismatchError, ValidationError)
+from ..files import is_inside
+from ..spec import (groups_per_row, packed_row_bytes, param_code_bytes, superblock_code_bits,
+                    superblock_groups, view_2d)
+from .arrow_checks import (MAX_NUMEL, blob_view, check_row_group_holds, check_schema,
+                           check_shape, is_blob, is_int, is_int_list, is_param_list, is_str,
+                           list_values)
+from .v2_schema import (FORMAT_VERSION, INDEX_NAME, READABLE_VERSIONS, SUPERBLOCK_COLUMNS)
+
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    file: Path
+    row_group: int
+    row_start: int
+    row_count: int
+
+
+@dataclass
+class TensorEntry:
+    """What a V2 directory says of one tensor (without its data)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    num_params: int
+    quant_type: str
+    scheme: Optional[str]
+    method: Optional[str]
+    group_size: Optional[int]
+    chunks: List[ChunkLocation]
+    data_bytes: int = 0
+    spatial_quant_json: Optional[str] = None
+    param_dtype: Optional[str] = None       # float32 / float16 / superblock (None: "none")
+    param_code_bits: Optional[int] = None   # superblock only: p
+    superblock_groups: Optional[int] = None  # superblock only: K
+
+    @property
+    def bits(self) -> Optional[int]:
+        return None if self.quant_type == "none" else int(self.quant_type[3:])
+
+
+
+def read_index(root: Path) -> Optional[Dict[str, str]]:
+    """The weight map of a sharded V2 directory (tensor -> file name), checked:
+    names are strings and every file stays inside the directory."""
+    index = root / INDEX_NAME
+    if not index.exists():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise FormatError(f"{index}: not a valid V2 index ({exc})") from None
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise FormatError(f"{index}: tensor {tensor!r} maps to {name!r}, not a file name")
+        if Path(name).is_absolute() or ".." in Path(name).parts or not is_inside(root, root / name):
+            raise FormatError(f"{index}: file {name!r} (tensor {tensor!r}) points outside the "
+                              "model directory")
+    return weight_map
+
+
+def model_files(root: Path) -> List[Path]:
+    """The Parquet files of a V2 directory, in order."""
+    weight_map = read_index(root)
+    if weight_map is not None:
+        files = []
+        for name in sorted(set(weight_map.values())):
+            p = root / name
+            if not p.is_file():
+                raise ModelNotFoundError(f"{root / INDEX_NAME}: names {name!r}, which does not exist")
+            files.append(p)
+        return files
+    single = root / "model.parquet"
+    if single.exists():
+        if not is_inside(root, single):
+            raise FormatError(f"{single}: a symlink that points outside the model directory")
+        return [single]
+    raise ModelNotFoundError(f"{root}: no model.parquet or {INDEX_NAME}: not an ArrowQuant V2 model")
+
+
+def read_metadata(path: Path) -> Dict[str, Any]:
+    """metadata.json as a dict ({} when absent); MetadataError when unusable."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise MetadataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise MetadataError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    return meta
+
+
+
+V2_COLUMNS = {
+    "layer_name": is_str, "row_start": is_int, "row_count": is_int, "shape": is_int_list,
+    "dtype": is_str, "data": is_blob, "num_params": is_int, "quant_type": is_str,
+    "scheme": is_str, "method": is_str, "group_size": is_int, "scales": is_param_list,
+    "zero_points": is_param_list,
+}
+OPTIONAL_COLUMNS = {"spatial_quant_json": is_str, "param_codes": is_blob,
+                    "param_code_bits": is_int, "superblock_groups": is_int}
+#: Largest param_code_bits (codes are at most one byte).
+MAX_CODE_BITS = 8
+QUANT_TYPES = {"int2": 2, "int4": 4, "int8": 8, "none": None}
+
+
+class QuantizedModel(Mapping):
+    """A V2 directory opened lazily: a Mapping of tensor name -> dequantized
+    float32 array (read and dequantized on access, one tensor at a time)."""
+
+    def __init__(self, path: Any, engine: str = "native"):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise ModelNotFoundError(f"{self.root}: not a directory")
+        self.engine = engine
+        self.metadata: Dict[str, Any] = read_metadata(self.root / "metadata.json")
+        self.weight_map = read_index(self.root)
+        self.files = model_files(self.root)
+        self.entries: Dict[str, TensorEntry] = {}
+        self._files: Dict[Path, pq.ParquetFile] = {}
+        for f in self.files:
+            self._index_file(f)
+        for entry in self.entries.values():
+            _check_coverage(entry)
+        if self.weight_map is not None:
+            for name, fname in self.weight_map.items():
+                entry = self.entries.get(name)
+                if entry is None:
+                    raise FormatError(f"{self.root / INDEX_NAME}: tensor {name!r} is in no file")
+                if any(c.file != self.root / fname for c in entry.chunks):
+                    raise FormatError(f"{self.root / INDEX_NAME}: tensor {name!r} maps to "
+                                      f"{fname!r} but is stored elsewhere")
+
+    def _parquet(self, f: Path) -> pq.ParquetFile:
+        if f not in self._files:
+            self._files[f] = pq.ParquetFile(str(f))
+        return self._files[f]
+
+    def _index_file(self, f: Path) -> None:
+        try:
+            pf = self._parquet(f)
+            kv = pf.schema_arrow.metadata or {}
+            if kv.get(b"arrowquant.format") != b"parquet-v2":
+                raise FormatError(f"{f}: missing arrowquant.format = parquet-v2 metadata")
+            check_version(f, kv.get(b"arrowquant.format_version"))
+            check_schema(f, pf.schema_arrow, V2_COLUMNS, OPTIONAL_COLUMNS)
+            names = pf.schema_arrow.names
+            sb_cols = [c for c, _ in SUPERBLOCK_COLUMNS]
+            present = [c for c in sb_cols if c in names]
+            if present and len(present) != len(sb_cols):
+                missing = sorted(set(sb_cols) - set(present))
+                raise FormatError(f"{f}: has superblock column(s) {present} without {missing}")
+            list_type = pf.schema_arrow.field("scales").type.value_type
+            self._list_dtype = "float16" if list_type == pa.float16() else "float32"
+            cols = ["layer_name", "row_start", "row_count", "shape", "dtype", "num_params",
+                    "quant_type", "scheme", "method", "group_size"]
+            cols += [c for c in ("spatial_quant_json", "param_code_bits", "superblock_groups")
+                     if c in names]
+            for rg in range(pf.num_row_groups):
+                rows = pf.read_row_group(rg, columns=cols).to_pylist()
+                need = 0
+                for i, row in enumerate(rows):
+                    need += self._add_chunk(f, rg, i, row)
+                check_row_group_holds(f, pf, rg, rows, need)
+        except (pa.ArrowException, OSError, KeyError, ValueError, TypeError) as exc:
+            if isinstance(exc, ArrowQuantError):
+                raise
+            raise FormatError(f"{f}: cannot read as ArrowQuant Parquet V2 "
+                              f"({type(exc).__name__}: {exc})") from None
+
+    def _add_chunk(self, f: Path, rg: int, i: int, row: Dict[str, Any]) -> int:
+        """Checks one row against FORMAT.md section 5 and records it; returns
+        the data bytes the row must hold."""
+        name = row["layer_name"]
+        if not isinstance(name, str) or not name:
+            raise FormatError(f"{f}: row {i} of row group {rg} has no layer_name")
+        where = f"{f}: tensor {name!r} (row group {rg})"
+        for key in ("row_start", "row_count", "shape", "dtype", "num_params", "quant_type"):
+            if row[key] is None:
+                raise FormatError(f"{where}: {key} is null")
+        qt = row["quant_type"]
+        if qt not in QUANT_TYPES:
+            raise FormatError(f"{where}: quant_type {qt!r} is not one of int2, int4, int8, none")
+        dtype = row["dtype"]
+        if dtype not in ITEMSIZE:
+            raise FormatError(f"{where}: unknown dtype {dtype!r}")
+        shape = check_shape(where, row["shape"], row["num_params"])
+        rows, cols = view_2d(shape)
+        bits = QUANT_TYPES[qt]
+        group_size = row["group_size"]
+        spatial = row.get("spatial_quant_json")
+        p, K = row.get("param_code_bits"), row.get("superblock_groups")
+        if bits is not None:
+            if not isinstance(group_size, int) or group_size <= 0:
+                raise FormatError(f"{where}: group_size {group_size!r} must be a positive integer")
+            if row["scheme"] not in (None, "asymmetric", "symmetric"):
+                raise FormatError(f"{where}: unknown scheme {row['scheme']!r}")
+            if spatial:
+                _equalization_scales(where, spatial, cols)
+            check_superblock_layout(where, p, K)
+        elif p is not None or K is not None:
+            raise FormatError(f"{where}: an unquantized tensor with superblock parameters")
+        param_dtype = None if bits is None else "superblock" if p is not None else self._list_dtype
+        entry = self.entries.get(name)
+        if entry is None:
+            entry = TensorEntry(
+                name=name, shape=shape, dtype=dtype, num_params=row["num_params"],
+                quant_type=qt, scheme=row["scheme"], method=row["method"],
+                group_size=group_size if bits is not None else None,
+                chunks=[], spatial_quant_json=spatial, param_dtype=param_dtype,
+                param_code_bits=p, superblock_groups=K,
+            )
+            self.entries[name] = entry
+        else:
+            mine = (shape, dtype, qt, group_size if bits is not None else None, row["scheme"],
+                    spatial, param_dtype, p, K)
+            theirs = (entry.shape, entry.dtype, entry.quant_type, entry.group_size, entry.scheme,
+                      entry.spatial_quant_json, entry.param_dtype, entry.param_code_bits,
+                      entry.superblock_groups)
+            if mine != theirs:
+                raise FormatError(f"{where}: chunk disagrees with an earlier chunk of the same "
+                                  f"tensor (shape/dtype/quant_type/group_size/scheme/equalization/"
+                                  f"parameters {mine[:5] + mine[6:]} vs "
+                                  f"{theirs[:5] + theirs[6:]})")
+        start, count = row["row_start"], row["row_count"]
+        if start < 0 or count < 0 or start + count > rows:
+            raise ShapeMismatchError(f"{where}: rows [{start}, {start + count}) outside the "
+                                     f"{rows} rows of shape {list(shape)}")
+        entry.chunks.append(ChunkLocation(f, rg, start, count))
+        return count * _row_bytes(entry)
+
+    # Mapping interface -------------------------------------------------------
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.dequantize(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def info(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise ModelNotFoundError(f"{self.root}: no tensor named {name!r}") from None
+
+    def _chunk_rows(self, entry: TensorEntry,
+                    only: Optional[Sequence[ChunkLocation]] = None) -> Iterator[Dict[str, Any]]:
+        """The chunks' blobs and parameters, each checked against the sizes its
+        row declares (a file changed or damaged since it was opened is an error)."""
+        cols = ["row_start", "row_count", "data", "scales", "zero_points", "layer_name"]
+        sb = entry.param_dtype == "superblock"
+        rows, n_cols = view_2d(entry.shape)
+        bits = entry.bits
+        for loc in sorted(only if only is not None else entry.chunks, key=lambda c: c.row_start):
+            where = f"{loc.file}: tensor {entry.name!r} rows [{loc.row_start}, " \
+                    f"{loc.row_start + loc.row_count})"
+            part = None
+            try:
+                pf = self._parquet(loc.file)
+                has_codes = "param_codes" in pf.schema_arrow.names
+                table = pf.read_row_group(loc.row_group,
+                                          columns=cols + (["param_codes"] if has_codes else []))
+                names = table.column("layer_name").to_pylist()
+                starts = table.column("row_start").to_pylist()
+                for i in range(table.num_rows):
+                    if names[i] != entry.name or starts[i] != loc.row_start:
+                        continue
+                    data_col = table.column("data")
+                    data_arr = data_col.chunk(0) if data_col.num_chunks == 1 \
+                        else pa.concat_arrays(data_col.chunks)
+                    part = {
+                        "row_start": loc.row_start,
+                        "row_count": loc.row_count,
+                        "data": blob_view(data_arr, i),
+                        "scales": list_values(table.column("scales"), i),
+                        "zero_points": list_values(table.column("zero_points"), i),
+                    }
+                    if has_codes:
+                        codes_col = table.column("param_codes")
+                        codes_arr = codes_col.chunk(0) if codes_col.num_chunks == 1 \
+                            else pa.concat_arrays(codes_col.chunks)
+                        part["param_codes"] = None if not codes_arr[i].is_valid \
+                            else blob_view(codes_arr, i)
+                    break
+            except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
+                raise FormatError(f"{where}: cannot read ({type(exc).__name__}: {exc})") from None
+            if part is None:
+                raise FormatError(f"{where}: chunk not found (the file changed since it was opened)")
+            want = loc.row_count * _row_bytes(entry)
+            if part["data"].size != want:
+                raise ShapeMismatchError(f"{where}: {part['data'].size} data bytes, expected {want}")
+            if not sb and part.pop("param_codes", None) is not None:
+                raise FormatError(f"{where}: param_codes set in a row without param_code_bits")
+            if sb:
+                units, empty = part.pop("scales"), part.pop("zero_points")
+                G = groups_per_row(n_cols, entry.group_size)
+                S = -(-G // entry.superblock_groups)
+                if empty.size != 0:
+                    raise ShapeMismatchError(f"{where}: {empty.size} zero_points in a superblock "
+                                             "row (its units are all in scales; zero_points is "
+                                             "empty)")
+                if units.size != 2 * loc.row_count * S:
+                    raise ShapeMismatchError(f"{where}: {units.size} scales (superblock units), "
+                                             f"expected 2 x {loc.row_count} rows x {S} "
+                                             "super-blocks")
+                half = loc.row_count * S
+                part.update(expand_chunk(where, units[:half], units[half:],
+                                         part.pop("param_codes"), entry.param_code_bits,
+                                         entry.superblock_groups, loc.row_count, G))
+            elif bits is not None:
+                n_params = loc.row_count * groups_per_row(n_cols, entry.group_size)
+                for key in ("scales", "zero_points"):
+                    v = part[key]
+                    if v.size != n_params:
+                        raise ShapeMismatchError(f"{where}: {v.size} {key}, expected "
+                                                 f"{loc.row_count} rows x "
+                                                 f"{groups_per_row(n_cols, entry.group_size)} groups")
+                    if not np.isfinite(v).all():
+                        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+                        raise ValidationError(f"{where}: {key}[{bad}] is {v[bad]} (not finite)")
+            yield part
+
+    def dequantize_chunk(self, name: str, loc: ChunkLocation) -> np.ndarray:
+        """One chunk's rows as a (row_count, cols) array: float32 for quantized
+        tensors (equalization undone), the original dtype otherwise."""
+        entry = self.info(name)
+        rows, cols = view_2d(entry.shape)
+        part = next(self._chunk_rows(entry, [loc]))
+        if entry.quant_type == "none":
+            return raw_to_array(part["data"], entry.dtype, (loc.row_count, cols))
+        qt = QuantizedTensor(
+            data=part["data"], scales=part["scales"].astype(np.float32),
+            zero_points=part["zero_points"].astype(np.float32), shape=(loc.row_count, cols),
+            dtype=entry.dtype, bits=entry.bits, group_size=entry.group_size, name=name)
+        values = dequantize_array(qt).reshape(loc.row_count, cols)
+        s = self._equalization(entry)
+        return values / s[None, :] if s is not None else values
+
+    def _equalization(self, entry: TensorEntry) -> Optional[np.ndarray]:
+        if not entry.spatial_quant_json:
+            return None
+        s = _equalization_scales(f"{self.root}: tensor {entry.name!r}", entry.spatial_quant_json,
+                                 view_2d(entry.shape)[1])
+        return s if s.size else None
+
+    def raw(self, name: str) -> QuantizedTensor:
+        """Packed codes and parameters of a quantized tensor (chunks joined)."""
+        entry = self.info(name)
+        if entry.quant_type == "none":
+            raise FormatError(f"{self.root}: tensor {name!r} is stored unquantized; use "
+                              f"model[{name!r}]")
+        parts = list(self._chunk_rows(entry))
+        if not parts:
+            raise FormatError(f"{self.root}: tensor {name!r} has no chunks")
+        fields = dict(
+            data=np.concatenate([p["data"] for p in parts]) if len(parts) > 1 else parts[0]["data"],
+            scales=np.concatenate([p["scales"].astype(np.float32) for p in parts]),
+            zero_points=np.concatenate([p["zero_points"].astype(np.float32) for p in parts]),
+            shape=entry.shape, dtype=entry.dtype, bits=entry.bits, group_size=entry.group_size,
+            scheme=entry.scheme or "asymmetric", method=entry.method or "rtn",
+            param_dtype=entry.param_dtype or "float32", name=name,
+        )
+        if entry.param_dtype != "superblock":
+            return QuantizedTensor(**fields)
+        fields["superblock_scales"] = np.concatenate([p["sb_scales"] for p in parts])
+        fields["superblock_zero_points"] = np.concatenate([p["sb_zero_points"] for p in parts])
+        if entry.param_code_bits == superblock_code_bits(entry.bits) and \
+                entry.superblock_groups == superblock_groups(entry.group_size):
+            return QuantizedTensor(**fields)
+        # A layout other than the engine's (readers take what the file says).
+        return StoredSuperblockTensor(**fields, stored_code_bits=entry.param_code_bits,
+                                      stored_superblock_groups=entry.superblock_groups)
+
+    def dequantize(self, name: str, out_dtype: Any = None) -> np.ndarray:
+        """A quantized tensor as float32, an unquantized one with its original
+        dtype (or either as `out_dtype`), with channel equalization undone."""
+        entry = self.info(name)
+        if entry.quant_type == "none":
+            parts = list(self._chunk_rows(entry))
+            if not parts:
+                raise FormatError(f"{self.root}: tensor {name!r} has no chunks")
+            raw = np.concatenate([p["data"] for p in parts]) if len(parts) > 1 else parts[0]["data"]
+            values = raw_to_array(raw, entry.dtype, entry.shape)
+            return values if out_dtype is None else values.astype(out_dtype, copy=False)
+        values = dequantize_array(self.raw(name))
+        s = self._equalization(entry)
+        if s is not None:
+            rows, cols = view_2d(entry.shape)
+            values = (values.reshape(rows, cols) / s[None, :]).reshape(entry.shape)
+        return values if out_dtype is None else values.astype(out_dtype, copy=False)
+
+    def close(self) -> None:
+        self._files.clear()
+
+    def __enter__(self) -> "QuantizedModel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@dataclass
+class StoredSuperblockTensor(QuantizedTensor):
+    """A superblock tensor read from a file whose code bits or groups per
+    super-block differ from what the engine writes for its bits and group size."""
+
+    stored_code_bits: int = 0
+    stored_superblock_groups: int = 1
+
+    @property
+    def param_code_bits(self) -> int:  # type: ignore[override]
+        return self.stored_code_bits
+
+    @property
+    def superblock_groups(self) -> int:  # type: ignore[override]
+        return self.stored_superblock_groups
+
+
+def check_version(f: Path, value: Optional[bytes]) -> int:
+    """The file's arrowquant.format_version (absent: 1); FormatError for a
+    version this reader does not know (a newer writer's file)."""
+    if value is None:
+        return FORMAT_VERSION
+    try:
+        version = int(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise FormatError(f"{f}: arrowquant.format_version {value!r} is not a number") from None
+    if version not in READABLE_VERSIONS:
+        raise FormatError(f"{f}: ArrowQuant Parquet V2 format version {version}; this reader "
+                          f"reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade "
+                          "arrowquant to read it)")
+    return version
+
+
+def check_superblock_layout(where: str, p: Any, K: Any) -> None:
+    """param_code_bits and superblock_groups: both null, or p in 1..8 and K >= 1."""
+    if p is None and K is None:
+        return
+    if p is None or K is None:
+        raise FormatError(f"{where}: param_code_bits {p!r} and superblock_groups {K!r}: one is "
+                          "null, the other not")
+    if not isinstance(p, int) or not 1 <= p <= MAX_CODE_BITS:
+        raise FormatError(f"{where}: param_code_bits {p!r} outside 1..{MAX_CODE_BITS}")
+    if not isinstance(K, int) or K < 1 or K > MAX_NUMEL:
+        raise FormatError(f"{where}: superblock_groups {K!r} must be a positive integer")
+
+
+def expand_chunk(where: str, d: np.ndarray, dz: np.ndarray, codes: Optional[np.ndarray], p: int,
+                 K: int, row_count: int, G: int) -> Dict[str, np.ndarray]:
+    """Per-group float32 parameters of a superblock chunk (FORMAT.md section
+    9), every stored value checked: unit and code counts, finite float16
+    units with d > 0 and dz >= 0, scale codes >= 1, zero padding bits."""
+    S = -(-G // K)
+    if codes is None:
+        raise FormatError(f"{where}: param_codes is null in a superblock row")
+    for label, v in (("scale", d), ("zero", dz)):
+        if v.size != row_count * S:
+            raise ShapeMismatchError(f"{where}: {v.size} superblock {label} units, expected "
+                                     f"{row_count} rows x {S} super-blocks")
+    need = param_code_bytes(row_count * G, p)
+    if codes.size != need:
+        raise ShapeMismatchError(f"{where}: param_codes holds {codes.size} bytes, {row_count} rows "
+                                 f"x {G} groups of {p}-bit code pairs need {need}")
+    units = []
+    for label, stored in (("scale", d), ("zero", dz)):
+        v = stored.astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(v) | (v <= 0 if label == "scale" else v < 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            rule = "finite and > 0" if label == "scale" else "finite and >= 0"
+            raise ValidationError(f"{where}: superblock {label} unit {i} is {v[i]} (must be {rule})")
+        if stored.dtype != np.float16:
+            with np.errstate(over="ignore"):
+                off = v.astype(np.float16).astype(np.float32) != v
+            if off.any():
+                i = int(np.flatnonzero(off)[0])
+                raise ValidationError(f"{where}: superblock {label} unit {i} = {v[i]!r} is not a "
+                                      "float16 value")
+        units.append(v)
+    d32, dz32 = units
+    try:
+        a, c = unpack_codes(codes, row_count * G, p)
+    except ValidationError as exc:
+        raise ValidationError(f"{where}: {exc}") from None
+    if a.size and int(a.min()) < 1:
+        i = int(np.flatnonzero(a == 0)[0])
+        raise ValidationError(f"{where}: scale code of group {i} is 0 (scale codes are >= 1)")
+    scales, zeros = expand_superblock(d32, dz32, a, c, row_count, G, K)
+    return {"scales": scales, "zero_points": zeros, "sb_scales": d32, "sb_zero_points": dz32}
+
+
+def _row_bytes(entry: TensorEntry) -> int:
+    """Bytes one row of the 2-D view takes in the data column."""
+    _, cols = view_2d(entry.shape)
+    if entry.bits is None:
+        return cols * ITEMSIZE[entry.dtype]
+    return packed_row_bytes(cols, entry.bits)
+
+
+def _equalization_scales(where: str, text: str, cols: int) -> np.ndarray:
+    """The `scales` of a spatial_quant_json (FORMAT.md 8.2): C finite, positive values."""
+    try:
+        spec = json.loads(text)
+        s = np.asarray(spec.get("scales", []) if isinstance(spec, dict) else None,
+                       dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise FormatError(f"{where}: spatial_quant_json unusable ({exc})") from None
+    if s.ndim != 1 or (s.size and s.size != cols):
+        raise ShapeMismatchError(f"{where}: spatial_quant_json has {s.size} scales for {cols} "
+                                 "columns")
+    if s.size and not (np.isfinite(s).all() and (s > 0).all()):
+        raise ValidationError(f"{where}: spatial_quant_json scales must be finite and positive")
+    return s
+
+
+def _check_coverage(entry: TensorEntry) -> None:
+    """Chunks cover rows 0..R of the 2-D view once each, in order, with no gap or overlap."""
+    rows, _ = view_2d(entry.shape)
+    expect = 0
+    for c in sorted(entry.chunks, key=lambda c: (c.row_start, c.row_count)):
+        if c.row_start != expect:
+            kind = "overlap" if c.row_start < expect else "gap"
+            raise FormatError(f"{c.file}: tensor {entry.name!r}: chunks {kind} (expected row "
+                              f"{expect}, found a chunk starting at row {c.row_start})")
+        if c.row_count == 0 and rows != 0:
+            raise FormatError(f"{c.file}: tensor {entry.name!r}: empty chunk at row {c.row_start}")
+        expect += c.row_count
+    if expect != rows:
+        raise FormatError(f"{entry.chunks[0].file}: tensor {entry.name!r}: chunks cover "
+                          f"{expect} of {rows} rows")
+
+
+def load(path: Any) -> QuantizedModel:
+    """Opens an ArrowQuant Parquet V2 directory lazily."""
+    return QuantizedModel(path)

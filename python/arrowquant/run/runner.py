@@ -1,0 +1,271 @@
+"""Runs a Job: one model (or each component of a diffusers pipeline, in a
+loop at one level) from its source through the planner and the streaming
+pipeline into an ArrowQuant Parquet V2 directory, the report and
+metadata.json written last."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from ..errors import ModelNotFoundError, QuantizationError, ValidationError
+from ..files import atomic_write_text
+from ..formats.v2_schema import FORMAT_NAME, format_version
+from ..job import Job
+from ..planning.plan import Planner, TensorPlan
+from ..progress import ProgressArg, progress_fn
+from ..sources import WEIGHT_SUFFIXES, ModelSource, is_pipeline_dir, open_model
+from ..version import __version__
+from .layout import PipelineOptions, check_memory_budget
+from .report import PIPELINE_FORMAT, QuantizeSummary, TensorRecord, combine, finished_summary, \
+    summarize
+from .staging import STAGING, OutputLock, check_run_file, fingerprint, prepare_output
+from .streaming import StreamingQuantizer, lean_allocators
+
+OnTensor = Optional[Callable[[TensorRecord], None]]
+
+
+def run(job: Job, progress: ProgressArg = None, on_tensor: OnTensor = None,
+        cancel: Optional[threading.Event] = None) -> QuantizeSummary:
+    """Quantizes job.input into job.output (see the module doc)."""
+    if job.calibration is not None and job.config.param_dtype == "superblock":
+        # Checked first: a diffusers pipeline would quantize components before
+        # reaching the one the statistics are for.
+        raise ValidationError(
+            "calibrated (importance-weighted) quantization does not support param dtype "
+            "'superblock'; use float16 or float32 parameters with --calibration")
+    if is_pipeline_dir(job.input):
+        return run_pipeline(job, progress, on_tensor, cancel)
+    return run_model(job, job.input, job.output, job.overwrite, job.resume, job.calibration,
+                     progress, on_tensor, cancel)
+
+
+def _stats(calibration: Any) -> Any:
+    """CalibrationStats from a statistics file path (or as given)."""
+    if isinstance(calibration, (str, os.PathLike)):
+        from ..calibration.stats import load_stats
+
+        stats = load_stats(calibration)
+        stats.metadata["stats_path"] = str(Path(calibration).resolve())
+        return stats
+    return calibration
+
+
+def _calibration_label(calibration: Any) -> Optional[str]:
+    """What the report and run.json say of the statistics used."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        return str(Path(calibration).resolve())
+    meta = getattr(calibration, "metadata", {}) or {}
+    return meta.get("stats_path") or f"statistics of {meta.get('model', 'an unnamed model')}"
+
+
+def settings_record(job: Job, planner: Any, calibration: Any) -> Dict[str, Any]:
+    """The settings a run records in run.json (a resume must match them) and
+    in metadata.json ("quantization")."""
+    c = job.config
+    return {
+        "bits": c.bit_width, "group_size": c.group_size, "scheme": c.scheme, "method": c.method,
+        "param_dtype": c.param_dtype, "quantize_1d": c.quantize_1d, "engine": job.engine,
+        "chunk_size": job.chunk_size, "fallback": any(v for v in c.fallback_thresholds.values()),
+        "fail_fast": c.fail_fast,
+        "min_cosine": {str(b): v for b, v in c.fallback_thresholds.items() if v},
+        "planner": type(planner).__name__,
+        "calibration": _calibration_label(calibration),
+        "equalization": c.enable_spatial if calibration is not None else None,
+        "config": c.to_dict(), **job.record_extra,
+    }
+
+
+def plan_model(job: Job, source: ModelSource, planner: Planner, stats: Any,
+               report: Optional[Callable[[str, float], None]]) -> Dict[str, TensorPlan]:
+    """Plans every tensor of the source (calibration applied when given)."""
+    from ..errors import ConfigurationError
+
+    if report and job.planner is not None:
+        report(f"planning {len(source.tensors)} tensors", 0.0)
+    plans = planner.plan(source.tensors)
+    missing = [t.name for t in source.tensors if t.name not in plans]
+    if missing:
+        raise ConfigurationError(f"the planner gave no plan for {len(missing)} tensor(s), "
+                                 f"e.g. {missing[0]!r}")
+    if stats is not None:
+        from ..planning.calibrated import apply_calibration
+
+        if report:
+            report("calibrated planning (importance, equalization)", 0.0)
+        apply_calibration(plans, source.tensors, stats, source,
+                          equalization=job.config.enable_spatial,
+                          importance_mode="max" if job.config.enable_time_aware else "mean",
+                          threads=job.threads)
+    return plans
+
+
+def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, calibration: Any,
+              progress: ProgressArg, on_tensor: OnTensor,
+              cancel: Optional[threading.Event]) -> QuantizeSummary:
+    """One model (a file or a directory of weights) into the V2 directory `out`."""
+    from ..sources.modality import detect_modality
+
+    t0 = time.perf_counter()
+    if resume and (out / "metadata.json").exists():
+        # Finished: every model file was in place before metadata.json was
+        # written. Only a leftover staging folder (a stop during cleanup) remains.
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+        return finished_summary(out)
+    prepare_output(out, overwrite, resume, check_only=True)  # fail before any work
+    stats = None if calibration is None else _stats(calibration)
+    cfg = job.config
+    with lean_allocators(), open_model(src) as source:
+        prints = fingerprint(source.weight_files)  # before anything is read
+        report = progress_fn(progress, source.total_bytes)
+        modality_info = detect_modality(source.root, [t.name for t in source.tensors],
+                                        metadata=source.metadata, config=cfg.modality).as_dict()
+        modality = modality_info["modality"]
+        opts = PipelineOptions(
+            threads=cfg.num_threads, max_memory=job.max_memory, chunk_size=job.chunk_size,
+            shard_size=job.shard_size, engine=job.engine, fail_fast=cfg.fail_fast,
+            modality=modality,
+            is_diffusion_model=modality in ("image", "audio") or bool(
+                source.metadata.get("is_diffusion_model")))
+        planner = job.planner if job.planner is not None else _diffusion_planner(job, src, stats)
+        plans = plan_model(job, source, planner, stats, report)
+        settings = settings_record(job, planner, calibration)
+        check_memory_budget(source.tensors, plans, opts)
+        prepare_output(out, overwrite, resume)
+        lock = OutputLock(out)
+        lock.acquire()
+        try:
+            (out / STAGING).mkdir(exist_ok=True)
+            check_run_file(out, source.root, settings, prints)
+            runner = StreamingQuantizer(source, plans, out, opts, progress=report,
+                                        on_tensor=on_tensor, cancel=cancel)
+            records = runner.run()
+            if fingerprint(source.weight_files) != prints:
+                from ..errors import FormatError
+
+                raise FormatError(f"{source.root}: input files changed while they were being "
+                                  "read; the output was not finished")
+            files = runner.finish()
+            for extra in source.extra_files:
+                tmp = out / (extra.name + ".tmp")
+                shutil.copy2(extra, tmp)
+                os.replace(tmp, out / extra.name)
+            summary = summarize(records, output=out, source=str(source.root),
+                                source_format=source.format, modality=modality,
+                                bits=cfg.bit_width, seconds=time.perf_counter() - t0, files=files)
+            atomic_write_text(out / "quantization_report.json", json.dumps(
+                {"format": FORMAT_NAME, "tool_version": __version__,
+                 "tensors": [r.as_dict() for r in records]}, indent=2))
+            metadata = {
+                "format": FORMAT_NAME,
+                "format_version": format_version(
+                    any(p.bits and p.param_dtype == "superblock" for p in plans.values())),
+                "modality": modality,
+                "modality_detection": modality_info,
+                "is_diffusion_model": opts.is_diffusion_model,
+                "source": {"path": str(source.root), "format": source.format},
+                "quantization": settings,
+                "tool": {"name": "arrowquant", "version": __version__},
+                "files": files,
+                "summary": summary.as_dict(),
+            }
+            atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2))  # last: done
+            shutil.rmtree(out / STAGING, ignore_errors=True)
+        finally:
+            lock.release(remove=(out / "metadata.json").exists())
+    _check_accuracy(job, out, summary)
+    return summary
+
+
+def _diffusion_planner(job: Job, src: Path, stats: Any) -> Planner:
+    from ..planning.diffusion import DiffusionPlanner
+
+    # A path, not the open source: the planner opens it only to measure.
+    return DiffusionPlanner(job.config, stats=stats, source=src)
+
+
+def _check_accuracy(job: Job, out: Path, summary: QuantizeSummary) -> None:
+    cfg = job.config
+    if summary.mean_cosine is not None and summary.mean_cosine < cfg.min_accuracy:
+        message = (f"mean cosine {summary.mean_cosine:.4f} is below min_accuracy "
+                   f"{cfg.min_accuracy}")
+        if cfg.fail_fast:
+            raise QuantizationError(f"{out}: {message} (fail_fast)")
+        warnings.warn(f"{out}: {message}", RuntimeWarning)
+
+
+def _has_weights(d: Path) -> bool:
+    return any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in d.iterdir())
+
+
+def run_pipeline(job: Job, progress: ProgressArg, on_tensor: OnTensor,
+                 cancel: Optional[threading.Event]) -> QuantizeSummary:
+    """A diffusers pipeline (model_index.json + component folders): each
+    component with weights becomes its own V2 directory under the output;
+    other folders and files are copied unchanged. metadata.json at the top is
+    written last and lists the components."""
+    src, out, resume = job.input, job.output, job.resume
+    t0 = time.perf_counter()
+    if resume and (out / "metadata.json").exists():
+        return finished_summary(out)
+    prepare_output(out, job.overwrite, resume)
+    if not (out / STAGING).exists():
+        (out / STAGING).mkdir()
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        components = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+        quantized = [d for d in components if _has_weights(d)]
+        # Statistics are recorded on the denoiser (what `arrowquant calibrate`
+        # runs); applying them by name to another component would be wrong.
+        names = [d.name for d in quantized]
+        denoiser = next((n for n in ("unet", "transformer") if n in names), None)
+        summaries: List[QuantizeSummary] = []
+        for i, comp in enumerate(quantized):
+            comp_out = out / comp.name
+            comp_progress = progress
+            if callable(progress):
+                comp_progress = (lambda m, f, i=i, name=comp.name:
+                                 progress(f"{name}/{m}", (i + f) / len(quantized)))
+            if (comp_out / "metadata.json").exists() and resume:
+                summaries.append(finished_summary(comp_out))
+                continue
+            summaries.append(run_model(
+                job, comp, comp_out, overwrite=not resume and comp_out.exists(),
+                resume=resume and comp_out.exists(),
+                calibration=job.calibration if comp.name == denoiser else None,
+                progress=comp_progress, on_tensor=on_tensor, cancel=cancel))
+        for comp in components:
+            if comp not in quantized and not (out / comp.name).exists():
+                shutil.copytree(comp, out / (comp.name + ".tmp"))
+                os.replace(out / (comp.name + ".tmp"), out / comp.name)
+        for f in src.iterdir():
+            if f.is_file() and f.name != "metadata.json":
+                shutil.copy2(f, out / (f.name + ".tmp"))
+                os.replace(out / (f.name + ".tmp"), out / f.name)
+        if not summaries:
+            raise ModelNotFoundError(f"{src}: a diffusers pipeline with no component weights")
+        summary = combine(summaries, src, out, time.perf_counter() - t0)
+        superblock = any(r.param_dtype == "superblock" for s in summaries for r in s.records)
+        meta = {"format": PIPELINE_FORMAT, "format_version": format_version(superblock),
+                "components": [c.name for c in quantized],
+                "copied": [c.name for c in components if c not in quantized],
+                "modality": summary.modality, "tool": {"name": "arrowquant", "version": __version__},
+                "summary": summary.as_dict()}
+        report = {"format": PIPELINE_FORMAT, "tensors": [
+            {**r.as_dict(), "name": f"{c.name}/{r.name}"}
+            for c, s in zip(quantized, summaries) for r in s.records]}
+        atomic_write_text(out / "quantization_report.json", json.dumps(report, indent=2))
+        atomic_write_text(out / "metadata.json", json.dumps(meta, indent=2))
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+        return summary
+    finally:
+        lock.release(remove=(out / "metadata.json").exists())

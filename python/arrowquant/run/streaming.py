@@ -1,0 +1,422 @@
+"""The streaming quantization pipeline: source -> quantize -> ArrowQuant
+Parquet V2, tensor by tensor and chunk by chunk, in bounded memory.
+
+Three stages overlap: a prefetch thread reads every unit the quantizer will
+need, in order (pread for SafeTensors, one row group for Parquet V1), the
+calling thread quantizes them with the engine (which releases the GIL and uses
+every core), and a writer thread stages each finished chunk as a small "part"
+file (what makes the run resumable chunk by chunk) and appends it to the
+output Parquet file. `metadata.json` is written last: a directory without it
+is never a finished model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from ..engine import core
+from ..engine.chunk import ChunkBuffers, ChunkQuantizer
+from ..engine.dtypes import itemsize, to_float32
+from ..engine.metrics import ErrorSums, MarkovMetrics, get_markov_metrics
+from ..engine.superblock import superblock_params
+from ..errors import CancelledError, QuantizationError, ValidationError
+from ..formats.v2_schema import ChunkRecord, file_layout
+from ..formats.v2_writer import ShardWriter
+from ..planning.plan import TensorPlan
+from ..sources.base import ModelSource, TensorInfo
+from ..spec import (groups_per_row, packed_row_bytes, superblock_code_bits, superblock_groups,
+                    superblocks_per_row)
+from .layout import READ_UNIT, Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks
+from .prefetch import Prefetcher
+from .report import TensorRecord, merge_markov
+from .staging import STAGING, part_name, read_part, read_part_info, write_part
+
+ProgressFn = Callable[[str, float], None]
+
+
+class StreamingQuantizer:
+    """Runs the plans of one source into a V2 directory (see module docstring)."""
+
+    def __init__(self, source: ModelSource, plans: Dict[str, TensorPlan], out_dir: Path,
+                 opts: PipelineOptions, progress: Optional[ProgressFn] = None,
+                 on_tensor: Optional[Callable[[TensorRecord], None]] = None,
+                 cancel: Optional[threading.Event] = None):
+        self.source = source
+        self.plans = plans
+        self.out_dir = out_dir
+        self.staging = out_dir / STAGING
+        self.opts = opts
+        self.progress = progress
+        self.on_tensor = on_tensor
+        self.cancel = cancel
+        self.quantizer = ChunkQuantizer(opts.engine, opts.threads)
+        self._write_q: "queue.Queue[Optional[WriteItem]]" = queue.Queue(maxsize=1)
+        self._writer_error: Optional[BaseException] = None
+        self._done_bytes = 0
+        self._total_bytes = max(1, source.total_bytes)
+        value_type, superblock = file_layout(
+            p.param_dtype for p in plans.values() if p.bits)
+        self.shards = ShardWriter(out_dir, opts.shard_size, value_type, superblock)
+
+    # -- writer thread ---------------------------------------------------
+    def _writer_loop(self) -> None:
+        """Stages each chunk (unless it was staged by an earlier run) and
+        appends it to the output files, in order."""
+        while True:
+            item = self._write_q.get()
+            if item is None:
+                return
+            if self._writer_error is not None:
+                continue  # drain
+            try:
+                path = self.staging / part_name(item.tensor_index, item.chunk_index)
+                rec = item.record
+                if rec is None:
+                    rec = read_part(path)  # resumed: staged by the interrupted run
+                else:
+                    write_part(path, rec, item.info)
+                if item.chunk_index == 0:
+                    self.shards.begin_tensor(rec.layer_name, item.tensor_bytes)
+                self.shards.write(rec)
+            except BaseException as exc:  # reported by the main thread
+                self._writer_error = exc
+
+    def _put(self, item: "WriteItem") -> None:
+        while True:
+            if self._writer_error is not None:
+                raise self._writer_error
+            try:
+                self._write_q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    # -- reading ---------------------------------------------------------
+    def _unit_rows(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, single_floor: bool) -> int:
+        """Rows per read of a chunk. The engine streams 16 MiB units; the numpy
+        reference works a whole chunk at a time (as numpy code does), and so do
+        weighted plans, unquantized ones, and a single chunk that may be redone
+        at a wider width from the bytes already read."""
+        whole = self.opts.engine == "reference" or plan.bits is None or single_floor \
+            or plan.importance is not None or plan.equalization is not None
+        if whole:
+            return max(1, chunk.row_count)
+        return max(1, READ_UNIT // max(1, t.cols * itemsize(t.dtype)))
+
+    def _sync_units(self, t: TensorInfo, chunk: Chunk, unit_rows: int) -> Iterator[Tuple[int, np.ndarray]]:
+        """Reads of a chunk in the calling thread (probing widths re-reads)."""
+        for r in range(0, max(chunk.row_count, 1), unit_rows):
+            n = min(unit_rows, chunk.row_count - r) if chunk.row_count else 0
+            yield r, self.source.read(t.name, chunk.row_start + r, n)
+
+    # -- one chunk --------------------------------------------------------
+    def _quantize_chunk(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk,
+                        units: Iterable[Tuple[int, np.ndarray]],
+                        keep_source: bool = False) -> Tuple[ChunkRecord, ErrorSums, Optional[np.ndarray]]:
+        """Quantizes a chunk from its read units (row offset, raw bytes). With
+        keep_source, the chunk's bytes (one unit) come back for a redo."""
+        rows, cols = chunk.row_count, t.cols
+        src_row = cols * itemsize(t.dtype)
+        if plan.bits is None:
+            parts = [raw for _, raw in units]
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            rec = self._record(t, plan, chunk, np.asarray(data, dtype=np.uint8), None, None)
+            return rec, ErrorSums(), None
+        G = groups_per_row(cols, plan.group_size)
+        row_bytes = packed_row_bytes(cols, plan.bits)
+        packed = np.empty(rows * row_bytes, dtype=np.uint8)
+        scales = np.empty(rows * G, dtype=np.float32)
+        zeros = np.empty(rows * G, dtype=np.float32)
+        sb = plan.param_dtype == "superblock"
+        S = superblocks_per_row(cols, plan.group_size) if sb else 0
+        sb_scales = np.empty(rows * S, dtype=np.float32)
+        sb_zeros = np.empty(rows * S, dtype=np.float32)
+        sums = ErrorSums()
+        kept: Optional[np.ndarray] = None
+        for r, raw in units:
+            n = raw.size // max(1, src_row)
+            try:
+                s = self.quantizer.quantize_rows(
+                    t.name, raw, t.dtype, n, cols, plan.spec, ChunkBuffers(
+                        packed[r * row_bytes:(r + n) * row_bytes], scales[r * G:(r + n) * G],
+                        zeros[r * G:(r + n) * G], sb_scales[r * S:(r + n) * S] if sb else None,
+                        sb_zeros[r * S:(r + n) * S] if sb else None),
+                    importance=plan.importance, equalization=plan.equalization)
+            except ValidationError as exc:
+                raise self._located(exc, t, raw, chunk.row_start + r) from None
+            sums.merge(s)
+            if keep_source:
+                kept = raw
+        if sb:
+            rec = self._record(t, plan, chunk, packed, sb_scales, sb_zeros)
+            rec.param_codes = superblock_params(
+                t.name, rows, cols, plan.bits, plan.group_size, scales, zeros, sb_scales, sb_zeros)
+            rec.param_code_bits = superblock_code_bits(plan.bits)
+            rec.superblock_groups = superblock_groups(plan.group_size)
+            rec.group_params = (scales, zeros)
+        else:
+            rec = self._record(t, plan, chunk, packed, scales, zeros)
+        return rec, sums, kept
+
+    def _located(self, exc: ValidationError, t: TensorInfo, raw: np.ndarray,
+                 first_row: int) -> ValidationError:
+        """The engine sees one read unit, so its NaN/Inf position counts rows
+        from the unit's start: restate it for the whole tensor, with the file."""
+        x = to_float32(np.asarray(raw, dtype=np.uint8), t.dtype)
+        bad = np.flatnonzero(~np.isfinite(x))
+        if bad.size == 0:  # another validation error: its message stands
+            return exc
+        i = int(bad[0])
+        row, col = first_row + i // t.cols, i % t.cols
+        kind = "NaN" if np.isnan(x[i]) else "Inf"
+        return ValidationError(f"tensor {t.name!r}: {kind} at index {row * t.cols + col} "
+                               f"(row {row}, column {col}) in {self.source.location(t.name)}")
+
+    def _record(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, data: np.ndarray,
+                scales: Optional[np.ndarray], zeros: Optional[np.ndarray]) -> ChunkRecord:
+        quantized = plan.bits is not None
+        spatial = plan.spatial_json
+        if quantized and plan.equalization is not None and spatial is None:
+            spatial = json.dumps({"method": "channel_equalization",
+                                  "scales": [float(v) for v in np.asarray(plan.equalization)]})
+        return ChunkRecord(
+            layer_name=t.name, row_start=chunk.row_start, row_count=chunk.row_count,
+            shape=tuple(t.shape), dtype=t.dtype, data=data, num_params=t.numel,
+            quant_type=f"int{plan.bits}" if quantized else "none",
+            scheme=plan.scheme if quantized else None, method=plan.method if quantized else None,
+            group_size=plan.group_size if quantized else None,
+            scales=scales, zero_points=zeros,
+            param_dtype=plan.param_dtype if quantized else "float32",
+            is_diffusion_model=self.opts.is_diffusion_model, modality=self.opts.modality,
+            time_aware_quant_json=plan.time_aware_json if quantized else None,
+            spatial_quant_json=spatial if quantized else None,
+            activation_stats_json=plan.activation_stats_json if quantized else None,
+        )
+
+    # -- one tensor -------------------------------------------------------
+    def _next_width(self, t: TensorInfo, plan: TensorPlan, sums: ErrorSums,
+                    decisions: List[str]) -> Optional[TensorPlan]:
+        """The plan to redo the tensor with when it is below its floor, or None
+        to keep the result. Under fail_fast a tensor below its floor is an error."""
+        floor = plan.floor()
+        if floor is None:
+            return None
+        cos = sums.metrics().cosine
+        if cos >= floor:
+            return None
+        if self.opts.fail_fast:
+            raise QuantizationError(
+                f"tensor {t.name!r}: cosine {cos:.4f} at INT{plan.bits} is below the floor "
+                f"{floor} (fail_fast is on, so no fallback to more bits)")
+        wider = [b for b in plan.fallback_bits if b > plan.bits]
+        if not wider:
+            decisions.append(f"int{plan.bits}: cosine {cos:.4f} < {floor}; no wider width left, "
+                             "kept")
+            return None
+        decisions.append(f"int{plan.bits}: cosine {cos:.4f} < {floor}; redone at int{wider[0]}")
+        return dataclasses.replace(plan, bits=wider[0])
+
+    def _probe_bits(self, t: TensorInfo, plan: TensorPlan, layout: "TensorLayout",
+                    decisions: List[str]) -> TensorPlan:
+        """For a tensor of several chunks with a quality floor: measure each
+        width over the whole tensor (codes discarded) before writing any."""
+        while True:
+            sums = ErrorSums()
+            for c in layout.chunks:
+                self._check_cancel()
+                units = self._sync_units(t, c, layout.unit_rows[c.index])
+                _, s, _ = self._quantize_chunk(t, plan, c, units)
+                sums.merge(s)
+            wider = self._next_width(t, plan, sums, decisions)
+            if wider is None:
+                return plan
+            plan = wider
+
+    def layout(self, ti: int, t: TensorInfo, plan: TensorPlan) -> "TensorLayout":
+        """Chunks and read units of a tensor, and the chunks an interrupted run
+        already staged (a damaged part is removed and redone)."""
+        chunks = plan_chunks(t, chunk_rows(t, plan, self.opts))
+        done: Dict[int, Dict[str, Any]] = {}
+        for c in chunks:
+            p = self.staging / part_name(ti, c.index)
+            if p.exists():
+                info = read_part_info(p)
+                if info is not None and info.get("row_start") == c.row_start \
+                        and info.get("row_count") == c.row_count:
+                    done[c.index] = info
+                else:
+                    p.unlink()
+        single_floor = plan.floor() is not None and len(chunks) == 1
+        unit_rows = {c.index: self._unit_rows(t, plan, c, single_floor) for c in chunks}
+        return TensorLayout(chunks, done, unit_rows)
+
+    def run_tensor(self, ti: int, t: TensorInfo, plan: TensorPlan,
+                   layout: "TensorLayout", prefetch: "Prefetcher") -> TensorRecord:
+        start = time.perf_counter()
+        chunks, done = layout.chunks, layout.done
+        decisions: List[str] = []
+        has_floor = plan.floor() is not None
+        if done:
+            # The width was decided before the interruption.
+            plan = dataclasses.replace(plan, bits=next(iter(done.values()))["bits"])
+            decisions = list(next(iter(done.values())).get("decisions", []))
+        elif has_floor and len(chunks) > 1 and (plan.fallback_bits or self.opts.fail_fast):
+            plan = self._probe_bits(t, plan, layout, decisions)
+        planned_bits = plan.bits
+        markov: Optional[MarkovMetrics] = None
+
+        sums = ErrorSums()
+        out_bytes = 0
+        tensor_bytes = max(1, t.rows) * output_row_bytes(t, plan)
+        for c in chunks:
+            self._check_cancel()
+            if c.index in done:
+                info = done[c.index]
+                sums.merge(ErrorSums(*info["sums"]))
+                out_bytes += info["output_bytes"]
+                if info.get("markov"):
+                    markov = merge_markov(markov, MarkovMetrics(**info["markov"]))
+                self._put(WriteItem(ti, c.index, None, info, tensor_bytes))
+                self._advance(ti, t, c.row_count)
+                continue
+            units = prefetch.units(ti, c.index)
+            if has_floor and len(chunks) == 1:
+                # Redo from the bytes already read rather than reading again.
+                rec, s, raw = self._quantize_chunk(t, plan, c, units, keep_source=True)
+                while (wider := self._next_width(t, plan, s, decisions)) is not None:
+                    plan = wider
+                    rec, s, _ = self._quantize_chunk(t, plan, c, [(0, raw)])
+            else:
+                rec, s, _ = self._quantize_chunk(t, plan, c, units)
+            sums.merge(s)
+            chunk_markov = None
+            group_params = rec.group_params or (rec.scales, rec.zero_points)
+            if group_params[0] is not None and group_params[0].size:
+                chunk_markov = get_markov_metrics(
+                    group_params, groups_per_row=groups_per_row(t.cols, plan.group_size),
+                    bits=plan.bits)
+                markov = merge_markov(markov, chunk_markov)
+            nbytes = rec.stored_bytes
+            out_bytes += nbytes
+            info = {"tensor": t.name, "tensor_index": ti, "chunk": c.index,
+                    "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,
+                    "sums": list(s.as_tuple()), "output_bytes": nbytes, "decisions": decisions,
+                    "markov": dataclasses.asdict(chunk_markov) if chunk_markov else None}
+            self._put(WriteItem(ti, c.index, rec, info, tensor_bytes))
+            self._advance(ti, t, c.row_count)
+        if has_floor and len(chunks) > 1 and not done and plan.bits == planned_bits:
+            self._next_width(t, dataclasses.replace(plan, fallback_bits=()), sums, decisions)
+        seconds = time.perf_counter() - start
+        m = sums.metrics() if plan.bits is not None else None
+        reason = plan.reason
+        if plan.bits != planned_bits or any("redone" in d for d in decisions):
+            reason = f"{reason}; fallback to int{plan.bits} (cosine floor)"
+        extra = dict(plan.extra)
+        if markov is not None:
+            extra["markov"] = markov.as_dict()
+        record = TensorRecord(
+            name=t.name, shape=tuple(t.shape), dtype=t.dtype,
+            quant_type=f"int{plan.bits}" if plan.bits else "none", bits=plan.bits, reason=reason,
+            group_size=plan.group_size if plan.bits else None,
+            scheme=plan.scheme if plan.bits else None, method=plan.method if plan.bits else None,
+            param_dtype=plan.param_dtype if plan.bits else None, chunks=len(chunks),
+            input_bytes=t.nbytes, output_bytes=out_bytes, seconds=seconds,
+            cosine=m.cosine if m else None, rel_mse=m.rel_mse if m else None,
+            sqnr_db=m.sqnr_db if m else None, max_abs_error=m.max_abs_error if m else None,
+            decisions=decisions, extra=extra,
+        )
+        if self.on_tensor:
+            self.on_tensor(record)
+        return record
+
+    def _advance(self, ti: int, t: TensorInfo, rows: int) -> None:
+        self._done_bytes += rows * t.cols * itemsize(t.dtype) if t.rows else t.nbytes
+        if self.progress:
+            message = f"tensor {ti + 1}/{len(self.source.tensors)} {t.name}"
+            self.progress(message, min(1.0, self._done_bytes / self._total_bytes))
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise CancelledError("run cancelled; the staging folder is kept for --resume")
+
+    # -- whole run ---------------------------------------------------------
+    def run(self) -> List[TensorRecord]:
+        """Quantizes every tensor; the output files are complete (under
+        temporary names) when it returns. finish() renames them."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        writer = threading.Thread(target=self._writer_loop, name="arrowquant-writer", daemon=True)
+        writer.start()
+        records: List[TensorRecord] = []
+        layouts = [self.layout(ti, t, self.plans[t.name]) for ti, t in enumerate(self.source.tensors)]
+        reads = [(ti, c.index, t.name, c.row_start + r,
+                  min(lay.unit_rows[c.index], c.row_count - r),
+                  min(lay.unit_rows[c.index], c.row_count - r) * t.cols * itemsize(t.dtype))
+                 for ti, (t, lay) in enumerate(zip(self.source.tensors, layouts))
+                 for c in lay.chunks if c.index not in lay.done
+                 for r in range(0, max(c.row_count, 1), lay.unit_rows[c.index])]
+        # One unit ahead is enough to keep the engine busy; more only costs memory.
+        budget = min(READ_UNIT, self.opts.max_memory // 4)
+        prefetch = Prefetcher(self.source, reads, budget)
+        try:
+            for ti, t in enumerate(self.source.tensors):
+                records.append(self.run_tensor(ti, t, self.plans[t.name], layouts[ti], prefetch))
+        finally:
+            prefetch.close()
+            self._write_q.put(None)
+            writer.join()
+            if self._writer_error is not None or len(records) < len(self.source.tensors):
+                self.shards.abort()
+        if self._writer_error is not None:
+            raise self._writer_error
+        return records
+
+    def finish(self) -> List[str]:
+        """Final names for the output files (and the index when sharded)."""
+        return self.shards.finish()
+
+
+@dataclass
+class TensorLayout:
+    chunks: List[Chunk]
+    done: Dict[int, Dict[str, Any]]     # chunk index -> info of a part staged earlier
+    unit_rows: Dict[int, int]           # chunk index -> rows per read
+
+
+@dataclass
+class WriteItem:
+    """A chunk for the writer thread: its record, or None to replay the part
+    an interrupted run staged."""
+
+    tensor_index: int
+    chunk_index: int
+    record: Optional[ChunkRecord]
+    info: Dict[str, Any]
+    tensor_bytes: int
+
+
+@contextlib.contextmanager
+def lean_allocators() -> Iterator[None]:
+    """Buffers freed by the pipeline go back to the system instead of staying
+    resident in an allocator's cache: glibc's mmap threshold is fixed (the
+    engine's fix_mmap_threshold) and Arrow allocates from the system pool
+    for the run (the previous pool is restored after). Readers opened inside
+    allocate from it too."""
+    import pyarrow as pa
+
+    core.fix_mmap_threshold()
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
