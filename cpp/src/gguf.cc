@@ -16,6 +16,7 @@
 #include <set>
 
 #include "arrowquant/parallel.h"
+#include "kernels/row_kernels.h"
 
 namespace arrowquant::gguf {
 
@@ -219,12 +220,11 @@ void QuantizeQ4_1Block(const float* x, uint8_t* out) {
   }
 }
 
-Status CheckFinite(const float* x, int64_t n, int64_t base) {
+// NaN / Inf in n values that start at element `base` of a tensor whose rows
+// have `cols` elements, reported as every quantizer reports it.
+Status CheckFinite(const float* x, int64_t n, int64_t base, int64_t cols) {
   for (int64_t j = 0; j < n; ++j) {
-    if (!std::isfinite(x[j])) {
-      return Status::Invalid(std::string(std::isnan(x[j]) ? "NaN" : "Inf") + " at element " +
-                             std::to_string(base + j));
-    }
+    if (!std::isfinite(x[j])) return kernels::NonFiniteAt(x[j], base + j, cols);
   }
   return Status::OK();
 }
@@ -320,7 +320,7 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t n, uint8_t* out) {
       return Status::Invalid(std::string("not a block type: ") +
                              GgmlTypeName(static_cast<uint32_t>(type)));
   }
-  AQ_RETURN_NOT_OK(CheckFinite(x, n, 0));
+  AQ_RETURN_NOT_OK(CheckFinite(x, n, 0, n));
   const int64_t bytes = GetTypeTraits(static_cast<uint32_t>(type))->block_bytes;
   for (int64_t b = 0; b < n / kBlock; ++b) {
     const float* xb = x + b * kBlock;
@@ -644,7 +644,7 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
           y[j] = HalfToFloat(h);
         }
       } else {
-        Status st = CheckFinite(x, count, element_base + start);
+        Status st = CheckFinite(x, count, element_base + start, l.cols);
         if (!st.ok()) {
           std::lock_guard<std::mutex> lock(error_mutex);
           if (first_bad < 0 || start < first_bad) {

@@ -11,6 +11,7 @@
 #include "arrowquant/parallel.h"
 #include "kernels/param_search.h"
 #include "kernels/row_kernels.h"
+#include "row_driver.h"
 
 namespace arrowquant {
 
@@ -52,9 +53,10 @@ bool Usable(float scale, float zero) {
 
 class GroupSearch {
  public:
-  GroupSearch(const float* x, const float* w, int64_t n, const QuantSpec& spec,
-              const ImportanceOptions& opts)
-      : x_(x),
+  GroupSearch(const kernels::SearchPasses& passes, const float* x, const float* w, int64_t n,
+              const QuantSpec& spec, const ImportanceOptions& opts)
+      : passes_(passes),
+        x_(x),
         w_(w),
         n_(n),
         spec_(spec),
@@ -67,8 +69,8 @@ class GroupSearch {
     // Start from rtn as stored (the float16 rules of FORMAT.md section 7:
     // never a scale rounded to 0 or a zero point past the float16 range).
     Candidate rtn;
-    AQ_RETURN_NOT_OK(kernels::RtnStorageParams(x_, n_, spec_.bits, spec_.scheme, spec_.param_dtype,
-                                               &rtn.scale, &rtn.zero));
+    AQ_RETURN_NOT_OK(kernels::RtnStorageParamsWith(passes_, x_, n_, spec_.bits, spec_.scheme,
+                                                   spec_.param_dtype, &rtn.scale, &rtn.zero));
     best_ = rtn;
     best_err_ = Error(rtn);
     if (best_err_ > 0.0) {
@@ -208,6 +210,7 @@ class GroupSearch {
     return true;
   }
 
+  const kernels::SearchPasses& passes_;
   const float* x_;
   const float* w_;
   int64_t n_;
@@ -226,17 +229,6 @@ Status CheckImportance(const float* importance, int64_t cols) {
     if (!std::isfinite(importance[c]) || importance[c] < 0.0f) {
       return Status::Invalid("importance must be finite and non-negative; column " +
                              std::to_string(c) + " has " + std::to_string(importance[c]));
-    }
-  }
-  return Status::OK();
-}
-
-Status CheckFiniteRow(const float* x, int64_t cols, int64_t row) {
-  for (int64_t c = 0; c < cols; ++c) {
-    if (!std::isfinite(x[c])) {
-      return Status::Invalid(std::string(std::isnan(x[c]) ? "NaN" : "Inf") + " at index " +
-                             std::to_string(row * cols + c) + " (row " + std::to_string(row) +
-                             ", column " + std::to_string(c) + ")");
     }
   }
   return Status::OK();
@@ -297,37 +289,26 @@ Status ImportanceSearchParams(const TensorView& src, const QuantSpec& spec, cons
   const int64_t g = spec.group_size;
   const int64_t G = GroupsPerRow(src.cols, g);
   const size_t item = DTypeSize(src.dtype);
-  std::mutex mu;
-  int64_t bad_row = std::numeric_limits<int64_t>::max();
-  Status bad;
   // A group costs roughly (3 * grid_steps * 2 + refits) passes over its
   // elements, so far fewer rows per task than the plain quantizer suffice.
   const int64_t min_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(src.cols, 1));
-  ParallelFor(src.rows, exec.threads, min_rows, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(static_cast<size_t>(src.cols));
-    for (int64_t r = r0; r < r1; ++r) {
-      const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
-      k.convert(src.dtype, in, row.data(), static_cast<size_t>(src.cols));
-      Status st = CheckFiniteRow(row.data(), src.cols, r);
-      for (int64_t j = 0, c0 = 0; st.ok() && c0 < src.cols; ++j, c0 += g) {
-        const int64_t n = std::min(g, src.cols - c0);
-        GroupSearch search(row.data() + c0, importance + c0, n, spec, opts);
-        st = search.Run(&scales[r * G + j], &zero_points[r * G + j]);
-        if (!st.ok()) {
-          st = st.WithContext("row " + std::to_string(r) + ", group " + std::to_string(j));
+  return internal::ForEachRow(
+      src.rows, src.cols, exec.threads, min_rows, nullptr,
+      [&](int64_t r, float* row, ErrorStats*) {
+        const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
+        k.convert(src.dtype, in, row, static_cast<size_t>(src.cols));
+        AQ_RETURN_NOT_OK(kernels::CheckFiniteRow(row, src.cols, src.row_offset + r));
+        for (int64_t j = 0, c0 = 0; c0 < src.cols; ++j, c0 += g) {
+          const int64_t n = std::min(g, src.cols - c0);
+          GroupSearch search(*k.passes, row + c0, importance + c0, n, spec, opts);
+          Status st = search.Run(&scales[r * G + j], &zero_points[r * G + j]);
+          if (!st.ok()) {
+            return st.WithContext("row " + std::to_string(src.row_offset + r) + ", group " +
+                                  std::to_string(j));
+          }
         }
-      }
-      if (!st.ok()) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (r < bad_row) {
-          bad_row = r;
-          bad = std::move(st);
-        }
-        return;
-      }
-    }
-  });
-  return bad;
+        return Status::OK();
+      });
 }
 
 Status QuantizeImportance(const TensorView& src, const QuantSpec& spec, const float* importance,

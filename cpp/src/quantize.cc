@@ -14,6 +14,7 @@
 #include "arrowquant/parallel.h"
 #include "kernels/param_search.h"
 #include "kernels/row_kernels.h"
+#include "row_driver.h"
 
 namespace arrowquant {
 
@@ -111,34 +112,6 @@ Status CheckView(const TensorView& src) {
   return Status::OK();
 }
 
-// First error of a parallel loop, the one with the lowest row index, so that
-// the message does not depend on thread timing.
-class FirstError {
- public:
-  void Record(int64_t row, Status st) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (row < row_) {
-      row_ = row;
-      status_ = std::move(st);
-    }
-  }
-  bool any() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return row_ != std::numeric_limits<int64_t>::max();
-  }
-  Status status() const { return status_; }
-
- private:
-  std::mutex mu_;
-  int64_t row_ = std::numeric_limits<int64_t>::max();
-  Status status_;
-};
-
-// Rows per parallel task: enough work (~64K elements) to amortize a thread.
-int64_t MinRowsPerTask(int64_t cols) {
-  return std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1));
-}
-
 // A NaN or Inf anywhere in the tensor is reported before any other error
 // (as the reference does): after a failed parallel loop, whose tasks stop at
 // their first error, the whole tensor is scanned once more for one.
@@ -148,7 +121,7 @@ Status PreferNonFinite(const TensorView& src, Status error) {
   for (int64_t r = 0; r < src.rows; ++r) {
     const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
     ConvertToFloat32(src.dtype, in, row.data(), row.size());
-    Status st = kernels::CheckFiniteRow(row.data(), src.cols, r);
+    Status st = kernels::CheckFiniteRow(row.data(), src.cols, src.row_offset + r);
     if (!st.ok()) return st;
   }
   return error;
@@ -167,30 +140,19 @@ Status RunRows(const TensorView& src, const QuantSpec& spec, const float* scales
   const int64_t G = GroupsPerRow(src.cols, spec.group_size);
   const int64_t row_bytes = PackedRowBytes(src.cols, spec.bits);
   const size_t item = DTypeSize(src.dtype);
-  FirstError error;
-  OrderedStats parts;
-
-  ParallelFor(src.rows, exec.threads, MinRowsPerTask(src.cols), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(static_cast<size_t>(src.cols));
-    ErrorStats local;
-    for (int64_t r = r0; r < r1; ++r) {
-      const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
-      k.convert(src.dtype, in, row.data(), static_cast<size_t>(src.cols));
-      Status st = kernels::CheckFiniteRow(row.data(), src.cols, r);
-      if (st.ok()) st = choose(k, row.data(), r, G);
-      if (!st.ok()) {
-        error.Record(r, std::move(st));
-        return;
-      }
-      const float* s = out_scales ? out_scales + r * G : scales + r * G;
-      const float* z = out_zero_points ? out_zero_points + r * G : zero_points + r * G;
-      k.encode(row.data(), src.cols, spec, s, z, packed + r * row_bytes, stats ? &local : nullptr);
-    }
-    if (stats) parts.Add(r0, local);
-  });
-  if (error.any()) return PreferNonFinite(src, error.status());
-  if (stats) parts.MergeInto(stats);
-  return Status::OK();
+  Status st = internal::ForEachRow(
+      src.rows, src.cols, exec.threads, internal::MinRowsPerTask(src.cols), stats,
+      [&](int64_t r, float* row, ErrorStats* local) {
+        const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
+        k.convert(src.dtype, in, row, static_cast<size_t>(src.cols));
+        AQ_RETURN_NOT_OK(kernels::CheckFiniteRow(row, src.cols, src.row_offset + r));
+        AQ_RETURN_NOT_OK(choose(k, row, r, G));
+        const float* s = out_scales ? out_scales + r * G : scales + r * G;
+        const float* z = out_zero_points ? out_zero_points + r * G : zero_points + r * G;
+        k.encode(row, src.cols, spec, s, z, packed + r * row_bytes, local);
+        return Status::OK();
+      });
+  return st.ok() ? st : PreferNonFinite(src, st);
 }
 
 // Method rtn with float32 parameters on a path with a fused row kernel: one
@@ -203,24 +165,14 @@ Status RunFusedRtn(kernels::FusedRtnRowFn fused, const TensorView& src, const Qu
   const int64_t G = GroupsPerRow(src.cols, spec.group_size);
   const int64_t row_bytes = PackedRowBytes(src.cols, spec.bits);
   const size_t item = DTypeSize(src.dtype);
-  FirstError error;
-  OrderedStats parts;
-  ParallelFor(src.rows, exec.threads, MinRowsPerTask(src.cols), [&](int64_t r0, int64_t r1) {
-    ErrorStats local;
-    for (int64_t r = r0; r < r1; ++r) {
-      const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
-      Status st = fused(src.dtype, in, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
-                        out.packed + r * row_bytes, stats ? &local : nullptr, r);
-      if (!st.ok()) {
-        error.Record(r, std::move(st));
-        return;
-      }
-    }
-    if (stats) parts.Add(r0, local);
-  });
-  if (error.any()) return PreferNonFinite(src, error.status());
-  if (stats) parts.MergeInto(stats);
-  return Status::OK();
+  Status st = internal::ForEachRow(
+      src.rows, src.cols, exec.threads, internal::MinRowsPerTask(src.cols), stats,
+      [&](int64_t r, float*, ErrorStats* local) {
+        const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
+        return fused(src.dtype, in, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
+                     out.packed + r * row_bytes, local, src.row_offset + r);
+      });
+  return st.ok() ? st : PreferNonFinite(src, st);
 }
 
 }  // namespace
@@ -237,18 +189,19 @@ Status Quantize(const TensorView& src, const QuantSpec& spec, const QuantizedBuf
         (out.superblock_scales == nullptr || out.superblock_zero_points == nullptr)) {
       return Status::Invalid("superblock parameters need super-block output buffers");
     }
-    const kernels::SearchPasses& passes =
-        exec.force_scalar ? kernels::ScalarSearchPasses() : kernels::BestSearchPasses();
     const int64_t S = SuperblocksPerRow(src.cols, spec.group_size);
     return RunRows(
         src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats, exec,
-        [&](const kernels::RowKernels&, const float* x, int64_t r, int64_t G) {
+        [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
           int64_t j = 0;
           Status st = kernels::ChooseRowSuperblock(
-              passes, x, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
-              out.superblock_scales + r * S, out.superblock_zero_points + r * S, &j);
+              *k.passes, x, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
+              out.superblock_scales + r * S, out.superblock_zero_points + r * S, &j,
+              out.scale_codes ? out.scale_codes + r * G : nullptr,
+              out.zero_codes ? out.zero_codes + r * G : nullptr);
           if (!st.ok()) {
-            return st.WithContext("row " + std::to_string(r) + ", group " + std::to_string(j));
+            return st.WithContext("row " + std::to_string(src.row_offset + r) + ", group " +
+                                  std::to_string(j));
           }
           return Status::OK();
         });
@@ -256,7 +209,7 @@ Status Quantize(const TensorView& src, const QuantSpec& spec, const QuantizedBuf
   return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats, exec,
                  [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
                    return k.choose_params(x, src.cols, spec, out.scales + r * G,
-                                          out.zero_points + r * G, r);
+                                          out.zero_points + r * G, src.row_offset + r);
                  });
 }
 
@@ -280,7 +233,7 @@ Status Dequantize(const uint8_t* packed, int64_t rows, int64_t cols, const Quant
   const kernels::RowKernels& k = kernels::Select(exec.force_scalar);
   const int64_t G = GroupsPerRow(cols, spec.group_size);
   const int64_t row_bytes = PackedRowBytes(cols, spec.bits);
-  ParallelFor(rows, exec.threads, MinRowsPerTask(cols), [&](int64_t r0, int64_t r1) {
+  ParallelFor(rows, exec.threads, internal::MinRowsPerTask(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       k.decode(packed + r * row_bytes, cols, spec, scales + r * G, zero_points + r * G,
                out + r * cols);
@@ -289,33 +242,6 @@ Status Dequantize(const uint8_t* packed, int64_t rows, int64_t cols, const Quant
   return Status::OK();
 }
 
-namespace kernels {
-
-Status CheckFiniteRow(const float* x, int64_t cols, int64_t row) {
-  // Branch-free test per block (the compiler vectorizes it); the exact
-  // index is searched only in a block that holds a NaN or Inf.
-  constexpr int64_t kBlock = 256;
-  for (int64_t b = 0; b < cols; b += kBlock) {
-    const int64_t e = std::min(cols, b + kBlock);
-    uint32_t bad = 0;
-    for (int64_t c = b; c < e; ++c) {
-      uint32_t u;
-      std::memcpy(&u, &x[c], sizeof u);
-      bad |= static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u);
-    }
-    if (bad == 0) continue;
-    for (int64_t c = b; c < e; ++c) {
-      if (!std::isfinite(x[c])) {
-        return Status::Invalid(std::string(std::isnan(x[c]) ? "NaN" : "Inf") + " at index " +
-                               std::to_string(row * cols + c) + " (row " + std::to_string(row) +
-                               ", column " + std::to_string(c) + ")");
-      }
-    }
-  }
-  return Status::OK();
-}
-
-}  // namespace kernels
 
 const char* ActiveKernelName() { return kernels::Select(false).name; }
 

@@ -116,8 +116,12 @@ TEST(Quantize, ErrorBoundAndDequantize) {
       }
     }
     const ErrorMetrics m = FinalizeMetrics(q.stats);
-    if (bits == 4) EXPECT_GT(m.cosine, 0.99);
-    if (bits == 8) EXPECT_GT(m.cosine, 0.9999);
+    if (bits == 4) {
+      EXPECT_GT(m.cosine, 0.99);
+    }
+    if (bits == 8) {
+      EXPECT_GT(m.cosine, 0.9999);
+    }
   }
 }
 
@@ -135,6 +139,25 @@ TEST(Quantize, ThreadsGiveIdenticalBytes) {
   EXPECT_EQ(one.scales, four.scales);
   EXPECT_EQ(one.packed, scalar.packed);
   EXPECT_EQ(one.zeros, scalar.zeros);
+}
+
+// A view of rows of a larger tensor reports a NaN where it is in the whole
+// tensor: row_offset + row, and the index counted from the tensor's start.
+TEST(Quantize, NonFinitePositionCountsFromTheRowOffset) {
+  const int64_t rows = 3, cols = 8;
+  std::vector<float> x(static_cast<size_t>(rows * cols), 0.5f);
+  x[2 * cols + 5] = std::nanf("");
+  for (Method method : {Method::kRtn, Method::kMse}) {
+    for (bool force_scalar : {false, true}) {
+      QuantSpec spec{4, 4, Scheme::kAsymmetric, method};
+      std::vector<uint8_t> packed(static_cast<size_t>(rows * PackedRowBytes(cols, 4)));
+      std::vector<float> s(static_cast<size_t>(rows * 2)), z(s.size());
+      TensorView view{x.data(), DType::kF32, rows, cols, /*row_offset=*/1000};
+      Status st = Quantize(view, spec, QuantizedBuffers{packed.data(), s.data(), z.data()},
+                           nullptr, ExecOptions{1, force_scalar});
+      EXPECT_EQ(st.message(), "NaN at index 8021 (row 1002, column 5)");
+    }
+  }
 }
 
 }  // namespace

@@ -68,12 +68,15 @@ struct QuantSpec {
 // Checks bits and group size; the message says what is allowed.
 Status ValidateSpec(const QuantSpec& spec);
 
-// A 2-D row-major view of tensor memory (not owned).
+// A 2-D row-major view of tensor memory (not owned): `rows` rows of a
+// tensor, starting at row `row_offset` of the whole tensor (what error
+// messages count from, so a NaN is placed in the tensor, not in the piece).
 struct TensorView {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t rows = 0;
   int64_t cols = 0;
+  int64_t row_offset = 0;
 };
 
 int64_t GroupsPerRow(int64_t cols, int64_t group_size);
@@ -82,13 +85,18 @@ int64_t PackedRowBytes(int64_t cols, int bits);
 // Output buffers, sized by the caller: packed = rows * PackedRowBytes,
 // scales and zero_points = rows * GroupsPerRow (row-major, index r * G + j).
 // With ParamDType::kSuperblock also superblock_scales and
-// superblock_zero_points, rows * SuperblocksPerRow each (float16 values).
+// superblock_zero_points, rows * SuperblocksPerRow each (float16 values),
+// and, when not null, scale_codes and zero_codes, rows * GroupsPerRow each:
+// the codes a and c of every group (scale = a * d, zero point = c * dz), what
+// a file stores.
 struct QuantizedBuffers {
   uint8_t* packed = nullptr;
   float* scales = nullptr;
   float* zero_points = nullptr;
   float* superblock_scales = nullptr;
   float* superblock_zero_points = nullptr;
+  uint8_t* scale_codes = nullptr;
+  uint8_t* zero_codes = nullptr;
 };
 
 // Running sums from which the error metrics follow; sums of several chunks

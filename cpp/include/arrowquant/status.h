@@ -23,7 +23,7 @@ enum class StatusCode : int {
   kInternal = 9,       // a bug: should never reach a user
 };
 
-class Status {
+class [[nodiscard]] Status {
  public:
   Status() = default;
   Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
@@ -57,7 +57,7 @@ class Status {
 };
 
 template <typename T>
-class Result {
+class [[nodiscard]] Result {
  public:
   Result(T value) : storage_(std::move(value)) {}  // NOLINT: implicit by design
   Result(Status status) : storage_(std::move(status)) {  // NOLINT

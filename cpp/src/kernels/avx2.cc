@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/param_search.h"
 #include "kernels/row_kernels.h"
 
 namespace arrowquant::kernels {
@@ -655,7 +656,7 @@ Status OverflowError(const BlockScan& scan, int k, const QuantSpec& spec, int64_
 Status Avx2ChooseParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                         float* zero_points, int64_t row) {
   if (spec.method != Method::kRtn || spec.param_dtype != ParamDType::kF32) {
-    return ScalarKernels().choose_params(x, cols, spec, scales, zero_points, row);
+    return ChooseParamsWith(*Avx2SearchPasses(), x, cols, spec, scales, zero_points, row);
   }
   const int64_t g = spec.group_size;
   const int64_t G = GroupsPerRow(cols, g);
@@ -807,7 +808,8 @@ Status Avx2QuantizeRowRtn(DType dtype, const void* src, int64_t cols, const Quan
   });
 }
 
-const RowKernels kAvx2 = {"avx2", Avx2Convert, Avx2ChooseParams, Avx2Encode, Avx2Decode};
+const RowKernels kAvx2 = {"avx2",           Avx2SearchPasses(), Avx2Convert,
+                          Avx2ChooseParams, Avx2Encode,         Avx2Decode};
 
 
 }  // namespace

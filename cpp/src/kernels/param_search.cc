@@ -378,10 +378,16 @@ const SearchPasses& BestSearchPasses() {
 
 Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
                         float* scale, float* zero_point) {
+  return RtnStorageParamsWith(BestSearchPasses(), x, n, bits, scheme, param_dtype, scale,
+                              zero_point);
+}
+
+Status RtnStorageParamsWith(const SearchPasses& p, const float* x, int64_t n, int bits,
+                            Scheme scheme, ParamDType param_dtype, float* scale,
+                            float* zero_point) {
   if (param_dtype == ParamDType::kF32) {
     return RtnGroupParams(x, n, bits, scheme, scale, zero_point);
   }
-  const SearchPasses& p = BestSearchPasses();
   float lo = 0.0f, hi = 0.0f;
   p.min_max(x, n, &lo, &hi);
   AQ_RETURN_NOT_OK(RtnFromRange(lo, hi, bits, scheme, scale, zero_point));
@@ -653,7 +659,7 @@ float NearestZeroCode(float z, float dz, float p_max) {
 Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t cols,
                            const QuantSpec& spec, float* scales, float* zero_points,
                            float* superblock_scales, float* superblock_zero_points,
-                           int64_t* failed_group) {
+                           int64_t* failed_group, uint8_t* scale_codes, uint8_t* zero_codes) {
   const int64_t g = spec.group_size;
   const int64_t G = GroupsPerRow(cols, g);
   const int64_t K = SuperblockGroups(g);
@@ -723,8 +729,11 @@ Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t c
         superblock_scales[b] = d;
         superblock_zero_points[b] = dz;
         for (int64_t k = 0; k < count; ++k) {
-          scales[j0 + k] = d * a[static_cast<size_t>(k)];
-          zero_points[j0 + k] = dz * c[static_cast<size_t>(k)];
+          const float ak = a[static_cast<size_t>(k)], ck = c[static_cast<size_t>(k)];
+          scales[j0 + k] = d * ak;
+          zero_points[j0 + k] = dz * ck;
+          if (scale_codes) scale_codes[j0 + k] = static_cast<uint8_t>(ak);
+          if (zero_codes) zero_codes[j0 + k] = static_cast<uint8_t>(ck);
         }
         continue;
       }
@@ -734,8 +743,11 @@ Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t c
     superblock_zero_points[b] = dz;
     for (int64_t k = 0; k < count; ++k) {
       const SbGroup& gr = groups[static_cast<size_t>(k)];
-      scales[j0 + k] = d * NearestScaleCode(gr.s, d, p_max);
-      zero_points[j0 + k] = dz * NearestZeroCode(gr.z, dz, p_max);
+      const float ak = NearestScaleCode(gr.s, d, p_max), ck = NearestZeroCode(gr.z, dz, p_max);
+      scales[j0 + k] = d * ak;
+      zero_points[j0 + k] = dz * ck;
+      if (scale_codes) scale_codes[j0 + k] = static_cast<uint8_t>(ak);
+      if (zero_codes) zero_codes[j0 + k] = static_cast<uint8_t>(ck);
     }
   }
   return Status::OK();
@@ -743,10 +755,17 @@ Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t c
 
 Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                        float* zero_points, int64_t* failed_group) {
+  return ChooseRowParamsWith(BestSearchPasses(), x, cols, spec, scales, zero_points,
+                             failed_group);
+}
+
+Status ChooseRowParamsWith(const SearchPasses& passes, const float* x, int64_t cols,
+                           const QuantSpec& spec, float* scales, float* zero_points,
+                           int64_t* failed_group) {
   const int64_t g = spec.group_size;
   for (int64_t j = 0, c0 = 0; c0 < cols; ++j, c0 += g) {
-    Status st =
-        ChooseGroupParams(x + c0, std::min(g, cols - c0), spec, &scales[j], &zero_points[j]);
+    Status st = ChooseGroupParamsWith(passes, x + c0, std::min(g, cols - c0), spec, &scales[j],
+                                      &zero_points[j]);
     if (!st.ok()) {
       *failed_group = j;
       return st;
@@ -757,13 +776,20 @@ Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, floa
 
 Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,
                          float* zero_point) {
+  return ChooseGroupParamsWith(BestSearchPasses(), x, n, spec, scale, zero_point);
+}
+
+Status ChooseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
+                             const QuantSpec& spec, float* scale, float* zero_point) {
   if (spec.param_dtype == ParamDType::kSuperblock) {  // a row at a time: ChooseRowSuperblock
     return Status::Invalid("superblock parameters are chosen per super-block, not per group");
   }
   if (spec.method == Method::kMse) {
-    return MseGroupParams(x, n, spec.bits, spec.scheme, spec.param_dtype, scale, zero_point);
+    return MseGroupParamsWith(passes, x, n, spec.bits, spec.scheme, spec.param_dtype, scale,
+                              zero_point);
   }
-  return RtnStorageParams(x, n, spec.bits, spec.scheme, spec.param_dtype, scale, zero_point);
+  return RtnStorageParamsWith(passes, x, n, spec.bits, spec.scheme, spec.param_dtype, scale,
+                              zero_point);
 }
 
 }  // namespace arrowquant::kernels

@@ -83,6 +83,9 @@ Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
 // from the rounded scale and rounds it. Invalid when not representable.
 Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
                         float* scale, float* zero_point);
+Status RtnStorageParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
+                            Scheme scheme, ParamDType param_dtype, float* scale,
+                            float* zero_point);
 
 // Two-level parameters (ParamDType::kSuperblock, docs/FORMAT.md section 9).
 //
@@ -105,20 +108,28 @@ inline constexpr float kSuperblockAnchorClips[] = {0.95f, 0.85f};
 // +-1, zero code +-2), and a last refit of the best; and keeps rtn's
 // solution of a super-block when its total error is smaller.
 // Writes the expanded scales and zero points (d * a, dz * c) of the row's G
-// groups and the units of its super-blocks. On error *failed_group names the
-// first group of the failing super-block.
+// groups, the units of its super-blocks and, when not null, the codes a and
+// c of each group. On error *failed_group names the first group of the
+// failing super-block.
 Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t cols,
                            const QuantSpec& spec, float* scales, float* zero_points,
                            float* superblock_scales, float* superblock_zero_points,
-                           int64_t* failed_group);
+                           int64_t* failed_group, uint8_t* scale_codes = nullptr,
+                           uint8_t* zero_codes = nullptr);
 
-// One group by spec.method and spec.param_dtype.
+// One group by spec.method and spec.param_dtype, with the given passes (the
+// overload without them takes BestSearchPasses()).
+Status ChooseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
+                             const QuantSpec& spec, float* scale, float* zero_point);
 Status ChooseGroupParams(const float* x, int64_t n, const QuantSpec& spec, float* scale,
                          float* zero_point);
 
 // The G groups of one row by spec.method and spec.param_dtype (what
 // choose_params calls for everything but float32 rtn). On error
 // *failed_group is the first failing group.
+Status ChooseRowParamsWith(const SearchPasses& passes, const float* x, int64_t cols,
+                           const QuantSpec& spec, float* scales, float* zero_points,
+                           int64_t* failed_group);
 Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                        float* zero_points, int64_t* failed_group);
 

@@ -344,6 +344,7 @@ TEST(ParamSearch, ChooseParamsNamesRowAndGroup) {
 // Superblock parameters of one row through the given passes.
 struct SuperblockRow {
   std::vector<float> scales, zeros, units, zero_units;
+  std::vector<uint8_t> scale_codes, zero_codes;
   Status status;
   int64_t failed = -1;
 };
@@ -363,8 +364,11 @@ SuperblockRow RunSuperblock(const SearchPasses& p, const std::vector<float>& x, 
   r.zeros.assign(static_cast<size_t>(G), 0.0f);
   r.units.assign(static_cast<size_t>(S), 0.0f);
   r.zero_units.assign(static_cast<size_t>(S), 0.0f);
+  r.scale_codes.assign(static_cast<size_t>(G), 0);
+  r.zero_codes.assign(static_cast<size_t>(G), 0);
   r.status = ChooseRowSuperblock(p, x.data(), cols, spec, r.scales.data(), r.zeros.data(),
-                                 r.units.data(), r.zero_units.data(), &r.failed);
+                                 r.units.data(), r.zero_units.data(), &r.failed,
+                                 r.scale_codes.data(), r.zero_codes.data());
   return r;
 }
 
@@ -432,6 +436,10 @@ TEST(Superblock, ParametersAreUnitTimesCode) {
           EXPECT_LE(c, p_max);
           EXPECT_EQ(std::bit_cast<uint32_t>(d * a), std::bit_cast<uint32_t>(r.scales[j]));
           EXPECT_EQ(std::bit_cast<uint32_t>(dz * c), std::bit_cast<uint32_t>(r.zeros[j]));
+          // The codes the engine hands out are those quotients (a zero unit
+          // of a super-block whose zero points are all 0 gives code 0).
+          EXPECT_EQ(static_cast<float>(r.scale_codes[j]), a);
+          EXPECT_EQ(static_cast<float>(r.zero_codes[j]), r.zeros[j] == 0.0f ? 0.0f : c);
         }
       }
     }
@@ -501,6 +509,17 @@ TEST(Superblock, SymmetricSchemeIsRejected) {
   EXPECT_EQ(SuperblockGroups(300), 1);
   EXPECT_EQ(SuperblocksPerRow(1000, 32), 4);   // 32 groups -> 4 super-blocks
   EXPECT_EQ(SuperblocksPerRow(1000, 100), 5);  // 10 groups, 2 per super-block
+}
+
+// Select() decides the search passes with the row kernels: a forced scalar
+// run never reaches a SIMD pass (the mse search included).
+TEST(ParamSearch, SelectChoosesThePassesWithTheKernels) {
+  EXPECT_EQ(Select(true).passes, &ScalarSearchPasses());
+  EXPECT_EQ(ScalarKernels().passes, &ScalarSearchPasses());
+  if (const RowKernels* avx2 = Avx2Kernels()) {
+    EXPECT_EQ(avx2->passes, Avx2SearchPasses());
+    EXPECT_EQ(Select(false).passes, Avx2SearchPasses());
+  }
 }
 
 }  // namespace

@@ -11,8 +11,14 @@
 
 namespace arrowquant::kernels {
 
+struct SearchPasses;  // param_search.h
+
 struct RowKernels {
   const char* name;
+  // The parameter-search passes of this path (the mse search, float16 rules,
+  // superblock search): chosen with the table, so a forced scalar run never
+  // reaches a SIMD pass.
+  const SearchPasses* passes;
   // Exact conversion of n elements to float32.
   void (*convert)(DType dtype, const void* src, float* dst, size_t n);
   // Fills the G parameters of one row (by spec.method). `row` only names the
@@ -47,9 +53,14 @@ using FusedRtnRowFn = Status (*)(DType dtype, const void* src, int64_t cols,
 // The fused row quantizer of the fastest path, or null (scalar / forced).
 FusedRtnRowFn SelectFusedRtn(bool force_scalar);
 
-// Invalid status naming the first NaN/Inf of row `row` (its index in the
-// whole tensor, row and column), or OK. Defined in quantize.cc.
+// Invalid status naming the first NaN/Inf of row `row` of the whole tensor
+// ("NaN at index I (row R, column C)"), or OK. The one finiteness check of
+// the engine (kernels/finite.cc): every path that meets a non-finite value
+// reports it with this message.
 Status CheckFiniteRow(const float* x, int64_t cols, int64_t row);
+// That message for a non-finite `value` at element `index` of a tensor whose
+// rows have `cols` elements.
+Status NonFiniteAt(float value, int64_t index, int64_t cols);
 
 // FORMAT.md rtn parameters from a group's min and max (lo, hi; for the
 // symmetric scheme max|x| = max(|lo|, |hi|)): the same values as
@@ -60,6 +71,12 @@ Status RtnFromRange(float lo, float hi, int bits, Scheme scheme, float* scale, f
 // min/max is exact in any order). Fails when max - min overflows float32.
 Status RtnGroupParams(const float* x, int64_t n, int bits, Scheme scheme, float* scale,
                       float* zero_point);
+
+// The parameters of one row by spec with the given search passes: the
+// orchestration every table shares (rtn float32 inline, everything else
+// through param_search.cc). `row` only names the row in error messages.
+Status ChooseParamsWith(const SearchPasses& passes, const float* x, int64_t cols,
+                        const QuantSpec& spec, float* scales, float* zero_points, int64_t row);
 
 // Rounds a chosen (scale, zero point) to float16 storage when the spec asks.
 void RoundParamsToStorage(const QuantSpec& spec, float* scale, float* zero_point);

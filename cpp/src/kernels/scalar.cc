@@ -55,14 +55,13 @@ void RoundParamsToStorage(const QuantSpec& spec, float* scale, float* zero_point
   *zero_point = HalfToFloat(FloatToHalf(*zero_point));
 }
 
-namespace {
-
-Status ScalarChooseParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
-                          float* zero_points, int64_t row) {
+Status ChooseParamsWith(const SearchPasses& passes, const float* x, int64_t cols,
+                        const QuantSpec& spec, float* scales, float* zero_points, int64_t row) {
   if (spec.method != Method::kRtn || spec.param_dtype != ParamDType::kF32) {
-    // float16 parameters and the mse search: param_search.cc.
+    // float16 parameters and the mse search: param_search.cc, with the passes
+    // of the table that called.
     int64_t j = 0;
-    Status st = ChooseRowParams(x, cols, spec, scales, zero_points, &j);
+    Status st = ChooseRowParamsWith(passes, x, cols, spec, scales, zero_points, &j);
     if (!st.ok()) {
       return st.WithContext("row " + std::to_string(row) + ", group " + std::to_string(j));
     }
@@ -77,6 +76,13 @@ Status ScalarChooseParams(const float* x, int64_t cols, const QuantSpec& spec, f
     }
   }
   return Status::OK();
+}
+
+namespace {
+
+Status ScalarChooseParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
+                          float* zero_points, int64_t row) {
+  return ChooseParamsWith(ScalarSearchPasses(), x, cols, spec, scales, zero_points, row);
 }
 
 void ScalarEncode(const float* x, int64_t cols, const QuantSpec& spec, const float* scales,
@@ -129,8 +135,8 @@ void ScalarDecode(const uint8_t* packed_row, int64_t cols, const QuantSpec& spec
   }
 }
 
-const RowKernels kScalar = {"scalar", ConvertToFloat32, ScalarChooseParams, ScalarEncode,
-                            ScalarDecode};
+const RowKernels kScalar = {"scalar",           &ScalarSearchPasses(), ConvertToFloat32,
+                            ScalarChooseParams, ScalarEncode,          ScalarDecode};
 
 }  // namespace
 

@@ -31,10 +31,11 @@ StatsTuple BindQuantizeImportance(const ReadOnlyBytes& src, const std::string& d
                                   InFloats importance, OutBytes packed, OutFloats scales,
                                   OutFloats zero_points, int grid_steps, float max_clip,
                                   int refit_iters, bool refit_all, int threads,
-                                  bool force_scalar) {
+                                  bool force_scalar, int64_t row_offset) {
   const QuantSpec spec = MakeSpec(bits, group_size, scheme, "rtn", param_dtype);
   const ImportanceOptions opts = Options(grid_steps, max_clip, refit_iters, refit_all);
-  const TensorView view = MakeView(src, dtype, rows, cols);
+  TensorView view = MakeView(src, dtype, rows, cols);
+  view.row_offset = row_offset;
   CheckSize("importance", importance.size(), cols);
   CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
                     zero_points.size());
@@ -78,7 +79,7 @@ void Bind(nb::module_& m) {
         nb::arg("scales"), nb::arg("zero_points"), nb::arg("grid_steps") = d.grid_steps,
         nb::arg("max_clip") = d.max_clip, nb::arg("refit_iters") = d.refit_iters,
         nb::arg("refit_all") = d.refit_all, nb::arg("threads") = 0,
-        nb::arg("force_scalar") = false,
+        nb::arg("force_scalar") = false, nb::arg("row_offset") = 0,
         "Importance-weighted parameter search + codes into caller buffers; returns error sums.");
   m.def("importance_params", &BindImportanceParams, nb::arg("src"), nb::arg("dtype"),
         nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"),

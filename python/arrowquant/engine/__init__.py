@@ -48,17 +48,21 @@ def quantize_array(
         units = rows * superblocks_per_row(cols, group_size)
         sb_scales = np.empty(units, dtype=np.float32)
         sb_zeros = np.empty(units, dtype=np.float32)
+        a_codes = np.empty(rows * G, dtype=np.uint8)
+        c_codes = np.empty(rows * G, dtype=np.uint8)
         sums = core.call(name, core.quantize_superblock, src.raw, src.dtype, rows, cols, bits,
-                     group_size, method, packed, scales, zero_points, sb_scales, sb_zeros,
-                     threads, force_scalar)
+                         group_size, method, packed, scales, zero_points, sb_scales, sb_zeros,
+                         threads, force_scalar, 0, a_codes, c_codes)
         return QuantizedTensor(
             data=packed, scales=scales, zero_points=zero_points, shape=src.shape,
             dtype=src.dtype, bits=bits, group_size=group_size, scheme=scheme, method=method,
             param_dtype=param_dtype, name=name, error=ErrorSums(*sums),
             superblock_scales=sb_scales, superblock_zero_points=sb_zeros,
+            superblock_codes=(a_codes, c_codes),
         )
-    sums = core.call(name, core.quantize, src.raw, src.dtype, rows, cols, bits, group_size, scheme,
-                 method, param_dtype, packed, scales, zero_points, threads, force_scalar)
+    sums = core.call(name, core.quantize, src.raw, src.dtype, rows, cols, bits, group_size,
+                     scheme, method, param_dtype, packed, scales, zero_points, threads,
+                     force_scalar)
     return QuantizedTensor(
         data=packed, scales=scales, zero_points=zero_points, shape=src.shape, dtype=src.dtype,
         bits=bits, group_size=group_size, scheme=scheme, method=method, param_dtype=param_dtype,

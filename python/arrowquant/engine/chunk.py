@@ -19,13 +19,16 @@ from .metrics import ErrorSums
 @dataclass
 class ChunkBuffers:
     """Output buffers of `rows` rows: packed codes, per-group float32 scales and
-    zero points, and with superblock parameters the units of each super-block."""
+    zero points, and with superblock parameters the units of each super-block
+    and (when given) each group's scale and zero codes."""
 
     packed: np.ndarray
     scales: np.ndarray
     zeros: np.ndarray
     sb_scales: Optional[np.ndarray] = None
     sb_zeros: Optional[np.ndarray] = None
+    scale_codes: Optional[np.ndarray] = None   # uint8, one per group (superblock)
+    zero_codes: Optional[np.ndarray] = None
 
 
 class ChunkQuantizer:
@@ -38,8 +41,10 @@ class ChunkQuantizer:
     def quantize_rows(self, name: str, raw: np.ndarray, dtype: str, rows: int, cols: int,
                       spec: QuantSpec, out: ChunkBuffers,
                       importance: Optional[np.ndarray] = None,
-                      equalization: Optional[np.ndarray] = None) -> ErrorSums:
-        """Codes and parameters of `rows` rows of raw `dtype` bytes into `out`."""
+                      equalization: Optional[np.ndarray] = None,
+                      row_offset: int = 0) -> ErrorSums:
+        """Codes and parameters of `rows` rows of raw `dtype` bytes (rows
+        row_offset.. of the tensor, which error messages count from) into `out`."""
         weighted = importance is not None or equalization is not None
         if spec.superblock:
             if weighted:
@@ -50,13 +55,21 @@ class ChunkQuantizer:
                 raise ValueError("a superblock spec needs buffers for its units")
             spec.validate()
             if self.engine == "reference":
-                qt = self._reference(name, raw, dtype, rows, cols, spec)
+                qt = self._reference(name, raw, dtype, rows, cols, spec, row_offset)
                 out.sb_scales[...] = qt.superblock_scales
                 out.sb_zeros[...] = qt.superblock_zero_points
+                if out.scale_codes is not None:
+                    from .superblock import superblock_codes
+
+                    a, c = superblock_codes(qt.scales, qt.zero_points, qt.superblock_scales,
+                                            qt.superblock_zero_points, rows,
+                                            qt.groups_per_row, qt.superblock_groups)
+                    out.scale_codes[...], out.zero_codes[...] = a, c
                 return _copy_out(qt, out)
             sums = core.call(name, core.quantize_superblock, raw, dtype, rows, cols, spec.bits,
                              spec.group_size, spec.method, out.packed, out.scales, out.zeros,
-                             out.sb_scales, out.sb_zeros, self.threads, False)
+                             out.sb_scales, out.sb_zeros, self.threads, False, row_offset,
+                             out.scale_codes, out.zero_codes)
             return ErrorSums(*sums)
         if weighted:
             from .weighted import quantize_weighted
@@ -64,23 +77,23 @@ class ChunkQuantizer:
             qt, _info = quantize_weighted(
                 raw, dtype=dtype, shape=(rows, cols), bits=spec.bits, group_size=spec.group_size,
                 scheme=spec.scheme, importance=importance, equalization=equalization, name=name,
-                threads=self.threads)
+                threads=self.threads, row_offset=row_offset)
             return _copy_out(qt, out)
         if self.engine == "reference":
-            return _copy_out(self._reference(name, raw, dtype, rows, cols, spec), out)
+            return _copy_out(self._reference(name, raw, dtype, rows, cols, spec, row_offset), out)
         sums = core.call(name, core.quantize, raw, dtype, rows, cols, spec.bits, spec.group_size,
                          spec.scheme, spec.method, spec.param_dtype, out.packed, out.scales,
-                         out.zeros, self.threads, False)
+                         out.zeros, self.threads, False, row_offset)
         return ErrorSums(*sums)
 
     @staticmethod
     def _reference(name: str, raw: np.ndarray, dtype: str, rows: int, cols: int,
-                   spec: QuantSpec) -> Any:
+                   spec: QuantSpec, row_offset: int) -> Any:
         from ..reference import quantize_array
 
         return quantize_array(raw, dtype=dtype, shape=(rows, cols), bits=spec.bits,
                               group_size=spec.group_size, scheme=spec.scheme, method=spec.method,
-                              param_dtype=spec.param_dtype, name=name)
+                              param_dtype=spec.param_dtype, name=name, row_offset=row_offset)
 
 
 def _copy_out(qt: Any, out: ChunkBuffers) -> ErrorSums:

@@ -100,6 +100,9 @@ class QuantizedTensor(View2D):
     # scales / zero_points then hold the exact expanded per-group values.
     superblock_scales: Optional[np.ndarray] = field(default=None, repr=False)
     superblock_zero_points: Optional[np.ndarray] = field(default=None, repr=False)
+    # The (scale codes, zero codes) of each group, uint8, when the engine
+    # gave them; otherwise param_codes() recovers them from the parameters.
+    superblock_codes: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     @property
     def groups_per_row(self) -> int:
@@ -115,12 +118,14 @@ class QuantizedTensor(View2D):
 
     def param_codes(self) -> np.ndarray:
         """The packed param_codes stream of a "superblock" tensor."""
-        from .superblock import pack_param_codes, superblock_codes
+        from .superblock import pack_codes, superblock_codes
 
+        if self.superblock_codes is not None:
+            return pack_codes(*self.superblock_codes, self.param_code_bits)
         a, c = superblock_codes(self.scales, self.zero_points, self.superblock_scales,
                                 self.superblock_zero_points, self.rows, self.groups_per_row,
                                 self.superblock_groups)
-        return pack_param_codes(a, c, self.param_code_bits)
+        return pack_codes(a, c, self.param_code_bits)
 
     @property
     def metrics(self) -> Optional[ErrorMetrics]:

@@ -42,6 +42,7 @@ from ..errors import ValidationError
 from ..spec import check_spec, groups_per_row, packed_row_bytes, view_2d
 from . import core, dequantize_array
 from .dtypes import QUANTIZABLE_DTYPES, to_float32
+from .finite import check_finite
 from .metrics import ErrorSums
 from .tensor import QuantizedTensor, as_source
 
@@ -113,7 +114,7 @@ def quantize_importance_array(array: Any, importance: Optional[np.ndarray], *, b
                               param_dtype: str = "float32", dtype: Optional[str] = None,
                               shape: Optional[Sequence[int]] = None, name: str = "tensor",
                               threads: int = 0, options: Optional[SearchOptions] = None,
-                              force_scalar: bool = False) -> QuantizedTensor:
+                              force_scalar: bool = False, row_offset: int = 0) -> QuantizedTensor:
     """Quantizes with importance-weighted parameters (no equalization).
     `importance` is per column or per input channel; None weighs every
     column equally (a plain error-minimizing search)."""
@@ -130,7 +131,8 @@ def quantize_importance_array(array: Any, importance: Optional[np.ndarray], *, b
     zero_points = np.empty(rows * G, dtype=np.float32)
     sums = core.call(name, core.quantize_importance, src.raw, src.dtype, rows, cols, bits, group_size,
                  scheme, param_dtype, w, packed, scales, zero_points, o.grid_steps,
-                 float(o.max_clip), o.refit_iters, o.refit_all, threads, force_scalar)
+                 float(o.max_clip), o.refit_iters, o.refit_all, threads, force_scalar,
+                 row_offset)
     return QuantizedTensor(
         data=packed, scales=scales, zero_points=zero_points, shape=src.shape, dtype=src.dtype,
         bits=bits, group_size=group_size, scheme=scheme, method=METHOD, param_dtype=param_dtype,
@@ -250,8 +252,7 @@ def plan_equalization(read_rows: Callable[[int, int], np.ndarray], rows: int, co
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
         block = np.asarray(read_rows(r0, n), dtype=np.float32).reshape(n, cols)
-        if not np.all(np.isfinite(block)):
-            raise ValidationError(f"tensor {name!r}: NaN or Inf in rows {r0}..{r0 + n - 1}")
+        check_finite(block, name=name, cols=cols, first_row=r0)
         np.maximum(wmax, np.max(np.abs(block), axis=0), out=wmax)
         lo, hi = np.searchsorted(idx, [r0, r0 + n])
         if hi > lo:
@@ -328,6 +329,7 @@ def quantize_weighted(
     threads: int = 0,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     options: Optional[SearchOptions] = None,
+    row_offset: int = 0,
 ) -> Tuple[QuantizedTensor, Dict[str, Any]]:
     """Quantizes a chunk of rows with importance-weighted parameters and,
     optionally, channel equalization.
@@ -341,6 +343,8 @@ def quantize_weighted(
       plan_equalization, identical for every chunk of a tensor); or "search"
       to plan it on this array alone (needs `act_absmax`; use it only when
       the array is the whole tensor).
+    - `row_offset`: the array's first row in the whole tensor (what a
+      NaN / Inf position counts from).
 
     Returns the QuantizedTensor of the stored weight (W * s when equalized;
     its `error` sums compare the recovered W_hat = deq / s with W, so the
@@ -355,7 +359,7 @@ def quantize_weighted(
         qt = quantize_importance_array(src.raw, importance, bits=bits, group_size=group_size,
                                        scheme=scheme, param_dtype=param_dtype, dtype=src.dtype,
                                        shape=src.shape, name=name, threads=threads,
-                                       options=options)
+                                       options=options, row_offset=row_offset)
         return qt, info
 
     rows, cols = src.rows, src.cols
@@ -370,8 +374,7 @@ def quantize_weighted(
             raise ValidationError(
                 f"tensor {name!r}: equalization='search' needs importance and act_absmax "
                 "(calibration statistics)")
-        if not np.all(np.isfinite(x2)):
-            raise ValidationError(f"tensor {name!r}: NaN or Inf in the weight")
+        check_finite(x2, name=name, cols=cols, first_row=row_offset)
         plan = search_equalization(
             x2[sample_row_indices(rows)], np.max(np.abs(x2), axis=0), w, act_absmax, bits=bits,
             group_size=group_size, scheme=scheme, param_dtype=param_dtype, alphas=alphas,
@@ -383,7 +386,7 @@ def quantize_weighted(
             qt = quantize_importance_array(src.raw, w, bits=bits, group_size=group_size,
                                            scheme=scheme, param_dtype=param_dtype, dtype=src.dtype,
                                            shape=src.shape, name=name, threads=threads,
-                                           options=options)
+                                           options=options, row_offset=row_offset)
             return qt, info
         info["spatial_quant_json"] = plan.spatial_json()
     else:
@@ -396,7 +399,7 @@ def quantize_weighted(
     w_eq = (1.0 / (s * s)).astype(np.float32) if w is None else (w / (s * s)).astype(np.float32)
     qt = quantize_importance_array(ws, w_eq, bits=bits, group_size=group_size, scheme=scheme,
                                    param_dtype=param_dtype, name=name, threads=threads,
-                                   options=options)
+                                   options=options, row_offset=row_offset)
     xhat = undo_equalization(dequantize_array(qt, threads=threads).reshape(rows, cols), s)
     qt.error = ErrorSums.of(x2, xhat)
     qt.shape, qt.dtype = src.shape, src.dtype

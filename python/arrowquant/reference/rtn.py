@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from ..engine.dtypes import to_float32
+from ..engine.finite import check_finite
 from ..engine.metrics import ErrorSums
 from ..engine.tensor import QuantizedTensor, as_source
 from ..errors import ValidationError
@@ -22,14 +23,8 @@ _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 
 
-def _check_finite(x: np.ndarray, cols: int, name: str) -> None:
-    bad = ~np.isfinite(x)
-    if bad.any():
-        i = int(np.argmax(bad))
-        kind = "NaN" if np.isnan(x[i]) else "Inf"
-        raise ValidationError(
-            f"tensor {name!r}: {kind} at index {i} (row {i // cols}, column {i % cols})"
-        )
+def _check_finite(x: np.ndarray, cols: int, name: str, first_row: int = 0) -> None:
+    check_finite(x, name=name, cols=cols, first_row=first_row)
 
 
 def _group_reduce(x2: np.ndarray, g: int, fn) -> np.ndarray:
@@ -156,6 +151,7 @@ def quantize_array(
     name: str = "tensor",
     threads: int = 0,
     force_scalar: bool = False,
+    row_offset: int = 0,
 ) -> QuantizedTensor:
     """Same contract as arrowquant.engine.quantize_array (threads ignored)."""
     del threads, force_scalar
@@ -163,7 +159,7 @@ def quantize_array(
     src = as_source(array, dtype=dtype, shape=shape, name=name)
     rows, cols = src.rows, src.cols
     x = to_float32(src.raw, src.dtype)
-    _check_finite(x, cols, name)
+    _check_finite(x, cols, name, row_offset)
     x2 = x.reshape(rows, cols)
     sb_scales = sb_zeros = None
     if param_dtype == "superblock":

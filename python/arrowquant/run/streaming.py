@@ -26,9 +26,10 @@ import numpy as np
 
 from ..engine import core
 from ..engine.chunk import ChunkBuffers, ChunkQuantizer
-from ..engine.dtypes import itemsize, to_float32
+from ..engine.dtypes import itemsize
 from ..engine.metrics import ErrorSums, MarkovMetrics, get_markov_metrics
-from ..engine.superblock import superblock_params
+from ..engine.finite import with_location
+from ..engine.superblock import pack_codes
 from ..errors import CancelledError, QuantizationError, ValidationError
 from ..formats.v2_schema import ChunkRecord, file_layout
 from ..formats.v2_writer import ShardWriter
@@ -141,46 +142,38 @@ class StreamingQuantizer:
         S = superblocks_per_row(cols, plan.group_size) if sb else 0
         sb_scales = np.empty(rows * S, dtype=np.float32)
         sb_zeros = np.empty(rows * S, dtype=np.float32)
+        # The engine hands out each group's codes: what the file stores.
+        a_codes = np.empty(rows * G if sb else 0, dtype=np.uint8)
+        c_codes = np.empty(rows * G if sb else 0, dtype=np.uint8)
         sums = ErrorSums()
         kept: Optional[np.ndarray] = None
         for r, raw in units:
             n = raw.size // max(1, src_row)
+            g0, g1 = r * G, (r + n) * G
             try:
                 s = self.quantizer.quantize_rows(
                     t.name, raw, t.dtype, n, cols, plan.spec, ChunkBuffers(
-                        packed[r * row_bytes:(r + n) * row_bytes], scales[r * G:(r + n) * G],
-                        zeros[r * G:(r + n) * G], sb_scales[r * S:(r + n) * S] if sb else None,
-                        sb_zeros[r * S:(r + n) * S] if sb else None),
-                    importance=plan.importance, equalization=plan.equalization)
-            except ValidationError as exc:
-                raise self._located(exc, t, raw, chunk.row_start + r) from None
+                        packed[r * row_bytes:(r + n) * row_bytes], scales[g0:g1], zeros[g0:g1],
+                        sb_scales[r * S:(r + n) * S] if sb else None,
+                        sb_zeros[r * S:(r + n) * S] if sb else None,
+                        a_codes[g0:g1] if sb else None, c_codes[g0:g1] if sb else None),
+                    importance=plan.importance, equalization=plan.equalization,
+                    row_offset=chunk.row_start + r)
+            except ValidationError as exc:  # the engine placed it in the tensor; add the file
+                raise ValidationError(with_location(str(exc), self.source.location(t.name))) \
+                    from None
             sums.merge(s)
             if keep_source:
                 kept = raw
         if sb:
             rec = self._record(t, plan, chunk, packed, sb_scales, sb_zeros)
-            rec.param_codes = superblock_params(
-                t.name, rows, cols, plan.bits, plan.group_size, scales, zeros, sb_scales, sb_zeros)
+            rec.param_codes = pack_codes(a_codes, c_codes, superblock_code_bits(plan.bits))
             rec.param_code_bits = superblock_code_bits(plan.bits)
             rec.superblock_groups = superblock_groups(plan.group_size)
             rec.group_params = (scales, zeros)
         else:
             rec = self._record(t, plan, chunk, packed, scales, zeros)
         return rec, sums, kept
-
-    def _located(self, exc: ValidationError, t: TensorInfo, raw: np.ndarray,
-                 first_row: int) -> ValidationError:
-        """The engine sees one read unit, so its NaN/Inf position counts rows
-        from the unit's start: restate it for the whole tensor, with the file."""
-        x = to_float32(np.asarray(raw, dtype=np.uint8), t.dtype)
-        bad = np.flatnonzero(~np.isfinite(x))
-        if bad.size == 0:  # another validation error: its message stands
-            return exc
-        i = int(bad[0])
-        row, col = first_row + i // t.cols, i % t.cols
-        kind = "NaN" if np.isnan(x[i]) else "Inf"
-        return ValidationError(f"tensor {t.name!r}: {kind} at index {row * t.cols + col} "
-                               f"(row {row}, column {col}) in {self.source.location(t.name)}")
 
     def _record(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, data: np.ndarray,
                 scales: Optional[np.ndarray], zeros: Optional[np.ndarray]) -> ChunkRecord:
