@@ -8,8 +8,7 @@ Precedence (lowest to highest), as implemented by `resolve()`:
    key, else "local";
 2. the YAML file (`config_file=`): only the keys it names;
 3. the environment: ARROW_QUANT_BIT_WIDTH, ARROW_QUANT_GROUP_SIZE,
-   ARROW_QUANT_NUM_TIME_GROUPS, ARROW_QUANT_MIN_ACCURACY,
-   ARROW_QUANT_CALIBRATION_SAMPLES, ARROW_QUANT_FAIL_FAST,
+   ARROW_QUANT_NUM_TIME_GROUPS, ARROW_QUANT_MIN_ACCURACY, ARROW_QUANT_FAIL_FAST,
    ARROW_QUANT_NUM_THREADS, ARROW_QUANT_MAX_MEMORY_MB, ARROW_QUANT_PARAM_DTYPE
    (an empty variable is ignored);
 4. explicit overrides (the CLI's flags): keys whose value is None are ignored,
@@ -24,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -42,11 +42,11 @@ KEEP_BITS = 16
 #: Settings of each deployment profile; fields not named keep the dataclass default.
 PROFILES: Dict[str, Dict[str, Any]] = {
     "edge": dict(bit_width=2, num_time_groups=5, group_size=256, enable_spatial=False,
-                 min_accuracy=0.65, calibration_samples=32),
+                 min_accuracy=0.65),
     "local": dict(bit_width=4, num_time_groups=10, group_size=128, enable_spatial=True,
-                  min_accuracy=0.85, calibration_samples=128),
+                  min_accuracy=0.85),
     "cloud": dict(bit_width=8, num_time_groups=20, group_size=64, enable_spatial=True,
-                  min_accuracy=0.95, calibration_samples=512),
+                  min_accuracy=0.95),
     "base": dict(bit_width=4, enable_time_aware=False, enable_spatial=False),
 }
 #: deployment_profile may also say "custom" (a config not made from a profile).
@@ -58,12 +58,16 @@ ENV_FIELDS: Dict[str, str] = {
     "ARROW_QUANT_GROUP_SIZE": "group_size",
     "ARROW_QUANT_NUM_TIME_GROUPS": "num_time_groups",
     "ARROW_QUANT_MIN_ACCURACY": "min_accuracy",
-    "ARROW_QUANT_CALIBRATION_SAMPLES": "calibration_samples",
     "ARROW_QUANT_FAIL_FAST": "fail_fast",
     "ARROW_QUANT_NUM_THREADS": "num_threads",
     "ARROW_QUANT_MAX_MEMORY_MB": "max_memory_limit_mb",
     "ARROW_QUANT_PARAM_DTYPE": "param_dtype",
 }
+
+#: Settings of the first version that nothing reads: accepted in files and
+#: mappings (with a warning) so that old configs still load, then dropped.
+V1_IGNORED = ("calibration_samples", "enable_streaming")
+V1_IGNORED_ENV = ("ARROW_QUANT_CALIBRATION_SAMPLES",)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -73,7 +77,9 @@ _FALSE = ("0", "false", "no", "off")
 class DiffusionQuantConfig:
     """Settings of a quantization run. All fields are plain attributes.
 
-    The first fifteen are those of the first version of the system; the rest
+    The first thirteen are those of the first version of the system (its
+    calibration_samples and enable_streaming, which nothing read, are accepted
+    and ignored: V1_IGNORED); the rest
     are this version's additions:
 
     - `scheme`, `method`, `param_dtype`: how each group is quantized
@@ -101,11 +107,9 @@ class DiffusionQuantConfig:
     enable_time_aware: bool = True
     enable_spatial: bool = True
     min_accuracy: float = 0.85
-    calibration_samples: int = 128
     deployment_profile: str = "local"
     fail_fast: bool = False
     num_threads: int = 0
-    enable_streaming: bool = True
     max_memory_limit_mb: Optional[int] = None
     enable_mixed_precision: bool = False
     skip_sensitive_layers: bool = False
@@ -142,6 +146,11 @@ class DiffusionQuantConfig:
         """A config from a mapping (unknown keys are an error), on top of
         `base` (default: the dataclass defaults)."""
         names = cls.field_names()
+        ignored = sorted(k for k in values if k in V1_IGNORED)
+        if ignored:
+            warnings.warn(f"configuration key(s) {', '.join(map(repr, ignored))} are first-version "
+                          "settings that nothing reads; ignored", DeprecationWarning, stacklevel=3)
+            values = {k: v for k, v in values.items() if k not in V1_IGNORED}
         unknown = sorted(k for k in values if k not in names)
         if unknown:
             raise ConfigurationError(
@@ -201,6 +210,10 @@ class DiffusionQuantConfig:
         `environ` (default os.environ) applied. Unparsable values raise
         ConfigurationError naming the variable and what it accepts."""
         env = os.environ if environ is None else environ
+        for var in V1_IGNORED_ENV:
+            if (env.get(var) or "").strip():
+                warnings.warn(f"{var} is a first-version setting that nothing reads; ignored",
+                              DeprecationWarning, stacklevel=2)
         values: Dict[str, Any] = {}
         for var, name in ENV_FIELDS.items():
             raw = env.get(var)
@@ -218,13 +231,12 @@ class DiffusionQuantConfig:
             _choice("modality", self.modality, MODALITIES + (None,))
         _int_range("num_time_groups", self.num_time_groups, 1, 1000)
         _int_range("group_size", self.group_size, 1, 1 << 20)
-        _int_range("calibration_samples", self.calibration_samples, 1, 1_000_000)
         _int_range("num_threads", self.num_threads, 0, 4096, "(0 = all cores)")
         if self.max_memory_limit_mb is not None:
             _int_range("max_memory_limit_mb", self.max_memory_limit_mb, 1, 1 << 30,
                        "or None for no limit")
         _float_range("min_accuracy", self.min_accuracy, 0.0, 1.0)
-        for name in ("enable_time_aware", "enable_spatial", "fail_fast", "enable_streaming",
+        for name in ("enable_time_aware", "enable_spatial", "fail_fast",
                      "enable_mixed_precision", "skip_sensitive_layers", "quantize_1d"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(

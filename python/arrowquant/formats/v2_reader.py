@@ -15,17 +15,18 @@ import pyarrow.parquet as pq
 
 from ..engine import dequantize_array
 from ..engine.dtypes import ITEMSIZE, raw_to_array
-from ..engine.superblock import expand_superblock, unpack_codes
 from ..engine.tensor import QuantizedTensor
 from ..errors import (ArrowQuantError, FormatError, MetadataError, ModelNotFoundError,
                       ShapeMismatchError, ValidationError)
 from ..files import is_inside
-from ..spec import (groups_per_row, packed_row_bytes, param_code_bytes, superblock_code_bits,
+from ..spec import (groups_per_row, packed_row_bytes, superblock_code_bits,
                     superblock_groups, view_2d)
-from .arrow_checks import (MAX_NUMEL, blob_view, check_row_group_holds, check_schema,
+from .arrow_checks import (blob_view, check_row_group_holds, check_schema,
                            check_shape, is_blob, is_int, is_int_list, is_param_list, is_str,
                            list_values)
-from .v2_schema import (FORMAT_VERSION, INDEX_NAME, READABLE_VERSIONS, SUPERBLOCK_COLUMNS)
+from .v2_checks import (check_coverage, check_superblock_layout, check_version,
+                        equalization_scales, expand_chunk)
+from .v2_schema import INDEX_NAME, SUPERBLOCK_COLUMNS
 
 
 
@@ -124,8 +125,6 @@ V2_COLUMNS = {
 }
 OPTIONAL_COLUMNS = {"spatial_quant_json": is_str, "param_codes": is_blob,
                     "param_code_bits": is_int, "superblock_groups": is_int}
-#: Largest param_code_bits (codes are at most one byte).
-MAX_CODE_BITS = 8
 QUANT_TYPES = {"int2": 2, "int4": 4, "int8": 8, "none": None}
 
 
@@ -146,7 +145,7 @@ class QuantizedModel(Mapping):
         for f in self.files:
             self._index_file(f)
         for entry in self.entries.values():
-            _check_coverage(entry)
+            check_coverage(entry)
         if self.weight_map is not None:
             for name, fname in self.weight_map.items():
                 entry = self.entries.get(name)
@@ -221,7 +220,7 @@ class QuantizedModel(Mapping):
             if row["scheme"] not in (None, "asymmetric", "symmetric"):
                 raise FormatError(f"{where}: unknown scheme {row['scheme']!r}")
             if spatial:
-                _equalization_scales(where, spatial, cols)
+                equalization_scales(where, spatial, cols)
             check_superblock_layout(where, p, K)
         elif p is not None or K is not None:
             raise FormatError(f"{where}: an unquantized tensor with superblock parameters")
@@ -366,7 +365,7 @@ class QuantizedModel(Mapping):
     def _equalization(self, entry: TensorEntry) -> Optional[np.ndarray]:
         if not entry.spatial_quant_json:
             return None
-        s = _equalization_scales(f"{self.root}: tensor {entry.name!r}", entry.spatial_quant_json,
+        s = equalization_scales(f"{self.root}: tensor {entry.name!r}", entry.spatial_quant_json,
                                  view_2d(entry.shape)[1])
         return s if s.size else None
 
@@ -443,119 +442,12 @@ class StoredSuperblockTensor(QuantizedTensor):
         return self.stored_superblock_groups
 
 
-def check_version(f: Path, value: Optional[bytes]) -> int:
-    """The file's arrowquant.format_version (absent: 1); FormatError for a
-    version this reader does not know (a newer writer's file)."""
-    if value is None:
-        return FORMAT_VERSION
-    try:
-        version = int(value.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise FormatError(f"{f}: arrowquant.format_version {value!r} is not a number") from None
-    if version not in READABLE_VERSIONS:
-        raise FormatError(f"{f}: ArrowQuant Parquet V2 format version {version}; this reader "
-                          f"reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade "
-                          "arrowquant to read it)")
-    return version
-
-
-def check_superblock_layout(where: str, p: Any, K: Any) -> None:
-    """param_code_bits and superblock_groups: both null, or p in 1..8 and K >= 1."""
-    if p is None and K is None:
-        return
-    if p is None or K is None:
-        raise FormatError(f"{where}: param_code_bits {p!r} and superblock_groups {K!r}: one is "
-                          "null, the other not")
-    if not isinstance(p, int) or not 1 <= p <= MAX_CODE_BITS:
-        raise FormatError(f"{where}: param_code_bits {p!r} outside 1..{MAX_CODE_BITS}")
-    if not isinstance(K, int) or K < 1 or K > MAX_NUMEL:
-        raise FormatError(f"{where}: superblock_groups {K!r} must be a positive integer")
-
-
-def expand_chunk(where: str, d: np.ndarray, dz: np.ndarray, codes: Optional[np.ndarray], p: int,
-                 K: int, row_count: int, G: int) -> Dict[str, np.ndarray]:
-    """Per-group float32 parameters of a superblock chunk (FORMAT.md section
-    9), every stored value checked: unit and code counts, finite float16
-    units with d > 0 and dz >= 0, scale codes >= 1, zero padding bits."""
-    S = -(-G // K)
-    if codes is None:
-        raise FormatError(f"{where}: param_codes is null in a superblock row")
-    for label, v in (("scale", d), ("zero", dz)):
-        if v.size != row_count * S:
-            raise ShapeMismatchError(f"{where}: {v.size} superblock {label} units, expected "
-                                     f"{row_count} rows x {S} super-blocks")
-    need = param_code_bytes(row_count * G, p)
-    if codes.size != need:
-        raise ShapeMismatchError(f"{where}: param_codes holds {codes.size} bytes, {row_count} rows "
-                                 f"x {G} groups of {p}-bit code pairs need {need}")
-    units = []
-    for label, stored in (("scale", d), ("zero", dz)):
-        v = stored.astype(np.float32)
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(v) | (v <= 0 if label == "scale" else v < 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            rule = "finite and > 0" if label == "scale" else "finite and >= 0"
-            raise ValidationError(f"{where}: superblock {label} unit {i} is {v[i]} (must be {rule})")
-        if stored.dtype != np.float16:
-            with np.errstate(over="ignore"):
-                off = v.astype(np.float16).astype(np.float32) != v
-            if off.any():
-                i = int(np.flatnonzero(off)[0])
-                raise ValidationError(f"{where}: superblock {label} unit {i} = {v[i]!r} is not a "
-                                      "float16 value")
-        units.append(v)
-    d32, dz32 = units
-    try:
-        a, c = unpack_codes(codes, row_count * G, p)
-    except ValidationError as exc:
-        raise ValidationError(f"{where}: {exc}") from None
-    if a.size and int(a.min()) < 1:
-        i = int(np.flatnonzero(a == 0)[0])
-        raise ValidationError(f"{where}: scale code of group {i} is 0 (scale codes are >= 1)")
-    scales, zeros = expand_superblock(d32, dz32, a, c, row_count, G, K)
-    return {"scales": scales, "zero_points": zeros, "sb_scales": d32, "sb_zero_points": dz32}
-
-
 def _row_bytes(entry: TensorEntry) -> int:
     """Bytes one row of the 2-D view takes in the data column."""
     _, cols = view_2d(entry.shape)
     if entry.bits is None:
         return cols * ITEMSIZE[entry.dtype]
     return packed_row_bytes(cols, entry.bits)
-
-
-def _equalization_scales(where: str, text: str, cols: int) -> np.ndarray:
-    """The `scales` of a spatial_quant_json (FORMAT.md 8.2): C finite, positive values."""
-    try:
-        spec = json.loads(text)
-        s = np.asarray(spec.get("scales", []) if isinstance(spec, dict) else None,
-                       dtype=np.float32)
-    except (ValueError, TypeError) as exc:
-        raise FormatError(f"{where}: spatial_quant_json unusable ({exc})") from None
-    if s.ndim != 1 or (s.size and s.size != cols):
-        raise ShapeMismatchError(f"{where}: spatial_quant_json has {s.size} scales for {cols} "
-                                 "columns")
-    if s.size and not (np.isfinite(s).all() and (s > 0).all()):
-        raise ValidationError(f"{where}: spatial_quant_json scales must be finite and positive")
-    return s
-
-
-def _check_coverage(entry: TensorEntry) -> None:
-    """Chunks cover rows 0..R of the 2-D view once each, in order, with no gap or overlap."""
-    rows, _ = view_2d(entry.shape)
-    expect = 0
-    for c in sorted(entry.chunks, key=lambda c: (c.row_start, c.row_count)):
-        if c.row_start != expect:
-            kind = "overlap" if c.row_start < expect else "gap"
-            raise FormatError(f"{c.file}: tensor {entry.name!r}: chunks {kind} (expected row "
-                              f"{expect}, found a chunk starting at row {c.row_start})")
-        if c.row_count == 0 and rows != 0:
-            raise FormatError(f"{c.file}: tensor {entry.name!r}: empty chunk at row {c.row_start}")
-        expect += c.row_count
-    if expect != rows:
-        raise FormatError(f"{entry.chunks[0].file}: tensor {entry.name!r}: chunks cover "
-                          f"{expect} of {rows} rows")
 
 
 def load(path: Any) -> QuantizedModel:

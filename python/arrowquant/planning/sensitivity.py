@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import DiffusionQuantConfig
 from ..engine.dtypes import to_float32
-from ..errors import ValidationError
+from ..engine.finite import check_finite
 from ..sources.base import TensorInfo
 from .rules import WIDTHS
 
@@ -120,8 +120,11 @@ class SensitivityMeter:
             for s, c in zip(starts, counts):
                 raw = np.asarray(self._reader.read(t.name, s, c)).reshape(-1).view(np.uint8)
                 parts.append(to_float32(raw, t.dtype).reshape(c, cols))
-        sample = np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
-        return sample
+        location = getattr(self._reader, "location", None)
+        for start, part in zip(starts, parts):
+            check_finite(part, name=t.name, cols=cols, first_row=start,
+                         location=location(t.name) if location else None)
+        return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
 
     def _quantize_sample(self, sample: np.ndarray, bits: int, importance: Optional[np.ndarray],
                          name: str) -> np.ndarray:
@@ -151,8 +154,6 @@ class SensitivityMeter:
 
     def _measure(self, t: TensorInfo) -> Sensitivity:
         sample = self._sample(t)
-        if not np.all(np.isfinite(sample)):
-            raise ValidationError(f"tensor {t.name!r}: NaN or Inf in the weights")
         imp = self._importance_for(t)
         if imp is None and self.quantizer is None:
             # Unweighted: the engine's own error sums give both numbers

@@ -135,7 +135,8 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
             modality=modality,
             is_diffusion_model=modality in ("image", "audio") or bool(
                 source.metadata.get("is_diffusion_model")))
-        planner = job.planner if job.planner is not None else _diffusion_planner(job, src, stats)
+        planner = job.planner if job.planner is not None else _diffusion_planner(job, source,
+                                                                                  stats)
         plans = plan_model(job, source, planner, stats, report)
         settings = settings_record(job, planner, calibration)
         check_memory_budget(source.tensors, plans, opts)
@@ -185,11 +186,13 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
     return summary
 
 
-def _diffusion_planner(job: Job, src: Path, stats: Any) -> Planner:
+def _diffusion_planner(job: Job, source: ModelSource, stats: Any) -> Planner:
+    """The planner of the job's config, reading samples from the source the run
+    already opened, and only when bits are allocated from measurements."""
     from ..planning.diffusion import DiffusionPlanner
 
-    # A path, not the open source: the planner opens it only to measure.
-    return DiffusionPlanner(job.config, stats=stats, source=src)
+    return DiffusionPlanner(job.config, stats=stats, source=source,
+                            measure=job.config.mixed_precision)
 
 
 def _check_accuracy(job: Job, out: Path, summary: QuantizeSummary) -> None:
