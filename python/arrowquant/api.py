@@ -203,6 +203,7 @@ def quantize(
     config_dict: Optional[Dict[str, Any]] = None,
     config: Optional["DiffusionQuantConfig"] = None,
     gguf_type: Optional[str] = None,
+    gguf_arch: str = "auto",
     calibration: Any = None,
     equalization: bool = True,
     importance_mode: str = "max",
@@ -245,7 +246,8 @@ def quantize(
         if config is not None:
             bits, scheme, threads = config.bit_width, config.scheme, config.num_threads
         return export_gguf(input, output, bits=bits, scheme=scheme, gguf_type=gguf_type,
-                           threads=threads, overwrite=overwrite, progress=progress)
+                           threads=threads, overwrite=overwrite, progress=progress,
+                           arch=gguf_arch)
     if is_pipeline_dir(Path(input)):
         return _quantize_pipeline(
             Path(input), Path(output), overwrite=overwrite, resume=resume, progress=progress,

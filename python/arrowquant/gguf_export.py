@@ -159,10 +159,19 @@ def _progress(progress: Any, total: int) -> Optional[Callable[[str, float], None
 def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str = "symmetric",
                 gguf_type: Optional[str] = None, threads: int = 0, progress: Any = None,
                 overwrite: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                name: Optional[str] = None) -> Dict[str, Any]:
+                name: Optional[str] = None, arch: str = "auto",
+                type_rule: Any = None) -> Dict[str, Any]:
     """Writes the model at `source` (path, or an open ModelSource) to a GGUF v3
     file at `out_path`, streaming tensor by tensor in row chunks of at most
     `chunk_bytes` source bytes (one row at least). Returns the report dict.
+
+    `arch="auto"` (default) writes what llama.cpp runs for a Hugging Face
+    model directory (formats/gguf: llama.cpp names, hyperparameters,
+    tokenizer, F32 where llama.cpp needs it; ConfigurationError for an
+    architecture it cannot map); a source without config.json is written raw.
+    `arch="generic"` always writes the raw export (source names). In the
+    llama.cpp mode `type_rule` (formats.gguf.types.TypeRule) may replace the
+    uniform type choice per tensor.
 
     The file appears only when complete (written under a temporary name and
     renamed); on any error the temporary file is removed. `progress` is a
@@ -185,18 +194,67 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
     own = not isinstance(source, ModelSource)
     src = open_model(source) if own else source
     try:
+        from .formats.gguf.plan import plan_file
+
+        llama = plan_file(src, arch, target, type_rule=type_rule, name=name)
         return _export(src, out, target, bits, scheme, gguf_type, threads, progress, chunk_bytes,
-                       name, t0)
+                       name, t0, llama)
     finally:
         if own:
             src.close()
 
 
-def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type: Optional[str],
-            threads: int, progress: Any, chunk_bytes: int, name: Optional[str],
-            t0: float) -> Dict[str, Any]:
+def _generic_plan(src: Any, target: str, name: Optional[str]
+                  ) -> Tuple[List[Tuple[str, str, Any]], str, List[Dict[str, Any]],
+                             List[Dict[str, str]]]:
+    """Today's raw export: the source's names, types from tensor_type()."""
     root = Path(src.root)
     metadata, arch = _config_metadata(root if root.is_dir() else root.parent, name)
+    plan: List[Dict[str, Any]] = []
+    skipped: List[Dict[str, str]] = []
+    for t in src.tensors:
+        ttype, reason, fell_back = tensor_type(t.shape, t.dtype, target)
+        if ttype is None:
+            skipped.append({"name": t.name, "reason": reason})
+            continue
+        if t.numel == 0:
+            skipped.append({"name": t.name, "reason": "skipped: empty tensor"})
+            continue
+        plan.append({"info": t, "name": t.name, "type": ttype, "reason": reason,
+                     "fallback": fell_back, "shape": tuple(t.shape), "row_order": None,
+                     "data": None, "transform": None, "kind": None})
+    return metadata, arch, plan, skipped
+
+
+def _llama_plan(src: Any, llama: Any) -> Tuple[List[Tuple[str, str, Any]], str,
+                                                List[Dict[str, Any]], List[Dict[str, str]]]:
+    """formats.gguf's FilePlan as the writer loop's entries."""
+    from .plan import TensorInfo
+
+    plan: List[Dict[str, Any]] = []
+    for p in llama.tensors:
+        t = p.tensor
+        if t.data is not None:
+            info = TensorInfo(name=t.name, shape=tuple(t.data.shape), dtype="float32",
+                              nbytes=int(t.data.nbytes))
+        else:
+            info = src.info(t.source)
+        plan.append({"info": info, "name": t.name, "type": p.choice.type,
+                     "reason": p.choice.reason, "fallback": p.choice.fallback,
+                     "shape": tuple(t.shape), "row_order": t.row_order, "data": t.data,
+                     "transform": t.transform, "kind": getattr(t.kind, "name", None)})
+    skipped = [{"name": t.source, "reason": t.skip_reason} for t in llama.skipped]
+    return list(llama.metadata), llama.arch.arch, plan, skipped
+
+
+def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type: Optional[str],
+            threads: int, progress: Any, chunk_bytes: int, name: Optional[str],
+            t0: float, llama: Any = None) -> Dict[str, Any]:
+    root = Path(src.root)
+    if llama is None:
+        metadata, arch, entries, skipped = _generic_plan(src, target, name)
+    else:
+        metadata, arch, entries, skipped = _llama_plan(src, llama)
     requantized_from = None
     if src.format == "arrowquant-parquet-v2":
         q = src.metadata.get("quantization", {})
@@ -206,25 +264,23 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
 
     plan: List[Dict[str, Any]] = []
     specs: List[Tuple[str, List[int], str]] = []
-    skipped: List[Dict[str, str]] = []
     warnings_out: List[str] = []
-    for t in src.tensors:
-        ttype, reason, fell_back = tensor_type(t.shape, t.dtype, target)
-        if ttype is None:
-            skipped.append({"name": t.name, "reason": reason})
-            continue
-        if t.numel == 0:
-            skipped.append({"name": t.name, "reason": "skipped: empty tensor"})
-            continue
-        shape, shape_note = gguf_shape(t.shape)
+    if llama is None and arch == "arrowquant" and not (root / "config.json").is_file() \
+            and not (root.parent / "config.json").is_file():
+        warnings_out.append("no config.json: written with the source's tensor names "
+                            "(architecture 'arrowquant'), which llama.cpp cannot run")
+    if llama is not None:
+        warnings_out += llama.warnings
+    for e in entries:
+        shape, shape_note = gguf_shape(e["shape"])
         if shape_note:
-            reason = f"{reason}; {shape_note}"
-        if len(t.name.encode()) > MAX_NAME_BYTES:
-            warnings_out.append(f"tensor {t.name!r}: name longer than {MAX_NAME_BYTES} bytes; "
+            e["reason"] = f"{e['reason']}; {shape_note}"
+        if len(e["name"].encode()) > MAX_NAME_BYTES:
+            warnings_out.append(f"tensor {e['name']!r}: name longer than {MAX_NAME_BYTES} bytes; "
                                 "valid GGUF, but ggml-based loaders (llama.cpp) refuse it")
-        specs.append((t.name, list(shape), ttype))
-        plan.append({"info": t, "type": ttype, "reason": reason, "fallback": fell_back,
-                     "shape": shape})
+        specs.append((e["name"], list(shape), e["type"]))
+        e["shape"] = shape
+        plan.append(e)
 
     main_type = target
     metadata += [
@@ -263,7 +319,12 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
             chunks = 0
             for r0 in range(0, rows, rows_per_chunk):
                 n = min(rows_per_chunk, rows - r0)
-                raw = src.read(t.name, r0, n, out=buf[: n * row_bytes])
+                if p["data"] is not None:
+                    raw = p["data"].reshape(-1).view(np.uint8)
+                elif p["row_order"] is not None:
+                    raw = _read_permuted(src, t, p["row_order"], r0, n, row_bytes)
+                else:
+                    raw = src.read(t.name, r0, n, out=buf[: n * row_bytes])
                 part = writer.append_rows(np.ascontiguousarray(raw), t.dtype, n * per_row,
                                           w_cols, threads)
                 sums.merge(ErrorSums(*part))
@@ -274,7 +335,9 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
             m = sums.metrics()
             nbytes = _type_bytes(p["type"], t.numel)
             records.append({
-                "name": t.name, "shape": list(t.shape), "gguf_dims": list(reversed(p["shape"])),
+                "name": p["name"], "source_name": None if p["data"] is not None else t.name,
+                "kind": p["kind"], "transform": p["transform"],
+                "shape": list(t.shape), "gguf_dims": list(reversed(p["shape"])),
                 "source_dtype": t.dtype, "gguf_type": p["type"], "reason": p["reason"],
                 "fallback": p["fallback"], "input_bytes": t.nbytes, "output_bytes": nbytes,
                 "chunks": chunks, "cosine": m.cosine, "rel_mse": m.rel_mse,
@@ -301,6 +364,10 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
         "output_format": "gguf",
         "gguf_version": 3,
         "architecture": arch,
+        "hf_architecture": llama.arch.hf_arch if llama is not None else None,
+        "tokenizer": ({"model": llama.tokenizer.model, "pre": llama.tokenizer.pre,
+                       "tokens": llama.tokenizer.n_tokens} if llama is not None else None),
+        "notes": list(llama.notes) if llama is not None else [],
         "file_type": main_type,
         "requantized_from": requantized_from,
         "tensors": len(records),
@@ -317,6 +384,21 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
         "seconds": time.perf_counter() - t0,
         "tensors_detail": records,
     }
+
+
+def _read_permuted(src: Any, t: Any, order: np.ndarray, r0: int, n: int,
+                   row_bytes: int) -> np.ndarray:
+    """Written rows [r0, r0+n) of a row-permuted tensor: reads the span of
+    source rows they come from (a head's worth more than n for llama.cpp's
+    Q/K layout) and gathers. A 1-D tensor (one row) permutes its elements."""
+    if len(t.shape) == 1:
+        item = t.nbytes // max(t.numel, 1)
+        raw = np.asarray(src.read(t.name, 0, 1)).reshape(t.numel, item)
+        return np.ascontiguousarray(raw[order]).reshape(-1)
+    idx = np.asarray(order[r0:r0 + n], dtype=np.int64)
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    raw = np.asarray(src.read(t.name, lo, hi - lo)).reshape(hi - lo, row_bytes)
+    return np.ascontiguousarray(raw[idx - lo]).reshape(-1)
 
 
 def _type_bytes(gtype: str, numel: int) -> int:
@@ -399,7 +481,16 @@ def inspect_gguf(path: PathLike) -> Dict[str, Any]:
         })
     params = sum(t["numel"] for t in header["tensors"])
     nbytes = sum(t["nbytes"] for t in header["tensors"])
+    by_type: Dict[str, Dict[str, Any]] = {}
+    for t in header["tensors"]:
+        d = by_type.setdefault(t["type"], {"tensors": 0, "params": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["params"] += t["numel"]
+        d["bytes"] += t["nbytes"]
+    for d in by_type.values():
+        d["bits_per_weight"] = 8.0 * d["bytes"] / d["params"] if d["params"] else None
     return {
+        "types": by_type,
         "path": str(path), "format": "gguf", "gguf_version": header["version"],
         "alignment": header["alignment"], "modality": None,
         "architecture": metadata.get("general.architecture"), "metadata": metadata,
@@ -419,12 +510,23 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
             shape = "x".join(str(d) for d in r["shape"]) or "scalar"
             cos = "exact" if r["gguf_type"] == "F32" and r["max_abs_error"] == 0 else f"{r['cosine']:.6f}"
             mark = "  (fallback)" if r["fallback"] else ""
+            src = r.get("source_name")
+            origin = "" if src == r["name"] else f"  <- {src or 'generated'}"
             lines.append(f"  {r['name']:<48} {shape:<14} {r['source_dtype']:<9} {r['gguf_type']:<5} "
-                         f"cos {cos}{mark}")
+                         f"cos {cos}{mark}{origin}")
+            lines.append(f"      {r['reason']}" + (f"; {r['transform']}" if r.get("transform")
+                                                    else ""))
     types = ", ".join(f"{n} {t}" for t, n in sorted(report["types"].items()))
     lines.append(f"wrote {report['output']}: GGUF v{report['gguf_version']}, architecture "
                  f"{report['architecture']}, {report['tensors']} tensors ({types}) in "
                  f"{report['seconds']:.2f} s")
+    if report.get("hf_architecture"):
+        tok = report["tokenizer"]
+        lines.append(f"  llama.cpp architecture {report['architecture']} (from "
+                     f"{report['hf_architecture']}), tokenizer {tok['model']} ({tok['tokens']} "
+                     f"tokens, pre-tokenizer {tok['pre']})")
+    for note in report.get("notes", []):
+        lines.append(f"  {note}")
     lines.append(f"  {format_size(report['input_bytes'])} -> {format_size(report['output_bytes'])}: "
                  f"compression {report['compression_ratio']:.2f}x")
     if report["mean_cosine"] is not None:
