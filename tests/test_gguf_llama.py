@@ -342,6 +342,38 @@ def test_type_rule_plugs_in_and_is_checked(tiny, tmp_path):
                        type_rule=lambda t: TypeChoice("Q8_0", "all", False))
 
 
+def test_validate_gguf_against_source_replays_names_and_permutation(tiny, tiny_gguf, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from arrowquant import api
+    from arrowquant.cli import main
+
+    for typ in ("F16", "Q8_0"):
+        report = api.validate(tiny["llama"], tiny_gguf["llama", typ][0])
+        assert report.passed and len(report.layers) == 21
+        q = next(l for l in report.layers if l.name == "blk.0.attn_q.weight")
+        assert q.quant_type == typ and q.cosine > (0.99999 if typ == "F16" else 0.999)
+        if typ == "F16":
+            assert q.max_abs_error == 0.0  # float16 source, F16 file: exact
+    # A source whose Q rows are in llama.cpp's order already (permuted twice
+    # by the comparison) no longer matches: the check sees the permutation.
+    other = tmp_path / "other"
+    shutil.copytree(tiny["llama"], other)
+    w = load_file(str(other / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w[name] = np.ascontiguousarray(w[name][::-1])
+    save_file(w, str(other / "model.safetensors"))
+    report = api.validate(other, tiny_gguf["llama", "Q8_0"][0])
+    assert report.as_dict()["failed"] == ["blk.0.attn_q.weight"]
+    assert main(["validate", str(other), str(tiny_gguf["llama", "Q8_0"][0])]) == 1
+    # A generic file (source names) is matched by name.
+    ge.export_gguf(tiny["qwen2"], tmp_path / "g.gguf", bits=4, arch="generic")
+    report = api.validate(tiny["qwen2"], tmp_path / "g.gguf")
+    assert report.passed and {l.quant_type for l in report.layers} == {"Q4_0", "F32"}
+
+
 # --------------------------------------------------------------- llama.cpp
 
 

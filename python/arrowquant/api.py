@@ -691,6 +691,10 @@ def validate(original: PathLike, quantized: PathLike,
     from .tensor import ErrorSums
 
     thresholds = dict(thresholds or DEFAULT_MIN_COSINE)
+    if Path(quantized).suffix == ".gguf" and Path(quantized).is_file():
+        from .formats.gguf.validate import validate_gguf
+
+        return validate_gguf(original, quantized, thresholds)
     model = load(quantized)
     layers: List[LayerCheck] = []
     with open_model(original) as source:
