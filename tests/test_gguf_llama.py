@@ -12,12 +12,12 @@ Tolerances (measured, see docs/gguf.md "Checked with llama.cpp"):
   llama.cpp computes: its F16 matrix products round the activations to F16
   (and its KV cache is F16). Running transformers with every Linear input
   rounded to F16 shows the size of that rounding on the same sequences;
-  llama.cpp must stay within 3x of it (measured 1.2-1.5x).
+  llama.cpp must stay within 3x of it (measured 1.5-1.9x).
 * Q8_0: transformers with each quantized matrix replaced by its Q8_0 round
   trip gives the error of the weight rounding alone; llama.cpp's Q8_0
   products also round the activations to Q8_0 (same 8-bit block rule), an
   independent error of about the same size (about 1.4x together), so
-  llama.cpp must stay within 3x of the weight-only error (measured 1.2-1.7x).
+  llama.cpp must stay within 3x of the weight-only error (measured 1.2-1.8x).
 """
 
 from __future__ import annotations
@@ -145,6 +145,10 @@ def test_tiny_causal_lm_keys_names_types(tiny, tiny_gguf, fam):
         assert len(kv["tokenizer.ggml.token_type"]) == cfg["vocab_size"]
         assert kv["tokenizer.ggml.bos_token_id"] == cfg["bos_token_id"]
         assert kv["tokenizer.ggml.eos_token_id"] == cfg["eos_token_id"]
+        # HF adds no special tokens here (no post-processor): said explicitly,
+        # since llama.cpp's SentencePiece default would add a BOS.
+        assert kv["tokenizer.ggml.add_bos_token"] is False
+        assert kv["tokenizer.ggml.add_eos_token"] is False
         if model == "gpt2":
             assert len(kv["tokenizer.ggml.merges"]) > 0
         else:
@@ -437,15 +441,15 @@ def test_llama_cpp_logits_match_transformers(llama_cpp, tiny, tiny_gguf, fam):
           f"Q8_0 {err8:.3f} (Q8_0 weights alone {w8_scale:.3f}), logit scale "
           f"{max(float(np.abs(r).max()) for r in ref):.2f}")
 
-    # llama.cpp's tokenizer from the file splits like the HF tokenizer.
+    # llama.cpp's tokenizer from the file splits like the HF tokenizer, and
+    # adds the same special tokens (add_bos=True means "as the file says").
     for s in SENTENCES:
-        assert m16.tokenize(s.encode(), add_bos=False, special=False) == \
-            tok(s, add_special_tokens=False)["input_ids"], s
+        assert m16.tokenize(s.encode(), add_bos=True, special=False) == tok(s)["input_ids"], s
 
 
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("typ,floor_mean,floor_worst", [("F16", 0.99999, 0.9999),
-                                                        ("Q8_0", 0.999, 0.998)])
+                                                        ("Q8_0", 0.999, 0.997)])
 def test_llama_cpp_minilm_embeddings_match_sentence_transformers(llama_cpp, minilm_dir,
                                                                  minilm_gguf, typ, floor_mean,
                                                                  floor_worst):

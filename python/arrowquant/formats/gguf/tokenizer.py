@@ -163,6 +163,32 @@ def _special_vocab(root: Path, n: int, merges: bool):
     return g.SpecialVocab(root, load_merges=merges, n_vocab=n)
 
 
+def _post_processor_adds(tj: Dict[str, Any]) -> Tuple[bool, bool]:
+    """(adds a leading special token, adds a trailing one) for one sequence:
+    a fast tokenizer adds special tokens only through its post-processor."""
+    pp = tj.get("post_processor") or {}
+    lead = trail = False
+    for proc in pp.get("processors", [pp]) if pp else []:
+        kind = proc.get("type")
+        if kind in ("BertProcessing", "RobertaProcessing"):
+            lead = trail = True
+        elif kind == "TemplateProcessing":
+            single = proc.get("single", [])
+            lead = lead or bool(single and "SpecialToken" in single[0])
+            trail = trail or bool(len(single) > 1 and "SpecialToken" in single[-1])
+    return lead, trail
+
+
+def _explicit_add_flags(sv: Any, tj: Dict[str, Any]) -> None:
+    """Writes add_bos / add_eos even when gguf's SpecialVocab found no
+    template to read them from: llama.cpp's defaults differ by vocab kind
+    (SentencePiece adds a BOS unless told not to), Hugging Face adds only
+    what the post-processor says."""
+    lead, trail = _post_processor_adds(tj)
+    sv.add_special_token.setdefault("bos", lead)
+    sv.add_special_token.setdefault("eos", trail)
+
+
 def _special_metadata(sv: Any) -> List[KeyValue]:
     g = _gguf()
     T = g.Keys.Tokenizer
@@ -208,6 +234,7 @@ def _gpt2(root: Path, tj: Dict[str, Any], vocab_size: Optional[int]) -> Tokenize
         tokens[a["id"]] = a["content"]
         types[a["id"]] = int(TT.CONTROL if special else TT.USER_DEFINED)
     sv = _special_vocab(root, n, merges=True)
+    _explicit_add_flags(sv, tj)
     if not sv.merges:
         raise ConfigurationError(f"{root / 'tokenizer.json'}: a BPE tokenizer without merges")
     pre, warning = bpe_pre_tokenizer(tj)
@@ -258,6 +285,7 @@ def _spm(root: Path, tj: Dict[str, Any], vocab_size: Optional[int]) -> Tokenizer
         scores[a["id"]] = 0.0
     prefix = _spm_space_prefix(tj)
     sv = _special_vocab(root, n, merges=False)
+    _explicit_add_flags(sv, tj)
     md: List[KeyValue] = [
         (T.MODEL, "string", "llama"), (T.PRE, "string", "default"),
         (T.LIST, "array[string]", tokens), (T.SCORES, "array[float32]", scores),
