@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +375,40 @@ def test_validate_gguf_against_source_replays_names_and_permutation(tiny, tiny_g
     ge.export_gguf(tiny["qwen2"], tmp_path / "g.gguf", bits=4, arch="generic")
     report = api.validate(tiny["qwen2"], tmp_path / "g.gguf")
     assert report.passed and {l.quant_type for l in report.layers} == {"Q4_0", "F32"}
+
+
+def test_sharded_source_and_arrowquant_v2_source(tiny, tiny_gguf, tmp_path):
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    import arrowquant as aq
+
+    # Sharded SafeTensors (index + shards): the same tensors, bytes and keys.
+    sharded = tmp_path / "sharded"
+    tf.AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float16).save_pretrained(
+        sharded, max_shard_size="50KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny["llama"] / f, sharded / f)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    ge.export_gguf(sharded, tmp_path / "s.gguf", gguf_type="F16")
+    _, kv_a, a = fields(tmp_path / "s.gguf")
+    _, kv_b, b = fields(tiny_gguf["llama", "F16"][0])
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type
+        np.testing.assert_array_equal(np.asarray(a[name].data), np.asarray(b[name].data))
+    for key in ("llama.block_count", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert kv_a[key] == kv_b[key]
+    # An ArrowQuant V2 model keeps config.json and the tokenizer files: the
+    # llama.cpp file is made from it too (requantized, and the report says so).
+    v2 = tmp_path / "v2"
+    aq.quantize(str(tiny["llama"]), str(v2), bits=8, progress=False)
+    report = ge.export_gguf(v2, tmp_path / "v2.gguf", gguf_type="Q8_0")
+    assert report["architecture"] == "llama" and "requantized" in report["requantized_from"]
+    _, _, c = fields(tmp_path / "v2.gguf")
+    assert set(c) == set(b)
 
 
 # --------------------------------------------------------------- llama.cpp

@@ -533,8 +533,9 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
         lines.append(f"  cosine of block-quantized tensors: mean {report['mean_cosine']:.6f}, "
                      f"worst {report['min_cosine']:.6f}")
     if report["fallbacks"]:
-        lines.append(f"  {len(report['fallbacks'])} tensor(s) stored wider (row length not a "
-                     f"multiple of 32, or 0-D/1-D): {', '.join(report['fallbacks'][:8])}"
+        lines.append(f"  {len(report['fallbacks'])} tensor(s) stored wider than "
+                     f"{report['file_type']} (0-D/1-D, F32 where llama.cpp needs it, or rows "
+                     f"that are no whole number of blocks): {', '.join(report['fallbacks'][:8])}"
                      + (" ..." if len(report["fallbacks"]) > 8 else ""))
     for s in report["skipped"]:
         lines.append(f"  skipped {s['name']}: {s['reason']}")

@@ -26,11 +26,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ...errors import ConfigurationError
+from ...tensor import QUANTIZABLE_DTYPES
 
 #: (key, GGUF value type, value) as the C++ writer takes them.
 KeyValue = Tuple[str, str, Any]
@@ -338,7 +339,7 @@ def _block_of(name: str) -> Optional[int]:
     return None
 
 
-def _normalize_name(hf_arch: str, fam: Family, name: str) -> str:
+def _normalize_name(fam: Family, name: str) -> str:
     """Source-name spellings the name map does not know (read in the
     converter's filter_tensors)."""
     if fam.arch == "BERT":
@@ -363,7 +364,6 @@ def plan_tensors(tensors: Sequence[Any], cfg: Dict[str, Any], fam: Family, hf_ar
     f32_kinds = _f32_kinds()
     n_head = cfg.get("num_attention_heads")
     n_kv = cfg.get("num_key_value_heads") or n_head
-    from ...tensor import QUANTIZABLE_DTYPES
 
     out: List[GgufTensor] = []
     seen: Dict[str, str] = {}
@@ -371,7 +371,7 @@ def plan_tensors(tensors: Sequence[Any], cfg: Dict[str, Any], fam: Family, hf_ar
         shape = tuple(int(d) for d in t.shape)
         entry = GgufTensor(source=t.name, name=None, shape=shape, dtype=t.dtype,
                            block=_block_of(t.name))
-        name = _normalize_name(hf_arch, fam, t.name)
+        name = _normalize_name(fam, t.name)
         skip = next((why for pre, why in fam.skip_prefixes if name.startswith(pre)), None)
         skip = skip or next((why for suf, why in _ROTARY_SKIP if name.endswith(suf)), None)
         if skip is None and name.endswith((".attention.masked_bias", ".attention.bias")):

@@ -16,7 +16,6 @@ source and otherwise within float16 rounding (half an ulp: |x| * 2^-11, or
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
