@@ -20,6 +20,10 @@ LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
              r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
             r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: A ChatML template (the byte-level families get it; tokenizer.chat_template).
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
 VOCAB = 448  # a multiple of 32 is not needed (token_embd rows), but keeps shapes plain
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -78,6 +82,7 @@ def build_model(family: str, out: Path, seed: int = 0) -> Path:
     else:
         fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>",
                                           bos_token="<|im_start|>", eos_token="<|im_end|>")
+        fast.chat_template = CHAT_TEMPLATE
         bos, eos = 1, 2
     n_vocab = tok.get_vocab_size()
     common: Dict = dict(vocab_size=n_vocab, hidden_size=64, intermediate_size=128,

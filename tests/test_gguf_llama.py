@@ -150,6 +150,9 @@ def test_tiny_causal_lm_keys_names_types(tiny, tiny_gguf, fam):
         assert kv["tokenizer.ggml.add_eos_token"] is False
         if model == "gpt2":
             assert len(kv["tokenizer.ggml.merges"]) > 0
+            import gguf_models as gm
+
+            assert kv["tokenizer.chat_template"] == gm.CHAT_TEMPLATE
         else:
             assert len(kv["tokenizer.ggml.scores"]) == cfg["vocab_size"]
             assert kv["tokenizer.ggml.add_space_prefix"] is True
@@ -474,6 +477,8 @@ def test_llama_cpp_logits_match_transformers(llama_cpp, tiny, tiny_gguf, fam):
           f"Q8_0 {err8:.3f} (Q8_0 weights alone {w8_scale:.3f}), logit scale "
           f"{max(float(np.abs(r).max()) for r in ref):.2f}")
 
+    if fam != "mistral":
+        assert m16.metadata["tokenizer.chat_template"] == tok.chat_template
     # llama.cpp's tokenizer from the file splits like the HF tokenizer, and
     # adds the same special tokens (add_bos=True means "as the file says").
     for s in SENTENCES:
