@@ -21,10 +21,13 @@ From an ArrowQuant V2 model the values are first dequantized (group-wise
 INT2/4/8) and then requantized to the block type: two roundings, not a
 lossless conversion; the report says so (``requantized_from``).
 
-The tensor names are the source's (HF / diffusers names); no tokenizer is
-written. The file is a valid GGUF v3 container that gguf-py and other GGUF
-readers open; running it in llama.cpp would also need llama.cpp's tensor
-names and tokenizer metadata.
+Architecture (``arch``): ``"auto"`` (default) writes, for a Hugging Face
+model directory, what llama.cpp runs: its architecture, tensor names,
+hyperparameters, tokenizer, Q/K permutation and F32 rules, planned in
+formats/gguf/ (docs/gguf.md); a source without config.json is written as
+below. ``"generic"``: the source's tensor names (HF / diffusers names), no
+tokenizer; a valid GGUF v3 container that gguf-py and other GGUF readers
+open, which llama.cpp cannot run.
 """
 
 from __future__ import annotations
