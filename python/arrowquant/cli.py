@@ -15,6 +15,10 @@ from .errors import ArrowQuantError
 from .sizes import format_size
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
+GGUF_ARCHS = ("auto", "generic")
+GGUF_ARCH_HELP = ("auto (default): llama.cpp's architecture, tensor names, hyperparameters and "
+                  "tokenizer for a Hugging Face model directory, so llama.cpp runs the file; "
+                  "generic: the source's tensor names as they are (llama.cpp cannot run it)")
 
 
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gguf-type", choices=GGUF_TYPES,
                    help="GGUF tensor type (default from --bits/--scheme: 8 -> Q8_0, "
                         "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
+    q.add_argument("--gguf-arch", choices=GGUF_ARCHS, default="auto", help=GGUF_ARCH_HELP)
     q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -145,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric",
                    help="4 bits: symmetric -> Q4_0 (default), asymmetric -> Q4_1")
     g.add_argument("--gguf-type", choices=GGUF_TYPES)
+    g.add_argument("--gguf-arch", choices=GGUF_ARCHS, default="auto", help=GGUF_ARCH_HELP)
     g.add_argument("--threads", type=int, default=0, metavar="N")
     g.add_argument("--overwrite", action="store_true", help="replace an existing file")
     g.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
@@ -244,7 +250,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     max_memory=args.max_memory, chunk_size=args.chunk_size,
                     shard_size=args.shard_size, output_format=args.format, engine=args.engine,
                     overwrite=args.overwrite, resume=args.resume, calibration=args.calibration,
-                    gguf_type=args.gguf_type)
+                    gguf_type=args.gguf_type, gguf_arch=args.gguf_arch)
     on_tensor = (lambda r: print(_tensor_line(r), flush=True)) if args.verbose else None
     summary = api.run_job(job, progress=False if (args.no_progress or args.json) else None,
                           on_tensor=on_tensor)
@@ -269,6 +275,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{info['path']}: {info['format']}, modality {info.get('modality') or 'unknown'}, "
           f"{info['num_tensors']} tensors, {info['params'] / 1e6:.2f}M params, "
           f"{format_size(info['bytes'])}, {info['bits_per_weight']:.2f} bits per weight")
+    if info["format"] == "gguf":
+        print(f"  architecture {info.get('architecture') or 'none'}; types: " + ", ".join(
+            f"{name} {d['tensors']} tensors {d['bits_per_weight']:.2f} bpw"
+            for name, d in sorted(info["types"].items())))
     for t in info["tensors"]:
         shape = "x".join(str(d) for d in t["shape"]) or "scalar"
         bpw = "-" if t.get("bits_per_weight") is None else f"{t['bits_per_weight']:.2f}"
@@ -320,6 +330,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
     report = export_gguf(args.input, args.output, bits=args.bits, scheme=args.scheme,
                          gguf_type=args.gguf_type, threads=args.threads, overwrite=args.overwrite,
+                         arch=args.gguf_arch,
                          progress=False if (args.no_progress or args.json) else None)
     print(json.dumps(report, indent=2) if args.json else format_report(report, args.verbose))
     return 0

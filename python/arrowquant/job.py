@@ -49,6 +49,7 @@ class Job:
     calibration: Any = None              # statistics file path or CalibrationStats
     planner: Any = None                  # a planning.plan.Planner, or None
     gguf_type: Optional[str] = None
+    gguf_arch: str = "auto"              # "auto": llama.cpp's layout; "generic": source names
     # Extra fields recorded with the settings (the first version's API adds its own).
     record_extra: Dict[str, Any] = field(default_factory=dict)
 

@@ -26,7 +26,7 @@ from .arrow_checks import (blob_view, check_row_group_holds, check_schema,
                            list_values)
 from .v2_checks import (check_coverage, check_superblock_layout, check_version,
                         equalization_scales, expand_chunk)
-from .v2_schema import INDEX_NAME, SUPERBLOCK_COLUMNS
+from .v2_schema import INDEX_NAME, PIPELINE_FORMAT, SUPERBLOCK_COLUMNS
 
 
 
@@ -450,6 +450,20 @@ def _row_bytes(entry: TensorEntry) -> int:
     return packed_row_bytes(cols, entry.bits)
 
 
-def load(path: Any) -> QuantizedModel:
-    """Opens an ArrowQuant Parquet V2 directory lazily."""
-    return QuantizedModel(path)
+def open_v2(path: Any) -> QuantizedModel:
+    """Opens an ArrowQuant V2 directory lazily; a quantized pipeline's top
+    directory is refused with the components to open instead."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"{p}: no such directory")
+    meta = p / "metadata.json"
+    if meta.exists():
+        info = read_metadata(meta)
+        if info.get("format") == PIPELINE_FORMAT:
+            comps = ", ".join(f"{p / c}" for c in info.get("components", []))
+            raise FormatError(f"{p}: a quantized diffusers pipeline; load one of its components: "
+                              f"{comps}")
+    return QuantizedModel(p)
+
+
+load = open_v2

@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "arrowquant-parquet-v2"
+#: metadata.json format of a quantized diffusers pipeline (one V2 directory per component).
+PIPELINE_FORMAT = "arrowquant-parquet-v2-pipeline"
 #: Version of files without two-level parameters; files with them say 2.
 FORMAT_VERSION = 1
 FORMAT_VERSION_SUPERBLOCK = 2

@@ -12,9 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..engine.metrics import MarkovMetrics
-from ..formats.v2_schema import FORMAT_NAME
-
-PIPELINE_FORMAT = "arrowquant-parquet-v2-pipeline"
+from ..formats.v2_schema import FORMAT_NAME, PIPELINE_FORMAT  # noqa: F401 (PIPELINE_FORMAT re-exported)
 
 
 @dataclass

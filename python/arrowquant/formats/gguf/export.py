@@ -21,10 +21,13 @@ From an ArrowQuant V2 model the values are first dequantized (group-wise
 INT2/4/8) and then requantized to the block type: two roundings, not a
 lossless conversion; the report says so (``requantized_from``).
 
-The tensor names are the source's (HF / diffusers names); no tokenizer is
-written. The file is a valid GGUF v3 container that gguf-py and other GGUF
-readers open; running it in llama.cpp would also need llama.cpp's tensor
-names and tokenizer metadata.
+Architecture (``arch``): ``"auto"`` (default) writes, for a Hugging Face
+model directory, what llama.cpp runs: its architecture, tensor names,
+hyperparameters, tokenizer, Q/K permutation and F32 rules, planned in
+formats/gguf/ (docs/gguf.md); a source without config.json is written as
+below. ``"generic"``: the source's tensor names (HF / diffusers names), no
+tokenizer; a valid GGUF v3 container that gguf-py and other GGUF readers
+open, which llama.cpp cannot run.
 """
 
 from __future__ import annotations
@@ -39,28 +42,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ...version import __version__
+from .tables import (BLOCK_SIZE, BLOCK_TYPES, ERROR_BOUND, GGUF_TYPES, TYPE_BYTES,  # noqa: F401
+                     choose_type, type_bytes as _type_bytes)
+from .reader import dequantize_bytes, dequantize_tensor, inspect_gguf, quantize_bytes, read_header  # noqa: F401 (re-exported)
 from ...engine import core as _core
 from ...engine.dtypes import QUANTIZABLE_DTYPES
 from ...engine.metrics import ErrorSums
-from ...errors import ArrowQuantError, ConfigurationError, ModelNotFoundError, ValidationError
+from ...errors import ArrowQuantError, ConfigurationError
 from ...progress import progress_fn
 from ...sizes import format_size
 from ...sources import ModelSource, open_model
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
-BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-BLOCK_SIZE = 32
 ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_NAME_BYTES = 63  # ggml keeps tensor names in char[64]
-#: Bytes per block of 32 values (or per element for F16/F32).
-TYPE_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "F16": 2, "F32": 4}
-#: Worst-case absolute error of one value, as a fraction of its block's
-#: max |x| (Q8_0, Q4_0) or range (Q4_1); the f16 rounding of the block
-#: parameters adds up to 2^-11 relative on top.
-ERROR_BOUND = {"Q8_0": 0.5 / 127, "Q4_0": 1.0 / 8, "Q4_1": 0.5 / 15}
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 _LLAMA_KEYS: Sequence[Tuple[str, str, Sequence[str]]] = (
@@ -75,25 +72,6 @@ _LLAMA_KEYS: Sequence[Tuple[str, str, Sequence[str]]] = (
     ("rope.freq_base", "float32", ("rope_theta",)),
     ("vocab_size", "uint32", ("vocab_size",)),
 )
-
-
-def choose_type(bits: int = 4, scheme: str = "symmetric", gguf_type: Optional[str] = None) -> str:
-    """The GGUF type for weight matrices from bits / scheme / an override."""
-    if gguf_type is not None:
-        t = str(gguf_type).upper()
-        if t not in GGUF_TYPES:
-            raise ConfigurationError(
-                f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-        return t
-    if scheme not in ("symmetric", "asymmetric"):
-        raise ConfigurationError(f"scheme must be 'symmetric' or 'asymmetric', got {scheme!r}")
-    if bits == 8:
-        return "Q8_0"
-    if bits == 4:
-        return "Q4_0" if scheme == "symmetric" else "Q4_1"
-    raise ConfigurationError(
-        f"GGUF export has no {bits}-bit type; use bits 4 or 8, or gguf_type="
-        f"{'/'.join(GGUF_TYPES)}")
 
 
 def tensor_type(shape: Sequence[int], dtype: str, target: str) -> Tuple[Optional[str], str, bool]:
@@ -160,10 +138,19 @@ def _progress(progress: Any, total: int) -> Optional[Callable[[str, float], None
 def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str = "symmetric",
                 gguf_type: Optional[str] = None, threads: int = 0, progress: Any = None,
                 overwrite: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                name: Optional[str] = None) -> Dict[str, Any]:
+                name: Optional[str] = None, arch: str = "auto",
+                type_rule: Any = None) -> Dict[str, Any]:
     """Writes the model at `source` (path, or an open ModelSource) to a GGUF v3
     file at `out_path`, streaming tensor by tensor in row chunks of at most
     `chunk_bytes` source bytes (one row at least). Returns the report dict.
+
+    `arch="auto"` (default) writes what llama.cpp runs for a Hugging Face
+    model directory (formats/gguf: llama.cpp names, hyperparameters,
+    tokenizer, F32 where llama.cpp needs it; ConfigurationError for an
+    architecture it cannot map); a source without config.json is written raw.
+    `arch="generic"` always writes the raw export (source names). In the
+    llama.cpp mode `type_rule` (formats.gguf.types.TypeRule) may replace the
+    uniform type choice per tensor.
 
     The file appears only when complete (written under a temporary name and
     renamed); on any error the temporary file is removed. `progress` is a
@@ -184,18 +171,67 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
     own = not isinstance(source, ModelSource)
     src = open_model(source) if own else source
     try:
+        from .plan import plan_file
+
+        llama = plan_file(src, arch, target, type_rule=type_rule, name=name)
         return _export(src, out, target, bits, scheme, gguf_type, threads, progress, chunk_bytes,
-                       name, t0)
+                       name, t0, llama)
     finally:
         if own:
             src.close()
 
 
-def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type: Optional[str],
-            threads: int, progress: Any, chunk_bytes: int, name: Optional[str],
-            t0: float) -> Dict[str, Any]:
+def _generic_plan(src: Any, target: str, name: Optional[str]
+                  ) -> Tuple[List[Tuple[str, str, Any]], str, List[Dict[str, Any]],
+                             List[Dict[str, str]]]:
+    """Today's raw export: the source's names, types from tensor_type()."""
     root = Path(src.root)
     metadata, arch = _config_metadata(root if root.is_dir() else root.parent, name)
+    plan: List[Dict[str, Any]] = []
+    skipped: List[Dict[str, str]] = []
+    for t in src.tensors:
+        ttype, reason, fell_back = tensor_type(t.shape, t.dtype, target)
+        if ttype is None:
+            skipped.append({"name": t.name, "reason": reason})
+            continue
+        if t.numel == 0:
+            skipped.append({"name": t.name, "reason": "skipped: empty tensor"})
+            continue
+        plan.append({"info": t, "name": t.name, "type": ttype, "reason": reason,
+                     "fallback": fell_back, "shape": tuple(t.shape), "row_order": None,
+                     "data": None, "transform": None, "kind": None})
+    return metadata, arch, plan, skipped
+
+
+def _llama_plan(src: Any, llama: Any) -> Tuple[List[Tuple[str, str, Any]], str,
+                                                List[Dict[str, Any]], List[Dict[str, str]]]:
+    """formats.gguf's FilePlan as the writer loop's entries."""
+    from ...sources.base import TensorInfo
+
+    plan: List[Dict[str, Any]] = []
+    for p in llama.tensors:
+        t = p.tensor
+        if t.data is not None:
+            info = TensorInfo(name=t.name, shape=tuple(t.data.shape), dtype="float32",
+                              nbytes=int(t.data.nbytes))
+        else:
+            info = src.info(t.source)
+        plan.append({"info": info, "name": t.name, "type": p.choice.type,
+                     "reason": p.choice.reason, "fallback": p.choice.fallback,
+                     "shape": tuple(t.shape), "row_order": t.row_order, "data": t.data,
+                     "transform": t.transform, "kind": getattr(t.kind, "name", None)})
+    skipped = [{"name": t.source, "reason": t.skip_reason} for t in llama.skipped]
+    return list(llama.metadata), llama.arch.arch, plan, skipped
+
+
+def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type: Optional[str],
+            threads: int, progress: Any, chunk_bytes: int, name: Optional[str],
+            t0: float, llama: Any = None) -> Dict[str, Any]:
+    root = Path(src.root)
+    if llama is None:
+        metadata, arch, entries, skipped = _generic_plan(src, target, name)
+    else:
+        metadata, arch, entries, skipped = _llama_plan(src, llama)
     requantized_from = None
     if src.format == "arrowquant-parquet-v2":
         q = src.metadata.get("quantization", {})
@@ -205,25 +241,23 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
 
     plan: List[Dict[str, Any]] = []
     specs: List[Tuple[str, List[int], str]] = []
-    skipped: List[Dict[str, str]] = []
     warnings_out: List[str] = []
-    for t in src.tensors:
-        ttype, reason, fell_back = tensor_type(t.shape, t.dtype, target)
-        if ttype is None:
-            skipped.append({"name": t.name, "reason": reason})
-            continue
-        if t.numel == 0:
-            skipped.append({"name": t.name, "reason": "skipped: empty tensor"})
-            continue
-        shape, shape_note = gguf_shape(t.shape)
+    if llama is None and arch == "arrowquant" and not (root / "config.json").is_file() \
+            and not (root.parent / "config.json").is_file():
+        warnings_out.append("no config.json: written with the source's tensor names "
+                            "(architecture 'arrowquant'), which llama.cpp cannot run")
+    if llama is not None:
+        warnings_out += llama.warnings
+    for e in entries:
+        shape, shape_note = gguf_shape(e["shape"])
         if shape_note:
-            reason = f"{reason}; {shape_note}"
-        if len(t.name.encode()) > MAX_NAME_BYTES:
-            warnings_out.append(f"tensor {t.name!r}: name longer than {MAX_NAME_BYTES} bytes; "
+            e["reason"] = f"{e['reason']}; {shape_note}"
+        if len(e["name"].encode()) > MAX_NAME_BYTES:
+            warnings_out.append(f"tensor {e['name']!r}: name longer than {MAX_NAME_BYTES} bytes; "
                                 "valid GGUF, but ggml-based loaders (llama.cpp) refuse it")
-        specs.append((t.name, list(shape), ttype))
-        plan.append({"info": t, "type": ttype, "reason": reason, "fallback": fell_back,
-                     "shape": shape})
+        specs.append((e["name"], list(shape), e["type"]))
+        e["shape"] = shape
+        plan.append(e)
 
     main_type = target
     metadata += [
@@ -262,7 +296,12 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
             chunks = 0
             for r0 in range(0, rows, rows_per_chunk):
                 n = min(rows_per_chunk, rows - r0)
-                raw = src.read(t.name, r0, n, out=buf[: n * row_bytes])
+                if p["data"] is not None:
+                    raw = p["data"].reshape(-1).view(np.uint8)
+                elif p["row_order"] is not None:
+                    raw = _read_permuted(src, t, p["row_order"], r0, n, row_bytes)
+                else:
+                    raw = src.read(t.name, r0, n, out=buf[: n * row_bytes])
                 part = writer.append_rows(np.ascontiguousarray(raw), t.dtype, n * per_row,
                                           w_cols, threads)
                 sums.merge(ErrorSums(*part))
@@ -273,7 +312,9 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
             m = sums.metrics()
             nbytes = _type_bytes(p["type"], t.numel)
             records.append({
-                "name": t.name, "shape": list(t.shape), "gguf_dims": list(reversed(p["shape"])),
+                "name": p["name"], "source_name": None if p["data"] is not None else t.name,
+                "kind": p["kind"], "transform": p["transform"],
+                "shape": list(t.shape), "gguf_dims": list(reversed(p["shape"])),
                 "source_dtype": t.dtype, "gguf_type": p["type"], "reason": p["reason"],
                 "fallback": p["fallback"], "input_bytes": t.nbytes, "output_bytes": nbytes,
                 "chunks": chunks, "cosine": m.cosine, "rel_mse": m.rel_mse,
@@ -300,6 +341,10 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
         "output_format": "gguf",
         "gguf_version": 3,
         "architecture": arch,
+        "hf_architecture": llama.arch.hf_arch if llama is not None else None,
+        "tokenizer": ({"model": llama.tokenizer.model, "pre": llama.tokenizer.pre,
+                       "tokens": llama.tokenizer.n_tokens} if llama is not None else None),
+        "notes": list(llama.notes) if llama is not None else [],
         "file_type": main_type,
         "requantized_from": requantized_from,
         "tensors": len(records),
@@ -318,90 +363,23 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
     }
 
 
-def _type_bytes(gtype: str, numel: int) -> int:
-    if gtype in BLOCK_TYPES:
-        return numel // BLOCK_SIZE * TYPE_BYTES[gtype]
-    return numel * TYPE_BYTES[gtype]
+def _read_permuted(src: Any, t: Any, order: np.ndarray, r0: int, n: int,
+                   row_bytes: int) -> np.ndarray:
+    """Written rows [r0, r0+n) of a row-permuted tensor: reads the span of
+    source rows they come from (a head's worth more than n for llama.cpp's
+    Q/K layout) and gathers. A 1-D tensor (one row) permutes its elements."""
+    if len(t.shape) == 1:
+        item = t.nbytes // max(t.numel, 1)
+        raw = np.asarray(src.read(t.name, 0, 1)).reshape(t.numel, item)
+        return np.ascontiguousarray(raw[order]).reshape(-1)
+    idx = np.asarray(order[r0:r0 + n], dtype=np.int64)
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    raw = np.asarray(src.read(t.name, lo, hi - lo)).reshape(hi - lo, row_bytes)
+    return np.ascontiguousarray(raw[idx - lo]).reshape(-1)
 
 
 def _version() -> str:
     return __version__
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_header(path: PathLike) -> Dict[str, Any]:
-    """The validated header of a GGUF file (C++ reader): version, alignment,
-    data_offset, metadata [(key, type, value)], tensors [{name, dims, type,
-    offset, nbytes, numel}]. Raises FormatError for a malformed file."""
-    return _core.gguf_read_file(str(path))
-
-
-def dequantize_tensor(path: PathLike, name: str) -> np.ndarray:
-    """One tensor of a GGUF file decoded by the engine (float32, numpy shape).
-    Reads only that tensor's bytes."""
-    header = read_header(path)
-    for t in header["tensors"]:
-        if t["name"] == name:
-            break
-    else:
-        raise ModelNotFoundError(f"{path}: no tensor named {name!r}")
-    if t["type"] not in GGUF_TYPES:
-        raise ValidationError(f"{path}: tensor {name!r} has type {t['type']}; the engine decodes "
-                              f"{', '.join(GGUF_TYPES)}")
-    with open(path, "rb") as f:
-        f.seek(header["data_offset"] + t["offset"])
-        data = np.frombuffer(f.read(t["nbytes"]), dtype=np.uint8)
-    return dequantize_bytes(data, t["type"], t["numel"]).reshape(tuple(reversed(t["dims"])))
-
-
-def quantize_bytes(values: np.ndarray, gguf_type: str) -> np.ndarray:
-    """ggml block encoding of float32 values (length a multiple of 32)."""
-    x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    t = choose_type(gguf_type=gguf_type)
-    if t not in BLOCK_TYPES:
-        raise ValidationError(f"{t} is not a block type")
-    if x.size % BLOCK_SIZE:
-        raise ValidationError(f"{x.size} values are not a multiple of {BLOCK_SIZE}")
-    out = np.empty(_type_bytes(t, x.size), dtype=np.uint8)
-    _core.gguf_quantize_blocks(x, t, out)
-    return out
-
-
-def dequantize_bytes(data: np.ndarray, gguf_type: str, numel: int) -> np.ndarray:
-    """Decodes `numel` values of Q8_0 / Q4_0 / Q4_1 / F16 / F32 data to float32."""
-    out = np.empty(int(numel), dtype=np.float32)
-    _core.gguf_dequantize_blocks(np.ascontiguousarray(data, dtype=np.uint8), gguf_type, out)
-    return out
-
-
-def inspect_gguf(path: PathLike) -> Dict[str, Any]:
-    """`arrowquant inspect` for a .gguf file: metadata and, per tensor, numpy
-    shape, GGUF dims, type, bytes and bits per weight."""
-    header = read_header(path)
-    metadata: Dict[str, Any] = {}
-    for key, vtype, value in header["metadata"]:
-        if isinstance(value, list) and len(value) > 16:
-            value = value[:16] + [f"... ({len(value)} items)"]
-        metadata[key] = value
-    tensors = []
-    for t in header["tensors"]:
-        tensors.append({
-            "name": t["name"], "shape": list(reversed(t["dims"])), "gguf_dims": list(t["dims"]),
-            "dtype": t["type"], "quant_type": t["type"], "bytes": t["nbytes"],
-            "bits_per_weight": 8.0 * t["nbytes"] / t["numel"] if t["numel"] else None,
-        })
-    params = sum(t["numel"] for t in header["tensors"])
-    nbytes = sum(t["nbytes"] for t in header["tensors"])
-    return {
-        "path": str(path), "format": "gguf", "gguf_version": header["version"],
-        "alignment": header["alignment"], "modality": None,
-        "architecture": metadata.get("general.architecture"), "metadata": metadata,
-        "tensors": tensors, "num_tensors": len(tensors), "params": params, "bytes": nbytes,
-        "bits_per_weight": 8.0 * nbytes / params if params else 0.0,
-        "files": [Path(path).name],
-    }
 
 
 def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
@@ -412,20 +390,32 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
             shape = "x".join(str(d) for d in r["shape"]) or "scalar"
             cos = "exact" if r["gguf_type"] == "F32" and r["max_abs_error"] == 0 else f"{r['cosine']:.6f}"
             mark = "  (fallback)" if r["fallback"] else ""
+            src = r.get("source_name")
+            origin = "" if src == r["name"] else f"  <- {src or 'generated'}"
             lines.append(f"  {r['name']:<48} {shape:<14} {r['source_dtype']:<9} {r['gguf_type']:<5} "
-                         f"cos {cos}{mark}")
+                         f"cos {cos}{mark}{origin}")
+            lines.append(f"      {r['reason']}" + (f"; {r['transform']}" if r.get("transform")
+                                                    else ""))
     types = ", ".join(f"{n} {t}" for t, n in sorted(report["types"].items()))
     lines.append(f"wrote {report['output']}: GGUF v{report['gguf_version']}, architecture "
                  f"{report['architecture']}, {report['tensors']} tensors ({types}) in "
                  f"{report['seconds']:.2f} s")
+    if report.get("hf_architecture"):
+        tok = report["tokenizer"]
+        lines.append(f"  llama.cpp architecture {report['architecture']} (from "
+                     f"{report['hf_architecture']}), tokenizer {tok['model']} ({tok['tokens']} "
+                     f"tokens, pre-tokenizer {tok['pre']})")
+    for note in report.get("notes", []):
+        lines.append(f"  {note}")
     lines.append(f"  {format_size(report['input_bytes'])} -> {format_size(report['output_bytes'])}: "
                  f"compression {report['compression_ratio']:.2f}x")
     if report["mean_cosine"] is not None:
         lines.append(f"  cosine of block-quantized tensors: mean {report['mean_cosine']:.6f}, "
                      f"worst {report['min_cosine']:.6f}")
     if report["fallbacks"]:
-        lines.append(f"  {len(report['fallbacks'])} tensor(s) stored wider (row length not a "
-                     f"multiple of 32, or 0-D/1-D): {', '.join(report['fallbacks'][:8])}"
+        lines.append(f"  {len(report['fallbacks'])} tensor(s) stored wider than "
+                     f"{report['file_type']} (0-D/1-D, F32 where llama.cpp needs it, or rows "
+                     f"that are no whole number of blocks): {', '.join(report['fallbacks'][:8])}"
                      + (" ..." if len(report["fallbacks"]) > 8 else ""))
     for s in report["skipped"]:
         lines.append(f"  skipped {s['name']}: {s['reason']}")
@@ -454,7 +444,7 @@ def quantize_to_gguf(job: Any, progress: Any = None) -> Any:
             "drop --param-dtype or write Parquet")
     report = export_gguf(job.input, job.output, bits=cfg.bit_width, scheme=cfg.scheme,
                          gguf_type=job.gguf_type, threads=cfg.num_threads,
-                         overwrite=job.overwrite, progress=progress)
+                         overwrite=job.overwrite, progress=progress, arch=job.gguf_arch)
     records = [TensorRecord(
         name=r["name"], shape=tuple(r["shape"]), dtype=r["source_dtype"], quant_type=r["gguf_type"],
         bits=_TYPE_BITS.get(r["gguf_type"]), reason=r["reason"], group_size=BLOCK_SIZE

@@ -1,0 +1,41 @@
+"""The GGUF types the writer makes: their names, block sizes, bytes and error
+bounds, and the type that --bits / --scheme / --gguf-type name."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ...errors import ConfigurationError
+
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+BLOCK_SIZE = 32
+#: Bytes per block of 32 values (or per element for F16/F32).
+TYPE_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "F16": 2, "F32": 4}
+#: Worst-case absolute error of one value, as a fraction of its block's
+#: max |x| (Q8_0, Q4_0) or range (Q4_1); the f16 rounding of the block
+#: parameters adds up to 2^-11 relative on top.
+ERROR_BOUND = {"Q8_0": 0.5 / 127, "Q4_0": 1.0 / 8, "Q4_1": 0.5 / 15}
+def choose_type(bits: int = 4, scheme: str = "symmetric", gguf_type: Optional[str] = None) -> str:
+    """The GGUF type for weight matrices from bits / scheme / an override."""
+    if gguf_type is not None:
+        t = str(gguf_type).upper()
+        if t not in GGUF_TYPES:
+            raise ConfigurationError(
+                f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+        return t
+    if scheme not in ("symmetric", "asymmetric"):
+        raise ConfigurationError(f"scheme must be 'symmetric' or 'asymmetric', got {scheme!r}")
+    if bits == 8:
+        return "Q8_0"
+    if bits == 4:
+        return "Q4_0" if scheme == "symmetric" else "Q4_1"
+    raise ConfigurationError(
+        f"GGUF export has no {bits}-bit type; use bits 4 or 8, or gguf_type="
+        f"{'/'.join(GGUF_TYPES)}")
+
+
+def type_bytes(gtype: str, numel: int) -> int:
+    if gtype in BLOCK_TYPES:
+        return numel // BLOCK_SIZE * TYPE_BYTES[gtype]
+    return numel * TYPE_BYTES[gtype]

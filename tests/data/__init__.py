@@ -1,0 +1,1 @@
+"""Fixed test data written for ArrowQuant's tests and quality benchmarks."""

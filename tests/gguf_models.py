@@ -1,0 +1,139 @@
+"""Tiny Hugging Face causal LMs with tokenizers built offline, for the
+llama.cpp checks (tests/test_gguf_llama.py) and quality benchmarks.
+
+Each family gets the tokenizer kind its real models use, so every tokenizer
+path of formats/gguf/tokenizer.py meets llama.cpp: Llama a Llama-3-style
+Split regex + byte-level BPE, Mistral a SentencePiece-style BPE with byte
+fallback, Qwen2 Qwen2's Split regex, Qwen3 individual digits + GPT-2 byte
+level (the StarCoder / SmolLM pre-tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict
+
+from data.sentences import SENTENCES
+
+DATA = Path(__file__).parent / "data"
+LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+             r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+            r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: A ChatML template (the byte-level families get it; tokenizer.chat_template).
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+VOCAB = 448  # a multiple of 32 is not needed (token_embd rows), but keeps shapes plain
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def corpus() -> list:
+    return (DATA / "perplexity.txt").read_text(encoding="utf-8").split("\n") + list(SENTENCES)
+
+
+def build_tokenizer(family: str):
+    """A trained `tokenizers.Tokenizer` of the family's kind, VOCAB tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if family == "mistral":
+        specials = ["<unk>", "<s>", "</s>"]
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials + bytes_,
+                                      show_progress=False)
+    else:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tok = Tokenizer(models.BPE())
+        if family == "llama":
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(LLAMA3_RE), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif family == "qwen2":
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(QWEN2_RE), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    return tok, specials
+
+
+def build_model(family: str, out: Path, seed: int = 0) -> Path:
+    """Writes config.json, model.safetensors (float16) and tokenizer files of
+    a tiny random `family` model to `out`."""
+    import torch
+    import transformers as tf
+
+    tok, specials = build_tokenizer(family)
+    if family == "mistral":
+        fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                          bos_token="<s>", eos_token="</s>")
+        bos, eos = 1, 2
+    else:
+        fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>",
+                                          bos_token="<|im_start|>", eos_token="<|im_end|>")
+        fast.chat_template = CHAT_TEMPLATE
+        bos, eos = 1, 2
+    n_vocab = tok.get_vocab_size()
+    common: Dict = dict(vocab_size=n_vocab, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=bos,
+                        eos_token_id=eos, tie_word_embeddings=False, initializer_range=0.15)
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = tf.LlamaConfig(**common, rope_theta=10000.0)
+        model = tf.LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
+        model = tf.MistralForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common, rope_theta=10000.0)
+        model = tf.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # Qwen2 has q/k/v biases; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                             layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.1)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**common, head_dim=16, rope_theta=10000.0)
+        model = tf.Qwen3ForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # random norm gains, so a wrong norm mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model = model.to(torch.float16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def hf_logits(model_dir: Path, sequences) -> list:
+    """float32 next-token logits of every position, per sequence (torch,
+    the float16 weights computed in float32)."""
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for ids in sequences:
+            out.append(model(torch.tensor([ids])).logits[0].float().numpy())
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1))
