@@ -25,11 +25,13 @@ struct BlockCand {
 
 // Its squared error and least-squares sums (sums of v, v^2, x * v; weighted
 // when weights are given). Without `sums` only err is computed.
+// (No member initializers: arrays of fits are filled by the passes, and
+// zeroing them costs more than some of the passes.)
 struct BlockFit {
-  float err = 0.0f;
-  float sv = 0.0f;
-  float svv = 0.0f;
-  float sxv = 0.0f;
+  float err;
+  float sv;
+  float svv;
+  float sxv;
 };
 
 // A non-uniform code grid (IQ4): 16 increasing values and the 15 midpoints
@@ -51,6 +53,10 @@ struct BlockPasses {
   // x_hat = a * v.
   void (*eval_grid)(const float* x, const float* w, int n, const BlockCand* c, int k,
                     const CodeGrid& grid, bool sums, BlockFit* out);
+  // The codes of one candidate as the two passes above compute them (affine:
+  // the integer code value; grid: the index of the value).
+  void (*codes_affine)(const float* x, int n, BlockCand c, float lo, float hi, int8_t* q);
+  void (*codes_grid)(const float* x, int n, float a, const CodeGrid& grid, int8_t* q);
 };
 
 const BlockPasses& ScalarBlockPasses();

@@ -54,8 +54,7 @@ void ScalarEvalAffineT(const float* x, const float* w, int n, const BlockCand* c
         }
       }
     }
-    BlockFit f;
-    f.err = ReduceLanes(err);
+    BlockFit f{ReduceLanes(err), 0.0f, 0.0f, 0.0f};
     if (sums) {
       f.sv = ReduceLanes(sv);
       f.svv = ReduceLanes(svv);
@@ -102,8 +101,7 @@ void ScalarEvalGridT(const float* x, const float* w, int n, const BlockCand* c, 
         }
       }
     }
-    BlockFit f;
-    f.err = ReduceLanes(err);
+    BlockFit f{ReduceLanes(err), 0.0f, 0.0f, 0.0f};
     if (sums) {
       f.svv = ReduceLanes(svv);
       f.sxv = ReduceLanes(sxv);
@@ -121,7 +119,25 @@ void ScalarEvalGrid(const float* x, const float* w, int n, const BlockCand* c, i
   }
 }
 
-const BlockPasses kScalarBlockPasses = {"scalar", ScalarEvalAffine, ScalarEvalGrid};
+void ScalarCodesAffine(const float* x, int n, BlockCand c, float lo, float hi, int8_t* q) {
+  const float inv = c.a != 0.0f ? 1.0f / c.a : 0.0f;
+  for (int i = 0; i < n; ++i) {
+    q[i] = static_cast<int8_t>(std::min(std::max(std::nearbyint((x[i] + c.b) * inv), lo), hi));
+  }
+}
+
+void ScalarCodesGrid(const float* x, int n, float a, const CodeGrid& g, int8_t* q) {
+  const float inv = a != 0.0f ? 1.0f / a : 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const float t = x[i] * inv;
+    int idx = 0;
+    for (int m = 0; m < 15; ++m) idx += t > g.mid[m] ? 1 : 0;
+    q[i] = static_cast<int8_t>(idx);
+  }
+}
+
+const BlockPasses kScalarBlockPasses = {"scalar", ScalarEvalAffine, ScalarEvalGrid,
+                                        ScalarCodesAffine, ScalarCodesGrid};
 
 }  // namespace
 
@@ -273,7 +289,7 @@ struct BlockCode {
   float dmin = 0.0f;
   int sc[16] = {};
   int mn[16] = {};
-  int q[256] = {};
+  int8_t q[256];  // every element is set by the encoder before packing
 };
 
 void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
@@ -685,21 +701,11 @@ class SubEval {
 
   // The element codes of candidate c, exactly as the passes compute them
   // (integer forms: the code value; grid: the index).
-  void Codes(const BlockCand& c, int* q) const {
-    const float inv = c.a != 0.0f ? 1.0f / c.a : 0.0f;
+  void Codes(const BlockCand& c, int8_t* q) const {
     if (l_.form == Form::kGrid) {
-      const CodeGrid& g = Iq4Grid();
-      for (int i = 0; i < n_; ++i) {
-        const float t = x_[i] * inv;
-        int idx = 0;
-        for (int m = 0; m < 15; ++m) idx += t > g.mid[m] ? 1 : 0;
-        q[i] = idx;
-      }
-      return;
-    }
-    for (int i = 0; i < n_; ++i) {
-      const float v = std::min(std::max(std::nearbyint((x_[i] + c.b) * inv), l_.qlo), l_.qhi);
-      q[i] = static_cast<int>(v);
+      p_.codes_grid(x_, n_, c.a, Iq4Grid(), q);
+    } else {
+      p_.codes_affine(x_, n_, c, l_.qlo, l_.qhi, q);
     }
   }
 
@@ -944,15 +950,12 @@ class CodeSearch {
     const bool affine = l_.form == Form::kAffine;
     const int breach = affine ? 2 : 0;
     const int areach = affine ? 1 : 2;
+    // Offsets that leave the code range are skipped: clamped, they would
+    // repeat the best or another neighbour.
     for (int i = -areach; i <= areach; ++i) {
       for (int j = -breach; j <= breach; ++j) {
-        if (i == 0 && j == 0) continue;
-        const int a2 = std::min(std::max(a0 + i, l_.alo), l_.ahi);
-        const int b2 = std::min(std::max(b0 + j, 0), l_.bmax);
-        if (a2 == a0 && b2 == b0) continue;
-        bool dup = false;
-        for (int m = 0; m < k; ++m) dup |= ca[m] == a2 && cb[m] == b2;
-        if (dup) continue;
+        const int a2 = a0 + i, b2 = b0 + j;
+        if ((i == 0 && j == 0) || a2 < l_.alo || a2 > l_.ahi || b2 < 0 || b2 > l_.bmax) continue;
         ca[k] = a2;
         cb[k] = b2;
         cands[k++] = Cand(a2, b2);
@@ -1071,14 +1074,38 @@ Status TooLarge(const Layout& l) {
                          TypeName(l.type) + "; store this tensor as F16 or F32");
 }
 
+// The decoded values of a block's codes: y = A v - B per sub-block with
+// A = d * sc (two levels) or d, B = dmin * m (two-level affine), -m (Q4_1)
+// or 0, and v the code (or its grid value): the same float32 operations as
+// DecodeBlock on the packed bytes (x - (-m) is x + m; a * v - 0 is a * v),
+// so the values are the decoder's.
+void Reconstruct(const Layout& l, const BlockCode& c, float* y) {
+  const CodeGrid& g = Iq4Grid();
+  for (int j = 0; j < l.subs(); ++j) {
+    float a = c.d, b = 0.0f;
+    if (l.two_level()) {
+      a = c.d * static_cast<float>(c.sc[j]);
+      if (l.form == Form::kAffine) b = c.dmin * static_cast<float>(c.mn[j]);
+    } else if (l.form == Form::kAffine) {
+      b = -c.dmin;
+    }
+    const int8_t* q = c.q + j * l.sub;
+    float* o = y + j * l.sub;
+    if (l.form == Form::kGrid) {
+      for (int i = 0; i < l.sub; ++i) o[i] = a * g.value[q[i]];
+    } else if (l.form == Form::kAffine) {
+      for (int i = 0; i < l.sub; ++i) o[i] = a * static_cast<float>(q[i]) - b;
+    } else {
+      for (int i = 0; i < l.sub; ++i) o[i] = a * static_cast<float>(q[i]);
+    }
+  }
+}
+
 // One block: plain rounding (mode kReference) or the search, whose result
 // replaces the plain rounding only when its decoded (weighted) error is not
 // larger. y receives the decoded block.
 Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const float* x,
                    const float* w, uint8_t* out, float* y) {
-  const int64_t bytes = GetTypeTraits(static_cast<uint32_t>(l.type))->block_bytes;
-  uint8_t plain[256];
-  // Plain rounding.
   BlockCode code;
   SubStats st[kMaxSubs];
   BlockCand params[kMaxSubs];
@@ -1086,74 +1113,72 @@ Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const 
   for (int j = 0; j < subs; ++j) {
     st[j] = Moments(x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
   }
+  // Plain rounding: bytes (llama.cpp's reference types) or codes.
+  bool plain_bytes = true;
   if (l.type == GgmlType::kQ8_0) {
-    ReferenceQ8_0(x, plain);
+    ReferenceQ8_0(x, out);
   } else if (l.type == GgmlType::kQ4_0) {
-    ReferenceQ4_0(x, plain);
+    ReferenceQ4_0(x, out);
   } else if (l.type == GgmlType::kQ4_1) {
-    ReferenceQ4_1(x, plain);
-  } else if (l.two_level()) {
-    for (int j = 0; j < subs; ++j) params[j] = PlainParams(l, st[j], true);
-    if (!TwoLevelCodes(p, l, x, w, st, params, false, &code)) return TooLarge(l);
-    PackBlock(l.type, code, plain);
-  } else {  // IQ4_NL
-    BlockCand c = PlainParams(l, st[0], false);
-    if (!StoreF16(l, &c)) return TooLarge(l);
-    code.d = c.a;
-    const SubEval ev(p, l, x, w, l.sub);
-    ev.Codes(c, code.q);
-    PackBlock(l.type, code, plain);
+    ReferenceQ4_1(x, out);
+  } else {
+    plain_bytes = false;
+    if (l.two_level()) {
+      for (int j = 0; j < subs; ++j) params[j] = PlainParams(l, st[j], true);
+      if (!TwoLevelCodes(p, l, x, w, st, params, false, &code)) return TooLarge(l);
+    } else {  // IQ4_NL
+      BlockCand c = PlainParams(l, st[0], false);
+      if (!StoreF16(l, &c)) return TooLarge(l);
+      code.d = c.a;
+      const SubEval ev(p, l, x, w, l.sub);
+      ev.Codes(c, code.q);
+    }
   }
-  DecodeBlock(l.type, plain, y);
-  // A float16 parameter that overflowed (reference rounding keeps it) cannot
-  // be stored.
-  for (int i = 0; i < l.block; ++i) {
-    if (!std::isfinite(y[i])) return TooLarge(l);
+  if (plain_bytes) {
+    DecodeBlock(l.type, out, y);
+    // A float16 parameter that overflowed (the reference keeps it) cannot be stored.
+    for (int i = 0; i < l.block; ++i) {
+      if (!std::isfinite(y[i])) return TooLarge(l);
+    }
+  } else {
+    Reconstruct(l, code, y);
   }
-  if (mode == BlockMode::kReference) {
-    std::memcpy(out, plain, static_cast<size_t>(bytes));
-    return Status::OK();
-  }
-
-  // The search.
-  BlockCode sc;
-  bool ok = true;
-  if (l.two_level()) {
-    for (int j = 0; j < subs; ++j) {
-      const SubEval ev(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
+  if (mode == BlockMode::kSearch) {
+    BlockCode sc;
+    bool ok = true;
+    if (l.two_level()) {
+      for (int j = 0; j < subs; ++j) {
+        const SubEval ev(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
+        BlockFit f;
+        // No usable float32 start (values so small that 1 / scale overflows):
+        // the plain parameters, which the float16 units can still follow.
+        if (!SearchSub(ev, st[j], /*b_nonneg=*/true, /*f16=*/false, &params[j], &f)) {
+          params[j] = PlainParams(l, st[j], true);
+        }
+      }
+      ok = TwoLevelCodes(p, l, x, w, st, params, true, &sc);
+    } else {
+      const SubEval ev(p, l, x, w, l.sub);
+      BlockCand c;
       BlockFit f;
-      // No usable float32 start (values so small that 1 / scale overflows):
-      // the plain parameters, which the float16 units can still follow.
-      if (!SearchSub(ev, st[j], /*b_nonneg=*/true, /*f16=*/false, &params[j], &f)) {
-        params[j] = PlainParams(l, st[j], true);
+      ok = SearchSub(ev, st[0], /*b_nonneg=*/false, /*f16=*/true, &c, &f);
+      if (ok) {
+        sc.d = c.a;
+        sc.dmin = -c.b + 0.0f;  // Q4_1's min
+        ev.Codes(c, sc.q);
       }
     }
-    ok = TwoLevelCodes(p, l, x, w, st, params, true, &sc);
-  } else {
-    const SubEval ev(p, l, x, w, l.sub);
-    BlockCand c;
-    BlockFit f;
-    ok = SearchSub(ev, st[0], /*b_nonneg=*/false, /*f16=*/true, &c, &f);
     if (ok) {
-      sc.d = c.a;
-      sc.dmin = -c.b + 0.0f;  // Q4_1's min
-      ev.Codes(c, sc.q);
+      float ys[256];
+      Reconstruct(l, sc, ys);
+      if (BlockError(x, w, ys, l.block) <= BlockError(x, w, y, l.block)) {
+        PackBlock(l.type, sc, out);
+        std::memcpy(y, ys, static_cast<size_t>(l.block) * sizeof(float));
+        return Status::OK();
+      }
     }
   }
-  if (!ok) {
-    std::memcpy(out, plain, static_cast<size_t>(bytes));
-    return Status::OK();
-  }
-  uint8_t found[256];
-  float ys[256];
-  PackBlock(l.type, sc, found);
-  DecodeBlock(l.type, found, ys);
-  if (BlockError(x, w, ys, l.block) <= BlockError(x, w, y, l.block)) {
-    std::memcpy(out, found, static_cast<size_t>(bytes));
-    std::memcpy(y, ys, static_cast<size_t>(l.block) * sizeof(float));
-  } else {
-    std::memcpy(out, plain, static_cast<size_t>(bytes));
-  }
+  if (!plain_bytes) PackBlock(l.type, code, out);
   return Status::OK();
 }
 

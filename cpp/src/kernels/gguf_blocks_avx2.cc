@@ -55,8 +55,7 @@ void EvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int 
         }
       }
     }
-    BlockFit f;
-    f.err = Reduce8(err);
+    BlockFit f{Reduce8(err), 0.0f, 0.0f, 0.0f};
     if constexpr (kSums) {
       f.sv = Reduce8(sv);
       f.svv = Reduce8(svv);
@@ -129,8 +128,7 @@ void EvalGridT(const float* x, const float* w, int n, const BlockCand* c, int k,
         }
       }
     }
-    BlockFit f;
-    f.err = Reduce8(err);
+    BlockFit f{Reduce8(err), 0.0f, 0.0f, 0.0f};
     if constexpr (kSums) {
       f.svv = Reduce8(svv);
       f.sxv = Reduce8(sxv);
@@ -150,7 +148,40 @@ void Avx2EvalGrid(const float* x, const float* w, int n, const BlockCand* c, int
   }
 }
 
-const BlockPasses kAvx2BlockPasses = {"avx2", Avx2EvalAffine, Avx2EvalGrid};
+// Eight int32 lanes to eight int8 codes (each in -128..127).
+inline void StoreCodes(__m256i v, int8_t* q) {
+  const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packs_epi16(w16, w16));
+}
+
+void Avx2CodesAffine(const float* x, int n, BlockCand c, float lo, float hi, int8_t* q) {
+  const float inv = c.a != 0.0f ? 1.0f / c.a : 0.0f;
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  const __m256 vb = _mm256_set1_ps(c.b), vinv = _mm256_set1_ps(inv);
+  for (int i = 0; i < n; i += 8) {
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(x + i), vb), vinv), kRound);
+    v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
+    StoreCodes(_mm256_cvttps_epi32(v), q + i);
+  }
+}
+
+void Avx2CodesGrid(const float* x, int n, float a, const CodeGrid& grid, int8_t* q) {
+  const float inv = a != 0.0f ? 1.0f / a : 0.0f;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  __m256 mid[15];
+  for (int m = 0; m < 15; ++m) mid[m] = _mm256_set1_ps(grid.mid[m]);
+  for (int i = 0; i < n; i += 8) {
+    const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    __m256i idx = _mm256_setzero_si256();
+    for (int m = 0; m < 15; ++m) {
+      idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(t, mid[m], _CMP_GT_OQ)));
+    }
+    StoreCodes(idx, q + i);
+  }
+}
+
+const BlockPasses kAvx2BlockPasses = {"avx2", Avx2EvalAffine, Avx2EvalGrid, Avx2CodesAffine,
+                                      Avx2CodesGrid};
 
 }  // namespace
 
