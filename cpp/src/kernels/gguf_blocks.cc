@@ -601,29 +601,38 @@ struct Layout {
   float qlo, qhi;  // element code range (integer forms)
   int alo, ahi;    // sub-block scale codes (two levels)
   int bmax;        // sub-block min codes (two-level affine)
-  const float* clips;  // clip fractions of the stage-1 starts
+  // Stage-1 starts after the plain one (docs/gguf.md): clipped and anchored
+  // ranges (ArrowQuant's superblock stage 1: MseClips-like fractions, then
+  // kSuperblockAnchorClips), and / or a grid of scales: grid_n scales that
+  // put the extreme t code steps beyond (or inside) the end of the code range,
+  // t evenly spaced in [-grid_span, grid_span] (affine: anchored at the
+  // minimum; hi_grid_n more anchored at the maximum; symmetric and grid
+  // forms: the extreme at either end).
+  const float* clips;
   int n_clips;
+  int grid_n;
+  float grid_span;
+  int hi_grid_n;
   bool two_level() const { return sub != block; }
   int subs() const { return block / sub; }
 };
 
 constexpr float kClips2[] = {0.8f, 0.6f};
-constexpr float kClips3[] = {0.9f, 0.8f};
-constexpr float kClips4[] = {0.9f, 0.8f};
-constexpr float kClips5[] = {0.95f, 0.9f};
-constexpr float kClipsGrid[] = {0.95f, 0.9f, 0.85f};
 
+// The start sets were chosen by measurement (numpy model of the search on
+// Gaussian and importance-weighted blocks, docs/gguf.md): ranges win at
+// 2 bits, scale grids at 3 bits and more.
 const Layout kLayouts[] = {
-    {GgmlType::kQ8_0, 32, 32, Form::kSymmetric, -127.0f, 127.0f, 0, 0, 0, nullptr, 0},
-    {GgmlType::kQ4_0, 32, 32, Form::kSymmetric, -8.0f, 7.0f, 0, 0, 0, kClips4, 2},
-    {GgmlType::kQ4_1, 32, 32, Form::kAffine, 0.0f, 15.0f, 0, 0, 0, kClips4, 2},
-    {GgmlType::kIQ4_NL, 32, 32, Form::kGrid, 0.0f, 0.0f, 0, 0, 0, kClipsGrid, 3},
-    {GgmlType::kQ2_K, 256, 16, Form::kAffine, 0.0f, 3.0f, 0, 15, 15, kClips2, 2},
-    {GgmlType::kQ3_K, 256, 16, Form::kSymmetric, -4.0f, 3.0f, -32, 31, 0, kClips3, 2},
-    {GgmlType::kQ4_K, 256, 32, Form::kAffine, 0.0f, 15.0f, 0, 63, 63, kClips4, 2},
-    {GgmlType::kQ5_K, 256, 32, Form::kAffine, 0.0f, 31.0f, 0, 63, 63, kClips5, 2},
-    {GgmlType::kQ6_K, 256, 16, Form::kSymmetric, -32.0f, 31.0f, -128, 127, 0, nullptr, 0},
-    {GgmlType::kIQ4_XS, 256, 32, Form::kGrid, 0.0f, 0.0f, -32, 31, 0, kClipsGrid, 3},
+    {GgmlType::kQ8_0, 32, 32, Form::kSymmetric, -127.0f, 127.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0},
+    {GgmlType::kQ4_0, 32, 32, Form::kSymmetric, -8.0f, 7.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0},
+    {GgmlType::kQ4_1, 32, 32, Form::kAffine, 0.0f, 15.0f, 0, 0, 0, nullptr, 0, 5, 1.0f, 4},
+    {GgmlType::kIQ4_NL, 32, 32, Form::kGrid, 0.0f, 0.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0},
+    {GgmlType::kQ2_K, 256, 16, Form::kAffine, 0.0f, 3.0f, 0, 15, 15, kClips2, 2, 0, 0.0f, 0},
+    {GgmlType::kQ3_K, 256, 16, Form::kSymmetric, -4.0f, 3.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
+    {GgmlType::kQ4_K, 256, 32, Form::kAffine, 0.0f, 15.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4},
+    {GgmlType::kQ5_K, 256, 32, Form::kAffine, 0.0f, 31.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4},
+    {GgmlType::kQ6_K, 256, 16, Form::kSymmetric, -32.0f, 31.0f, -128, 127, 0, nullptr, 0, 6, 2.0f, 0},
+    {GgmlType::kIQ4_XS, 256, 32, Form::kGrid, 0.0f, 0.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
 };
 
 const Layout* FindLayout(GgmlType type) {
@@ -656,12 +665,13 @@ struct SubStats {
   float lo = 0.0f, hi = 0.0f;  // min, max (+0 for a zero)
   float m = 0.0f;              // the value of largest magnitude (the first one)
   float sw = 0.0f, swx = 0.0f; // sum w and sum w x (unweighted: n and sum x), lane order
+  float swxx = 0.0f;           // sum w x^2
 };
 
 SubStats Moments(const float* x, const float* w, int n) {
   SubStats s;
   float lo = x[0], hi = x[0], amax = std::fabs(x[0]), m = x[0];
-  float sw[8] = {0}, swx[8] = {0};
+  float sw[8] = {0}, swx[8] = {0}, swxx[8] = {0};
   for (int i = 0; i < n; ++i) {
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
@@ -671,13 +681,16 @@ SubStats Moments(const float* x, const float* w, int n) {
     }
     const float wi = w != nullptr ? w[i] : 1.0f;
     sw[i & 7] += wi;
-    swx[i & 7] += w != nullptr ? wi * x[i] : x[i];
+    const float wx = w != nullptr ? wi * x[i] : x[i];
+    swx[i & 7] += wx;
+    swxx[i & 7] += wx * x[i];
   }
   s.lo = lo + 0.0f;
   s.hi = hi + 0.0f;
   s.m = m + 0.0f;
   s.sw = kernels::ReduceLanes(sw);
   s.swx = kernels::ReduceLanes(swx);
+  s.swxx = kernels::ReduceLanes(swxx);
   return s;
 }
 
@@ -774,9 +787,14 @@ bool RangeCand(const Layout& l, float lo, float hi, bool b_nonneg, BlockCand* c)
   return std::isfinite(c->a) && std::isfinite(c->b);
 }
 
+// t of grid point i of n in [-span, span].
+float GridT(int i, int n, float span) {
+  return n > 1 ? -span + 2.0f * span * static_cast<float>(i) / static_cast<float>(n - 1) : 0.0f;
+}
+
 // Starting candidates of stage 1, in order (docs/gguf.md): the plain rounding
-// start, then clipped and anchored ranges (affine) or clipped extremes mapped
-// to either end of the code range (symmetric, grid).
+// start, then the layout's clipped and anchored ranges and scale grids.
+// Candidates equal to an earlier one are dropped.
 int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCand* out) {
   int k = 0;
   auto add = [&](BlockCand c) {
@@ -799,9 +817,18 @@ int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCan
         const float half = r * l.clips[j] * 0.5f;
         if (RangeCand(l, mid - half, mid + half, b_nonneg, &c)) add(c);
       }
-      for (const float cl : kSuperblockAnchorClips) {
-        if (RangeCand(l, lo0, lo0 + r * cl, b_nonneg, &c)) add(c);
-        if (RangeCand(l, hi0 - r * cl, hi0, b_nonneg, &c)) add(c);
+      if (l.n_clips > 0) {
+        for (const float cl : kSuperblockAnchorClips) {
+          if (RangeCand(l, lo0, lo0 + r * cl, b_nonneg, &c)) add(c);
+          if (RangeCand(l, hi0 - r * cl, hi0, b_nonneg, &c)) add(c);
+        }
+      }
+      for (int i = 0; i < l.grid_n; ++i) {
+        add(BlockCand{r / (l.qhi + GridT(i, l.grid_n, l.grid_span)), -lo0 + 0.0f});
+      }
+      for (int i = 0; i < l.hi_grid_n; ++i) {
+        const float t = GridT(i, l.hi_grid_n, l.grid_span);
+        if (RangeCand(l, hi0 - r * (l.qhi / (l.qhi + t)), hi0, b_nonneg, &c)) add(c);
       }
     }
     return k;
@@ -812,16 +839,21 @@ int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCan
   }
   const float lo = l.form == Form::kGrid ? Iq4Grid().value[0] : l.qlo;
   const float hi = l.form == Form::kGrid ? Iq4Grid().value[15] : l.qhi;
+  const float step = l.form == Form::kGrid ? (hi - lo) / 15.0f : 1.0f;
   // The extreme on the longer (negative) side first: plain rounding.
   add(BlockCand{s.m / lo, 0.0f});
-  if (hi != -lo) add(BlockCand{s.m / hi, 0.0f});
   for (int j = 0; j < l.n_clips; ++j) {
     add(BlockCand{s.m * l.clips[j] / lo, 0.0f});
     if (hi != -lo) add(BlockCand{s.m * l.clips[j] / hi, 0.0f});
   }
-  if (f16 && k > 0) {
+  for (int i = 0; i < l.grid_n; ++i) {
+    const float t = GridT(i, l.grid_n, l.grid_span) * step;
+    add(BlockCand{s.m / (lo - t), 0.0f});
+    if (hi != -lo) add(BlockCand{s.m / (hi + t), 0.0f});
+  }
+  if (f16 && k > 0 && l.type == GgmlType::kQ8_0) {
     // The float16 neighbours of the plain start: at 8 bits the rounding of
-    // the scale itself matters more than any clip.
+    // the scale itself matters as much as the grid.
     const uint16_t h = FloatToHalf(std::fabs(out[0].a));
     const float sign = out[0].a < 0.0f ? -1.0f : 1.0f;
     for (int dh : {-1, 1}) {
@@ -832,7 +864,16 @@ int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCan
   return k;
 }
 
-constexpr int kMaxStarts = 16;
+// Squared error (float64) of candidate c for the codes behind fit f, from
+// the fit's sums: sum w (x - (a v - b))^2 expanded. An upper bound of c's
+// error with its own nearest codes.
+double AnalyticError(const Layout& l, const BlockFit& f, const SubStats& s, const BlockCand& c) {
+  const double a = c.a, b = l.form == Form::kAffine ? c.b : 0.0;
+  return static_cast<double>(s.swxx) - 2.0 * a * f.sxv + 2.0 * b * s.swx + a * a * f.svv -
+         2.0 * a * b * f.sv + b * b * s.sw;
+}
+
+constexpr int kMaxStarts = 32;
 constexpr int kFinalRefits = 3;
 
 // Stage 1 of one sub-block (or the whole search of a one-level block): the
@@ -843,31 +884,47 @@ constexpr int kFinalRefits = 3;
 bool SearchSub(const SubEval& ev, const SubStats& s, bool b_nonneg, bool f16, BlockCand* best_c,
                BlockFit* best_f) {
   const Layout& l = ev.layout();
+  // The least-squares refit of a fit's codes at the stored precision.
+  auto refit = [&](const BlockFit& from, BlockCand* c) {
+    if (!Refit(l, from, s, b_nonneg, c)) return false;
+    if (f16) {
+      if (l.form == Form::kAffine) {
+        // Round the scale, then the offset that is best for it.
+        const float a16 = arrowquant::kernels::RoundScaleF16(c->a);
+        const double b = (static_cast<double>(a16) * from.sv - s.swx) / s.sw;
+        *c = BlockCand{a16, static_cast<float>(b)};
+      }
+      if (!StoreF16(l, c)) return false;
+    }
+    return true;
+  };
   BlockCand starts[kMaxStarts];
   BlockFit fits[kMaxStarts];
   const int k = Starts(l, s, b_nonneg, f16, starts);
   if (k == 0) return false;
   ev.Eval(starts, k, true, fits);
-  int bi = 0;
-  for (int j = 1; j < k; ++j) {
+  // The best start by its own error, and the start whose codes promise the
+  // least error after a refit (the refit's error for those codes, computed
+  // from the sums, bounds its true error): the refits follow that one.
+  int bi = 0, si = 0;
+  double best_score = 0.0;
+  for (int j = 0; j < k; ++j) {
     if (fits[j].err < fits[bi].err) bi = j;
+    double score = fits[j].err;
+    BlockCand c;
+    if (refit(fits[j], &c)) score = std::min(score, AnalyticError(l, fits[j], s, c));
+    if (j == 0 || score < best_score) {
+      best_score = score;
+      si = j;
+    }
   }
   BlockCand bc = starts[bi];
   BlockFit bf = fits[bi];
-  BlockCand fc = bc;
-  BlockFit from = bf;
+  BlockCand fc = starts[si];
+  BlockFit from = fits[si];
   for (int t = 0; t < kFinalRefits; ++t) {
     BlockCand c;
-    if (!Refit(l, from, s, b_nonneg, &c)) break;
-    if (f16) {
-      if (l.form == Form::kAffine) {
-        // Round the scale, then the offset that is best for it.
-        const float a16 = arrowquant::kernels::RoundScaleF16(c.a);
-        const double b = (static_cast<double>(a16) * from.sv - s.swx) / s.sw;
-        c = BlockCand{a16, static_cast<float>(b)};
-      }
-      if (!StoreF16(l, &c)) break;
-    }
+    if (!refit(from, &c)) break;
     if ((c.a == bc.a && c.b == bc.b) || (c.a == fc.a && c.b == fc.b)) break;  // a fixed point
     BlockFit f;
     ev.Eval(&c, 1, true, &f);
