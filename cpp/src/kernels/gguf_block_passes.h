@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "kernels/param_search.h"
+
 namespace arrowquant::kernels {
 
 // One candidate: x_hat = a * v - b for the code value v of each element.
@@ -33,6 +35,7 @@ struct BlockFit {
   float svv;
   float sxv;
 };
+static_assert(sizeof(BlockFit) == 4 * sizeof(float), "the AVX2 passes store the four sums at once");
 
 // A non-uniform code grid (IQ4): 16 increasing values and the 15 midpoints
 // between neighbours. The code of v is the number of midpoints below v
@@ -40,6 +43,13 @@ struct BlockFit {
 struct CodeGrid {
   float value[16];
   float mid[15];
+};
+
+// Candidate-independent sums of one sub-block: min and max (+0 for a zero),
+// max |x|, and in the lane order above sum w, sum w x, sum w x^2 (unweighted:
+// n, sum x, sum x^2).
+struct BlockMoments {
+  float lo, hi, amax, sw, swx, swxx;
 };
 
 struct BlockPasses {
@@ -57,6 +67,15 @@ struct BlockPasses {
   // the integer code value; grid: the index of the value).
   void (*codes_affine)(const float* x, int n, BlockCand c, float lo, float hi, int8_t* q);
   void (*codes_grid)(const float* x, int n, float a, const CodeGrid& grid, int8_t* q);
+  void (*moments)(const float* x, const float* w, int n, BlockMoments* out);
+  // True when no value is NaN or Inf.
+  bool (*all_finite)(const float* x, int n);
+  // sum w (x - y)^2 in float64 (w null: unweighted): element i adds into
+  // lane i % 4 from +0; lanes combined as (l0 + l2) + (l1 + l3).
+  double (*error_f64)(const float* x, const float* w, const float* y, int n);
+  // The matching passes of the mse search (param_search.h): its float16
+  // rounding (F16C or software, the same values) serves the block scales.
+  const SearchPasses* search;
 };
 
 const BlockPasses& ScalarBlockPasses();

@@ -136,8 +136,42 @@ void ScalarCodesGrid(const float* x, int n, float a, const CodeGrid& g, int8_t* 
   }
 }
 
-const BlockPasses kScalarBlockPasses = {"scalar", ScalarEvalAffine, ScalarEvalGrid,
-                                        ScalarCodesAffine, ScalarCodesGrid};
+void ScalarMoments(const float* x, const float* w, int n, BlockMoments* out) {
+  float lo = x[0], hi = x[0], amax = 0.0f;
+  float sw[8] = {0}, swx[8] = {0}, swxx[8] = {0};
+  for (int i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+    amax = std::max(amax, std::fabs(x[i]));
+    const float wi = w != nullptr ? w[i] : 1.0f;
+    const float wx = w != nullptr ? wi * x[i] : x[i];
+    sw[i & 7] += wi;
+    swx[i & 7] += wx;
+    swxx[i & 7] += wx * x[i];
+  }
+  *out = BlockMoments{lo + 0.0f,          hi + 0.0f,         amax,
+                      ReduceLanes(sw), ReduceLanes(swx), ReduceLanes(swxx)};
+}
+
+bool ScalarAllFinite(const float* x, int n) {
+  for (int i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return false;
+  }
+  return true;
+}
+
+double ScalarErrorF64(const float* x, const float* w, const float* y, int n) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int i = 0; i < n; ++i) {
+    const double e = static_cast<double>(x[i]) - static_cast<double>(y[i]);
+    acc[i & 3] += w != nullptr ? static_cast<double>(w[i]) * (e * e) : e * e;
+  }
+  return (acc[0] + acc[2]) + (acc[1] + acc[3]);
+}
+
+const BlockPasses kScalarBlockPasses = {
+    "scalar",        ScalarEvalAffine, ScalarEvalGrid, ScalarCodesAffine,    ScalarCodesGrid,
+    ScalarMoments,   ScalarAllFinite,  ScalarErrorF64, &ScalarSearchPasses()};
 
 }  // namespace
 
@@ -271,14 +305,19 @@ void PutHalf(uint8_t* p, float v) {
 }
 float GetHalf(const uint8_t* p) { return HalfToFloat(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
 
-// float16 rounding of a scale of either sign (RoundScaleF16 on |s|: never 0
-// for s != 0); 0 stays +0.
-float RoundSignedScale(float s) {
+// float16 storage of a positive scale, as RoundScaleF16 (param_search.h):
+// round to nearest even, a scale that would round to 0 stored as 2^-24.
+float RoundScale(const BlockPasses& p, float s) {
+  const float r = p.search->round_f16(s);
+  return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
+}
+// The same for a scale of either sign (never 0 for s != 0); 0 stays +0.
+float RoundSignedScale(const BlockPasses& p, float s) {
   if (s == 0.0f) return 0.0f;
-  const float r = arrowquant::kernels::RoundScaleF16(std::fabs(s));
+  const float r = RoundScale(p, std::fabs(s));
   return s < 0.0f ? -r : r;
 }
-float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)) + 0.0f; }
+float RoundF16(const BlockPasses& p, float v) { return p.search->round_f16(v) + 0.0f; }
 
 // The parameters and codes of one block as the layouts store them: d and
 // dmin (Q4_1: m) are float16 values; sc / mn are sub-block scale and min
@@ -314,23 +353,34 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
       for (int j = 0; j < 16; ++j) out[2 + j] = static_cast<uint8_t>(c.q[j] | (c.q[j + 16] << 4));
       return;
     case GgmlType::kQ2_K: {
-      std::memset(out, 0, 84);
       for (int j = 0; j < 16; ++j) out[j] = static_cast<uint8_t>(c.sc[j] | (c.mn[j] << 4));
-      for (int e = 0; e < 256; ++e) {
-        const int h = e / 128, s = (e % 128) / 32, l = e % 32;
-        out[16 + h * 32 + l] |= static_cast<uint8_t>(c.q[e] << (2 * s));
+      // byte h * 32 + l: elements h * 128 + s * 32 + l at bits 2 s
+      for (int h = 0; h < 2; ++h) {
+        const int8_t* q = c.q + h * 128;
+        for (int l = 0; l < 32; ++l) {
+          out[16 + h * 32 + l] =
+              static_cast<uint8_t>(q[l] | (q[32 + l] << 2) | (q[64 + l] << 4) | (q[96 + l] << 6));
+        }
       }
       PutHalf(out + 80, c.d);
       PutHalf(out + 82, c.dmin);
       return;
     }
     case GgmlType::kQ3_K: {
-      std::memset(out, 0, 110);
-      for (int e = 0; e < 256; ++e) {
-        const int u = c.q[e] + 4;  // 0..7
-        out[e % 32] |= static_cast<uint8_t>((u >> 2) << (e / 32));
-        const int h = e / 128, s = (e % 128) / 32, l = e % 32;
-        out[32 + h * 32 + l] |= static_cast<uint8_t>((u & 3) << (2 * s));
+      std::memset(out + 96, 0, 12);
+      // u = q + 4 in 0..7: bit 2 in hmask[l] bit e / 32, bits 0-1 as Q2_K's.
+      for (int l = 0; l < 32; ++l) {
+        int m = 0;
+        for (int b = 0; b < 8; ++b) m |= ((c.q[b * 32 + l] + 4) >> 2) << b;
+        out[l] = static_cast<uint8_t>(m);
+      }
+      for (int h = 0; h < 2; ++h) {
+        const int8_t* q = c.q + h * 128;
+        for (int l = 0; l < 32; ++l) {
+          out[32 + h * 32 + l] = static_cast<uint8_t>(((q[l] + 4) & 3) | (((q[32 + l] + 4) & 3) << 2) |
+                                                      (((q[64 + l] + 4) & 3) << 4) |
+                                                      (((q[96 + l] + 4) & 3) << 6));
+        }
       }
       uint8_t* sc = out + 96;
       for (int i = 0; i < 16; ++i) {
@@ -348,7 +398,7 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
     case GgmlType::kQ4_K:
     case GgmlType::kQ5_K: {
       const bool q5 = type == GgmlType::kQ5_K;
-      std::memset(out, 0, q5 ? 176 : 144);
+      // (every byte is written below)
       PutHalf(out, c.d);
       PutHalf(out + 2, c.dmin);
       uint8_t* s = out + 4;
@@ -358,20 +408,36 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
         s[j + 8] = static_cast<uint8_t>((c.sc[j + 4] & 15) | ((c.mn[j + 4] & 15) << 4));
       }
       uint8_t* qs = out + (q5 ? 48 : 16);
-      for (int e = 0; e < 256; ++e) {
-        const int ch = e / 64, sh = (e % 64) / 32, l = e % 32;
-        qs[ch * 32 + l] |= static_cast<uint8_t>((c.q[e] & 15) << (4 * sh));
-        if (q5) out[16 + l] |= static_cast<uint8_t>((c.q[e] >> 4) << (e / 32));
+      // byte ch * 32 + l: element ch * 64 + l low, ch * 64 + 32 + l high nibble
+      for (int ch = 0; ch < 4; ++ch) {
+        const int8_t* q = c.q + ch * 64;
+        for (int l = 0; l < 32; ++l) {
+          qs[ch * 32 + l] = static_cast<uint8_t>((q[l] & 15) | ((q[32 + l] & 15) << 4));
+        }
+      }
+      if (q5) {  // bit 4 of element b * 32 + l in qh[l] bit b
+        for (int l = 0; l < 32; ++l) {
+          int m = 0;
+          for (int b = 0; b < 8; ++b) m |= (c.q[b * 32 + l] >> 4) << b;
+          out[16 + l] = static_cast<uint8_t>(m);
+        }
       }
       return;
     }
     case GgmlType::kQ6_K: {
-      std::memset(out, 0, 210);
-      for (int e = 0; e < 256; ++e) {
-        const int u = c.q[e] + 32;  // 0..63
-        const int h = e / 128, r = e % 128;
-        out[h * 64 + r % 64] |= static_cast<uint8_t>((u & 15) << (4 * (r / 64)));
-        out[128 + h * 32 + r % 32] |= static_cast<uint8_t>((u >> 4) << (2 * (r / 32)));
+      // u = q + 32 in 0..63; per half h: ql[h * 64 + l] holds elements
+      // h * 128 + l (low nibble) and + 64 (high); qh[h * 32 + l] bits 2 s
+      // the top two bits of element h * 128 + s * 32 + l.
+      for (int h = 0; h < 2; ++h) {
+        const int8_t* q = c.q + h * 128;
+        for (int l = 0; l < 64; ++l) {
+          out[h * 64 + l] = static_cast<uint8_t>(((q[l] + 32) & 15) | (((q[64 + l] + 32) & 15) << 4));
+        }
+        for (int l = 0; l < 32; ++l) {
+          out[128 + h * 32 + l] = static_cast<uint8_t>(((q[l] + 32) >> 4) | (((q[32 + l] + 32) >> 4) << 2) |
+                                                       (((q[64 + l] + 32) >> 4) << 4) |
+                                                       (((q[96 + l] + 32) >> 4) << 6));
+        }
       }
       for (int i = 0; i < 16; ++i) out[192 + i] = static_cast<uint8_t>(static_cast<int8_t>(c.sc[i]));
       PutHalf(out + 208, c.d);
@@ -613,6 +679,13 @@ struct Layout {
   int grid_n;
   float grid_span;
   int hi_grid_n;
+  // Filled by Layouts() from the above: the grid's scales as factors of the
+  // range (affine: 1 / (Q + t); hi_frac: Q / (Q + t), the anchored range's
+  // fraction) or of the extreme (1 / (lo - t), 1 / (hi + t)), and 1 / Q.
+  float lo_f[8] = {};
+  float hi_f[8] = {};
+  float hi_frac[8] = {};
+  float inv_q = 0.0f;
   bool two_level() const { return sub != block; }
   int subs() const { return block / sub; }
 };
@@ -622,7 +695,7 @@ constexpr float kClips2[] = {0.8f, 0.6f};
 // The start sets were chosen by measurement (numpy model of the search on
 // Gaussian and importance-weighted blocks, docs/gguf.md): ranges win at
 // 2 bits, scale grids at 3 bits and more.
-const Layout kLayouts[] = {
+const Layout kLayoutSpecs[] = {
     {GgmlType::kQ8_0, 32, 32, Form::kSymmetric, -127.0f, 127.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0},
     {GgmlType::kQ4_0, 32, 32, Form::kSymmetric, -8.0f, 7.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0},
     {GgmlType::kQ4_1, 32, 32, Form::kAffine, 0.0f, 15.0f, 0, 0, 0, nullptr, 0, 5, 1.0f, 4},
@@ -635,8 +708,38 @@ const Layout kLayouts[] = {
     {GgmlType::kIQ4_XS, 256, 32, Form::kGrid, 0.0f, 0.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
 };
 
+float GridT(int i, int n, float span);
+
+// The layouts with their derived factors.
+const std::vector<Layout>& Layouts() {
+  static const std::vector<Layout> all = [] {
+    std::vector<Layout> v(std::begin(kLayoutSpecs), std::end(kLayoutSpecs));
+    for (Layout& l : v) {
+      const bool grid = l.form == Form::kGrid;
+      const float lo = grid ? static_cast<float>(kIq4nlGrid[0]) : l.qlo;
+      const float hi = grid ? static_cast<float>(kIq4nlGrid[15]) : l.qhi;
+      const float step = grid ? (hi - lo) / 15.0f : 1.0f;
+      for (int i = 0; i < l.grid_n; ++i) {
+        const float t = GridT(i, l.grid_n, l.grid_span);
+        if (l.form == Form::kAffine) {
+          l.lo_f[i] = 1.0f / (l.qhi + t);
+        } else {
+          l.lo_f[i] = 1.0f / (lo - t * step);
+          l.hi_f[i] = 1.0f / (hi + t * step);
+        }
+      }
+      for (int i = 0; i < l.hi_grid_n; ++i) {
+        l.hi_frac[i] = l.qhi / (l.qhi + GridT(i, l.hi_grid_n, l.grid_span));
+      }
+      l.inv_q = l.form == Form::kAffine ? 1.0f / l.qhi : 0.0f;
+    }
+    return v;
+  }();
+  return all;
+}
+
 const Layout* FindLayout(GgmlType type) {
-  for (const Layout& l : kLayouts) {
+  for (const Layout& l : Layouts()) {
     if (l.type == type) return &l;
   }
   return nullptr;
@@ -658,7 +761,14 @@ using arrowquant::kernels::kSuperblockAnchorClips;
 
 // ---- one sub-block ----------------------------------------------------------------
 
-float ClampCode(float v, float lo, float hi) { return std::min(std::max(v, lo), hi) + 0.0f; }
+// The integer code nearest to v (ties to even), clamped to [lo, hi] (|lo|,
+// |hi| < 2^21): v is clamped to [lo - 1, hi + 1] first, then rounded by the
+// 1.5 * 2^23 trick (exact in round-to-nearest-even, no libm call).
+int NearestCode(float v, int lo, int hi) {
+  v = std::min(std::max(v, static_cast<float>(lo - 1)), static_cast<float>(hi + 1));
+  const float r = (v + 0x1.8p23f) - 0x1.8p23f;
+  return std::min(std::max(static_cast<int>(r), lo), hi);
+}
 
 // Sums of one sub-block that do not depend on the candidate.
 struct SubStats {
@@ -668,34 +778,27 @@ struct SubStats {
   float swxx = 0.0f;           // sum w x^2
 };
 
-SubStats Moments(const float* x, const float* w, int n) {
+SubStats Moments(const BlockPasses& p, const float* x, const float* w, int n) {
+  kernels::BlockMoments bm;
+  p.moments(x, w, n, &bm);
   SubStats s;
-  float lo = x[0], hi = x[0], amax = std::fabs(x[0]), m = x[0];
-  float sw[8] = {0}, swx[8] = {0}, swxx[8] = {0};
-  for (int i = 0; i < n; ++i) {
-    lo = std::min(lo, x[i]);
-    hi = std::max(hi, x[i]);
-    if (std::fabs(x[i]) > amax) {
-      amax = std::fabs(x[i]);
-      m = x[i];
+  s.lo = bm.lo;
+  s.hi = bm.hi;
+  for (int i = 0; i < n; ++i) {  // the first value of largest magnitude
+    if (std::fabs(x[i]) == bm.amax) {
+      s.m = x[i] + 0.0f;
+      break;
     }
-    const float wi = w != nullptr ? w[i] : 1.0f;
-    sw[i & 7] += wi;
-    const float wx = w != nullptr ? wi * x[i] : x[i];
-    swx[i & 7] += wx;
-    swxx[i & 7] += wx * x[i];
   }
-  s.lo = lo + 0.0f;
-  s.hi = hi + 0.0f;
-  s.m = m + 0.0f;
-  s.sw = kernels::ReduceLanes(sw);
-  s.swx = kernels::ReduceLanes(swx);
-  s.swxx = kernels::ReduceLanes(swxx);
+  s.sw = bm.sw;
+  s.swx = bm.swx;
+  s.swxx = bm.swxx;
   return s;
 }
 
+// Finite, and 1 / a finite unless a is 0 (|a| >= 2^-126 is enough).
 bool Usable(const BlockCand& c) {
-  return std::isfinite(c.a) && std::isfinite(c.b) && (c.a == 0.0f || std::isfinite(1.0f / c.a));
+  return std::isfinite(c.a) && std::isfinite(c.b) && (c.a == 0.0f || std::fabs(c.a) >= 0x1p-126f);
 }
 
 // Evaluates candidates of one sub-block with the layout's code formula.
@@ -723,6 +826,7 @@ class SubEval {
   }
 
   const Layout& layout() const { return l_; }
+  const BlockPasses& passes() const { return p_; }
   const float* x() const { return x_; }
   int n() const { return n_; }
 
@@ -765,12 +869,12 @@ bool Refit(const Layout& l, const BlockFit& f, const SubStats& s, bool b_nonneg,
 // The stored precision of a one-level candidate: a to float16 (a scale of
 // either sign for symmetric / grid forms, >= 0 for affine) and Q4_1's min
 // m = -b to float16. False when not representable.
-bool StoreF16(const Layout& l, BlockCand* c) {
+bool StoreF16(const BlockPasses& p, const Layout& l, BlockCand* c) {
   if (l.form == Form::kAffine) {
-    c->a = c->a > 0.0f ? arrowquant::kernels::RoundScaleF16(c->a) : 0.0f;
-    c->b = -RoundF16(-c->b);
+    c->a = c->a > 0.0f ? RoundScale(p, c->a) : 0.0f;
+    c->b = -RoundF16(p, -c->b);
   } else {
-    c->a = RoundSignedScale(c->a);
+    c->a = RoundSignedScale(p, c->a);
     c->b = 0.0f;
   }
   return Usable(*c);
@@ -795,14 +899,18 @@ float GridT(int i, int n, float span) {
 // Starting candidates of stage 1, in order (docs/gguf.md): the plain rounding
 // start, then the layout's clipped and anchored ranges and scale grids.
 // Candidates equal to an earlier one are dropped.
-int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCand* out) {
+int Starts(const BlockPasses& p, const Layout& l, const SubStats& s, bool b_nonneg, bool f16,
+           BlockCand* out) {
   int k = 0;
   auto add = [&](BlockCand c) {
-    if (f16 && !StoreF16(l, &c)) return;
-    if (!Usable(c)) return;
-    for (int j = 0; j < k; ++j) {
-      if (out[j].a == c.a && out[j].b == c.b) return;  // the same candidate again
+    if (f16) {
+      if (!StoreF16(p, l, &c)) return;
+      // Rounded to float16, neighbouring starts often coincide.
+      for (int j = 0; j < k; ++j) {
+        if (out[j].a == c.a && out[j].b == c.b) return;
+      }
     }
+    if (!Usable(c)) return;
     out[k++] = c;
   };
   if (l.form == Form::kAffine) {
@@ -824,11 +932,13 @@ int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCan
         }
       }
       for (int i = 0; i < l.grid_n; ++i) {
-        add(BlockCand{r / (l.qhi + GridT(i, l.grid_n, l.grid_span)), -lo0 + 0.0f});
+        // (t = 0 is the plain start itself)
+        if (GridT(i, l.grid_n, l.grid_span) != 0.0f) add(BlockCand{r * l.lo_f[i], -lo0 + 0.0f});
       }
       for (int i = 0; i < l.hi_grid_n; ++i) {
-        const float t = GridT(i, l.hi_grid_n, l.grid_span);
-        if (RangeCand(l, hi0 - r * (l.qhi / (l.qhi + t)), hi0, b_nonneg, &c)) add(c);
+        float lo1 = hi0 - r * l.hi_frac[i];
+        if (b_nonneg) lo1 = std::min(lo1, 0.0f);
+        add(BlockCand{(hi0 - lo1) * l.inv_q, -lo1 + 0.0f});
       }
     }
     return k;
@@ -839,7 +949,6 @@ int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCan
   }
   const float lo = l.form == Form::kGrid ? Iq4Grid().value[0] : l.qlo;
   const float hi = l.form == Form::kGrid ? Iq4Grid().value[15] : l.qhi;
-  const float step = l.form == Form::kGrid ? (hi - lo) / 15.0f : 1.0f;
   // The extreme on the longer (negative) side first: plain rounding.
   add(BlockCand{s.m / lo, 0.0f});
   for (int j = 0; j < l.n_clips; ++j) {
@@ -847,9 +956,8 @@ int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCan
     if (hi != -lo) add(BlockCand{s.m * l.clips[j] / hi, 0.0f});
   }
   for (int i = 0; i < l.grid_n; ++i) {
-    const float t = GridT(i, l.grid_n, l.grid_span) * step;
-    add(BlockCand{s.m / (lo - t), 0.0f});
-    if (hi != -lo) add(BlockCand{s.m / (hi + t), 0.0f});
+    if (GridT(i, l.grid_n, l.grid_span) != 0.0f) add(BlockCand{s.m * l.lo_f[i], 0.0f});
+    if (hi != -lo) add(BlockCand{s.m * l.hi_f[i], 0.0f});
   }
   if (f16 && k > 0 && l.type == GgmlType::kQ8_0) {
     // The float16 neighbours of the plain start: at 8 bits the rounding of
@@ -864,13 +972,23 @@ int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCan
   return k;
 }
 
-// Squared error (float64) of candidate c for the codes behind fit f, from
-// the fit's sums: sum w (x - (a v - b))^2 expanded. An upper bound of c's
-// error with its own nearest codes.
-double AnalyticError(const Layout& l, const BlockFit& f, const SubStats& s, const BlockCand& c) {
-  const double a = c.a, b = l.form == Form::kAffine ? c.b : 0.0;
-  return static_cast<double>(s.swxx) - 2.0 * a * f.sxv + 2.0 * b * s.swx + a * a * f.svv -
-         2.0 * a * b * f.sv + b * b * s.sw;
+// The least error of any float32 parameters for the codes behind fit f
+// (what Refit would reach, before rounding), from the sums; the fit's own
+// error when the refit is degenerate.
+double LeastSquaresError(const Layout& l, const BlockFit& f, const SubStats& s, bool b_nonneg) {
+  const double svv = f.svv, sxv = f.sxv, sxx = s.swxx;
+  if (l.form != Form::kAffine) return svv > 0.0 ? sxx - sxv * sxv / svv : f.err;
+  if (!(s.sw > 0.0f)) return f.err;
+  // Centered sums: the optimum a = cxv / cvv, b = (a sv - sx) / sw, error
+  // sxx - sx^2 / sw - cxv^2 / cvv; b >= 0 iff cxv sv >= sx cvv.
+  const double sx = s.swx, sv = f.sv, inv_sw = 1.0 / static_cast<double>(s.sw);
+  const double cxv = sxv - sx * sv * inv_sw, cvv = svv - sv * sv * inv_sw;
+  if (!(cvv > 0.0)) return f.err;
+  if (b_nonneg && cxv * sv < sx * cvv) {
+    return (svv > 0.0 && sxv > 0.0) ? sxx - sxv * sxv / svv : f.err;
+  }
+  if (!(cxv > 0.0)) return f.err;
+  return sxx - sx * sx * inv_sw - cxv * cxv / cvv;
 }
 
 constexpr int kMaxStarts = 32;
@@ -890,17 +1008,17 @@ bool SearchSub(const SubEval& ev, const SubStats& s, bool b_nonneg, bool f16, Bl
     if (f16) {
       if (l.form == Form::kAffine) {
         // Round the scale, then the offset that is best for it.
-        const float a16 = arrowquant::kernels::RoundScaleF16(c->a);
+        const float a16 = RoundScale(ev.passes(), c->a);
         const double b = (static_cast<double>(a16) * from.sv - s.swx) / s.sw;
         *c = BlockCand{a16, static_cast<float>(b)};
       }
-      if (!StoreF16(l, c)) return false;
+      if (!StoreF16(ev.passes(), l, c)) return false;
     }
     return true;
   };
   BlockCand starts[kMaxStarts];
   BlockFit fits[kMaxStarts];
-  const int k = Starts(l, s, b_nonneg, f16, starts);
+  const int k = Starts(ev.passes(), l, s, b_nonneg, f16, starts);
   if (k == 0) return false;
   ev.Eval(starts, k, true, fits);
   // The best start by its own error, and the start whose codes promise the
@@ -910,9 +1028,10 @@ bool SearchSub(const SubEval& ev, const SubStats& s, bool b_nonneg, bool f16, Bl
   double best_score = 0.0;
   for (int j = 0; j < k; ++j) {
     if (fits[j].err < fits[bi].err) bi = j;
-    double score = fits[j].err;
-    BlockCand c;
-    if (refit(fits[j], &c)) score = std::min(score, AnalyticError(l, fits[j], s, c));
+    // (At float16 the refit is rounded afterwards; the unrounded optimum
+    // ranks the starts as well.)
+    const double score = std::min(static_cast<double>(fits[j].err),
+                                  LeastSquaresError(l, fits[j], s, b_nonneg));
     if (j == 0 || score < best_score) {
       best_score = score;
       si = j;
@@ -949,16 +1068,15 @@ bool SearchSub(const SubEval& ev, const SubStats& s, bool b_nonneg, bool f16, Bl
 // and a last requant (docs/FORMAT.md 9.6 step 5, for these formulas).
 class CodeSearch {
  public:
-  CodeSearch(const SubEval& ev, const SubStats& s, float d, float dmin)
-      : ev_(ev), l_(ev.layout()), s_(s), d_(d), dmin_(dmin) {}
+  CodeSearch(const SubEval& ev, const SubStats& s, float d, float dmin, float inv_d,
+             float inv_dmin)
+      : ev_(ev), l_(ev.layout()), s_(s), d_(d), dmin_(dmin), inv_d_(inv_d), inv_dmin_(inv_dmin) {}
 
+  // Codes nearest to a float32 candidate: a * (1 / d), b * (1 / dmin).
   void Nearest(const BlockCand& c, int* a, int* b) const {
-    *a = d_ != 0.0f ? static_cast<int>(ClampCode(std::nearbyint(c.a / d_), static_cast<float>(l_.alo),
-                                                 static_cast<float>(l_.ahi)))
-                    : 0;
+    *a = d_ != 0.0f ? NearestCode(c.a * inv_d_, l_.alo, l_.ahi) : 0;
     *b = (l_.form == Form::kAffine && dmin_ > 0.0f)
-             ? static_cast<int>(ClampCode(std::nearbyint(std::max(c.b, 0.0f) / dmin_), 0.0f,
-                                          static_cast<float>(l_.bmax)))
+             ? NearestCode(std::max(c.b, 0.0f) * inv_dmin_, 0, l_.bmax)
              : 0;
   }
 
@@ -1038,7 +1156,7 @@ class CodeSearch {
   const SubEval& ev_;
   const Layout& l_;
   const SubStats& s_;
-  float d_, dmin_;
+  float d_, dmin_, inv_d_, inv_dmin_;
   bool has_ = false;
   BlockFit best_;
   bool sums_current_ = false;
@@ -1050,35 +1168,25 @@ class CodeSearch {
 // d = Rs(A_ext / alo) for the A of largest magnitude (it gets the most
 // negative code). 0 when every parameter is 0. False when a unit overflows
 // float16.
-bool Units(const Layout& l, const BlockCand* p, int subs, float* d, float* dmin) {
+bool Units(const BlockPasses& ps, const Layout& l, const BlockCand* p, int subs, float* d,
+           float* dmin) {
   if (l.form == Form::kAffine) {
     float amax = 0.0f, bmax = 0.0f;
     for (int j = 0; j < subs; ++j) {
       amax = std::max(amax, p[j].a);
       bmax = std::max(bmax, p[j].b);
     }
-    *d = amax > 0.0f ? arrowquant::kernels::RoundScaleF16(amax / static_cast<float>(l.ahi)) : 0.0f;
-    *dmin = bmax > 0.0f ? arrowquant::kernels::RoundScaleF16(bmax / static_cast<float>(l.bmax))
-                        : 0.0f;
+    *d = amax > 0.0f ? RoundScale(ps, amax / static_cast<float>(l.ahi)) : 0.0f;
+    *dmin = bmax > 0.0f ? RoundScale(ps, bmax / static_cast<float>(l.bmax)) : 0.0f;
     return std::isfinite(*d) && std::isfinite(*dmin);
   }
   float ext = 0.0f;
   for (int j = 0; j < subs; ++j) {
     if (std::fabs(p[j].a) > std::fabs(ext)) ext = p[j].a;
   }
-  *d = RoundSignedScale(ext / static_cast<float>(l.alo));
+  *d = RoundSignedScale(ps, ext / static_cast<float>(l.alo));
   *dmin = 0.0f;
   return std::isfinite(*d);
-}
-
-// Squared error (weighted) of a decoded block, in float64, element order.
-double BlockError(const float* x, const float* w, const float* y, int n) {
-  double e2 = 0.0;
-  for (int i = 0; i < n; ++i) {
-    const double e = static_cast<double>(x[i]) - static_cast<double>(y[i]);
-    e2 += w != nullptr ? static_cast<double>(w[i]) * (e * e) : e * e;
-  }
-  return e2;
 }
 
 constexpr int kMaxSubs = 16;
@@ -1090,12 +1198,14 @@ bool TwoLevelCodes(const BlockPasses& p, const Layout& l, const float* x, const 
                    const SubStats* st, const BlockCand* params, bool search, BlockCode* code) {
   const int subs = l.subs();
   float d = 0.0f, dmin = 0.0f;
-  if (!Units(l, params, subs, &d, &dmin)) return false;
+  if (!Units(p, l, params, subs, &d, &dmin)) return false;
   code->d = d;
   code->dmin = dmin;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  const float inv_dmin = dmin != 0.0f ? 1.0f / dmin : 0.0f;
   for (int j = 0; j < subs; ++j) {
     const SubEval ev(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
-    CodeSearch cs(ev, st[j], d, dmin);
+    CodeSearch cs(ev, st[j], d, dmin, inv_d, inv_dmin);
     int a = 0, b = 0;
     if (search) {
       cs.Run(params[j]);
@@ -1168,7 +1278,7 @@ Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const 
   BlockCand params[kMaxSubs];
   const int subs = l.subs();
   for (int j = 0; j < subs; ++j) {
-    st[j] = Moments(x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
+    st[j] = Moments(p, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
   }
   // Plain rounding: bytes (llama.cpp's reference types) or codes.
   bool plain_bytes = true;
@@ -1185,7 +1295,7 @@ Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const 
       if (!TwoLevelCodes(p, l, x, w, st, params, false, &code)) return TooLarge(l);
     } else {  // IQ4_NL
       BlockCand c = PlainParams(l, st[0], false);
-      if (!StoreF16(l, &c)) return TooLarge(l);
+      if (!StoreF16(p, l, &c)) return TooLarge(l);
       code.d = c.a;
       const SubEval ev(p, l, x, w, l.sub);
       ev.Codes(c, code.q);
@@ -1228,7 +1338,7 @@ Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const 
     if (ok) {
       float ys[256];
       Reconstruct(l, sc, ys);
-      if (BlockError(x, w, ys, l.block) <= BlockError(x, w, y, l.block)) {
+      if (p.error_f64(x, w, ys, l.block) <= p.error_f64(x, w, y, l.block)) {
         PackBlock(l.type, sc, out);
         std::memcpy(y, ys, static_cast<size_t>(l.block) * sizeof(float));
         return Status::OK();
@@ -1343,16 +1453,13 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t rows, int64_t cols,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b / bpr, c0 = (b % bpr) * bs;
       const float* xb = x + r * cols + c0;
-      bool finite = true;
-      for (int64_t i = 0; i < bs; ++i) {
-        if (!std::isfinite(xb[i])) {
-          fail(b, Status::Invalid(std::string(std::isnan(xb[i]) ? "NaN" : "Inf") + " at " +
-                                  Where(opts.first_row + r, c0 + i, cols)));
-          finite = false;
-          break;
-        }
+      if (!passes.all_finite(xb, static_cast<int>(bs))) {
+        int64_t i = 0;
+        while (std::isfinite(xb[i])) ++i;
+        fail(b, Status::Invalid(std::string(std::isnan(xb[i]) ? "NaN" : "Inf") + " at " +
+                                Where(opts.first_row + r, c0 + i, cols)));
+        return;
       }
-      if (!finite) return;
       const float* wb = opts.importance != nullptr ? opts.importance + c0 : nullptr;
       Status st = EncodeBlock(passes, layout, opts.mode, xb, wb, out + b * bbytes, y);
       if (!st.ok()) {

@@ -7,6 +7,8 @@
 // result is identical bit for bit (gguf_blocks_test.cc checks it).
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels/gguf_block_passes.h"
 #include "kernels/row_kernels.h"
 
@@ -20,6 +22,22 @@ inline float Reduce8(__m256 v) {
   const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+// Reduce8 of four vectors at once: the same additions in the same order
+// (per vector: high half onto low half, then (a0 + a2) + (a1 + a3)).
+inline void Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d, float* out) {
+  const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+  // each 128-bit lane (a0, a1, a2, a3) -> (a0, a2, a1, a3)
+  const __m256 ab2 = _mm256_permute_ps(ab, 0xD8), cd2 = _mm256_permute_ps(cd, 0xD8);
+  const __m256 h1 = _mm256_hadd_ps(ab2, cd2);  // (a0+a2, a1+a3, c0+c2, c1+c3 | b.., d..)
+  const __m256 h2 = _mm256_hadd_ps(h1, h1);    // (A, C, A, C | B, D, B, D)
+  out[0] = _mm256_cvtss_f32(h2);
+  out[2] = _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(h2)));
+  const __m128 hi = _mm256_extractf128_ps(h2, 1);
+  out[1] = _mm_cvtss_f32(hi);
+  out[3] = _mm_cvtss_f32(_mm_movehdup_ps(hi));
 }
 
 template <bool kWeighted, bool kSums>
@@ -55,13 +73,11 @@ void EvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int 
         }
       }
     }
-    BlockFit f{Reduce8(err), 0.0f, 0.0f, 0.0f};
     if constexpr (kSums) {
-      f.sv = Reduce8(sv);
-      f.svv = Reduce8(svv);
-      f.sxv = Reduce8(sxv);
+      Reduce4x8(err, sv, svv, sxv, &out[j].err);
+    } else {
+      out[j] = BlockFit{Reduce8(err), 0.0f, 0.0f, 0.0f};
     }
-    out[j] = f;
   }
 }
 
@@ -128,12 +144,11 @@ void EvalGridT(const float* x, const float* w, int n, const BlockCand* c, int k,
         }
       }
     }
-    BlockFit f{Reduce8(err), 0.0f, 0.0f, 0.0f};
     if constexpr (kSums) {
-      f.svv = Reduce8(svv);
-      f.sxv = Reduce8(sxv);
+      Reduce4x8(err, _mm256_setzero_ps(), svv, sxv, &out[j].err);
+    } else {
+      out[j] = BlockFit{Reduce8(err), 0.0f, 0.0f, 0.0f};
     }
-    out[j] = f;
   }
 }
 
@@ -180,11 +195,68 @@ void Avx2CodesGrid(const float* x, int n, float a, const CodeGrid& grid, int8_t*
   }
 }
 
-const BlockPasses kAvx2BlockPasses = {"avx2", Avx2EvalAffine, Avx2EvalGrid, Avx2CodesAffine,
-                                      Avx2CodesGrid};
+void Avx2Moments(const float* x, const float* w, int n, BlockMoments* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 lo = _mm256_set1_ps(x[0]), hi = lo, amax = _mm256_setzero_ps();
+  __m256 sw = _mm256_setzero_ps(), swx = sw, swxx = sw;
+  for (int i = 0; i < n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    lo = _mm256_min_ps(lo, xv);
+    hi = _mm256_max_ps(hi, xv);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, xv));
+    const __m256 wv = w != nullptr ? _mm256_loadu_ps(w + i) : _mm256_set1_ps(1.0f);
+    const __m256 wx = w != nullptr ? _mm256_mul_ps(wv, xv) : xv;
+    sw = _mm256_add_ps(sw, wv);
+    swx = _mm256_add_ps(swx, wx);
+    swxx = _mm256_add_ps(swxx, _mm256_mul_ps(wx, xv));
+  }
+  // Min / max / max-abs are exact in any order (a zero's sign is dropped by + 0).
+  alignas(32) float l[8], h[8], a[8];
+  _mm256_store_ps(l, lo);
+  _mm256_store_ps(h, hi);
+  _mm256_store_ps(a, amax);
+  float mn = l[0], mx = h[0], am = a[0];
+  for (int k = 1; k < 8; ++k) {
+    mn = std::min(mn, l[k]);
+    mx = std::max(mx, h[k]);
+    am = std::max(am, a[k]);
+  }
+  *out = BlockMoments{mn + 0.0f, mx + 0.0f, am, Reduce8(sw), Reduce8(swx), Reduce8(swxx)};
+}
+
+bool Avx2AllFinite(const float* x, int n) {
+  // x * 0 is NaN exactly for NaN and Inf.
+  __m256 bad = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) {
+    const __m256 z = _mm256_mul_ps(_mm256_loadu_ps(x + i), zero);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+  }
+  return _mm256_movemask_ps(bad) == 0;
+}
+
+double Avx2ErrorF64(const float* x, const float* w, const float* y, int n) {
+  __m256d acc = _mm256_setzero_pd();
+  for (int i = 0; i < n; i += 4) {
+    const __m256d e = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)),
+                                    _mm256_cvtps_pd(_mm_loadu_ps(y + i)));
+    __m256d e2 = _mm256_mul_pd(e, e);
+    if (w != nullptr) e2 = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(w + i)), e2);
+    acc = _mm256_add_pd(acc, e2);
+  }
+  // (l0 + l2) + (l1 + l3)
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
 
 }  // namespace
 
-const BlockPasses* Avx2BlockPasses() { return CpuHasAvx2() ? &kAvx2BlockPasses : nullptr; }
+const BlockPasses* Avx2BlockPasses() {
+  if (!CpuHasAvx2()) return nullptr;
+  static const BlockPasses passes = {
+      "avx2",      Avx2EvalAffine, Avx2EvalGrid, Avx2CodesAffine,    Avx2CodesGrid,
+      Avx2Moments, Avx2AllFinite,  Avx2ErrorF64, Avx2SearchPasses()};
+  return &passes;
+}
 
 }  // namespace arrowquant::kernels
