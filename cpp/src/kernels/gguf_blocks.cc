@@ -704,7 +704,7 @@ const Layout kLayoutSpecs[] = {
     {GgmlType::kQ3_K, 256, 16, Form::kSymmetric, -4.0f, 3.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
     {GgmlType::kQ4_K, 256, 32, Form::kAffine, 0.0f, 15.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4},
     {GgmlType::kQ5_K, 256, 32, Form::kAffine, 0.0f, 31.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4},
-    {GgmlType::kQ6_K, 256, 16, Form::kSymmetric, -32.0f, 31.0f, -128, 127, 0, nullptr, 0, 6, 2.0f, 0},
+    {GgmlType::kQ6_K, 256, 16, Form::kSymmetric, -32.0f, 31.0f, -128, 127, 0, nullptr, 0, 4, 2.0f, 0},
     {GgmlType::kIQ4_XS, 256, 32, Form::kGrid, 0.0f, 0.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
 };
 
@@ -853,11 +853,14 @@ bool Refit(const Layout& l, const BlockFit& f, const SubStats& s, bool b_nonneg,
   const double sw = s.sw, sx = s.swx, sv = f.sv;
   const double det = sw * svv - sv * sv;
   if (!(det > 0.0)) return false;
-  double a = (sw * sxv - sx * sv) / det;
-  double b = (a * sv - sx) / sw;
-  if (b_nonneg && b < 0.0) {
+  // b >= 0 iff a sv >= sx, i.e. (sw sxv - sx sv) sv >= sx det: one division.
+  double a = 0.0, b = 0.0;
+  const double num = sw * sxv - sx * sv;
+  if (b_nonneg && num * sv < sx * det) {
     a = sxv / svv;
-    b = 0.0;
+  } else {
+    a = num / det;
+    b = (a * sv - sx) / sw;
   }
   if (!(a > 0.0)) return false;
   const BlockCand c{static_cast<float>(a), static_cast<float>(b) + 0.0f};
