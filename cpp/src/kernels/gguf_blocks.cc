@@ -1197,11 +1197,61 @@ constexpr int kMaxSubs = 16;
 // Fills the codes of a two-level block from each sub-block's (A, B): units,
 // nearest codes, element codes. search: the code search of each sub-block
 // instead of the nearest codes. False when a unit overflows.
+// Factors of the maxima units tried by RefineUnits.
+constexpr float kUnitFactors[] = {0.96f, 0.92f, 0.88f, 0.84f, 1.04f};
+
+// The unit (of the scales: kind 0; of the mins: kind 1) among u0,
+// u0 * kUnitFactors and the least-squares unit for the best one's codes (at
+// float16) that minimizes sum_j c_j (p_j - u q_j)^2,
+// q_j the nearest code: each sub-block's stage-1 parameter p_j rounded to the
+// unit's grid, weighted by the curvature c_j of the sub-block's error in that
+// parameter (sum w v^2 for a scale, sum w for a min). Ties keep u0.
+float RefineUnit(const BlockPasses& ps, const Layout& l, const BlockCand* p, const float* curv,
+                 int subs, int kind, float u0) {
+  if (u0 == 0.0f) return u0;
+  const int lo = kind == 0 ? l.alo : 0, hi = kind == 0 ? l.ahi : l.bmax;
+  auto cost = [&](float u) {
+    const float inv = 1.0f / u;
+    double c = 0.0;
+    for (int j = 0; j < subs; ++j) {
+      const float v = kind == 0 ? p[j].a : std::max(p[j].b, 0.0f);
+      const double e = static_cast<double>(v) - static_cast<double>(u) * NearestCode(v * inv, lo, hi);
+      c += static_cast<double>(curv[j]) * e * e;
+    }
+    return c;
+  };
+  float best = u0;
+  double best_cost = cost(u0);
+  auto consider = [&](float u) {
+    if (!std::isfinite(u) || u == 0.0f || u == best) return;
+    const double c = cost(u);
+    if (c < best_cost) {
+      best_cost = c;
+      best = u;
+    }
+  };
+  for (const float f : kUnitFactors) consider(RoundSignedScale(ps, u0 * f));
+  // and the least-squares unit for the best's codes
+  const float inv = 1.0f / best;
+  double num = 0.0, den = 0.0;
+  for (int j = 0; j < subs; ++j) {
+    const float v = kind == 0 ? p[j].a : std::max(p[j].b, 0.0f);
+    const double q = NearestCode(v * inv, lo, hi);
+    num += static_cast<double>(curv[j]) * v * q;
+    den += static_cast<double>(curv[j]) * q * q;
+  }
+  if (den > 0.0) consider(RoundSignedScale(ps, static_cast<float>(num / den)));
+  return best;
+}
+
 bool TwoLevelCodes(const BlockPasses& p, const Layout& l, const float* x, const float* w,
-                   const SubStats* st, const BlockCand* params, bool search, BlockCode* code) {
+                   const SubStats* st, const BlockCand* params, bool search, BlockCode* code,
+                   const float* curv_a = nullptr, const float* curv_b = nullptr) {
   const int subs = l.subs();
   float d = 0.0f, dmin = 0.0f;
   if (!Units(p, l, params, subs, &d, &dmin)) return false;
+  if (curv_a != nullptr) d = RefineUnit(p, l, params, curv_a, subs, 0, d);
+  if (curv_b != nullptr) dmin = RefineUnit(p, l, params, curv_b, subs, 1, dmin);
   code->d = d;
   code->dmin = dmin;
   const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
@@ -1317,6 +1367,7 @@ Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const 
     BlockCode sc;
     bool ok = true;
     if (l.two_level()) {
+      float curv_a[kMaxSubs], curv_b[kMaxSubs];
       for (int j = 0; j < subs; ++j) {
         const SubEval ev(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
         BlockFit f;
@@ -1324,9 +1375,13 @@ Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const 
         // the plain parameters, which the float16 units can still follow.
         if (!SearchSub(ev, st[j], /*b_nonneg=*/true, /*f16=*/false, &params[j], &f)) {
           params[j] = PlainParams(l, st[j], true);
+          f.svv = 0.0f;
         }
+        curv_a[j] = f.svv;
+        curv_b[j] = st[j].sw;
       }
-      ok = TwoLevelCodes(p, l, x, w, st, params, true, &sc);
+      ok = TwoLevelCodes(p, l, x, w, st, params, true, &sc, curv_a,
+                         l.form == Form::kAffine ? curv_b : nullptr);
     } else {
       const SubEval ev(p, l, x, w, l.sub);
       BlockCand c;
