@@ -59,6 +59,11 @@ struct BlockPasses {
   // candidates (w null: unweighted).
   void (*eval_affine)(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
                       float hi, bool sums, BlockFit* out);
+  // The same without offset (symmetric codes, every b 0): v = clamp(rint(x *
+  // inv)), x_hat = a * v; sv is not computed (0). (Codes equal eval_affine's
+  // at b = 0; the error and the other sums are the same values.)
+  void (*eval_symmetric)(const float* x, const float* w, int n, const BlockCand* c, int k,
+                         float lo, float hi, bool sums, BlockFit* out);
   // Grid codes: v = the grid value nearest to x * inv (b is ignored),
   // x_hat = a * v.
   void (*eval_grid)(const float* x, const float* w, int n, const BlockCand* c, int k,

@@ -27,7 +27,7 @@ namespace arrowquant {
 namespace kernels {
 namespace {
 
-template <bool kWeighted>
+template <bool kWeighted, bool kOffset>
 void ScalarEvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
                        float hi, bool sums, BlockFit* out) {
   for (int j = 0; j < k; ++j) {
@@ -35,20 +35,21 @@ void ScalarEvalAffineT(const float* x, const float* w, int n, const BlockCand* c
     const float inv = a != 0.0f ? 1.0f / a : 0.0f;
     float err[8] = {0}, sv[8] = {0}, svv[8] = {0}, sxv[8] = {0};
     for (int i = 0; i < n; ++i) {
-      const float v = std::min(std::max(std::nearbyint((x[i] + b) * inv), lo), hi);
-      const float e = x[i] - (a * v - b);
+      const float t = kOffset ? (x[i] + b) * inv : x[i] * inv;
+      const float v = std::min(std::max(std::nearbyint(t), lo), hi);
+      const float e = x[i] - (kOffset ? a * v - b : a * v);
       if constexpr (kWeighted) {
         err[i & 7] += w[i] * (e * e);
         if (sums) {
           const float wv = w[i] * v;
-          sv[i & 7] += wv;
+          if (kOffset) sv[i & 7] += wv;
           svv[i & 7] += wv * v;
           sxv[i & 7] += wv * x[i];
         }
       } else {
         err[i & 7] += e * e;
         if (sums) {
-          sv[i & 7] += v;
+          if (kOffset) sv[i & 7] += v;
           svv[i & 7] += v * v;
           sxv[i & 7] += v * x[i];
         }
@@ -67,9 +68,18 @@ void ScalarEvalAffineT(const float* x, const float* w, int n, const BlockCand* c
 void ScalarEvalAffine(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
                       float hi, bool sums, BlockFit* out) {
   if (w != nullptr) {
-    ScalarEvalAffineT<true>(x, w, n, c, k, lo, hi, sums, out);
+    ScalarEvalAffineT<true, true>(x, w, n, c, k, lo, hi, sums, out);
   } else {
-    ScalarEvalAffineT<false>(x, w, n, c, k, lo, hi, sums, out);
+    ScalarEvalAffineT<false, true>(x, w, n, c, k, lo, hi, sums, out);
+  }
+}
+
+void ScalarEvalSymmetric(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
+                         float hi, bool sums, BlockFit* out) {
+  if (w != nullptr) {
+    ScalarEvalAffineT<true, false>(x, w, n, c, k, lo, hi, sums, out);
+  } else {
+    ScalarEvalAffineT<false, false>(x, w, n, c, k, lo, hi, sums, out);
   }
 }
 
@@ -170,8 +180,8 @@ double ScalarErrorF64(const float* x, const float* w, const float* y, int n) {
 }
 
 const BlockPasses kScalarBlockPasses = {
-    "scalar",        ScalarEvalAffine, ScalarEvalGrid, ScalarCodesAffine,    ScalarCodesGrid,
-    ScalarMoments,   ScalarAllFinite,  ScalarErrorF64, &ScalarSearchPasses()};
+    "scalar",        ScalarEvalAffine, ScalarEvalSymmetric, ScalarEvalGrid, ScalarCodesAffine,
+    ScalarCodesGrid, ScalarMoments,    ScalarAllFinite,     ScalarErrorF64, &ScalarSearchPasses()};
 
 }  // namespace
 
@@ -810,6 +820,8 @@ class SubEval {
   void Eval(const BlockCand* c, int k, bool sums, BlockFit* out) const {
     if (l_.form == Form::kGrid) {
       p_.eval_grid(x_, w_, n_, c, k, Iq4Grid(), sums, out);
+    } else if (l_.form == Form::kSymmetric) {
+      p_.eval_symmetric(x_, w_, n_, c, k, l_.qlo, l_.qhi, sums, out);
     } else {
       p_.eval_affine(x_, w_, n_, c, k, l_.qlo, l_.qhi, sums, out);
     }
@@ -1198,7 +1210,7 @@ constexpr int kMaxSubs = 16;
 // nearest codes, element codes. search: the code search of each sub-block
 // instead of the nearest codes. False when a unit overflows.
 // Factors of the maxima units tried by RefineUnits.
-constexpr float kUnitFactors[] = {0.96f, 0.92f, 0.88f, 0.84f, 1.04f};
+constexpr float kUnitFactors[] = {0.94f, 0.88f};
 
 // The unit (of the scales: kind 0; of the mins: kind 1) among u0,
 // u0 * kUnitFactors and the least-squares unit for the best one's codes (at

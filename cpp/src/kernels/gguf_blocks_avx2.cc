@@ -40,7 +40,7 @@ inline void Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d, float* out) {
   out[3] = _mm_cvtss_f32(_mm_movehdup_ps(hi));
 }
 
-template <bool kWeighted, bool kSums>
+template <bool kWeighted, bool kSums, bool kOffset>
 void EvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
                  float hi, BlockFit* out) {
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
@@ -51,23 +51,25 @@ void EvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int 
     __m256 err = _mm256_setzero_ps(), sv = err, svv = err, sxv = err;
     for (int i = 0; i < n; i += 8) {
       const __m256 xv = _mm256_loadu_ps(x + i);
-      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_add_ps(xv, vb), vinv), kRound);
+      const __m256 t = kOffset ? _mm256_mul_ps(_mm256_add_ps(xv, vb), vinv) : _mm256_mul_ps(xv, vinv);
+      __m256 v = _mm256_round_ps(t, kRound);
       v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
-      const __m256 e = _mm256_sub_ps(xv, _mm256_sub_ps(_mm256_mul_ps(va, v), vb));
+      const __m256 xh = kOffset ? _mm256_sub_ps(_mm256_mul_ps(va, v), vb) : _mm256_mul_ps(va, v);
+      const __m256 e = _mm256_sub_ps(xv, xh);
       const __m256 e2 = _mm256_mul_ps(e, e);
       if constexpr (kWeighted) {
         const __m256 wv = _mm256_loadu_ps(w + i);
         err = _mm256_add_ps(err, _mm256_mul_ps(wv, e2));
         if constexpr (kSums) {
-          const __m256 t = _mm256_mul_ps(wv, v);
-          sv = _mm256_add_ps(sv, t);
-          svv = _mm256_add_ps(svv, _mm256_mul_ps(t, v));
-          sxv = _mm256_add_ps(sxv, _mm256_mul_ps(t, xv));
+          const __m256 tv = _mm256_mul_ps(wv, v);
+          if constexpr (kOffset) sv = _mm256_add_ps(sv, tv);
+          svv = _mm256_add_ps(svv, _mm256_mul_ps(tv, v));
+          sxv = _mm256_add_ps(sxv, _mm256_mul_ps(tv, xv));
         }
       } else {
         err = _mm256_add_ps(err, e2);
         if constexpr (kSums) {
-          sv = _mm256_add_ps(sv, v);
+          if constexpr (kOffset) sv = _mm256_add_ps(sv, v);
           svv = _mm256_add_ps(svv, _mm256_mul_ps(v, v));
           sxv = _mm256_add_ps(sxv, _mm256_mul_ps(v, xv));
         }
@@ -81,15 +83,26 @@ void EvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int 
   }
 }
 
+template <bool kOffset>
+void Avx2EvalDispatch(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
+                      float hi, bool sums, BlockFit* out) {
+  if (w != nullptr) {
+    sums ? EvalAffineT<true, true, kOffset>(x, w, n, c, k, lo, hi, out)
+         : EvalAffineT<true, false, kOffset>(x, w, n, c, k, lo, hi, out);
+  } else {
+    sums ? EvalAffineT<false, true, kOffset>(x, w, n, c, k, lo, hi, out)
+         : EvalAffineT<false, false, kOffset>(x, w, n, c, k, lo, hi, out);
+  }
+}
+
 void Avx2EvalAffine(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
                     float hi, bool sums, BlockFit* out) {
-  if (w != nullptr) {
-    sums ? EvalAffineT<true, true>(x, w, n, c, k, lo, hi, out)
-         : EvalAffineT<true, false>(x, w, n, c, k, lo, hi, out);
-  } else {
-    sums ? EvalAffineT<false, true>(x, w, n, c, k, lo, hi, out)
-         : EvalAffineT<false, false>(x, w, n, c, k, lo, hi, out);
-  }
+  Avx2EvalDispatch<true>(x, w, n, c, k, lo, hi, sums, out);
+}
+
+void Avx2EvalSymmetric(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
+                       float hi, bool sums, BlockFit* out) {
+  Avx2EvalDispatch<false>(x, w, n, c, k, lo, hi, sums, out);
 }
 
 // The grid value nearest to t: the number of midpoints strictly below t
@@ -254,8 +267,8 @@ double Avx2ErrorF64(const float* x, const float* w, const float* y, int n) {
 const BlockPasses* Avx2BlockPasses() {
   if (!CpuHasAvx2()) return nullptr;
   static const BlockPasses passes = {
-      "avx2",      Avx2EvalAffine, Avx2EvalGrid, Avx2CodesAffine,    Avx2CodesGrid,
-      Avx2Moments, Avx2AllFinite,  Avx2ErrorF64, Avx2SearchPasses()};
+      "avx2",        Avx2EvalAffine, Avx2EvalSymmetric, Avx2EvalGrid, Avx2CodesAffine,
+      Avx2CodesGrid, Avx2Moments,    Avx2AllFinite,     Avx2ErrorF64, Avx2SearchPasses()};
   return &passes;
 }
 

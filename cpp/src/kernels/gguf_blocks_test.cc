@@ -204,11 +204,33 @@ TEST(GgufBlocks, PassesAgreeOnRandomCandidates) {
         scalar.eval_affine(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fs);
         avx2->eval_affine(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fa);
         EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
+        scalar.eval_symmetric(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fs);
+        avx2->eval_symmetric(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fa);
+        EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
         scalar.eval_grid(x.data(), wp, n, c, 5, grid, sums, fs);
         avx2->eval_grid(x.data(), wp, n, c, 5, grid, sums, fa);
         EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
       }
+      const float* wp = weighted ? w.data() : nullptr;
+      kernels::BlockMoments ms, ma;
+      scalar.moments(x.data(), wp, n, &ms);
+      avx2->moments(x.data(), wp, n, &ma);
+      EXPECT_EQ(0, std::memcmp(&ms, &ma, sizeof(ms))) << trial;
+      std::vector<float> y = Gaussian(n, 300 + trial);
+      EXPECT_EQ(scalar.error_f64(x.data(), wp, y.data(), n), avx2->error_f64(x.data(), wp, y.data(), n));
     }
+    for (const kernels::BlockCand& cand : c) {
+      int8_t qs[32], qa[32];
+      scalar.codes_affine(x.data(), n, cand, 0.0f, 15.0f, qs);
+      avx2->codes_affine(x.data(), n, cand, 0.0f, 15.0f, qa);
+      EXPECT_EQ(0, std::memcmp(qs, qa, static_cast<size_t>(n)));
+      scalar.codes_grid(x.data(), n, cand.a, grid, qs);
+      avx2->codes_grid(x.data(), n, cand.a, grid, qa);
+      EXPECT_EQ(0, std::memcmp(qs, qa, static_cast<size_t>(n)));
+    }
+    x[3] = trial % 3 == 0 ? std::nanf("") : INFINITY;
+    EXPECT_FALSE(scalar.all_finite(x.data(), n));
+    EXPECT_FALSE(avx2->all_finite(x.data(), n));
   }
 }
 
