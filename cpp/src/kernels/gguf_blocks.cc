@@ -28,9 +28,12 @@ namespace kernels {
 namespace {
 
 template <bool kWeighted, bool kOffset>
-void ScalarEvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                       float hi, bool sums, BlockFit* out) {
+void ScalarEvalAffineT(const float* x0, const float* w0, int n, const BlockCand* c,
+                       const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out) {
   for (int j = 0; j < k; ++j) {
+    const int64_t off = sub != nullptr ? static_cast<int64_t>(sub[j]) * n : 0;
+    const float* x = x0 + off;
+    const float* w = kWeighted ? w0 + off : nullptr;
     const float a = c[j].a, b = c[j].b;
     const float inv = a != 0.0f ? 1.0f / a : 0.0f;
     float err[8] = {0}, sv[8] = {0}, svv[8] = {0}, sxv[8] = {0};
@@ -65,28 +68,31 @@ void ScalarEvalAffineT(const float* x, const float* w, int n, const BlockCand* c
   }
 }
 
-void ScalarEvalAffine(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                      float hi, bool sums, BlockFit* out) {
+void ScalarEvalAffine(const float* x, const float* w, int n, const BlockCand* c,
+                      const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out) {
   if (w != nullptr) {
-    ScalarEvalAffineT<true, true>(x, w, n, c, k, lo, hi, sums, out);
+    ScalarEvalAffineT<true, true>(x, w, n, c, sub, k, lo, hi, sums, out);
   } else {
-    ScalarEvalAffineT<false, true>(x, w, n, c, k, lo, hi, sums, out);
+    ScalarEvalAffineT<false, true>(x, w, n, c, sub, k, lo, hi, sums, out);
   }
 }
 
-void ScalarEvalSymmetric(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                         float hi, bool sums, BlockFit* out) {
+void ScalarEvalSymmetric(const float* x, const float* w, int n, const BlockCand* c,
+                         const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out) {
   if (w != nullptr) {
-    ScalarEvalAffineT<true, false>(x, w, n, c, k, lo, hi, sums, out);
+    ScalarEvalAffineT<true, false>(x, w, n, c, sub, k, lo, hi, sums, out);
   } else {
-    ScalarEvalAffineT<false, false>(x, w, n, c, k, lo, hi, sums, out);
+    ScalarEvalAffineT<false, false>(x, w, n, c, sub, k, lo, hi, sums, out);
   }
 }
 
 template <bool kWeighted>
-void ScalarEvalGridT(const float* x, const float* w, int n, const BlockCand* c, int k,
-                     const CodeGrid& g, bool sums, BlockFit* out) {
+void ScalarEvalGridT(const float* x0, const float* w0, int n, const BlockCand* c,
+                     const uint8_t* sub, int k, const CodeGrid& g, bool sums, BlockFit* out) {
   for (int j = 0; j < k; ++j) {
+    const int64_t off = sub != nullptr ? static_cast<int64_t>(sub[j]) * n : 0;
+    const float* x = x0 + off;
+    const float* w = kWeighted ? w0 + off : nullptr;
     const float a = c[j].a;
     const float inv = a != 0.0f ? 1.0f / a : 0.0f;
     float err[8] = {0}, svv[8] = {0}, sxv[8] = {0};
@@ -120,12 +126,12 @@ void ScalarEvalGridT(const float* x, const float* w, int n, const BlockCand* c, 
   }
 }
 
-void ScalarEvalGrid(const float* x, const float* w, int n, const BlockCand* c, int k,
-                    const CodeGrid& g, bool sums, BlockFit* out) {
+void ScalarEvalGrid(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                    int k, const CodeGrid& g, bool sums, BlockFit* out) {
   if (w != nullptr) {
-    ScalarEvalGridT<true>(x, w, n, c, k, g, sums, out);
+    ScalarEvalGridT<true>(x, w, n, c, sub, k, g, sums, out);
   } else {
-    ScalarEvalGridT<false>(x, w, n, c, k, g, sums, out);
+    ScalarEvalGridT<false>(x, w, n, c, sub, k, g, sums, out);
   }
 }
 
@@ -817,14 +823,19 @@ class SubEval {
   SubEval(const BlockPasses& p, const Layout& l, const float* x, const float* w, int n)
       : p_(p), l_(l), x_(x), w_(w), n_(n) {}
 
-  void Eval(const BlockCand* c, int k, bool sums, BlockFit* out) const {
+  // Candidate j on sub-block sub[j] (the n values at x + sub[j] * n; sub
+  // null: all on the first).
+  void Eval(const BlockCand* c, const uint8_t* sub, int k, bool sums, BlockFit* out) const {
     if (l_.form == Form::kGrid) {
-      p_.eval_grid(x_, w_, n_, c, k, Iq4Grid(), sums, out);
+      p_.eval_grid(x_, w_, n_, c, sub, k, Iq4Grid(), sums, out);
     } else if (l_.form == Form::kSymmetric) {
-      p_.eval_symmetric(x_, w_, n_, c, k, l_.qlo, l_.qhi, sums, out);
+      p_.eval_symmetric(x_, w_, n_, c, sub, k, l_.qlo, l_.qhi, sums, out);
     } else {
-      p_.eval_affine(x_, w_, n_, c, k, l_.qlo, l_.qhi, sums, out);
+      p_.eval_affine(x_, w_, n_, c, sub, k, l_.qlo, l_.qhi, sums, out);
     }
+  }
+  void Eval(const BlockCand* c, int k, bool sums, BlockFit* out) const {
+    Eval(c, nullptr, k, sums, out);
   }
 
   // The element codes of candidate c, exactly as the passes compute them
@@ -1014,11 +1025,21 @@ constexpr int kFinalRefits = 3;
 // candidate with the least error wins, ties keep the earlier one. f16:
 // every candidate at float16 storage precision (one-level layouts). False
 // when no candidate is usable.
-bool SearchSub(const SubEval& ev, const SubStats& s, bool b_nonneg, bool f16, BlockCand* best_c,
-               BlockFit* best_f) {
+constexpr int kMaxSubs = 16;
+
+// Stage 1 of every sub-block of a block (or the whole search of a one-level
+// block: subs = 1): for each sub-block its starts, then kFinalRefits
+// least-squares refits from the start whose codes promise the least error;
+// the candidate with the least error wins, ties keep the earlier one. The
+// sub-blocks are searched side by side, each evaluation call serving all of
+// them (the decisions are each sub-block's own). f16: every candidate at
+// float16 storage precision (one-level layouts). found[j] is false when
+// sub-block j had no usable candidate.
+void SearchSubs(const SubEval& ev, const SubStats* st, int subs, bool b_nonneg, bool f16,
+                BlockCand* best_c, BlockFit* best_f, bool* found) {
   const Layout& l = ev.layout();
   // The least-squares refit of a fit's codes at the stored precision.
-  auto refit = [&](const BlockFit& from, BlockCand* c) {
+  auto refit = [&](const SubStats& s, const BlockFit& from, BlockCand* c) {
     if (!Refit(l, from, s, b_nonneg, c)) return false;
     if (f16) {
       if (l.form == Form::kAffine) {
@@ -1031,61 +1052,95 @@ bool SearchSub(const SubEval& ev, const SubStats& s, bool b_nonneg, bool f16, Bl
     }
     return true;
   };
-  BlockCand starts[kMaxStarts];
-  BlockFit fits[kMaxStarts];
-  const int k = Starts(ev.passes(), l, s, b_nonneg, f16, starts);
-  if (k == 0) return false;
-  ev.Eval(starts, k, true, fits);
-  // The best start by its own error, and the start whose codes promise the
-  // least error after a refit (the refit's error for those codes, computed
-  // from the sums, bounds its true error): the refits follow that one.
-  int bi = 0, si = 0;
-  double best_score = 0.0;
-  for (int j = 0; j < k; ++j) {
-    if (fits[j].err < fits[bi].err) bi = j;
-    // (At float16 the refit is rounded afterwards; the unrounded optimum
-    // ranks the starts as well.)
-    const double score = std::min(static_cast<double>(fits[j].err),
-                                  LeastSquaresError(l, fits[j], s, b_nonneg));
-    if (j == 0 || score < best_score) {
-      best_score = score;
-      si = j;
-    }
+  BlockCand cand[kMaxSubs * kMaxStarts];
+  BlockFit fit[kMaxSubs * kMaxStarts];
+  uint8_t sub[kMaxSubs * kMaxStarts];
+  int begin[kMaxSubs + 1];
+  int total = 0;
+  for (int j = 0; j < subs; ++j) {
+    begin[j] = total;
+    const int k = Starts(ev.passes(), l, st[j], b_nonneg, f16, cand + total);
+    for (int i = 0; i < k; ++i) sub[total + i] = static_cast<uint8_t>(j);
+    total += k;
   }
-  BlockCand bc = starts[bi];
-  BlockFit bf = fits[bi];
-  BlockCand fc = starts[si];
-  BlockFit from = fits[si];
+  begin[subs] = total;
+  if (total > 0) ev.Eval(cand, sub, total, true, fit);
+  BlockCand fc[kMaxSubs];
+  BlockFit from[kMaxSubs];
+  bool active[kMaxSubs];
+  for (int j = 0; j < subs; ++j) {
+    found[j] = active[j] = begin[j + 1] > begin[j];
+    if (!found[j]) continue;
+    // The best start by its own error, and the start whose codes promise the
+    // least error after a refit (the refit's error for those codes, computed
+    // from the sums, bounds its true error): the refits follow that one.
+    int bi = begin[j], si = begin[j];
+    double best_score = 0.0;
+    for (int i = begin[j]; i < begin[j + 1]; ++i) {
+      if (fit[i].err < fit[bi].err) bi = i;
+      // (At float16 the refit is rounded afterwards; the unrounded optimum
+      // ranks the starts as well.)
+      const double score = std::min(static_cast<double>(fit[i].err),
+                                    LeastSquaresError(l, fit[i], st[j], b_nonneg));
+      if (i == begin[j] || score < best_score) {
+        best_score = score;
+        si = i;
+      }
+    }
+    best_c[j] = cand[bi];
+    best_f[j] = fit[bi];
+    fc[j] = cand[si];
+    from[j] = fit[si];
+  }
   for (int t = 0; t < kFinalRefits; ++t) {
-    BlockCand c;
-    if (!refit(from, &c)) break;
-    if ((c.a == bc.a && c.b == bc.b) || (c.a == fc.a && c.b == fc.b)) break;  // a fixed point
-    BlockFit f;
-    ev.Eval(&c, 1, true, &f);
-    fc = c;
-    from = f;
-    if (f.err < bf.err) {
-      bc = c;
-      bf = f;
+    int m = 0;
+    for (int j = 0; j < subs; ++j) {
+      if (!active[j]) continue;
+      BlockCand c;
+      const BlockCand& bc = best_c[j];
+      if (!refit(st[j], from[j], &c) || (c.a == bc.a && c.b == bc.b) ||
+          (c.a == fc[j].a && c.b == fc[j].b)) {  // degenerate, or a fixed point
+        active[j] = false;
+        continue;
+      }
+      cand[m] = c;
+      sub[m++] = static_cast<uint8_t>(j);
+    }
+    if (m == 0) break;
+    ev.Eval(cand, sub, m, true, fit);
+    for (int i = 0; i < m; ++i) {
+      const int j = sub[i];
+      fc[j] = cand[i];
+      from[j] = fit[i];
+      if (fit[i].err < best_f[j].err) {
+        best_c[j] = cand[i];
+        best_f[j] = fit[i];
+      }
     }
   }
-  *best_c = bc;
-  *best_f = bf;
-  return true;
 }
 
 // ---- two levels ---------------------------------------------------------------------
 
-// Stage 2 of one sub-block: codes (a, b) of the scale and min under the
-// super-block's units (A = d a, B = dmin b), searched by their true error:
-// the nearest codes of stage 1, a least-squares requant, the neighbours
-// (scale code +-1 x min code +-2 for affine; scale code +-1, +-2 otherwise)
-// and a last requant (docs/FORMAT.md 9.6 step 5, for these formulas).
+// Stage 2 of every sub-block of a block: codes (a, b) of each sub-block's
+// scale and min under the super-block's units (A = d a, B = dmin b),
+// searched by their true error: the nearest codes of stage 1, a
+// least-squares requant, the neighbours (scale code +-1 x min code +-2 for
+// affine; scale code +-1, +-2 otherwise) and a last requant (docs/FORMAT.md
+// 9.6 step 5, for these formulas). A candidate replaces a sub-block's best
+// only when its error is strictly smaller. As in stage 1, the sub-blocks go
+// side by side, each evaluation call serving all of them.
 class CodeSearch {
  public:
-  CodeSearch(const SubEval& ev, const SubStats& s, float d, float dmin, float inv_d,
-             float inv_dmin)
-      : ev_(ev), l_(ev.layout()), s_(s), d_(d), dmin_(dmin), inv_d_(inv_d), inv_dmin_(inv_dmin) {}
+  CodeSearch(const SubEval& ev, const SubStats* st, int subs, float d, float dmin)
+      : ev_(ev),
+        l_(ev.layout()),
+        st_(st),
+        subs_(subs),
+        d_(d),
+        dmin_(dmin),
+        inv_d_(d != 0.0f ? 1.0f / d : 0.0f),
+        inv_dmin_(dmin != 0.0f ? 1.0f / dmin : 0.0f) {}
 
   // Codes nearest to a float32 candidate: a * (1 / d), b * (1 / dmin).
   void Nearest(const BlockCand& c, int* a, int* b) const {
@@ -1099,83 +1154,109 @@ class CodeSearch {
     return BlockCand{d_ * static_cast<float>(a), dmin_ * static_cast<float>(b)};
   }
 
-  void Consider(int a, int b) {
-    BlockFit f;
-    const BlockCand c = Cand(a, b);
-    ev_.Eval(&c, 1, true, &f);
-    if (!has_ || f.err < best_.err) {
-      has_ = true;
-      best_ = f;
-      a_ = a;
-      b_ = b;
-      sums_current_ = true;
+  // The search from each sub-block's stage-1 parameters start[j].
+  void Run(const BlockCand* start) {
+    for (int j = 0; j < subs_; ++j) {
+      Nearest(start[j], &a_[j], &b_[j]);
+      Add(j, a_[j], b_[j]);
     }
-  }
-
-  void Requant() {
-    if (!sums_current_) {
-      const BlockCand c = Cand(a_, b_);
-      const float err = best_.err;
-      ev_.Eval(&c, 1, true, &best_);
-      best_.err = err;
-      sums_current_ = true;
-    }
-    BlockCand c;
-    if (!Refit(l_, best_, s_, /*b_nonneg=*/true, &c)) return;
-    int a = 0, b = 0;
-    Nearest(c, &a, &b);
-    if (a == a_ && b == b_) return;
-    Consider(a, b);
-  }
-
-  void Run(const BlockCand& start) {
-    int a = 0, b = 0;
-    Nearest(start, &a, &b);
-    Consider(a, b);
+    EvalPending(true, /*first=*/true);
     Requant();
-    const int a0 = a_, b0 = b_;
-    BlockCand cands[16];
-    int ca[16], cb[16];
-    int k = 0;
+    // The neighbours of each sub-block's best. Offsets that leave the code
+    // range are skipped: clamped, they would repeat the best or another one.
     const bool affine = l_.form == Form::kAffine;
     const int breach = affine ? 2 : 0;
     const int areach = affine ? 1 : 2;
-    // Offsets that leave the code range are skipped: clamped, they would
-    // repeat the best or another neighbour.
-    for (int i = -areach; i <= areach; ++i) {
-      for (int j = -breach; j <= breach; ++j) {
-        const int a2 = a0 + i, b2 = b0 + j;
-        if ((i == 0 && j == 0) || a2 < l_.alo || a2 > l_.ahi || b2 < 0 || b2 > l_.bmax) continue;
-        ca[k] = a2;
-        cb[k] = b2;
-        cands[k++] = Cand(a2, b2);
+    for (int j = 0; j < subs_; ++j) {
+      const int a0 = a_[j], b0 = b_[j];
+      for (int i = -areach; i <= areach; ++i) {
+        for (int t = -breach; t <= breach; ++t) {
+          const int a2 = a0 + i, b2 = b0 + t;
+          if ((i == 0 && t == 0) || a2 < l_.alo || a2 > l_.ahi || b2 < 0 || b2 > l_.bmax) continue;
+          Add(j, a2, b2);
+        }
       }
     }
-    BlockFit fits[16];
-    ev_.Eval(cands, k, false, fits);
-    for (int m = 0; m < k; ++m) {
-      if (fits[m].err < best_.err) {
-        best_.err = fits[m].err;
-        a_ = ca[m];
-        b_ = cb[m];
-        sums_current_ = false;
-      }
-    }
+    EvalPending(false, false);
     Requant();
   }
 
-  int a() const { return a_; }
-  int b() const { return b_; }
+  int a(int j) const { return a_[j]; }
+  int b(int j) const { return b_[j]; }
 
  private:
+  static constexpr int kMaxPending = kMaxSubs * 16;
+
+  void Add(int j, int a, int b) {
+    pa_[n_] = a;
+    pb_[n_] = b;
+    sub_[n_] = static_cast<uint8_t>(j);
+    cand_[n_++] = Cand(a, b);
+  }
+
+  // Evaluates the pending candidates (with the refit sums or the error
+  // only) and keeps each one that is strictly better than its sub-block's
+  // best (first: the sub-blocks have no best yet).
+  void EvalPending(bool sums, bool first) {
+    if (n_ == 0) return;
+    ev_.Eval(cand_, sub_, n_, sums, fit_);
+    for (int i = 0; i < n_; ++i) {
+      const int j = sub_[i];
+      if (first || fit_[i].err < best_[j].err) {
+        if (sums) {
+          best_[j] = fit_[i];
+        } else {
+          best_[j].err = fit_[i].err;
+        }
+        a_[j] = pa_[i];
+        b_[j] = pb_[i];
+        sums_current_[j] = sums;
+      }
+    }
+    n_ = 0;
+  }
+
+  // The least-squares refit of each sub-block's best codes, then its nearest
+  // codes, evaluated when they differ from the best.
+  void Requant() {
+    for (int j = 0; j < subs_; ++j) {  // refresh the sums of bests found by error only
+      if (!sums_current_[j]) Add(j, a_[j], b_[j]);
+    }
+    if (n_ > 0) {
+      ev_.Eval(cand_, sub_, n_, true, fit_);
+      for (int i = 0; i < n_; ++i) {
+        const int j = sub_[i];
+        const float err = best_[j].err;
+        best_[j] = fit_[i];
+        best_[j].err = err;  // the same value, from the same pass
+        sums_current_[j] = true;
+      }
+      n_ = 0;
+    }
+    for (int j = 0; j < subs_; ++j) {
+      BlockCand c;
+      if (!Refit(l_, best_[j], st_[j], /*b_nonneg=*/true, &c)) continue;
+      int a = 0, b = 0;
+      Nearest(c, &a, &b);
+      if (a != a_[j] || b != b_[j]) Add(j, a, b);
+    }
+    EvalPending(true, false);
+  }
+
   const SubEval& ev_;
   const Layout& l_;
-  const SubStats& s_;
+  const SubStats* st_;
+  int subs_;
   float d_, dmin_, inv_d_, inv_dmin_;
-  bool has_ = false;
-  BlockFit best_;
-  bool sums_current_ = false;
-  int a_ = 0, b_ = 0;
+  BlockFit best_[kMaxSubs];
+  bool sums_current_[kMaxSubs] = {};
+  int a_[kMaxSubs] = {}, b_[kMaxSubs] = {};
+  // pending candidates
+  BlockCand cand_[kMaxPending];
+  BlockFit fit_[kMaxPending];
+  uint8_t sub_[kMaxPending];
+  int pa_[kMaxPending], pb_[kMaxPending];
+  int n_ = 0;
 };
 
 // The f16 units of a super-block from its sub-blocks' float32 parameters:
@@ -1203,8 +1284,6 @@ bool Units(const BlockPasses& ps, const Layout& l, const BlockCand* p, int subs,
   *dmin = 0.0f;
   return std::isfinite(*d);
 }
-
-constexpr int kMaxSubs = 16;
 
 // Fills the codes of a two-level block from each sub-block's (A, B): units,
 // nearest codes, element codes. search: the code search of each sub-block
@@ -1266,22 +1345,20 @@ bool TwoLevelCodes(const BlockPasses& p, const Layout& l, const float* x, const 
   if (curv_b != nullptr) dmin = RefineUnit(p, l, params, curv_b, subs, 1, dmin);
   code->d = d;
   code->dmin = dmin;
-  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
-  const float inv_dmin = dmin != 0.0f ? 1.0f / dmin : 0.0f;
-  for (int j = 0; j < subs; ++j) {
-    const SubEval ev(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
-    CodeSearch cs(ev, st[j], d, dmin, inv_d, inv_dmin);
-    int a = 0, b = 0;
-    if (search) {
-      cs.Run(params[j]);
-      a = cs.a();
-      b = cs.b();
-    } else {
-      cs.Nearest(params[j], &a, &b);
+  const SubEval ev(p, l, x, w, l.sub);
+  CodeSearch cs(ev, st, subs, d, dmin);
+  if (search) {
+    cs.Run(params);
+    for (int j = 0; j < subs; ++j) {
+      code->sc[j] = cs.a(j);
+      code->mn[j] = cs.b(j);
     }
-    code->sc[j] = a;
-    code->mn[j] = b;
-    ev.Codes(cs.Cand(a, b), code->q + j * l.sub);
+  } else {
+    for (int j = 0; j < subs; ++j) cs.Nearest(params[j], &code->sc[j], &code->mn[j]);
+  }
+  for (int j = 0; j < subs; ++j) {
+    const SubEval evj(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
+    evj.Codes(cs.Cand(code->sc[j], code->mn[j]), code->q + j * l.sub);
   }
   return true;
 }
@@ -1333,89 +1410,112 @@ void Reconstruct(const Layout& l, const BlockCode& c, float* y) {
   }
 }
 
-// One block: plain rounding (mode kReference) or the search, whose result
-// replaces the plain rounding only when its decoded (weighted) error is not
-// larger. y receives the decoded block.
-Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const float* x,
-                   const float* w, uint8_t* out, float* y) {
-  BlockCode code;
+// One-level blocks encoded together (consecutive blocks of a row).
+constexpr int kGroupBlocks = 8;
+
+// `count` consecutive blocks of one row (count 1 for two-level layouts, up
+// to kGroupBlocks for one-level ones, searched side by side): plain rounding
+// (mode kReference) or the search, whose result replaces the plain rounding
+// of a block only when its decoded (weighted) error is not larger. y
+// receives the decoded values. On error *failed is the failing block.
+Status EncodeBlocks(const BlockPasses& p, const Layout& l, BlockMode mode, const float* x,
+                    const float* w, int count, uint8_t* out, float* y, int* failed) {
+  const int64_t bytes = GetTypeTraits(static_cast<uint32_t>(l.type))->block_bytes;
+  BlockCode code[kGroupBlocks];
   SubStats st[kMaxSubs];
   BlockCand params[kMaxSubs];
-  const int subs = l.subs();
+  const int subs = l.two_level() ? l.subs() : count;  // sub-blocks, or the blocks
   for (int j = 0; j < subs; ++j) {
     st[j] = Moments(p, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
   }
   // Plain rounding: bytes (llama.cpp's reference types) or codes.
-  bool plain_bytes = true;
-  if (l.type == GgmlType::kQ8_0) {
-    ReferenceQ8_0(x, out);
-  } else if (l.type == GgmlType::kQ4_0) {
-    ReferenceQ4_0(x, out);
-  } else if (l.type == GgmlType::kQ4_1) {
-    ReferenceQ4_1(x, out);
-  } else {
-    plain_bytes = false;
+  const bool plain_bytes =
+      l.type == GgmlType::kQ8_0 || l.type == GgmlType::kQ4_0 || l.type == GgmlType::kQ4_1;
+  for (int k = 0; k < count; ++k) {
+    *failed = k;
+    const float* xk = x + k * l.block;
+    uint8_t* outk = out + k * bytes;
+    float* yk = y + k * l.block;
+    if (plain_bytes) {
+      if (l.type == GgmlType::kQ8_0) {
+        ReferenceQ8_0(xk, outk);
+      } else if (l.type == GgmlType::kQ4_0) {
+        ReferenceQ4_0(xk, outk);
+      } else {
+        ReferenceQ4_1(xk, outk);
+      }
+      DecodeBlock(l.type, outk, yk);
+      // A float16 parameter that overflowed (the reference keeps it) cannot be stored.
+      for (int i = 0; i < l.block; ++i) {
+        if (!std::isfinite(yk[i])) return TooLarge(l);
+      }
+      continue;
+    }
     if (l.two_level()) {
       for (int j = 0; j < subs; ++j) params[j] = PlainParams(l, st[j], true);
-      if (!TwoLevelCodes(p, l, x, w, st, params, false, &code)) return TooLarge(l);
+      if (!TwoLevelCodes(p, l, x, w, st, params, false, &code[0])) return TooLarge(l);
     } else {  // IQ4_NL
-      BlockCand c = PlainParams(l, st[0], false);
+      BlockCand c = PlainParams(l, st[k], false);
       if (!StoreF16(p, l, &c)) return TooLarge(l);
-      code.d = c.a;
-      const SubEval ev(p, l, x, w, l.sub);
-      ev.Codes(c, code.q);
+      code[k].d = c.a;
+      const SubEval ev(p, l, xk, w != nullptr ? w + k * l.block : nullptr, l.sub);
+      ev.Codes(c, code[k].q);
     }
+    Reconstruct(l, code[k], yk);
   }
-  if (plain_bytes) {
-    DecodeBlock(l.type, out, y);
-    // A float16 parameter that overflowed (the reference keeps it) cannot be stored.
-    for (int i = 0; i < l.block; ++i) {
-      if (!std::isfinite(y[i])) return TooLarge(l);
-    }
-  } else {
-    Reconstruct(l, code, y);
-  }
+  *failed = 0;
+  bool done[kGroupBlocks] = {};  // the search's bytes are written
   if (mode == BlockMode::kSearch) {
-    BlockCode sc;
-    bool ok = true;
+    BlockCode sc[kGroupBlocks];
+    bool ok[kGroupBlocks] = {};
     if (l.two_level()) {
       float curv_a[kMaxSubs], curv_b[kMaxSubs];
+      BlockFit f[kMaxSubs];
+      bool found[kMaxSubs];
+      const SubEval ev(p, l, x, w, l.sub);
+      SearchSubs(ev, st, subs, /*b_nonneg=*/true, /*f16=*/false, params, f, found);
       for (int j = 0; j < subs; ++j) {
-        const SubEval ev(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
-        BlockFit f;
         // No usable float32 start (values so small that 1 / scale overflows):
         // the plain parameters, which the float16 units can still follow.
-        if (!SearchSub(ev, st[j], /*b_nonneg=*/true, /*f16=*/false, &params[j], &f)) {
+        if (!found[j]) {
           params[j] = PlainParams(l, st[j], true);
-          f.svv = 0.0f;
+          f[j].svv = 0.0f;
         }
-        curv_a[j] = f.svv;
+        curv_a[j] = f[j].svv;
         curv_b[j] = st[j].sw;
       }
-      ok = TwoLevelCodes(p, l, x, w, st, params, true, &sc, curv_a,
-                         l.form == Form::kAffine ? curv_b : nullptr);
+      ok[0] = TwoLevelCodes(p, l, x, w, st, params, true, &sc[0], curv_a,
+                            l.form == Form::kAffine ? curv_b : nullptr);
     } else {
       const SubEval ev(p, l, x, w, l.sub);
-      BlockCand c;
-      BlockFit f;
-      ok = SearchSub(ev, st[0], /*b_nonneg=*/false, /*f16=*/true, &c, &f);
-      if (ok) {
-        sc.d = c.a;
-        sc.dmin = -c.b + 0.0f;  // Q4_1's min
-        ev.Codes(c, sc.q);
+      BlockFit f[kGroupBlocks];
+      SearchSubs(ev, st, count, /*b_nonneg=*/false, /*f16=*/true, params, f, ok);
+      for (int k = 0; k < count; ++k) {
+        if (!ok[k]) continue;
+        sc[k].d = params[k].a;
+        sc[k].dmin = -params[k].b + 0.0f;  // Q4_1's min
+        const SubEval evk(p, l, x + k * l.block, w != nullptr ? w + k * l.block : nullptr, l.sub);
+        evk.Codes(params[k], sc[k].q);
       }
     }
-    if (ok) {
+    for (int k = 0; k < count; ++k) {
+      if (!ok[k]) continue;
+      const float* xk = x + k * l.block;
+      const float* wk = w != nullptr ? w + k * l.block : nullptr;
       float ys[256];
-      Reconstruct(l, sc, ys);
-      if (p.error_f64(x, w, ys, l.block) <= p.error_f64(x, w, y, l.block)) {
-        PackBlock(l.type, sc, out);
-        std::memcpy(y, ys, static_cast<size_t>(l.block) * sizeof(float));
-        return Status::OK();
+      Reconstruct(l, sc[k], ys);
+      if (p.error_f64(xk, wk, ys, l.block) <= p.error_f64(xk, wk, y + k * l.block, l.block)) {
+        PackBlock(l.type, sc[k], out + k * bytes);
+        std::memcpy(y + k * l.block, ys, static_cast<size_t>(l.block) * sizeof(float));
+        done[k] = true;
       }
     }
   }
-  if (!plain_bytes) PackBlock(l.type, code, out);
+  if (!plain_bytes) {
+    for (int k = 0; k < count; ++k) {
+      if (!done[k]) PackBlock(l.type, code[k], out + k * bytes);
+    }
+  }
   return Status::OK();
 }
 
@@ -1520,23 +1620,30 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t rows, int64_t cols,
         first_status = std::move(st);
       }
     };
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = b0; b < b1;) {
       const int64_t r = b / bpr, c0 = (b % bpr) * bs;
+      // One-level blocks go kGroupBlocks at a time (within a row).
+      const int count = static_cast<int>(
+          layout.two_level() ? 1 : std::min<int64_t>({kGroupBlocks, b1 - b, bpr - b % bpr}));
       const float* xb = x + r * cols + c0;
-      if (!passes.all_finite(xb, static_cast<int>(bs))) {
+      if (!passes.all_finite(xb, static_cast<int>(bs * count))) {
         int64_t i = 0;
         while (std::isfinite(xb[i])) ++i;
-        fail(b, Status::Invalid(std::string(std::isnan(xb[i]) ? "NaN" : "Inf") + " at " +
-                                Where(opts.first_row + r, c0 + i, cols)));
+        fail(b + i / bs, Status::Invalid(std::string(std::isnan(xb[i]) ? "NaN" : "Inf") + " at " +
+                                         Where(opts.first_row + r, c0 + i, cols)));
         return;
       }
       const float* wb = opts.importance != nullptr ? opts.importance + c0 : nullptr;
-      Status st = EncodeBlock(passes, layout, opts.mode, xb, wb, out + b * bbytes, y);
+      int failed = 0;
+      Status st =
+          EncodeBlocks(passes, layout, opts.mode, xb, wb, count, out + b * bbytes, y, &failed);
       if (!st.ok()) {
-        fail(b, st.WithContext("block at " + Where(opts.first_row + r, c0, cols)));
+        fail(b + failed,
+             st.WithContext("block at " + Where(opts.first_row + r, c0 + failed * bs, cols)));
         return;
       }
-      if (stats != nullptr) AddStats(xb, y, bs, &local);
+      if (stats != nullptr) AddStats(xb, y, bs * count, &local);
+      b += count;
     }
     if (stats != nullptr) parts.Add(b0, local);
   });

@@ -41,10 +41,13 @@ inline void Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d, float* out) {
 }
 
 template <bool kWeighted, bool kSums, bool kOffset>
-void EvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                 float hi, BlockFit* out) {
+void EvalAffineT(const float* x0, const float* w0, int n, const BlockCand* c, const uint8_t* sub,
+                 int k, float lo, float hi, BlockFit* out) {
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   for (int j = 0; j < k; ++j) {
+    const int64_t off = sub != nullptr ? static_cast<int64_t>(sub[j]) * n : 0;
+    const float* x = x0 + off;
+    const float* w = kWeighted ? w0 + off : nullptr;
     const float a = c[j].a, b = c[j].b;
     const float inv = a != 0.0f ? 1.0f / a : 0.0f;
     const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vinv = _mm256_set1_ps(inv);
@@ -84,25 +87,25 @@ void EvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int 
 }
 
 template <bool kOffset>
-void Avx2EvalDispatch(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                      float hi, bool sums, BlockFit* out) {
+void Avx2EvalDispatch(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                      int k, float lo, float hi, bool sums, BlockFit* out) {
   if (w != nullptr) {
-    sums ? EvalAffineT<true, true, kOffset>(x, w, n, c, k, lo, hi, out)
-         : EvalAffineT<true, false, kOffset>(x, w, n, c, k, lo, hi, out);
+    sums ? EvalAffineT<true, true, kOffset>(x, w, n, c, sub, k, lo, hi, out)
+         : EvalAffineT<true, false, kOffset>(x, w, n, c, sub, k, lo, hi, out);
   } else {
-    sums ? EvalAffineT<false, true, kOffset>(x, w, n, c, k, lo, hi, out)
-         : EvalAffineT<false, false, kOffset>(x, w, n, c, k, lo, hi, out);
+    sums ? EvalAffineT<false, true, kOffset>(x, w, n, c, sub, k, lo, hi, out)
+         : EvalAffineT<false, false, kOffset>(x, w, n, c, sub, k, lo, hi, out);
   }
 }
 
-void Avx2EvalAffine(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                    float hi, bool sums, BlockFit* out) {
-  Avx2EvalDispatch<true>(x, w, n, c, k, lo, hi, sums, out);
+void Avx2EvalAffine(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                    int k, float lo, float hi, bool sums, BlockFit* out) {
+  Avx2EvalDispatch<true>(x, w, n, c, sub, k, lo, hi, sums, out);
 }
 
-void Avx2EvalSymmetric(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                       float hi, bool sums, BlockFit* out) {
-  Avx2EvalDispatch<false>(x, w, n, c, k, lo, hi, sums, out);
+void Avx2EvalSymmetric(const float* x, const float* w, int n, const BlockCand* c,
+                       const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out) {
+  Avx2EvalDispatch<false>(x, w, n, c, sub, k, lo, hi, sums, out);
 }
 
 // The grid value nearest to t: the number of midpoints strictly below t
@@ -129,9 +132,12 @@ struct GridVectors {
 };
 
 template <bool kWeighted, bool kSums>
-void EvalGridT(const float* x, const float* w, int n, const BlockCand* c, int k,
-               const GridVectors& g, BlockFit* out) {
+void EvalGridT(const float* x0, const float* w0, int n, const BlockCand* c, const uint8_t* sub,
+               int k, const GridVectors& g, BlockFit* out) {
   for (int j = 0; j < k; ++j) {
+    const int64_t off = sub != nullptr ? static_cast<int64_t>(sub[j]) * n : 0;
+    const float* x = x0 + off;
+    const float* w = kWeighted ? w0 + off : nullptr;
     const float a = c[j].a;
     const float inv = a != 0.0f ? 1.0f / a : 0.0f;
     const __m256 va = _mm256_set1_ps(a), vinv = _mm256_set1_ps(inv);
@@ -165,14 +171,15 @@ void EvalGridT(const float* x, const float* w, int n, const BlockCand* c, int k,
   }
 }
 
-void Avx2EvalGrid(const float* x, const float* w, int n, const BlockCand* c, int k,
-                  const CodeGrid& grid, bool sums, BlockFit* out) {
+void Avx2EvalGrid(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                  int k, const CodeGrid& grid, bool sums, BlockFit* out) {
   const GridVectors g(grid);
   if (w != nullptr) {
-    sums ? EvalGridT<true, true>(x, w, n, c, k, g, out) : EvalGridT<true, false>(x, w, n, c, k, g, out);
+    sums ? EvalGridT<true, true>(x, w, n, c, sub, k, g, out)
+         : EvalGridT<true, false>(x, w, n, c, sub, k, g, out);
   } else {
-    sums ? EvalGridT<false, true>(x, w, n, c, k, g, out)
-         : EvalGridT<false, false>(x, w, n, c, k, g, out);
+    sums ? EvalGridT<false, true>(x, w, n, c, sub, k, g, out)
+         : EvalGridT<false, false>(x, w, n, c, sub, k, g, out);
   }
 }
 

@@ -201,14 +201,14 @@ TEST(GgufBlocks, PassesAgreeOnRandomCandidates) {
       for (bool sums : {false, true}) {
         kernels::BlockFit fa[5], fs[5];
         const float* wp = weighted ? w.data() : nullptr;
-        scalar.eval_affine(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fs);
-        avx2->eval_affine(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fa);
+        scalar.eval_affine(x.data(), wp, n, c, nullptr, 5, -8.0f, 7.0f, sums, fs);
+        avx2->eval_affine(x.data(), wp, n, c, nullptr, 5, -8.0f, 7.0f, sums, fa);
         EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
-        scalar.eval_symmetric(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fs);
-        avx2->eval_symmetric(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fa);
+        scalar.eval_symmetric(x.data(), wp, n, c, nullptr, 5, -8.0f, 7.0f, sums, fs);
+        avx2->eval_symmetric(x.data(), wp, n, c, nullptr, 5, -8.0f, 7.0f, sums, fa);
         EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
-        scalar.eval_grid(x.data(), wp, n, c, 5, grid, sums, fs);
-        avx2->eval_grid(x.data(), wp, n, c, 5, grid, sums, fa);
+        scalar.eval_grid(x.data(), wp, n, c, nullptr, 5, grid, sums, fs);
+        avx2->eval_grid(x.data(), wp, n, c, nullptr, 5, grid, sums, fa);
         EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
       }
       const float* wp = weighted ? w.data() : nullptr;
