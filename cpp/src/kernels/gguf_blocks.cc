@@ -701,7 +701,9 @@ struct Layout {
   float lo_f[8] = {};
   float hi_f[8] = {};
   float hi_frac[8] = {};
+  bool grid_zero[8] = {};  // t = 0: the plain start itself
   float inv_q = 0.0f;
+  float inv_lo = 0.0f, inv_hi = 0.0f;  // symmetric and grid forms: 1 / code-range ends
   bool two_level() const { return sub != block; }
   int subs() const { return block / sub; }
 };
@@ -737,6 +739,7 @@ const std::vector<Layout>& Layouts() {
       const float step = grid ? (hi - lo) / 15.0f : 1.0f;
       for (int i = 0; i < l.grid_n; ++i) {
         const float t = GridT(i, l.grid_n, l.grid_span);
+        l.grid_zero[i] = t == 0.0f;
         if (l.form == Form::kAffine) {
           l.lo_f[i] = 1.0f / (l.qhi + t);
         } else {
@@ -748,6 +751,10 @@ const std::vector<Layout>& Layouts() {
         l.hi_frac[i] = l.qhi / (l.qhi + GridT(i, l.hi_grid_n, l.grid_span));
       }
       l.inv_q = l.form == Form::kAffine ? 1.0f / l.qhi : 0.0f;
+      if (l.form != Form::kAffine) {
+        l.inv_lo = 1.0f / lo;
+        l.inv_hi = 1.0f / hi;
+      }
     }
     return v;
   }();
@@ -927,63 +934,63 @@ float GridT(int i, int n, float span) {
 // Candidates equal to an earlier one are dropped.
 int Starts(const BlockPasses& p, const Layout& l, const SubStats& s, bool b_nonneg, bool f16,
            BlockCand* out) {
-  int k = 0;
-  auto add = [&](BlockCand c) {
-    if (f16) {
-      if (!StoreF16(p, l, &c)) return;
-      // Rounded to float16, neighbouring starts often coincide.
-      for (int j = 0; j < k; ++j) {
-        if (out[j].a == c.a && out[j].b == c.b) return;
-      }
-    }
-    if (!Usable(c)) return;
-    out[k++] = c;
-  };
+  // All candidates first (straight-line code), then the filter.
+  int n = 0;
   if (l.form == Form::kAffine) {
     const float lo0 = b_nonneg ? std::min(s.lo, 0.0f) : s.lo;
     const float hi0 = s.hi;
     BlockCand c;
-    if (RangeCand(l, lo0, hi0, b_nonneg, &c)) add(c);
+    if (RangeCand(l, lo0, hi0, b_nonneg, &c)) out[n++] = c;
     const float r = hi0 - lo0;
     if (r > 0.0f && std::isfinite(r)) {
       const float mid = lo0 + r * 0.5f;
       for (int j = 0; j < l.n_clips; ++j) {
         const float half = r * l.clips[j] * 0.5f;
-        if (RangeCand(l, mid - half, mid + half, b_nonneg, &c)) add(c);
+        if (RangeCand(l, mid - half, mid + half, b_nonneg, &c)) out[n++] = c;
       }
       if (l.n_clips > 0) {
         for (const float cl : kSuperblockAnchorClips) {
-          if (RangeCand(l, lo0, lo0 + r * cl, b_nonneg, &c)) add(c);
-          if (RangeCand(l, hi0 - r * cl, hi0, b_nonneg, &c)) add(c);
+          if (RangeCand(l, lo0, lo0 + r * cl, b_nonneg, &c)) out[n++] = c;
+          if (RangeCand(l, hi0 - r * cl, hi0, b_nonneg, &c)) out[n++] = c;
         }
       }
       for (int i = 0; i < l.grid_n; ++i) {
-        // (t = 0 is the plain start itself)
-        if (GridT(i, l.grid_n, l.grid_span) != 0.0f) add(BlockCand{r * l.lo_f[i], -lo0 + 0.0f});
+        if (!l.grid_zero[i]) out[n++] = BlockCand{r * l.lo_f[i], -lo0 + 0.0f};
       }
       for (int i = 0; i < l.hi_grid_n; ++i) {
         float lo1 = hi0 - r * l.hi_frac[i];
         if (b_nonneg) lo1 = std::min(lo1, 0.0f);
-        add(BlockCand{(hi0 - lo1) * l.inv_q, -lo1 + 0.0f});
+        out[n++] = BlockCand{(hi0 - lo1) * l.inv_q, -lo1 + 0.0f};
       }
     }
-    return k;
+  } else if (s.m == 0.0f) {
+    out[n++] = BlockCand{0.0f, 0.0f};
+  } else {
+    // The extreme on the longer (negative) side first: the plain start (a
+    // multiplication by 1 / lo here).
+    const bool both = l.inv_hi != -l.inv_lo;  // an asymmetric code range: try either end
+    out[n++] = BlockCand{s.m * l.inv_lo, 0.0f};
+    for (int j = 0; j < l.n_clips; ++j) {
+      out[n++] = BlockCand{s.m * l.clips[j] * l.inv_lo, 0.0f};
+      if (both) out[n++] = BlockCand{s.m * l.clips[j] * l.inv_hi, 0.0f};
+    }
+    for (int i = 0; i < l.grid_n; ++i) {
+      if (!l.grid_zero[i]) out[n++] = BlockCand{s.m * l.lo_f[i], 0.0f};
+      if (both) out[n++] = BlockCand{s.m * l.hi_f[i], 0.0f};
+    }
   }
-  if (s.m == 0.0f) {
-    add(BlockCand{0.0f, 0.0f});
-    return k;
-  }
-  const float lo = l.form == Form::kGrid ? Iq4Grid().value[0] : l.qlo;
-  const float hi = l.form == Form::kGrid ? Iq4Grid().value[15] : l.qhi;
-  // The extreme on the longer (negative) side first: plain rounding.
-  add(BlockCand{s.m / lo, 0.0f});
-  for (int j = 0; j < l.n_clips; ++j) {
-    add(BlockCand{s.m * l.clips[j] / lo, 0.0f});
-    if (hi != -lo) add(BlockCand{s.m * l.clips[j] / hi, 0.0f});
-  }
-  for (int i = 0; i < l.grid_n; ++i) {
-    if (GridT(i, l.grid_n, l.grid_span) != 0.0f) add(BlockCand{s.m * l.lo_f[i], 0.0f});
-    if (hi != -lo) add(BlockCand{s.m * l.hi_f[i], 0.0f});
+  int k = 0;
+  for (int i = 0; i < n; ++i) {
+    BlockCand c = out[i];
+    if (f16) {
+      if (!StoreF16(p, l, &c)) continue;
+      // Rounded to float16, neighbouring starts often coincide.
+      bool dup = false;
+      for (int j = 0; j < k; ++j) dup |= out[j].a == c.a && out[j].b == c.b;
+      if (dup) continue;
+    }
+    if (!Usable(c)) continue;
+    out[k++] = c;
   }
   if (f16 && k > 0 && l.type == GgmlType::kQ8_0) {
     // The float16 neighbours of the plain start: at 8 bits the rounding of
@@ -992,7 +999,11 @@ int Starts(const BlockPasses& p, const Layout& l, const SubStats& s, bool b_nonn
     const float sign = out[0].a < 0.0f ? -1.0f : 1.0f;
     for (int dh : {-1, 1}) {
       const int hn = static_cast<int>(h) + dh;
-      if (hn > 0 && hn < 0x7C00) add(BlockCand{sign * HalfToFloat(static_cast<uint16_t>(hn)), 0.0f});
+      if (hn <= 0 || hn >= 0x7C00) continue;
+      const BlockCand c{sign * HalfToFloat(static_cast<uint16_t>(hn)), 0.0f};
+      bool dup = false;
+      for (int j = 0; j < k; ++j) dup |= out[j].a == c.a;
+      if (!dup && Usable(c)) out[k++] = c;
     }
   }
   return k;
