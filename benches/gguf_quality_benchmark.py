@@ -322,7 +322,28 @@ def measure_7b_mix(llama: LlamaQuantizer, threads: int) -> dict:
         w = sum(r * c for (k, n) in keys for (nn, r, c) in LAYER_7B if nn == n)
         return sum(times[who][key] for key in keys) / w
 
-    out = {"threads": threads, "more_bits_layers": more}
+    # One ordinary layer again, from float16 arrays through the streaming GGUF
+    # writer (conversion, search, file writes in 64 MiB chunks as
+    # gguf_export does): what the file path adds to the quantization.
+    import tempfile
+
+    from arrowquant import _core
+
+    arrays = {name: (rng.standard_normal((r, c)) * 0.02).astype(np.float16)
+              for name, r, c in LAYER_7B}
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [(f"blk.0.{n}.weight", [r, c], q4_k_m_type(n, False)) for n, r, c in LAYER_7B]
+        t0 = time.perf_counter()
+        writer = _core.GgufWriter(str(Path(tmp) / "layer.gguf"), [], specs, 32)
+        for name, r, c in LAYER_7B:
+            a = arrays[name]
+            step = max(1, (64 << 20) // (c * 2))
+            for r0 in range(0, r, step):
+                part = np.ascontiguousarray(a[r0:r0 + step])
+                writer.append_rows(part.view(np.uint16), "float16", part.shape[0], c, threads)
+        writer.finish()
+        writer_s = time.perf_counter() - t0
+    out = {"threads": threads, "more_bits_layers": more, "writer_ordinary_layer_s": writer_s}
     for who in ("ours", "llama"):
         ordinary = sum(v for (k, _), v in times[who].items() if k == "ordinary")
         more_t = sum(v for (k, _), v in times[who].items() if k == "more_bits")
@@ -362,6 +383,8 @@ def markdown(res: dict) -> str:
             m = mix[who]
             lines.append(f"| {label} | {m['ordinary_layer_s']:.1f} | {m['more_bits_layer_s']:.1f} | "
                          f"{m['model_s']:.0f} |")
+        lines += ["", f"One ordinary layer from float16 through ArrowQuant's GGUF writer "
+                  f"(conversion, search, writes): {mix['writer_ordinary_layer_s']:.1f} s."]
     return "\n".join(lines) + "\n"
 
 

@@ -321,11 +321,10 @@ void PutHalf(uint8_t* p, float v) {
 }
 float GetHalf(const uint8_t* p) { return HalfToFloat(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
 
-// float16 storage of a positive scale, as RoundScaleF16 (param_search.h):
+// float16 storage of a positive scale (RoundScaleF16 of param_search.h):
 // round to nearest even, a scale that would round to 0 stored as 2^-24.
 float RoundScale(const BlockPasses& p, float s) {
-  const float r = p.search->round_f16(s);
-  return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
+  return arrowquant::kernels::RoundScaleWith(*p.search, s);
 }
 // The same for a scale of either sign (never 0 for s != 0); 0 stays +0.
 float RoundSignedScale(const BlockPasses& p, float s) {
