@@ -59,8 +59,8 @@ struct BlockPasses {
   // candidates (w null: unweighted). Candidate j is evaluated on the n
   // values at x + sub[j] * n (weights at w + sub[j] * n): the sub-blocks of
   // a block side by side; sub null: all at x.
-  void (*eval_affine)(const float* x, const float* w, int n, const BlockCand* c,
-                      const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out);
+  void (*eval_affine)(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                      int k, float lo, float hi, bool sums, BlockFit* out);
   // The same without offset (symmetric codes, every b 0): v = clamp(rint(x *
   // inv)), x_hat = a * v; sv is not computed (0). (Codes equal eval_affine's
   // at b = 0; the error and the other sums are the same values.)
@@ -68,8 +68,8 @@ struct BlockPasses {
                          const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out);
   // Grid codes: v = the grid value nearest to x * inv (b is ignored),
   // x_hat = a * v.
-  void (*eval_grid)(const float* x, const float* w, int n, const BlockCand* c,
-                    const uint8_t* sub, int k, const CodeGrid& grid, bool sums, BlockFit* out);
+  void (*eval_grid)(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                    int k, const CodeGrid& grid, bool sums, BlockFit* out);
   // The codes of one candidate as the two passes above compute them (affine:
   // the integer code value; grid: the index of the value).
   void (*codes_affine)(const float* x, int n, BlockCand c, float lo, float hi, int8_t* q);

@@ -68,8 +68,8 @@ void ScalarEvalAffineT(const float* x0, const float* w0, int n, const BlockCand*
   }
 }
 
-void ScalarEvalAffine(const float* x, const float* w, int n, const BlockCand* c,
-                      const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out) {
+void ScalarEvalAffine(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                      int k, float lo, float hi, bool sums, BlockFit* out) {
   if (w != nullptr) {
     ScalarEvalAffineT<true, true>(x, w, n, c, sub, k, lo, hi, sums, out);
   } else {
@@ -165,7 +165,7 @@ void ScalarMoments(const float* x, const float* w, int n, BlockMoments* out) {
     swx[i & 7] += wx;
     swxx[i & 7] += wx * x[i];
   }
-  *out = BlockMoments{lo + 0.0f,          hi + 0.0f,         amax,
+  *out = BlockMoments{lo + 0.0f,       hi + 0.0f,        amax,
                       ReduceLanes(sw), ReduceLanes(swx), ReduceLanes(swxx)};
 }
 
@@ -224,21 +224,16 @@ struct TypeEntry {
 // bound every tensor, the codecs below handle the quantized types of
 // IsBlockType plus F16 and F32.
 constexpr TypeEntry kTypes[] = {
-    {0, "F32", 1, 4},           {1, "F16", 1, 2},
-    {2, "Q4_0", 32, 18},        {3, "Q4_1", 32, 20},
-    {6, "Q5_0", 32, 22},        {7, "Q5_1", 32, 24},
-    {8, "Q8_0", 32, 34},        {9, "Q8_1", 32, 40},
-    {10, "Q2_K", 256, 84},      {11, "Q3_K", 256, 110},
-    {12, "Q4_K", 256, 144},     {13, "Q5_K", 256, 176},
-    {14, "Q6_K", 256, 210},     {15, "Q8_K", 256, 292},
-    {16, "IQ2_XXS", 256, 66},   {17, "IQ2_XS", 256, 74},
-    {18, "IQ3_XXS", 256, 98},   {19, "IQ1_S", 256, 50},
-    {20, "IQ4_NL", 32, 18},     {21, "IQ3_S", 256, 110},
-    {22, "IQ2_S", 256, 82},     {23, "IQ4_XS", 256, 136},
-    {24, "I8", 1, 1},           {25, "I16", 1, 2},
-    {26, "I32", 1, 4},          {27, "I64", 1, 8},
-    {28, "F64", 1, 8},          {29, "IQ1_M", 256, 56},
-    {30, "BF16", 1, 2},
+    {0, "F32", 1, 4},         {1, "F16", 1, 2},         {2, "Q4_0", 32, 18},
+    {3, "Q4_1", 32, 20},      {6, "Q5_0", 32, 22},      {7, "Q5_1", 32, 24},
+    {8, "Q8_0", 32, 34},      {9, "Q8_1", 32, 40},      {10, "Q2_K", 256, 84},
+    {11, "Q3_K", 256, 110},   {12, "Q4_K", 256, 144},   {13, "Q5_K", 256, 176},
+    {14, "Q6_K", 256, 210},   {15, "Q8_K", 256, 292},   {16, "IQ2_XXS", 256, 66},
+    {17, "IQ2_XS", 256, 74},  {18, "IQ3_XXS", 256, 98}, {19, "IQ1_S", 256, 50},
+    {20, "IQ4_NL", 32, 18},   {21, "IQ3_S", 256, 110},  {22, "IQ2_S", 256, 82},
+    {23, "IQ4_XS", 256, 136}, {24, "I8", 1, 1},         {25, "I16", 1, 2},
+    {26, "I32", 1, 4},        {27, "I64", 1, 8},        {28, "F64", 1, 8},
+    {29, "IQ1_M", 256, 56},   {30, "BF16", 1, 2},
 };
 
 const TypeEntry* FindType(uint32_t type) {
@@ -248,10 +243,9 @@ const TypeEntry* FindType(uint32_t type) {
   return nullptr;
 }
 
-constexpr GgmlType kBlockTypes[] = {GgmlType::kQ8_0,  GgmlType::kQ4_0, GgmlType::kQ4_1,
-                                    GgmlType::kQ2_K,  GgmlType::kQ3_K, GgmlType::kQ4_K,
-                                    GgmlType::kQ5_K,  GgmlType::kQ6_K, GgmlType::kIQ4_NL,
-                                    GgmlType::kIQ4_XS};
+constexpr GgmlType kBlockTypes[] = {
+    GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ2_K,   GgmlType::kQ3_K,
+    GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
 
 const char* TypeName(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 
@@ -278,7 +272,8 @@ bool IsCodecType(GgmlType type) {
 
 Result<GgmlType> ParseCodecType(const std::string& name) {
   std::string upper;
-  for (char c : name) upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  for (char c : name)
+    upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
   std::string all;
   for (const TypeEntry& e : kTypes) {
     const GgmlType t = static_cast<GgmlType>(e.type);
@@ -392,9 +387,9 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
       for (int h = 0; h < 2; ++h) {
         const int8_t* q = c.q + h * 128;
         for (int l = 0; l < 32; ++l) {
-          out[32 + h * 32 + l] = static_cast<uint8_t>(((q[l] + 4) & 3) | (((q[32 + l] + 4) & 3) << 2) |
-                                                      (((q[64 + l] + 4) & 3) << 4) |
-                                                      (((q[96 + l] + 4) & 3) << 6));
+          out[32 + h * 32 + l] =
+              static_cast<uint8_t>(((q[l] + 4) & 3) | (((q[32 + l] + 4) & 3) << 2) |
+                                   (((q[64 + l] + 4) & 3) << 4) | (((q[96 + l] + 4) & 3) << 6));
         }
       }
       uint8_t* sc = out + 96;
@@ -446,15 +441,17 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
       for (int h = 0; h < 2; ++h) {
         const int8_t* q = c.q + h * 128;
         for (int l = 0; l < 64; ++l) {
-          out[h * 64 + l] = static_cast<uint8_t>(((q[l] + 32) & 15) | (((q[64 + l] + 32) & 15) << 4));
+          out[h * 64 + l] =
+              static_cast<uint8_t>(((q[l] + 32) & 15) | (((q[64 + l] + 32) & 15) << 4));
         }
         for (int l = 0; l < 32; ++l) {
-          out[128 + h * 32 + l] = static_cast<uint8_t>(((q[l] + 32) >> 4) | (((q[32 + l] + 32) >> 4) << 2) |
-                                                       (((q[64 + l] + 32) >> 4) << 4) |
-                                                       (((q[96 + l] + 32) >> 4) << 6));
+          out[128 + h * 32 + l] =
+              static_cast<uint8_t>(((q[l] + 32) >> 4) | (((q[32 + l] + 32) >> 4) << 2) |
+                                   (((q[64 + l] + 32) >> 4) << 4) | (((q[96 + l] + 32) >> 4) << 6));
         }
       }
-      for (int i = 0; i < 16; ++i) out[192 + i] = static_cast<uint8_t>(static_cast<int8_t>(c.sc[i]));
+      for (int i = 0; i < 16; ++i)
+        out[192 + i] = static_cast<uint8_t>(static_cast<int8_t>(c.sc[i]));
       PutHalf(out + 208, c.d);
       return;
     }
@@ -676,8 +673,8 @@ enum class Form : uint8_t {
 
 struct Layout {
   GgmlType type;
-  int block;       // values per block
-  int sub;         // values per sub-block (== block: one level)
+  int block;  // values per block
+  int sub;    // values per sub-block (== block: one level)
   Form form;
   float qlo, qhi;  // element code range (integer forms)
   int alo, ahi;    // sub-block scale codes (two levels)
@@ -721,7 +718,8 @@ const Layout kLayoutSpecs[] = {
     {GgmlType::kQ3_K, 256, 16, Form::kSymmetric, -4.0f, 3.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
     {GgmlType::kQ4_K, 256, 32, Form::kAffine, 0.0f, 15.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4},
     {GgmlType::kQ5_K, 256, 32, Form::kAffine, 0.0f, 31.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4},
-    {GgmlType::kQ6_K, 256, 16, Form::kSymmetric, -32.0f, 31.0f, -128, 127, 0, nullptr, 0, 4, 2.0f, 0},
+    {GgmlType::kQ6_K, 256, 16, Form::kSymmetric, -32.0f, 31.0f, -128, 127, 0, nullptr, 0, 4, 2.0f,
+     0},
     {GgmlType::kIQ4_XS, 256, 32, Form::kGrid, 0.0f, 0.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
 };
 
@@ -794,10 +792,10 @@ int NearestCode(float v, int lo, int hi) {
 
 // Sums of one sub-block that do not depend on the candidate.
 struct SubStats {
-  float lo = 0.0f, hi = 0.0f;  // min, max (+0 for a zero)
-  float m = 0.0f;              // the value of largest magnitude (the first one)
-  float sw = 0.0f, swx = 0.0f; // sum w and sum w x (unweighted: n and sum x), lane order
-  float swxx = 0.0f;           // sum w x^2
+  float lo = 0.0f, hi = 0.0f;   // min, max (+0 for a zero)
+  float m = 0.0f;               // the value of largest magnitude (the first one)
+  float sw = 0.0f, swx = 0.0f;  // sum w and sum w x (unweighted: n and sum x), lane order
+  float swxx = 0.0f;            // sum w x^2
 };
 
 SubStats Moments(const BlockPasses& p, const float* x, const float* w, int n) {
@@ -1090,8 +1088,8 @@ void SearchSubs(const SubEval& ev, const SubStats* st, int subs, bool b_nonneg, 
       if (fit[i].err < fit[bi].err) bi = i;
       // (At float16 the refit is rounded afterwards; the unrounded optimum
       // ranks the starts as well.)
-      const double score = std::min(static_cast<double>(fit[i].err),
-                                    LeastSquaresError(l, fit[i], st[j], b_nonneg));
+      const double score =
+          std::min(static_cast<double>(fit[i].err), LeastSquaresError(l, fit[i], st[j], b_nonneg));
       if (i == begin[j] || score < best_score) {
         best_score = score;
         si = i;
@@ -1316,7 +1314,8 @@ float RefineUnit(const BlockPasses& ps, const Layout& l, const BlockCand* p, con
     double c = 0.0;
     for (int j = 0; j < subs; ++j) {
       const float v = kind == 0 ? p[j].a : std::max(p[j].b, 0.0f);
-      const double e = static_cast<double>(v) - static_cast<double>(u) * NearestCode(v * inv, lo, hi);
+      const double e =
+          static_cast<double>(v) - static_cast<double>(u) * NearestCode(v * inv, lo, hi);
       c += static_cast<double>(curv[j]) * e * e;
     }
     return c;
@@ -1568,7 +1567,8 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t rows, int64_t cols,
   AQ_RETURN_NOT_OK(CheckShape(type, rows, cols, &bs));
   if (opts.importance != nullptr) {
     if (opts.mode == BlockMode::kReference) {
-      return Status::Invalid("importance weights need block mode 'search' (plain rounding has none)");
+      return Status::Invalid(
+          "importance weights need block mode 'search' (plain rounding has none)");
     }
     if (!IsBlockType(type)) {
       return Status::Invalid(std::string("importance weights apply to block types, not ") +
@@ -1662,8 +1662,8 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t rows, int64_t cols,
   return Status::OK();
 }
 
-Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t rows, int64_t cols,
-                        float* out, const ExecOptions& exec) {
+Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t rows, int64_t cols, float* out,
+                        const ExecOptions& exec) {
   int64_t bs = 0;
   AQ_RETURN_NOT_OK(CheckShape(type, rows, cols, &bs));
   const int64_t bbytes = GetTypeTraits(static_cast<uint32_t>(type))->block_bytes;
@@ -1675,7 +1675,8 @@ Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t rows, int64_
                 } else if (type == GgmlType::kF16) {
                   for (int64_t j = b0; j < b1; ++j) out[j] = GetHalf(data + 2 * j);
                 } else {
-                  for (int64_t b = b0; b < b1; ++b) DecodeBlock(type, data + b * bbytes, out + b * bs);
+                  for (int64_t b = b0; b < b1; ++b)
+                    DecodeBlock(type, data + b * bbytes, out + b * bs);
                 }
               });
   return Status::OK();

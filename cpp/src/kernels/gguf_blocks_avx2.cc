@@ -27,8 +27,10 @@ inline float Reduce8(__m256 v) {
 // Reduce8 of four vectors at once: the same additions in the same order
 // (per vector: high half onto low half, then (a0 + a2) + (a1 + a3)).
 inline void Reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d, float* out) {
-  const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-  const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+  const __m256 ab =
+      _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  const __m256 cd =
+      _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
   // each 128-bit lane (a0, a1, a2, a3) -> (a0, a2, a1, a3)
   const __m256 ab2 = _mm256_permute_ps(ab, 0xD8), cd2 = _mm256_permute_ps(cd, 0xD8);
   const __m256 h1 = _mm256_hadd_ps(ab2, cd2);  // (a0+a2, a1+a3, c0+c2, c1+c3 | b.., d..)
@@ -54,7 +56,8 @@ void EvalAffineT(const float* x0, const float* w0, int n, const BlockCand* c, co
     __m256 err = _mm256_setzero_ps(), sv = err, svv = err, sxv = err;
     for (int i = 0; i < n; i += 8) {
       const __m256 xv = _mm256_loadu_ps(x + i);
-      const __m256 t = kOffset ? _mm256_mul_ps(_mm256_add_ps(xv, vb), vinv) : _mm256_mul_ps(xv, vinv);
+      const __m256 t =
+          kOffset ? _mm256_mul_ps(_mm256_add_ps(xv, vb), vinv) : _mm256_mul_ps(xv, vinv);
       __m256 v = _mm256_round_ps(t, kRound);
       v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
       const __m256 xh = kOffset ? _mm256_sub_ps(_mm256_mul_ps(va, v), vb) : _mm256_mul_ps(va, v);
@@ -194,7 +197,8 @@ void Avx2CodesAffine(const float* x, int n, BlockCand c, float lo, float hi, int
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   const __m256 vb = _mm256_set1_ps(c.b), vinv = _mm256_set1_ps(inv);
   for (int i = 0; i < n; i += 8) {
-    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(x + i), vb), vinv), kRound);
+    __m256 v =
+        _mm256_round_ps(_mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(x + i), vb), vinv), kRound);
     v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
     StoreCodes(_mm256_cvttps_epi32(v), q + i);
   }
@@ -258,8 +262,8 @@ bool Avx2AllFinite(const float* x, int n) {
 double Avx2ErrorF64(const float* x, const float* w, const float* y, int n) {
   __m256d acc = _mm256_setzero_pd();
   for (int i = 0; i < n; i += 4) {
-    const __m256d e = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)),
-                                    _mm256_cvtps_pd(_mm_loadu_ps(y + i)));
+    const __m256d e =
+        _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), _mm256_cvtps_pd(_mm_loadu_ps(y + i)));
     __m256d e2 = _mm256_mul_pd(e, e);
     if (w != nullptr) e2 = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(w + i)), e2);
     acc = _mm256_add_pd(acc, e2);

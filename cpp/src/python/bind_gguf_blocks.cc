@@ -24,16 +24,16 @@ GgmlType CodecType(const std::string& name) { return ValueOrThrow(ParseCodecType
 void CheckBytes(const char* what, size_t have, GgmlType t, int64_t rows, int64_t cols) {
   const uint64_t row = ValueOrThrow(RowBytes(t, cols));
   if (rows < 0 || have != row * static_cast<uint64_t>(rows)) {
-    ThrowIfError(Status::ShapeMismatch(std::string(what) + " has " + std::to_string(have) +
-                                       " bytes, " + std::to_string(rows) + " rows of " +
-                                       std::to_string(cols) + " " + GgmlTypeName(static_cast<uint32_t>(t)) +
-                                       " values need " + std::to_string(row * static_cast<uint64_t>(rows))));
+    ThrowIfError(Status::ShapeMismatch(
+        std::string(what) + " has " + std::to_string(have) + " bytes, " + std::to_string(rows) +
+        " rows of " + std::to_string(cols) + " " + GgmlTypeName(static_cast<uint32_t>(t)) +
+        " values need " + std::to_string(row * static_cast<uint64_t>(rows))));
   }
 }
 
 StatsTuple BindQuantize(InFloats src, const std::string& type, int64_t rows, int64_t cols,
-                        OutBytes out, const std::string& mode,
-                        std::optional<InFloats> importance, int threads, bool force_scalar) {
+                        OutBytes out, const std::string& mode, std::optional<InFloats> importance,
+                        int threads, bool force_scalar) {
   const GgmlType t = CodecType(type);
   CheckSize("source", src.size(), rows * cols);
   CheckBytes("output buffer", out.size(), t, rows, cols);
@@ -87,8 +87,7 @@ nb::list BlockTypes() {
 void Bind(nb::module_& m) {
   m.def("gguf_blocks_quantize", &BindQuantize, nb::arg("src"), nb::arg("type"), nb::arg("rows"),
         nb::arg("cols"), nb::arg("out"), nb::arg("mode") = "search",
-        nb::arg("importance") = nb::none(), nb::arg("threads") = 0,
-        nb::arg("force_scalar") = false,
+        nb::arg("importance") = nb::none(), nb::arg("threads") = 0, nb::arg("force_scalar") = false,
         "Encodes rows x cols float32 values into `out` (rows * row_bytes bytes) as a ggml "
         "type; returns the error sums (sum_x2, sum_xhat2, sum_x_xhat, sum_err2, max_abs_err, "
         "count) of the decoded values.");
@@ -97,11 +96,15 @@ void Bind(nb::module_& m) {
         "Decodes rows x cols values of a ggml codec type into float32 `out`.");
   m.def("gguf_block_types", &BlockTypes,
         "The codec types: name, ggml id, block size, block bytes, quantized.");
-  m.def("gguf_row_bytes", [](const std::string& type, int64_t cols) {
-    return ValueOrThrow(RowBytes(CodecType(type), cols));
-  }, nb::arg("type"), nb::arg("cols"));
-  m.def("gguf_blocks_kernel", [] { return std::string(ActiveBlockKernelName()); },
-        "The block kernels QuantizeBlocks uses on this CPU ('avx2' or 'scalar').");
+  m.def(
+      "gguf_row_bytes",
+      [](const std::string& type, int64_t cols) {
+        return ValueOrThrow(RowBytes(CodecType(type), cols));
+      },
+      nb::arg("type"), nb::arg("cols"));
+  m.def(
+      "gguf_blocks_kernel", [] { return std::string(ActiveBlockKernelName()); },
+      "The block kernels QuantizeBlocks uses on this CPU ('avx2' or 'scalar').");
 }
 
 const bool kRegistered = RegisterBinding("gguf_blocks", Bind);
