@@ -606,6 +606,9 @@ void DecodeBlock(GgmlType type, const uint8_t* p, float* y) {
 // "/ d" is a multiplication by id = 1/d computed from the float32 d (0 when d
 // is 0) before d is rounded to f16.
 
+// trunc(v) as an int (v is within [0, 16.5] up to rounding); 0 for inf / NaN.
+int TruncCode(float v) { return std::fabs(v) <= 64.0f ? static_cast<int>(v) : 0; }
+
 void ReferenceQ8_0(const float* x, uint8_t* out) {
   float amax = 0.0f;
   for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
@@ -614,7 +617,14 @@ void ReferenceQ8_0(const float* x, uint8_t* out) {
   PutHalf(out, d);
   for (int j = 0; j < 32; ++j) {
     // roundf without the libm call: v - trunc(v) is exact for |v| <= 127.
+    // (A subnormal block makes id infinite; ggml's conversion of the
+    // resulting inf / NaN gives 0 on x86, and so does this one, without the
+    // undefined cast.)
     const float v = x[j] * id;
+    if (!(std::fabs(v) <= 128.0f)) {
+      out[2 + j] = 0;
+      continue;
+    }
     int q = static_cast<int>(v);
     const float frac = v - static_cast<float>(q);
     if (frac >= 0.5f) {
@@ -638,9 +648,10 @@ void ReferenceQ4_0(const float* x, uint8_t* out) {
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   PutHalf(out, d);
   for (int j = 0; j < 16; ++j) {
-    // x * id lies in [-8, 8], so the truncation is in [0, 16].
-    const int q0 = std::min(15, static_cast<int>(x[j] * id + 8.5f));
-    const int q1 = std::min(15, static_cast<int>(x[j + 16] * id + 8.5f));
+    // x * id lies in [-8, 8], so the truncation is in [0, 16] (an infinite
+    // id, from a subnormal block, gives code 0 as ggml's cast does on x86).
+    const int q0 = std::min(15, TruncCode(x[j] * id + 8.5f));
+    const int q1 = std::min(15, TruncCode(x[j + 16] * id + 8.5f));
     out[2 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
   }
 }
@@ -657,8 +668,8 @@ void ReferenceQ4_1(const float* x, uint8_t* out) {
   PutHalf(out, d);
   PutHalf(out + 2, lo);
   for (int j = 0; j < 16; ++j) {
-    const int q0 = std::min(15, static_cast<int>((x[j] - lo) * id + 0.5f));
-    const int q1 = std::min(15, static_cast<int>((x[j + 16] - lo) * id + 0.5f));
+    const int q0 = std::min(15, TruncCode((x[j] - lo) * id + 0.5f));
+    const int q1 = std::min(15, TruncCode((x[j + 16] - lo) * id + 0.5f));
     out[4 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
   }
 }
