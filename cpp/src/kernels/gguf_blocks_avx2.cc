@@ -111,22 +111,34 @@ void Avx2EvalSymmetric(const float* x, const float* w, int n, const BlockCand* c
   Avx2EvalDispatch<false>(x, w, n, c, sub, k, lo, hi, sums, out);
 }
 
-// The grid value nearest to t: the number of midpoints strictly below t
-// (compare ordered, greater-than, as the scalar t > mid), then a lookup in
-// the two halves of the table.
+// The grid index of t: the number of midpoints strictly below t (ordered
+// greater-than compares, as the scalar t > mid), found by a binary search
+// over the 15 increasing midpoints (8, 4, 2, 1: the same count), then the
+// grid value by a lookup in the two halves of the table.
 struct GridVectors {
-  __m256 mid[15];
+  __m256 m7, l2, l3, l4;  // the midpoints each level compares with
   __m256 low, high;
   explicit GridVectors(const CodeGrid& g) {
-    for (int m = 0; m < 15; ++m) mid[m] = _mm256_set1_ps(g.mid[m]);
+    const float* m = g.mid;
+    m7 = _mm256_set1_ps(m[7]);
+    l2 = _mm256_setr_ps(m[3], m[11], 0, 0, 0, 0, 0, 0);              // by idx / 8
+    l3 = _mm256_setr_ps(m[1], m[5], m[9], m[13], 0, 0, 0, 0);        // by idx / 4
+    l4 = _mm256_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14]);  // by idx / 2
     low = _mm256_loadu_ps(g.value);
     high = _mm256_loadu_ps(g.value + 8);
   }
+  inline __m256i Index(__m256 t) const {
+    auto step = [&](__m256i idx, __m256 thr, int bit) {
+      const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(t, thr, _CMP_GT_OQ));
+      return _mm256_or_si256(idx, _mm256_and_si256(gt, _mm256_set1_epi32(bit)));
+    };
+    __m256i idx = step(_mm256_setzero_si256(), m7, 8);
+    idx = step(idx, _mm256_permutevar8x32_ps(l2, _mm256_srli_epi32(idx, 3)), 4);
+    idx = step(idx, _mm256_permutevar8x32_ps(l3, _mm256_srli_epi32(idx, 2)), 2);
+    return step(idx, _mm256_permutevar8x32_ps(l4, _mm256_srli_epi32(idx, 1)), 1);
+  }
   inline __m256 Value(__m256 t) const {
-    __m256i idx = _mm256_setzero_si256();
-    for (int m = 0; m < 15; ++m) {
-      idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(t, mid[m], _CMP_GT_OQ)));
-    }
+    const __m256i idx = Index(t);
     const __m256 vl = _mm256_permutevar8x32_ps(low, idx);
     const __m256 vh = _mm256_permutevar8x32_ps(high, idx);
     const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
@@ -207,16 +219,8 @@ void Avx2CodesAffine(const float* x, int n, BlockCand c, float lo, float hi, int
 void Avx2CodesGrid(const float* x, int n, float a, const CodeGrid& grid, int8_t* q) {
   const float inv = a != 0.0f ? 1.0f / a : 0.0f;
   const __m256 vinv = _mm256_set1_ps(inv);
-  __m256 mid[15];
-  for (int m = 0; m < 15; ++m) mid[m] = _mm256_set1_ps(grid.mid[m]);
-  for (int i = 0; i < n; i += 8) {
-    const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
-    __m256i idx = _mm256_setzero_si256();
-    for (int m = 0; m < 15; ++m) {
-      idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(t, mid[m], _CMP_GT_OQ)));
-    }
-    StoreCodes(idx, q + i);
-  }
+  const GridVectors g(grid);
+  for (int i = 0; i < n; i += 8) StoreCodes(g.Index(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv)), q + i);
 }
 
 void Avx2Moments(const float* x, const float* w, int n, BlockMoments* out) {
