@@ -153,6 +153,23 @@ def test_reference_mode_is_gguf_py_quantize(t):
     assert q.tobytes() == np.ascontiguousarray(gguf_quantize(x, QT[t])).tobytes()
 
 
+def test_flat_bindings_keep_their_meaning():
+    """_core.gguf_quantize_blocks / gguf_dequantize_blocks (flat values, the
+    API before this component): plain rounding unless asked for the search."""
+    x = np.random.default_rng(8).standard_normal(512).astype(np.float32)
+    for t in TYPES:
+        out = np.empty(gb.row_bytes(t, 512), np.uint8)
+        _core.gguf_quantize_blocks(x, t, out)
+        assert out.tobytes() == gb.quantize_blocks(t, x.reshape(1, -1), mode="reference")[0].tobytes()
+        _core.gguf_quantize_blocks(x, t, out, "search")
+        assert out.tobytes() == gb.quantize_blocks(t, x.reshape(1, -1))[0].tobytes()
+        y = np.empty(512, np.float32)
+        _core.gguf_dequantize_blocks(out, t, y)
+        assert same_bits(y, theirs(t, out, 1, 512).reshape(-1))
+    with pytest.raises(ValidationError, match="multiple of 256"):
+        _core.gguf_quantize_blocks(x[:100], "Q4_K", np.empty(144, np.uint8))
+
+
 @SETTINGS
 @given(t=st.sampled_from(REFERENCE_TYPES), rows=st.integers(1, 5), blocks=st.integers(1, 6),
        scale=st.floats(1e-6, 1e3), seed=st.integers(0, 2**31 - 1))
