@@ -21,6 +21,12 @@ gguf_parse = _core.gguf_parse
 gguf_file_type = _core.gguf_file_type
 gguf_quantize_blocks = _core.gguf_quantize_blocks
 gguf_dequantize_blocks = _core.gguf_dequantize_blocks
+gguf_block_types = _core.gguf_block_types
+gguf_row_bytes = _core.gguf_row_bytes
+gguf_blocks_quantize = _core.gguf_blocks_quantize
+gguf_blocks_dequantize = _core.gguf_blocks_dequantize
+gguf_blocks_kernel = _core.gguf_blocks_kernel
+gguf_parse_file_type = _core.gguf_parse_file_type
 
 # Kernels (buffers are allocated by the callers in arrowquant.engine).
 quantize = _core.quantize

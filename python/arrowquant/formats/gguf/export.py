@@ -42,7 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ...version import __version__
-from .tables import (BLOCK_SIZE, BLOCK_TYPES, ERROR_BOUND, GGUF_TYPES, TYPE_BYTES,  # noqa: F401
+from .tables import (BLOCK_SIZE, BLOCK_SIZES, BLOCK_TYPES, ERROR_BOUND, GGUF_TYPES,  # noqa: F401
+                     TYPE_BYTES,
                      choose_type, type_bytes as _type_bytes)
 from .reader import dequantize_bytes, dequantize_tensor, inspect_gguf, quantize_bytes, read_header  # noqa: F401 (re-exported)
 from ...engine import core as _core
@@ -80,9 +81,9 @@ def tensor_type(shape: Sequence[int], dtype: str, target: str) -> Tuple[Optional
         return None, f"skipped: dtype {dtype} is not floating point", False
     if len(shape) < 2:
         return "F32", f"{len(shape)}-D tensor kept as F32", target != "F32"
-    if target in BLOCK_TYPES and int(shape[-1]) % BLOCK_SIZE != 0:
+    if target in BLOCK_TYPES and int(shape[-1]) % BLOCK_SIZES[target] != 0:
         wide = "F16" if dtype == "float16" else "F32"
-        return wide, (f"row length {shape[-1]} is not a multiple of {BLOCK_SIZE}: "
+        return wide, (f"row length {shape[-1]} is not a multiple of {BLOCK_SIZES[target]}: "
                       f"{target} impossible, stored as {wide} (lossless from {dtype})"), True
     return target, f"{target} for every weight matrix", False
 
@@ -427,7 +428,8 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
 
 
 #: Bits per code of each type, for the summary's per-tensor records.
-_TYPE_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
+_TYPE_BITS = {"Q8_0": 8, "Q6_K": 6, "Q5_K": 5, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4,
+              "IQ4_XS": 4, "Q3_K": 3, "Q2_K": 2}
 
 
 def quantize_to_gguf(job: Any, progress: Any = None) -> Any:
@@ -447,8 +449,8 @@ def quantize_to_gguf(job: Any, progress: Any = None) -> Any:
                          overwrite=job.overwrite, progress=progress, arch=job.gguf_arch)
     records = [TensorRecord(
         name=r["name"], shape=tuple(r["shape"]), dtype=r["source_dtype"], quant_type=r["gguf_type"],
-        bits=_TYPE_BITS.get(r["gguf_type"]), reason=r["reason"], group_size=BLOCK_SIZE
-        if r["gguf_type"] in BLOCK_TYPES else None, scheme=None, method=None, param_dtype=None,
+        bits=_TYPE_BITS.get(r["gguf_type"]), reason=r["reason"],
+        group_size=BLOCK_SIZES.get(r["gguf_type"]), scheme=None, method=None, param_dtype=None,
         chunks=r["chunks"], input_bytes=r["input_bytes"], output_bytes=r["output_bytes"],
         seconds=r["seconds"], cosine=r["cosine"], rel_mse=r["rel_mse"], sqnr_db=r["sqnr_db"],
         max_abs_error=r["max_abs_error"]) for r in report["tensors_detail"]]

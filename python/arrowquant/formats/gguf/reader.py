@@ -4,14 +4,14 @@ by the engine, the block codecs on bytes, and `inspect` of a file."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ...engine import core as _core
+from ...engine import core as _core  # noqa: F401
 from ...errors import ModelNotFoundError, ValidationError
-from .tables import BLOCK_SIZE, BLOCK_TYPES, GGUF_TYPES, choose_type
-from .tables import type_bytes as _type_bytes
+from ...engine.gguf_blocks import dequantize_blocks, quantize_blocks
+from .tables import BLOCK_SIZES, BLOCK_TYPES, GGUF_TYPES, choose_type
 
 PathLike = Any
 
@@ -41,24 +41,27 @@ def dequantize_tensor(path: PathLike, name: str) -> np.ndarray:
     return dequantize_bytes(data, t["type"], t["numel"]).reshape(tuple(reversed(t["dims"])))
 
 
-def quantize_bytes(values: np.ndarray, gguf_type: str) -> np.ndarray:
-    """ggml block encoding of float32 values (length a multiple of 32)."""
+def quantize_bytes(values: np.ndarray, gguf_type: str, mode: str = "search",
+                   importance: Optional[np.ndarray] = None) -> np.ndarray:
+    """ggml block encoding of float32 values (one row; length a multiple of
+    the type's block size). mode "reference": plain rounding (llama.cpp's
+    reference bytes for Q8_0 / Q4_0 / Q4_1); see engine.gguf_blocks."""
     x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     t = choose_type(gguf_type=gguf_type)
     if t not in BLOCK_TYPES:
         raise ValidationError(f"{t} is not a block type")
-    if x.size % BLOCK_SIZE:
-        raise ValidationError(f"{x.size} values are not a multiple of {BLOCK_SIZE}")
-    out = np.empty(_type_bytes(t, x.size), dtype=np.uint8)
-    _core.gguf_quantize_blocks(x, t, out)
-    return out
+    if x.size % BLOCK_SIZES[t]:
+        raise ValidationError(f"{x.size} values are not a multiple of {BLOCK_SIZES[t]}")
+    cols = x.size if importance is not None else BLOCK_SIZES[t]
+    out, _ = quantize_blocks(t, x.reshape(-1, cols), mode=mode, importance=importance)
+    return out.reshape(-1)
 
 
 def dequantize_bytes(data: np.ndarray, gguf_type: str, numel: int) -> np.ndarray:
-    """Decodes `numel` values of Q8_0 / Q4_0 / Q4_1 / F16 / F32 data to float32."""
-    out = np.empty(int(numel), dtype=np.float32)
-    _core.gguf_dequantize_blocks(np.ascontiguousarray(data, dtype=np.uint8), gguf_type, out)
-    return out
+    """Decodes `numel` values of any block type, F16 or F32 to float32."""
+    t = str(gguf_type).upper()
+    cols = BLOCK_SIZES.get(t, 1)
+    return dequantize_blocks(t, data, int(numel) // cols, cols).reshape(-1)
 
 
 def inspect_gguf(path: PathLike) -> Dict[str, Any]:
