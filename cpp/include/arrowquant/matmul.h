@@ -88,6 +88,11 @@ Status QuantMatmul(const QuantMatrix& w, const void* x, DType x_dtype, int64_t b
 Status DequantizeMatrixRows(const QuantMatrix& w, int64_t row_begin, int64_t row_end, float* out,
                             const MatmulOptions& opt = {});
 
+// W rows ids[0..n) (each in [0, rows)) as float32 n x cols, 1 / s applied:
+// an embedding lookup that dequantizes only the rows it returns.
+Status DequantizeMatrixGather(const QuantMatrix& w, const int64_t* ids, int64_t n, float* out,
+                              const MatmulOptions& opt = {});
+
 // The n of the error bound above: the longest chain of float32 roundings
 // any path applies to one output (group sums, products, the equalization
 // division, the bias, tree reductions), with margin.

@@ -276,6 +276,31 @@ Status QuantMatmul(const QuantMatrix& w, const void* x, DType x_dtype, int64_t b
   return Status::OK();
 }
 
+namespace {
+
+// Rows row_of(i), i in [0, n), dequantized into out row i.
+template <typename RowOf>
+void DequantizeRowList(const QuantMatrix& w, int64_t n, const RowOf& row_of, float* out,
+                       const MatmulOptions& opt) {
+  const kernels::MatmulKernels& k = kernels::SelectMatmul(opt.force_scalar);
+  const int64_t G = GroupsPerRow(w.cols, w.group_size);
+  ParallelFor(n, opt.threads, std::max<int64_t>(1, (int64_t{1} << 15) / w.cols),
+              [&](int64_t a, int64_t b) {
+                std::vector<float> s(G), z(G);
+                for (int64_t i = a; i < b; ++i) {
+                  const int64_t r = row_of(i);
+                  float* o = out + i * w.cols;
+                  k.row_params(w, r, s.data(), z.data());
+                  k.decode_range(w, r, s.data(), z.data(), 0, w.cols, o);
+                  if (w.input_scales != nullptr) {
+                    for (int64_t c = 0; c < w.cols; ++c) o[c] /= w.input_scales[c];
+                  }
+                }
+              });
+}
+
+}  // namespace
+
 Status DequantizeMatrixRows(const QuantMatrix& w, int64_t row_begin, int64_t row_end, float* out,
                             const MatmulOptions& opt) {
   if (Status st = ValidateQuantMatrix(w); !st.ok()) return st;
@@ -285,21 +310,25 @@ Status DequantizeMatrixRows(const QuantMatrix& w, int64_t row_begin, int64_t row
   }
   if (row_end == row_begin || w.cols == 0) return Status::OK();
   if (out == nullptr) return Status::Invalid("null output");
-  const kernels::MatmulKernels& k = kernels::SelectMatmul(opt.force_scalar);
-  const int64_t G = GroupsPerRow(w.cols, w.group_size);
-  ParallelFor(row_end - row_begin, opt.threads,
-              std::max<int64_t>(1, (int64_t{1} << 15) / w.cols), [&](int64_t a, int64_t b) {
-                std::vector<float> s(G), z(G);
-                for (int64_t i = a; i < b; ++i) {
-                  const int64_t r = row_begin + i;
-                  float* o = out + i * w.cols;
-                  k.row_params(w, r, s.data(), z.data());
-                  k.decode_range(w, r, s.data(), z.data(), 0, w.cols, o);
-                  if (w.input_scales != nullptr) {
-                    for (int64_t c = 0; c < w.cols; ++c) o[c] /= w.input_scales[c];
-                  }
-                }
-              });
+  DequantizeRowList(
+      w, row_end - row_begin, [&](int64_t i) { return row_begin + i; }, out, opt);
+  return Status::OK();
+}
+
+Status DequantizeMatrixGather(const QuantMatrix& w, const int64_t* ids, int64_t n, float* out,
+                              const MatmulOptions& opt) {
+  if (Status st = ValidateQuantMatrix(w); !st.ok()) return st;
+  if (n < 0) return Status::Invalid("negative id count");
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= w.rows) {
+      return Status::Invalid("index " + std::to_string(ids[i]) + " at position " +
+                             std::to_string(i) + " is outside 0.." + std::to_string(w.rows - 1));
+    }
+  }
+  if (n == 0 || w.cols == 0) return Status::OK();
+  if (out == nullptr) return Status::Invalid("null output");
+  DequantizeRowList(
+      w, n, [&](int64_t i) { return ids[i]; }, out, opt);
   return Status::OK();
 }
 

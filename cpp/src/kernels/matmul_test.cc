@@ -320,6 +320,19 @@ TEST(QuantMatmul, DequantizeRowsIsDequantizeOverS) {
   }
 }
 
+TEST(QuantMatmul, GatherIsDequantizeOverS) {
+  std::mt19937 rng(9);
+  const Fixture f = Make(rng, 12, 40, 2, 16, ParamStorage::kSuperblock, Scheme::kAsymmetric, true);
+  const int64_t ids[] = {11, 0, 5, 5};
+  std::vector<float> out(4 * 40);
+  ASSERT_TRUE(DequantizeMatrixGather(f.matrix(), ids, 4, out.data()).ok());
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(0, std::memcmp(&out[i * 40], &f.w_hat[ids[i] * 40], 40 * 4));
+  }
+  const int64_t bad[] = {12};
+  EXPECT_FALSE(DequantizeMatrixGather(f.matrix(), bad, 1, out.data()).ok());
+}
+
 TEST(QuantMatmul, RejectsBadArguments) {
   std::mt19937 rng(1);
   const Fixture f = Make(rng, 4, 32, 4, 16, ParamStorage::kF32, Scheme::kAsymmetric, false);

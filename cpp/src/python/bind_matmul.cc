@@ -58,6 +58,10 @@ QuantMatrix MakeMatrix(const AnyIn& codes, const AnyIn& scales, const AnyIn& zer
     ThrowIfError(Status::Invalid("params must be 'float32', 'float16' or 'superblock', got '" +
                                  params + "'"));
   }
+  w.codes = static_cast<const uint8_t*>(codes.data());
+  w.scales = scales.data();
+  w.zero_points = zero_points.data();
+  if (param_codes) w.param_codes = static_cast<const uint8_t*>(param_codes->data());
   ThrowIfError(ValidateQuantMatrix(w));
   const QuantMatrixSizes need = QuantMatrixBufferSizes(w);
   if (!IsUInt8(codes.dtype())) ThrowIfError(Status::Invalid("codes must be uint8"));
@@ -71,15 +75,11 @@ QuantMatrix MakeMatrix(const AnyIn& codes, const AnyIn& scales, const AnyIn& zer
   }
   CheckSize("scales", scales.size(), need.param_count);
   CheckSize("zero_points", zero_points.size(), need.param_count);
-  w.codes = static_cast<const uint8_t*>(codes.data());
-  w.scales = scales.data();
-  w.zero_points = zero_points.data();
   if (w.params == ParamStorage::kSuperblock) {
     if (!param_codes || !IsUInt8(param_codes->dtype())) {
       ThrowIfError(Status::Invalid("superblock parameters need param_codes (uint8)"));
     }
     CheckSize("param_codes", param_codes->size(), need.param_code_bytes);
-    w.param_codes = static_cast<const uint8_t*>(param_codes->data());
   }
   if (input_scales) {
     if (input_scales->dtype() != nb::dtype<float>()) {
@@ -164,6 +164,30 @@ void BindDequantizeRows(const AnyIn& codes, const AnyIn& scales, const AnyIn& ze
   ThrowIfError(st);
 }
 
+void BindDequantizeGather(const AnyIn& codes, const AnyIn& scales, const AnyIn& zero_points,
+                          const std::optional<AnyIn>& param_codes,
+                          const std::optional<AnyIn>& input_scales, const AnyIn& ids, AnyOut out,
+                          int64_t rows, int64_t cols, int bits, int64_t group_size,
+                          const std::string& params, int param_code_bits,
+                          int64_t superblock_groups, int threads) {
+  const QuantMatrix w = MakeMatrix(codes, scales, zero_points, param_codes, input_scales, rows,
+                                   cols, bits, group_size, params, param_code_bits,
+                                   superblock_groups);
+  if (out.dtype() != nb::dtype<float>()) ThrowIfError(Status::Invalid("out must be float32"));
+  if (ids.dtype() != nb::dtype<int64_t>()) ThrowIfError(Status::Invalid("ids must be int64"));
+  const auto n = static_cast<int64_t>(ids.size());
+  CheckSize("out", out.size(), n * cols);
+  MatmulOptions opt;
+  opt.threads = threads;
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = DequantizeMatrixGather(w, static_cast<const int64_t*>(ids.data()), n,
+                                static_cast<float*>(out.data()), opt);
+  }
+  ThrowIfError(st);
+}
+
 void Bind(nb::module_& m) {
   m.def("quant_matmul", &BindQuantMatmul, nb::arg("x"), nb::arg("codes"), nb::arg("scales"),
         nb::arg("zero_points"), nb::arg("param_codes").none(), nb::arg("input_scales").none(),
@@ -180,6 +204,12 @@ void Bind(nb::module_& m) {
         nb::arg("row_begin") = 0, nb::arg("row_end") = -1, nb::arg("threads") = 0,
         nb::arg("force_scalar") = false,
         "Rows [row_begin, row_end) of W as float32 (equalization undone).");
+  m.def("dequantize_matrix_gather", &BindDequantizeGather, nb::arg("codes"), nb::arg("scales"),
+        nb::arg("zero_points"), nb::arg("param_codes").none(), nb::arg("input_scales").none(),
+        nb::arg("ids"), nb::arg("out"), nb::arg("rows"), nb::arg("cols"), nb::arg("bits"),
+        nb::arg("group_size"), nb::arg("params"), nb::arg("param_code_bits") = 0,
+        nb::arg("superblock_groups") = 0, nb::arg("threads") = 0,
+        "Rows ids of W as float32 (an embedding lookup; equalization undone).");
   m.def("active_matmul_kernel", &ActiveMatmulKernel);
 }
 
