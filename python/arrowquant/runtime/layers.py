@@ -14,6 +14,7 @@ CPU). On another device the weight is dequantized with torch ops per call.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -126,6 +127,15 @@ class _PackedWeight(nn.Module):
     def _load_packed(self, qt: QuantizedTensor, input_scales: Optional[np.ndarray]) -> None:
         """Fills the buffers from a QuantizedTensor (its arrays are copied once)."""
         def t(a: np.ndarray, dtype: Any, shape: Sequence[int]) -> torch.Tensor:
+            a = np.asarray(a)
+            if a.dtype == dtype and a.flags.c_contiguous:
+                # Shares the reader's buffer (an Arrow blob read for this
+                # tensor alone): no transient second copy, so loading does
+                # not leave a hole per tensor in the heap. Arrow marks it
+                # read-only; the runtime never writes weights.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.from_numpy(a).reshape(shape)
             return torch.from_numpy(np.array(a, dtype=dtype, copy=True).reshape(shape))
 
         rows, G = self.rows, groups_per_row(self.cols, self.group_size)
@@ -176,6 +186,17 @@ class _PackedWeight(nn.Module):
         return dequantize_packed(self.qweight, scales, zeros, self.bits, self.group_size,
                                  self.cols, self.input_scales)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in the module's layout and dtype, dequantized on each
+        access (a transient float copy: code that reads ``.weight.shape`` or
+        ``.dtype`` works; forward passes never use this)."""
+        return self.dequantize_weight(getattr(self, "weight_dtype", None)).view(self.weight_shape)
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return (self.rows, self.cols)
+
     def _packed_repr(self) -> str:
         return f"bits={self.bits}, group_size={self.group_size}, param_dtype={self.param_dtype}"
 
@@ -193,6 +214,7 @@ class QuantLinear(_PackedWeight):
                  superblock_groups: Optional[int] = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.weight_dtype = dtype or torch.float32
         self._init_packed(out_features, in_features, bits, group_size, param_dtype,
                           has_input_scales, param_code_bits, superblock_groups, device)
         if bias:
@@ -213,6 +235,7 @@ class QuantLinear(_PackedWeight):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = in_f, out_f
+        layer.weight_dtype = dtype or (bias.dtype if bias is not None else torch.float32)
         layer._init_packed(out_f, in_f, qt.bits, qt.group_size, _param_dtype(qt),
                            input_scales is not None, _code_bits(qt), _sb_groups(qt), "meta")
         layer._load_packed(qt, input_scales)
@@ -245,6 +268,7 @@ class QuantConv2d(_PackedWeight):
                  param_code_bits: Optional[int] = None,
                  superblock_groups: Optional[int] = None) -> None:
         super().__init__()
+        self.weight_dtype = dtype or torch.float32
         self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                         padding_mode)
         self._init_packed(out_channels, in_channels // groups * self.kernel_size[0] *
@@ -291,6 +315,7 @@ class QuantConv2d(_PackedWeight):
                              f"convolution's {expect}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        layer.weight_dtype = dtype or (bias.dtype if bias is not None else torch.float32)
         layer._init_conv(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                          conv.padding, conv.dilation, conv.groups, conv.padding_mode)
         layer._init_packed(qt.shape[0], int(np.prod(qt.shape[1:])), qt.bits, qt.group_size,
@@ -320,6 +345,10 @@ class QuantConv2d(_PackedWeight):
                              padding, list(self.dilation), self.groups)
         return y.squeeze(0) if squeeze else y
 
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
@@ -339,7 +368,7 @@ class QuantEmbedding(_PackedWeight):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
-        self.dtype = dtype or torch.float32
+        self.weight_dtype = dtype or torch.float32
         self._init_packed(num_embeddings, embedding_dim, bits, group_size, param_dtype,
                           has_input_scales, param_code_bits, superblock_groups, device)
 
@@ -353,7 +382,7 @@ class QuantEmbedding(_PackedWeight):
         nn.Module.__init__(layer)
         layer.num_embeddings, layer.embedding_dim = qt.shape
         layer.padding_idx = padding_idx
-        layer.dtype = dtype or torch.float32
+        layer.weight_dtype = dtype or torch.float32
         layer._init_packed(qt.shape[0], qt.shape[1], qt.bits, qt.group_size, _param_dtype(qt),
                            input_scales is not None, _code_bits(qt), _sb_groups(qt), "meta")
         layer._load_packed(qt, input_scales)
@@ -361,10 +390,10 @@ class QuantEmbedding(_PackedWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.device.type != "cpu":
-            return F.embedding(ids, self._torch_dequantize().to(self.dtype))
+            return F.embedding(ids, self._torch_dequantize().to(self.weight_dtype))
         out = ops.quant_embedding(ids, *self._packed_args(), self.rows, self.cols,
                                   *self._meta_args())
-        return out.to(self.dtype)
+        return out.to(self.weight_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self._packed_repr()}"
