@@ -43,7 +43,7 @@ class Policy:
 
     gemv_max_batch: int = 4
     blas_min_batch: int = 1 << 62   # C++ GEMM for every larger batch unless lowered
-    panel_bytes: int = 4 << 20      # float32 panel handed to torch.mm
+    panel_bytes: int = 16 << 20     # float32 panel handed to torch.mm (fits L3)
     conv: str = "dequantize"        # QuantConv2d: "dequantize" (transient float weight + conv2d) or "unfold"
 
 
