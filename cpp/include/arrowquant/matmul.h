@@ -57,7 +57,8 @@ enum class MatmulPath : uint8_t { kAuto, kGemv, kGemm };
 
 struct MatmulOptions {
   int threads = 0;            // 0: all cores
-  bool force_scalar = false;  // the scalar reference (tests compare both)
+  bool force_scalar = false;  // the scalar reference (tests compare every path)
+  bool force_avx2 = false;    // the AVX2 kernels even where AVX-512 runs
   MatmulPath path = MatmulPath::kAuto;
 };
 
@@ -98,7 +99,7 @@ Status DequantizeMatrixGather(const QuantMatrix& w, const int64_t* ids, int64_t 
 // division, the bias, tree reductions), with margin.
 int64_t MatmulErrorTerms(int64_t cols, int64_t groups_per_row);
 
-// Name of the path QuantMatmul uses on this CPU ("avx2" or "scalar").
+// Name of the path QuantMatmul uses on this CPU ("avx512", "avx2" or "scalar").
 const char* ActiveMatmulKernel();
 
 }  // namespace arrowquant

@@ -129,10 +129,12 @@ const MatmulKernels kScalarMatmul = {
 
 const MatmulKernels& ScalarMatmulKernels() { return kScalarMatmul; }
 
-const MatmulKernels& SelectMatmul(bool force_scalar) {
-  if (!force_scalar) {
-    if (const MatmulKernels* avx2 = Avx2MatmulKernels()) return *avx2;
+const MatmulKernels& SelectMatmul(const MatmulOptions& opt) {
+  if (opt.force_scalar) return kScalarMatmul;
+  if (!opt.force_avx2) {
+    if (const MatmulKernels* avx512 = Avx512MatmulKernels()) return *avx512;
   }
+  if (const MatmulKernels* avx2 = Avx2MatmulKernels()) return *avx2;
   return kScalarMatmul;
 }
 
@@ -200,7 +202,7 @@ int64_t MatmulErrorTerms(int64_t cols, int64_t groups_per_row) {
   return cols + groups_per_row + 32;
 }
 
-const char* ActiveMatmulKernel() { return kernels::SelectMatmul(false).name; }
+const char* ActiveMatmulKernel() { return kernels::SelectMatmul(MatmulOptions{}).name; }
 
 Status QuantMatmul(const QuantMatrix& w, const void* x, DType x_dtype, int64_t batch,
                    const void* bias, DType bias_dtype, void* y, const MatmulOptions& opt) {
@@ -211,7 +213,7 @@ Status QuantMatmul(const QuantMatrix& w, const void* x, DType x_dtype, int64_t b
   if (batch < 0) return Status::Invalid("negative batch");
   if (batch == 0 || w.rows == 0) return Status::OK();
   if ((x == nullptr && w.cols > 0) || y == nullptr) return Status::Invalid("null x or y");
-  const kernels::MatmulKernels& k = kernels::SelectMatmul(opt.force_scalar);
+  const kernels::MatmulKernels& k = kernels::SelectMatmul(opt);
   const int64_t N = w.rows, K = w.cols;
 
   // x' = x / s as float32 (the caller's array itself when nothing changes).
@@ -282,7 +284,7 @@ namespace {
 template <typename RowOf>
 void DequantizeRowList(const QuantMatrix& w, int64_t n, const RowOf& row_of, float* out,
                        const MatmulOptions& opt) {
-  const kernels::MatmulKernels& k = kernels::SelectMatmul(opt.force_scalar);
+  const kernels::MatmulKernels& k = kernels::SelectMatmul(opt);
   const int64_t G = GroupsPerRow(w.cols, w.group_size);
   ParallelFor(n, opt.threads, std::max<int64_t>(1, (int64_t{1} << 15) / w.cols),
               [&](int64_t a, int64_t b) {

@@ -260,9 +260,9 @@ inline void DecodeBlock(const uint8_t* p, __m256* q0, __m256* q1) {
 template <int kBits, int kNB>
 void GemvFused(const QuantMatrix& w, const float*, const float* prep, int64_t r0, int64_t r1,
                float* y, int64_t ldy) {
-  // One row of x: four accumulator chains (FMA latency); more rows of x
-  // give independent chains by themselves.
-  constexpr int kChains = kNB == 1 ? 4 : 2;
+  // Enough independent accumulator chains to cover the FMA latency: four
+  // per row of x for one or two rows, two for three or four.
+  constexpr int kChains = kNB <= 2 ? 4 : 2;
   constexpr int64_t kBytes = kBlock * kBits / 8;
   const int64_t K = w.cols, g = w.group_size, G = GroupsPerRow(K, g);
   const int64_t full = K / kBlock * kBlock;
@@ -339,6 +339,94 @@ void GemvFused(const QuantMatrix& w, const float*, const float* prep, int64_t r0
   }
 }
 
+// sum_{c >= full} s_j x_c q_c - sum_j z_j s_j xsum_j for one row and one row
+// of x: the columns after the last whole block, and the zero-point term.
+template <int kBits>
+float RowRestMinusOffset(const uint8_t* row, const float* s, const float* z, const float* xp,
+                         const float* xsum, int64_t K, int64_t g, int64_t G, int64_t full) {
+  const uint8_t mask = static_cast<uint8_t>((1 << kBits) - 1);
+  float rest = 0.f;
+  for (int64_t c = full; c < K; ++c) {
+    const float q = static_cast<float>((row[(c * kBits) >> 3] >> ((c * kBits) & 7)) & mask);
+    rest += s[c / g] * (xp[c] * q);
+  }
+  __m256 off = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= G; j += 8) {
+    off = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(z + j), _mm256_loadu_ps(s + j)),
+                          _mm256_loadu_ps(xsum + j), off);
+  }
+  float o = HSum(off);
+  for (; j < G; ++j) o += (z[j] * s[j]) * xsum[j];
+  return rest - o;
+}
+
+// One row of x, two weight rows at a time: the x vectors are loaded once
+// for both rows and eight accumulator chains run side by side.
+template <int kBits>
+void GemvFusedPairs(const QuantMatrix& w, const float* prep, int64_t r0, int64_t r1, float* y) {
+  constexpr int64_t kBytes = kBlock * kBits / 8;
+  const int64_t K = w.cols, g = w.group_size, G = GroupsPerRow(K, g);
+  const int64_t full = K / kBlock * kBlock;
+  const int64_t row_bytes = PackedRowBytes(K, kBits);
+  const float* xp = prep;
+  const float* xsum = prep + K;
+  std::vector<float> sa(G), za(G), sb(G), zb(G);
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    Avx2RowParams(w, r, sa.data(), za.data());
+    Avx2RowParams(w, r + 1, sb.data(), zb.data());
+    const uint8_t* ra = w.codes + r * row_bytes;
+    const uint8_t* rb = ra + row_bytes;
+    __m256 tot_a = _mm256_setzero_ps(), tot_b = _mm256_setzero_ps();
+    for (int64_t j = 0; j < G; ++j) {
+      const int64_t c0 = j * g, c1 = std::min(c0 + g, full);
+      if (c0 >= c1) break;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      int64_t c = c0;
+      for (; c + 2 * kBlock <= c1; c += 2 * kBlock) {
+        const __m256 x0 = _mm256_loadu_ps(xp + c), x1 = _mm256_loadu_ps(xp + c + 8);
+        const __m256 x2 = _mm256_loadu_ps(xp + c + 16), x3 = _mm256_loadu_ps(xp + c + 24);
+        const int64_t off = c * kBits / 8;
+        __m256 q0, q1, q2, q3;
+        DecodeBlock<kBits>(ra + off, &q0, &q1);
+        DecodeBlock<kBits>(ra + off + kBytes, &q2, &q3);
+        a0 = _mm256_fmadd_ps(q0, x0, a0);
+        a1 = _mm256_fmadd_ps(q1, x1, a1);
+        a2 = _mm256_fmadd_ps(q2, x2, a2);
+        a3 = _mm256_fmadd_ps(q3, x3, a3);
+        DecodeBlock<kBits>(rb + off, &q0, &q1);
+        DecodeBlock<kBits>(rb + off + kBytes, &q2, &q3);
+        b0 = _mm256_fmadd_ps(q0, x0, b0);
+        b1 = _mm256_fmadd_ps(q1, x1, b1);
+        b2 = _mm256_fmadd_ps(q2, x2, b2);
+        b3 = _mm256_fmadd_ps(q3, x3, b3);
+      }
+      for (; c < c1; c += kBlock) {
+        const __m256 x0 = _mm256_loadu_ps(xp + c), x1 = _mm256_loadu_ps(xp + c + 8);
+        const int64_t off = c * kBits / 8;
+        __m256 q0, q1;
+        DecodeBlock<kBits>(ra + off, &q0, &q1);
+        a0 = _mm256_fmadd_ps(q0, x0, a0);
+        a1 = _mm256_fmadd_ps(q1, x1, a1);
+        DecodeBlock<kBits>(rb + off, &q0, &q1);
+        b0 = _mm256_fmadd_ps(q0, x0, b0);
+        b1 = _mm256_fmadd_ps(q1, x1, b1);
+      }
+      const __m256 sum_a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+      const __m256 sum_b = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+      tot_a = _mm256_fmadd_ps(sum_a, _mm256_set1_ps(sa[j]), tot_a);
+      tot_b = _mm256_fmadd_ps(sum_b, _mm256_set1_ps(sb[j]), tot_b);
+    }
+    y[r] = HSum(tot_a) +
+           RowRestMinusOffset<kBits>(ra, sa.data(), za.data(), xp, xsum, K, g, G, full);
+    y[r + 1] = HSum(tot_b) +
+               RowRestMinusOffset<kBits>(rb, sb.data(), zb.data(), xp, xsum, K, g, G, full);
+  }
+  if (r < r1) GemvFused<kBits, 1>(w, nullptr, prep, r, r1, y, 0);
+}
+
 // Any group size: row decoded into a buffer, then dot products.
 void GemvDecoded(const QuantMatrix& w, const float* x, int64_t nb, int64_t r0, int64_t r1,
                  float* y, int64_t ldy) {
@@ -366,7 +454,7 @@ template <int kBits>
 void GemvFusedNB(const QuantMatrix& w, const float* x, int64_t nb, const float* prep, int64_t r0,
                  int64_t r1, float* y, int64_t ldy) {
   switch (nb) {
-    case 1: return GemvFused<kBits, 1>(w, x, prep, r0, r1, y, ldy);
+    case 1: return GemvFusedPairs<kBits>(w, prep, r0, r1, y);
     case 2: return GemvFused<kBits, 2>(w, x, prep, r0, r1, y, ldy);
     case 3: return GemvFused<kBits, 3>(w, x, prep, r0, r1, y, ldy);
     default: return GemvFused<kBits, 4>(w, x, prep, r0, r1, y, ldy);

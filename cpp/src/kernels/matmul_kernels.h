@@ -1,6 +1,7 @@
 // Kernels of the quantized matmul (arrowquant/matmul.h) behind run-time
 // dispatch: a scalar reference (matmul.cc) and an AVX2 + FMA + F16C path
-// (matmul_avx2.cc). The two agree within the error bound of matmul.h, not bit
+// (matmul_avx2.cc), whose GEMV has an AVX-512 variant (matmul_avx512.cc).
+// They agree within the error bound of matmul.h, not bit
 // for bit (they sum in different orders).
 #pragma once
 
@@ -47,7 +48,11 @@ struct MatmulKernels {
 const MatmulKernels& ScalarMatmulKernels();
 // Null when the binary or the CPU lacks AVX2 + FMA + F16C.
 const MatmulKernels* Avx2MatmulKernels();
-const MatmulKernels& SelectMatmul(bool force_scalar);
+// The AVX2 table with an AVX-512 GEMV (matmul_avx512.cc); null without
+// AVX-512 F/BW/VL.
+const MatmulKernels* Avx512MatmulKernels();
+// The fastest table this CPU runs, at most the one `opt` allows.
+const MatmulKernels& SelectMatmul(const MatmulOptions& opt);
 
 // Scale code and zero code of group `k` (row-major over the whole matrix)
 // of a superblock stream of p-bit codes (FORMAT.md 9.3).

@@ -142,7 +142,7 @@ struct Case {
   DType dtype;
   bool bias;
   MatmulPath path;
-  bool scalar;
+  int isa;  // 0 scalar, 1 AVX2, 2 best (AVX-512 where it runs)
 };
 
 std::string Describe(const Fixture& f, const Case& c) {
@@ -151,7 +151,7 @@ std::string Describe(const Fixture& f, const Case& c) {
          std::to_string(static_cast<int>(f.storage)) + " equalized " +
          std::to_string(!f.input_scales.empty()) + " batch " + std::to_string(c.batch) +
          " dtype " + std::string(DTypeName(c.dtype)) + " path " +
-         std::to_string(static_cast<int>(c.path)) + " scalar " + std::to_string(c.scalar);
+         std::to_string(static_cast<int>(c.path)) + " isa " + std::to_string(c.isa);
 }
 
 // Runs one case and checks every output against the bound; returns the
@@ -188,7 +188,8 @@ double Check(const Fixture& f, const Case& c, std::mt19937& rng) {
                                             : b16.data();
   MatmulOptions opt;
   opt.threads = 2;
-  opt.force_scalar = c.scalar;
+  opt.force_scalar = c.isa == 0;
+  opt.force_avx2 = c.isa == 1;
   opt.path = c.path;
   const Status st = QuantMatmul(f.matrix(), xp, c.dtype, c.batch, bp, c.dtype, y.data(), opt);
   EXPECT_TRUE(st.ok()) << st.message();
@@ -237,10 +238,10 @@ double Check(const Fixture& f, const Case& c, std::mt19937& rng) {
 TEST(QuantMatmul, AgreesWithDequantizeWithinTheBound) {
   std::mt19937 rng(7);
   const int bits_list[] = {2, 4, 8};
-  const int64_t groups[] = {16, 32, 128, 7, 24, 50};
+  const int64_t groups[] = {16, 32, 128, 7, 24, 50, 64};
   const ParamStorage storages[] = {ParamStorage::kF32, ParamStorage::kF16,
                                    ParamStorage::kSuperblock};
-  const int64_t cols_list[] = {1, 15, 16, 33, 130, 300};
+  const int64_t cols_list[] = {1, 15, 16, 33, 130, 300, 64, 96};
   const int64_t batches[] = {1, 2, 3, 4, 5, 17, 40};
   const DType dtypes[] = {DType::kF32, DType::kBF16, DType::kF16};
   const MatmulPath paths[] = {MatmulPath::kAuto, MatmulPath::kGemv, MatmulPath::kGemm};
@@ -250,14 +251,14 @@ TEST(QuantMatmul, AgreesWithDequantizeWithinTheBound) {
       for (ParamStorage storage : storages) {
         for (int scheme = 0; scheme < 2; ++scheme) {
           if (scheme == 1 && storage == ParamStorage::kSuperblock) continue;  // asymmetric only
-          const int64_t cols = cols_list[rng() % 6];
+          const int64_t cols = cols_list[rng() % 8];
           const int64_t rows = 1 + static_cast<int64_t>(rng() % 61);
           const bool equalize = rng() % 3 == 0;
           const Fixture f = Make(rng, rows, cols, bits, g, storage,
                                  scheme ? Scheme::kSymmetric : Scheme::kAsymmetric, equalize);
-          for (int t = 0; t < 4; ++t) {
+          for (int t = 0; t < 6; ++t) {
             Case c{batches[rng() % 7], dtypes[rng() % 3], rng() % 2 == 0, paths[rng() % 3],
-                   t % 2 == 0};
+                   t % 3};
             Check(f, c, rng);
             ++cases;
           }
@@ -265,7 +266,8 @@ TEST(QuantMatmul, AgreesWithDequantizeWithinTheBound) {
       }
     }
   }
-  EXPECT_GT(cases, 300);
+  EXPECT_GT(cases, 600);
+  EXPECT_STRNE(ActiveMatmulKernel(), "");
 }
 
 TEST(QuantMatmul, LargeLayersOnBothPaths) {
@@ -273,10 +275,8 @@ TEST(QuantMatmul, LargeLayersOnBothPaths) {
   for (int bits : {2, 4, 8}) {
     const Fixture f = Make(rng, 70, 1024, bits, 128, ParamStorage::kF16, Scheme::kAsymmetric,
                            false);
-    for (int64_t batch : {1, 4, 33}) {
-      for (bool scalar : {false, true}) {
-        Check(f, Case{batch, DType::kF32, true, MatmulPath::kAuto, scalar}, rng);
-      }
+    for (int64_t batch : {1, 2, 3, 4, 33}) {
+      for (int isa : {0, 1, 2}) Check(f, Case{batch, DType::kF32, true, MatmulPath::kAuto, isa}, rng);
     }
   }
 }

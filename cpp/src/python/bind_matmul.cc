@@ -104,7 +104,8 @@ void BindQuantMatmul(const AnyIn& x, const AnyIn& codes, const AnyIn& scales,
                      const std::optional<AnyIn>& input_scales, const std::optional<AnyIn>& bias,
                      AnyOut y, int64_t rows, int64_t cols, int bits, int64_t group_size,
                      const std::string& params, int param_code_bits, int64_t superblock_groups,
-                     int threads, const std::string& path, bool force_scalar) {
+                     int threads, const std::string& path, bool force_scalar,
+                     bool force_avx2) {
   const QuantMatrix w = MakeMatrix(codes, scales, zero_points, param_codes, input_scales, rows,
                                    cols, bits, group_size, params, param_code_bits,
                                    superblock_groups);
@@ -128,6 +129,7 @@ void BindQuantMatmul(const AnyIn& x, const AnyIn& codes, const AnyIn& scales,
   opt.threads = threads;
   opt.force_scalar = force_scalar;
   opt.path = ParsePath(path);
+  opt.force_avx2 = force_avx2;
   Status st;
   {
     nb::gil_scoped_release release;
@@ -194,7 +196,7 @@ void Bind(nb::module_& m) {
         nb::arg("bias").none(), nb::arg("y"), nb::arg("rows"), nb::arg("cols"), nb::arg("bits"),
         nb::arg("group_size"), nb::arg("params"), nb::arg("param_code_bits") = 0,
         nb::arg("superblock_groups") = 0, nb::arg("threads") = 0, nb::arg("path") = "auto",
-        nb::arg("force_scalar") = false,
+        nb::arg("force_scalar") = false, nb::arg("force_avx2") = false,
         "y = x @ W^T + bias for a packed quantized W (rows x cols), into y (batch x rows, the "
         "dtype of x: float32, bfloat16 or float16).");
   m.def("dequantize_matrix_rows", &BindDequantizeRows, nb::arg("codes"), nb::arg("scales"),

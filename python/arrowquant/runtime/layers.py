@@ -170,7 +170,7 @@ class _PackedWeight(nn.Module):
     def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight (rows x cols of the quantized view) as float32, or cast to `dtype`."""
         if self.qweight.device.type == "cpu":
-            w = ops.dequantize_weight(*self._packed_args(), self.rows, self.cols,
+            w = ops.weight(*self._packed_args(), self.rows, self.cols,
                                       *self._meta_args())
         else:
             w = self._torch_dequantize()
@@ -247,7 +247,7 @@ class QuantLinear(_PackedWeight):
         if x.device.type != "cpu":
             w = self._torch_dequantize().to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        return ops.quant_linear(x, *self._packed_args(), self.bias, self.out_features,
+        return ops.linear(x, *self._packed_args(), self.bias, self.out_features,
                                 *self._meta_args())
 
     def extra_repr(self) -> str:
@@ -340,7 +340,7 @@ class QuantConv2d(_PackedWeight):
         squeeze = x.dim() == 3
         if squeeze:
             x = x.unsqueeze(0)
-        y = ops.quant_conv2d(x.contiguous(), *self._packed_args(), self.bias, self.out_channels,
+        y = ops.conv2d(x.contiguous(), *self._packed_args(), self.bias, self.out_channels,
                              *self._meta_args(), list(self.kernel_size), list(self.stride),
                              padding, list(self.dilation), self.groups)
         return y.squeeze(0) if squeeze else y
@@ -391,7 +391,7 @@ class QuantEmbedding(_PackedWeight):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.device.type != "cpu":
             return F.embedding(ids, self._torch_dequantize().to(self.weight_dtype))
-        out = ops.quant_embedding(ids, *self._packed_args(), self.rows, self.cols,
+        out = ops.embedding(ids, *self._packed_args(), self.rows, self.cols,
                                   *self._meta_args())
         return out.to(self.weight_dtype)
 

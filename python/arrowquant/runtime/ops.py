@@ -107,8 +107,7 @@ def _blas_linear(x2: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
     return y.to(x2.dtype).contiguous()
 
 
-@torch.library.custom_op("arrowquant::quant_linear", mutates_args=())
-def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
+def _quant_linear_impl(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
                  param_codes: Optional[Tensor], input_scales: Optional[Tensor],
                  bias: Optional[Tensor], out_features: int, bits: int, group_size: int,
                  params: str, param_code_bits: int, superblock_groups: int) -> Tensor:
@@ -136,14 +135,17 @@ def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
     return y.reshape(lead + [out_features]).to(dtype)
 
 
+quant_linear = torch.library.custom_op("arrowquant::quant_linear", _quant_linear_impl,
+                                       mutates_args=())
+
+
 @quant_linear.register_fake
 def _(x, codes, scales, zero_points, param_codes, input_scales, bias, out_features, bits,
       group_size, params, param_code_bits, superblock_groups):
     return x.new_empty(list(x.shape[:-1]) + [out_features])
 
 
-@torch.library.custom_op("arrowquant::dequantize_weight", mutates_args=())
-def dequantize_weight(codes: Tensor, scales: Tensor, zero_points: Tensor,
+def _dequantize_weight_impl(codes: Tensor, scales: Tensor, zero_points: Tensor,
                       param_codes: Optional[Tensor], input_scales: Optional[Tensor], rows: int,
                       cols: int, bits: int, group_size: int, params: str, param_code_bits: int,
                       superblock_groups: int) -> Tensor:
@@ -152,14 +154,17 @@ def dequantize_weight(codes: Tensor, scales: Tensor, zero_points: Tensor,
                             bits, group_size, params, param_code_bits, superblock_groups, 0, rows)
 
 
+dequantize_weight = torch.library.custom_op("arrowquant::dequantize_weight", _dequantize_weight_impl,
+                                            mutates_args=())
+
+
 @dequantize_weight.register_fake
 def _(codes, scales, zero_points, param_codes, input_scales, rows, cols, bits, group_size,
       params, param_code_bits, superblock_groups):
     return codes.new_empty((rows, cols), dtype=torch.float32)
 
 
-@torch.library.custom_op("arrowquant::quant_embedding", mutates_args=())
-def quant_embedding(ids: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
+def _quant_embedding_impl(ids: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
                     param_codes: Optional[Tensor], input_scales: Optional[Tensor], rows: int,
                     cols: int, bits: int, group_size: int, params: str, param_code_bits: int,
                     superblock_groups: int) -> Tensor:
@@ -172,18 +177,33 @@ def quant_embedding(ids: Tensor, codes: Tensor, scales: Tensor, zero_points: Ten
     return out.reshape(list(ids.shape) + [cols])
 
 
+quant_embedding = torch.library.custom_op("arrowquant::quant_embedding", _quant_embedding_impl,
+                                          mutates_args=())
+
+
 @quant_embedding.register_fake
 def _(ids, codes, scales, zero_points, param_codes, input_scales, rows, cols, bits, group_size,
       params, param_code_bits, superblock_groups):
     return codes.new_empty(list(ids.shape) + [cols], dtype=torch.float32)
 
 
+def eager(op, impl):
+    """The operator for tracing (torch.compile / export sees one opaque call),
+    its implementation called directly in eager mode (no dispatcher round
+    trip: about 25 us less per call)."""
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return impl(*args)
+    call.__doc__ = impl.__doc__
+    return call
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-@torch.library.custom_op("arrowquant::quant_conv2d", mutates_args=())
-def quant_conv2d(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
+def _quant_conv2d_impl(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
                  param_codes: Optional[Tensor], input_scales: Optional[Tensor],
                  bias: Optional[Tensor], out_channels: int, bits: int, group_size: int,
                  params: str, param_code_bits: int, superblock_groups: int,
@@ -206,7 +226,7 @@ def quant_conv2d(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
         else:
             cols_in = torch.nn.functional.unfold(x, (kh, kw), dilation=dilation, padding=padding,
                                                  stride=stride).transpose(1, 2).reshape(-1, cols)
-        y = quant_linear(cols_in, codes, scales, zero_points, param_codes, input_scales, bias,
+        y = _quant_linear_impl(cols_in, codes, scales, zero_points, param_codes, input_scales, bias,
                          out_channels, bits, group_size, params, param_code_bits,
                          superblock_groups)
         return y.reshape(n, ho, wo, out_channels).permute(0, 3, 1, 2).contiguous()
@@ -219,6 +239,10 @@ def quant_conv2d(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Tensor,
     return y.to(dtype)
 
 
+quant_conv2d = torch.library.custom_op("arrowquant::quant_conv2d", _quant_conv2d_impl,
+                                       mutates_args=())
+
+
 @quant_conv2d.register_fake
 def _(x, codes, scales, zero_points, param_codes, input_scales, bias, out_channels, bits,
       group_size, params, param_code_bits, superblock_groups, kernel_size, stride, padding,
@@ -229,10 +253,17 @@ def _(x, codes, scales, zero_points, param_codes, input_scales, bias, out_channe
     return x.new_empty((n, out_channels, ho, wo))
 
 
+linear = eager(quant_linear, _quant_linear_impl)
+conv2d = eager(quant_conv2d, _quant_conv2d_impl)
+embedding = eager(quant_embedding, _quant_embedding_impl)
+weight = eager(dequantize_weight, _dequantize_weight_impl)
+
+
 def active_kernel() -> str:
     """The matmul path on this CPU ("avx2" or "scalar")."""
     return _core.active_matmul_kernel()
 
 
 __all__ = ["Policy", "policy", "set_policy", "quant_linear", "quant_conv2d", "quant_embedding",
-           "dequantize_weight", "active_kernel", "KERNEL_DTYPES"]
+           "dequantize_weight", "linear", "conv2d", "embedding", "weight", "active_kernel",
+           "KERNEL_DTYPES"]
