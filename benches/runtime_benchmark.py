@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
-if (REPO / "python" / "arrowquant").is_dir() and any((REPO / "python" / "arrowquant").glob("_core*")):
+_DEV = REPO / "python" / "arrowquant"
+if _DEV.is_dir() and any(_DEV.glob("_core*")):
     sys.path.insert(0, str(REPO / "python"))
 
 warnings.filterwarnings("ignore")
@@ -155,7 +156,7 @@ def anchors(lin: torch.nn.Linear, skip: List[str]) -> Tuple[Dict[str, Tuple[torc
         except Exception as exc:  # noqa: BLE001 - an anchor that fails is reported
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
-    def torchao(config: Callable[[], Any]) -> Callable[[], Tuple[torch.nn.Module, torch.dtype, Any]]:
+    def torchao(config: Callable[[], Any]) -> Callable[[], Tuple[Any, torch.dtype, Any]]:
         def build():
             from torchao.quantization import quantize_
 
@@ -488,7 +489,8 @@ RSS_CHILD = textwrap.dedent("""
     from arrowquant.diffusers import load_pipeline
     torch.set_num_threads(int(sys.argv[2]))
     def status(key):
-        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+        line = next(l for l in open("/proc/self/status") if l.startswith(key))
+        return int(line.split()[1]) * 1024
     base = status("VmRSS:")
     t0 = time.perf_counter()
     path = sys.argv[1]
@@ -499,7 +501,8 @@ RSS_CHILD = textwrap.dedent("""
     load_s = time.perf_counter() - t0
     after_load = status("VmRSS:")
     load_peak = status("VmHWM:")
-    weights = sum(aqt.module_weight_bytes(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder"))
+    weights = sum(aqt.module_weight_bytes(getattr(pipe, n))
+                  for n in ("unet", "vae", "text_encoder"))
     t0 = time.perf_counter()
     with torch.inference_mode():
         pipe("a photograph of a red cat", num_inference_steps=2, height=256, width=256,
@@ -513,7 +516,8 @@ RSS_CHILD = textwrap.dedent("""
 
 def bench_rss(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
     base = build_pipeline(root)
-    dirs = {"float32": base, "INT8": quantized_pipeline(root, 8), "INT4": quantized_pipeline(root, 4)}
+    dirs = {"float32": base, "INT8": quantized_pipeline(root, 8),
+            "INT4": quantized_pipeline(root, 4)}
     rows = []
     py = str(REPO / "python") if (REPO / "python" / "arrowquant").is_dir() else ""
     for name, d in dirs.items():
@@ -561,8 +565,8 @@ def markdown(res: Dict[str, Any]) -> str:
             lines.append("")
     pol = res.get("policy")
     if pol:
-        lines += ["GEMV vs C++ GEMM (4096x4096, ms):", "", "| threads | bits | batch | gemv | gemm |",
-                  "|---:|---:|---:|---:|---:|"]
+        lines += ["GEMV vs C++ GEMM (4096x4096, ms):", "",
+                  "| threads | bits | batch | gemv | gemm |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['threads']} | {r['bits']} | {r['batch']} | {r['gemv']:.2f} | "
                   f"{r['gemm']:.2f} |" for r in pol["gemv_vs_gemm"]]
         lines += ["", "C++ GEMM vs torch BLAS on dequantized panels (4096x4096, ms):", "",
@@ -602,14 +606,16 @@ def markdown(res: Dict[str, Any]) -> str:
     if rss:
         lines += ["Pipeline end to end (load, then 2 steps at 256x256), fresh process each:", "",
                   "| weights | load s | run s | RSS after imports MB | peak while loading MB | "
-                  "peak MB | weights resident MB | file MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "peak MB | weights resident MB | file MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rss["rows"]:
             if "error" in r:
                 lines.append(f"| {r['impl']} | failed: {r['error'][-120:]!r} |")
                 continue
             fb = f"{r['file_bytes'] / MB:.0f}" if r.get("file_bytes") else ""
             lines.append(f"| {r['impl']} | {r['load_s']:.1f} | {r['run_s']:.1f} | "
-                         f"{r['base'] / MB:.0f} | {r['load_peak'] / MB:.0f} | {r['peak'] / MB:.0f} | "
+                         f"{r['base'] / MB:.0f} | {r['load_peak'] / MB:.0f} | "
+                         f"{r['peak'] / MB:.0f} | "
                          f"{r['weights'] / MB:.0f} | {fb} |")
         lines.append("")
     return "\n".join(lines)

@@ -21,9 +21,12 @@ namespace {
 
 float ToFloat(DType dtype, const void* src, int64_t i) {
   switch (dtype) {
-    case DType::kBF16: return BFloat16ToFloat(static_cast<const uint16_t*>(src)[i]);
-    case DType::kF16: return HalfToFloat(static_cast<const uint16_t*>(src)[i]);
-    default: return static_cast<const float*>(src)[i];
+    case DType::kBF16:
+      return BFloat16ToFloat(static_cast<const uint16_t*>(src)[i]);
+    case DType::kF16:
+      return HalfToFloat(static_cast<const uint16_t*>(src)[i]);
+    default:
+      return static_cast<const float*>(src)[i];
   }
 }
 
@@ -45,9 +48,14 @@ void ScalarStoreY(const float* src, const void* bias, DType bias_dtype, int64_t 
   for (int64_t i = 0; i < n; ++i) {
     const float v = bias ? src[i] + ToFloat(bias_dtype, bias, i) : src[i];
     switch (dtype) {
-      case DType::kBF16: static_cast<uint16_t*>(dst)[i] = FloatToBFloat16(v); break;
-      case DType::kF16: static_cast<uint16_t*>(dst)[i] = FloatToHalf(v); break;
-      default: static_cast<float*>(dst)[i] = v;
+      case DType::kBF16:
+        static_cast<uint16_t*>(dst)[i] = FloatToBFloat16(v);
+        break;
+      case DType::kF16:
+        static_cast<uint16_t*>(dst)[i] = FloatToHalf(v);
+        break;
+      default:
+        static_cast<float*>(dst)[i] = v;
     }
   }
 }
@@ -57,8 +65,7 @@ void ScalarRowParams(const QuantMatrix& w, int64_t r, float* scales, float* zero
   switch (w.params) {
     case ParamStorage::kF32:
       std::memcpy(scales, static_cast<const float*>(w.scales) + r * G, G * sizeof(float));
-      std::memcpy(zero_points, static_cast<const float*>(w.zero_points) + r * G,
-                  G * sizeof(float));
+      std::memcpy(zero_points, static_cast<const float*>(w.zero_points) + r * G, G * sizeof(float));
       return;
     case ParamStorage::kF16: {
       const auto* s = static_cast<const uint16_t*>(w.scales) + r * G;
@@ -120,9 +127,8 @@ void ScalarRows(const QuantMatrix& w, const float* x, int64_t nb, const float*, 
 }
 
 const MatmulKernels kScalarMatmul = {
-    "scalar",   ScalarLoadX, ScalarStoreY, ScalarRowParams, ScalarDecodeRange,
-    NoPrep,     NoPrepare,   ScalarRows,   /*gemm_row_block=*/1,
-    NoPrep,     NoPrepare,   ScalarRows,
+    "scalar",  ScalarLoadX, ScalarStoreY,         ScalarRowParams, ScalarDecodeRange, NoPrep,
+    NoPrepare, ScalarRows,  /*gemm_row_block=*/1, NoPrep,          NoPrepare,         ScalarRows,
 };
 
 }  // namespace
@@ -161,8 +167,8 @@ Status ValidateQuantMatrix(const QuantMatrix& w) {
     return Status::Invalid("group size must be positive, got " + std::to_string(w.group_size));
   }
   if (w.rows < 0 || w.cols < 0) return Status::Invalid("negative matrix dimensions");
-  if (w.rows * w.cols > 0 && (w.codes == nullptr || w.scales == nullptr ||
-                              w.zero_points == nullptr)) {
+  if (w.rows * w.cols > 0 &&
+      (w.codes == nullptr || w.scales == nullptr || w.zero_points == nullptr)) {
     return Status::Invalid("null weight buffer");
   }
   if (w.params == ParamStorage::kSuperblock) {
@@ -222,11 +228,12 @@ Status QuantMatmul(const QuantMatrix& w, const void* x, DType x_dtype, int64_t b
   if (x_dtype != DType::kF32 || w.input_scales != nullptr) {
     xbuf.resize(static_cast<size_t>(batch * K));
     const size_t item = DTypeSize(x_dtype);
-    ParallelFor(batch, opt.threads, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)),
+    ParallelFor(batch, opt.threads,
+                std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)),
                 [&](int64_t b0, int64_t b1) {
                   for (int64_t b = b0; b < b1; ++b) {
-                    k.load_x(x_dtype, static_cast<const uint8_t*>(x) + b * K * item,
-                             w.input_scales, K, xbuf.data() + b * K);
+                    k.load_x(x_dtype, static_cast<const uint8_t*>(x) + b * K * item, w.input_scales,
+                             K, xbuf.data() + b * K);
                   }
                 });
     xf = xbuf.data();
@@ -241,8 +248,8 @@ Status QuantMatmul(const QuantMatrix& w, const void* x, DType x_dtype, int64_t b
     yf = ybuf.data();
   }
 
-  const bool gemv = opt.path == MatmulPath::kGemv ||
-                    (opt.path == MatmulPath::kAuto && batch <= kGemvMaxBatch);
+  const bool gemv =
+      opt.path == MatmulPath::kGemv || (opt.path == MatmulPath::kAuto && batch <= kGemvMaxBatch);
   if (gemv) {
     std::vector<float> prep;
     for (int64_t b0 = 0; b0 < batch; b0 += kGemvMaxBatch) {

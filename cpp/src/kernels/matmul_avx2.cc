@@ -12,10 +12,10 @@
 // buffer; a 6 x 16 register-blocked kernel multiplies it with x^T packed in
 // panels of 16 rows of x (FMA, explicit intrinsics: the build has
 // -ffp-contract=off).
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cpuid.h>
 #include <cstring>
 #include <vector>
 
@@ -27,10 +27,10 @@ namespace arrowquant::kernels {
 
 namespace {
 
-constexpr int64_t kBlock = 16;  // codes per decoded block (GEMV)
-constexpr int64_t kMr = 6;      // GEMM: weight rows per register tile
-constexpr int64_t kNr = 16;     // GEMM: rows of x per register tile (two vectors)
-constexpr int64_t kKc = 256;    // GEMM: columns per dequantized slice
+constexpr int64_t kBlock = 16;          // codes per decoded block (GEMV)
+constexpr int64_t kMr = 6;              // GEMM: weight rows per register tile
+constexpr int64_t kNr = 16;             // GEMM: rows of x per register tile (two vectors)
+constexpr int64_t kKc = 256;            // GEMM: columns per dequantized slice
 constexpr int64_t kRowBlock = 8 * kMr;  // GEMM: weight rows sharing one slice of x
 
 inline float HSum(__m256 v) {
@@ -63,9 +63,14 @@ void Avx2LoadX(DType dtype, const void* src, const float* input_scales, int64_t 
   for (; i < n; ++i) {
     float v;
     switch (dtype) {
-      case DType::kBF16: v = BFloat16ToFloat(static_cast<const uint16_t*>(src)[i]); break;
-      case DType::kF16: v = Half(static_cast<const uint16_t*>(src)[i]); break;
-      default: v = static_cast<const float*>(src)[i];
+      case DType::kBF16:
+        v = BFloat16ToFloat(static_cast<const uint16_t*>(src)[i]);
+        break;
+      case DType::kF16:
+        v = Half(static_cast<const uint16_t*>(src)[i]);
+        break;
+      default:
+        v = static_cast<const float*>(src)[i];
     }
     dst[i] = input_scales ? v / input_scales[i] : v;
   }
@@ -84,8 +89,8 @@ inline __m256 LoadAny(DType dtype, const void* p, int64_t i) {
 inline __m128i ToBf16(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb),
-                                16);
+  __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
   const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
                                          _mm256_set1_epi32(0x7F800000));
   const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
@@ -104,16 +109,15 @@ void Avx2StoreY(const float* src, const void* bias, DType bias_dtype, int64_t n,
     if (dtype == DType::kF32) {
       _mm256_storeu_ps(static_cast<float*>(dst) + i, v);
     } else {
-      const __m128i h = dtype == DType::kF16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)
-                                             : ToBf16(v);
+      const __m128i h =
+          dtype == DType::kF16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT) : ToBf16(v);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + i), h);
     }
   }
-  if (i < n) ScalarMatmulKernels().store_y(src + i, bias ? static_cast<const uint8_t*>(bias) +
-                                                          i * DTypeSize(bias_dtype)
-                                                         : nullptr,
-                                           bias_dtype, n - i, dtype,
-                                           static_cast<uint8_t*>(dst) + i * DTypeSize(dtype));
+  if (i < n)
+    ScalarMatmulKernels().store_y(
+        src + i, bias ? static_cast<const uint8_t*>(bias) + i * DTypeSize(bias_dtype) : nullptr,
+        bias_dtype, n - i, dtype, static_cast<uint8_t*>(dst) + i * DTypeSize(dtype));
 }
 
 // ---------------------------------------------------------------------------
@@ -156,8 +160,8 @@ void Avx2RowParams(const QuantMatrix& w, int64_t r, float* scales, float* zero_p
   ScalarMatmulKernels().row_params(w, r, scales, zero_points);
 }
 
-void Avx2DecodeRange(const QuantMatrix& w, int64_t r, const float* scales,
-                     const float* zero_points, int64_t c0, int64_t c1, float* out) {
+void Avx2DecodeRange(const QuantMatrix& w, int64_t r, const float* scales, const float* zero_points,
+                     int64_t c0, int64_t c1, float* out) {
   const int bits = w.bits;
   const int64_t g = w.group_size;
   const int64_t row_bytes = PackedRowBytes(w.cols, bits);
@@ -185,8 +189,7 @@ void Avx2DecodeRange(const QuantMatrix& w, int64_t r, const float* scales,
         q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w32)), shifts),
                              vmask);
       }
-      _mm256_storeu_ps(out + (c - c0),
-                       _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), vz), vs));
+      _mm256_storeu_ps(out + (c - c0), _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), vz), vs));
     }
     for (; c < end; ++c) {
       const uint8_t q = (row[(c * bits) >> 3] >> ((c * bits) & 7)) & mask;
@@ -419,17 +422,17 @@ void GemvFusedPairs(const QuantMatrix& w, const float* prep, int64_t r0, int64_t
       tot_a = _mm256_fmadd_ps(sum_a, _mm256_set1_ps(sa[j]), tot_a);
       tot_b = _mm256_fmadd_ps(sum_b, _mm256_set1_ps(sb[j]), tot_b);
     }
-    y[r] = HSum(tot_a) +
-           RowRestMinusOffset<kBits>(ra, sa.data(), za.data(), xp, xsum, K, g, G, full);
-    y[r + 1] = HSum(tot_b) +
-               RowRestMinusOffset<kBits>(rb, sb.data(), zb.data(), xp, xsum, K, g, G, full);
+    y[r] =
+        HSum(tot_a) + RowRestMinusOffset<kBits>(ra, sa.data(), za.data(), xp, xsum, K, g, G, full);
+    y[r + 1] =
+        HSum(tot_b) + RowRestMinusOffset<kBits>(rb, sb.data(), zb.data(), xp, xsum, K, g, G, full);
   }
   if (r < r1) GemvFused<kBits, 1>(w, nullptr, prep, r, r1, y, 0);
 }
 
 // Any group size: row decoded into a buffer, then dot products.
-void GemvDecoded(const QuantMatrix& w, const float* x, int64_t nb, int64_t r0, int64_t r1,
-                 float* y, int64_t ldy) {
+void GemvDecoded(const QuantMatrix& w, const float* x, int64_t nb, int64_t r0, int64_t r1, float* y,
+                 int64_t ldy) {
   const int64_t K = w.cols, G = GroupsPerRow(K, w.group_size);
   std::vector<float> s(G), z(G), row(K);
   for (int64_t r = r0; r < r1; ++r) {
@@ -454,10 +457,14 @@ template <int kBits>
 void GemvFusedNB(const QuantMatrix& w, const float* x, int64_t nb, const float* prep, int64_t r0,
                  int64_t r1, float* y, int64_t ldy) {
   switch (nb) {
-    case 1: return GemvFusedPairs<kBits>(w, prep, r0, r1, y);
-    case 2: return GemvFused<kBits, 2>(w, x, prep, r0, r1, y, ldy);
-    case 3: return GemvFused<kBits, 3>(w, x, prep, r0, r1, y, ldy);
-    default: return GemvFused<kBits, 4>(w, x, prep, r0, r1, y, ldy);
+    case 1:
+      return GemvFusedPairs<kBits>(w, prep, r0, r1, y);
+    case 2:
+      return GemvFused<kBits, 2>(w, x, prep, r0, r1, y, ldy);
+    case 3:
+      return GemvFused<kBits, 3>(w, x, prep, r0, r1, y, ldy);
+    default:
+      return GemvFused<kBits, 4>(w, x, prep, r0, r1, y, ldy);
   }
 }
 
@@ -466,9 +473,12 @@ void Avx2Gemv(const QuantMatrix& w, const float* x, int64_t nb, const float* pre
   static_assert(kGemvMaxBatch == 4, "GemvFusedNB handles up to 4 rows of x");
   if (!Fused(w)) return GemvDecoded(w, x, nb, r0, r1, y, ldy);
   switch (w.bits) {
-    case 8: return GemvFusedNB<8>(w, x, nb, prep, r0, r1, y, ldy);
-    case 4: return GemvFusedNB<4>(w, x, nb, prep, r0, r1, y, ldy);
-    default: return GemvFusedNB<2>(w, x, nb, prep, r0, r1, y, ldy);
+    case 8:
+      return GemvFusedNB<8>(w, x, nb, prep, r0, r1, y, ldy);
+    case 4:
+      return GemvFusedNB<4>(w, x, nb, prep, r0, r1, y, ldy);
+    default:
+      return GemvFusedNB<2>(w, x, nb, prep, r0, r1, y, ldy);
   }
 }
 
@@ -551,18 +561,8 @@ void Avx2Gemm(const QuantMatrix& w, const float*, int64_t batch, const float* pr
 }
 
 const MatmulKernels kAvx2Matmul = {
-    "avx2",
-    Avx2LoadX,
-    Avx2StoreY,
-    Avx2RowParams,
-    Avx2DecodeRange,
-    Avx2GemvPrepFloats,
-    Avx2GemvPrepare,
-    Avx2Gemv,
-    kRowBlock,
-    Avx2GemmPrepFloats,
-    Avx2GemmPrepare,
-    Avx2Gemm,
+    "avx2",          Avx2LoadX, Avx2StoreY, Avx2RowParams,      Avx2DecodeRange, Avx2GemvPrepFloats,
+    Avx2GemvPrepare, Avx2Gemv,  kRowBlock,  Avx2GemmPrepFloats, Avx2GemmPrepare, Avx2Gemm,
 };
 
 }  // namespace

@@ -10,10 +10,10 @@
 // which -Wmaybe-uninitialized reports inside every inlined caller (GCC bug
 // 105593); the values are all written before use.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cpuid.h>
 #include <cstring>
 #include <vector>
 
@@ -99,8 +99,7 @@ inline void DecodeBlock(const uint8_t* p, __m512* q0, __m512* q1) {
     *q1 = _mm512_cvtepi32_ps(
         _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
   } else if constexpr (kBits == 4) {
-    const __m512i v =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     *q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
     *q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
   } else {
@@ -180,9 +179,9 @@ void GemvRows(const QuantMatrix& w, const float* prep, int64_t r0, int64_t r1, f
       __m512 off = _mm512_setzero_ps();
       int64_t t = 0;
       for (; t + 16 <= G; t += 16) {
-        off = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(z.data() + t),
-                                            _mm512_loadu_ps(s.data() + t)),
-                              _mm512_loadu_ps(xsum + b * G + t), off);
+        off = _mm512_fmadd_ps(
+            _mm512_mul_ps(_mm512_loadu_ps(z.data() + t), _mm512_loadu_ps(s.data() + t)),
+            _mm512_loadu_ps(xsum + b * G + t), off);
       }
       float o = Reduce(off);
       for (; t < G; ++t) o += (z[t] * s[t]) * xsum[b * G + t];
@@ -192,13 +191,17 @@ void GemvRows(const QuantMatrix& w, const float* prep, int64_t r0, int64_t r1, f
 }
 
 template <int kBits>
-void GemvNB(const QuantMatrix& w, int64_t nb, const float* prep, int64_t r0, int64_t r1,
-            float* y, int64_t ldy) {
+void GemvNB(const QuantMatrix& w, int64_t nb, const float* prep, int64_t r0, int64_t r1, float* y,
+            int64_t ldy) {
   switch (nb) {
-    case 1: return GemvRows<kBits, 1>(w, prep, r0, r1, y, ldy);
-    case 2: return GemvRows<kBits, 2>(w, prep, r0, r1, y, ldy);
-    case 3: return GemvRows<kBits, 3>(w, prep, r0, r1, y, ldy);
-    default: return GemvRows<kBits, 4>(w, prep, r0, r1, y, ldy);
+    case 1:
+      return GemvRows<kBits, 1>(w, prep, r0, r1, y, ldy);
+    case 2:
+      return GemvRows<kBits, 2>(w, prep, r0, r1, y, ldy);
+    case 3:
+      return GemvRows<kBits, 3>(w, prep, r0, r1, y, ldy);
+    default:
+      return GemvRows<kBits, 4>(w, prep, r0, r1, y, ldy);
   }
 }
 
@@ -207,9 +210,12 @@ void Gemv(const QuantMatrix& w, const float* x, int64_t nb, const float* prep, i
   static_assert(kGemvMaxBatch == 4, "GemvNB handles up to 4 rows of x");
   if (!Fused(w)) return Avx2MatmulKernels()->gemv(w, x, nb, prep, r0, r1, y, ldy);
   switch (w.bits) {
-    case 8: return GemvNB<8>(w, nb, prep, r0, r1, y, ldy);
-    case 4: return GemvNB<4>(w, nb, prep, r0, r1, y, ldy);
-    default: return GemvNB<2>(w, nb, prep, r0, r1, y, ldy);
+    case 8:
+      return GemvNB<8>(w, nb, prep, r0, r1, y, ldy);
+    case 4:
+      return GemvNB<4>(w, nb, prep, r0, r1, y, ldy);
+    default:
+      return GemvNB<2>(w, nb, prep, r0, r1, y, ldy);
   }
 }
 

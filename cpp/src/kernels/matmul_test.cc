@@ -32,11 +32,11 @@ struct Fixture {
   QuantSpec spec;
   ParamStorage storage = ParamStorage::kF32;
   std::vector<uint8_t> packed;
-  std::vector<float> scales, zeros;        // expanded per-group float32
-  std::vector<uint16_t> s16, z16;          // kF16 storage / superblock units
-  std::vector<uint8_t> stream;             // superblock param codes
+  std::vector<float> scales, zeros;  // expanded per-group float32
+  std::vector<uint16_t> s16, z16;    // kF16 storage / superblock units
+  std::vector<uint8_t> stream;       // superblock param codes
   std::vector<float> input_scales;
-  std::vector<float> w_hat;                // dequantized / s (the reference weight)
+  std::vector<float> w_hat;  // dequantized / s (the reference weight)
 
   QuantMatrix matrix() const {
     QuantMatrix w;
@@ -149,9 +149,9 @@ std::string Describe(const Fixture& f, const Case& c) {
   return "rows " + std::to_string(f.rows) + " cols " + std::to_string(f.cols) + " bits " +
          std::to_string(f.spec.bits) + " g " + std::to_string(f.spec.group_size) + " storage " +
          std::to_string(static_cast<int>(f.storage)) + " equalized " +
-         std::to_string(!f.input_scales.empty()) + " batch " + std::to_string(c.batch) +
-         " dtype " + std::string(DTypeName(c.dtype)) + " path " +
-         std::to_string(static_cast<int>(c.path)) + " isa " + std::to_string(c.isa);
+         std::to_string(!f.input_scales.empty()) + " batch " + std::to_string(c.batch) + " dtype " +
+         std::string(DTypeName(c.dtype)) + " path " + std::to_string(static_cast<int>(c.path)) +
+         " isa " + std::to_string(c.isa);
 }
 
 // Runs one case and checks every output against the bound; returns the
@@ -183,7 +183,7 @@ double Check(const Fixture& f, const Case& c, std::mt19937& rng) {
   const size_t item = DTypeSize(c.dtype);
   std::vector<uint8_t> y(static_cast<size_t>(c.batch * N) * item);
   const void* xp = c.dtype == DType::kF32 ? static_cast<const void*>(x.data()) : x16.data();
-  const void* bp = !c.bias ? nullptr
+  const void* bp = !c.bias                  ? nullptr
                    : c.dtype == DType::kF32 ? static_cast<const void*>(bias.data())
                                             : b16.data();
   MatmulOptions opt;
@@ -197,7 +197,7 @@ double Check(const Fixture& f, const Case& c, std::mt19937& rng) {
   const double u = std::ldexp(1.0, -24);
   const double n = static_cast<double>(MatmulErrorTerms(K, G));
   const double gamma = n * u / (1 - n * u);
-  const double out_u = c.dtype == DType::kBF16 ? std::ldexp(1.0, -8)
+  const double out_u = c.dtype == DType::kBF16  ? std::ldexp(1.0, -8)
                        : c.dtype == DType::kF16 ? std::ldexp(1.0, -11)
                                                 : 0.0;
   double worst = 0;
@@ -257,8 +257,7 @@ TEST(QuantMatmul, AgreesWithDequantizeWithinTheBound) {
           const Fixture f = Make(rng, rows, cols, bits, g, storage,
                                  scheme ? Scheme::kSymmetric : Scheme::kAsymmetric, equalize);
           for (int t = 0; t < 6; ++t) {
-            Case c{batches[rng() % 7], dtypes[rng() % 3], rng() % 2 == 0, paths[rng() % 3],
-                   t % 3};
+            Case c{batches[rng() % 7], dtypes[rng() % 3], rng() % 2 == 0, paths[rng() % 3], t % 3};
             Check(f, c, rng);
             ++cases;
           }
@@ -273,10 +272,11 @@ TEST(QuantMatmul, AgreesWithDequantizeWithinTheBound) {
 TEST(QuantMatmul, LargeLayersOnBothPaths) {
   std::mt19937 rng(11);
   for (int bits : {2, 4, 8}) {
-    const Fixture f = Make(rng, 70, 1024, bits, 128, ParamStorage::kF16, Scheme::kAsymmetric,
-                           false);
+    const Fixture f =
+        Make(rng, 70, 1024, bits, 128, ParamStorage::kF16, Scheme::kAsymmetric, false);
     for (int64_t batch : {1, 2, 3, 4, 33}) {
-      for (int isa : {0, 1, 2}) Check(f, Case{batch, DType::kF32, true, MatmulPath::kAuto, isa}, rng);
+      for (int isa : {0, 1, 2})
+        Check(f, Case{batch, DType::kF32, true, MatmulPath::kAuto, isa}, rng);
     }
   }
 }
@@ -289,7 +289,8 @@ TEST(QuantMatmul, BoundCatchesOneWrongCode) {
   // Compute the correct outputs, then flip one code and compare with the
   // unmodified reference: the difference must exceed the bound.
   std::vector<float> x(static_cast<size_t>(f.cols), 1.0f), y(static_cast<size_t>(f.rows));
-  ASSERT_TRUE(QuantMatmul(f.matrix(), x.data(), DType::kF32, 1, nullptr, DType::kF32, y.data()).ok());
+  ASSERT_TRUE(
+      QuantMatmul(f.matrix(), x.data(), DType::kF32, 1, nullptr, DType::kF32, y.data()).ok());
   const uint8_t old = f.packed[5];
   f.packed[5] = static_cast<uint8_t>(old ^ 0x01);  // row 0, code 10 changes by one step
   std::vector<float> y2(y.size());

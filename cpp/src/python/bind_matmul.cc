@@ -39,8 +39,8 @@ bool IsUInt8(nb::dlpack::dtype dt) {
 QuantMatrix MakeMatrix(const AnyIn& codes, const AnyIn& scales, const AnyIn& zero_points,
                        const std::optional<AnyIn>& param_codes,
                        const std::optional<AnyIn>& input_scales, int64_t rows, int64_t cols,
-                       int bits, int64_t group_size, const std::string& params,
-                       int param_code_bits, int64_t superblock_groups) {
+                       int bits, int64_t group_size, const std::string& params, int param_code_bits,
+                       int64_t superblock_groups) {
   QuantMatrix w;
   w.rows = rows;
   w.cols = cols;
@@ -104,11 +104,10 @@ void BindQuantMatmul(const AnyIn& x, const AnyIn& codes, const AnyIn& scales,
                      const std::optional<AnyIn>& input_scales, const std::optional<AnyIn>& bias,
                      AnyOut y, int64_t rows, int64_t cols, int bits, int64_t group_size,
                      const std::string& params, int param_code_bits, int64_t superblock_groups,
-                     int threads, const std::string& path, bool force_scalar,
-                     bool force_avx2) {
-  const QuantMatrix w = MakeMatrix(codes, scales, zero_points, param_codes, input_scales, rows,
-                                   cols, bits, group_size, params, param_code_bits,
-                                   superblock_groups);
+                     int threads, const std::string& path, bool force_scalar, bool force_avx2) {
+  const QuantMatrix w =
+      MakeMatrix(codes, scales, zero_points, param_codes, input_scales, rows, cols, bits,
+                 group_size, params, param_code_bits, superblock_groups);
   const DType dt = ActivationType(x.dtype(), "x");
   if (ActivationType(y.dtype(), "y") != dt) {
     ThrowIfError(Status::Invalid("y must have the dtype of x"));
@@ -133,8 +132,7 @@ void BindQuantMatmul(const AnyIn& x, const AnyIn& codes, const AnyIn& scales,
   Status st;
   {
     nb::gil_scoped_release release;
-    st = QuantMatmul(w, x.data(), dt, batch, bias ? bias->data() : nullptr, bias_dt, y.data(),
-                     opt);
+    st = QuantMatmul(w, x.data(), dt, batch, bias ? bias->data() : nullptr, bias_dt, y.data(), opt);
   }
   ThrowIfError(st);
 }
@@ -145,9 +143,9 @@ void BindDequantizeRows(const AnyIn& codes, const AnyIn& scales, const AnyIn& ze
                         int64_t cols, int bits, int64_t group_size, const std::string& params,
                         int param_code_bits, int64_t superblock_groups, int64_t row_begin,
                         int64_t row_end, int threads, bool force_scalar) {
-  const QuantMatrix w = MakeMatrix(codes, scales, zero_points, param_codes, input_scales, rows,
-                                   cols, bits, group_size, params, param_code_bits,
-                                   superblock_groups);
+  const QuantMatrix w =
+      MakeMatrix(codes, scales, zero_points, param_codes, input_scales, rows, cols, bits,
+                 group_size, params, param_code_bits, superblock_groups);
   if (out.dtype() != nb::dtype<float>()) ThrowIfError(Status::Invalid("out must be float32"));
   if (row_end < 0) row_end = rows;
   if (row_begin < 0 || row_end > rows || row_begin > row_end) {
@@ -170,11 +168,11 @@ void BindDequantizeGather(const AnyIn& codes, const AnyIn& scales, const AnyIn& 
                           const std::optional<AnyIn>& param_codes,
                           const std::optional<AnyIn>& input_scales, const AnyIn& ids, AnyOut out,
                           int64_t rows, int64_t cols, int bits, int64_t group_size,
-                          const std::string& params, int param_code_bits,
-                          int64_t superblock_groups, int threads) {
-  const QuantMatrix w = MakeMatrix(codes, scales, zero_points, param_codes, input_scales, rows,
-                                   cols, bits, group_size, params, param_code_bits,
-                                   superblock_groups);
+                          const std::string& params, int param_code_bits, int64_t superblock_groups,
+                          int threads) {
+  const QuantMatrix w =
+      MakeMatrix(codes, scales, zero_points, param_codes, input_scales, rows, cols, bits,
+                 group_size, params, param_code_bits, superblock_groups);
   if (out.dtype() != nb::dtype<float>()) ThrowIfError(Status::Invalid("out must be float32"));
   if (ids.dtype() != nb::dtype<int64_t>()) ThrowIfError(Status::Invalid("ids must be int64"));
   const auto n = static_cast<int64_t>(ids.size());

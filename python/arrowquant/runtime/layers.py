@@ -284,7 +284,8 @@ class QuantConv2d(_PackedWeight):
                    padding: Any, dilation: Any, groups: int, padding_mode: str) -> None:
         pair = nn.modules.utils._pair
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.dilation = pair(dilation)
         if isinstance(padding, str):
             if padding == "valid":
                 padding = 0

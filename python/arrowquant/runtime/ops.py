@@ -44,7 +44,8 @@ class Policy:
     gemv_max_batch: int = 4
     blas_min_batch: int = 1 << 62   # C++ GEMM for every larger batch unless lowered
     panel_bytes: int = 16 << 20     # float32 panel handed to torch.mm (fits L3)
-    conv: str = "dequantize"        # QuantConv2d: "dequantize" (transient float weight + conv2d) or "unfold"
+    # QuantConv2d: "dequantize" (transient float weight + conv2d) or "unfold" (+ GEMM)
+    conv: str = "dequantize"
 
 
 _policy = Policy()
@@ -154,8 +155,8 @@ def _dequantize_weight_impl(codes: Tensor, scales: Tensor, zero_points: Tensor,
                             bits, group_size, params, param_code_bits, superblock_groups, 0, rows)
 
 
-dequantize_weight = torch.library.custom_op("arrowquant::dequantize_weight", _dequantize_weight_impl,
-                                            mutates_args=())
+dequantize_weight = torch.library.custom_op("arrowquant::dequantize_weight",
+                                            _dequantize_weight_impl, mutates_args=())
 
 
 @dequantize_weight.register_fake
