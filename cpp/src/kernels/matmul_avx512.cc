@@ -190,6 +190,87 @@ void GemvRows(const QuantMatrix& w, const float* prep, int64_t r0, int64_t r1, f
   }
 }
 
+// sum_{c >= full} s_j x_c q_c - sum_j z_j s_j xsum_j for one weight row and
+// one row of x (xp, xsum of that row).
+template <int kBits>
+float RestMinusOffset(const uint8_t* row, const float* s, const float* z, const float* xp,
+                      const float* xsum, int64_t K, int64_t g, int64_t G, int64_t full) {
+  const uint8_t mask = static_cast<uint8_t>((1 << kBits) - 1);
+  float rest = 0.f;
+  for (int64_t c = full; c < K; ++c) {
+    const float q = static_cast<float>((row[(c * kBits) >> 3] >> ((c * kBits) & 7)) & mask);
+    rest += s[c / g] * (xp[c] * q);
+  }
+  __m512 off = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= G; t += 16) {
+    off = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(z + t), _mm512_loadu_ps(s + t)),
+                          _mm512_loadu_ps(xsum + t), off);
+  }
+  float o = Reduce(off);
+  for (; t < G; ++t) o += (z[t] * s[t]) * xsum[t];
+  return rest - o;
+}
+
+// Two to four rows of x: two weight rows per step, so that every x vector
+// loaded serves both (the loads of x, not the decoding, bound this case).
+template <int kBits, int kNB>
+void GemvRowPairs(const QuantMatrix& w, const float* prep, int64_t r0, int64_t r1, float* y,
+                  int64_t ldy) {
+  const int64_t K = w.cols, g = w.group_size, G = GroupsPerRow(K, g);
+  const int64_t full = K / kBlock * kBlock;
+  const int64_t row_bytes = PackedRowBytes(K, kBits);
+  const float* xp = prep;
+  const float* xsum = prep + kNB * K;
+  const MatmulKernels& base = *Avx2MatmulKernels();
+  std::vector<float> sa(G), za(G), sb(G), zb(G);
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    base.row_params(w, r, sa.data(), za.data());
+    base.row_params(w, r + 1, sb.data(), zb.data());
+    const uint8_t* ra = w.codes + r * row_bytes;
+    const uint8_t* rb = ra + row_bytes;
+    __m512 tot_a[kNB], tot_b[kNB];
+    for (int b = 0; b < kNB; ++b) tot_a[b] = tot_b[b] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < G; ++j) {
+      const int64_t c0 = j * g, c1 = std::min(c0 + g, full);
+      if (c0 >= c1) break;
+      __m512 acc_a[kNB][2], acc_b[kNB][2];
+      for (int b = 0; b < kNB; ++b) {
+        acc_a[b][0] = acc_a[b][1] = acc_b[b][0] = acc_b[b][1] = _mm512_setzero_ps();
+      }
+      for (int64_t c = c0; c < c1; c += kBlock) {
+        const int64_t off = c * kBits / 8;
+        __m512 qa0, qa1, qb0, qb1;
+        DecodeBlock<kBits>(ra + off, &qa0, &qa1);
+        DecodeBlock<kBits>(rb + off, &qb0, &qb1);
+        for (int b = 0; b < kNB; ++b) {
+          const __m512 x0 = _mm512_loadu_ps(xp + b * K + c);
+          const __m512 x1 = _mm512_loadu_ps(xp + b * K + c + 16);
+          acc_a[b][0] = _mm512_fmadd_ps(qa0, x0, acc_a[b][0]);
+          acc_a[b][1] = _mm512_fmadd_ps(qa1, x1, acc_a[b][1]);
+          acc_b[b][0] = _mm512_fmadd_ps(qb0, x0, acc_b[b][0]);
+          acc_b[b][1] = _mm512_fmadd_ps(qb1, x1, acc_b[b][1]);
+        }
+      }
+      const __m512 vsa = _mm512_set1_ps(sa[j]), vsb = _mm512_set1_ps(sb[j]);
+      for (int b = 0; b < kNB; ++b) {
+        tot_a[b] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[b][0], acc_a[b][1]), vsa, tot_a[b]);
+        tot_b[b] = _mm512_fmadd_ps(_mm512_add_ps(acc_b[b][0], acc_b[b][1]), vsb, tot_b[b]);
+      }
+    }
+    for (int b = 0; b < kNB; ++b) {
+      const float* xpb = xp + b * K;
+      const float* xsb = xsum + b * G;
+      y[b * ldy + r] = Reduce(tot_a[b]) + RestMinusOffset<kBits>(ra, sa.data(), za.data(), xpb,
+                                                                 xsb, K, g, G, full);
+      y[b * ldy + r + 1] = Reduce(tot_b[b]) + RestMinusOffset<kBits>(rb, sb.data(), zb.data(),
+                                                                     xpb, xsb, K, g, G, full);
+    }
+  }
+  if (r < r1) GemvRows<kBits, kNB>(w, prep, r, r1, y, ldy);
+}
+
 template <int kBits>
 void GemvNB(const QuantMatrix& w, int64_t nb, const float* prep, int64_t r0, int64_t r1, float* y,
             int64_t ldy) {

@@ -143,11 +143,14 @@ def populate(model: nn.Module, path: PathLike, dtype: Optional[torch.dtype] = No
     the parameters the file does not provide."""
     from ..pipeline import lean_allocators
 
-    qmodel = _open(path)
     dtype = dtype or torch.float32
     report = LoadReport()
     used = set()
+    # The reader is opened inside: its Parquet files then allocate from the
+    # system pool, which returns freed read buffers to the OS (a caching pool
+    # would keep about a quarter of the bytes read resident).
     with lean_allocators():
+        qmodel = _open(path)
         # id(original parameter) -> (that parameter, kept alive so the id stays
         # unique, and what replaced it): finds tied weights.
         packed: Dict[int, Tuple[nn.Parameter, nn.Module]] = {}
@@ -218,6 +221,7 @@ def populate(model: nn.Module, path: PathLike, dtype: Optional[torch.dtype] = No
                     report.tied.append(_full(mname, pname))
                 else:
                     missing.append(_full(mname, pname))
+    qmodel.close()
     if missing:
         raise FormatError(f"{qmodel.root}: the model's parameter(s) {missing[:8]}"
                           f"{' ...' if len(missing) > 8 else ''} are not in the file")
