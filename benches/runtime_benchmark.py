@@ -208,7 +208,7 @@ def anchors(lin: torch.nn.Linear, skip: List[str]) -> Tuple[Dict[str, Tuple[torc
 
 def bench_linear(args: argparse.Namespace) -> Dict[str, Any]:
     shapes = [(4096, 4096), (4096, 11008)] if not args.quick else [(4096, 4096)]
-    batches = [1, 4, 16, 64, 256] if not args.quick else [1, 64]
+    batches = args.batches or ([1, 4, 16, 64, 256] if not args.quick else [1, 64])
     rows: List[Dict[str, Any]] = []
     failed_all: Dict[str, str] = {}
     memory: Dict[str, Dict[str, int]] = {}
@@ -317,7 +317,7 @@ def bench_policy(args: argparse.Namespace) -> Dict[str, Any]:
                 fns[pol] = fn
             fns["float32 conv2d"] = lambda: conv(x)
             res = alternate(fns, args.rounds)
-            ops.set_policy(conv="dequantize")
+            ops.set_policy(conv="auto")
             out["conv"].append({"threads": threads, "conv": f"{cin}->{cout} k{k} {hw}x{hw}",
                                 **{k2: v * 1e3 for k2, v in res.items()}})
             print(f"policy conv t{threads} {cin} k{k} {hw}: {res}", flush=True)
@@ -665,6 +665,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--latent", type=int, default=32, help="UNet latent size (32: 256 px images)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and batches")
+    ap.add_argument("--batches", nargs="+", type=int, default=None,
+                    help="linear: batch sizes (default 1 4 16 64 256)")
     ap.add_argument("--skip-anchor", nargs="*", default=[])
     ap.add_argument("--output-dir", type=Path, default=REPO / ".benchmarks" / "runtime")
     ap.add_argument("--models-dir", type=Path, default=REPO / ".benchmarks" / "runtime-models")

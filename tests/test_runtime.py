@@ -148,7 +148,7 @@ def test_tolerance_is_tight_enough_to_see_one_wrong_code():
     assert err[0, 0] > 4 * bound[0, 0] and (err[0, 1:] <= bound[0, 1:]).all()
 
 
-@pytest.mark.parametrize("policy", ["dequantize", "unfold"])
+@pytest.mark.parametrize("policy", ["dequantize", "unfold", "auto"])
 @pytest.mark.parametrize("geometry", [
     dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=3, stride=2, padding=1),
     dict(kernel_size=1, stride=1, padding=0), dict(kernel_size=1, stride=2, padding=0),

@@ -41,11 +41,23 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class Policy:
     """Kernel choice by the number of rows of x (see the module docstring)."""
 
-    gemv_max_batch: int = 4
-    blas_min_batch: int = 1 << 62   # C++ GEMM for every larger batch unless lowered
+    # Measured (benches/README.md, policy tables): the GEMV, in chunks of 4
+    # rows of x, beats the C++ GEMM through 8 rows at 1 and 2 threads, INT4
+    # and INT8; the GEMM wins from 16.
+    gemv_max_batch: int = 8
+    # torch BLAS on dequantized panels was faster than the C++ GEMM only in
+    # some cases (1 thread, 256+ rows) and slower in others (2 threads):
+    # not used unless lowered.
+    blas_min_batch: int = 1 << 62
     panel_bytes: int = 16 << 20     # float32 panel handed to torch.mm (fits L3)
-    # QuantConv2d: "dequantize" (transient float weight + conv2d) or "unfold" (+ GEMM)
-    conv: str = "dequantize"
+    # QuantConv2d: "dequantize" (transient float weight + conv2d), "unfold"
+    # (unfolded input through the GEMM), or "auto": unfold when the GEMM has
+    # at most conv_unfold_max_rows rows (batch x output pixels), where the
+    # dequantization would cost more than the convolution (measured: a
+    # 1280-channel 3x3 conv on 8x8 pixels, batch 2 = 128 rows, runs 1.5x
+    # faster unfolded; 16x16 and larger run faster dequantized).
+    conv: str = "auto"
+    conv_unfold_max_rows: int = 256
 
 
 _policy = Policy()
@@ -58,8 +70,9 @@ def policy() -> Policy:
 def set_policy(**changes) -> Policy:
     """Changes the kernel choice (fields of Policy); returns the new policy."""
     global _policy
-    if "conv" in changes and changes["conv"] not in ("dequantize", "unfold"):
-        raise ValueError(f"conv policy must be 'dequantize' or 'unfold', got {changes['conv']!r}")
+    if "conv" in changes and changes["conv"] not in ("dequantize", "unfold", "auto"):
+        raise ValueError("conv policy must be 'dequantize', 'unfold' or 'auto', got "
+                         f"{changes['conv']!r}")
     _policy = replace(_policy, **changes)
     return _policy
 
@@ -217,10 +230,12 @@ def _quant_conv2d_impl(x: Tensor, codes: Tensor, scales: Tensor, zero_points: Te
     cin = x.shape[1]
     cols = cin // groups * kh * kw
     dtype = x.dtype
-    if _policy.conv == "unfold" and groups == 1:
-        n, _, h, w = x.shape
-        ho = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
-        wo = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    n, _, h, w = x.shape
+    ho = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    unfold = _policy.conv == "unfold" or (_policy.conv == "auto" and
+                                          n * ho * wo <= _policy.conv_unfold_max_rows)
+    if unfold and groups == 1:
         if kh == kw == 1 and padding == [0, 0] and dilation == [1, 1]:
             xs = x[:, :, ::stride[0], ::stride[1]]
             cols_in = xs.permute(0, 2, 3, 1).reshape(-1, cin)
