@@ -330,3 +330,18 @@ def test_quality_benchmark_quick_run_counts_every_parameter_byte(tmp_path):
         if key[2] == "mse":
             assert r["sqnr_db"] >= rows[(key[0], key[1], "rtn", key[3])]["sqnr_db"] - 0.05, key
     assert "superblock" in (out / "quality_benchmark.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_runtime_benchmark_quick_policy_run(tmp_path):
+    pytest.importorskip("torch")
+    p = subprocess.run([sys.executable, str(BENCHES / "runtime_benchmark.py"), "--sections",
+                        "policy", "--quick", "--rounds", "1", "--threads", "1",
+                        "--output-dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "runtime_benchmark.json").read_text())
+    assert res["policy"]["gemv_vs_gemm"] and res["policy"]["conv"]
+    assert all(r["gemv"] > 0 and r["gemm"] > 0 for r in res["policy"]["gemv_vs_gemm"])
+    assert "GEMV vs C++ GEMM" in (tmp_path / "runtime_benchmark.md").read_text()

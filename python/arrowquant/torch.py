@@ -1,21 +1,25 @@
-"""Loading ArrowQuant V2 models into PyTorch.
+"""ArrowQuant V2 models in PyTorch (needs torch; ``import arrowquant`` never
+imports this module).
 
-* ``load_state_dict(path, dtype=torch.float16)``: every tensor dequantized,
-  ready for ``model.load_state_dict`` of the original architecture.
-* ``QuantLinear``: an ``nn.Linear`` replacement that keeps the packed codes,
-  scales and zero points (and channel-equalization scales when the file has
-  them) as buffers and dequantizes in ``forward`` with vectorized torch ops,
-  so the weights stay at INT2/4/8 size in memory.
-* ``replace_linear(model, path)``: swaps a model's Linear layers for
-  QuantLinear built from a V2 directory, and loads its other tensors.
+* ``load_model(path)``: a quantized transformers model directory as a ready
+  model whose Linear / Embedding weights stay packed (QuantLinear,
+  QuantEmbedding), built on the meta device: no float copy of a quantized
+  weight is ever allocated. Diffusers pipelines: ``arrowquant.diffusers``.
+* ``QuantLinear``, ``QuantConv2d``, ``QuantEmbedding``: layers holding the
+  packed codes and parameters as the file stores them; their forward passes
+  are torch operators (``torch.ops.arrowquant.quant_linear`` ...) over the C++
+  GEMV / GEMM kernels, usable under ``torch.inference_mode`` and
+  ``torch.compile``.
+* ``replace_linear(model, path)``: swaps an existing model's Linear layers
+  for QuantLinear from a V2 directory, and loads its other tensors.
+* ``load_state_dict(path, dtype)``: every tensor dequantized (a float state
+  dict for the original architecture).
 
-torch is optional for ArrowQuant: ``import arrowquant`` never imports this
-module (nor torch); importing this module needs torch.
+The implementation lives in arrowquant.runtime (ops, layers, loaders).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import numpy as np
@@ -23,14 +27,16 @@ import numpy as np
 try:
     import torch
     from torch import nn
-    from torch.nn import functional as F
 except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError(
         "arrowquant.torch needs PyTorch: pip install 'arrowquant[torch]' "
         "(on this machine kind: pip install torch==2.13.0)") from exc
 
-from .engine.tensor import QuantizedTensor
-from .spec import groups_per_row, packed_row_bytes
+from .runtime import ops
+from .runtime.layers import (QuantConv2d, QuantEmbedding, QuantLinear, dequantize_packed,
+                             equalization_scales, expand_superblock, module_weight_bytes,
+                             unpack_codes)
+from .runtime.loaders import LoadReport, load_model, parameters_on_meta, populate
 
 PathLike = Any
 
@@ -44,14 +50,6 @@ def _open(path: Union[PathLike, Any]) -> Any:
     if hasattr(path, "entries") and hasattr(path, "raw"):
         return path  # already an open QuantizedModel
     return load(path)
-
-
-def _equalization(entry: Any) -> Optional[np.ndarray]:
-    """Per-input-channel scales s of FORMAT.md's spatial_quant_json (weight = x_hat / s)."""
-    if not entry.spatial_quant_json:
-        return None
-    s = np.asarray(json.loads(entry.spatial_quant_json).get("scales", []), dtype=np.float32)
-    return s if s.size else None
 
 
 def load_state_dict(path: PathLike, dtype: Optional["torch.dtype"] = torch.float16,
@@ -79,117 +77,6 @@ def load_state_dict(path: PathLike, dtype: Optional["torch.dtype"] = torch.float
     return out
 
 
-def unpack_codes(packed: "torch.Tensor", bits: int, cols: int) -> "torch.Tensor":
-    """Codes (uint8, rows x cols) from packed rows (FORMAT.md section 3):
-    per byte, code k of the byte sits in bits [k*b, (k+1)*b), low bits first."""
-    if bits == 8:
-        return packed[:, :cols]
-    per_byte = 8 // bits
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    mask = (1 << bits) - 1
-    codes = (packed.unsqueeze(-1) >> shifts) & mask        # rows x bytes x per_byte
-    return codes.reshape(packed.shape[0], -1)[:, :cols]
-
-
-def dequantize_packed(packed: "torch.Tensor", scales: "torch.Tensor", zero_points: "torch.Tensor",
-                      bits: int, group_size: int, cols: int,
-                      input_scales: Optional["torch.Tensor"] = None) -> "torch.Tensor":
-    """float32 rows x cols: x_hat = (q - zero_point) * scale, group-wise (the
-    last group of a row may be shorter), then / s per column if equalized.
-    The same float32 operations in the same order as the engine: equal bit for bit."""
-    q = unpack_codes(packed, bits, cols).to(torch.float32)
-    G = scales.shape[1]
-    if G * group_size == cols:
-        qg = q.view(q.shape[0], G, group_size)
-        w = ((qg - zero_points.unsqueeze(-1)) * scales.unsqueeze(-1)).view(q.shape[0], cols)
-    else:
-        s = scales.repeat_interleave(group_size, dim=1)[:, :cols]
-        z = zero_points.repeat_interleave(group_size, dim=1)[:, :cols]
-        w = (q - z) * s
-    if input_scales is not None:
-        w = w / input_scales.unsqueeze(0)
-    return w
-
-
-class QuantLinear(nn.Module):
-    """A Linear layer whose weight stays quantized in memory.
-
-    Buffers: ``qweight`` (uint8, out x ceil(in*bits/8): packed codes),
-    ``scales`` and ``zero_points`` (float32, out x ceil(in/group_size)), and
-    ``input_scales`` (float32, in) when the layer was channel-equalized. The
-    weight is dequantized in float32 at every forward (exactly as the engine
-    does), cast to the input's dtype, and used with ``F.linear``."""
-
-    def __init__(self, in_features: int, out_features: int, bits: int = 4,
-                 group_size: int = 128, bias: bool = True,
-                 dtype: Optional["torch.dtype"] = None, device: Any = None,
-                 has_input_scales: bool = False) -> None:
-        super().__init__()
-        if bits not in (2, 4, 8):
-            raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
-        if group_size <= 0:
-            raise ValueError(f"group size must be positive, got {group_size}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.bits = bits
-        self.group_size = group_size
-        G = groups_per_row(in_features, group_size)
-        self.register_buffer("qweight", torch.zeros(
-            out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, G, dtype=torch.float32, device=device))
-        self.register_buffer("zero_points", torch.zeros(out_features, G, dtype=torch.float32,
-                                                        device=device))
-        if has_input_scales:
-            self.register_buffer("input_scales", torch.ones(in_features, dtype=torch.float32,
-                                                            device=device))
-        else:
-            self.input_scales = None
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32,
-                                                 device=device))
-        else:
-            self.register_parameter("bias", None)
-
-    @classmethod
-    def from_quantized(cls, qt: QuantizedTensor, bias: Optional["torch.Tensor"] = None,
-                       input_scales: Optional[np.ndarray] = None,
-                       dtype: Optional["torch.dtype"] = None) -> "QuantLinear":
-        """From a QuantizedTensor of shape (out, in) (e.g. ``arrowquant.load(p).raw(name)``)."""
-        if len(qt.shape) != 2:
-            raise ValueError(f"tensor {qt.name!r}: a Linear weight is 2-D, got shape {qt.shape}")
-        out_f, in_f = qt.shape
-        layer = cls(in_f, out_f, qt.bits, qt.group_size, bias=bias is not None, dtype=dtype,
-                    has_input_scales=input_scales is not None)
-        G = groups_per_row(in_f, qt.group_size)
-        layer.qweight.copy_(torch.from_numpy(
-            np.array(qt.data, dtype=np.uint8, copy=True).reshape(out_f, -1)))
-        layer.scales.copy_(torch.from_numpy(
-            np.array(qt.scales, dtype=np.float32, copy=True).reshape(out_f, G)))
-        layer.zero_points.copy_(torch.from_numpy(
-            np.array(qt.zero_points, dtype=np.float32, copy=True).reshape(out_f, G)))
-        if input_scales is not None:
-            layer.input_scales.copy_(torch.from_numpy(np.asarray(input_scales, dtype=np.float32)))
-        if bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(bias.to(layer.bias.dtype))
-        return layer
-
-    def dequantize_weight(self, dtype: Optional["torch.dtype"] = None) -> "torch.Tensor":
-        """The weight (out x in) as float32, or cast to `dtype`."""
-        w = dequantize_packed(self.qweight, self.scales, self.zero_points, self.bits,
-                              self.group_size, self.in_features, self.input_scales)
-        return w if dtype is None else w.to(dtype)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        w = self.dequantize_weight(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
-
-
 def replace_linear(model: "nn.Module", path: PathLike, *, load_other_tensors: bool = True,
                    dtype: Optional["torch.dtype"] = None,
                    skip: Iterable[str] = ()) -> List[str]:
@@ -198,7 +85,9 @@ def replace_linear(model: "nn.Module", path: PathLike, *, load_other_tensors: bo
     the file when present, else the layer's own). With `load_other_tensors`,
     the file's remaining tensors (embeddings, norms, convolutions, ...) are
     loaded into the model too, dequantized to their parameter's dtype.
-    Returns the names of the replaced modules."""
+    Returns the names of the replaced modules. (``load_model`` builds the
+    model itself, without float weights, and packs convolutions and
+    embeddings too.)"""
     qmodel = _open(path)
     skip = set(skip)
     replaced: List[str] = []
@@ -218,7 +107,7 @@ def replace_linear(model: "nn.Module", path: PathLike, *, load_other_tensors: bo
             bias = load_state_dict(qmodel, dtype=None, names=[bname])[bname]
         pdtype = dtype or mod.weight.dtype
         layer = QuantLinear.from_quantized(qmodel.raw(wname), bias=bias,
-                                           input_scales=_equalization(entry), dtype=pdtype)
+                                           input_scales=equalization_scales(entry), dtype=pdtype)
         layer.to(mod.weight.device)
         _set_submodule(model, name, layer)
         replaced.append(name)
@@ -243,18 +132,6 @@ def _set_submodule(model: "nn.Module", name: str, new: "nn.Module") -> None:
     setattr(parent, child, new)
 
 
-def module_weight_bytes(model: "nn.Module") -> int:
-    """Bytes held by a module's parameters and buffers (what stays resident)."""
-    seen = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = t.data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
-
-
-__all__ = ["load_state_dict", "QuantLinear", "replace_linear", "unpack_codes",
-           "dequantize_packed", "module_weight_bytes"]
+__all__ = ["load_model", "load_state_dict", "QuantLinear", "QuantConv2d", "QuantEmbedding",
+           "replace_linear", "populate", "parameters_on_meta", "LoadReport", "unpack_codes",
+           "dequantize_packed", "expand_superblock", "module_weight_bytes", "ops"]

@@ -28,6 +28,12 @@ gguf_blocks_dequantize = _core.gguf_blocks_dequantize
 gguf_blocks_kernel = _core.gguf_blocks_kernel
 gguf_parse_file_type = _core.gguf_parse_file_type
 
+# The runtime's matmul on packed weights (arrowquant.runtime.ops).
+quant_matmul = _core.quant_matmul
+dequantize_matrix_rows = _core.dequantize_matrix_rows
+dequantize_matrix_gather = _core.dequantize_matrix_gather
+active_matmul_kernel = _core.active_matmul_kernel
+
 # Kernels (buffers are allocated by the callers in arrowquant.engine).
 quantize = _core.quantize
 quantize_superblock = _core.quantize_superblock
