@@ -1,0 +1,1 @@
+"""Output and input file formats (writers and readers), one subpackage each."""
