@@ -17,6 +17,12 @@ from .units import format_size
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
 
 
+def _add_gguf_layout_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf-layout", choices=("sdcpp", "comfy"), default=None,
+                   help="diffusion models: tensor names and rules of stable-diffusion.cpp "
+                        "(default for a diffusers pipeline / UNet / FLUX input) or ComfyUI-GGUF")
+
+
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     # Defaults are None so that an unset flag does not override --config,
     # --profile or ARROW_QUANT_* (precedence: profile < file < env < flags).
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gguf-type", choices=GGUF_TYPES,
                    help="GGUF tensor type (default from --bits/--scheme: 8 -> Q8_0, "
                         "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
+    _add_gguf_layout_flag(q)
     q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -145,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="4 bits: symmetric -> Q4_0 (default), asymmetric -> Q4_1")
     g.add_argument("--gguf-type", choices=GGUF_TYPES)
     g.add_argument("--threads", type=int, default=0, metavar="N")
+    _add_gguf_layout_flag(g)
+    g.add_argument("--max-memory", default="256MiB", metavar="SIZE",
+                   help="diffusion layouts: memory budget of the read buffers (default 256MiB)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing file")
     g.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -312,7 +322,18 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 
 
 def _export_gguf(args: argparse.Namespace, bits: int, scheme: str, threads: int) -> int:
-    from .gguf_export import export_gguf, format_report
+    from .gguf_export import choose_type, export_gguf, format_report
+    from .formats.gguf import diffusion as dgguf
+
+    if args.gguf_layout or dgguf.is_diffusion_input(args.input):
+        report = dgguf.export_diffusion_gguf(
+            args.input, args.output, gguf_type=choose_type(bits, scheme, args.gguf_type),
+            layout=args.gguf_layout or "sdcpp", threads=threads,
+            max_memory=getattr(args, "max_memory", "256MiB"), overwrite=args.overwrite,
+            progress=False if (args.no_progress or args.json) else None)
+        print(json.dumps(report, indent=2) if args.json else
+              dgguf.format_report(report, args.verbose))
+        return 0
 
     report = export_gguf(args.input, args.output, bits=bits, scheme=scheme,
                          gguf_type=args.gguf_type, threads=threads, overwrite=args.overwrite,

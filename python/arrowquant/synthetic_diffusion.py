@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST_NAME = ".synthetic_manifest.json"
 
 #: stable-diffusion-v1-5 unet/config.json (published values).
@@ -74,15 +74,27 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "arrowquant"
 
 
+def _byte_symbols() -> Dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte value: printable
+    Latin-1 bytes stand for themselves, the other 68 map to U+0100 onwards."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 def write_tokenizer(out_dir: Union[str, Path], model_max_length: int = 77) -> Path:
     """A small valid CLIP BPE tokenizer (vocab.json, merges.txt, configs): the
     256 byte symbols and their end-of-word forms, a handful of merges, and
     <|startoftext|> / <|endoftext|>. Not CLIP's vocabulary (see module doc)."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
+    symbols = list(_byte_symbols().values())
     vocab: Dict[str, int] = {}
     for s in symbols:
         vocab[s] = len(vocab)
@@ -167,6 +179,7 @@ def generate_sd15_pipeline(out_dir: Union[str, Path, None] = None, seed: int = 0
         text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)).to(tdtype)
         text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         del text
+        _published_clip_names(tmp / "text_encoder" / "model.safetensors")
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(**SD15_VAE_CONFIG).to(tdtype)
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
@@ -191,6 +204,21 @@ def generate_sd15_pipeline(out_dir: Union[str, Path, None] = None, seed: int = 0
         }, indent=2) + "\n")
 
     return _build_atomically(out, _manifest("sd15", seed, dtype), build)
+
+
+def _published_clip_names(path: Path) -> None:
+    """Rewrites a CLIPTextModel SafeTensors file with the names of the
+    published SD checkpoints ("text_model." + name): transformers 5 saves the
+    text tower without that level, which stable-diffusion.cpp's own diffusers
+    loader (and older transformers) do not recognise; transformers 5 still
+    loads either."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(path))
+    renamed = {(k if k.startswith("text_model.") or k.startswith("text_projection") else
+                "text_model." + k): v for k, v in tensors.items()}
+    del tensors
+    save_file(renamed, str(path), metadata={"format": "pt"})
 
 
 def tiny_unet_config(cross_attention_dim: int = 32, sdxl: bool = False) -> Dict[str, Any]:

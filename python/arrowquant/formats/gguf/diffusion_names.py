@@ -210,6 +210,9 @@ def clip_to_prefixed(shapes: Mapping[str, Shape], prefix: str) -> List[Mapped]:
             out.append(_whole(name, shape, prefix + "text_model.text_projection"))
         elif name.startswith("text_model."):
             out.append(_whole(name, shape, prefix + name))
+        elif name.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
+            # transformers 5 saves CLIPTextModel without the text_model. level
+            out.append(_whole(name, shape, prefix + "text_model." + name))
         else:
             raise _unmapped("text_encoder", name)
     return out

@@ -1,0 +1,202 @@
+"""Diffusion GGUF against stable-diffusion.cpp, on a full-size SD 1.5-architecture
+pipeline with seeded random weights (arrowquant.synthetic_diffusion).
+
+For each type: stable-diffusion.cpp's own conversion of the diffusers
+directory (its `convert`, through stable-diffusion-cpp-python) and
+ArrowQuant's sdcpp-layout file, each made in a fresh subprocess (wall time,
+peak RSS = ru_maxrss of that process); then every file renders the same
+prompt at the smallest size in a few steps with a fixed seed in sd.cpp (a
+fresh subprocess each), and the PSNR of each render against the render of
+sd.cpp's own F16 file is reported, with the file sizes. Tensor error: SQNR of
+every quantized tensor of both files against the source weights (decoded with
+gguf-py's `gguf.quants.dequantize`).
+
+    python benches/gguf_diffusion_bench.py --work /tmp/gd --types F16,Q8_0,Q4_0
+
+Writes --work/results.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+_CHILD_PRELUDE = """
+import json, resource, sys, time
+sys.path.insert(0, {python!r})
+t0 = time.perf_counter()
+"""
+_CHILD_END = """
+print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0,
+      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **res}}))
+"""
+
+
+def run_child(body: str, timeout: float = 3600) -> Dict[str, Any]:
+    """Runs `body` (which sets `res`, a dict) in a fresh interpreter; returns
+    res + seconds + max_rss_mb of that process."""
+    code = _CHILD_PRELUDE.format(python=str(REPO / "python")) + body + _CHILD_END.format()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"child failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+
+
+def sdcpp_convert(src: Path, out: Path, gtype: str) -> Dict[str, Any]:
+    """stable-diffusion.cpp's convert of `src` (a diffusers directory) to `gtype`."""
+    return run_child(f"""
+import stable_diffusion_cpp.stable_diffusion_cpp as sd
+from stable_diffusion_cpp.stable_diffusion import GGML_TYPE_MAP
+ok = sd.convert({str(src)!r}.encode(), b"", {str(out)!r}.encode(),
+                int(GGML_TYPE_MAP[{gtype.lower()!r}]), b"", True)
+res = {{"ok": bool(ok)}}
+""")
+
+
+def arrowquant_convert(src: Path, out: Path, gtype: str, max_memory: str = "256MiB",
+                       layout: str = "sdcpp") -> Dict[str, Any]:
+    return run_child(f"""
+import resource
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from arrowquant.formats.gguf.diffusion import export_diffusion_gguf
+import arrowquant._core
+after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+r = export_diffusion_gguf({str(src)!r}, {str(out)!r}, gguf_type={gtype!r}, layout={layout!r},
+                          max_memory={max_memory!r}, overwrite=True, progress=False)
+res = {{"ok": True, "baseline_rss_mb": after_import, "types": r["types"],
+        "rules": {{k: sum(1 for t in r["tensors_detail"] if t["rule"] == k)
+                  for k in set(t["rule"] for t in r["tensors_detail"])}}}}
+""")
+
+
+def render(model: Path, png: Path, steps: int, size: int, seed: int, prompt: str) -> Dict[str, Any]:
+    return run_child(f"""
+from stable_diffusion_cpp import StableDiffusion
+sd = StableDiffusion(model_path={str(model)!r}, n_threads=2, verbose=False)
+img = sd.generate_image(prompt={prompt!r}, width={size}, height={size}, sample_steps={steps},
+                        seed={seed}, cfg_scale=7.0, sample_method="euler")[0]
+img.save({str(png)!r})
+res = {{"ok": True}}
+""")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def load_png(p: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(p).convert("RGB"))
+
+
+def tensor_sqnr(file: Path, reference: Path) -> Dict[str, Dict[str, Any]]:
+    """Per tensor of `file` (quantized types only): type and SQNR against the
+    same tensor of `reference` (an F16 file of the same weights and names)."""
+    import gguf
+
+    ref = {t.name: t for t in gguf.GGUFReader(str(reference)).tensors}
+    out: Dict[str, Dict[str, Any]] = {}
+    for t in gguf.GGUFReader(str(file)).tensors:
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            continue
+        r = ref.get(t.name)
+        if r is None:
+            continue
+        x = gguf.quants.dequantize(r.data, r.tensor_type).astype(np.float64).reshape(-1)
+        y = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+        err = float(np.sum((x - y) ** 2))
+        out[t.name] = {"type": t.tensor_type.name, "numel": int(x.size),
+                       "sqnr_db": math.inf if err == 0 else 10 * math.log10(float(np.sum(x * x)) / err)}
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--pipeline", type=Path, default=None,
+                    help="diffusers SD 1.x directory (default: the cached random SD 1.5 pipeline)")
+    ap.add_argument("--types", default="F16,Q8_0,Q4_0")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    ap.add_argument("--max-memory", default="256MiB")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(REPO / "python"))
+    from arrowquant.synthetic_diffusion import generate_sd15_pipeline
+
+    pipe = args.pipeline or generate_sd15_pipeline()
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
+    if "F16" not in types:
+        types.insert(0, "F16")
+    rows: List[Dict[str, Any]] = []
+    for gt in types:
+        for tool in ("sdcpp", "arrowquant"):
+            f = work / f"{tool}-{gt}.gguf"
+            m = sdcpp_convert(pipe, f, gt) if tool == "sdcpp" else \
+                arrowquant_convert(pipe, f, gt, args.max_memory)
+            png = work / f"{tool}-{gt}.png"
+            rr = render(f, png, args.steps, args.size, args.seed, args.prompt)
+            rows.append({"tool": tool, "type": gt, "file": str(f), "bytes": f.stat().st_size,
+                         "convert_seconds": m["seconds"], "convert_max_rss_mb": m["max_rss_mb"],
+                         "baseline_rss_mb": m.get("baseline_rss_mb"), "types": m.get("types"),
+                         "render_seconds": rr["seconds"], "png": str(png)})
+            print(json.dumps(rows[-1]), flush=True)
+    ref = load_png(work / "sdcpp-F16.png")
+    aq_ref = load_png(work / "arrowquant-F16.png")
+    for r in rows:
+        img = load_png(Path(r["png"]))
+        r["psnr_vs_sdcpp_f16"] = psnr(ref, img)
+        r["psnr_vs_arrowquant_f16"] = psnr(aq_ref, img)
+        r["bit_identical_to_sdcpp_f16"] = bool(np.array_equal(ref, img))
+    sq: Dict[str, Any] = {}
+    for gt in types:
+        if gt in ("F16", "F32"):
+            continue
+        a = tensor_sqnr(work / f"arrowquant-{gt}.gguf", work / "sdcpp-F16.gguf")
+        s = tensor_sqnr(work / f"sdcpp-{gt}.gguf", work / "sdcpp-F16.gguf")
+        common = [n for n in a if n in s and a[n]["type"] == s[n]["type"]]
+        diffs = [a[n]["sqnr_db"] - s[n]["sqnr_db"] for n in common
+                 if math.isfinite(a[n]["sqnr_db"]) and math.isfinite(s[n]["sqnr_db"])]
+        sq[gt] = {
+            "arrowquant_quantized": len(a), "sdcpp_quantized": len(s), "same_type": len(common),
+            "mean_sqnr_arrowquant": float(np.mean([a[n]["sqnr_db"] for n in common])) if common else None,
+            "mean_sqnr_sdcpp": float(np.mean([s[n]["sqnr_db"] for n in common])) if common else None,
+            "max_abs_diff_db": float(np.max(np.abs(diffs))) if diffs else None,
+            "sdcpp_only": sorted(set(s) - set(a))[:20], "sdcpp_only_count": len(set(s) - set(a)),
+            "sdcpp_only_1d": sum(1 for n in set(s) - set(a) if "norm" in n or n.endswith(".weight") and False),
+        }
+    res = {"pipeline": str(pipe), "steps": args.steps, "size": args.size, "seed": args.seed,
+           "prompt": args.prompt, "rows": rows, "tensor_sqnr": sq,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (work / "results.json").write_text(json.dumps(res, indent=2))
+    print("| tool | type | file MiB | convert s | convert peak RSS MiB | PSNR vs sd.cpp F16 (dB) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        p = "identical" if r["bit_identical_to_sdcpp_f16"] else f"{r['psnr_vs_sdcpp_f16']:.2f}"
+        print(f"| {r['tool']} | {r['type']} | {r['bytes'] / 2**20:.1f} | {r['convert_seconds']:.1f} | "
+              f"{r['convert_max_rss_mb']:.0f} | {p} |")
+    print(json.dumps(sq, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
