@@ -439,6 +439,11 @@ def plan_tensors(components: List[Component], layout: str
     return out, family, skipped, notes
 
 
+def _first_dim(shape: Sequence[int]) -> int:
+    """Part counts: rows of the first dimension (elements of a 1-D tensor)."""
+    return int(shape[0]) if len(shape) else 1
+
+
 def _plan_checkpoint(comp: Component, shapes: Dict[str, Tuple[int, ...]], layout: str
                      ) -> Tuple[List[OutTensor], str, List[Dict[str, str]]]:
     """A single .safetensors file: original (prefixed) names, reference names
@@ -474,7 +479,7 @@ def _plan_checkpoint(comp: Component, shapes: Dict[str, Tuple[int, ...]], layout
                 skipped.append({"name": n, "reason": f"{family}: ignored key (ComfyUI-GGUF)"})
                 continue
             t = src.info(n)
-            out.append(OutTensor(n[len(prefix):], (Part(n, 0, t.rows),), shapes[n], comp, t.dtype, [n]))
+            out.append(OutTensor(n[len(prefix):], (Part(n, 0, _first_dim(shapes[n])),), shapes[n], comp, t.dtype, [n]))
         for n in names:
             if n not in kept:
                 skipped.append({"name": n, "reason": f"outside {prefix!r}: not part of the "
@@ -491,7 +496,7 @@ def _plan_checkpoint(comp: Component, shapes: Dict[str, Tuple[int, ...]], layout
         if len(t.shape) > 4:
             raise MetadataError(f"{comp.path}: tensor {n!r} has {len(t.shape)} dimensions; the "
                                 "sdcpp layout (ggml) holds 4")
-        out.append(OutTensor(add + n, (Part(n, 0, t.rows),), shapes[n], comp, t.dtype, [n]))
+        out.append(OutTensor(add + n, (Part(n, 0, _first_dim(shapes[n])),), shapes[n], comp, t.dtype, [n]))
     return out, family, skipped
 
 
@@ -531,14 +536,15 @@ def _writable_types() -> Tuple[str, ...]:
 def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: str = "Q8_0",
                           layout: str = "sdcpp", threads: int = 0, max_memory: Union[int, str] = "256MiB",
                           overwrite: bool = False, progress: Any = None,
-                          name: Optional[str] = None,
+                          name: Optional[str] = None, chunk_bytes: Optional[int] = None,
                           type_override: Optional[Callable[[OutTensor, TypeDecision], TypeDecision]] = None,
                           ) -> Dict[str, Any]:
     """Writes the diffusion model at `source` as one GGUF file in `layout`
     ("sdcpp" or "comfy"); returns the report (per tensor: type, rule, reason,
     error). `gguf_type` is a type (F32, F16, Q8_0, Q4_0, Q4_1, and the K types
     when the writer has them) or a llama.cpp preset name (Q4_K_M ...).
-    `max_memory` bounds the read buffer (a quarter of it per chunk).
+    `max_memory` bounds the read buffer (a quarter of it per chunk, at least
+    1 MiB; `chunk_bytes` sets the chunk directly).
     `type_override(tensor, decision)` may replace a decision (the hook for
     measured per-tensor choices); its result is re-checked against the row
     length."""
@@ -560,7 +566,10 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
     if not out.parent.exists():
         raise ArrowQuantError(f"{out.parent}: output directory does not exist")
     budget = parse_size(max_memory, "max_memory") if not isinstance(max_memory, int) else max_memory
-    chunk_bytes = max(1 << 20, budget // 4)
+    if chunk_bytes is None:
+        chunk_bytes = max(1 << 20, budget // 4)
+    elif chunk_bytes <= 0:
+        raise ConfigurationError(f"chunk_bytes must be positive, got {chunk_bytes}")
 
     components, input_kind = find_components(source)
     try:
