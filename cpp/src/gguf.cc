@@ -21,40 +21,7 @@ namespace arrowquant::gguf {
 
 namespace {
 
-struct TypeEntry {
-  uint32_t type;
-  const char* name;
-  int64_t block_size;
-  int64_t block_bytes;
-};
-
-// Block geometry of the ggml types (GGML_QUANT_SIZES); the reader needs it to
-// bound every tensor, the writer only makes F32, F16, Q4_0, Q4_1 and Q8_0.
-constexpr TypeEntry kTypes[] = {
-    {0, "F32", 1, 4},           {1, "F16", 1, 2},
-    {2, "Q4_0", 32, 18},        {3, "Q4_1", 32, 20},
-    {6, "Q5_0", 32, 22},        {7, "Q5_1", 32, 24},
-    {8, "Q8_0", 32, 34},        {9, "Q8_1", 32, 40},
-    {10, "Q2_K", 256, 84},      {11, "Q3_K", 256, 110},
-    {12, "Q4_K", 256, 144},     {13, "Q5_K", 256, 176},
-    {14, "Q6_K", 256, 210},     {15, "Q8_K", 256, 292},
-    {16, "IQ2_XXS", 256, 66},   {17, "IQ2_XS", 256, 74},
-    {18, "IQ3_XXS", 256, 98},   {19, "IQ1_S", 256, 50},
-    {20, "IQ4_NL", 32, 18},     {21, "IQ3_S", 256, 110},
-    {22, "IQ2_S", 256, 82},     {23, "IQ4_XS", 256, 136},
-    {24, "I8", 1, 1},           {25, "I16", 1, 2},
-    {26, "I32", 1, 4},          {27, "I64", 1, 8},
-    {28, "F64", 1, 8},          {29, "IQ1_M", 256, 56},
-    {30, "BF16", 1, 2},
-};
-
-const TypeEntry* FindType(uint32_t type) {
-  for (const TypeEntry& e : kTypes) {
-    if (e.type == type) return &e;
-  }
-  return nullptr;
-}
-
+// Elements converted per piece on the F16 / F32 path.
 constexpr int64_t kBlock = 32;
 
 uint64_t AlignUp(uint64_t n, uint64_t alignment) {
@@ -77,7 +44,6 @@ void PutHalf(uint8_t* p, uint16_t h) {
   p[0] = static_cast<uint8_t>(h);
   p[1] = static_cast<uint8_t>(h >> 8);
 }
-uint16_t GetHalf(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 
 int ScalarSize(ValueType t) {
   switch (t) {
@@ -153,82 +119,6 @@ Status EncodeValue(std::vector<uint8_t>& out, const Value& v) {
   return EncodeScalar(out, v, v.type);
 }
 
-// ---- block kernels ------------------------------------------------------
-
-void QuantizeQ8_0Block(const float* x, uint8_t* out) {
-  float amax = 0.0f;
-  for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(x[j]));
-  const float d = amax / 127.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  PutHalf(out, FloatToHalf(d));
-  for (int64_t j = 0; j < kBlock; ++j) {
-    // roundf (half away from zero), as ggml's reference does, without the
-    // libm call: v - trunc(v) is exact for |v| <= 127.
-    const float v = x[j] * id;
-    int q = static_cast<int>(v);
-    const float frac = v - static_cast<float>(q);
-    if (frac >= 0.5f) {
-      ++q;
-    } else if (frac <= -0.5f) {
-      --q;
-    }
-    out[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
-  }
-}
-
-void QuantizeQ4_0Block(const float* x, uint8_t* out) {
-  // The element of largest magnitude, with its sign (the first one on ties).
-  float amax = 0.0f;
-  float max = 0.0f;
-  for (int64_t j = 0; j < kBlock; ++j) {
-    if (amax < std::fabs(x[j])) {
-      amax = std::fabs(x[j]);
-      max = x[j];
-    }
-  }
-  const float d = max / -8.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  PutHalf(out, FloatToHalf(d));
-  for (int64_t j = 0; j < kBlock / 2; ++j) {
-    const float x0 = x[j] * id + 8.5f;
-    const float x1 = x[j + kBlock / 2] * id + 8.5f;
-    // x * id lies in [-8, 8], so the truncation is in [0, 16].
-    const int q0 = std::min(15, static_cast<int>(x0));
-    const int q1 = std::min(15, static_cast<int>(x1));
-    out[2 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
-  }
-}
-
-void QuantizeQ4_1Block(const float* x, uint8_t* out) {
-  float lo = std::numeric_limits<float>::max();
-  float hi = -std::numeric_limits<float>::max();
-  for (int64_t j = 0; j < kBlock; ++j) {
-    lo = std::min(lo, x[j]);
-    hi = std::max(hi, x[j]);
-  }
-  const float d = (hi - lo) / 15.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  PutHalf(out, FloatToHalf(d));
-  PutHalf(out + 2, FloatToHalf(lo));
-  for (int64_t j = 0; j < kBlock / 2; ++j) {
-    const float x0 = (x[j] - lo) * id + 0.5f;
-    const float x1 = (x[j + kBlock / 2] - lo) * id + 0.5f;
-    const int q0 = std::min(15, static_cast<int>(x0));
-    const int q1 = std::min(15, static_cast<int>(x1));
-    out[4 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
-  }
-}
-
-Status CheckFinite(const float* x, int64_t n, int64_t base) {
-  for (int64_t j = 0; j < n; ++j) {
-    if (!std::isfinite(x[j])) {
-      return Status::Invalid(std::string(std::isnan(x[j]) ? "NaN" : "Inf") + " at element " +
-                             std::to_string(base + j));
-    }
-  }
-  return Status::OK();
-}
-
 // float16 -> float32 by table (256 KiB, built once): the exact conversion of
 // dtype.h, without its branches, for the common float16 checkpoints.
 const float* HalfTable() {
@@ -260,32 +150,9 @@ Status MakeIOError(const std::string& what, const std::string& path) {
 
 // ---- types ----------------------------------------------------------------
 
-Result<TypeTraits> GetTypeTraits(uint32_t type) {
-  const TypeEntry* e = FindType(type);
-  if (e == nullptr) return Status::FormatError("unknown ggml tensor type " + std::to_string(type));
-  return TypeTraits{e->block_size, e->block_bytes};
-}
+bool IsWritableType(GgmlType type) { return IsCodecType(type); }
 
-const char* GgmlTypeName(uint32_t type) {
-  const TypeEntry* e = FindType(type);
-  return e == nullptr ? "unknown" : e->name;
-}
-
-bool IsWritableType(GgmlType type) {
-  return type == GgmlType::kF32 || type == GgmlType::kF16 || type == GgmlType::kQ4_0 ||
-         type == GgmlType::kQ4_1 || type == GgmlType::kQ8_0;
-}
-
-Result<GgmlType> ParseWritableType(const std::string& name) {
-  std::string upper;
-  for (char c : name) upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
-  for (GgmlType t : {GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kF16,
-                     GgmlType::kF32}) {
-    if (upper == GgmlTypeName(static_cast<uint32_t>(t))) return t;
-  }
-  return Status::Invalid("GGUF type must be one of Q8_0, Q4_0, Q4_1, F16, F32; got '" + name +
-                         "'");
-}
+Result<GgmlType> ParseWritableType(const std::string& name) { return ParseCodecType(name); }
 
 Result<uint64_t> TensorBytes(GgmlType type, int64_t numel) {
   AQ_ASSIGN_OR_RETURN(TypeTraits t, GetTypeTraits(static_cast<uint32_t>(type)));
@@ -296,94 +163,54 @@ Result<uint64_t> TensorBytes(GgmlType type, int64_t numel) {
   return static_cast<uint64_t>(numel / t.block_size) * static_cast<uint64_t>(t.block_bytes);
 }
 
+namespace {
+
+struct FileTypeName {
+  const char* name;
+  uint32_t value;
+};
+
+// enum llama_ftype (gguf.constants.LlamaFileType), without the MOSTLY_ prefix.
+constexpr FileTypeName kFileTypes[] = {
+    {"ALL_F32", 0},  {"F32", 0},      {"F16", 1},      {"Q4_0", 2},     {"Q4_1", 3},
+    {"Q8_0", 7},     {"Q5_0", 8},     {"Q5_1", 9},     {"Q2_K", 10},    {"Q3_K_S", 11},
+    {"Q3_K_M", 12},  {"Q3_K_L", 13},  {"Q4_K_S", 14},  {"Q4_K_M", 15},  {"Q5_K_S", 16},
+    {"Q5_K_M", 17},  {"Q6_K", 18},    {"IQ2_XXS", 19}, {"IQ2_XS", 20},  {"Q2_K_S", 21},
+    {"IQ3_XS", 22},  {"IQ3_XXS", 23}, {"IQ1_S", 24},   {"IQ4_NL", 25},  {"IQ3_S", 26},
+    {"IQ3_M", 27},   {"IQ2_S", 28},   {"IQ2_M", 29},   {"IQ4_XS", 30},  {"IQ1_M", 31},
+    {"BF16", 32},    {"TQ1_0", 36},   {"TQ2_0", 37},
+};
+
+}  // namespace
+
 uint32_t FileTypeFor(GgmlType type) {
   switch (type) {
-    case GgmlType::kF32: return 0;   // LLAMA_FTYPE_ALL_F32
-    case GgmlType::kF16: return 1;   // MOSTLY_F16
-    case GgmlType::kQ4_0: return 2;  // MOSTLY_Q4_0
-    case GgmlType::kQ4_1: return 3;  // MOSTLY_Q4_1
-    case GgmlType::kQ8_0: return 7;  // MOSTLY_Q8_0
+    case GgmlType::kF32: return 0;      // LLAMA_FTYPE_ALL_F32
+    case GgmlType::kF16: return 1;      // MOSTLY_F16
+    case GgmlType::kQ4_0: return 2;     // MOSTLY_Q4_0
+    case GgmlType::kQ4_1: return 3;     // MOSTLY_Q4_1
+    case GgmlType::kQ8_0: return 7;     // MOSTLY_Q8_0
+    case GgmlType::kQ2_K: return 10;    // MOSTLY_Q2_K
+    case GgmlType::kQ3_K: return 11;    // MOSTLY_Q3_K_S
+    case GgmlType::kQ4_K: return 14;    // MOSTLY_Q4_K_S
+    case GgmlType::kQ5_K: return 16;    // MOSTLY_Q5_K_S
+    case GgmlType::kQ6_K: return 18;    // MOSTLY_Q6_K
+    case GgmlType::kIQ4_NL: return 25;  // MOSTLY_IQ4_NL
+    case GgmlType::kIQ4_XS: return 30;  // MOSTLY_IQ4_XS
+    case GgmlType::kBF16: return 32;    // MOSTLY_BF16
     default: return 0;
   }
 }
 
-Status QuantizeBlocks(GgmlType type, const float* x, int64_t n, uint8_t* out) {
-  if (n % kBlock != 0) {
-    return Status::Invalid(std::to_string(n) + " elements are not a multiple of 32");
+Result<uint32_t> ParseFileType(const std::string& name) {
+  std::string upper;
+  for (char c : name) upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  if (upper.rfind("LLAMA_FTYPE_", 0) == 0) upper = upper.substr(12);
+  if (upper.rfind("MOSTLY_", 0) == 0) upper = upper.substr(7);
+  for (const FileTypeName& f : kFileTypes) {
+    if (upper == f.name) return f.value;
   }
-  switch (type) {
-    case GgmlType::kQ8_0:
-    case GgmlType::kQ4_0:
-    case GgmlType::kQ4_1:
-      break;
-    default:
-      return Status::Invalid(std::string("not a block type: ") +
-                             GgmlTypeName(static_cast<uint32_t>(type)));
-  }
-  AQ_RETURN_NOT_OK(CheckFinite(x, n, 0));
-  const int64_t bytes = GetTypeTraits(static_cast<uint32_t>(type))->block_bytes;
-  for (int64_t b = 0; b < n / kBlock; ++b) {
-    const float* xb = x + b * kBlock;
-    uint8_t* ob = out + b * bytes;
-    if (type == GgmlType::kQ8_0) {
-      QuantizeQ8_0Block(xb, ob);
-    } else if (type == GgmlType::kQ4_0) {
-      QuantizeQ4_0Block(xb, ob);
-    } else {
-      QuantizeQ4_1Block(xb, ob);
-    }
-  }
-  return Status::OK();
-}
-
-Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t n, float* out) {
-  switch (type) {
-    case GgmlType::kF32:
-      std::memcpy(out, data, static_cast<size_t>(n) * 4);
-      return Status::OK();
-    case GgmlType::kF16:
-      for (int64_t j = 0; j < n; ++j) out[j] = HalfToFloat(GetHalf(data + 2 * j));
-      return Status::OK();
-    case GgmlType::kQ8_0:
-    case GgmlType::kQ4_0:
-    case GgmlType::kQ4_1:
-      break;
-    default:
-      return Status::Invalid(std::string("cannot decode ") +
-                             GgmlTypeName(static_cast<uint32_t>(type)));
-  }
-  if (n % kBlock != 0) {
-    return Status::Invalid(std::to_string(n) + " elements are not a multiple of 32");
-  }
-  for (int64_t b = 0; b < n / kBlock; ++b) {
-    float* o = out + b * kBlock;
-    if (type == GgmlType::kQ8_0) {
-      const uint8_t* p = data + b * 34;
-      const float d = HalfToFloat(GetHalf(p));
-      for (int64_t j = 0; j < kBlock; ++j) {
-        o[j] = static_cast<float>(static_cast<int8_t>(p[2 + j])) * d;
-      }
-    } else if (type == GgmlType::kQ4_0) {
-      const uint8_t* p = data + b * 18;
-      const float d = HalfToFloat(GetHalf(p));
-      for (int64_t j = 0; j < kBlock / 2; ++j) {
-        o[j] = static_cast<float>((p[2 + j] & 0x0F) - 8) * d;
-        o[j + kBlock / 2] = static_cast<float>((p[2 + j] >> 4) - 8) * d;
-      }
-    } else {
-      const uint8_t* p = data + b * 20;
-      const float d = HalfToFloat(GetHalf(p));
-      const float m = HalfToFloat(GetHalf(p + 2));
-      for (int64_t j = 0; j < kBlock / 2; ++j) {
-        // Two roundings (no FMA): the product, then the sum.
-        const float a = static_cast<float>(p[4 + j] & 0x0F) * d;
-        const float b2 = static_cast<float>(p[4 + j] >> 4) * d;
-        o[j] = a + m;
-        o[j + kBlock / 2] = b2 + m;
-      }
-    }
-  }
-  return Status::OK();
+  return Status::Invalid("unknown llama.cpp file type '" + name + "'");
 }
 
 // ---- values ---------------------------------------------------------------
@@ -444,7 +271,8 @@ Result<std::vector<TensorLayout>> LayoutTensors(const std::vector<TensorSpec>& t
     if (t.name.empty()) return Status::Invalid("GGUF tensor names must not be empty");
     if (!names.insert(t.name).second) return Status::Invalid(where + ": duplicate tensor name");
     if (!IsWritableType(t.type)) {
-      return Status::Invalid(where + ": the writer makes F32, F16, Q4_0, Q4_1 or Q8_0 only");
+      return Status::Invalid(where + ": the writer cannot make type " +
+                             GgmlTypeName(static_cast<uint32_t>(t.type)));
     }
     if (t.shape.size() > static_cast<size_t>(kMaxDims)) {
       return Status::Invalid(where + ": GGUF tensors have at most 4 dimensions, got " +
@@ -506,8 +334,7 @@ Result<std::unique_ptr<Writer>> Writer::Create(const std::string& path,
   }
   bool has_block_type = false;
   for (const TensorLayout& l : layout) {
-    has_block_type |= l.type == GgmlType::kQ4_0 || l.type == GgmlType::kQ4_1 ||
-                      l.type == GgmlType::kQ8_0;
+    has_block_type |= IsBlockType(l.type);
   }
   if (has_block_type && keys.count("general.quantization_version") == 0) {
     metadata.emplace_back("general.quantization_version", Value::U32(kQuantizationVersion));
@@ -612,90 +439,78 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
   const uint8_t* in = static_cast<const uint8_t*>(src.data);
   uint8_t* out = buffer_.data();
 
-  // Work in pieces of 32 elements (one block) converted to float32 on the
-  // stack; threads take disjoint ranges of pieces.
-  const int64_t pieces = (n + kBlock - 1) / kBlock;
-  std::mutex error_mutex;
-  int64_t first_bad = -1;
-  Status first_status;
   const GgmlType type = l.type;
-  const int64_t element_base = rows_done_ * l.cols;
   const float* half_table = src.dtype == DType::kF16 ? HalfTable() : nullptr;
-  OrderedStats parts;
-  ParallelFor(pieces, ResolveThreads(exec.threads), 256, [&](int64_t begin, int64_t end) {
-    float x[kBlock];
-    float y[kBlock];
-    ErrorStats local;
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t start = p * kBlock;
-      const int64_t count = std::min<int64_t>(kBlock, n - start);
-      ConvertPiece(src.dtype, in + static_cast<size_t>(start) * in_item, x, count, half_table);
-      if (type == GgmlType::kF32) {
-        std::memcpy(out + start * 4, x, static_cast<size_t>(count) * 4);
-        if (stats != nullptr) std::memcpy(y, x, static_cast<size_t>(count) * 4);
-      } else if (type == GgmlType::kF16 && src.dtype == DType::kF16) {
-        // float16 to F16: the bytes themselves.
-        std::memcpy(out + start * 2, in + start * 2, static_cast<size_t>(count) * 2);
-        if (stats != nullptr) std::memcpy(y, x, static_cast<size_t>(count) * 4);
-      } else if (type == GgmlType::kF16) {
-        for (int64_t j = 0; j < count; ++j) {
-          const uint16_t h = FloatToHalf(x[j]);
-          PutHalf(out + (start + j) * 2, h);
-          y[j] = HalfToFloat(h);
-        }
-      } else {
-        Status st = CheckFinite(x, count, element_base + start);
-        if (!st.ok()) {
-          std::lock_guard<std::mutex> lock(error_mutex);
-          if (first_bad < 0 || start < first_bad) {
-            first_bad = start;
-            first_status = st;
-          }
-          return;
-        }
-        uint8_t* ob = out + p * traits.block_bytes;
-        if (type == GgmlType::kQ8_0) {
-          QuantizeQ8_0Block(x, ob);
-        } else if (type == GgmlType::kQ4_0) {
-          QuantizeQ4_0Block(x, ob);
-        } else {
-          QuantizeQ4_1Block(x, ob);
-        }
-        // The block's float16 scale (and Q4_1's min) must be finite: weights
-        // beyond float16's reach cannot be stored in these types.
-        const bool fits = std::isfinite(HalfToFloat(GetHalf(ob))) &&
-                          (type != GgmlType::kQ4_1 || std::isfinite(HalfToFloat(GetHalf(ob + 2))));
-        if (!fits) {
-          std::lock_guard<std::mutex> lock(error_mutex);
-          if (first_bad < 0 || start < first_bad) {
-            first_bad = start;
-            first_status = Status::Invalid(
-                "weights at index " + std::to_string(element_base + start) +
-                " are too large for the float16 block scale of " + std::string(GgmlTypeName(static_cast<uint32_t>(type))) +
-                "; export this tensor as F32 or F16 (--gguf-type)");
-          }
-          return;
-        }
-        if (stats != nullptr) (void)DequantizeBlocks(type, ob, kBlock, y);
-      }
-      if (stats != nullptr) {
-        for (int64_t j = 0; j < count; ++j) {
-          const double xv = x[j];
-          const double yv = y[j];
-          const double e = xv - yv;
-          local.sum_x2 += xv * xv;
-          local.sum_xhat2 += yv * yv;
-          local.sum_x_xhat += xv * yv;
-          local.sum_err2 += e * e;
-          local.max_abs_err = std::max(local.max_abs_err, std::fabs(e));
-        }
-        local.count += count;
-      }
+  const int threads = ResolveThreads(exec.threads);
+  if (IsBlockType(type)) {
+    // Slices of whole rows converted to float32 (a few MiB, reused), then
+    // encoded by QuantizeBlocks with this tensor's options.
+    const int64_t slice_rows = std::max<int64_t>(1, (int64_t{1} << 20) / src.cols);
+    const uint64_t row_bytes = out_bytes / static_cast<uint64_t>(src.rows);
+    BlockOptions opts;
+    opts.mode = mode_;
+    opts.importance = importance_.empty() ? nullptr : importance_.data();
+    opts.exec = exec;
+    for (int64_t r0 = 0; r0 < src.rows; r0 += slice_rows) {
+      const int64_t nr = std::min(slice_rows, src.rows - r0);
+      const int64_t count = nr * src.cols;
+      rows_f32_.resize(static_cast<size_t>(count));
+      float* xf = rows_f32_.data();
+      const uint8_t* base = in + static_cast<size_t>(r0 * src.cols) * in_item;
+      ParallelFor(count / kBlock, threads, 1024, [&](int64_t p0, int64_t p1) {
+        ConvertPiece(src.dtype, base + static_cast<size_t>(p0 * kBlock) * in_item, xf + p0 * kBlock,
+                     (p1 - p0) * kBlock, half_table);
+      });
+      opts.first_row = rows_done_ + r0;
+      Status st = QuantizeBlocks(type, xf, nr, src.cols, out + static_cast<uint64_t>(r0) * row_bytes,
+                                 opts, stats);
+      if (!st.ok()) return Fail(st.WithContext(where));
     }
-    if (stats != nullptr) parts.Add(begin, local);
-  });
-  if (!first_status.ok()) return Fail(first_status.WithContext(where));
-  if (stats != nullptr) parts.MergeInto(stats);
+  } else {
+    // F32 / F16: pieces of 32 elements converted to float32 on the stack;
+    // threads take disjoint ranges of pieces.
+    const int64_t pieces = (n + kBlock - 1) / kBlock;
+    OrderedStats parts;
+    ParallelFor(pieces, threads, 256, [&](int64_t begin, int64_t end) {
+      float x[kBlock];
+      float y[kBlock];
+      ErrorStats local;
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t start = p * kBlock;
+        const int64_t count = std::min<int64_t>(kBlock, n - start);
+        ConvertPiece(src.dtype, in + static_cast<size_t>(start) * in_item, x, count, half_table);
+        if (type == GgmlType::kF32) {
+          std::memcpy(out + start * 4, x, static_cast<size_t>(count) * 4);
+          if (stats != nullptr) std::memcpy(y, x, static_cast<size_t>(count) * 4);
+        } else if (src.dtype == DType::kF16) {
+          // float16 to F16: the bytes themselves.
+          std::memcpy(out + start * 2, in + start * 2, static_cast<size_t>(count) * 2);
+          if (stats != nullptr) std::memcpy(y, x, static_cast<size_t>(count) * 4);
+        } else {
+          for (int64_t j = 0; j < count; ++j) {
+            const uint16_t h = FloatToHalf(x[j]);
+            PutHalf(out + (start + j) * 2, h);
+            y[j] = HalfToFloat(h);
+          }
+        }
+        if (stats != nullptr) {
+          for (int64_t j = 0; j < count; ++j) {
+            const double xv = x[j];
+            const double yv = y[j];
+            const double e = xv - yv;
+            local.sum_x2 += xv * xv;
+            local.sum_xhat2 += yv * yv;
+            local.sum_x_xhat += xv * yv;
+            local.sum_err2 += e * e;
+            local.max_abs_err = std::max(local.max_abs_err, std::fabs(e));
+          }
+          local.count += count;
+        }
+      }
+      if (stats != nullptr) parts.Add(begin, local);
+    });
+    if (stats != nullptr) parts.MergeInto(stats);
+  }
 
   AQ_RETURN_NOT_OK(WriteAll(buffer_.data(), buffer_.size()));
   rows_done_ += src.rows;
@@ -711,7 +526,43 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
     }
     ++current_;
     rows_done_ = 0;
+    mode_ = BlockMode::kSearch;
+    importance_.clear();
   }
+  return Status::OK();
+}
+
+Status Writer::SetTensorOptions(BlockMode mode, std::vector<float> importance) {
+  if (finished_ || failed_ || fd_ < 0) return Status::Invalid("GGUF writer is closed");
+  if (current_ >= layout_.size()) return Status::Invalid("every tensor is already complete");
+  const TensorLayout& l = layout_[current_];
+  const std::string where = "tensor '" + l.name + "'";
+  if (rows_done_ != 0) {
+    return Status::Invalid(where + ": options must be set before the tensor's first rows");
+  }
+  if (!importance.empty()) {
+    if (static_cast<int64_t>(importance.size()) != l.cols) {
+      return Status::ShapeMismatch(where + ": " + std::to_string(importance.size()) +
+                                   " importance weights given, its rows have " +
+                                   std::to_string(l.cols) + " columns");
+    }
+    if (!IsBlockType(l.type)) {
+      return Status::Invalid(where + ": importance weights apply to block types, not " +
+                             GgmlTypeName(static_cast<uint32_t>(l.type)));
+    }
+    if (mode == BlockMode::kReference) {
+      return Status::Invalid(where + ": importance weights need block mode 'search'");
+    }
+    for (size_t c = 0; c < importance.size(); ++c) {
+      if (!std::isfinite(importance[c]) || importance[c] < 0.0f) {
+        return Status::Invalid(where + ": importance weight of column " + std::to_string(c) +
+                               " is " + std::to_string(importance[c]) +
+                               "; weights must be finite and >= 0");
+      }
+    }
+  }
+  mode_ = mode;
+  importance_ = std::move(importance);
   return Status::OK();
 }
 

@@ -33,104 +33,6 @@ std::vector<uint8_t> ReadAll(const std::string& path) {
 
 bool Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
 
-TEST(GgufBlocks, Q8_0RoundsHalfAwayFromZero) {
-  // max |x| = 127 -> d = 1 exactly: codes are roundf(x).
-  std::vector<float> x(32, 0.0f);
-  x[0] = 127.0f;
-  x[1] = 2.5f;    // -> 3 (half away from zero; rint would give 2)
-  x[2] = -2.5f;   // -> -3
-  x[3] = 0.49f;   // -> 0
-  x[4] = -126.5f; // -> -127
-  std::vector<uint8_t> out(34);
-  ASSERT_TRUE(QuantizeBlocks(GgmlType::kQ8_0, x.data(), 32, out.data()).ok());
-  EXPECT_EQ(HalfToFloat(static_cast<uint16_t>(out[0] | (out[1] << 8))), 1.0f);
-  EXPECT_EQ(static_cast<int8_t>(out[2]), 127);
-  EXPECT_EQ(static_cast<int8_t>(out[3]), 3);
-  EXPECT_EQ(static_cast<int8_t>(out[4]), -3);
-  EXPECT_EQ(static_cast<int8_t>(out[5]), 0);
-  EXPECT_EQ(static_cast<int8_t>(out[6]), -127);
-}
-
-TEST(GgufBlocks, Q4_0NibbleLayoutAndSignedMax) {
-  // The largest magnitude is -8 -> d = 1, codes x + 8 (truncated after +8.5).
-  std::vector<float> x(32);
-  for (int j = 0; j < 32; ++j) x[j] = static_cast<float>((j % 16) - 8);
-  x[0] = -8.0f;
-  std::vector<uint8_t> out(18);
-  ASSERT_TRUE(QuantizeBlocks(GgmlType::kQ4_0, x.data(), 32, out.data()).ok());
-  EXPECT_EQ(HalfToFloat(static_cast<uint16_t>(out[0] | (out[1] << 8))), 1.0f);
-  for (int j = 0; j < 16; ++j) {
-    EXPECT_EQ(out[2 + j] & 0x0F, static_cast<int>(x[j]) + 8) << j;       // element j: low
-    EXPECT_EQ(out[2 + j] >> 4, static_cast<int>(x[j + 16]) + 8) << j;    // element j+16: high
-  }
-  // A positive maximum gives a negative d, and +max maps to code 0.
-  std::vector<float> y(32, 0.0f);
-  y[5] = 4.0f;
-  ASSERT_TRUE(QuantizeBlocks(GgmlType::kQ4_0, y.data(), 32, out.data()).ok());
-  EXPECT_EQ(HalfToFloat(static_cast<uint16_t>(out[0] | (out[1] << 8))), -0.5f);
-  EXPECT_EQ(out[2 + 5] & 0x0F, 0);
-  EXPECT_EQ(out[2 + 0] & 0x0F, 8);
-}
-
-TEST(GgufBlocks, Q4_1MinAndScale) {
-  std::vector<float> x(32);
-  for (int j = 0; j < 32; ++j) x[j] = 1.0f + static_cast<float>(j % 16);  // 1..16
-  std::vector<uint8_t> out(20);
-  ASSERT_TRUE(QuantizeBlocks(GgmlType::kQ4_1, x.data(), 32, out.data()).ok());
-  EXPECT_EQ(HalfToFloat(static_cast<uint16_t>(out[0] | (out[1] << 8))), 1.0f);  // (16-1)/15
-  EXPECT_EQ(HalfToFloat(static_cast<uint16_t>(out[2] | (out[3] << 8))), 1.0f);  // min
-  for (int j = 0; j < 16; ++j) {
-    EXPECT_EQ(out[4 + j] & 0x0F, j);
-    EXPECT_EQ(out[4 + j] >> 4, j);
-  }
-  std::vector<float> back(32);
-  ASSERT_TRUE(DequantizeBlocks(GgmlType::kQ4_1, out.data(), 32, back.data()).ok());
-  for (int j = 0; j < 32; ++j) EXPECT_EQ(back[j], x[j]);
-}
-
-TEST(GgufBlocks, ZeroBlocksAndErrorBounds) {
-  for (GgmlType t : {GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1}) {
-    std::vector<float> zeros(64, 0.0f), back(64, 1.0f);
-    std::vector<uint8_t> out(2 * 40);
-    ASSERT_TRUE(QuantizeBlocks(t, zeros.data(), 64, out.data()).ok());
-    ASSERT_TRUE(DequantizeBlocks(t, out.data(), 64, back.data()).ok());
-    for (float v : back) EXPECT_EQ(v, 0.0f);
-
-    const std::vector<float> x = RandomFloats(32 * 50, 7);
-    const int64_t bytes = GetTypeTraits(static_cast<uint32_t>(t))->block_bytes;
-    std::vector<uint8_t> q(static_cast<size_t>(50 * bytes));
-    std::vector<float> y(x.size());
-    ASSERT_TRUE(QuantizeBlocks(t, x.data(), 32 * 50, q.data()).ok());
-    ASSERT_TRUE(DequantizeBlocks(t, q.data(), 32 * 50, y.data()).ok());
-    for (int b = 0; b < 50; ++b) {
-      float lo = x[b * 32], hi = x[b * 32], amax = 0.0f;
-      for (int j = 0; j < 32; ++j) {
-        lo = std::min(lo, x[b * 32 + j]);
-        hi = std::max(hi, x[b * 32 + j]);
-        amax = std::max(amax, std::fabs(x[b * 32 + j]));
-      }
-      // Half a step plus the f16 rounding of the parameters.
-      const float step = t == GgmlType::kQ8_0 ? amax / 127 : (t == GgmlType::kQ4_0 ? amax / 8 : (hi - lo) / 15);
-      const float bound = 0.5f * step + 2e-3f * amax + 1e-6f;
-      for (int j = 0; j < 32; ++j) {
-        EXPECT_LE(std::fabs(y[b * 32 + j] - x[b * 32 + j]), t == GgmlType::kQ4_0 ? step + bound : bound)
-            << GgmlTypeName(static_cast<uint32_t>(t)) << " block " << b << " element " << j;
-      }
-    }
-  }
-}
-
-TEST(GgufBlocks, RejectsNaNAndPartialBlocks) {
-  std::vector<float> x(32, 1.0f);
-  x[7] = std::nanf("");
-  std::vector<uint8_t> out(34);
-  Status st = QuantizeBlocks(GgmlType::kQ8_0, x.data(), 32, out.data());
-  EXPECT_EQ(st.code(), StatusCode::kInvalid);
-  EXPECT_NE(st.message().find("element 7"), std::string::npos) << st.message();
-  EXPECT_FALSE(QuantizeBlocks(GgmlType::kQ8_0, x.data(), 31, out.data()).ok());
-  EXPECT_FALSE(QuantizeBlocks(GgmlType::kF16, x.data(), 32, out.data()).ok());
-}
-
 TEST(GgufTypes, NamesAndSizes) {
   EXPECT_EQ(*ParseWritableType("q4_0"), GgmlType::kQ4_0);
   EXPECT_EQ(*ParseWritableType("F16"), GgmlType::kF16);
@@ -140,6 +42,20 @@ TEST(GgufTypes, NamesAndSizes) {
   EXPECT_EQ(*TensorBytes(GgmlType::kF16, 3), 6u);
   EXPECT_FALSE(TensorBytes(GgmlType::kQ4_0, 33).ok());
   EXPECT_EQ(FileTypeFor(GgmlType::kQ8_0), 7u);
+  EXPECT_EQ(FileTypeFor(GgmlType::kQ6_K), 18u);
+  EXPECT_EQ(FileTypeFor(GgmlType::kIQ4_XS), 30u);
+  EXPECT_EQ(*ParseFileType("Q4_K_M"), 15u);
+  EXPECT_EQ(*ParseFileType("mostly_q5_k_m"), 17u);
+  EXPECT_FALSE(ParseFileType("Q4_K_X").ok());
+  EXPECT_EQ(*ParseWritableType("q4_k"), GgmlType::kQ4_K);
+  EXPECT_EQ(*ParseWritableType("IQ4_XS"), GgmlType::kIQ4_XS);
+  EXPECT_EQ(*TensorBytes(GgmlType::kQ4_K, 512), 288u);
+  EXPECT_FALSE(TensorBytes(GgmlType::kQ6_K, 32).ok());
+  // A K-quant needs rows of 256: the layout names the tensor and the block size.
+  auto l = LayoutTensors({{"blk.0.w", {4, 96}, GgmlType::kQ4_K}}, 32);
+  ASSERT_FALSE(l.ok());
+  EXPECT_NE(l.status().message().find("blk.0.w"), std::string::npos);
+  EXPECT_NE(l.status().message().find("256"), std::string::npos);
 }
 
 TEST(GgufLayout, ReversesDimsAndAligns) {
@@ -226,10 +142,10 @@ TEST(GgufWriter, RoundTripThroughParse) {
 
   const std::vector<uint8_t> bytes = ReadAll(w.path);
   std::vector<uint8_t> expect(160);
-  ASSERT_TRUE(QuantizeBlocks(GgmlType::kQ4_1, w.a.data(), 256, expect.data()).ok());
+  ASSERT_TRUE(QuantizeBlocks(GgmlType::kQ4_1, w.a.data(), 4, 64, expect.data()).ok());
   EXPECT_TRUE(std::equal(expect.begin(), expect.end(), bytes.begin() + static_cast<long>(f->data_offset)));
   std::vector<float> b(7);
-  ASSERT_TRUE(DequantizeBlocks(GgmlType::kF16, bytes.data() + f->data_offset + 160, 7, b.data()).ok());
+  ASSERT_TRUE(DequantizeBlocks(GgmlType::kF16, bytes.data() + f->data_offset + 160, 1, 7, b.data()).ok());
   for (int j = 0; j < 7; ++j) EXPECT_EQ(b[j], HalfToFloat(FloatToHalf(w.b[j])));
   std::remove(w.path.c_str());
 }
@@ -378,7 +294,7 @@ TEST(GgufWriter, ErrorStatsMatchDecodedValues) {
     auto f = Parse(bytes.data(), bytes.size());
     ASSERT_TRUE(f.ok());
     std::vector<float> y(x.size());
-    ASSERT_TRUE(DequantizeBlocks(t, bytes.data() + f->data_offset, static_cast<int64_t>(x.size()), y.data()).ok());
+    ASSERT_TRUE(DequantizeBlocks(t, bytes.data() + f->data_offset, 8, 64, y.data()).ok());
     double err2 = 0.0, max_err = 0.0;
     for (size_t j = 0; j < x.size(); ++j) {
       const double e = static_cast<double>(x[j]) - y[j];

@@ -44,14 +44,20 @@ from .tensor import ErrorSums
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
-BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+              "IQ4_XS", "F16", "F32")
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+               "IQ4_XS")
 BLOCK_SIZE = 32
+#: Values per block of each block type (K-quants and IQ4_XS: super-blocks of 256).
+BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "IQ4_NL": 32, "Q2_K": 256, "Q3_K": 256,
+               "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256}
 ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_NAME_BYTES = 63  # ggml keeps tensor names in char[64]
-#: Bytes per block of 32 values (or per element for F16/F32).
-TYPE_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "F16": 2, "F32": 4}
+#: Bytes per block (BLOCK_SIZES values; or per element for F16/F32).
+TYPE_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "IQ4_NL": 18, "Q2_K": 84, "Q3_K": 110,
+              "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_XS": 136, "F16": 2, "F32": 4}
 #: Worst-case absolute error of one value, as a fraction of its block's
 #: max |x| (Q8_0, Q4_0) or range (Q4_1); the f16 rounding of the block
 #: parameters adds up to 2^-11 relative on top.
@@ -99,9 +105,9 @@ def tensor_type(shape: Sequence[int], dtype: str, target: str) -> Tuple[Optional
         return None, f"skipped: dtype {dtype} is not floating point", False
     if len(shape) < 2:
         return "F32", f"{len(shape)}-D tensor kept as F32", target != "F32"
-    if target in BLOCK_TYPES and int(shape[-1]) % BLOCK_SIZE != 0:
+    if target in BLOCK_TYPES and int(shape[-1]) % BLOCK_SIZES[target] != 0:
         wide = "F16" if dtype == "float16" else "F32"
-        return wide, (f"row length {shape[-1]} is not a multiple of {BLOCK_SIZE}: "
+        return wide, (f"row length {shape[-1]} is not a multiple of {BLOCK_SIZES[target]}: "
                       f"{target} impossible, stored as {wide} (lossless from {dtype})"), True
     return target, f"{target} for every weight matrix", False
 
@@ -321,7 +327,7 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
 
 def _type_bytes(gtype: str, numel: int) -> int:
     if gtype in BLOCK_TYPES:
-        return numel // BLOCK_SIZE * TYPE_BYTES[gtype]
+        return numel // BLOCK_SIZES[gtype] * TYPE_BYTES[gtype]
     return numel * TYPE_BYTES[gtype]
 
 
@@ -361,24 +367,31 @@ def dequantize_tensor(path: PathLike, name: str) -> np.ndarray:
     return dequantize_bytes(data, t["type"], t["numel"]).reshape(tuple(reversed(t["dims"])))
 
 
-def quantize_bytes(values: np.ndarray, gguf_type: str) -> np.ndarray:
-    """ggml block encoding of float32 values (length a multiple of 32)."""
+def quantize_bytes(values: np.ndarray, gguf_type: str, mode: str = "search",
+                   importance: Optional[np.ndarray] = None) -> np.ndarray:
+    """ggml block encoding of float32 values (one row; length a multiple of
+    the type's block size). mode "reference": plain rounding (llama.cpp's
+    reference bytes for Q8_0 / Q4_0 / Q4_1); see gguf_blocks."""
+    from .gguf_blocks import quantize_blocks
+
     x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     t = choose_type(gguf_type=gguf_type)
     if t not in BLOCK_TYPES:
         raise ValidationError(f"{t} is not a block type")
-    if x.size % BLOCK_SIZE:
-        raise ValidationError(f"{x.size} values are not a multiple of {BLOCK_SIZE}")
-    out = np.empty(_type_bytes(t, x.size), dtype=np.uint8)
-    _core.gguf_quantize_blocks(x, t, out)
-    return out
+    if x.size % BLOCK_SIZES[t]:
+        raise ValidationError(f"{x.size} values are not a multiple of {BLOCK_SIZES[t]}")
+    cols = x.size if importance is not None else BLOCK_SIZES[t]
+    out, _ = quantize_blocks(t, x.reshape(-1, cols), mode=mode, importance=importance)
+    return out.reshape(-1)
 
 
 def dequantize_bytes(data: np.ndarray, gguf_type: str, numel: int) -> np.ndarray:
-    """Decodes `numel` values of Q8_0 / Q4_0 / Q4_1 / F16 / F32 data to float32."""
-    out = np.empty(int(numel), dtype=np.float32)
-    _core.gguf_dequantize_blocks(np.ascontiguousarray(data, dtype=np.uint8), gguf_type, out)
-    return out
+    """Decodes `numel` values of any block type, F16 or F32 to float32."""
+    from .gguf_blocks import dequantize_blocks
+
+    t = str(gguf_type).upper()
+    cols = BLOCK_SIZES.get(t, 1)
+    return dequantize_blocks(t, data, int(numel) // cols, cols).reshape(-1)
 
 
 def inspect_gguf(path: PathLike) -> Dict[str, Any]:

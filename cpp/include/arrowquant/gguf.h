@@ -1,5 +1,6 @@
-// GGUF (version 3) export: ggml block quantizers (Q8_0, Q4_0, Q4_1), F16/F32
-// passthrough, a streaming writer and a validating header reader.
+// GGUF (version 3) container: a streaming writer (tensors in any codec type
+// of gguf_blocks.h: F32, F16, Q8_0, Q4_0, Q4_1, K-quants, IQ4_NL, IQ4_XS)
+// and a validating header reader.
 //
 // File layout (little-endian):
 //   "GGUF" | uint32 version | uint64 tensor_count | uint64 kv_count
@@ -11,8 +12,9 @@
 //   alignment), padded to the alignment.
 // A string is uint64 length + bytes (no terminator). Dimensions are in ggml
 // order: dims[0] is the innermost (fastest varying) axis, i.e. the reverse of
-// the SafeTensors / numpy shape. Block types group 32 consecutive elements of
-// dims[0], so dims[0] must be a multiple of 32 for them.
+// the SafeTensors / numpy shape. Block types group 32 (or 256: K-quants,
+// IQ4_XS) consecutive elements of dims[0], so dims[0] must be a multiple of
+// the block size.
 #pragma once
 
 #include <cstddef>
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "arrowquant/dtype.h"
+#include "arrowquant/gguf_blocks.h"
 #include "arrowquant/quantize.h"
 #include "arrowquant/status.h"
 
@@ -37,63 +40,25 @@ inline constexpr int kMaxDims = 4;        // GGML_MAX_DIMS
 // ggml-based loaders such as llama.cpp refuse them; exporters warn.
 inline constexpr size_t kMaxNameLength = 63;
 
-// ggml tensor types (the values of enum ggml_type).
-enum class GgmlType : uint32_t {
-  kF32 = 0,
-  kF16 = 1,
-  kQ4_0 = 2,
-  kQ4_1 = 3,
-  kQ5_0 = 6,
-  kQ5_1 = 7,
-  kQ8_0 = 8,
-  kQ8_1 = 9,
-  kQ2_K = 10,
-  kQ3_K = 11,
-  kQ4_K = 12,
-  kQ5_K = 13,
-  kQ6_K = 14,
-  kQ8_K = 15,
-  kI8 = 24,
-  kI16 = 25,
-  kI32 = 26,
-  kI64 = 27,
-  kF64 = 28,
-  kBF16 = 30,
-};
+// The ggml types, their block geometry and the block codecs (QuantizeBlocks,
+// DequantizeBlocks) are gguf_blocks.h, included above.
 
-// Elements per block and bytes per block of a type the reader knows;
-// FormatError for others.
-struct TypeTraits {
-  int64_t block_size;
-  int64_t block_bytes;
-};
-Result<TypeTraits> GetTypeTraits(uint32_t type);
-const char* GgmlTypeName(uint32_t type);  // "Q4_0", ...; "unknown" otherwise
-// "Q8_0", "Q4_0", "Q4_1", "F16", "F32" (case-insensitive): the types the writer makes.
+// The types the writer makes (case-insensitive names): F32, F16 and every
+// block type of gguf_blocks.h (Q8_0, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K,
+// Q6_K, IQ4_NL, IQ4_XS).
 Result<GgmlType> ParseWritableType(const std::string& name);
 bool IsWritableType(GgmlType type);
 
 // Bytes of a tensor of `numel` elements of `type` (numel a multiple of the block size).
 Result<uint64_t> TensorBytes(GgmlType type, int64_t numel);
 
-// llama_ftype value for general.file_type when (almost) all weights are `type`.
+// llama_ftype value for general.file_type when (almost) all weights are
+// `type`: F32 0, F16 1, Q4_0 2, Q4_1 3, Q8_0 7, Q2_K 10, Q3_K 11 (Q3_K_S),
+// Q4_K 14 (Q4_K_S), Q5_K 16 (Q5_K_S), Q6_K 18, IQ4_NL 25, IQ4_XS 30, BF16 32.
 uint32_t FileTypeFor(GgmlType type);
-
-// ---- block quantizers (ggml's reference rounding rules) -------------------
-//
-// Q8_0 (34 bytes): d = max|x| / 127, q = roundf(x / d) (half away from zero),
-//   stored f16 d + 32 int8.      x_hat = q * d
-// Q4_0 (18 bytes): m = the x of largest |x| (first one), d = m / -8,
-//   q = min(15, trunc(x / d + 8.5)), f16 d + 16 bytes: byte j holds element j
-//   in its low nibble and element j + 16 in its high nibble. x_hat = (q - 8) * d
-// Q4_1 (20 bytes): d = (max - min) / 15, q = min(15, trunc((x - min) / d + 0.5)),
-//   f16 d, f16 min, 16 bytes as Q4_0.                       x_hat = q * d + min
-// In every case "/ d" is a multiplication by id = 1/d computed from the float32
-// d (0 when d is 0) before d is rounded to f16; dequantization uses the stored
-// f16 values. `n` must be a multiple of 32. NaN/Inf is an Invalid status.
-Status QuantizeBlocks(GgmlType type, const float* x, int64_t n, uint8_t* out);
-// Inverse of QuantizeBlocks (and F16/F32 decoding) into n floats.
-Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t n, float* out);
+// llama_ftype value of a llama.cpp file type name ("Q4_K_M" -> 15, "MOSTLY_Q4_K_M"
+// or "q4_k_m" too; the names of gguf.constants.LlamaFileType).
+Result<uint32_t> ParseFileType(const std::string& name);
 
 // ---- metadata values --------------------------------------------------------
 
@@ -158,7 +123,9 @@ struct TensorLayout {
   int64_t cols = 0;
 };
 
-// Checks the tensors (names unique and non-empty; at most 4 dims; block types need shape[-1] % 32 == 0) and lays them out.
+// Checks the tensors (names unique and non-empty; at most 4 dims; a block
+// type needs shape[-1] to be a multiple of its block size: Invalid naming the
+// tensor otherwise) and lays them out.
 Result<std::vector<TensorLayout>> LayoutTensors(const std::vector<TensorSpec>& tensors,
                                                 uint32_t alignment);
 
@@ -180,6 +147,13 @@ class Writer {
   ~Writer();
   Writer(const Writer&) = delete;
   Writer& operator=(const Writer&) = delete;
+
+  // How the current tensor's blocks are chosen (gguf_blocks.h BlockMode)
+  // and its optional per-column importance weights (`importance` holds the
+  // row length of its 2-D view, or is empty: unweighted). Call before the
+  // tensor's first AppendRows; the options hold for that tensor only (the
+  // next one starts again at mode search, unweighted). The weights are copied.
+  Status SetTensorOptions(BlockMode mode, std::vector<float> importance = {});
 
   // Appends `src.rows` rows of the current tensor (src.cols must equal its
   // row length in the 2-D view), converting / quantizing to its type.
@@ -216,6 +190,9 @@ class Writer {
   size_t current_ = 0;
   int64_t rows_done_ = 0;
   std::vector<uint8_t> buffer_;  // converted rows of one chunk, reused
+  std::vector<float> rows_f32_;  // float32 rows of a slice of the chunk, reused
+  BlockMode mode_ = BlockMode::kSearch;  // of the current tensor
+  std::vector<float> importance_;        // of the current tensor (or empty)
 };
 
 // ---- reader -----------------------------------------------------------------

@@ -1,11 +1,13 @@
 // Bindings of the GGUF writer, block quantizers and header reader. The GIL is
 // released while the engine converts, quantizes, writes or parses.
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -147,6 +149,15 @@ class PyWriter {
     return {s.sum_x2, s.sum_xhat2, s.sum_x_xhat, s.sum_err2, s.max_abs_err, s.count};
   }
 
+  // Mode ("search" / "reference") and optional per-column importance of the
+  // tensor whose rows come next (before its first append_rows).
+  void SetTensorOptions(const std::string& mode, std::optional<InFloats> importance) {
+    const BlockMode m = ValueOrThrow(ParseBlockMode(mode));
+    std::vector<float> w;
+    if (importance.has_value()) w.assign(importance->data(), importance->data() + importance->size());
+    ThrowIfError(writer_->SetTensorOptions(m, std::move(w)));
+  }
+
   void Finish() {
     Status st;
     {
@@ -169,39 +180,6 @@ class PyWriter {
  private:
   std::unique_ptr<Writer> writer_;
 };
-
-void BindQuantizeBlocks(InFloats src, const std::string& type, OutBytes out) {
-  const GgmlType t = ValueOrThrow(ParseWritableType(type));
-  const int64_t n = static_cast<int64_t>(src.size());
-  const uint64_t need = ValueOrThrow(TensorBytes(t, n));
-  if (out.size() != need) {
-    ThrowIfError(Status::ShapeMismatch("output buffer has " + std::to_string(out.size()) +
-                                       " bytes, " + std::to_string(need) + " needed"));
-  }
-  Status st;
-  {
-    nb::gil_scoped_release release;
-    st = QuantizeBlocks(t, src.data(), n, out.data());
-  }
-  ThrowIfError(st);
-}
-
-void BindDequantizeBlocks(InBytes data, const std::string& type, OutFloats out) {
-  const GgmlType t = ValueOrThrow(ParseWritableType(type));
-  const int64_t n = static_cast<int64_t>(out.size());
-  const uint64_t need = ValueOrThrow(TensorBytes(t, n));
-  if (data.size() != need) {
-    ThrowIfError(Status::ShapeMismatch("data has " + std::to_string(data.size()) + " bytes, " +
-                                       std::to_string(n) + " elements of " + type + " need " +
-                                       std::to_string(need)));
-  }
-  Status st;
-  {
-    nb::gil_scoped_release release;
-    st = DequantizeBlocks(t, data.data(), n, out.data());
-  }
-  ThrowIfError(st);
-}
 
 nb::dict FileToDict(const File& f) {
   nb::dict d;
@@ -259,6 +237,8 @@ void Bind(nb::module_& m) {
            nb::arg("alignment") = kDefaultAlignment)
       .def("append_rows", &PyWriter::AppendRows, nb::arg("src"), nb::arg("dtype"),
            nb::arg("rows"), nb::arg("cols"), nb::arg("threads") = 0)
+      .def("set_tensor_options", &PyWriter::SetTensorOptions, nb::arg("mode") = "search",
+           nb::arg("importance") = nb::none())
       .def("finish", &PyWriter::Finish)
       .def("abort", &PyWriter::Abort)
       .def_prop_ro("layout", &PyWriter::Layout)
@@ -266,16 +246,15 @@ void Bind(nb::module_& m) {
       .def_prop_ro("temp_path", [](PyWriter& w) { return w.writer().temp_path(); })
       .def_prop_ro("path", [](PyWriter& w) { return w.writer().path(); })
       .def_prop_ro("current_tensor", [](PyWriter& w) { return w.writer().current_tensor(); });
-  m.def("gguf_quantize_blocks", &BindQuantizeBlocks, nb::arg("src"), nb::arg("type"),
-        nb::arg("out"), "ggml block quantization of float32 values into `out`.");
-  m.def("gguf_dequantize_blocks", &BindDequantizeBlocks, nb::arg("data"), nb::arg("type"),
-        nb::arg("out"), "Decodes Q8_0/Q4_0/Q4_1/F16/F32 data into float32 `out`.");
   m.def("gguf_read_file", &BindReadFile, nb::arg("path"),
         "Validated header of a GGUF file: version, alignment, metadata, tensor infos.");
   m.def("gguf_parse", &BindParse, nb::arg("data"), "Validated header of GGUF bytes in memory.");
   m.def("gguf_file_type", [](const std::string& type) {
     return FileTypeFor(ValueOrThrow(ParseWritableType(type)));
   }, nb::arg("type"));
+  m.def("gguf_parse_file_type", [](const std::string& name) {
+    return ValueOrThrow(ParseFileType(name));
+  }, nb::arg("name"), "llama_ftype value of a llama.cpp file type name ('Q4_K_M' -> 15).");
 }
 
 const bool kRegistered = RegisterBinding("gguf", Bind);
