@@ -121,7 +121,7 @@ def tensor_sqnr(file: Path, reference: Path) -> Dict[str, Dict[str, Any]]:
         x = gguf.quants.dequantize(r.data, r.tensor_type).astype(np.float64).reshape(-1)
         y = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
         err = float(np.sum((x - y) ** 2))
-        out[t.name] = {"type": t.tensor_type.name, "numel": int(x.size),
+        out[t.name] = {"type": t.tensor_type.name, "numel": int(x.size), "ndim": len(t.shape),
                        "sqnr_db": math.inf if err == 0 else 10 * math.log10(float(np.sum(x * x)) / err)}
     return out
 
@@ -181,8 +181,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "mean_sqnr_arrowquant": float(np.mean([a[n]["sqnr_db"] for n in common])) if common else None,
             "mean_sqnr_sdcpp": float(np.mean([s[n]["sqnr_db"] for n in common])) if common else None,
             "max_abs_diff_db": float(np.max(np.abs(diffs))) if diffs else None,
-            "sdcpp_only": sorted(set(s) - set(a))[:20], "sdcpp_only_count": len(set(s) - set(a)),
-            "sdcpp_only_1d": sum(1 for n in set(s) - set(a) if "norm" in n or n.endswith(".weight") and False),
+            "arrowquant_better": sum(1 for d in diffs if d > 0),
+            "min_diff_db": float(np.min(diffs)) if diffs else None,
+            "sdcpp_only_count": len(set(s) - set(a)),
+            "sdcpp_only_1d": sum(1 for n in set(s) - set(a) if s[n]["ndim"] == 1),
+            "arrowquant_only_count": len(set(a) - set(s)),
+            "per_tensor": {n: {"type": a[n]["type"], "arrowquant_db": a[n]["sqnr_db"],
+                               "sdcpp_db": s[n]["sqnr_db"]} for n in common},
+            "other": {n: {"arrowquant": a.get(n, {}).get("type"), "sdcpp": s.get(n, {}).get("type"),
+                          "arrowquant_db": a.get(n, {}).get("sqnr_db"),
+                          "sdcpp_db": s.get(n, {}).get("sqnr_db")}
+                      for n in sorted(set(a) ^ set(s) | {n for n in a if n in s and n not in common})},
         }
     res = {"pipeline": str(pipe), "steps": args.steps, "size": args.size, "seed": args.seed,
            "prompt": args.prompt, "rows": rows, "tensor_sqnr": sq,
@@ -194,7 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p = "identical" if r["bit_identical_to_sdcpp_f16"] else f"{r['psnr_vs_sdcpp_f16']:.2f}"
         print(f"| {r['tool']} | {r['type']} | {r['bytes'] / 2**20:.1f} | {r['convert_seconds']:.1f} | "
               f"{r['convert_max_rss_mb']:.0f} | {p} |")
-    print(json.dumps(sq, indent=2))
+    print(json.dumps({k: {a: b for a, b in v.items() if a not in ("per_tensor", "other")}
+                      for k, v in sq.items()}, indent=2))
     return 0
 
 

@@ -207,8 +207,9 @@ def choose_tensor_type(name: str, shape: Sequence[int], written_shape: Sequence[
     5. comfy: the patch's K-mix (attention v, fused qkv, down projections one
        or two types higher);
     6. a block type whose block does not divide the row (the last dimension)
-       -> wide fallback (comfy: F16, its patch's fallback; sdcpp: the
-       source's float type, as sd.cpp's convert keeps it);
+       -> fallback: comfy F16 (its patch's fallback); sdcpp: for a K type the
+       narrowest 32-block type with at least its bits (IQ4_NL / Q8_0), else
+       the source's float type (as sd.cpp's convert keeps it);
     then the type chosen."""
     from ...diffusion import timestep_layer
 
@@ -263,10 +264,27 @@ def choose_tensor_type(name: str, shape: Sequence[int], written_shape: Sequence[
     block = BLOCK_SIZE.get(chosen)
     row = int(written_shape[-1])
     if block and row % block:
+        alt = None if layout == "comfy" else _narrow_fallback(chosen, row, writable)
+        if alt:
+            return TypeDecision(alt, "fallback", f"row length {row} is not a multiple of {block}: "
+                                f"{chosen} impossible, {alt} (the narrowest type of at least "
+                                f"{BPW[chosen]:g} bits whose block divides the row)", True)
         wide = "F16" if layout == "comfy" else _wide(dtype)
         return TypeDecision(wide, "fallback", f"row length {row} is not a multiple of {block}: "
                             f"{chosen} impossible, {wide}", True)
     return TypeDecision(chosen, rule, reason)
+
+
+def _narrow_fallback(chosen: str, row: int, writable: Sequence[str]) -> Optional[str]:
+    """sdcpp: for a super-block type (256) on a row of a multiple of 32, the
+    narrowest 32-block type with at least as many bits per weight (a non-
+    uniform IQ4_NL before Q4_0 at the same bits); None when there is none."""
+    if BLOCK_SIZE.get(chosen) != 256:
+        return None
+    cands = [t for t in ("IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+             if (not writable or t in writable) and row % BLOCK_SIZE[t] == 0
+             and BPW[t] >= BPW[chosen]]
+    return min(cands, key=lambda t: BPW[t]) if cands else None
 
 
 # ----------------------------------------------------------------- inputs
