@@ -43,7 +43,8 @@ def tiny(tmp_path_factory):
         pad_token_id=1)).save_pretrained(pipe / "text_encoder")
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     diffusers.UNet2DConditionModel(**tiny_unet_config(sdxl=True)).save_pretrained(root / "unetxl")
-    diffusers.FluxTransformer2DModel(**tiny_flux_config()).save_pretrained(root / "flux")
+    # 256 wide: rows of a multiple of 256, so the K types apply (FLUX is never rearranged)
+    diffusers.FluxTransformer2DModel(**tiny_flux_config(width=256)).save_pretrained(root / "flux")
     return root
 
 
@@ -354,10 +355,15 @@ def test_cli_routes_diffusion_inputs(tiny, tmp_path, capsys):
     from arrowquant.cli import main
 
     out = tmp_path / "cli.gguf"
-    assert main(["quantize", str(tiny / "flux"), str(out), "--format", "gguf", "--gguf-type", "Q8_0",
-                 "--gguf-layout", "comfy", "--no-progress"]) == 0
-    assert "comfy layout, family flux" in capsys.readouterr().out
-    assert _field_str(_reader(out), "general.architecture") == "flux"
+    assert main(["quantize", str(tiny / "flux"), str(out), "--format", "gguf", "--gguf-type", "Q4_K_M",
+                 "--gguf-layout", "comfy", "--no-progress", "-v"]) == 0
+    text = capsys.readouterr().out
+    assert "comfy layout, family flux" in text and "comfy-mix" in text
+    r = _reader(out)
+    assert _field_str(r, "general.architecture") == "flux"
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["double_blocks.0.img_attn.qkv.weight"] == "Q5_K"  # Q4_K_M: fused qkv one type up
+    assert types["double_blocks.0.img_attn.proj.weight"] == "Q4_K"
     out2 = tmp_path / "cli2.gguf"
     assert main(["export-gguf", str(tiny / "pipe"), str(out2), "--gguf-type", "Q4_0", "--json",
                  "--max-memory", "16MiB"]) == 0

@@ -14,7 +14,10 @@ from . import __version__
 from .errors import ArrowQuantError
 from .units import format_size
 
-GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+              "F16", "F32")
+#: llama.cpp preset names (per-tensor mixes; the diffusion layouts apply them).
+GGUF_PRESETS = ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
 
 
 def _add_gguf_layout_flag(p: argparse.ArgumentParser) -> None:
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true", help="finish an interrupted run")
     q.add_argument("--format", choices=("parquet", "gguf"), default="parquet",
                    help="output: an ArrowQuant Parquet V2 directory (default) or one GGUF file")
-    q.add_argument("--gguf-type", choices=GGUF_TYPES,
+    q.add_argument("--gguf-type", choices=GGUF_TYPES + GGUF_PRESETS,
                    help="GGUF tensor type (default from --bits/--scheme: 8 -> Q8_0, "
                         "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
     _add_gguf_layout_flag(q)
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bits", type=int, choices=(4, 8), default=4)
     g.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric",
                    help="4 bits: symmetric -> Q4_0 (default), asymmetric -> Q4_1")
-    g.add_argument("--gguf-type", choices=GGUF_TYPES)
+    g.add_argument("--gguf-type", choices=GGUF_TYPES + GGUF_PRESETS)
     g.add_argument("--threads", type=int, default=0, metavar="N")
     _add_gguf_layout_flag(g)
     g.add_argument("--max-memory", default="256MiB", metavar="SIZE",
@@ -327,7 +330,8 @@ def _export_gguf(args: argparse.Namespace, bits: int, scheme: str, threads: int)
 
     if args.gguf_layout or dgguf.is_diffusion_input(args.input):
         report = dgguf.export_diffusion_gguf(
-            args.input, args.output, gguf_type=choose_type(bits, scheme, args.gguf_type),
+            args.input, args.output, gguf_type=args.gguf_type if args.gguf_type in GGUF_PRESETS
+            else choose_type(bits, scheme, args.gguf_type),
             layout=args.gguf_layout or "sdcpp", threads=threads,
             max_memory=getattr(args, "max_memory", "256MiB"), overwrite=args.overwrite,
             progress=False if (args.no_progress or args.json) else None)
