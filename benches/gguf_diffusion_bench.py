@@ -68,7 +68,7 @@ res = {{"ok": bool(ok)}}
 
 
 def arrowquant_convert(src: Path, out: Path, gtype: str, max_memory: str = "256MiB",
-                       layout: str = "sdcpp") -> Dict[str, Any]:
+                       layout: str = "sdcpp", block_mode: str = "search") -> Dict[str, Any]:
     return run_child(f"""
 import resource
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -76,22 +76,31 @@ from arrowquant.formats.gguf.diffusion import export_diffusion_gguf
 import arrowquant._core
 after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 r = export_diffusion_gguf({str(src)!r}, {str(out)!r}, gguf_type={gtype!r}, layout={layout!r},
-                          max_memory={max_memory!r}, overwrite=True, progress=False)
+                          max_memory={max_memory!r}, overwrite=True, progress=False,
+                          block_mode={block_mode!r})
 res = {{"ok": True, "baseline_rss_mb": after_import, "types": r["types"],
         "rules": {{k: sum(1 for t in r["tensors_detail"] if t["rule"] == k)
                   for k in set(t["rule"] for t in r["tensors_detail"])}}}}
 """)
 
 
-def render(model: Path, png: Path, steps: int, size: int, seed: int, prompt: str) -> Dict[str, Any]:
+def render(model: Path, png: Path, steps: int, size: int, seed: int, prompt: str,
+           batch: int = 1) -> Dict[str, Any]:
+    """`batch` images (seeds seed, seed+1, ...: sd.cpp's batch), saved as
+    png, png with .1.png, .2.png ... for the next ones."""
     return run_child(f"""
 from stable_diffusion_cpp import StableDiffusion
 sd = StableDiffusion(model_path={str(model)!r}, n_threads=2, verbose=False)
-img = sd.generate_image(prompt={prompt!r}, width={size}, height={size}, sample_steps={steps},
-                        seed={seed}, cfg_scale=7.0, sample_method="euler")[0]
-img.save({str(png)!r})
-res = {{"ok": True}}
+imgs = sd.generate_image(prompt={prompt!r}, width={size}, height={size}, sample_steps={steps},
+                         seed={seed}, cfg_scale=7.0, sample_method="euler", batch_count={batch})
+for i, img in enumerate(imgs):
+    img.save({str(png)!r} if i == 0 else {str(png)!r}[:-4] + f".{{i}}.png")
+res = {{"ok": True, "images": len(imgs)}}
 """)
+
+
+def render_files(png: Path, batch: int) -> List[Path]:
+    return [png] + [png.with_name(png.stem + f".{i}.png") for i in range(1, batch)]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -137,6 +146,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     ap.add_argument("--max-memory", default="256MiB")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="images per render (seeds seed, seed+1, ...); PSNR is their mean")
+    ap.add_argument("--reference-mode", default="Q8_0,Q4_0",
+                    help="types also written by ArrowQuant with plain rounding (block_mode reference)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep GGUF files already in --work (no conversion, no convert timing)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "python"))
     from arrowquant.synthetic_diffusion import generate_sd15_pipeline
@@ -147,26 +162,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
     if "F16" not in types:
         types.insert(0, "F16")
+    ref_mode = {t.strip().upper() for t in args.reference_mode.split(",") if t.strip()}
     rows: List[Dict[str, Any]] = []
     for gt in types:
-        for tool in ("sdcpp", "arrowquant"):
+        tools = ["sdcpp", "arrowquant"] + (["arrowquant-rounding"] if gt in ref_mode else [])
+        for tool in tools:
             f = work / f"{tool}-{gt}.gguf"
-            m = sdcpp_convert(pipe, f, gt) if tool == "sdcpp" else \
-                arrowquant_convert(pipe, f, gt, args.max_memory)
+            if args.reuse and f.exists():
+                m: Dict[str, Any] = {"seconds": None, "max_rss_mb": None}
+            elif tool == "sdcpp":
+                m = sdcpp_convert(pipe, f, gt)
+            else:
+                m = arrowquant_convert(pipe, f, gt, args.max_memory,
+                                       block_mode="reference" if tool == "arrowquant-rounding" else "search")
             png = work / f"{tool}-{gt}.png"
-            rr = render(f, png, args.steps, args.size, args.seed, args.prompt)
+            rr = render(f, png, args.steps, args.size, args.seed, args.prompt, args.batch)
             rows.append({"tool": tool, "type": gt, "file": str(f), "bytes": f.stat().st_size,
                          "convert_seconds": m["seconds"], "convert_max_rss_mb": m["max_rss_mb"],
                          "baseline_rss_mb": m.get("baseline_rss_mb"), "types": m.get("types"),
                          "render_seconds": rr["seconds"], "png": str(png)})
             print(json.dumps(rows[-1]), flush=True)
-    ref = load_png(work / "sdcpp-F16.png")
-    aq_ref = load_png(work / "arrowquant-F16.png")
+    refs = [load_png(p) for p in render_files(work / "sdcpp-F16.png", args.batch)]
+    aq_refs = [load_png(p) for p in render_files(work / "arrowquant-F16.png", args.batch)]
     for r in rows:
-        img = load_png(Path(r["png"]))
-        r["psnr_vs_sdcpp_f16"] = psnr(ref, img)
-        r["psnr_vs_arrowquant_f16"] = psnr(aq_ref, img)
-        r["bit_identical_to_sdcpp_f16"] = bool(np.array_equal(ref, img))
+        imgs = [load_png(p) for p in render_files(Path(r["png"]), args.batch)]
+        ps = [psnr(a, b) for a, b in zip(refs, imgs)]
+        r["psnr_each"] = ps
+        r["psnr_vs_sdcpp_f16"] = float(np.mean(ps))
+        r["psnr_vs_arrowquant_f16"] = float(np.mean([psnr(a, b) for a, b in zip(aq_refs, imgs)]))
+        r["bit_identical_to_sdcpp_f16"] = all(np.array_equal(a, b) for a, b in zip(refs, imgs))
     sq: Dict[str, Any] = {}
     for gt in types:
         if gt in ("F16", "F32"):
@@ -197,12 +221,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            "prompt": args.prompt, "rows": rows, "tensor_sqnr": sq,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     (work / "results.json").write_text(json.dumps(res, indent=2))
-    print("| tool | type | file MiB | convert s | convert peak RSS MiB | PSNR vs sd.cpp F16 (dB) |")
+    print(f"| tool | type | file MiB | convert s | convert peak RSS MiB | PSNR vs sd.cpp F16 (dB, mean of "
+          f"{args.batch}) |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        p = "identical" if r["bit_identical_to_sdcpp_f16"] else f"{r['psnr_vs_sdcpp_f16']:.2f}"
-        print(f"| {r['tool']} | {r['type']} | {r['bytes'] / 2**20:.1f} | {r['convert_seconds']:.1f} | "
-              f"{r['convert_max_rss_mb']:.0f} | {p} |")
+        p = "identical" if r["bit_identical_to_sdcpp_f16"] else \
+            f"{r['psnr_vs_sdcpp_f16']:.2f} ({', '.join(f'{x:.1f}' for x in r['psnr_each'])})"
+        cs = "-" if r["convert_seconds"] is None else f"{r['convert_seconds']:.1f}"
+        cm = "-" if r["convert_max_rss_mb"] is None else f"{r['convert_max_rss_mb']:.0f}"
+        print(f"| {r['tool']} | {r['type']} | {r['bytes'] / 2**20:.1f} | {cs} | {cm} | {p} |")
     print(json.dumps({k: {a: b for a, b in v.items() if a not in ("per_tensor", "other")}
                       for k, v in sq.items()}, indent=2))
     return 0

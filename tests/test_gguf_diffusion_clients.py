@@ -155,3 +155,25 @@ def test_diffusers_gguf_loader_reads_comfy_flux(flux_ref, tmp_path, gtype):
     print(f"{gtype}: output SQNR vs the bfloat16 model {sqnr:.1f} dB, "
           f"{rep['output_bytes'] / 2**20:.1f} MiB, types {rep['types']}")
     assert sqnr > {"Q8_0": 30, "Q6_K": 25, "Q5_K": 20}.get(gtype, 5)
+
+
+# ------------------------------------------------------------------ memory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gtype,budget", [("Q4_0", "64MiB"), ("Q4_K", "64MiB"), ("Q4_K", "256MiB")])
+def test_peak_rss_within_max_memory_plus_baseline(gtype, budget, tmp_path):
+    """Converting the 1.07 B-parameter SD 1.5-size pipeline: the process's
+    peak RSS (ru_maxrss, fresh subprocess) stays within --max-memory plus its
+    baseline (the interpreter with arrowquant, numpy and _core imported)."""
+    pytest.importorskip("diffusers")
+    import gguf_diffusion_bench as b
+    from arrowquant.synthetic_diffusion import generate_sd15_pipeline
+    from arrowquant.units import parse_size
+
+    pipe = generate_sd15_pipeline()
+    r = b.arrowquant_convert(pipe, tmp_path / "m.gguf", gtype, max_memory=budget)
+    used = r["max_rss_mb"] - r["baseline_rss_mb"]
+    print(f"{gtype} --max-memory {budget}: peak {r['max_rss_mb']:.0f} MiB, baseline "
+          f"{r['baseline_rss_mb']:.0f} MiB, {r['seconds']:.1f} s")
+    assert used <= parse_size(budget) / 2**20

@@ -204,8 +204,9 @@ def choose_tensor_type(name: str, shape: Sequence[int], written_shape: Sequence[
        -> the source's float type (F16 for float16, else F32; comfy: F16);
     4. timestep / adaLN modulation / embedding layers (ArrowQuant's diffusion
        planner patterns) -> Q8_0 when the target is narrower;
-    5. comfy: the patch's K-mix (attention v, fused qkv, down projections one
-       or two types higher);
+    5. the K-mix of ComfyUI-GGUF's patch (attention v, fused qkv, down
+       projections one or two types higher): comfy always (as its quantizer),
+       sdcpp for preset names (Q4_K_M ...);
     6. a block type whose block does not divide the row (the last dimension)
        -> fallback: comfy F16 (its patch's fallback); sdcpp: for a K type the
        narrowest 32-block type with at least its bits (IQ4_NL / Q8_0), else
@@ -255,7 +256,8 @@ def choose_tensor_type(name: str, shape: Sequence[int], written_shape: Sequence[
             break
     if label and BPW[base] < BPW["Q8_0"]:
         chosen, rule, reason = "Q8_0", "timestep", f"{label} layer: Q8_0 (no narrower than 8 bits)"
-    elif layout == "comfy":
+    elif layout == "comfy" or target != base:
+        # comfy: its quantizer's mix for every target; sdcpp: for preset names only
         mixed, why = _comfy_mix(target, base, name, mix if mix is not None else MixState())
         if why:
             chosen, rule, reason = mixed, "comfy-mix", f"{why}: {mixed} under {target} (ComfyUI-GGUF)"
@@ -555,6 +557,7 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
                           layout: str = "sdcpp", threads: int = 0, max_memory: Union[int, str] = "256MiB",
                           overwrite: bool = False, progress: Any = None,
                           name: Optional[str] = None, chunk_bytes: Optional[int] = None,
+                          block_mode: str = "search",
                           type_override: Optional[Callable[[OutTensor, TypeDecision], TypeDecision]] = None,
                           ) -> Dict[str, Any]:
     """Writes the diffusion model at `source` as one GGUF file in `layout`
@@ -563,7 +566,9 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
     when the writer has them) or a llama.cpp preset name (Q4_K_M ...).
     `max_memory` bounds the read buffer (a quarter of it per chunk, at least
     1 MiB; `chunk_bytes` sets the chunk directly).
-    `type_override(tensor, decision)` may replace a decision (the hook for
+    `block_mode` "search" (ArrowQuant's error-minimizing block search) or
+    "reference" (plain rounding: llama.cpp's reference bytes for Q8_0 / Q4_0 /
+    Q4_1). `type_override(tensor, decision)` may replace a decision (the hook for
     measured per-tensor choices); its result is re-checked against the row
     length."""
     from ... import _core
@@ -625,7 +630,10 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
         ]
         md += metadata
         specs = [(t.name, list(ws), d.gguf_type) for t, ws, d, _ in plan]
-        records = _write(out, md, specs, plan, chunk_bytes, threads, progress)
+        if block_mode not in ("search", "reference"):
+            raise ConfigurationError(f"block_mode must be 'search' or 'reference', got {block_mode!r}")
+        md.append(("arrowquant.block_mode", "string", block_mode))
+        records = _write(out, md, specs, plan, chunk_bytes, threads, progress, block_mode)
     finally:
         for c in components:
             c.close()
@@ -650,7 +658,8 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
 
 def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, List[int], str]],
            plan: List[Tuple[OutTensor, Tuple[int, ...], TypeDecision, Optional[str]]],
-           chunk_bytes: int, threads: int, progress: Any) -> List[Dict[str, Any]]:
+           chunk_bytes: int, threads: int, progress: Any,
+           block_mode: str = "search") -> List[Dict[str, Any]]:
     from ... import _core
     from ...gguf_export import _progress, _type_bytes
     from ...sources import itemsize
@@ -670,6 +679,8 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
             numel = math.prod(t.shape)
             # The writer takes whole rows of the written shape (first dimension).
             wcols = numel // int(wshape[0]) if len(wshape) >= 2 else numel
+            if block_mode != "search" and d.gguf_type in BLOCK_SIZE:
+                writer.set_tensor_options(block_mode)
             sums = ErrorSums()
             carry = np.empty(0, dtype=np.uint8)
             chunks = 0
