@@ -4,7 +4,7 @@ pipeline with seeded random weights (arrowquant.synthetic_diffusion).
 For each type: stable-diffusion.cpp's own conversion of the diffusers
 directory (its `convert`, through stable-diffusion-cpp-python) and
 ArrowQuant's sdcpp-layout file, each made in a fresh subprocess (wall time,
-peak RSS = ru_maxrss of that process); then every file renders the same
+peak RSS = VmHWM of that process); then every file renders the same
 prompt at the smallest size in a few steps with a fixed seed in sd.cpp (a
 fresh subprocess each), and the PSNR of each render against the render of
 sd.cpp's own F16 file is reported, with the file sizes. Tensor error: SQNR of
@@ -33,14 +33,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
+# Peak RSS is the child's VmHWM (/proc/self/status): ru_maxrss would carry
+# over the parent's resident size from before exec (Linux keeps the pre-exec
+# high-water mark), which inflates it when the parent is large (pytest).
 _CHILD_PRELUDE = """
 import json, resource, sys, time
+def hwm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 sys.path.insert(0, {python!r})
 t0 = time.perf_counter()
 """
 _CHILD_END = """
-print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0,
-      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **res}}))
+print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "max_rss_mb": hwm_mb(),
+      "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **res}}))
 """
 
 
@@ -70,11 +78,9 @@ res = {{"ok": bool(ok)}}
 def arrowquant_convert(src: Path, out: Path, gtype: str, max_memory: str = "256MiB",
                        layout: str = "sdcpp", block_mode: str = "search") -> Dict[str, Any]:
     return run_child(f"""
-import resource
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from arrowquant.formats.gguf.diffusion import export_diffusion_gguf
 import arrowquant._core
-after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+after_import = hwm_mb()
 r = export_diffusion_gguf({str(src)!r}, {str(out)!r}, gguf_type={gtype!r}, layout={layout!r},
                           max_memory={max_memory!r}, overwrite=True, progress=False,
                           block_mode={block_mode!r})
@@ -97,6 +103,10 @@ for i, img in enumerate(imgs):
     img.save({str(png)!r} if i == 0 else {str(png)!r}[:-4] + f".{{i}}.png")
 res = {{"ok": True, "images": len(imgs)}}
 """)
+
+
+def _prompt_png(png: Path, k: int) -> Path:
+    return png if k == 0 else png.with_name(png.stem + f".p{k}.png")
 
 
 def render_files(png: Path, batch: int) -> List[Path]:
@@ -135,6 +145,30 @@ def tensor_sqnr(file: Path, reference: Path) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def convert_timings(pipe: Path, work: Path, types: List[str], rounds: int, max_memory: str) -> int:
+    """Alternating sd.cpp / ArrowQuant conversions, each in a fresh process."""
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for gt in types:
+            for tool in ("sdcpp", "arrowquant"):
+                f = work / f"time-{tool}-{gt}.gguf"
+                m = sdcpp_convert(pipe, f, gt) if tool == "sdcpp" else \
+                    arrowquant_convert(pipe, f, gt, max_memory)
+                m["bytes"] = f.stat().st_size
+                f.unlink()
+                runs.setdefault(f"{tool} {gt}", []).append(m)
+                print(json.dumps({"run": f"{tool} {gt}", **m}), flush=True)
+    print(f"| tool, type | wall s (median of {rounds}) | peak RSS MiB | baseline MiB | file MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for k, v in runs.items():
+        base = v[0].get("baseline_rss_mb")
+        print(f"| {k} | {float(np.median([x['seconds'] for x in v])):.1f} | "
+              f"{max(x['max_rss_mb'] for x in v):.0f} | {'-' if base is None else f'{base:.0f}'} | "
+              f"{v[0]['bytes'] / 2**20:.1f} |")
+    (work / "convert_timings.json").write_text(json.dumps(runs, indent=2))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
@@ -144,14 +178,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse",
+                    help="one prompt, or several separated by '|' (each rendered; PSNR is the mean "
+                         "over prompts and seeds)")
     ap.add_argument("--max-memory", default="256MiB")
     ap.add_argument("--batch", type=int, default=1,
                     help="images per render (seeds seed, seed+1, ...); PSNR is their mean")
     ap.add_argument("--reference-mode", default="Q8_0,Q4_0",
                     help="types also written by ArrowQuant with plain rounding (block_mode reference)")
     ap.add_argument("--reuse", action="store_true",
-                    help="keep GGUF files already in --work (no conversion, no convert timing)")
+                    help="keep GGUF files and renders already in --work (no conversion, no convert "
+                         "timing, no re-render)")
+    ap.add_argument("--no-sqnr", action="store_true", help="skip the per-tensor SQNR comparison")
+    ap.add_argument("--f16-sdcpp-only", action="store_true",
+                    help="render only sd.cpp's F16 file as the reference (ArrowQuant's F16 equality "
+                         "is then not re-checked)")
+    ap.add_argument("--convert-only", type=int, default=0, metavar="N",
+                    help="only time the conversions: N alternating rounds of sd.cpp / ArrowQuant "
+                         "per type (fresh subprocess each), medians")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "python"))
     from arrowquant.synthetic_diffusion import generate_sd15_pipeline
@@ -159,13 +203,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipe = args.pipeline or generate_sd15_pipeline()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.convert_only:
+        return convert_timings(pipe, work, [t.strip().upper() for t in args.types.split(",")],
+                               args.convert_only, args.max_memory)
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
     if "F16" not in types:
         types.insert(0, "F16")
     ref_mode = {t.strip().upper() for t in args.reference_mode.split(",") if t.strip()}
+    prompts = [p.strip() for p in args.prompt.split("|") if p.strip()]
     rows: List[Dict[str, Any]] = []
     for gt in types:
         tools = ["sdcpp", "arrowquant"] + (["arrowquant-rounding"] if gt in ref_mode else [])
+        if gt == "F16" and args.f16_sdcpp_only:
+            tools = ["sdcpp"]
         for tool in tools:
             f = work / f"{tool}-{gt}.gguf"
             if args.reuse and f.exists():
@@ -176,23 +226,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 m = arrowquant_convert(pipe, f, gt, args.max_memory,
                                        block_mode="reference" if tool == "arrowquant-rounding" else "search")
             png = work / f"{tool}-{gt}.png"
-            rr = render(f, png, args.steps, args.size, args.seed, args.prompt, args.batch)
+            rr = {"seconds": 0.0}
+            for k, prompt in enumerate(prompts):
+                if args.reuse and all(q.exists() for q in render_files(_prompt_png(png, k), args.batch)):
+                    continue
+                rk = render(f, _prompt_png(png, k), args.steps, args.size, args.seed, prompt, args.batch)
+                rr["seconds"] += rk["seconds"]
             rows.append({"tool": tool, "type": gt, "file": str(f), "bytes": f.stat().st_size,
                          "convert_seconds": m["seconds"], "convert_max_rss_mb": m["max_rss_mb"],
                          "baseline_rss_mb": m.get("baseline_rss_mb"), "types": m.get("types"),
                          "render_seconds": rr["seconds"], "png": str(png)})
             print(json.dumps(rows[-1]), flush=True)
-    refs = [load_png(p) for p in render_files(work / "sdcpp-F16.png", args.batch)]
-    aq_refs = [load_png(p) for p in render_files(work / "arrowquant-F16.png", args.batch)]
+    def images(png: Path) -> List[np.ndarray]:
+        return [load_png(q) for k in range(len(prompts))
+                for q in render_files(_prompt_png(png, k), args.batch)]
+
+    refs = images(work / "sdcpp-F16.png")
+    aq_refs = None if args.f16_sdcpp_only else images(work / "arrowquant-F16.png")
     for r in rows:
-        imgs = [load_png(p) for p in render_files(Path(r["png"]), args.batch)]
+        imgs = images(Path(r["png"]))
         ps = [psnr(a, b) for a, b in zip(refs, imgs)]
         r["psnr_each"] = ps
         r["psnr_vs_sdcpp_f16"] = float(np.mean(ps))
-        r["psnr_vs_arrowquant_f16"] = float(np.mean([psnr(a, b) for a, b in zip(aq_refs, imgs)]))
+        r["psnr_vs_arrowquant_f16"] = None if aq_refs is None else \
+            float(np.mean([psnr(a, b) for a, b in zip(aq_refs, imgs)]))
         r["bit_identical_to_sdcpp_f16"] = all(np.array_equal(a, b) for a, b in zip(refs, imgs))
     sq: Dict[str, Any] = {}
-    for gt in types:
+    for gt in ([] if args.no_sqnr else types):
         if gt in ("F16", "F32"):
             continue
         a = tensor_sqnr(work / f"arrowquant-{gt}.gguf", work / "sdcpp-F16.gguf")
@@ -218,11 +278,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       for n in sorted(set(a) ^ set(s) | {n for n in a if n in s and n not in common})},
         }
     res = {"pipeline": str(pipe), "steps": args.steps, "size": args.size, "seed": args.seed,
-           "prompt": args.prompt, "rows": rows, "tensor_sqnr": sq,
+           "prompts": prompts, "batch": args.batch, "rows": rows, "tensor_sqnr": sq,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     (work / "results.json").write_text(json.dumps(res, indent=2))
     print(f"| tool | type | file MiB | convert s | convert peak RSS MiB | PSNR vs sd.cpp F16 (dB, mean of "
-          f"{args.batch}) |")
+          f"{len(prompts)} prompts x {args.batch} seeds) |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         p = "identical" if r["bit_identical_to_sdcpp_f16"] else \

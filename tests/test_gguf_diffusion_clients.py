@@ -164,7 +164,7 @@ def test_diffusers_gguf_loader_reads_comfy_flux(flux_ref, tmp_path, gtype):
 @pytest.mark.parametrize("gtype,budget", [("Q4_0", "64MiB"), ("Q4_K", "64MiB"), ("Q4_K", "256MiB")])
 def test_peak_rss_within_max_memory_plus_baseline(gtype, budget, tmp_path):
     """Converting the 1.07 B-parameter SD 1.5-size pipeline: the process's
-    peak RSS (ru_maxrss, fresh subprocess) stays within --max-memory plus its
+    peak RSS (VmHWM, fresh subprocess) stays within --max-memory plus its
     baseline (the interpreter with arrowquant, numpy and _core imported)."""
     pytest.importorskip("diffusers")
     import gguf_diffusion_bench as b
