@@ -383,3 +383,29 @@ def test_small_chunks_give_identical_files(tiny, tmp_path):
     _export(tiny / "flux", c, gguf_type="Q8_0", layout="sdcpp", chunk_bytes=100)
     _export(tiny / "flux", d, gguf_type="Q8_0", layout="sdcpp")
     assert c.read_bytes() == d.read_bytes()
+
+
+def test_block_mode_per_component(tiny, tmp_path):
+    """block_mode={"text_encoder": "reference"}: the text encoder's blocks are
+    llama.cpp's reference rounding (gguf-py's quantize, byte for byte), the
+    UNet's are searched (not all equal to the rounding)."""
+    out = tmp_path / "m.gguf"
+    rep = _export(tiny / "pipe", out, gguf_type="Q4_0", layout="sdcpp",
+                  block_mode={"text_encoder": "reference"})
+    r = _reader(out)
+    assert "text_encoder" in _field_str(r, "arrowquant.block_mode")
+    src = {**_source_tensors(tiny / "pipe" / "text_encoder"), **_source_tensors(tiny / "pipe" / "unet")}
+    names = {o.name: o.source_names[0] for o in
+             dg.plan_tensors(dg.find_components(tiny / "pipe")[0], "sdcpp")[0]}
+    same = {"text": [], "unet": []}
+    for t in r.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_0:
+            continue
+        key = "text" if t.name.startswith("cond_stage_model.") else "unet"
+        x = src[names[t.name]].astype(np.float32)
+        same[key].append(np.array_equal(np.asarray(t.data).reshape(-1),
+                                        gguf.quants.quantize(x, t.tensor_type).reshape(-1)))
+    assert same["text"] and all(same["text"])
+    assert same["unet"] and not all(same["unet"])
+    with pytest.raises(ConfigurationError):
+        _export(tiny / "flux", tmp_path / "x.gguf", gguf_type="Q4_0", block_mode="fast")

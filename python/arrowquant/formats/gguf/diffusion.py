@@ -557,7 +557,7 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
                           layout: str = "sdcpp", threads: int = 0, max_memory: Union[int, str] = "256MiB",
                           overwrite: bool = False, progress: Any = None,
                           name: Optional[str] = None, chunk_bytes: Optional[int] = None,
-                          block_mode: str = "search",
+                          block_mode: Union[str, Dict[str, str]] = "search",
                           type_override: Optional[Callable[[OutTensor, TypeDecision], TypeDecision]] = None,
                           ) -> Dict[str, Any]:
     """Writes the diffusion model at `source` as one GGUF file in `layout`
@@ -568,7 +568,8 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
     1 MiB; `chunk_bytes` sets the chunk directly).
     `block_mode` "search" (ArrowQuant's error-minimizing block search) or
     "reference" (plain rounding: llama.cpp's reference bytes for Q8_0 / Q4_0 /
-    Q4_1). `type_override(tensor, decision)` may replace a decision (the hook for
+    Q4_1), or a dict by component kind ({"text_encoder": "reference"}; others
+    search). `type_override(tensor, decision)` may replace a decision (the hook for
     measured per-tensor choices); its result is re-checked against the row
     length."""
     from ... import _core
@@ -630,9 +631,11 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
         ]
         md += metadata
         specs = [(t.name, list(ws), d.gguf_type) for t, ws, d, _ in plan]
-        if block_mode not in ("search", "reference"):
+        modes = block_mode if isinstance(block_mode, dict) else {"*": block_mode}
+        if any(m not in ("search", "reference") for m in modes.values()):
             raise ConfigurationError(f"block_mode must be 'search' or 'reference', got {block_mode!r}")
-        md.append(("arrowquant.block_mode", "string", block_mode))
+        md.append(("arrowquant.block_mode", "string",
+                   block_mode if isinstance(block_mode, str) else json.dumps(block_mode, sort_keys=True)))
         records = _write(out, md, specs, plan, chunk_bytes, threads, progress, block_mode)
     finally:
         for c in components:
@@ -659,7 +662,7 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
 def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, List[int], str]],
            plan: List[Tuple[OutTensor, Tuple[int, ...], TypeDecision, Optional[str]]],
            chunk_bytes: int, threads: int, progress: Any,
-           block_mode: str = "search") -> List[Dict[str, Any]]:
+           block_mode: Union[str, Dict[str, str]] = "search") -> List[Dict[str, Any]]:
     from ... import _core
     from ...gguf_export import _progress, _type_bytes
     from ...sources import itemsize
@@ -679,8 +682,10 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
             numel = math.prod(t.shape)
             # The writer takes whole rows of the written shape (first dimension).
             wcols = numel // int(wshape[0]) if len(wshape) >= 2 else numel
-            if block_mode != "search" and d.gguf_type in BLOCK_SIZE:
-                writer.set_tensor_options(block_mode)
+            mode = block_mode if isinstance(block_mode, str) else \
+                block_mode.get(t.component.kind, block_mode.get("*", "search"))
+            if mode != "search" and d.gguf_type in BLOCK_SIZE:
+                writer.set_tensor_options(mode)
             sums = ErrorSums()
             carry = np.empty(0, dtype=np.uint8)
             chunks = 0
