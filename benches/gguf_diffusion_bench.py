@@ -11,7 +11,8 @@ sd.cpp's own F16 file is reported, with the file sizes. Tensor error: SQNR of
 every quantized tensor of both files against the source weights (decoded with
 gguf-py's `gguf.quants.dequantize`).
 
-    python benches/gguf_diffusion_bench.py --work /tmp/gd --types F16,Q8_0,Q4_0
+    python benches/gguf_diffusion_bench.py --work /tmp/gd --types F16,Q8_0,Q4_0,Q4_K \
+        --text-encoder-rounding Q8_0,Q4_0,Q4_K --prompt "a photograph of an astronaut riding a horse|a red cube on a wooden table, studio light|portrait of an old man with a beard, oil painting"
 
 Writes --work/results.json and prints a Markdown table.
 """
@@ -76,7 +77,7 @@ res = {{"ok": bool(ok)}}
 
 
 def arrowquant_convert(src: Path, out: Path, gtype: str, max_memory: str = "256MiB",
-                       layout: str = "sdcpp", block_mode: str = "search") -> Dict[str, Any]:
+                       layout: str = "sdcpp", block_mode: Any = "search") -> Dict[str, Any]:
     return run_child(f"""
 from arrowquant.formats.gguf.diffusion import export_diffusion_gguf
 import arrowquant._core
@@ -186,6 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="images per render (seeds seed, seed+1, ...); PSNR is their mean")
     ap.add_argument("--reference-mode", default="Q8_0,Q4_0",
                     help="types also written by ArrowQuant with plain rounding (block_mode reference)")
+    ap.add_argument("--text-encoder-rounding", default="",
+                    help="types also written by ArrowQuant with the text encoder by plain rounding "
+                         "(block_mode={'text_encoder': 'reference'}), e.g. Q8_0,Q4_0,Q4_K")
     ap.add_argument("--reuse", action="store_true",
                     help="keep GGUF files and renders already in --work (no conversion, no convert "
                          "timing, no re-render)")
@@ -213,7 +217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts = [p.strip() for p in args.prompt.split("|") if p.strip()]
     rows: List[Dict[str, Any]] = []
     for gt in types:
-        tools = ["sdcpp", "arrowquant"] + (["arrowquant-rounding"] if gt in ref_mode else [])
+        te_round = {t.strip().upper() for t in args.text_encoder_rounding.split(",") if t.strip()}
+        tools = ["sdcpp", "arrowquant"] + (["arrowquant-rounding"] if gt in ref_mode else []) + \
+            (["arrowquant-te-rounding"] if gt in te_round else [])
         if gt == "F16" and args.f16_sdcpp_only:
             tools = ["sdcpp"]
         for tool in tools:
@@ -223,8 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             elif tool == "sdcpp":
                 m = sdcpp_convert(pipe, f, gt)
             else:
-                m = arrowquant_convert(pipe, f, gt, args.max_memory,
-                                       block_mode="reference" if tool == "arrowquant-rounding" else "search")
+                mode = {"arrowquant-rounding": "reference",
+                        "arrowquant-te-rounding": {"text_encoder": "reference"}}.get(tool, "search")
+                m = arrowquant_convert(pipe, f, gt, args.max_memory, block_mode=mode)
             png = work / f"{tool}-{gt}.png"
             rr = {"seconds": 0.0}
             for k, prompt in enumerate(prompts):
