@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -573,7 +572,6 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
     measured per-tensor choices); its result is re-checked against the row
     length."""
     from ... import _core
-    from ...gguf_export import _progress
     from ...units import parse_size
 
     t0 = time.perf_counter()
