@@ -95,7 +95,7 @@ enum class BlockMode : uint8_t {
   // f16 units from the largest sub-block scale / min, nearest codes.
   kReference,
 };
-const char* BlockModeName(BlockMode mode);            // "search", "reference"
+const char* BlockModeName(BlockMode mode);  // "search", "reference"
 Result<BlockMode> ParseBlockMode(const std::string& name);
 
 struct BlockOptions {
@@ -123,8 +123,8 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t rows, int64_t cols,
                       const BlockOptions& opts = {}, ErrorStats* stats = nullptr);
 
 // Decodes rows x cols values of `type` (any codec type) into float32.
-Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t rows, int64_t cols,
-                        float* out, const ExecOptions& exec = {});
+Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t rows, int64_t cols, float* out,
+                        const ExecOptions& exec = {});
 
 // Bytes of one row of `cols` values of `type`; Invalid when cols is not a
 // positive multiple of the block size.

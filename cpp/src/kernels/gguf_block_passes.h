@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "kernels/param_search.h"
+
 namespace arrowquant::kernels {
 
 // One candidate: x_hat = a * v - b for the code value v of each element.
@@ -33,6 +35,7 @@ struct BlockFit {
   float svv;
   float sxv;
 };
+static_assert(sizeof(BlockFit) == 4 * sizeof(float), "the AVX2 passes store the four sums at once");
 
 // A non-uniform code grid (IQ4): 16 increasing values and the 15 midpoints
 // between neighbours. The code of v is the number of midpoints below v
@@ -42,21 +45,44 @@ struct CodeGrid {
   float mid[15];
 };
 
+// Candidate-independent sums of one sub-block: min and max (+0 for a zero),
+// max |x|, and in the lane order above sum w, sum w x, sum w x^2 (unweighted:
+// n, sum x, sum x^2).
+struct BlockMoments {
+  float lo, hi, amax, sw, swx, swxx;
+};
+
 struct BlockPasses {
   const char* name;
   // Integer codes: v = min(max(rint((x + b) * inv), lo), hi) with
   // inv = 1 / a (0 when a is 0), x_hat = a * v - b, for each of the k
-  // candidates (w null: unweighted).
-  void (*eval_affine)(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                      float hi, bool sums, BlockFit* out);
+  // candidates (w null: unweighted). Candidate j is evaluated on the n
+  // values at x + sub[j] * n (weights at w + sub[j] * n): the sub-blocks of
+  // a block side by side; sub null: all at x.
+  void (*eval_affine)(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                      int k, float lo, float hi, bool sums, BlockFit* out);
+  // The same without offset (symmetric codes, every b 0): v = clamp(rint(x *
+  // inv)), x_hat = a * v; sv is not computed (0). (Codes equal eval_affine's
+  // at b = 0; the error and the other sums are the same values.)
+  void (*eval_symmetric)(const float* x, const float* w, int n, const BlockCand* c,
+                         const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out);
   // Grid codes: v = the grid value nearest to x * inv (b is ignored),
   // x_hat = a * v.
-  void (*eval_grid)(const float* x, const float* w, int n, const BlockCand* c, int k,
-                    const CodeGrid& grid, bool sums, BlockFit* out);
+  void (*eval_grid)(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                    int k, const CodeGrid& grid, bool sums, BlockFit* out);
   // The codes of one candidate as the two passes above compute them (affine:
   // the integer code value; grid: the index of the value).
   void (*codes_affine)(const float* x, int n, BlockCand c, float lo, float hi, int8_t* q);
   void (*codes_grid)(const float* x, int n, float a, const CodeGrid& grid, int8_t* q);
+  void (*moments)(const float* x, const float* w, int n, BlockMoments* out);
+  // True when no value is NaN or Inf.
+  bool (*all_finite)(const float* x, int n);
+  // sum w (x - y)^2 in float64 (w null: unweighted): element i adds into
+  // lane i % 4 from +0; lanes combined as (l0 + l2) + (l1 + l3).
+  double (*error_f64)(const float* x, const float* w, const float* y, int n);
+  // The matching passes of the mse search (param_search.h): its float16
+  // rounding (F16C or software, the same values) serves the block scales.
+  const SearchPasses* search;
 };
 
 const BlockPasses& ScalarBlockPasses();

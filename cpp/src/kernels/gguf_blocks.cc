@@ -27,28 +27,32 @@ namespace arrowquant {
 namespace kernels {
 namespace {
 
-template <bool kWeighted>
-void ScalarEvalAffineT(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                       float hi, bool sums, BlockFit* out) {
+template <bool kWeighted, bool kOffset>
+void ScalarEvalAffineT(const float* x0, const float* w0, int n, const BlockCand* c,
+                       const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out) {
   for (int j = 0; j < k; ++j) {
+    const int64_t off = sub != nullptr ? static_cast<int64_t>(sub[j]) * n : 0;
+    const float* x = x0 + off;
+    const float* w = kWeighted ? w0 + off : nullptr;
     const float a = c[j].a, b = c[j].b;
     const float inv = a != 0.0f ? 1.0f / a : 0.0f;
     float err[8] = {0}, sv[8] = {0}, svv[8] = {0}, sxv[8] = {0};
     for (int i = 0; i < n; ++i) {
-      const float v = std::min(std::max(std::nearbyint((x[i] + b) * inv), lo), hi);
-      const float e = x[i] - (a * v - b);
+      const float t = kOffset ? (x[i] + b) * inv : x[i] * inv;
+      const float v = std::min(std::max(std::nearbyint(t), lo), hi);
+      const float e = x[i] - (kOffset ? a * v - b : a * v);
       if constexpr (kWeighted) {
         err[i & 7] += w[i] * (e * e);
         if (sums) {
           const float wv = w[i] * v;
-          sv[i & 7] += wv;
+          if (kOffset) sv[i & 7] += wv;
           svv[i & 7] += wv * v;
           sxv[i & 7] += wv * x[i];
         }
       } else {
         err[i & 7] += e * e;
         if (sums) {
-          sv[i & 7] += v;
+          if (kOffset) sv[i & 7] += v;
           svv[i & 7] += v * v;
           sxv[i & 7] += v * x[i];
         }
@@ -64,19 +68,31 @@ void ScalarEvalAffineT(const float* x, const float* w, int n, const BlockCand* c
   }
 }
 
-void ScalarEvalAffine(const float* x, const float* w, int n, const BlockCand* c, int k, float lo,
-                      float hi, bool sums, BlockFit* out) {
+void ScalarEvalAffine(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                      int k, float lo, float hi, bool sums, BlockFit* out) {
   if (w != nullptr) {
-    ScalarEvalAffineT<true>(x, w, n, c, k, lo, hi, sums, out);
+    ScalarEvalAffineT<true, true>(x, w, n, c, sub, k, lo, hi, sums, out);
   } else {
-    ScalarEvalAffineT<false>(x, w, n, c, k, lo, hi, sums, out);
+    ScalarEvalAffineT<false, true>(x, w, n, c, sub, k, lo, hi, sums, out);
+  }
+}
+
+void ScalarEvalSymmetric(const float* x, const float* w, int n, const BlockCand* c,
+                         const uint8_t* sub, int k, float lo, float hi, bool sums, BlockFit* out) {
+  if (w != nullptr) {
+    ScalarEvalAffineT<true, false>(x, w, n, c, sub, k, lo, hi, sums, out);
+  } else {
+    ScalarEvalAffineT<false, false>(x, w, n, c, sub, k, lo, hi, sums, out);
   }
 }
 
 template <bool kWeighted>
-void ScalarEvalGridT(const float* x, const float* w, int n, const BlockCand* c, int k,
-                     const CodeGrid& g, bool sums, BlockFit* out) {
+void ScalarEvalGridT(const float* x0, const float* w0, int n, const BlockCand* c,
+                     const uint8_t* sub, int k, const CodeGrid& g, bool sums, BlockFit* out) {
   for (int j = 0; j < k; ++j) {
+    const int64_t off = sub != nullptr ? static_cast<int64_t>(sub[j]) * n : 0;
+    const float* x = x0 + off;
+    const float* w = kWeighted ? w0 + off : nullptr;
     const float a = c[j].a;
     const float inv = a != 0.0f ? 1.0f / a : 0.0f;
     float err[8] = {0}, svv[8] = {0}, sxv[8] = {0};
@@ -110,12 +126,12 @@ void ScalarEvalGridT(const float* x, const float* w, int n, const BlockCand* c, 
   }
 }
 
-void ScalarEvalGrid(const float* x, const float* w, int n, const BlockCand* c, int k,
-                    const CodeGrid& g, bool sums, BlockFit* out) {
+void ScalarEvalGrid(const float* x, const float* w, int n, const BlockCand* c, const uint8_t* sub,
+                    int k, const CodeGrid& g, bool sums, BlockFit* out) {
   if (w != nullptr) {
-    ScalarEvalGridT<true>(x, w, n, c, k, g, sums, out);
+    ScalarEvalGridT<true>(x, w, n, c, sub, k, g, sums, out);
   } else {
-    ScalarEvalGridT<false>(x, w, n, c, k, g, sums, out);
+    ScalarEvalGridT<false>(x, w, n, c, sub, k, g, sums, out);
   }
 }
 
@@ -136,8 +152,42 @@ void ScalarCodesGrid(const float* x, int n, float a, const CodeGrid& g, int8_t* 
   }
 }
 
-const BlockPasses kScalarBlockPasses = {"scalar", ScalarEvalAffine, ScalarEvalGrid,
-                                        ScalarCodesAffine, ScalarCodesGrid};
+void ScalarMoments(const float* x, const float* w, int n, BlockMoments* out) {
+  float lo = x[0], hi = x[0], amax = 0.0f;
+  float sw[8] = {0}, swx[8] = {0}, swxx[8] = {0};
+  for (int i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+    amax = std::max(amax, std::fabs(x[i]));
+    const float wi = w != nullptr ? w[i] : 1.0f;
+    const float wx = w != nullptr ? wi * x[i] : x[i];
+    sw[i & 7] += wi;
+    swx[i & 7] += wx;
+    swxx[i & 7] += wx * x[i];
+  }
+  *out = BlockMoments{lo + 0.0f,       hi + 0.0f,        amax,
+                      ReduceLanes(sw), ReduceLanes(swx), ReduceLanes(swxx)};
+}
+
+bool ScalarAllFinite(const float* x, int n) {
+  for (int i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return false;
+  }
+  return true;
+}
+
+double ScalarErrorF64(const float* x, const float* w, const float* y, int n) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int i = 0; i < n; ++i) {
+    const double e = static_cast<double>(x[i]) - static_cast<double>(y[i]);
+    acc[i & 3] += w != nullptr ? static_cast<double>(w[i]) * (e * e) : e * e;
+  }
+  return (acc[0] + acc[2]) + (acc[1] + acc[3]);
+}
+
+const BlockPasses kScalarBlockPasses = {
+    "scalar",        ScalarEvalAffine, ScalarEvalSymmetric, ScalarEvalGrid, ScalarCodesAffine,
+    ScalarCodesGrid, ScalarMoments,    ScalarAllFinite,     ScalarErrorF64, &ScalarSearchPasses()};
 
 }  // namespace
 
@@ -174,21 +224,16 @@ struct TypeEntry {
 // bound every tensor, the codecs below handle the quantized types of
 // IsBlockType plus F16 and F32.
 constexpr TypeEntry kTypes[] = {
-    {0, "F32", 1, 4},           {1, "F16", 1, 2},
-    {2, "Q4_0", 32, 18},        {3, "Q4_1", 32, 20},
-    {6, "Q5_0", 32, 22},        {7, "Q5_1", 32, 24},
-    {8, "Q8_0", 32, 34},        {9, "Q8_1", 32, 40},
-    {10, "Q2_K", 256, 84},      {11, "Q3_K", 256, 110},
-    {12, "Q4_K", 256, 144},     {13, "Q5_K", 256, 176},
-    {14, "Q6_K", 256, 210},     {15, "Q8_K", 256, 292},
-    {16, "IQ2_XXS", 256, 66},   {17, "IQ2_XS", 256, 74},
-    {18, "IQ3_XXS", 256, 98},   {19, "IQ1_S", 256, 50},
-    {20, "IQ4_NL", 32, 18},     {21, "IQ3_S", 256, 110},
-    {22, "IQ2_S", 256, 82},     {23, "IQ4_XS", 256, 136},
-    {24, "I8", 1, 1},           {25, "I16", 1, 2},
-    {26, "I32", 1, 4},          {27, "I64", 1, 8},
-    {28, "F64", 1, 8},          {29, "IQ1_M", 256, 56},
-    {30, "BF16", 1, 2},
+    {0, "F32", 1, 4},         {1, "F16", 1, 2},         {2, "Q4_0", 32, 18},
+    {3, "Q4_1", 32, 20},      {6, "Q5_0", 32, 22},      {7, "Q5_1", 32, 24},
+    {8, "Q8_0", 32, 34},      {9, "Q8_1", 32, 40},      {10, "Q2_K", 256, 84},
+    {11, "Q3_K", 256, 110},   {12, "Q4_K", 256, 144},   {13, "Q5_K", 256, 176},
+    {14, "Q6_K", 256, 210},   {15, "Q8_K", 256, 292},   {16, "IQ2_XXS", 256, 66},
+    {17, "IQ2_XS", 256, 74},  {18, "IQ3_XXS", 256, 98}, {19, "IQ1_S", 256, 50},
+    {20, "IQ4_NL", 32, 18},   {21, "IQ3_S", 256, 110},  {22, "IQ2_S", 256, 82},
+    {23, "IQ4_XS", 256, 136}, {24, "I8", 1, 1},         {25, "I16", 1, 2},
+    {26, "I32", 1, 4},        {27, "I64", 1, 8},        {28, "F64", 1, 8},
+    {29, "IQ1_M", 256, 56},   {30, "BF16", 1, 2},
 };
 
 const TypeEntry* FindType(uint32_t type) {
@@ -198,10 +243,9 @@ const TypeEntry* FindType(uint32_t type) {
   return nullptr;
 }
 
-constexpr GgmlType kBlockTypes[] = {GgmlType::kQ8_0,  GgmlType::kQ4_0, GgmlType::kQ4_1,
-                                    GgmlType::kQ2_K,  GgmlType::kQ3_K, GgmlType::kQ4_K,
-                                    GgmlType::kQ5_K,  GgmlType::kQ6_K, GgmlType::kIQ4_NL,
-                                    GgmlType::kIQ4_XS};
+constexpr GgmlType kBlockTypes[] = {
+    GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ2_K,   GgmlType::kQ3_K,
+    GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
 
 const char* TypeName(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 
@@ -228,7 +272,8 @@ bool IsCodecType(GgmlType type) {
 
 Result<GgmlType> ParseCodecType(const std::string& name) {
   std::string upper;
-  for (char c : name) upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  for (char c : name)
+    upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
   std::string all;
   for (const TypeEntry& e : kTypes) {
     const GgmlType t = static_cast<GgmlType>(e.type);
@@ -271,14 +316,18 @@ void PutHalf(uint8_t* p, float v) {
 }
 float GetHalf(const uint8_t* p) { return HalfToFloat(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
 
-// float16 rounding of a scale of either sign (RoundScaleF16 on |s|: never 0
-// for s != 0); 0 stays +0.
-float RoundSignedScale(float s) {
+// float16 storage of a positive scale (RoundScaleF16 of param_search.h):
+// round to nearest even, a scale that would round to 0 stored as 2^-24.
+float RoundScale(const BlockPasses& p, float s) {
+  return arrowquant::kernels::RoundScaleWith(*p.search, s);
+}
+// The same for a scale of either sign (never 0 for s != 0); 0 stays +0.
+float RoundSignedScale(const BlockPasses& p, float s) {
   if (s == 0.0f) return 0.0f;
-  const float r = arrowquant::kernels::RoundScaleF16(std::fabs(s));
+  const float r = RoundScale(p, std::fabs(s));
   return s < 0.0f ? -r : r;
 }
-float RoundF16(float v) { return HalfToFloat(FloatToHalf(v)) + 0.0f; }
+float RoundF16(const BlockPasses& p, float v) { return p.search->round_f16(v) + 0.0f; }
 
 // The parameters and codes of one block as the layouts store them: d and
 // dmin (Q4_1: m) are float16 values; sc / mn are sub-block scale and min
@@ -314,23 +363,34 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
       for (int j = 0; j < 16; ++j) out[2 + j] = static_cast<uint8_t>(c.q[j] | (c.q[j + 16] << 4));
       return;
     case GgmlType::kQ2_K: {
-      std::memset(out, 0, 84);
       for (int j = 0; j < 16; ++j) out[j] = static_cast<uint8_t>(c.sc[j] | (c.mn[j] << 4));
-      for (int e = 0; e < 256; ++e) {
-        const int h = e / 128, s = (e % 128) / 32, l = e % 32;
-        out[16 + h * 32 + l] |= static_cast<uint8_t>(c.q[e] << (2 * s));
+      // byte h * 32 + l: elements h * 128 + s * 32 + l at bits 2 s
+      for (int h = 0; h < 2; ++h) {
+        const int8_t* q = c.q + h * 128;
+        for (int l = 0; l < 32; ++l) {
+          out[16 + h * 32 + l] =
+              static_cast<uint8_t>(q[l] | (q[32 + l] << 2) | (q[64 + l] << 4) | (q[96 + l] << 6));
+        }
       }
       PutHalf(out + 80, c.d);
       PutHalf(out + 82, c.dmin);
       return;
     }
     case GgmlType::kQ3_K: {
-      std::memset(out, 0, 110);
-      for (int e = 0; e < 256; ++e) {
-        const int u = c.q[e] + 4;  // 0..7
-        out[e % 32] |= static_cast<uint8_t>((u >> 2) << (e / 32));
-        const int h = e / 128, s = (e % 128) / 32, l = e % 32;
-        out[32 + h * 32 + l] |= static_cast<uint8_t>((u & 3) << (2 * s));
+      std::memset(out + 96, 0, 12);
+      // u = q + 4 in 0..7: bit 2 in hmask[l] bit e / 32, bits 0-1 as Q2_K's.
+      for (int l = 0; l < 32; ++l) {
+        int m = 0;
+        for (int b = 0; b < 8; ++b) m |= ((c.q[b * 32 + l] + 4) >> 2) << b;
+        out[l] = static_cast<uint8_t>(m);
+      }
+      for (int h = 0; h < 2; ++h) {
+        const int8_t* q = c.q + h * 128;
+        for (int l = 0; l < 32; ++l) {
+          out[32 + h * 32 + l] =
+              static_cast<uint8_t>(((q[l] + 4) & 3) | (((q[32 + l] + 4) & 3) << 2) |
+                                   (((q[64 + l] + 4) & 3) << 4) | (((q[96 + l] + 4) & 3) << 6));
+        }
       }
       uint8_t* sc = out + 96;
       for (int i = 0; i < 16; ++i) {
@@ -348,7 +408,7 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
     case GgmlType::kQ4_K:
     case GgmlType::kQ5_K: {
       const bool q5 = type == GgmlType::kQ5_K;
-      std::memset(out, 0, q5 ? 176 : 144);
+      // (every byte is written below)
       PutHalf(out, c.d);
       PutHalf(out + 2, c.dmin);
       uint8_t* s = out + 4;
@@ -358,22 +418,40 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
         s[j + 8] = static_cast<uint8_t>((c.sc[j + 4] & 15) | ((c.mn[j + 4] & 15) << 4));
       }
       uint8_t* qs = out + (q5 ? 48 : 16);
-      for (int e = 0; e < 256; ++e) {
-        const int ch = e / 64, sh = (e % 64) / 32, l = e % 32;
-        qs[ch * 32 + l] |= static_cast<uint8_t>((c.q[e] & 15) << (4 * sh));
-        if (q5) out[16 + l] |= static_cast<uint8_t>((c.q[e] >> 4) << (e / 32));
+      // byte ch * 32 + l: element ch * 64 + l low, ch * 64 + 32 + l high nibble
+      for (int ch = 0; ch < 4; ++ch) {
+        const int8_t* q = c.q + ch * 64;
+        for (int l = 0; l < 32; ++l) {
+          qs[ch * 32 + l] = static_cast<uint8_t>((q[l] & 15) | ((q[32 + l] & 15) << 4));
+        }
+      }
+      if (q5) {  // bit 4 of element b * 32 + l in qh[l] bit b
+        for (int l = 0; l < 32; ++l) {
+          int m = 0;
+          for (int b = 0; b < 8; ++b) m |= (c.q[b * 32 + l] >> 4) << b;
+          out[16 + l] = static_cast<uint8_t>(m);
+        }
       }
       return;
     }
     case GgmlType::kQ6_K: {
-      std::memset(out, 0, 210);
-      for (int e = 0; e < 256; ++e) {
-        const int u = c.q[e] + 32;  // 0..63
-        const int h = e / 128, r = e % 128;
-        out[h * 64 + r % 64] |= static_cast<uint8_t>((u & 15) << (4 * (r / 64)));
-        out[128 + h * 32 + r % 32] |= static_cast<uint8_t>((u >> 4) << (2 * (r / 32)));
+      // u = q + 32 in 0..63; per half h: ql[h * 64 + l] holds elements
+      // h * 128 + l (low nibble) and + 64 (high); qh[h * 32 + l] bits 2 s
+      // the top two bits of element h * 128 + s * 32 + l.
+      for (int h = 0; h < 2; ++h) {
+        const int8_t* q = c.q + h * 128;
+        for (int l = 0; l < 64; ++l) {
+          out[h * 64 + l] =
+              static_cast<uint8_t>(((q[l] + 32) & 15) | (((q[64 + l] + 32) & 15) << 4));
+        }
+        for (int l = 0; l < 32; ++l) {
+          out[128 + h * 32 + l] =
+              static_cast<uint8_t>(((q[l] + 32) >> 4) | (((q[32 + l] + 32) >> 4) << 2) |
+                                   (((q[64 + l] + 32) >> 4) << 4) | (((q[96 + l] + 32) >> 4) << 6));
+        }
       }
-      for (int i = 0; i < 16; ++i) out[192 + i] = static_cast<uint8_t>(static_cast<int8_t>(c.sc[i]));
+      for (int i = 0; i < 16; ++i)
+        out[192 + i] = static_cast<uint8_t>(static_cast<int8_t>(c.sc[i]));
       PutHalf(out + 208, c.d);
       return;
     }
@@ -528,6 +606,9 @@ void DecodeBlock(GgmlType type, const uint8_t* p, float* y) {
 // "/ d" is a multiplication by id = 1/d computed from the float32 d (0 when d
 // is 0) before d is rounded to f16.
 
+// trunc(v) as an int (v is within [0, 16.5] up to rounding); 0 for inf / NaN.
+int TruncCode(float v) { return std::fabs(v) <= 64.0f ? static_cast<int>(v) : 0; }
+
 void ReferenceQ8_0(const float* x, uint8_t* out) {
   float amax = 0.0f;
   for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
@@ -536,7 +617,14 @@ void ReferenceQ8_0(const float* x, uint8_t* out) {
   PutHalf(out, d);
   for (int j = 0; j < 32; ++j) {
     // roundf without the libm call: v - trunc(v) is exact for |v| <= 127.
+    // (A subnormal block makes id infinite; ggml's conversion of the
+    // resulting inf / NaN gives 0 on x86, and so does this one, without the
+    // undefined cast.)
     const float v = x[j] * id;
+    if (!(std::fabs(v) <= 128.0f)) {
+      out[2 + j] = 0;
+      continue;
+    }
     int q = static_cast<int>(v);
     const float frac = v - static_cast<float>(q);
     if (frac >= 0.5f) {
@@ -560,9 +648,10 @@ void ReferenceQ4_0(const float* x, uint8_t* out) {
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   PutHalf(out, d);
   for (int j = 0; j < 16; ++j) {
-    // x * id lies in [-8, 8], so the truncation is in [0, 16].
-    const int q0 = std::min(15, static_cast<int>(x[j] * id + 8.5f));
-    const int q1 = std::min(15, static_cast<int>(x[j + 16] * id + 8.5f));
+    // x * id lies in [-8, 8], so the truncation is in [0, 16] (an infinite
+    // id, from a subnormal block, gives code 0 as ggml's cast does on x86).
+    const int q0 = std::min(15, TruncCode(x[j] * id + 8.5f));
+    const int q1 = std::min(15, TruncCode(x[j + 16] * id + 8.5f));
     out[2 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
   }
 }
@@ -579,8 +668,8 @@ void ReferenceQ4_1(const float* x, uint8_t* out) {
   PutHalf(out, d);
   PutHalf(out + 2, lo);
   for (int j = 0; j < 16; ++j) {
-    const int q0 = std::min(15, static_cast<int>((x[j] - lo) * id + 0.5f));
-    const int q1 = std::min(15, static_cast<int>((x[j + 16] - lo) * id + 0.5f));
+    const int q0 = std::min(15, TruncCode((x[j] - lo) * id + 0.5f));
+    const int q1 = std::min(15, TruncCode((x[j + 16] - lo) * id + 0.5f));
     out[4 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
   }
 }
@@ -595,8 +684,8 @@ enum class Form : uint8_t {
 
 struct Layout {
   GgmlType type;
-  int block;       // values per block
-  int sub;         // values per sub-block (== block: one level)
+  int block;  // values per block
+  int sub;    // values per sub-block (== block: one level)
   Form form;
   float qlo, qhi;  // element code range (integer forms)
   int alo, ahi;    // sub-block scale codes (two levels)
@@ -613,6 +702,17 @@ struct Layout {
   int grid_n;
   float grid_span;
   int hi_grid_n;
+  // Stage 2: how far the neighbours' min codes go (+-), affine forms.
+  int min_reach;
+  // Filled by Layouts() from the above: the grid's scales as factors of the
+  // range (affine: 1 / (Q + t); hi_frac: Q / (Q + t), the anchored range's
+  // fraction) or of the extreme (1 / (lo - t), 1 / (hi + t)), and 1 / Q.
+  float lo_f[8] = {};
+  float hi_f[8] = {};
+  float hi_frac[8] = {};
+  bool grid_zero[8] = {};  // t = 0: the plain start itself
+  float inv_q = 0.0f;
+  float inv_lo = 0.0f, inv_hi = 0.0f;  // symmetric and grid forms: 1 / code-range ends
   bool two_level() const { return sub != block; }
   int subs() const { return block / sub; }
 };
@@ -621,22 +721,61 @@ constexpr float kClips2[] = {0.8f, 0.6f};
 
 // The start sets were chosen by measurement (numpy model of the search on
 // Gaussian and importance-weighted blocks, docs/gguf.md): ranges win at
-// 2 bits, scale grids at 3 bits and more.
-const Layout kLayouts[] = {
-    {GgmlType::kQ8_0, 32, 32, Form::kSymmetric, -127.0f, 127.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0},
-    {GgmlType::kQ4_0, 32, 32, Form::kSymmetric, -8.0f, 7.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0},
-    {GgmlType::kQ4_1, 32, 32, Form::kAffine, 0.0f, 15.0f, 0, 0, 0, nullptr, 0, 5, 1.0f, 4},
-    {GgmlType::kIQ4_NL, 32, 32, Form::kGrid, 0.0f, 0.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0},
-    {GgmlType::kQ2_K, 256, 16, Form::kAffine, 0.0f, 3.0f, 0, 15, 15, kClips2, 2, 0, 0.0f, 0},
-    {GgmlType::kQ3_K, 256, 16, Form::kSymmetric, -4.0f, 3.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
-    {GgmlType::kQ4_K, 256, 32, Form::kAffine, 0.0f, 15.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4},
-    {GgmlType::kQ5_K, 256, 32, Form::kAffine, 0.0f, 31.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4},
-    {GgmlType::kQ6_K, 256, 16, Form::kSymmetric, -32.0f, 31.0f, -128, 127, 0, nullptr, 0, 6, 2.0f, 0},
-    {GgmlType::kIQ4_XS, 256, 32, Form::kGrid, 0.0f, 0.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0},
+// 2 bits, scale grids at 3 bits and more. Q2_K's min codes (4 bits) move by
+// +-1 in stage 2 (+-2 costs 20% of its time for 0.00-0.07 dB).
+const Layout kLayoutSpecs[] = {
+    {GgmlType::kQ8_0, 32, 32, Form::kSymmetric, -127.0f, 127.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0,
+     2},
+    {GgmlType::kQ4_0, 32, 32, Form::kSymmetric, -8.0f, 7.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0, 2},
+    {GgmlType::kQ4_1, 32, 32, Form::kAffine, 0.0f, 15.0f, 0, 0, 0, nullptr, 0, 5, 1.0f, 4, 2},
+    {GgmlType::kIQ4_NL, 32, 32, Form::kGrid, 0.0f, 0.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0, 2},
+    {GgmlType::kQ2_K, 256, 16, Form::kAffine, 0.0f, 3.0f, 0, 15, 15, kClips2, 2, 0, 0.0f, 0, 1},
+    {GgmlType::kQ3_K, 256, 16, Form::kSymmetric, -4.0f, 3.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0,
+     2},
+    {GgmlType::kQ4_K, 256, 32, Form::kAffine, 0.0f, 15.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4, 2},
+    {GgmlType::kQ5_K, 256, 32, Form::kAffine, 0.0f, 31.0f, 0, 63, 63, nullptr, 0, 5, 1.0f, 4, 2},
+    {GgmlType::kQ6_K, 256, 16, Form::kSymmetric, -32.0f, 31.0f, -128, 127, 0, nullptr, 0, 4, 2.0f,
+     0, 2},
+    {GgmlType::kIQ4_XS, 256, 32, Form::kGrid, 0.0f, 0.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0, 2},
 };
 
+float GridT(int i, int n, float span);
+
+// The layouts with their derived factors.
+const std::vector<Layout>& Layouts() {
+  static const std::vector<Layout> all = [] {
+    std::vector<Layout> v(std::begin(kLayoutSpecs), std::end(kLayoutSpecs));
+    for (Layout& l : v) {
+      const bool grid = l.form == Form::kGrid;
+      const float lo = grid ? static_cast<float>(kIq4nlGrid[0]) : l.qlo;
+      const float hi = grid ? static_cast<float>(kIq4nlGrid[15]) : l.qhi;
+      const float step = grid ? (hi - lo) / 15.0f : 1.0f;
+      for (int i = 0; i < l.grid_n; ++i) {
+        const float t = GridT(i, l.grid_n, l.grid_span);
+        l.grid_zero[i] = t == 0.0f;
+        if (l.form == Form::kAffine) {
+          l.lo_f[i] = 1.0f / (l.qhi + t);
+        } else {
+          l.lo_f[i] = 1.0f / (lo - t * step);
+          l.hi_f[i] = 1.0f / (hi + t * step);
+        }
+      }
+      for (int i = 0; i < l.hi_grid_n; ++i) {
+        l.hi_frac[i] = l.qhi / (l.qhi + GridT(i, l.hi_grid_n, l.grid_span));
+      }
+      l.inv_q = l.form == Form::kAffine ? 1.0f / l.qhi : 0.0f;
+      if (l.form != Form::kAffine) {
+        l.inv_lo = 1.0f / lo;
+        l.inv_hi = 1.0f / hi;
+      }
+    }
+    return v;
+  }();
+  return all;
+}
+
 const Layout* FindLayout(GgmlType type) {
-  for (const Layout& l : kLayouts) {
+  for (const Layout& l : Layouts()) {
     if (l.type == type) return &l;
   }
   return nullptr;
@@ -658,44 +797,44 @@ using arrowquant::kernels::kSuperblockAnchorClips;
 
 // ---- one sub-block ----------------------------------------------------------------
 
-float ClampCode(float v, float lo, float hi) { return std::min(std::max(v, lo), hi) + 0.0f; }
+// The integer code nearest to v (ties to even), clamped to [lo, hi] (|lo|,
+// |hi| < 2^21): v is clamped to [lo - 1, hi + 1] first, then rounded by the
+// 1.5 * 2^23 trick (exact in round-to-nearest-even, no libm call).
+int NearestCode(float v, int lo, int hi) {
+  v = std::min(std::max(v, static_cast<float>(lo - 1)), static_cast<float>(hi + 1));
+  const float r = (v + 0x1.8p23f) - 0x1.8p23f;
+  return std::min(std::max(static_cast<int>(r), lo), hi);
+}
 
 // Sums of one sub-block that do not depend on the candidate.
 struct SubStats {
-  float lo = 0.0f, hi = 0.0f;  // min, max (+0 for a zero)
-  float m = 0.0f;              // the value of largest magnitude (the first one)
-  float sw = 0.0f, swx = 0.0f; // sum w and sum w x (unweighted: n and sum x), lane order
-  float swxx = 0.0f;           // sum w x^2
+  float lo = 0.0f, hi = 0.0f;   // min, max (+0 for a zero)
+  float m = 0.0f;               // the value of largest magnitude (the first one)
+  float sw = 0.0f, swx = 0.0f;  // sum w and sum w x (unweighted: n and sum x), lane order
+  float swxx = 0.0f;            // sum w x^2
 };
 
-SubStats Moments(const float* x, const float* w, int n) {
+SubStats Moments(const BlockPasses& p, const float* x, const float* w, int n) {
+  kernels::BlockMoments bm;
+  p.moments(x, w, n, &bm);
   SubStats s;
-  float lo = x[0], hi = x[0], amax = std::fabs(x[0]), m = x[0];
-  float sw[8] = {0}, swx[8] = {0}, swxx[8] = {0};
-  for (int i = 0; i < n; ++i) {
-    lo = std::min(lo, x[i]);
-    hi = std::max(hi, x[i]);
-    if (std::fabs(x[i]) > amax) {
-      amax = std::fabs(x[i]);
-      m = x[i];
+  s.lo = bm.lo;
+  s.hi = bm.hi;
+  for (int i = 0; i < n; ++i) {  // the first value of largest magnitude
+    if (std::fabs(x[i]) == bm.amax) {
+      s.m = x[i] + 0.0f;
+      break;
     }
-    const float wi = w != nullptr ? w[i] : 1.0f;
-    sw[i & 7] += wi;
-    const float wx = w != nullptr ? wi * x[i] : x[i];
-    swx[i & 7] += wx;
-    swxx[i & 7] += wx * x[i];
   }
-  s.lo = lo + 0.0f;
-  s.hi = hi + 0.0f;
-  s.m = m + 0.0f;
-  s.sw = kernels::ReduceLanes(sw);
-  s.swx = kernels::ReduceLanes(swx);
-  s.swxx = kernels::ReduceLanes(swxx);
+  s.sw = bm.sw;
+  s.swx = bm.swx;
+  s.swxx = bm.swxx;
   return s;
 }
 
+// Finite, and 1 / a finite unless a is 0 (|a| >= 2^-126 is enough).
 bool Usable(const BlockCand& c) {
-  return std::isfinite(c.a) && std::isfinite(c.b) && (c.a == 0.0f || std::isfinite(1.0f / c.a));
+  return std::isfinite(c.a) && std::isfinite(c.b) && (c.a == 0.0f || std::fabs(c.a) >= 0x1p-126f);
 }
 
 // Evaluates candidates of one sub-block with the layout's code formula.
@@ -704,12 +843,19 @@ class SubEval {
   SubEval(const BlockPasses& p, const Layout& l, const float* x, const float* w, int n)
       : p_(p), l_(l), x_(x), w_(w), n_(n) {}
 
-  void Eval(const BlockCand* c, int k, bool sums, BlockFit* out) const {
+  // Candidate j on sub-block sub[j] (the n values at x + sub[j] * n; sub
+  // null: all on the first).
+  void Eval(const BlockCand* c, const uint8_t* sub, int k, bool sums, BlockFit* out) const {
     if (l_.form == Form::kGrid) {
-      p_.eval_grid(x_, w_, n_, c, k, Iq4Grid(), sums, out);
+      p_.eval_grid(x_, w_, n_, c, sub, k, Iq4Grid(), sums, out);
+    } else if (l_.form == Form::kSymmetric) {
+      p_.eval_symmetric(x_, w_, n_, c, sub, k, l_.qlo, l_.qhi, sums, out);
     } else {
-      p_.eval_affine(x_, w_, n_, c, k, l_.qlo, l_.qhi, sums, out);
+      p_.eval_affine(x_, w_, n_, c, sub, k, l_.qlo, l_.qhi, sums, out);
     }
+  }
+  void Eval(const BlockCand* c, int k, bool sums, BlockFit* out) const {
+    Eval(c, nullptr, k, sums, out);
   }
 
   // The element codes of candidate c, exactly as the passes compute them
@@ -723,6 +869,7 @@ class SubEval {
   }
 
   const Layout& layout() const { return l_; }
+  const BlockPasses& passes() const { return p_; }
   const float* x() const { return x_; }
   int n() const { return n_; }
 
@@ -749,11 +896,14 @@ bool Refit(const Layout& l, const BlockFit& f, const SubStats& s, bool b_nonneg,
   const double sw = s.sw, sx = s.swx, sv = f.sv;
   const double det = sw * svv - sv * sv;
   if (!(det > 0.0)) return false;
-  double a = (sw * sxv - sx * sv) / det;
-  double b = (a * sv - sx) / sw;
-  if (b_nonneg && b < 0.0) {
+  // b >= 0 iff a sv >= sx, i.e. (sw sxv - sx sv) sv >= sx det: one division.
+  double a = 0.0, b = 0.0;
+  const double num = sw * sxv - sx * sv;
+  if (b_nonneg && num * sv < sx * det) {
     a = sxv / svv;
-    b = 0.0;
+  } else {
+    a = num / det;
+    b = (a * sv - sx) / sw;
   }
   if (!(a > 0.0)) return false;
   const BlockCand c{static_cast<float>(a), static_cast<float>(b) + 0.0f};
@@ -765,12 +915,12 @@ bool Refit(const Layout& l, const BlockFit& f, const SubStats& s, bool b_nonneg,
 // The stored precision of a one-level candidate: a to float16 (a scale of
 // either sign for symmetric / grid forms, >= 0 for affine) and Q4_1's min
 // m = -b to float16. False when not representable.
-bool StoreF16(const Layout& l, BlockCand* c) {
+bool StoreF16(const BlockPasses& p, const Layout& l, BlockCand* c) {
   if (l.form == Form::kAffine) {
-    c->a = c->a > 0.0f ? arrowquant::kernels::RoundScaleF16(c->a) : 0.0f;
-    c->b = -RoundF16(-c->b);
+    c->a = c->a > 0.0f ? RoundScale(p, c->a) : 0.0f;
+    c->b = -RoundF16(p, -c->b);
   } else {
-    c->a = RoundSignedScale(c->a);
+    c->a = RoundSignedScale(p, c->a);
     c->b = 0.0f;
   }
   return Usable(*c);
@@ -795,61 +945,65 @@ float GridT(int i, int n, float span) {
 // Starting candidates of stage 1, in order (docs/gguf.md): the plain rounding
 // start, then the layout's clipped and anchored ranges and scale grids.
 // Candidates equal to an earlier one are dropped.
-int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCand* out) {
-  int k = 0;
-  auto add = [&](BlockCand c) {
-    if (f16 && !StoreF16(l, &c)) return;
-    if (!Usable(c)) return;
-    for (int j = 0; j < k; ++j) {
-      if (out[j].a == c.a && out[j].b == c.b) return;  // the same candidate again
-    }
-    out[k++] = c;
-  };
+int Starts(const BlockPasses& p, const Layout& l, const SubStats& s, bool b_nonneg, bool f16,
+           BlockCand* out) {
+  // All candidates first (straight-line code), then the filter.
+  int n = 0;
   if (l.form == Form::kAffine) {
     const float lo0 = b_nonneg ? std::min(s.lo, 0.0f) : s.lo;
     const float hi0 = s.hi;
     BlockCand c;
-    if (RangeCand(l, lo0, hi0, b_nonneg, &c)) add(c);
+    if (RangeCand(l, lo0, hi0, b_nonneg, &c)) out[n++] = c;
     const float r = hi0 - lo0;
     if (r > 0.0f && std::isfinite(r)) {
       const float mid = lo0 + r * 0.5f;
       for (int j = 0; j < l.n_clips; ++j) {
         const float half = r * l.clips[j] * 0.5f;
-        if (RangeCand(l, mid - half, mid + half, b_nonneg, &c)) add(c);
+        if (RangeCand(l, mid - half, mid + half, b_nonneg, &c)) out[n++] = c;
       }
       if (l.n_clips > 0) {
         for (const float cl : kSuperblockAnchorClips) {
-          if (RangeCand(l, lo0, lo0 + r * cl, b_nonneg, &c)) add(c);
-          if (RangeCand(l, hi0 - r * cl, hi0, b_nonneg, &c)) add(c);
+          if (RangeCand(l, lo0, lo0 + r * cl, b_nonneg, &c)) out[n++] = c;
+          if (RangeCand(l, hi0 - r * cl, hi0, b_nonneg, &c)) out[n++] = c;
         }
       }
       for (int i = 0; i < l.grid_n; ++i) {
-        add(BlockCand{r / (l.qhi + GridT(i, l.grid_n, l.grid_span)), -lo0 + 0.0f});
+        if (!l.grid_zero[i]) out[n++] = BlockCand{r * l.lo_f[i], -lo0 + 0.0f};
       }
       for (int i = 0; i < l.hi_grid_n; ++i) {
-        const float t = GridT(i, l.hi_grid_n, l.grid_span);
-        if (RangeCand(l, hi0 - r * (l.qhi / (l.qhi + t)), hi0, b_nonneg, &c)) add(c);
+        float lo1 = hi0 - r * l.hi_frac[i];
+        if (b_nonneg) lo1 = std::min(lo1, 0.0f);
+        out[n++] = BlockCand{(hi0 - lo1) * l.inv_q, -lo1 + 0.0f};
       }
     }
-    return k;
+  } else if (s.m == 0.0f) {
+    out[n++] = BlockCand{0.0f, 0.0f};
+  } else {
+    // The extreme on the longer (negative) side first: the plain start (a
+    // multiplication by 1 / lo here).
+    const bool both = l.inv_hi != -l.inv_lo;  // an asymmetric code range: try either end
+    out[n++] = BlockCand{s.m * l.inv_lo, 0.0f};
+    for (int j = 0; j < l.n_clips; ++j) {
+      out[n++] = BlockCand{s.m * l.clips[j] * l.inv_lo, 0.0f};
+      if (both) out[n++] = BlockCand{s.m * l.clips[j] * l.inv_hi, 0.0f};
+    }
+    for (int i = 0; i < l.grid_n; ++i) {
+      if (!l.grid_zero[i]) out[n++] = BlockCand{s.m * l.lo_f[i], 0.0f};
+      if (both) out[n++] = BlockCand{s.m * l.hi_f[i], 0.0f};
+    }
   }
-  if (s.m == 0.0f) {
-    add(BlockCand{0.0f, 0.0f});
-    return k;
-  }
-  const float lo = l.form == Form::kGrid ? Iq4Grid().value[0] : l.qlo;
-  const float hi = l.form == Form::kGrid ? Iq4Grid().value[15] : l.qhi;
-  const float step = l.form == Form::kGrid ? (hi - lo) / 15.0f : 1.0f;
-  // The extreme on the longer (negative) side first: plain rounding.
-  add(BlockCand{s.m / lo, 0.0f});
-  for (int j = 0; j < l.n_clips; ++j) {
-    add(BlockCand{s.m * l.clips[j] / lo, 0.0f});
-    if (hi != -lo) add(BlockCand{s.m * l.clips[j] / hi, 0.0f});
-  }
-  for (int i = 0; i < l.grid_n; ++i) {
-    const float t = GridT(i, l.grid_n, l.grid_span) * step;
-    add(BlockCand{s.m / (lo - t), 0.0f});
-    if (hi != -lo) add(BlockCand{s.m / (hi + t), 0.0f});
+  int k = 0;
+  for (int i = 0; i < n; ++i) {
+    BlockCand c = out[i];
+    if (f16) {
+      if (!StoreF16(p, l, &c)) continue;
+      // Rounded to float16, neighbouring starts often coincide.
+      bool dup = false;
+      for (int j = 0; j < k; ++j) dup |= out[j].a == c.a && out[j].b == c.b;
+      if (dup) continue;
+    }
+    if (!Usable(c)) continue;
+    out[k++] = c;
   }
   if (f16 && k > 0 && l.type == GgmlType::kQ8_0) {
     // The float16 neighbours of the plain start: at 8 bits the rounding of
@@ -858,19 +1012,33 @@ int Starts(const Layout& l, const SubStats& s, bool b_nonneg, bool f16, BlockCan
     const float sign = out[0].a < 0.0f ? -1.0f : 1.0f;
     for (int dh : {-1, 1}) {
       const int hn = static_cast<int>(h) + dh;
-      if (hn > 0 && hn < 0x7C00) add(BlockCand{sign * HalfToFloat(static_cast<uint16_t>(hn)), 0.0f});
+      if (hn <= 0 || hn >= 0x7C00) continue;
+      const BlockCand c{sign * HalfToFloat(static_cast<uint16_t>(hn)), 0.0f};
+      bool dup = false;
+      for (int j = 0; j < k; ++j) dup |= out[j].a == c.a;
+      if (!dup && Usable(c)) out[k++] = c;
     }
   }
   return k;
 }
 
-// Squared error (float64) of candidate c for the codes behind fit f, from
-// the fit's sums: sum w (x - (a v - b))^2 expanded. An upper bound of c's
-// error with its own nearest codes.
-double AnalyticError(const Layout& l, const BlockFit& f, const SubStats& s, const BlockCand& c) {
-  const double a = c.a, b = l.form == Form::kAffine ? c.b : 0.0;
-  return static_cast<double>(s.swxx) - 2.0 * a * f.sxv + 2.0 * b * s.swx + a * a * f.svv -
-         2.0 * a * b * f.sv + b * b * s.sw;
+// The least error of any float32 parameters for the codes behind fit f
+// (what Refit would reach, before rounding), from the sums; the fit's own
+// error when the refit is degenerate.
+double LeastSquaresError(const Layout& l, const BlockFit& f, const SubStats& s, bool b_nonneg) {
+  const double svv = f.svv, sxv = f.sxv, sxx = s.swxx;
+  if (l.form != Form::kAffine) return svv > 0.0 ? sxx - sxv * sxv / svv : f.err;
+  if (!(s.sw > 0.0f)) return f.err;
+  // Centered sums: the optimum a = cxv / cvv, b = (a sv - sx) / sw, error
+  // sxx - sx^2 / sw - cxv^2 / cvv; b >= 0 iff cxv sv >= sx cvv.
+  const double sx = s.swx, sv = f.sv, inv_sw = 1.0 / static_cast<double>(s.sw);
+  const double cxv = sxv - sx * sv * inv_sw, cvv = svv - sv * sv * inv_sw;
+  if (!(cvv > 0.0)) return f.err;
+  if (b_nonneg && cxv * sv < sx * cvv) {
+    return (svv > 0.0 && sxv > 0.0) ? sxx - sxv * sxv / svv : f.err;
+  }
+  if (!(cxv > 0.0)) return f.err;
+  return sxx - sx * sx * inv_sw - cxv * cxv / cvv;
 }
 
 constexpr int kMaxStarts = 32;
@@ -881,84 +1049,128 @@ constexpr int kFinalRefits = 3;
 // candidate with the least error wins, ties keep the earlier one. f16:
 // every candidate at float16 storage precision (one-level layouts). False
 // when no candidate is usable.
-bool SearchSub(const SubEval& ev, const SubStats& s, bool b_nonneg, bool f16, BlockCand* best_c,
-               BlockFit* best_f) {
+constexpr int kMaxSubs = 16;
+
+// Stage 1 of every sub-block of a block (or the whole search of a one-level
+// block: subs = 1): for each sub-block its starts, then kFinalRefits
+// least-squares refits from the start whose codes promise the least error;
+// the candidate with the least error wins, ties keep the earlier one. The
+// sub-blocks are searched side by side, each evaluation call serving all of
+// them (the decisions are each sub-block's own). f16: every candidate at
+// float16 storage precision (one-level layouts). found[j] is false when
+// sub-block j had no usable candidate.
+void SearchSubs(const SubEval& ev, const SubStats* st, int subs, bool b_nonneg, bool f16,
+                BlockCand* best_c, BlockFit* best_f, bool* found) {
   const Layout& l = ev.layout();
   // The least-squares refit of a fit's codes at the stored precision.
-  auto refit = [&](const BlockFit& from, BlockCand* c) {
+  auto refit = [&](const SubStats& s, const BlockFit& from, BlockCand* c) {
     if (!Refit(l, from, s, b_nonneg, c)) return false;
     if (f16) {
       if (l.form == Form::kAffine) {
         // Round the scale, then the offset that is best for it.
-        const float a16 = arrowquant::kernels::RoundScaleF16(c->a);
+        const float a16 = RoundScale(ev.passes(), c->a);
         const double b = (static_cast<double>(a16) * from.sv - s.swx) / s.sw;
         *c = BlockCand{a16, static_cast<float>(b)};
       }
-      if (!StoreF16(l, c)) return false;
+      if (!StoreF16(ev.passes(), l, c)) return false;
     }
     return true;
   };
-  BlockCand starts[kMaxStarts];
-  BlockFit fits[kMaxStarts];
-  const int k = Starts(l, s, b_nonneg, f16, starts);
-  if (k == 0) return false;
-  ev.Eval(starts, k, true, fits);
-  // The best start by its own error, and the start whose codes promise the
-  // least error after a refit (the refit's error for those codes, computed
-  // from the sums, bounds its true error): the refits follow that one.
-  int bi = 0, si = 0;
-  double best_score = 0.0;
-  for (int j = 0; j < k; ++j) {
-    if (fits[j].err < fits[bi].err) bi = j;
-    double score = fits[j].err;
-    BlockCand c;
-    if (refit(fits[j], &c)) score = std::min(score, AnalyticError(l, fits[j], s, c));
-    if (j == 0 || score < best_score) {
-      best_score = score;
-      si = j;
-    }
+  BlockCand cand[kMaxSubs * kMaxStarts];
+  BlockFit fit[kMaxSubs * kMaxStarts];
+  uint8_t sub[kMaxSubs * kMaxStarts];
+  int begin[kMaxSubs + 1];
+  int total = 0;
+  for (int j = 0; j < subs; ++j) {
+    begin[j] = total;
+    const int k = Starts(ev.passes(), l, st[j], b_nonneg, f16, cand + total);
+    for (int i = 0; i < k; ++i) sub[total + i] = static_cast<uint8_t>(j);
+    total += k;
   }
-  BlockCand bc = starts[bi];
-  BlockFit bf = fits[bi];
-  BlockCand fc = starts[si];
-  BlockFit from = fits[si];
+  begin[subs] = total;
+  if (total > 0) ev.Eval(cand, sub, total, true, fit);
+  BlockCand fc[kMaxSubs];
+  BlockFit from[kMaxSubs];
+  bool active[kMaxSubs];
+  for (int j = 0; j < subs; ++j) {
+    found[j] = active[j] = begin[j + 1] > begin[j];
+    if (!found[j]) continue;
+    // The best start by its own error, and the start whose codes promise the
+    // least error after a refit (the refit's error for those codes, computed
+    // from the sums, bounds its true error): the refits follow that one.
+    int bi = begin[j], si = begin[j];
+    double best_score = 0.0;
+    for (int i = begin[j]; i < begin[j + 1]; ++i) {
+      if (fit[i].err < fit[bi].err) bi = i;
+      // (At float16 the refit is rounded afterwards; the unrounded optimum
+      // ranks the starts as well.)
+      const double score =
+          std::min(static_cast<double>(fit[i].err), LeastSquaresError(l, fit[i], st[j], b_nonneg));
+      if (i == begin[j] || score < best_score) {
+        best_score = score;
+        si = i;
+      }
+    }
+    best_c[j] = cand[bi];
+    best_f[j] = fit[bi];
+    fc[j] = cand[si];
+    from[j] = fit[si];
+  }
   for (int t = 0; t < kFinalRefits; ++t) {
-    BlockCand c;
-    if (!refit(from, &c)) break;
-    if ((c.a == bc.a && c.b == bc.b) || (c.a == fc.a && c.b == fc.b)) break;  // a fixed point
-    BlockFit f;
-    ev.Eval(&c, 1, true, &f);
-    fc = c;
-    from = f;
-    if (f.err < bf.err) {
-      bc = c;
-      bf = f;
+    int m = 0;
+    for (int j = 0; j < subs; ++j) {
+      if (!active[j]) continue;
+      BlockCand c;
+      const BlockCand& bc = best_c[j];
+      if (!refit(st[j], from[j], &c) || (c.a == bc.a && c.b == bc.b) ||
+          (c.a == fc[j].a && c.b == fc[j].b)) {  // degenerate, or a fixed point
+        active[j] = false;
+        continue;
+      }
+      cand[m] = c;
+      sub[m++] = static_cast<uint8_t>(j);
+    }
+    if (m == 0) break;
+    ev.Eval(cand, sub, m, true, fit);
+    for (int i = 0; i < m; ++i) {
+      const int j = sub[i];
+      fc[j] = cand[i];
+      from[j] = fit[i];
+      if (fit[i].err < best_f[j].err) {
+        best_c[j] = cand[i];
+        best_f[j] = fit[i];
+      }
     }
   }
-  *best_c = bc;
-  *best_f = bf;
-  return true;
 }
 
 // ---- two levels ---------------------------------------------------------------------
 
-// Stage 2 of one sub-block: codes (a, b) of the scale and min under the
-// super-block's units (A = d a, B = dmin b), searched by their true error:
-// the nearest codes of stage 1, a least-squares requant, the neighbours
-// (scale code +-1 x min code +-2 for affine; scale code +-1, +-2 otherwise)
-// and a last requant (docs/FORMAT.md 9.6 step 5, for these formulas).
+// Stage 2 of every sub-block of a block: codes (a, b) of each sub-block's
+// scale and min under the super-block's units (A = d a, B = dmin b),
+// searched by their true error: the nearest codes of stage 1, a
+// least-squares requant, the neighbours (scale code +-1 x min code +-2 for
+// affine; scale code +-1, +-2 otherwise) and a last requant (docs/FORMAT.md
+// 9.6 step 5, for these formulas). A candidate replaces a sub-block's best
+// only when its error is strictly smaller. As in stage 1, the sub-blocks go
+// side by side, each evaluation call serving all of them.
 class CodeSearch {
  public:
-  CodeSearch(const SubEval& ev, const SubStats& s, float d, float dmin)
-      : ev_(ev), l_(ev.layout()), s_(s), d_(d), dmin_(dmin) {}
+  CodeSearch(const SubEval& ev, const SubStats* st, int subs, float d, float dmin)
+      : ev_(ev),
+        l_(ev.layout()),
+        st_(st),
+        subs_(subs),
+        d_(d),
+        dmin_(dmin),
+        inv_d_(d != 0.0f ? 1.0f / d : 0.0f),
+        inv_dmin_(dmin != 0.0f ? 1.0f / dmin : 0.0f) {}
 
+  // Codes nearest to a float32 candidate: a * (1 / d), b * (1 / dmin).
   void Nearest(const BlockCand& c, int* a, int* b) const {
-    *a = d_ != 0.0f ? static_cast<int>(ClampCode(std::nearbyint(c.a / d_), static_cast<float>(l_.alo),
-                                                 static_cast<float>(l_.ahi)))
-                    : 0;
+    *a = d_ != 0.0f ? NearestCode(c.a * inv_d_, l_.alo, l_.ahi) : 0;
     *b = (l_.form == Form::kAffine && dmin_ > 0.0f)
-             ? static_cast<int>(ClampCode(std::nearbyint(std::max(c.b, 0.0f) / dmin_), 0.0f,
-                                          static_cast<float>(l_.bmax)))
+             ? NearestCode(std::max(c.b, 0.0f) * inv_dmin_, 0, l_.bmax)
              : 0;
   }
 
@@ -966,83 +1178,109 @@ class CodeSearch {
     return BlockCand{d_ * static_cast<float>(a), dmin_ * static_cast<float>(b)};
   }
 
-  void Consider(int a, int b) {
-    BlockFit f;
-    const BlockCand c = Cand(a, b);
-    ev_.Eval(&c, 1, true, &f);
-    if (!has_ || f.err < best_.err) {
-      has_ = true;
-      best_ = f;
-      a_ = a;
-      b_ = b;
-      sums_current_ = true;
+  // The search from each sub-block's stage-1 parameters start[j].
+  void Run(const BlockCand* start) {
+    for (int j = 0; j < subs_; ++j) {
+      Nearest(start[j], &a_[j], &b_[j]);
+      Add(j, a_[j], b_[j]);
     }
-  }
-
-  void Requant() {
-    if (!sums_current_) {
-      const BlockCand c = Cand(a_, b_);
-      const float err = best_.err;
-      ev_.Eval(&c, 1, true, &best_);
-      best_.err = err;
-      sums_current_ = true;
-    }
-    BlockCand c;
-    if (!Refit(l_, best_, s_, /*b_nonneg=*/true, &c)) return;
-    int a = 0, b = 0;
-    Nearest(c, &a, &b);
-    if (a == a_ && b == b_) return;
-    Consider(a, b);
-  }
-
-  void Run(const BlockCand& start) {
-    int a = 0, b = 0;
-    Nearest(start, &a, &b);
-    Consider(a, b);
+    EvalPending(true, /*first=*/true);
     Requant();
-    const int a0 = a_, b0 = b_;
-    BlockCand cands[16];
-    int ca[16], cb[16];
-    int k = 0;
+    // The neighbours of each sub-block's best. Offsets that leave the code
+    // range are skipped: clamped, they would repeat the best or another one.
     const bool affine = l_.form == Form::kAffine;
-    const int breach = affine ? 2 : 0;
+    const int breach = affine ? l_.min_reach : 0;
     const int areach = affine ? 1 : 2;
-    // Offsets that leave the code range are skipped: clamped, they would
-    // repeat the best or another neighbour.
-    for (int i = -areach; i <= areach; ++i) {
-      for (int j = -breach; j <= breach; ++j) {
-        const int a2 = a0 + i, b2 = b0 + j;
-        if ((i == 0 && j == 0) || a2 < l_.alo || a2 > l_.ahi || b2 < 0 || b2 > l_.bmax) continue;
-        ca[k] = a2;
-        cb[k] = b2;
-        cands[k++] = Cand(a2, b2);
+    for (int j = 0; j < subs_; ++j) {
+      const int a0 = a_[j], b0 = b_[j];
+      for (int i = -areach; i <= areach; ++i) {
+        for (int t = -breach; t <= breach; ++t) {
+          const int a2 = a0 + i, b2 = b0 + t;
+          if ((i == 0 && t == 0) || a2 < l_.alo || a2 > l_.ahi || b2 < 0 || b2 > l_.bmax) continue;
+          Add(j, a2, b2);
+        }
       }
     }
-    BlockFit fits[16];
-    ev_.Eval(cands, k, false, fits);
-    for (int m = 0; m < k; ++m) {
-      if (fits[m].err < best_.err) {
-        best_.err = fits[m].err;
-        a_ = ca[m];
-        b_ = cb[m];
-        sums_current_ = false;
-      }
-    }
+    EvalPending(false, false);
     Requant();
   }
 
-  int a() const { return a_; }
-  int b() const { return b_; }
+  int a(int j) const { return a_[j]; }
+  int b(int j) const { return b_[j]; }
 
  private:
+  static constexpr int kMaxPending = kMaxSubs * 16;
+
+  void Add(int j, int a, int b) {
+    pa_[n_] = a;
+    pb_[n_] = b;
+    sub_[n_] = static_cast<uint8_t>(j);
+    cand_[n_++] = Cand(a, b);
+  }
+
+  // Evaluates the pending candidates (with the refit sums or the error
+  // only) and keeps each one that is strictly better than its sub-block's
+  // best (first: the sub-blocks have no best yet).
+  void EvalPending(bool sums, bool first) {
+    if (n_ == 0) return;
+    ev_.Eval(cand_, sub_, n_, sums, fit_);
+    for (int i = 0; i < n_; ++i) {
+      const int j = sub_[i];
+      if (first || fit_[i].err < best_[j].err) {
+        if (sums) {
+          best_[j] = fit_[i];
+        } else {
+          best_[j].err = fit_[i].err;
+        }
+        a_[j] = pa_[i];
+        b_[j] = pb_[i];
+        sums_current_[j] = sums;
+      }
+    }
+    n_ = 0;
+  }
+
+  // The least-squares refit of each sub-block's best codes, then its nearest
+  // codes, evaluated when they differ from the best.
+  void Requant() {
+    for (int j = 0; j < subs_; ++j) {  // refresh the sums of bests found by error only
+      if (!sums_current_[j]) Add(j, a_[j], b_[j]);
+    }
+    if (n_ > 0) {
+      ev_.Eval(cand_, sub_, n_, true, fit_);
+      for (int i = 0; i < n_; ++i) {
+        const int j = sub_[i];
+        const float err = best_[j].err;
+        best_[j] = fit_[i];
+        best_[j].err = err;  // the same value, from the same pass
+        sums_current_[j] = true;
+      }
+      n_ = 0;
+    }
+    for (int j = 0; j < subs_; ++j) {
+      BlockCand c;
+      if (!Refit(l_, best_[j], st_[j], /*b_nonneg=*/true, &c)) continue;
+      int a = 0, b = 0;
+      Nearest(c, &a, &b);
+      if (a != a_[j] || b != b_[j]) Add(j, a, b);
+    }
+    EvalPending(true, false);
+  }
+
   const SubEval& ev_;
   const Layout& l_;
-  const SubStats& s_;
-  float d_, dmin_;
-  bool has_ = false;
-  BlockFit best_;
-  bool sums_current_ = false;
-  int a_ = 0, b_ = 0;
+  const SubStats* st_;
+  int subs_;
+  float d_, dmin_, inv_d_, inv_dmin_;
+  BlockFit best_[kMaxSubs];
+  bool sums_current_[kMaxSubs] = {};
+  int a_[kMaxSubs] = {}, b_[kMaxSubs] = {};
+  // pending candidates
+  BlockCand cand_[kMaxPending];
+  BlockFit fit_[kMaxPending];
+  uint8_t sub_[kMaxPending];
+  int pa_[kMaxPending], pb_[kMaxPending];
+  int n_ = 0;
 };
 
 // The f16 units of a super-block from its sub-blocks' float32 parameters:
@@ -1050,63 +1288,102 @@ class CodeSearch {
 // d = Rs(A_ext / alo) for the A of largest magnitude (it gets the most
 // negative code). 0 when every parameter is 0. False when a unit overflows
 // float16.
-bool Units(const Layout& l, const BlockCand* p, int subs, float* d, float* dmin) {
+bool Units(const BlockPasses& ps, const Layout& l, const BlockCand* p, int subs, float* d,
+           float* dmin) {
   if (l.form == Form::kAffine) {
     float amax = 0.0f, bmax = 0.0f;
     for (int j = 0; j < subs; ++j) {
       amax = std::max(amax, p[j].a);
       bmax = std::max(bmax, p[j].b);
     }
-    *d = amax > 0.0f ? arrowquant::kernels::RoundScaleF16(amax / static_cast<float>(l.ahi)) : 0.0f;
-    *dmin = bmax > 0.0f ? arrowquant::kernels::RoundScaleF16(bmax / static_cast<float>(l.bmax))
-                        : 0.0f;
+    *d = amax > 0.0f ? RoundScale(ps, amax / static_cast<float>(l.ahi)) : 0.0f;
+    *dmin = bmax > 0.0f ? RoundScale(ps, bmax / static_cast<float>(l.bmax)) : 0.0f;
     return std::isfinite(*d) && std::isfinite(*dmin);
   }
   float ext = 0.0f;
   for (int j = 0; j < subs; ++j) {
     if (std::fabs(p[j].a) > std::fabs(ext)) ext = p[j].a;
   }
-  *d = RoundSignedScale(ext / static_cast<float>(l.alo));
+  *d = RoundSignedScale(ps, ext / static_cast<float>(l.alo));
   *dmin = 0.0f;
   return std::isfinite(*d);
 }
 
-// Squared error (weighted) of a decoded block, in float64, element order.
-double BlockError(const float* x, const float* w, const float* y, int n) {
-  double e2 = 0.0;
-  for (int i = 0; i < n; ++i) {
-    const double e = static_cast<double>(x[i]) - static_cast<double>(y[i]);
-    e2 += w != nullptr ? static_cast<double>(w[i]) * (e * e) : e * e;
-  }
-  return e2;
-}
-
-constexpr int kMaxSubs = 16;
-
 // Fills the codes of a two-level block from each sub-block's (A, B): units,
 // nearest codes, element codes. search: the code search of each sub-block
 // instead of the nearest codes. False when a unit overflows.
+// Factors of the maxima units tried by RefineUnits.
+constexpr float kUnitFactors[] = {0.94f, 0.88f};
+
+// The unit (of the scales: kind 0; of the mins: kind 1) among u0,
+// u0 * kUnitFactors and the least-squares unit for the best one's codes (at
+// float16) that minimizes sum_j c_j (p_j - u q_j)^2,
+// q_j the nearest code: each sub-block's stage-1 parameter p_j rounded to the
+// unit's grid, weighted by the curvature c_j of the sub-block's error in that
+// parameter (sum w v^2 for a scale, sum w for a min). Ties keep u0.
+float RefineUnit(const BlockPasses& ps, const Layout& l, const BlockCand* p, const float* curv,
+                 int subs, int kind, float u0) {
+  if (u0 == 0.0f) return u0;
+  const int lo = kind == 0 ? l.alo : 0, hi = kind == 0 ? l.ahi : l.bmax;
+  auto cost = [&](float u) {
+    const float inv = 1.0f / u;
+    double c = 0.0;
+    for (int j = 0; j < subs; ++j) {
+      const float v = kind == 0 ? p[j].a : std::max(p[j].b, 0.0f);
+      const double e =
+          static_cast<double>(v) - static_cast<double>(u) * NearestCode(v * inv, lo, hi);
+      c += static_cast<double>(curv[j]) * e * e;
+    }
+    return c;
+  };
+  float best = u0;
+  double best_cost = cost(u0);
+  auto consider = [&](float u) {
+    if (!std::isfinite(u) || u == 0.0f || u == best) return;
+    const double c = cost(u);
+    if (c < best_cost) {
+      best_cost = c;
+      best = u;
+    }
+  };
+  for (const float f : kUnitFactors) consider(RoundSignedScale(ps, u0 * f));
+  // and the least-squares unit for the best's codes
+  const float inv = 1.0f / best;
+  double num = 0.0, den = 0.0;
+  for (int j = 0; j < subs; ++j) {
+    const float v = kind == 0 ? p[j].a : std::max(p[j].b, 0.0f);
+    const double q = NearestCode(v * inv, lo, hi);
+    num += static_cast<double>(curv[j]) * v * q;
+    den += static_cast<double>(curv[j]) * q * q;
+  }
+  if (den > 0.0) consider(RoundSignedScale(ps, static_cast<float>(num / den)));
+  return best;
+}
+
 bool TwoLevelCodes(const BlockPasses& p, const Layout& l, const float* x, const float* w,
-                   const SubStats* st, const BlockCand* params, bool search, BlockCode* code) {
+                   const SubStats* st, const BlockCand* params, bool search, BlockCode* code,
+                   const float* curv_a = nullptr, const float* curv_b = nullptr) {
   const int subs = l.subs();
   float d = 0.0f, dmin = 0.0f;
-  if (!Units(l, params, subs, &d, &dmin)) return false;
+  if (!Units(p, l, params, subs, &d, &dmin)) return false;
+  if (curv_a != nullptr) d = RefineUnit(p, l, params, curv_a, subs, 0, d);
+  if (curv_b != nullptr) dmin = RefineUnit(p, l, params, curv_b, subs, 1, dmin);
   code->d = d;
   code->dmin = dmin;
-  for (int j = 0; j < subs; ++j) {
-    const SubEval ev(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
-    CodeSearch cs(ev, st[j], d, dmin);
-    int a = 0, b = 0;
-    if (search) {
-      cs.Run(params[j]);
-      a = cs.a();
-      b = cs.b();
-    } else {
-      cs.Nearest(params[j], &a, &b);
+  const SubEval ev(p, l, x, w, l.sub);
+  CodeSearch cs(ev, st, subs, d, dmin);
+  if (search) {
+    cs.Run(params);
+    for (int j = 0; j < subs; ++j) {
+      code->sc[j] = cs.a(j);
+      code->mn[j] = cs.b(j);
     }
-    code->sc[j] = a;
-    code->mn[j] = b;
-    ev.Codes(cs.Cand(a, b), code->q + j * l.sub);
+  } else {
+    for (int j = 0; j < subs; ++j) cs.Nearest(params[j], &code->sc[j], &code->mn[j]);
+  }
+  for (int j = 0; j < subs; ++j) {
+    const SubEval evj(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
+    evj.Codes(cs.Cand(code->sc[j], code->mn[j]), code->q + j * l.sub);
   }
   return true;
 }
@@ -1158,84 +1435,112 @@ void Reconstruct(const Layout& l, const BlockCode& c, float* y) {
   }
 }
 
-// One block: plain rounding (mode kReference) or the search, whose result
-// replaces the plain rounding only when its decoded (weighted) error is not
-// larger. y receives the decoded block.
-Status EncodeBlock(const BlockPasses& p, const Layout& l, BlockMode mode, const float* x,
-                   const float* w, uint8_t* out, float* y) {
-  BlockCode code;
+// One-level blocks encoded together (consecutive blocks of a row).
+constexpr int kGroupBlocks = 8;
+
+// `count` consecutive blocks of one row (count 1 for two-level layouts, up
+// to kGroupBlocks for one-level ones, searched side by side): plain rounding
+// (mode kReference) or the search, whose result replaces the plain rounding
+// of a block only when its decoded (weighted) error is not larger. y
+// receives the decoded values. On error *failed is the failing block.
+Status EncodeBlocks(const BlockPasses& p, const Layout& l, BlockMode mode, const float* x,
+                    const float* w, int count, uint8_t* out, float* y, int* failed) {
+  const int64_t bytes = GetTypeTraits(static_cast<uint32_t>(l.type))->block_bytes;
+  BlockCode code[kGroupBlocks];
   SubStats st[kMaxSubs];
   BlockCand params[kMaxSubs];
-  const int subs = l.subs();
+  const int subs = l.two_level() ? l.subs() : count;  // sub-blocks, or the blocks
   for (int j = 0; j < subs; ++j) {
-    st[j] = Moments(x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
+    st[j] = Moments(p, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
   }
   // Plain rounding: bytes (llama.cpp's reference types) or codes.
-  bool plain_bytes = true;
-  if (l.type == GgmlType::kQ8_0) {
-    ReferenceQ8_0(x, out);
-  } else if (l.type == GgmlType::kQ4_0) {
-    ReferenceQ4_0(x, out);
-  } else if (l.type == GgmlType::kQ4_1) {
-    ReferenceQ4_1(x, out);
-  } else {
-    plain_bytes = false;
+  const bool plain_bytes =
+      l.type == GgmlType::kQ8_0 || l.type == GgmlType::kQ4_0 || l.type == GgmlType::kQ4_1;
+  for (int k = 0; k < count; ++k) {
+    *failed = k;
+    const float* xk = x + k * l.block;
+    uint8_t* outk = out + k * bytes;
+    float* yk = y + k * l.block;
+    if (plain_bytes) {
+      if (l.type == GgmlType::kQ8_0) {
+        ReferenceQ8_0(xk, outk);
+      } else if (l.type == GgmlType::kQ4_0) {
+        ReferenceQ4_0(xk, outk);
+      } else {
+        ReferenceQ4_1(xk, outk);
+      }
+      DecodeBlock(l.type, outk, yk);
+      // A float16 parameter that overflowed (the reference keeps it) cannot be stored.
+      for (int i = 0; i < l.block; ++i) {
+        if (!std::isfinite(yk[i])) return TooLarge(l);
+      }
+      continue;
+    }
     if (l.two_level()) {
       for (int j = 0; j < subs; ++j) params[j] = PlainParams(l, st[j], true);
-      if (!TwoLevelCodes(p, l, x, w, st, params, false, &code)) return TooLarge(l);
+      if (!TwoLevelCodes(p, l, x, w, st, params, false, &code[0])) return TooLarge(l);
     } else {  // IQ4_NL
-      BlockCand c = PlainParams(l, st[0], false);
-      if (!StoreF16(l, &c)) return TooLarge(l);
-      code.d = c.a;
-      const SubEval ev(p, l, x, w, l.sub);
-      ev.Codes(c, code.q);
+      BlockCand c = PlainParams(l, st[k], false);
+      if (!StoreF16(p, l, &c)) return TooLarge(l);
+      code[k].d = c.a;
+      const SubEval ev(p, l, xk, w != nullptr ? w + k * l.block : nullptr, l.sub);
+      ev.Codes(c, code[k].q);
     }
+    Reconstruct(l, code[k], yk);
   }
-  if (plain_bytes) {
-    DecodeBlock(l.type, out, y);
-    // A float16 parameter that overflowed (the reference keeps it) cannot be stored.
-    for (int i = 0; i < l.block; ++i) {
-      if (!std::isfinite(y[i])) return TooLarge(l);
-    }
-  } else {
-    Reconstruct(l, code, y);
-  }
+  *failed = 0;
+  bool done[kGroupBlocks] = {};  // the search's bytes are written
   if (mode == BlockMode::kSearch) {
-    BlockCode sc;
-    bool ok = true;
+    BlockCode sc[kGroupBlocks];
+    bool ok[kGroupBlocks] = {};
     if (l.two_level()) {
+      float curv_a[kMaxSubs], curv_b[kMaxSubs];
+      BlockFit f[kMaxSubs];
+      bool found[kMaxSubs];
+      const SubEval ev(p, l, x, w, l.sub);
+      SearchSubs(ev, st, subs, /*b_nonneg=*/true, /*f16=*/false, params, f, found);
       for (int j = 0; j < subs; ++j) {
-        const SubEval ev(p, l, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
-        BlockFit f;
         // No usable float32 start (values so small that 1 / scale overflows):
         // the plain parameters, which the float16 units can still follow.
-        if (!SearchSub(ev, st[j], /*b_nonneg=*/true, /*f16=*/false, &params[j], &f)) {
+        if (!found[j]) {
           params[j] = PlainParams(l, st[j], true);
+          f[j].svv = 0.0f;
         }
+        curv_a[j] = f[j].svv;
+        curv_b[j] = st[j].sw;
       }
-      ok = TwoLevelCodes(p, l, x, w, st, params, true, &sc);
+      ok[0] = TwoLevelCodes(p, l, x, w, st, params, true, &sc[0], curv_a,
+                            l.form == Form::kAffine ? curv_b : nullptr);
     } else {
       const SubEval ev(p, l, x, w, l.sub);
-      BlockCand c;
-      BlockFit f;
-      ok = SearchSub(ev, st[0], /*b_nonneg=*/false, /*f16=*/true, &c, &f);
-      if (ok) {
-        sc.d = c.a;
-        sc.dmin = -c.b + 0.0f;  // Q4_1's min
-        ev.Codes(c, sc.q);
+      BlockFit f[kGroupBlocks];
+      SearchSubs(ev, st, count, /*b_nonneg=*/false, /*f16=*/true, params, f, ok);
+      for (int k = 0; k < count; ++k) {
+        if (!ok[k]) continue;
+        sc[k].d = params[k].a;
+        sc[k].dmin = -params[k].b + 0.0f;  // Q4_1's min
+        const SubEval evk(p, l, x + k * l.block, w != nullptr ? w + k * l.block : nullptr, l.sub);
+        evk.Codes(params[k], sc[k].q);
       }
     }
-    if (ok) {
+    for (int k = 0; k < count; ++k) {
+      if (!ok[k]) continue;
+      const float* xk = x + k * l.block;
+      const float* wk = w != nullptr ? w + k * l.block : nullptr;
       float ys[256];
-      Reconstruct(l, sc, ys);
-      if (BlockError(x, w, ys, l.block) <= BlockError(x, w, y, l.block)) {
-        PackBlock(l.type, sc, out);
-        std::memcpy(y, ys, static_cast<size_t>(l.block) * sizeof(float));
-        return Status::OK();
+      Reconstruct(l, sc[k], ys);
+      if (p.error_f64(xk, wk, ys, l.block) <= p.error_f64(xk, wk, y + k * l.block, l.block)) {
+        PackBlock(l.type, sc[k], out + k * bytes);
+        std::memcpy(y + k * l.block, ys, static_cast<size_t>(l.block) * sizeof(float));
+        done[k] = true;
       }
     }
   }
-  if (!plain_bytes) PackBlock(l.type, code, out);
+  if (!plain_bytes) {
+    for (int k = 0; k < count; ++k) {
+      if (!done[k]) PackBlock(l.type, code[k], out + k * bytes);
+    }
+  }
   return Status::OK();
 }
 
@@ -1278,7 +1583,8 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t rows, int64_t cols,
   AQ_RETURN_NOT_OK(CheckShape(type, rows, cols, &bs));
   if (opts.importance != nullptr) {
     if (opts.mode == BlockMode::kReference) {
-      return Status::Invalid("importance weights need block mode 'search' (plain rounding has none)");
+      return Status::Invalid(
+          "importance weights need block mode 'search' (plain rounding has none)");
     }
     if (!IsBlockType(type)) {
       return Status::Invalid(std::string("importance weights apply to block types, not ") +
@@ -1340,26 +1646,30 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t rows, int64_t cols,
         first_status = std::move(st);
       }
     };
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = b0; b < b1;) {
       const int64_t r = b / bpr, c0 = (b % bpr) * bs;
+      // One-level blocks go kGroupBlocks at a time (within a row).
+      const int count = static_cast<int>(
+          layout.two_level() ? 1 : std::min<int64_t>({kGroupBlocks, b1 - b, bpr - b % bpr}));
       const float* xb = x + r * cols + c0;
-      bool finite = true;
-      for (int64_t i = 0; i < bs; ++i) {
-        if (!std::isfinite(xb[i])) {
-          fail(b, Status::Invalid(std::string(std::isnan(xb[i]) ? "NaN" : "Inf") + " at " +
-                                  Where(opts.first_row + r, c0 + i, cols)));
-          finite = false;
-          break;
-        }
-      }
-      if (!finite) return;
-      const float* wb = opts.importance != nullptr ? opts.importance + c0 : nullptr;
-      Status st = EncodeBlock(passes, layout, opts.mode, xb, wb, out + b * bbytes, y);
-      if (!st.ok()) {
-        fail(b, st.WithContext("block at " + Where(opts.first_row + r, c0, cols)));
+      if (!passes.all_finite(xb, static_cast<int>(bs * count))) {
+        int64_t i = 0;
+        while (std::isfinite(xb[i])) ++i;
+        fail(b + i / bs, Status::Invalid(std::string(std::isnan(xb[i]) ? "NaN" : "Inf") + " at " +
+                                         Where(opts.first_row + r, c0 + i, cols)));
         return;
       }
-      if (stats != nullptr) AddStats(xb, y, bs, &local);
+      const float* wb = opts.importance != nullptr ? opts.importance + c0 : nullptr;
+      int failed = 0;
+      Status st =
+          EncodeBlocks(passes, layout, opts.mode, xb, wb, count, out + b * bbytes, y, &failed);
+      if (!st.ok()) {
+        fail(b + failed,
+             st.WithContext("block at " + Where(opts.first_row + r, c0 + failed * bs, cols)));
+        return;
+      }
+      if (stats != nullptr) AddStats(xb, y, bs * count, &local);
+      b += count;
     }
     if (stats != nullptr) parts.Add(b0, local);
   });
@@ -1368,8 +1678,8 @@ Status QuantizeBlocks(GgmlType type, const float* x, int64_t rows, int64_t cols,
   return Status::OK();
 }
 
-Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t rows, int64_t cols,
-                        float* out, const ExecOptions& exec) {
+Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t rows, int64_t cols, float* out,
+                        const ExecOptions& exec) {
   int64_t bs = 0;
   AQ_RETURN_NOT_OK(CheckShape(type, rows, cols, &bs));
   const int64_t bbytes = GetTypeTraits(static_cast<uint32_t>(type))->block_bytes;
@@ -1381,7 +1691,8 @@ Status DequantizeBlocks(GgmlType type, const uint8_t* data, int64_t rows, int64_
                 } else if (type == GgmlType::kF16) {
                   for (int64_t j = b0; j < b1; ++j) out[j] = GetHalf(data + 2 * j);
                 } else {
-                  for (int64_t b = b0; b < b1; ++b) DecodeBlock(type, data + b * bbytes, out + b * bs);
+                  for (int64_t b = b0; b < b1; ++b)
+                    DecodeBlock(type, data + b * bbytes, out + b * bs);
                 }
               });
   return Status::OK();

@@ -14,10 +14,9 @@
 namespace arrowquant::gguf {
 namespace {
 
-constexpr GgmlType kAllBlockTypes[] = {GgmlType::kQ8_0,  GgmlType::kQ4_0, GgmlType::kQ4_1,
-                                       GgmlType::kQ2_K,  GgmlType::kQ3_K, GgmlType::kQ4_K,
-                                       GgmlType::kQ5_K,  GgmlType::kQ6_K, GgmlType::kIQ4_NL,
-                                       GgmlType::kIQ4_XS};
+constexpr GgmlType kAllBlockTypes[] = {
+    GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ2_K,   GgmlType::kQ3_K,
+    GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
 
 const char* Name(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 
@@ -158,7 +157,8 @@ TEST(GgufBlocks, Q4_1ReferenceIsExactOnAGrid) {
   const std::vector<float> back = Decode(GgmlType::kQ4_1, out, 1, 32);
   for (int j = 0; j < 32; ++j) EXPECT_EQ(back[j], x[j]);
   // The search finds the same exact solution.
-  const std::vector<float> s = Decode(GgmlType::kQ4_1, Encode(GgmlType::kQ4_1, x, 1, 32, {}), 1, 32);
+  const std::vector<float> s =
+      Decode(GgmlType::kQ4_1, Encode(GgmlType::kQ4_1, x, 1, 32, {}), 1, 32);
   for (int j = 0; j < 32; ++j) EXPECT_EQ(s[j], x[j]);
 }
 
@@ -195,20 +195,43 @@ TEST(GgufBlocks, PassesAgreeOnRandomCandidates) {
     const int n = trial % 2 ? 16 : 32;
     std::vector<float> x = Gaussian(n, 100 + trial), w = Gaussian(n, 900 + trial);
     for (float& v : w) v = v * v;
-    kernels::BlockCand c[5] = {{u(rng), u(rng)}, {0.0f, 0.5f}, {1e-3f, 0.0f}, {-0.1f, 0.0f},
-                               {u(rng), 0.0f}};
+    kernels::BlockCand c[5] = {
+        {u(rng), u(rng)}, {0.0f, 0.5f}, {1e-3f, 0.0f}, {-0.1f, 0.0f}, {u(rng), 0.0f}};
     for (bool weighted : {false, true}) {
       for (bool sums : {false, true}) {
         kernels::BlockFit fa[5], fs[5];
         const float* wp = weighted ? w.data() : nullptr;
-        scalar.eval_affine(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fs);
-        avx2->eval_affine(x.data(), wp, n, c, 5, -8.0f, 7.0f, sums, fa);
+        scalar.eval_affine(x.data(), wp, n, c, nullptr, 5, -8.0f, 7.0f, sums, fs);
+        avx2->eval_affine(x.data(), wp, n, c, nullptr, 5, -8.0f, 7.0f, sums, fa);
         EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
-        scalar.eval_grid(x.data(), wp, n, c, 5, grid, sums, fs);
-        avx2->eval_grid(x.data(), wp, n, c, 5, grid, sums, fa);
+        scalar.eval_symmetric(x.data(), wp, n, c, nullptr, 5, -8.0f, 7.0f, sums, fs);
+        avx2->eval_symmetric(x.data(), wp, n, c, nullptr, 5, -8.0f, 7.0f, sums, fa);
+        EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
+        scalar.eval_grid(x.data(), wp, n, c, nullptr, 5, grid, sums, fs);
+        avx2->eval_grid(x.data(), wp, n, c, nullptr, 5, grid, sums, fa);
         EXPECT_EQ(0, std::memcmp(fs, fa, sizeof(fs))) << trial;
       }
+      const float* wp = weighted ? w.data() : nullptr;
+      kernels::BlockMoments ms, ma;
+      scalar.moments(x.data(), wp, n, &ms);
+      avx2->moments(x.data(), wp, n, &ma);
+      EXPECT_EQ(0, std::memcmp(&ms, &ma, sizeof(ms))) << trial;
+      std::vector<float> y = Gaussian(n, 300 + trial);
+      EXPECT_EQ(scalar.error_f64(x.data(), wp, y.data(), n),
+                avx2->error_f64(x.data(), wp, y.data(), n));
     }
+    for (const kernels::BlockCand& cand : c) {
+      int8_t qs[32], qa[32];
+      scalar.codes_affine(x.data(), n, cand, 0.0f, 15.0f, qs);
+      avx2->codes_affine(x.data(), n, cand, 0.0f, 15.0f, qa);
+      EXPECT_EQ(0, std::memcmp(qs, qa, static_cast<size_t>(n)));
+      scalar.codes_grid(x.data(), n, cand.a, grid, qs);
+      avx2->codes_grid(x.data(), n, cand.a, grid, qa);
+      EXPECT_EQ(0, std::memcmp(qs, qa, static_cast<size_t>(n)));
+    }
+    x[3] = trial % 3 == 0 ? std::nanf("") : INFINITY;
+    EXPECT_FALSE(scalar.all_finite(x.data(), n));
+    EXPECT_FALSE(avx2->all_finite(x.data(), n));
   }
 }
 
@@ -233,17 +256,24 @@ double RelRmsBound(GgmlType t) {
   // Measured (search / reference): Q8_0 .0052/.0054, Q6_K .017/.019, Q5_K
   // .035/.038, 4-bit .071-.082/.078-.086, Q3_K .144/.155, Q2_K .26/.33.
   switch (t) {
-    case GgmlType::kQ8_0: return 0.0065;
-    case GgmlType::kQ6_K: return 0.023;
-    case GgmlType::kQ5_K: return 0.046;
+    case GgmlType::kQ8_0:
+      return 0.0065;
+    case GgmlType::kQ6_K:
+      return 0.023;
+    case GgmlType::kQ5_K:
+      return 0.046;
     case GgmlType::kQ4_0:
     case GgmlType::kQ4_1:
     case GgmlType::kQ4_K:
     case GgmlType::kIQ4_NL:
-    case GgmlType::kIQ4_XS: return 0.1;
-    case GgmlType::kQ3_K: return 0.19;
-    case GgmlType::kQ2_K: return 0.4;
-    default: return 0.0;
+    case GgmlType::kIQ4_XS:
+      return 0.1;
+    case GgmlType::kQ3_K:
+      return 0.19;
+    case GgmlType::kQ2_K:
+      return 0.4;
+    default:
+      return 0.0;
   }
 }
 
@@ -302,8 +332,8 @@ TEST(GgufBlocks, ImportanceLowersTheWeightedError) {
   for (GgmlType t : kAllBlockTypes) {
     BlockOptions weighted;
     weighted.importance = w.data();
-    const double ew = WeightedError(x, Decode(t, Encode(t, x, rows, cols, weighted), rows, cols),
-                                    cols, w.data());
+    const double ew =
+        WeightedError(x, Decode(t, Encode(t, x, rows, cols, weighted), rows, cols), cols, w.data());
     const double eu =
         WeightedError(x, Decode(t, Encode(t, x, rows, cols, {}), rows, cols), cols, w.data());
     EXPECT_LT(ew, eu) << Name(t);
@@ -316,7 +346,8 @@ TEST(GgufBlocks, EdgeBlocks) {
     // Zeros decode to zeros; a constant block to (almost) itself.
     std::vector<float> zeros(static_cast<size_t>(bs), 0.0f), c(static_cast<size_t>(bs), 0.75f);
     for (float v : Decode(t, Encode(t, zeros, 1, bs, {}), 1, bs)) EXPECT_EQ(v, 0.0f) << Name(t);
-    for (float v : Decode(t, Encode(t, c, 1, bs, {}), 1, bs)) EXPECT_NEAR(v, 0.75f, 0.01f) << Name(t);
+    for (float v : Decode(t, Encode(t, c, 1, bs, {}), 1, bs))
+      EXPECT_NEAR(v, 0.75f, 0.01f) << Name(t);
     // Subnormal inputs quantize (to about zero) instead of failing.
     std::vector<float> tiny = Gaussian(static_cast<size_t>(bs), 2, 1e-40f);
     for (float v : Decode(t, Encode(t, tiny, 1, bs, {}), 1, bs)) EXPECT_LT(std::fabs(v), 1e-6f);

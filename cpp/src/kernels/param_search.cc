@@ -116,11 +116,6 @@ std::string NotRepresentable(const char* what, const char* rtn, float s, float z
          (f16 ? "; use float32 parameters" : "");
 }
 
-// RoundScaleF16 with the given passes' float16 rounding.
-float RoundScaleWith(const SearchPasses& p, float s) {
-  const float r = p.round_f16(s);
-  return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
-}
 
 // The state of one group's search: the best candidate so far.
 class Search {
@@ -358,6 +353,11 @@ const float* MseClips(int bits, int* count) {
 
 float RoundScaleF16(float s) {
   const float r = RoundF16(s);
+  return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
+}
+
+float RoundScaleWith(const SearchPasses& p, float s) {
+  const float r = p.round_f16(s);
   return (r == 0.0f && s > 0.0f) ? 0x1p-24f : r;
 }
 

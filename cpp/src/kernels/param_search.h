@@ -62,6 +62,10 @@ struct SearchPasses {
   float (*round_f16)(float v);
 };
 
+// RoundScaleF16 with the given passes' float16 rounding (the same values;
+// F16C on the AVX2 passes). Shared with the GGUF block search.
+float RoundScaleWith(const SearchPasses& p, float s);
+
 const SearchPasses& ScalarSearchPasses();
 // Null when the binary or the CPU lacks AVX2 (param_search_avx2.cc).
 const SearchPasses* Avx2SearchPasses();
