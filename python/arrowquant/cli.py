@@ -14,11 +14,18 @@ from . import __version__
 from .errors import ArrowQuantError
 from .sizes import format_size
 
-GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F16", "F32")
+from .formats.gguf.tables import GGUF_PRESETS, GGUF_TYPES
+
 GGUF_ARCHS = ("auto", "generic")
 GGUF_ARCH_HELP = ("auto (default): llama.cpp's architecture, tensor names, hyperparameters and "
                   "tokenizer for a Hugging Face model directory, so llama.cpp runs the file; "
                   "generic: the source's tensor names as they are (llama.cpp cannot run it)")
+
+
+def _add_gguf_layout_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf-layout", choices=("sdcpp", "comfy"), default=None,
+                   help="diffusion models: tensor names and rules of stable-diffusion.cpp "
+                        "(default for a diffusers pipeline / UNet / FLUX input) or ComfyUI-GGUF")
 
 
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
@@ -115,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true", help="finish an interrupted run")
     q.add_argument("--format", choices=("parquet", "gguf"), default="parquet",
                    help="output: an ArrowQuant Parquet V2 directory (default) or one GGUF file")
-    q.add_argument("--gguf-type", choices=GGUF_TYPES,
+    q.add_argument("--gguf-type", choices=GGUF_TYPES + GGUF_PRESETS,
                    help="GGUF tensor type (default from --bits/--scheme: 8 -> Q8_0, "
                         "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
     q.add_argument("--gguf-arch", choices=GGUF_ARCHS, default="auto", help=GGUF_ARCH_HELP)
+    _add_gguf_layout_flag(q)
     q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bits", type=int, choices=(4, 8), default=4)
     g.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric",
                    help="4 bits: symmetric -> Q4_0 (default), asymmetric -> Q4_1")
-    g.add_argument("--gguf-type", choices=GGUF_TYPES)
+    g.add_argument("--gguf-type", choices=GGUF_TYPES + GGUF_PRESETS)
     g.add_argument("--gguf-arch", choices=GGUF_ARCHS, default="auto", help=GGUF_ARCH_HELP)
+    _add_gguf_layout_flag(g)
+    g.add_argument("--max-memory", default="256MiB", metavar="SIZE",
+                   help="diffusion layouts: memory budget of the read buffers (default 256MiB)")
     g.add_argument("--threads", type=int, default=0, metavar="N")
     g.add_argument("--overwrite", action="store_true", help="replace an existing file")
     g.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
@@ -250,7 +261,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     max_memory=args.max_memory, chunk_size=args.chunk_size,
                     shard_size=args.shard_size, output_format=args.format, engine=args.engine,
                     overwrite=args.overwrite, resume=args.resume, calibration=args.calibration,
-                    gguf_type=args.gguf_type, gguf_arch=args.gguf_arch)
+                    gguf_type=args.gguf_type, gguf_arch=args.gguf_arch,
+                    gguf_layout=args.gguf_layout)
     on_tensor = (lambda r: print(_tensor_line(r), flush=True)) if args.verbose else None
     summary = api.run_job(job, progress=False if (args.no_progress or args.json) else None,
                           on_tensor=on_tensor)
@@ -330,7 +342,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
     report = export_gguf(args.input, args.output, bits=args.bits, scheme=args.scheme,
                          gguf_type=args.gguf_type, threads=args.threads, overwrite=args.overwrite,
-                         arch=args.gguf_arch,
+                         arch=args.gguf_arch, layout=args.gguf_layout,
+                         max_memory=args.max_memory,
                          progress=False if (args.no_progress or args.json) else None)
     print(json.dumps(report, indent=2) if args.json else format_report(report, args.verbose))
     return 0

@@ -50,6 +50,7 @@ class Job:
     planner: Any = None                  # a planning.plan.Planner, or None
     gguf_type: Optional[str] = None
     gguf_arch: str = "auto"              # "auto": llama.cpp's layout; "generic": source names
+    gguf_layout: Optional[str] = None    # diffusion models: "sdcpp" or "comfy" (None: by input)
     # Extra fields recorded with the settings (the first version's API adds its own).
     record_extra: Dict[str, Any] = field(default_factory=dict)
 

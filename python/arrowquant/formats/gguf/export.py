@@ -42,7 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ...version import __version__
-from .tables import (BLOCK_SIZE, BLOCK_SIZES, BLOCK_TYPES, ERROR_BOUND, GGUF_TYPES,  # noqa: F401
+from .diffusion import export_diffusion_gguf, is_diffusion_input
+from .tables import (GGUF_PRESETS, BLOCK_SIZE, BLOCK_SIZES, BLOCK_TYPES, ERROR_BOUND, GGUF_TYPES,  # noqa: F401
                      TYPE_BYTES,
                      choose_type, type_bytes as _type_bytes)
 from .reader import dequantize_bytes, dequantize_tensor, inspect_gguf, quantize_bytes, read_header  # noqa: F401 (re-exported)
@@ -140,7 +141,8 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
                 gguf_type: Optional[str] = None, threads: int = 0, progress: Any = None,
                 overwrite: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                 name: Optional[str] = None, arch: str = "auto",
-                type_rule: Any = None) -> Dict[str, Any]:
+                type_rule: Any = None, layout: Optional[str] = None,
+                max_memory: Any = "256MiB") -> Dict[str, Any]:
     """Writes the model at `source` (path, or an open ModelSource) to a GGUF v3
     file at `out_path`, streaming tensor by tensor in row chunks of at most
     `chunk_bytes` source bytes (one row at least). Returns the report dict.
@@ -158,6 +160,15 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
     `(message, fraction)` callable (its exceptions become warnings), True for a
     progress bar, or None/False."""
     target = choose_type(bits, scheme, gguf_type)
+    if layout is not None or (not isinstance(source, ModelSource) and is_diffusion_input(source)):
+        # Diffusion models: the layouts stable-diffusion.cpp / ComfyUI-GGUF read.
+        return export_diffusion_gguf(source, out_path, gguf_type=target, layout=layout or "sdcpp",
+                                     threads=threads, max_memory=max_memory,
+                                     overwrite=overwrite, progress=progress, name=name)
+    if target in GGUF_PRESETS:
+        raise ConfigurationError(
+            f"GGUF preset {target} is a per-tensor mix; for this model write one type "
+            f"(--gguf-type {', '.join(t for t in GGUF_TYPES if t not in ('F16', 'F32'))})")
     out = Path(out_path)
     if out.is_dir():
         raise ArrowQuantError(f"{out}: is a directory; give the path of the .gguf file to write")
@@ -385,6 +396,10 @@ def _version() -> str:
 
 def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
     """Human-readable summary of an export_gguf report (the CLI prints it)."""
+    if "layout" in report:
+        from .diffusion import format_report as diffusion_report
+
+        return diffusion_report(report, verbose)
     lines = []
     if verbose:
         for r in report["tensors_detail"]:
@@ -446,7 +461,9 @@ def quantize_to_gguf(job: Any, progress: Any = None) -> Any:
             "drop --param-dtype or write Parquet")
     report = export_gguf(job.input, job.output, bits=cfg.bit_width, scheme=cfg.scheme,
                          gguf_type=job.gguf_type, threads=cfg.num_threads,
-                         overwrite=job.overwrite, progress=progress, arch=job.gguf_arch)
+                         overwrite=job.overwrite, progress=progress, arch=job.gguf_arch,
+                         layout=job.gguf_layout, max_memory=job.max_memory)
+
     records = [TensorRecord(
         name=r["name"], shape=tuple(r["shape"]), dtype=r["source_dtype"], quant_type=r["gguf_type"],
         bits=_TYPE_BITS.get(r["gguf_type"]), reason=r["reason"],
@@ -454,14 +471,19 @@ def quantize_to_gguf(job: Any, progress: Any = None) -> Any:
         chunks=r["chunks"], input_bytes=r["input_bytes"], output_bytes=r["output_bytes"],
         seconds=r["seconds"], cosine=r["cosine"], rel_mse=r["rel_mse"], sqnr_db=r["sqnr_db"],
         max_abs_error=r["max_abs_error"]) for r in report["tensors_detail"]]
-    cos = [r.cosine for r in records if r.bits is not None]
-    worst = min((r for r in records if r.bits is not None), key=lambda r: r.cosine, default=None)
+    quantized = [r for r in records if r.bits is not None]
+    cos = [r.cosine for r in quantized]
+    worst = min(quantized, key=lambda r: r.cosine, default=None)
+    in_b, out_b, params = report["input_bytes"], report["output_bytes"], report["params"]
     return QuantizeSummary(
-        output=report["output"], source=report["source"], source_format=report["source_format"],
-        output_format="gguf", modality=cfg.modality or "unknown", bits=cfg.bit_width,
-        tensors=report["tensors"], quantized_tensors=len(cos), params=report["params"],
-        input_bytes=report["input_bytes"], output_bytes=report["output_bytes"],
-        compression_ratio=report["compression_ratio"], mean_cosine=report["mean_cosine"],
-        min_cosine=report["min_cosine"], worst_tensor=worst.name if worst else None,
-        bits_per_weight=8.0 * report["output_bytes"] / max(report["params"], 1),
+        output=report["output"], source=report["source"],
+        source_format=report.get("source_format") or report.get("input_kind", "unknown"),
+        output_format="gguf", modality=cfg.modality or ("image" if "layout" in report
+                                                        else "unknown"),
+        bits=cfg.bit_width, tensors=report["tensors"], quantized_tensors=len(quantized),
+        params=params, input_bytes=in_b, output_bytes=out_b,
+        compression_ratio=in_b / out_b if out_b else 0.0,
+        mean_cosine=float(np.mean(cos)) if cos else None, min_cosine=min(cos) if cos else None,
+        worst_tensor=worst.name if worst else None,
+        bits_per_weight=8.0 * out_b / max(params, 1),
         seconds=report["seconds"], files=[report["output"]], records=records, details=report)

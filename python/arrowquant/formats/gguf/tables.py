@@ -12,6 +12,9 @@ GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "I
 BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
                "IQ4_XS")
 BLOCK_SIZE = 32
+#: llama.cpp preset names: per-tensor type mixes (the diffusion layouts apply
+#: them with their families' K-mix rules).
+GGUF_PRESETS = ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
 #: Values per block of each block type (K-quants and IQ4_XS: super-blocks of 256).
 BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "IQ4_NL": 32, "Q2_K": 256, "Q3_K": 256,
                "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256}
@@ -28,9 +31,10 @@ def choose_type(bits: int = 4, scheme: str = "symmetric", gguf_type: Optional[st
     """The GGUF type for weight matrices from bits / scheme / an override."""
     if gguf_type is not None:
         t = str(gguf_type).upper()
-        if t not in GGUF_TYPES:
+        if t not in GGUF_TYPES + GGUF_PRESETS:
             raise ConfigurationError(
-                f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+                f"GGUF type must be one of {', '.join(GGUF_TYPES + GGUF_PRESETS)}, got "
+                f"{gguf_type!r}")
         return t
     if scheme not in ("symmetric", "asymmetric"):
         raise ConfigurationError(f"scheme must be 'symmetric' or 'asymmetric', got {scheme!r}")
