@@ -17,6 +17,7 @@ gguf = pytest.importorskip("gguf")
 
 from arrowquant.errors import ConfigurationError, MetadataError  # noqa: E402
 from arrowquant.formats.gguf import diffusion as dg  # noqa: E402
+from arrowquant.formats.gguf import diffusion_types as dt  # noqa: E402
 from arrowquant.formats.gguf.diffusion_names import (detect_reference_family,  # noqa: E402
                                                      strip_reference_prefix)
 
@@ -313,7 +314,7 @@ def test_prefix_and_family_detection():
 
 
 def test_choose_tensor_type_rules():
-    c = dg.choose_tensor_type
+    c = dt.choose_tensor_type
     assert c("a.norm.weight", (320,), (320,), "float16", "Q4_0", "sdcpp", "sd1").gguf_type == "F32"
     d = c("x.to_q.weight", (320, 100), (320, 100), "float16", "Q4_0", "sdcpp", "sd1")
     assert (d.gguf_type, d.fallback) == ("F16", True)
@@ -326,7 +327,7 @@ def test_choose_tensor_type_rules():
     assert (d.gguf_type, d.rule) == ("Q8_0", "timestep")
     assert c("w", (8, 64), (8, 64), "float32", "Q4_0", "comfy", "flux").rule == "comfy-small"
     assert c("a.modulation", (1, 6, 512), (1, 6, 512), "float32", "Q8_0", "comfy", "wan").rule == "comfy-hiprec"
-    mix = dg.MixState()
+    mix = dt.MixState()
     d = c("blk.ff.net.2.weight", (64, 256), (64, 256), "float32", "Q4_0", "comfy", "sd1", mix=mix)
     assert (d.gguf_type, d.rule) == ("Q4_1", "comfy-mix")
     with pytest.raises(ConfigurationError):

@@ -220,19 +220,24 @@ def generate_model(out_dir: Union[str, Path], size: str = "10M", fmt: str = "par
             _write_safetensors(tmp / "model.safetensors", sc.name, seed, dtype, modality)
         (tmp / "metadata.json").write_text(json.dumps(_metadata(manifest), indent=2) + "\n")
         _fsync_dir_files(tmp)
-        # The manifest is written last: its presence means the model is complete.
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(out)
+        publish_model_dir(tmp, out, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def publish_model_dir(tmp: Path, out: Path, manifest: Dict) -> None:
+    """Writes the manifest into the finished folder `tmp` (last: its presence
+    means the model is complete) and puts `tmp` in the place of `out`."""
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash)
+    else:
+        tmp.rename(out)
 
 
 def _pid_alive(pid: int) -> bool:

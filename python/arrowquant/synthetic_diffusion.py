@@ -27,8 +27,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from .synthetic import MANIFEST_NAME, publish_model_dir  # one manifest convention for both generators
+
 GENERATOR_VERSION = 2
-MANIFEST_NAME = ".synthetic_manifest.json"
 
 #: stable-diffusion-v1-5 unet/config.json (published values).
 SD15_UNET_CONFIG: Dict[str, Any] = {
@@ -144,14 +145,7 @@ def _build_atomically(out: Path, manifest: Dict[str, Any], build: Any) -> Path:
     tmp.mkdir()
     try:
         build(tmp)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(out)
+        publish_model_dir(tmp, out, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

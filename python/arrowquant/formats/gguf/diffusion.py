@@ -48,46 +48,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ...errors import ArrowQuantError, ConfigurationError, MetadataError
+from .diffusion_types import (ALIGNMENT, BLOCK_SIZE, COMFY_REARRANGE_THRESHOLD, COMFY_SHAPE_FIX,
+                              PRESETS, MixState, TypeDecision, choose_tensor_type)
+from .diffusion_inputs import _KIND_BY_CLASS, OutTensor, find_components, plan_tensors
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-from .diffusion_types import (  # noqa: F401 (re-exported)
-    COMFY_IGNORE,
-    ALIGNMENT,
-    BLOCK_SIZE,
-    BPW,
-    COMFY_ATTN_V,
-    COMFY_FFN_DOWN,
-    COMFY_QKV,
-    COMFY_REARRANGE_THRESHOLD,
-    COMFY_SHAPE_FIX,
-    COMFY_SMALL_THRESHOLD,
-    LAYOUTS,
-    MAX_NAME_BYTES,
-    MixState,
-    PRESETS,
-    SDCPP_KEEP,
-    SDCPP_UNUSED,
-    TypeDecision,
-    _comfy_mix,
-    _keep_match,
-    _narrow_fallback,
-    _wide,
-    choose_tensor_type)
-
-
-from .diffusion_inputs import (  # noqa: F401 (re-exported)
-    Component,
-    OutTensor,
-    _KIND_BY_CLASS,
-    _first_dim,
-    _float_shapes,
-    _mapped_to_out,
-    _plan_checkpoint,
-    _read_json,
-    _unet_family,
-    find_components,
-    plan_tensors)
 
 
 # ----------------------------------------------------------------- writer

@@ -15,33 +15,9 @@ from ...errors import ConfigurationError, MetadataError, ModelNotFoundError
 from .diffusion_names import (COMFY_ARCHITECTURES, Mapped, Part, clip_to_prefixed,
                               detect_reference_family, flux_to_original, strip_reference_prefix,
                               unet_to_original, vae_to_original)
+from .diffusion_types import COMFY_IGNORE, LAYOUTS, MAX_NAME_BYTES, SDCPP_UNUSED
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-from .diffusion_types import (  # noqa: F401 (re-exported)
-    COMFY_IGNORE,
-    ALIGNMENT,
-    BLOCK_SIZE,
-    BPW,
-    COMFY_ATTN_V,
-    COMFY_FFN_DOWN,
-    COMFY_QKV,
-    COMFY_REARRANGE_THRESHOLD,
-    COMFY_SHAPE_FIX,
-    COMFY_SMALL_THRESHOLD,
-    LAYOUTS,
-    MAX_NAME_BYTES,
-    MixState,
-    PRESETS,
-    SDCPP_KEEP,
-    SDCPP_UNUSED,
-    TypeDecision,
-    _comfy_mix,
-    _keep_match,
-    _narrow_fallback,
-    _wide,
-    choose_tensor_type)
-
 
 
 # ----------------------------------------------------------------- inputs
