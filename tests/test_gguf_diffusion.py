@@ -410,3 +410,17 @@ def test_block_mode_per_component(tiny, tmp_path):
     assert same["unet"] and not all(same["unet"])
     with pytest.raises(ConfigurationError):
         _export(tiny / "flux", tmp_path / "x.gguf", gguf_type="Q4_0", block_mode="fast")
+
+
+def test_default_block_mode_rounds_the_text_encoder_and_reports_it(tiny, tmp_path):
+    """The default (DEFAULT_BLOCK_MODE, from the measured renders) writes the
+    same file as asking for the text encoder rounded explicitly, and every
+    block-quantized tensor's record says how its blocks were chosen."""
+    a, b = tmp_path / "default.gguf", tmp_path / "explicit.gguf"
+    rep = _export(tiny / "pipe", a, gguf_type="Q4_0", layout="sdcpp")
+    _export(tiny / "pipe", b, gguf_type="Q4_0", layout="sdcpp",
+            block_mode={"text_encoder": "reference", "*": "search"})
+    assert a.read_bytes() == b.read_bytes()
+    modes = {(r["component"], r["block_mode"]) for r in rep["tensors_detail"] if r["gguf_type"] == "Q4_0"}
+    assert ("text_encoder", "reference") in modes and ("unet", "search") in modes
+    assert all(r["block_mode"] is None for r in rep["tensors_detail"] if r["gguf_type"] in ("F16", "F32"))

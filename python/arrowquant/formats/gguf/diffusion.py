@@ -49,7 +49,8 @@ import numpy as np
 
 from ...errors import ArrowQuantError, ConfigurationError, MetadataError
 from .diffusion_types import (ALIGNMENT, BLOCK_SIZE, COMFY_REARRANGE_THRESHOLD, COMFY_SHAPE_FIX,
-                              PRESETS, MixState, TypeDecision, choose_tensor_type)
+                              DEFAULT_BLOCK_MODE, PRESETS, MixState, TypeDecision,
+                              choose_tensor_type)
 from .diffusion_inputs import _KIND_BY_CLASS, OutTensor, find_components, plan_tensors
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -92,7 +93,7 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
                           layout: str = "sdcpp", threads: int = 0, max_memory: Union[int, str] = "256MiB",
                           overwrite: bool = False, progress: Any = None,
                           name: Optional[str] = None, chunk_bytes: Optional[int] = None,
-                          block_mode: Union[str, Dict[str, str]] = "search",
+                          block_mode: Union[None, str, Dict[str, str]] = None,
                           type_override: Optional[Callable[[OutTensor, TypeDecision], TypeDecision]] = None,
                           ) -> Dict[str, Any]:
     """Writes the diffusion model at `source` as one GGUF file in `layout`
@@ -104,8 +105,9 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
     `block_mode` "search" (ArrowQuant's error-minimizing block search) or
     "reference" (plain rounding: llama.cpp's reference bytes for Q8_0 / Q4_0 /
     Q4_1), or a dict by component kind ({"text_encoder": "reference"}; others
-    search). `type_override(tensor, decision)` may replace a decision (the hook for
-    measured per-tensor choices); its result is re-checked against the row
+    search); None: DEFAULT_BLOCK_MODE (the text encoder rounded, as
+    measured). `type_override(tensor, decision)` may replace a decision (the
+    hook for measured per-tensor choices); its result is re-checked against the row
     length."""
     from ...engine import core as _core
     from ...sizes import parse_size
@@ -165,6 +167,8 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
         ]
         md += metadata
         specs = [(t.name, list(ws), d.gguf_type) for t, ws, d, _ in plan]
+        if block_mode is None:
+            block_mode = DEFAULT_BLOCK_MODE
         modes = block_mode if isinstance(block_mode, dict) else {"*": block_mode}
         if any(m not in ("search", "reference") for m in modes.values()):
             raise ConfigurationError(f"block_mode must be 'search' or 'reference', got {block_mode!r}")
@@ -268,7 +272,8 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
                 "shape": list(t.shape), "gguf_dims": list(reversed(wshape)),
                 "orig_shape": note is not None, "source_dtype": t.dtype,
                 "gguf_type": d.gguf_type, "rule": d.rule, "reason": d.reason + (f"; {note}" if note else ""),
-                "fallback": d.fallback, "input_bytes": numel * isz,
+                "fallback": d.fallback, "block_mode": mode if d.gguf_type in BLOCK_SIZE else None,
+                "input_bytes": numel * isz,
                 "output_bytes": _type_bytes_any(d.gguf_type, numel),
                 "chunks": chunks, "cosine": m.cosine, "rel_mse": m.rel_mse,
                 "sqnr_db": m.sqnr_db if math.isfinite(m.sqnr_db) else None,
@@ -307,8 +312,9 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
         for r in report["tensors_detail"]:
             shape = "x".join(str(d) for d in r["shape"])
             sq = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f} dB"
+            mode = f" (blocks: {r['block_mode']})" if r.get("block_mode") else ""
             lines.append(f"  {r['name']:<72} {shape:<16} {r['gguf_type']:<5} {sq:>9}  "
-                         f"{r['rule']}: {r['reason']}")
+                         f"{r['rule']}: {r['reason']}{mode}")
     types = ", ".join(f"{n} {t}" for t, n in sorted(report["types"].items()))
     arch = report["architecture"] or "(none: sd.cpp detects the version from names)"
     lines.append(f"wrote {report['output']}: GGUF v3, {report['layout']} layout, family "
