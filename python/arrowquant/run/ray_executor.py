@@ -1,0 +1,578 @@
+"""Runs a planned model on a Ray cluster (`--executor ray`, docs/ray.md).
+
+The driver opens the source, plans, cuts chunks and lays out the shards
+exactly as the single-machine run (run/streaming.py). It then groups the
+chunks still to do into work units, each a contiguous range of one input
+file, and hands them to Ray tasks. A task opens the input at the same path
+(a shared file system or a copy on each node), reads its rows, quantizes them
+with StreamingQuantizer's own chunk steps and returns each chunk's record and
+the info its staged part holds. The driver stages every finished chunk as
+the resumable run does, appends the chunks to the output files in order and
+builds the report, so the directory is byte-identical to a one-machine run
+(the timing fields aside) and `--resume`, with or without Ray, finishes a
+run whose driver was killed. Ray is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from ..engine.dtypes import itemsize
+from ..engine.metrics import ErrorSums, MarkovMetrics
+from ..errors import (ArrowQuantError, ConfigurationError, FormatError, MemoryBudgetError,
+                      QuantizationError)
+from ..formats.v2_schema import ChunkRecord
+from ..planning.plan import TensorPlan
+from ..sizes import format_size
+from ..sources.base import ModelSource, TensorInfo
+from ..version import __version__
+from .layout import Chunk, PipelineOptions, chunk_buffer_bytes, output_row_bytes
+from .prefetch import Prefetcher
+from .report import TensorRecord, merge_markov
+from .staging import part_name, read_part, write_part
+from .streaming import (StreamingQuantizer, TensorLayout, chunk_reads, read_ahead_budget,
+                        resumed_plan)
+
+#: Test hook: "N:MARKER" makes the task of work unit N kill its own process
+#: (SIGKILL) after its first chunk, once (MARKER records that it did).
+KILL_ENV = "ARROWQUANT_RAY_TEST_KILL"
+#: Memory a task needs besides its buffers (interpreter, engine scratch, Ray).
+TASK_BASE_MEMORY = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the driver uses the cluster."""
+
+    address: Optional[str] = None     # None: RAY_ADDRESS, else a local cluster
+    cpus_per_task: int = 0            # 0: the engine's thread count (0: a whole node)
+    unit_bytes: int = 0               # source bytes per work unit (0: the chunk size)
+    max_retries: int = 3              # retries of a task whose process died
+    on_unit: Optional[Callable[[Dict[str, Any]], None]] = None
+    kill_unit: Optional[Tuple[int, str]] = None
+
+
+def options_from_env(address: Optional[str], cpus_per_task: int,
+                     on_unit: Optional[Callable[[Dict[str, Any]], None]]) -> RayOptions:
+    kill = None
+    hook = os.environ.get(KILL_ENV)
+    if hook:
+        n, _, marker = hook.partition(":")
+        kill = (int(n), marker)
+    return RayOptions(address=address, cpus_per_task=cpus_per_task, on_unit=on_unit,
+                      kill_unit=kill)
+
+
+# ---------------------------------------------------------------- work units
+
+
+@dataclass
+class UnitChunk:
+    """One chunk a task quantizes, with the plan (width) it is done at."""
+
+    ti: int
+    chunk: Chunk
+    unit_rows: int
+    plan: TensorPlan
+    single: bool                      # the tensor's only chunk (redone in place on a floor)
+
+
+@dataclass
+class WorkUnit:
+    index: int
+    file: str
+    chunks: List[UnitChunk]
+    nbytes: int                       # source bytes
+    memory: int                       # Ray memory= of its task
+
+
+@dataclass(frozen=True)
+class UnitContext:
+    """What every task needs, put in the object store once."""
+
+    input: str
+    opts: PipelineOptions             # threads: the task's engine threads
+    files: Tuple[Tuple[str, int], ...]  # (path, size) of each weight file
+    table: str                        # digest of the tensor table
+    version: str
+    kill_unit: Optional[Tuple[int, str]]
+
+
+@dataclass
+class UnitResult:
+    index: int
+    chunks: List[Tuple[int, int, ChunkRecord, Dict[str, Any]]]  # (ti, ci, record, part info)
+    worker: str
+    start: float
+    end: float
+    peak_rss: int
+
+
+def tensor_table(tensors: List[TensorInfo]) -> str:
+    rows = [[t.name, list(t.shape), t.dtype, t.nbytes] for t in tensors]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def chunk_source_bytes(t: TensorInfo, c: Chunk) -> int:
+    return c.row_count * t.cols * itemsize(t.dtype) if t.rows else t.nbytes
+
+
+def unit_memory(source: ModelSource, chunks: List[UnitChunk], opts: PipelineOptions) -> int:
+    """Ray memory= of a task: the outputs it holds until it returns (twice:
+    once more while they are serialized), its read buffers (the read ahead
+    and the unit being quantized) and a fixed base."""
+    out = 0
+    reads = 0
+    for uc in chunks:
+        t = source.tensors[uc.ti]
+        widest = uc.plan if uc.plan.bits is None else dataclasses.replace(
+            uc.plan, bits=max([uc.plan.bits, *uc.plan.fallback_bits]))
+        out += chunk_buffer_bytes(t, widest, uc.chunk.row_count)
+        reads = max(reads, min(uc.unit_rows, max(1, uc.chunk.row_count)) * t.cols * itemsize(t.dtype))
+    return 2 * out + reads + read_ahead_budget(opts) + TASK_BASE_MEMORY
+
+
+def group_units(source: ModelSource, todo: List[UnitChunk], unit_bytes: int,
+                opts: PipelineOptions, first_index: int) -> List[WorkUnit]:
+    """Consecutive chunks (in the run's order) of one input file, up to
+    unit_bytes of source per unit (a larger chunk is a unit of its own)."""
+    units: List[WorkUnit] = []
+    cur: List[UnitChunk] = []
+    cur_file, cur_bytes = "", 0
+    prev: Optional[Tuple[int, int]] = None
+
+    def close() -> None:
+        if cur:
+            units.append(WorkUnit(first_index + len(units), cur_file, list(cur), cur_bytes,
+                                  unit_memory(source, cur, opts)))
+            cur.clear()
+
+    for uc in todo:
+        t = source.tensors[uc.ti]
+        f = source.location(t.name)
+        n = chunk_source_bytes(t, uc.chunk)
+        follows = prev is not None and (uc.ti, uc.chunk.index) in (
+            (prev[0], prev[1] + 1), (prev[0] + 1, 0))
+        if not cur or f != cur_file or not follows or cur_bytes + n > unit_bytes:
+            close()
+            cur_file, cur_bytes = f, 0
+        cur.append(uc)
+        cur_bytes += n
+        prev = (uc.ti, uc.chunk.index)
+    close()
+    return units
+
+
+# ---------------------------------------------------------------- the task
+
+
+_SOURCE: Dict[str, Any] = {}
+
+
+def _worker_source(ctx: UnitContext) -> ModelSource:
+    """The input, opened once per worker process and checked against the
+    driver's view of it (same files, same sizes, same tensor table)."""
+    key = json.dumps([ctx.input, ctx.files, ctx.table])
+    if _SOURCE.get("key") == key:
+        return _SOURCE["source"]
+    if ctx.version != __version__:
+        raise ConfigurationError(f"{socket.gethostname()}: arrowquant {__version__} on this Ray "
+                                 f"node, {ctx.version} on the driver; install the same version "
+                                 "on every node")
+    from ..engine import core
+    from ..sources import open_model
+
+    old = _SOURCE.pop("source", None)
+    if old is not None:
+        old.close()
+    else:  # first use in this process: what lean_allocators does for a run
+        import pyarrow as pa
+
+        core.fix_mmap_threshold()
+        pa.set_memory_pool(pa.system_memory_pool())
+    for path, size in ctx.files:
+        try:
+            found = os.stat(path).st_size
+        except OSError as exc:
+            raise FormatError(f"{path}: not readable on Ray node {socket.gethostname()} ({exc}); "
+                              "every node needs the input at the driver's path (docs/ray.md)") \
+                from None
+        if found != size:
+            raise FormatError(f"{path}: {found} bytes on Ray node {socket.gethostname()}, {size} "
+                              "on the driver; every node needs the same input files")
+    source = open_model(ctx.input)
+    if tensor_table(source.tensors) != ctx.table:
+        source.close()
+        raise FormatError(f"{ctx.input}: the tensors on Ray node {socket.gethostname()} differ "
+                          "from the driver's; every node needs the same input files")
+    _SOURCE.update(key=key, source=source)
+    return source
+
+
+def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _maybe_kill(ctx: UnitContext, unit: WorkUnit) -> None:
+    if ctx.kill_unit is None or ctx.kill_unit[0] != unit.index:
+        return
+    marker = Path(ctx.kill_unit[1])
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # killed once already: this is Ray's retry
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_unit(ctx: UnitContext, unit: WorkUnit) -> UnitResult:
+    """A Ray task: reads and quantizes the unit's chunks (read ahead in a
+    thread, as on one machine) and returns their records and part infos."""
+    start = time.time()
+    source = _worker_source(ctx)
+    plans = {source.tensors[uc.ti].name: uc.plan for uc in unit.chunks}
+    # Its chunk steps only: nothing is written from a task (the out_dir is unused).
+    steps = StreamingQuantizer(source, plans, Path(ctx.input), ctx.opts)
+    reads = [r for uc in unit.chunks
+             for r in chunk_reads(uc.ti, source.tensors[uc.ti], uc.chunk, uc.unit_rows)]
+    prefetch = Prefetcher(source, reads, read_ahead_budget(ctx.opts))
+    done: List[Tuple[int, int, ChunkRecord, Dict[str, Any]]] = []
+    try:
+        for uc in unit.chunks:
+            t = source.tensors[uc.ti]
+            decisions: List[str] = []
+            plan, rec, sums = steps.quantize_planned(
+                t, uc.plan, uc.chunk, prefetch.units(uc.ti, uc.chunk.index), uc.single, decisions)
+            info, _ = steps.chunk_info(uc.ti, t, plan, uc.chunk, rec, sums, decisions)
+            done.append((uc.ti, uc.chunk.index, rec, info))
+            _maybe_kill(ctx, unit)
+    finally:
+        prefetch.close()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return UnitResult(unit.index, done, worker, start, time.time(), _peak_rss())
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass
+class _Tensor:
+    """A tensor while the driver runs it."""
+
+    ti: int
+    t: TensorInfo
+    plan: TensorPlan
+    layout: TensorLayout
+    decisions: List[str]
+    probing: bool                     # width measured over all chunks, not decided yet
+    planned_bits: Optional[int]
+    tensor_bytes: int                 # planned output bytes (decides shard boundaries)
+    final: Dict[int, Tuple[Optional[ChunkRecord], Dict[str, Any]]] = field(default_factory=dict)
+    trial: Dict[int, Tuple[ChunkRecord, Dict[str, Any]]] = field(default_factory=dict)
+    start: float = 0.0
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigurationError("--executor ray needs Ray: pip install 'arrowquant[ray]'") \
+            from None
+    return ray
+
+
+class RayQuantizer(StreamingQuantizer):
+    """StreamingQuantizer whose chunks are quantized by Ray tasks (module doc)."""
+
+    def __init__(self, source: ModelSource, plans: Dict[str, TensorPlan], out_dir: Path,
+                 opts: PipelineOptions, input_path: Path, ray_opts: RayOptions,
+                 progress: Any = None, on_tensor: Any = None, cancel: Any = None):
+        super().__init__(source, plans, out_dir, opts, progress=progress, on_tensor=on_tensor,
+                         cancel=cancel)
+        self.input_path = Path(input_path).resolve()
+        self.ray_opts = ray_opts
+        self.units_done: List[Dict[str, Any]] = []
+        self.cluster: Dict[str, Any] = {}
+
+    # -- setup -------------------------------------------------------------
+    def _connect(self) -> Any:
+        ray = _ray()
+        if not ray.is_initialized():
+            import logging
+
+            ray.init(address=self.ray_opts.address, include_dashboard=False,
+                     logging_level=logging.WARNING, configure_logging=True)
+        return ray
+
+    def _resources(self, ray: Any, units: List[WorkUnit]) -> Tuple[int, int]:
+        """(CPUs per task, tasks the cluster runs at once); refuses a unit no
+        node has the CPUs or the memory for (Ray would wait forever)."""
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cpus = [int(n["Resources"].get("CPU", 0)) for n in nodes]
+        mems = [int(n["Resources"].get("memory", 0)) for n in nodes]
+        if not cpus or max(cpus) < 1:
+            raise ConfigurationError("the Ray cluster has no node with a CPU")
+        per_task = self.ray_opts.cpus_per_task or self.opts.threads or min(c for c in cpus if c)
+        if per_task > max(cpus):
+            raise ConfigurationError(f"--ray-cpus-per-task {per_task}: the largest Ray node has "
+                                     f"{max(cpus)} CPUs")
+        need = max((u.memory for u in units), default=0)
+        if need > max(mems):
+            raise MemoryBudgetError(f"a work unit needs {format_size(need)} of memory, the largest "
+                                    f"Ray node offers {format_size(max(mems))}; lower --chunk-size")
+        slots = sum(min(c // per_task, m // max(1, need)) if need else c // per_task
+                    for c, m in zip(cpus, mems))
+        self.cluster = {"nodes": len(nodes), "cpus": sum(cpus), "cpus_per_task": per_task,
+                        "slots": max(1, slots)}
+        return per_task, max(1, slots)
+
+    def _tensor_state(self, ti: int, t: TensorInfo) -> _Tensor:
+        plan = self.plans[t.name]
+        layout = self.layout(ti, t, plan)
+        decisions: List[str] = []
+        probing = False
+        if layout.done:
+            plan, decisions = resumed_plan(plan, layout.done)
+        else:
+            probing = self.probes(plan, len(layout.chunks))
+        st = _Tensor(ti, t, plan, layout, decisions, probing, plan.bits,
+                     max(1, t.rows) * output_row_bytes(t, plan), start=time.perf_counter())
+        for ci, info in layout.done.items():
+            st.final[ci] = (None, info)
+        return st
+
+    def _todo(self, st: _Tensor) -> List[UnitChunk]:
+        single = len(st.layout.chunks) == 1
+        return [UnitChunk(st.ti, c, st.layout.unit_rows[c.index], st.plan, single)
+                for c in st.layout.chunks if c.index not in st.layout.done]
+
+    # -- results -----------------------------------------------------------
+    def _accept(self, states: List[_Tensor], result: UnitResult, redo: Deque[WorkUnit],
+                next_index: List[int], unit_bytes: int) -> int:
+        """Files the chunks of a finished unit; returns the output bytes now
+        held in memory by the driver (negative when a redo dropped some)."""
+        held = 0
+        for ti, ci, rec, info in result.chunks:
+            st = states[ti]
+            held += rec.stored_bytes
+            if st.probing:
+                st.trial[ci] = (rec, info)
+                if len(st.trial) == len(st.layout.chunks):
+                    held += self._decide(st, redo, next_index, unit_bytes)
+            else:
+                self._stage(st, ci, rec, info)
+        return held
+
+    def _decide(self, st: _Tensor, redo: Deque[WorkUnit], next_index: List[int],
+                unit_bytes: int) -> int:
+        """A tensor measured at one width over all its chunks: kept, or redone
+        at the next width, as StreamingQuantizer._probe_bits decides."""
+        sums = ErrorSums()
+        for ci in sorted(st.trial):
+            sums.merge(ErrorSums(*st.trial[ci][1]["sums"]))
+        wider = self._next_width(st.t, st.plan, sums, st.decisions)
+        if wider is not None:
+            dropped = sum(rec.stored_bytes for rec, _ in st.trial.values())
+            st.plan, st.trial = wider, {}
+            units = group_units(self.source, self._todo(st), unit_bytes, self.opts,
+                                next_index[0])
+            next_index[0] += len(units)
+            redo.extend(units)
+            return -dropped
+        st.probing, st.planned_bits = False, st.plan.bits
+        st.tensor_bytes = max(1, st.t.rows) * output_row_bytes(st.t, st.plan)
+        for ci in sorted(st.trial):
+            rec, info = st.trial[ci]
+            info["decisions"] = list(st.decisions)
+            self._stage(st, ci, rec, info)
+        st.trial = {}
+        return 0
+
+    def _stage(self, st: _Tensor, ci: int, rec: ChunkRecord, info: Dict[str, Any]) -> None:
+        write_part(self.staging / part_name(st.ti, ci), rec, info)
+        st.final[ci] = (rec, info)
+
+    def _drain(self, states: List[_Tensor], order: List[Tuple[int, int]], pos: int,
+               records: List[TensorRecord]) -> Tuple[int, int]:
+        """Appends the finished chunks at the head of the run's order to the
+        output files; returns the new head and the bytes released."""
+        released = 0
+        while pos < len(order):
+            ti, ci = order[pos]
+            st = states[ti]
+            if ci not in st.final:
+                break
+            rec, info = st.final[ci]
+            if rec is None:
+                rec = read_part(self.staging / part_name(ti, ci))
+            else:
+                released += rec.stored_bytes
+            if ci == 0:
+                self.shards.begin_tensor(rec.layer_name, st.tensor_bytes)
+            self.shards.write(rec)
+            st.final[ci] = (None, info)
+            pos += 1
+            if ci == len(st.layout.chunks) - 1:
+                records.append(self._tensor_done(st))
+        return pos, released
+
+    def _tensor_done(self, st: _Tensor) -> TensorRecord:
+        """The tensor's record from its chunks' infos, as a resumed run builds it."""
+        sums = ErrorSums()
+        out_bytes = 0
+        markov: Optional[MarkovMetrics] = None
+        infos = [st.final[c.index][1] for c in st.layout.chunks]
+        for info in infos:
+            sums.merge(ErrorSums(*info["sums"]))
+            out_bytes += info["output_bytes"]
+            if info.get("markov"):
+                markov = merge_markov(markov, MarkovMetrics(**info["markov"]))
+        plan = dataclasses.replace(st.plan, bits=infos[-1]["bits"])
+        decisions = st.decisions
+        if len(st.layout.chunks) == 1 and not st.layout.done:
+            decisions = list(infos[0].get("decisions", []))  # taken by the task
+        n = len(st.layout.chunks)
+        if not st.layout.done:
+            self.final_check(st.t, plan, st.planned_bits, n, sums, decisions)
+        record = self.tensor_record(st.t, plan, st.planned_bits, n, sums, out_bytes, markov,
+                                    decisions, time.perf_counter() - st.start)
+        if self.on_tensor:
+            self.on_tensor(record)
+        return record
+
+    # -- the run -----------------------------------------------------------
+    def run(self) -> List[TensorRecord]:
+        ray = self._connect()
+        self.staging.mkdir(parents=True, exist_ok=True)
+        states = [self._tensor_state(ti, t) for ti, t in enumerate(self.source.tensors)]
+        order = [(st.ti, c.index) for st in states for c in st.layout.chunks]
+        unit_bytes = self.ray_opts.unit_bytes or self.opts.chunk_size
+        todo = [uc for st in states for uc in self._todo(st)]
+        queue: Deque[WorkUnit] = collections.deque(
+            group_units(self.source, todo, unit_bytes, self.opts, 0))
+        first_units = len(queue)
+        next_index = [first_units]
+        per_task, slots = self._resources(ray, list(queue))
+        ctx = UnitContext(
+            str(self.input_path), dataclasses.replace(self.opts, threads=per_task),
+            tuple((str(p), Path(p).stat().st_size) for p in self.source.weight_files),
+            tensor_table(self.source.tensors), __version__, self.ray_opts.kill_unit)
+        ctx_ref = ray.put(ctx)
+        task = ray.remote(run_unit)
+        max_inflight = 2 * slots
+        budget = max(self.opts.max_memory, 2 * max_inflight * max(
+            (u.memory for u in queue), default=0))
+        redo: Deque[WorkUnit] = collections.deque()
+        inflight: Dict[Any, Tuple[WorkUnit, float]] = {}
+        records: List[TensorRecord] = []
+        total = max(1, sum(u.nbytes for u in queue))
+        done_bytes, held, pos = 0, 0, 0
+        complete = False
+        try:
+            pos, _ = self._drain(states, order, pos, records)
+            while pos < len(order):
+                self._check_cancel()
+                while len(inflight) < max_inflight and (redo or (queue and held < budget)):
+                    u = redo.popleft() if redo else queue.popleft()
+                    ref = task.options(num_cpus=per_task, memory=u.memory,
+                                       max_retries=self.ray_opts.max_retries,
+                                       retry_exceptions=False).remote(ctx_ref, u)
+                    inflight[ref] = (u, time.time())
+                if not inflight:
+                    raise QuantizationError("the Ray driver has nothing to wait for but the run "
+                                            "is not complete (a bug)")
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    u, submitted = inflight.pop(ref)
+                    result = self._result(ray, ref, u)
+                    held += self._accept(states, result, redo, next_index, unit_bytes)
+                    done_bytes += u.nbytes
+                    if u.index >= first_units:  # a width redone
+                        total += u.nbytes
+                    self._unit_finished(u, result, submitted, done_bytes / total)
+                pos, released = self._drain(states, order, pos, records)
+                held -= released
+            complete = True
+        finally:
+            for ref in inflight:
+                ray.cancel(ref, force=True)
+            if not complete:
+                self.shards.abort()
+        return records
+
+    def _result(self, ray: Any, ref: Any, u: WorkUnit) -> UnitResult:
+        """The unit's result; a task's own error (NaN, a corrupt file) is
+        raised as it was raised in the task, naming the tensor and the file."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ArrowQuantError):
+                raise cause from None
+            raise QuantizationError(f"{self._where(u)}: the Ray task failed: "
+                                    f"{type(cause or exc).__name__}: {cause or exc}") from None
+        except ray.exceptions.RayError as exc:
+            raise QuantizationError(
+                f"{self._where(u)}: the Ray task was lost ({type(exc).__name__}: {exc}); the "
+                "staged chunks are kept, rerun with --resume") from None
+
+    def _where(self, u: WorkUnit) -> str:
+        names = sorted({self.source.tensors[uc.ti].name for uc in u.chunks})
+        return f"{u.file}: work unit {u.index} (tensor {names[0]!r}" + \
+            (f" and {len(names) - 1} more)" if len(names) > 1 else ")")
+
+    def _unit_finished(self, u: WorkUnit, r: UnitResult, submitted: float,
+                       fraction: float) -> None:
+        stat = {"unit": u.index, "chunks": len(u.chunks), "bytes": u.nbytes,
+                "memory": u.memory, "worker": r.worker, "submitted": submitted,
+                "received": time.time(), "task_seconds": r.end - r.start,
+                "peak_rss": r.peak_rss}
+        stat["message"] = (f"unit {u.index + 1} on {r.worker}: {len(u.chunks)} chunk(s), "
+                           f"{format_size(u.nbytes)} in {r.end - r.start:.2f} s")
+        self.units_done.append(stat)
+        if self.ray_opts.on_unit:
+            self.ray_opts.on_unit(stat)
+        if self.progress:
+            self.progress(f"{len(self.units_done)} units, {r.worker}", min(1.0, fraction))
+
+    def details(self) -> Dict[str, Any]:
+        """Per worker: units, source bytes, busy seconds, peak RSS (the
+        summary's details; -v prints them)."""
+        workers: Dict[str, Dict[str, Any]] = {}
+        for s in self.units_done:
+            w = workers.setdefault(s["worker"], {"units": 0, "bytes": 0, "busy_seconds": 0.0,
+                                                 "peak_rss": 0})
+            w["units"] += 1
+            w["bytes"] += s["bytes"]
+            w["busy_seconds"] += s["task_seconds"]
+            w["peak_rss"] = max(w["peak_rss"], s["peak_rss"])
+        return {"ray": {**self.cluster, "units": len(self.units_done), "workers": workers,
+                        "unit_stats": self.units_done}}
+
+
+def worker_lines(details: Dict[str, Any]) -> List[str]:
+    """Lines for -v: the units each Ray worker ran."""
+    ray = details.get("ray", {})
+    return [f"ray worker {w}: {s['units']} units, {format_size(s['bytes'])}, busy "
+            f"{s['busy_seconds']:.1f} s, peak RSS {format_size(s['peak_rss'])}"
+            for w, s in sorted(ray.get("workers", {}).items())]
+
