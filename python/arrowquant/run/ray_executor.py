@@ -116,6 +116,9 @@ class UnitResult:
     start: float
     end: float
     peak_rss: int
+    # The first chunk that failed (bad input): (ti, ci, the error), raised
+    # by the driver when the run reaches that chunk, as one machine would.
+    error: Optional[Tuple[int, int, ArrowQuantError]] = None
 
 
 def tensor_table(tensors: List[TensorInfo]) -> str:
@@ -256,19 +259,25 @@ def run_unit(ctx: UnitContext, unit: WorkUnit) -> UnitResult:
              for r in chunk_reads(uc.ti, source.tensors[uc.ti], uc.chunk, uc.unit_rows)]
     prefetch = Prefetcher(source, reads, read_ahead_budget(ctx.opts))
     done: List[Tuple[int, int, ChunkRecord, Dict[str, Any]]] = []
+    error = None
     try:
         for uc in unit.chunks:
             t = source.tensors[uc.ti]
             decisions: List[str] = []
-            plan, rec, sums = steps.quantize_planned(
-                t, uc.plan, uc.chunk, prefetch.units(uc.ti, uc.chunk.index), uc.single, decisions)
+            try:
+                plan, rec, sums = steps.quantize_planned(
+                    t, uc.plan, uc.chunk, prefetch.units(uc.ti, uc.chunk.index), uc.single,
+                    decisions)
+            except ArrowQuantError as exc:
+                error = (uc.ti, uc.chunk.index, exc)
+                break
             info, _ = steps.chunk_info(uc.ti, t, plan, uc.chunk, rec, sums, decisions)
             done.append((uc.ti, uc.chunk.index, rec, info))
             _maybe_kill(ctx, unit)
     finally:
         prefetch.close()
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    return UnitResult(unit.index, done, worker, start, time.time(), _peak_rss())
+    return UnitResult(unit.index, done, worker, start, time.time(), _peak_rss(), error)
 
 
 # ---------------------------------------------------------------- the driver
@@ -367,17 +376,25 @@ class RayQuantizer(StreamingQuantizer):
 
     # -- results -----------------------------------------------------------
     def _accept(self, states: List[_Tensor], result: UnitResult, redo: Deque[WorkUnit],
-                next_index: List[int], unit_bytes: int) -> int:
+                next_index: List[int], unit_bytes: int,
+                errors: Dict[Tuple[int, int], BaseException]) -> int:
         """Files the chunks of a finished unit; returns the output bytes now
-        held in memory by the driver (negative when a redo dropped some)."""
+        held in memory by the driver (negative when a redo dropped some).
+        Errors are filed at the chunk one machine would have raised them at."""
         held = 0
+        if result.error is not None:
+            ti, ci, exc = result.error
+            errors[(ti, ci)] = exc
         for ti, ci, rec, info in result.chunks:
             st = states[ti]
             held += rec.stored_bytes
             if st.probing:
                 st.trial[ci] = (rec, info)
                 if len(st.trial) == len(st.layout.chunks):
-                    held += self._decide(st, redo, next_index, unit_bytes)
+                    try:
+                        held += self._decide(st, redo, next_index, unit_bytes)
+                    except ArrowQuantError as exc:  # below the floor under fail_fast
+                        errors[(ti, 0)] = exc
             else:
                 self._stage(st, ci, rec, info)
         return held
@@ -412,13 +429,21 @@ class RayQuantizer(StreamingQuantizer):
         st.final[ci] = (rec, info)
 
     def _drain(self, states: List[_Tensor], order: List[Tuple[int, int]], pos: int,
-               records: List[TensorRecord]) -> Tuple[int, int]:
+               records: List[TensorRecord],
+               errors: Dict[Tuple[int, int], BaseException]) -> Tuple[int, int]:
         """Appends the finished chunks at the head of the run's order to the
-        output files; returns the new head and the bytes released."""
+        output files; returns the new head and the bytes released. An error
+        filed at the head is raised: every chunk before it went well."""
         released = 0
         while pos < len(order):
             ti, ci = order[pos]
+            if (ti, ci) in errors:
+                raise errors[(ti, ci)]
             st = states[ti]
+            if st.probing:  # one machine measures it all before writing: its first error
+                failed = sorted(c for t, c in errors if t == ti)
+                if failed:
+                    raise errors[(ti, failed[0])]
             if ci not in st.final:
                 break
             rec, info = st.final[ci]
@@ -486,12 +511,14 @@ class RayQuantizer(StreamingQuantizer):
         records: List[TensorRecord] = []
         total = max(1, sum(u.nbytes for u in queue))
         done_bytes, held, pos = 0, 0, 0
+        errors: Dict[Tuple[int, int], BaseException] = {}
         complete = False
         try:
-            pos, _ = self._drain(states, order, pos, records)
+            pos, _ = self._drain(states, order, pos, records, errors)
             while pos < len(order):
                 self._check_cancel()
-                while len(inflight) < max_inflight and (redo or (queue and held < budget)):
+                while len(inflight) < max_inflight and (redo or (
+                        queue and held < budget and not self._past_error(queue[0], errors))):
                     u = redo.popleft() if redo else queue.popleft()
                     ref = task.options(num_cpus=per_task, memory=u.memory,
                                        max_retries=self.ray_opts.max_retries,
@@ -504,12 +531,12 @@ class RayQuantizer(StreamingQuantizer):
                 for ref in ready:
                     u, submitted = inflight.pop(ref)
                     result = self._result(ray, ref, u)
-                    held += self._accept(states, result, redo, next_index, unit_bytes)
+                    held += self._accept(states, result, redo, next_index, unit_bytes, errors)
                     done_bytes += u.nbytes
                     if u.index >= first_units:  # a width redone
                         total += u.nbytes
                     self._unit_finished(u, result, submitted, done_bytes / total)
-                pos, released = self._drain(states, order, pos, records)
+                pos, released = self._drain(states, order, pos, records, errors)
                 held -= released
             complete = True
         finally:
@@ -518,6 +545,12 @@ class RayQuantizer(StreamingQuantizer):
             if not complete:
                 self.shards.abort()
         return records
+
+    @staticmethod
+    def _past_error(u: WorkUnit, errors: Dict[Tuple[int, int], BaseException]) -> bool:
+        """Whether a unit lies after a chunk that failed (no need to run it)."""
+        first = (u.chunks[0].ti, u.chunks[0].chunk.index)
+        return any(first > e for e in errors)
 
     def _result(self, ray: Any, ref: Any, u: WorkUnit) -> UnitResult:
         """The unit's result; a task's own error (NaN, a corrupt file) is
