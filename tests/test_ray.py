@@ -8,9 +8,7 @@ fails with the one-machine error."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
