@@ -29,8 +29,8 @@ from ..sizes import format_size
 from ..sources.base import ModelSource, TensorInfo
 from ..version import __version__
 from .layout import PipelineOptions, output_row_bytes
-from .ray_tasks import (KILL_ENV, UnitChunk, UnitContext, UnitResult, WorkUnit, group_units,
-                        run_unit, tensor_table)
+from .ray_tasks import (KILL_ENV, UNIT_BYTES, UnitChunk, UnitContext, UnitResult, WorkUnit,
+                        group_units, run_unit, tensor_table)
 from .report import TensorRecord, merge_markov
 from .staging import part_name, read_part, write_part
 from .streaming import StreamingQuantizer, TensorLayout, resumed_plan
@@ -42,7 +42,7 @@ class RayOptions:
 
     address: Optional[str] = None     # None: RAY_ADDRESS, else a local cluster
     cpus_per_task: int = 0            # 0: the engine's thread count (0: a whole node)
-    unit_bytes: int = 0               # source bytes per work unit (0: the chunk size)
+    unit_bytes: int = UNIT_BYTES      # source bytes per work unit (at most a chunk's)
     max_retries: int = 3              # retries of a task whose process died
     on_unit: Optional[Callable[[Dict[str, Any]], None]] = None
     kill_unit: Optional[Tuple[int, str]] = None
@@ -270,7 +270,7 @@ class RayQuantizer(StreamingQuantizer):
         self.staging.mkdir(parents=True, exist_ok=True)
         states = [self._tensor_state(ti, t) for ti, t in enumerate(self.source.tensors)]
         order = [(st.ti, c.index) for st in states for c in st.layout.chunks]
-        unit_bytes = self.ray_opts.unit_bytes or self.opts.chunk_size
+        unit_bytes = min(self.ray_opts.unit_bytes, self.opts.chunk_size)
         todo = [uc for st in states for uc in self._todo(st)]
         queue: Deque[WorkUnit] = collections.deque(
             group_units(self.source, todo, unit_bytes, self.opts, 0))
@@ -357,7 +357,8 @@ class RayQuantizer(StreamingQuantizer):
                        fraction: float) -> None:
         stat = {"unit": u.index, "chunks": len(u.chunks), "bytes": u.nbytes,
                 "memory": u.memory, "worker": r.worker, "submitted": submitted,
-                "received": time.time(), "task_seconds": r.end - r.start,
+                "received": time.time(), "started": r.start, "ended": r.end,
+                "task_seconds": r.end - r.start,
                 "task_cpu_seconds": r.cpu_seconds, "peak_rss": r.peak_rss}
         stat["message"] = (f"unit {u.index + 1} on {r.worker}: {len(u.chunks)} chunk(s), "
                            f"{format_size(u.nbytes)} in {r.end - r.start:.2f} s")

@@ -33,6 +33,11 @@ from .streaming import StreamingQuantizer, chunk_reads, read_ahead_budget
 #: Test hook: "N:MARKER" makes the task of work unit N kill its own process
 #: (SIGKILL) after its first chunk, once (MARKER records that it did).
 KILL_ENV = "ARROWQUANT_RAY_TEST_KILL"
+#: Source bytes a work unit gathers, at most (and at most --chunk-size): the
+#: consecutive chunks of one file; a larger chunk is a unit of its own: small enough to balance two workers on a
+#: 600M model, large enough that a task's fixed cost (milliseconds) is small
+#: beside reading it (benches/README.md, "Ray").
+UNIT_BYTES = 64 * 1024 * 1024
 #: Memory a task needs besides its buffers (interpreter, engine scratch, Ray).
 TASK_BASE_MEMORY = 64 * 1024 * 1024
 
