@@ -41,6 +41,42 @@ def test_gguf_output_is_refused_with_ray(tmp_path):
         aq.quantize(tmp_path, tmp_path / "o.gguf", output_format="gguf", executor="ray")
 
 
+def test_without_ray_the_error_comes_before_the_output_is_touched(tmp_path):
+    src = write_v1(tmp_path / "v1", tensors(6, layers=1))
+    code = ("import sys; sys.modules['ray'] = None; import arrowquant as aq\n"
+            "try:\n    aq.quantize(sys.argv[1], sys.argv[2], executor='ray', progress=False)\n"
+            "except aq.errors.ConfigurationError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert "pip install 'arrowquant[ray]'" in r.stdout, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_work_units_are_contiguous_ranges_of_one_file_with_a_memory_estimate(tmp_path):
+    from arrowquant.run.layout import PipelineOptions, chunk_rows, plan_chunks
+    from arrowquant.run.ray_tasks import UnitChunk, group_units
+    from arrowquant.planning.plan import RulePlanner
+    from arrowquant.sources import open_model
+
+    src = write_sharded(tmp_path / "st", tensors(5))
+    opts = PipelineOptions(chunk_size=96 * 1024)
+    with open_model(src) as source:
+        plans = RulePlanner(bits=4).plan(source.tensors)
+        todo = [UnitChunk(ti, c, 64, plans[t.name], False)
+                for ti, t in enumerate(source.tensors)
+                for c in plan_chunks(t, chunk_rows(t, plans[t.name], opts))]
+        units = group_units(source, todo, 200 * 1024, opts, 0)
+        assert [uc for u in units for uc in u.chunks] == todo  # every chunk once, in order
+        assert len({u.file for u in units}) == 3
+        for u in units:
+            assert {source.location(source.tensors[uc.ti].name) for uc in u.chunks} == {u.file}
+            assert u.nbytes <= 200 * 1024 or len(u.chunks) == 1
+            keys = [(uc.ti, uc.chunk.index) for uc in u.chunks]
+            assert all(b in ((a[0], a[1] + 1), (a[0] + 1, 0)) for a, b in zip(keys, keys[1:]))
+            # outputs held twice + read buffers + a fixed base
+            assert u.memory > 64 * 1024 * 1024 + u.nbytes // 8
+
+
 ray = pytest.importorskip("ray")
 
 

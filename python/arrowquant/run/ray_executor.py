@@ -89,6 +89,12 @@ def _ray() -> Any:
     return ray
 
 
+def require_ray() -> None:
+    """Fails (ConfigurationError) when Ray is not installed: checked before
+    the output directory is touched."""
+    _ray()
+
+
 class RayQuantizer(StreamingQuantizer):
     """StreamingQuantizer whose chunks are quantized by Ray tasks (module doc)."""
 
