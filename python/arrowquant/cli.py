@@ -100,8 +100,8 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster to use: host:port, or auto for the one `ray start` made "
                         "(default: RAY_ADDRESS, else a local cluster)")
     g.add_argument("--ray-cpus-per-task", type=int, default=0, metavar="N",
-                   help="CPUs (and engine threads) per Ray task (default: --threads, else "
-                        "all CPUs of the smallest node)")
+                   help="CPUs Ray reserves per task (default: --threads, else all CPUs of "
+                        "the smallest node); a task's engine threads: --threads, else N")
 
 
 def build_parser() -> argparse.ArgumentParser:

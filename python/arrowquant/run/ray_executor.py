@@ -284,7 +284,7 @@ class RayQuantizer(StreamingQuantizer):
         next_index = [first_units]
         per_task, slots = self._resources(ray, list(queue))
         ctx = UnitContext(
-            str(self.input_path), dataclasses.replace(self.opts, threads=per_task),
+            str(self.input_path), dataclasses.replace(self.opts, threads=self.opts.threads or per_task),
             tuple((str(p), Path(p).stat().st_size) for p in self.source.weight_files),
             tensor_table(self.source.tensors), __version__, self.ray_opts.kill_unit)
         ctx_ref = ray.put(ctx)
