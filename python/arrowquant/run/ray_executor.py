@@ -89,10 +89,21 @@ def _ray() -> Any:
     return ray
 
 
-def require_ray() -> None:
-    """Fails (ConfigurationError) when Ray is not installed: checked before
-    the output directory is touched."""
-    _ray()
+def connect(address: Optional[str]) -> Any:
+    """Ray, connected to the cluster (a Ray already initialized in this
+    process is used as it is); called before the output directory is
+    touched. ConfigurationError when Ray is missing or refuses."""
+    ray = _ray()
+    if not ray.is_initialized():
+        import logging
+
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                     configure_logging=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigurationError(f"Ray cluster {address or '(local)'}: cannot connect "
+                                     f"({type(exc).__name__}: {exc})") from None
+    return ray
 
 
 class RayQuantizer(StreamingQuantizer):
@@ -109,15 +120,6 @@ class RayQuantizer(StreamingQuantizer):
         self.cluster: Dict[str, Any] = {}
 
     # -- setup -------------------------------------------------------------
-    def _connect(self) -> Any:
-        ray = _ray()
-        if not ray.is_initialized():
-            import logging
-
-            ray.init(address=self.ray_opts.address, include_dashboard=False,
-                     logging_level=logging.WARNING, configure_logging=True)
-        return ray
-
     def _resources(self, ray: Any, units: List[WorkUnit]) -> Tuple[int, int]:
         """(CPUs per task, tasks the cluster runs at once); refuses a unit no
         node has the CPUs or the memory for (Ray would wait forever)."""
@@ -272,7 +274,7 @@ class RayQuantizer(StreamingQuantizer):
 
     # -- the run -----------------------------------------------------------
     def run(self) -> List[TensorRecord]:
-        ray = self._connect()
+        ray = connect(self.ray_opts.address)
         self.staging.mkdir(parents=True, exist_ok=True)
         states = [self._tensor_state(ti, t) for ti, t in enumerate(self.source.tensors)]
         order = [(st.ti, c.index) for st in states for c in st.layout.chunks]

@@ -122,9 +122,9 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
         return finished_summary(out)
     prepare_output(out, overwrite, resume, check_only=True)  # fail before any work
     if job.executor == "ray":
-        from .ray_executor import require_ray
+        from .ray_executor import connect
 
-        require_ray()
+        connect(job.ray_address)
     stats = None if calibration is None else _stats(calibration)
     cfg = job.config
     with lean_allocators(), open_model(src) as source:
