@@ -295,3 +295,36 @@ def test_corrupt_row_group_fails_with_the_one_machine_error(cluster, tmp_path):
     assert errors[0] == errors[1]
     assert errors[0].startswith("FormatError: ") and "model.parquet: row group" in errors[0]
     assert "unreadable" in errors[0]
+
+
+def test_odd_shapes_and_calibrated_plans_are_identical(cluster, tmp_path):
+    """Scalars, empty and 1-D tensors (quantize_1d), a 4-D conv, and
+    importance-weighted, equalized plans from calibration statistics."""
+    from safetensors.numpy import save_file
+    from arrowquant.calibration.stats import CalibrationStats, GroupStats
+
+    rng = np.random.default_rng(7)
+    (tmp_path / "m").mkdir()
+    ts = {"a.weight": rng.standard_normal((300, 128)).astype(np.float16),
+          "scalar": np.array(3.0, np.float32), "empty.weight": np.zeros((0, 64), np.float16),
+          "b.bias": rng.standard_normal(128).astype(np.float32),
+          "c.weight": rng.standard_normal((40, 3, 3, 8)).astype(np.float16),
+          "l.weight": rng.standard_normal((200, 256)).astype(np.float16)}
+    save_file(ts, str(tmp_path / "m" / "model.safetensors"))
+
+    def group() -> GroupStats:
+        m = (rng.random(256).astype(np.float32) + 0.1) ** 3
+        return GroupStats(100, np.zeros(256, np.float32), m, np.sqrt(m))
+
+    stats = CalibrationStats(groups={"l.weight": {0: group(), 1: group()}}, num_time_groups=2,
+                             metadata={"num_train_timesteps": 1000,
+                                       "time_group_ranges": [[0, 499], [500, 999]]})
+    for kw in (dict(quantize_1d=True, fallback=True), dict(calibration=stats)):
+        got = {}
+        for executor in ("local", "ray"):
+            out = tmp_path / "out"
+            aq.quantize(tmp_path / "m", out, progress=False, executor=executor,
+                        ray_cpus_per_task=1, chunk_size="16KiB", **kw)
+            got[executor] = snapshot(out)
+            out.rename(tmp_path / f"{executor}-{len(kw)}-{sorted(kw)[0]}")
+        assert got["ray"] == got["local"], sorted(kw)
