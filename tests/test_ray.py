@@ -328,3 +328,28 @@ def test_odd_shapes_and_calibrated_plans_are_identical(cluster, tmp_path):
             got[executor] = snapshot(out)
             out.rename(tmp_path / f"{executor}-{len(kw)}-{sorted(kw)[0]}")
         assert got["ray"] == got["local"], sorted(kw)
+
+
+def test_diffusers_pipeline_is_identical(cluster, tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "pipe"
+    for comp, fname in (("unet", "diffusion_pytorch_model.safetensors"),
+                        ("text_encoder", "model.safetensors")):
+        (root / comp).mkdir(parents=True)
+        save_file({f"{comp}.l{i}.weight": rng.standard_normal((128, 256)).astype(np.float16)
+                   for i in range(3)}, str(root / comp / fname))
+        (root / comp / "config.json").write_text("{}")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text("{}")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    got = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / "out"
+        aq.quantize(root, out, progress=False, executor=executor, ray_cpus_per_task=1,
+                    chunk_size="16KiB")
+        got[executor] = snapshot(out)
+        out.rename(tmp_path / executor)
+    assert "unet/model.parquet" in got["local"]
+    assert got["ray"] == got["local"]
