@@ -38,11 +38,13 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev; \
 	fi
 
-$(VENV)/.deps: requirements.txt requirements-test.txt requirements-torch.txt
+# requirements-ray.txt: Ray for tests/test_ray.py (a local cluster, about a minute of `make test`).
+$(VENV)/.deps: requirements.txt requirements-test.txt requirements-torch.txt requirements-ray.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements-torch.txt
 	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q -r requirements-ray.txt
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)

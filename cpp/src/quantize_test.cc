@@ -17,15 +17,15 @@ struct Quantized {
 };
 
 Quantized RunQuantize(const std::vector<float>& x, int64_t rows, int64_t cols, QuantSpec spec,
-              ExecOptions exec = {}) {
+                      ExecOptions exec = {}) {
   Quantized q;
   const int64_t G = GroupsPerRow(cols, spec.group_size);
   q.packed.assign(static_cast<size_t>(rows * PackedRowBytes(cols, spec.bits)), 0xAB);
   q.scales.assign(static_cast<size_t>(rows * G), 0.0f);
   q.zeros.assign(static_cast<size_t>(rows * G), 0.0f);
-  q.status = Quantize(TensorView{x.data(), DType::kF32, rows, cols}, spec,
-                      QuantizedBuffers{q.packed.data(), q.scales.data(), q.zeros.data()},
-                      &q.stats, exec);
+  q.status =
+      Quantize(TensorView{x.data(), DType::kF32, rows, cols}, spec,
+               QuantizedBuffers{q.packed.data(), q.scales.data(), q.zeros.data()}, &q.stats, exec);
   return q;
 }
 
@@ -105,9 +105,9 @@ TEST(Quantize, ErrorBoundAndDequantize) {
     Quantized q = RunQuantize(x, rows, cols, spec);
     ASSERT_TRUE(q.status.ok());
     std::vector<float> out(x.size());
-    ASSERT_TRUE(Dequantize(q.packed.data(), rows, cols, spec, q.scales.data(), q.zeros.data(),
-                           out.data())
-                    .ok());
+    ASSERT_TRUE(
+        Dequantize(q.packed.data(), rows, cols, spec, q.scales.data(), q.zeros.data(), out.data())
+            .ok());
     const int64_t G = GroupsPerRow(cols, 128);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < cols; ++c) {
@@ -141,6 +141,31 @@ TEST(Quantize, ThreadsGiveIdenticalBytes) {
   EXPECT_EQ(one.zeros, scalar.zeros);
 }
 
+// Error sums are merged from fixed row blocks, so the totals (floating-point
+// sums of values spread over many magnitudes) do not depend on the thread count.
+TEST(Quantize, ThreadsGiveIdenticalErrorSums) {
+  std::mt19937 rng(11);
+  std::student_t_distribution<float> dist(2.f);
+  std::uniform_real_distribution<float> scale(-20.f, 20.f);
+  const int64_t rows = 1500, cols = 200;
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float s = std::exp(scale(rng));
+    for (int64_t c = 0; c < cols; ++c) x[r * cols + c] = dist(rng) * s;
+  }
+  QuantSpec spec{4, 50, Scheme::kAsymmetric};
+  Quantized one = RunQuantize(x, rows, cols, spec, ExecOptions{1, false});
+  for (int threads : {2, 3, 8}) {
+    Quantized many = RunQuantize(x, rows, cols, spec, ExecOptions{threads, false});
+    ASSERT_TRUE(many.status.ok());
+    EXPECT_EQ(one.stats.sum_x2, many.stats.sum_x2) << threads;
+    EXPECT_EQ(one.stats.sum_xhat2, many.stats.sum_xhat2) << threads;
+    EXPECT_EQ(one.stats.sum_x_xhat, many.stats.sum_x_xhat) << threads;
+    EXPECT_EQ(one.stats.sum_err2, many.stats.sum_err2) << threads;
+    EXPECT_EQ(one.stats.count, many.stats.count) << threads;
+  }
+}
+
 // A view of rows of a larger tensor reports a NaN where it is in the whole
 // tensor: row_offset + row, and the index counted from the tensor's start.
 TEST(Quantize, NonFinitePositionCountsFromTheRowOffset) {
@@ -153,8 +178,8 @@ TEST(Quantize, NonFinitePositionCountsFromTheRowOffset) {
       std::vector<uint8_t> packed(static_cast<size_t>(rows * PackedRowBytes(cols, 4)));
       std::vector<float> s(static_cast<size_t>(rows * 2)), z(s.size());
       TensorView view{x.data(), DType::kF32, rows, cols, /*row_offset=*/1000};
-      Status st = Quantize(view, spec, QuantizedBuffers{packed.data(), s.data(), z.data()},
-                           nullptr, ExecOptions{1, force_scalar});
+      Status st = Quantize(view, spec, QuantizedBuffers{packed.data(), s.data(), z.data()}, nullptr,
+                           ExecOptions{1, force_scalar});
       EXPECT_EQ(st.message(), "NaN at index 8021 (row 1002, column 5)");
     }
   }

@@ -63,6 +63,9 @@ def quantize(
     calibration: Any = None,
     equalization: bool = True,
     importance_mode: str = "max",
+    executor: str = "local",
+    ray_address: Optional[str] = None,
+    ray_cpus_per_task: int = 0,
 ) -> QuantizeSummary:
     """Quantizes the model at `input` into an ArrowQuant Parquet V2 directory
     (or, with output_format="gguf", one GGUF file).
@@ -85,6 +88,11 @@ def quantize(
     covers, with per-layer channel equalization when `equalization` is on;
     `importance_mode` "max" keeps every timestep group's salient channels,
     "mean" pools them (with a config: enable_time_aware / enable_spatial).
+
+    `executor="ray"` quantizes the chunks in Ray tasks (`ray_address`: a
+    cluster, "auto" for the one `ray start` made, None for RAY_ADDRESS or a
+    local one; `ray_cpus_per_task`, default the engine's thread count) and
+    writes the same bytes as one machine (docs/ray.md).
     """
     if config is None:
         QuantSpec(bits, group_size, scheme, method, param_dtype).validate()
@@ -106,7 +114,8 @@ def quantize(
                     shard_size=shard_size, output_format=output_format, engine=engine,
                     overwrite=overwrite, resume=resume, calibration=calibration, planner=planner,
                     gguf_type=gguf_type, gguf_arch=gguf_arch,
-                    record_extra=dict(config_dict or {}))
+                    record_extra=dict(config_dict or {}), executor=executor,
+                    ray_address=ray_address, ray_cpus_per_task=ray_cpus_per_task)
     return run_job(job, progress=progress, on_tensor=on_tensor, cancel=cancel)
 
 

@@ -91,6 +91,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="no channel equalization (importance weighting only)")
 
 
+def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray cluster (docs/ray.md; pip install 'arrowquant[ray]')")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="quantize the chunks on this machine (default) or in Ray tasks; the "
+                        "output is the same bytes")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to use: host:port, or auto for the one `ray start` made "
+                        "(default: RAY_ADDRESS, else a local cluster)")
+    g.add_argument("--ray-cpus-per-task", type=int, default=0, metavar="N",
+                   help="CPUs Ray reserves per task (default: --threads, else all CPUs of "
+                        "the smallest node); a task's engine threads: --threads, else N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrowquant",
@@ -127,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
     q.add_argument("--gguf-arch", choices=GGUF_ARCHS, default="auto", help=GGUF_ARCH_HELP)
     _add_gguf_layout_flag(q)
-    q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
+    _add_ray_flags(q)
+    q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor (with Ray: per work unit and per worker too)")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -262,12 +276,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     shard_size=args.shard_size, output_format=args.format, engine=args.engine,
                     overwrite=args.overwrite, resume=args.resume, calibration=args.calibration,
                     gguf_type=args.gguf_type, gguf_arch=args.gguf_arch,
-                    gguf_layout=args.gguf_layout)
+                    gguf_layout=args.gguf_layout, executor=args.executor,
+                    ray_address=args.ray_address, ray_cpus_per_task=args.ray_cpus_per_task,
+                    on_unit=(lambda u: print(u["message"], file=sys.stderr, flush=True))
+                    if args.verbose else None)
     on_tensor = (lambda r: print(_tensor_line(r), flush=True)) if args.verbose else None
     summary = api.run_job(job, progress=False if (args.no_progress or args.json) else None,
                           on_tensor=on_tensor)
+    if args.verbose and args.executor == "ray":
+        from .run.ray_executor import worker_lines
+
+        print("\n".join(worker_lines(summary.details)), file=sys.stderr)
     if args.json:
-        print(json.dumps(summary.details or summary.as_dict(), indent=2))
+        print(json.dumps(summary.details if job.output_format == "gguf" and summary.details
+                         else summary.as_dict(), indent=2))
     elif job.output_format == "gguf":
         from .formats.gguf.export import format_report
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError
@@ -24,6 +24,7 @@ DEFAULT_CHUNK_SIZE = 256 * 1024 * 1024
 DEFAULT_SHARD_SIZE = 2 * 1024 * 1024 * 1024
 OUTPUT_FORMATS = ("parquet", "gguf")
 ENGINES = ("native", "reference")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,13 @@ class Job:
     gguf_layout: Optional[str] = None    # diffusion models: "sdcpp" or "comfy" (None: by input)
     # Extra fields recorded with the settings (the first version's API adds its own).
     record_extra: Dict[str, Any] = field(default_factory=dict)
+    # Where the chunks are quantized: this machine, or a Ray cluster
+    # (run/ray_executor.py, docs/ray.md). Never part of the settings: the
+    # output is the same bytes either way.
+    executor: str = "local"
+    ray_address: Optional[str] = None    # None: RAY_ADDRESS, else a local cluster; "auto"
+    ray_cpus_per_task: int = 0           # 0: the engine's thread count (0 = a whole node)
+    on_unit: Optional[Callable[[Dict[str, Any]], None]] = None  # Ray: each finished work unit
 
     def __post_init__(self) -> None:
         self.config.validate()
@@ -61,6 +69,14 @@ class Job:
                 f"output format must be 'parquet' or 'gguf', got {self.output_format!r}")
         if self.engine not in ENGINES:
             raise ConfigurationError(f"engine must be 'native' or 'reference', got {self.engine!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigurationError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        if self.executor == "ray" and self.output_format != "parquet":
+            raise ConfigurationError("--executor ray writes ArrowQuant Parquet V2; GGUF output "
+                                     "runs on one machine")
+        if self.ray_cpus_per_task < 0:
+            raise ConfigurationError(f"--ray-cpus-per-task must be >= 0, got "
+                                     f"{self.ray_cpus_per_task}")
         if self.overwrite and self.resume:
             raise ConfigurationError("--overwrite and --resume exclude each other")
 

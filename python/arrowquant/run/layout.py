@@ -71,6 +71,11 @@ def _buffer_row_bytes(t: TensorInfo, plan: TensorPlan) -> int:
     return output_row_bytes(t, plan) + 8 * G + 4 * S
 
 
+def chunk_buffer_bytes(t: TensorInfo, plan: TensorPlan, rows: int) -> int:
+    """Bytes the output buffers of `rows` rows of the tensor take."""
+    return max(1, rows) * _buffer_row_bytes(t, plan)
+
+
 def chunk_rows(t: TensorInfo, plan: TensorPlan, opts: PipelineOptions) -> int:
     """Rows per V2 chunk: at most chunk_size of source bytes, and small enough
     that the pipeline's buffers (three output chunks in flight plus the read

@@ -3,6 +3,7 @@ quantization_report.json) and the QuantizeSummary of the run."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -97,7 +98,10 @@ class QuantizeSummary:
         return Path(self.output) / "quantization_report.json"
 
     def as_dict(self, with_records: bool = False) -> Dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("records", "details")}
+        # Not dataclasses.asdict(self): it would deep-copy every record and the
+        # details (a Ray run's per-unit stats) only to drop them.
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+             if f.name not in ("records", "details")}
         if with_records:
             d["tensors_detail"] = [r.as_dict() for r in self.records]
         return d

@@ -121,6 +121,10 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
         shutil.rmtree(out / STAGING, ignore_errors=True)
         return finished_summary(out)
     prepare_output(out, overwrite, resume, check_only=True)  # fail before any work
+    if job.executor == "ray":
+        from .ray_executor import connect
+
+        connect(job.ray_address)
     stats = None if calibration is None else _stats(calibration)
     cfg = job.config
     with lean_allocators(), open_model(src) as source:
@@ -146,8 +150,7 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
         try:
             (out / STAGING).mkdir(exist_ok=True)
             check_run_file(out, source.root, settings, prints)
-            runner = StreamingQuantizer(source, plans, out, opts, progress=report,
-                                        on_tensor=on_tensor, cancel=cancel)
+            runner = _quantizer(job, src, source, plans, out, opts, report, on_tensor, cancel)
             records = runner.run()
             if fingerprint(source.weight_files) != prints:
                 from ..errors import FormatError
@@ -162,6 +165,7 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
             summary = summarize(records, output=out, source=str(source.root),
                                 source_format=source.format, modality=modality,
                                 bits=cfg.bit_width, seconds=time.perf_counter() - t0, files=files)
+            summary.details = getattr(runner, "details", dict)()
             atomic_write_text(out / "quantization_report.json", json.dumps(
                 {"format": FORMAT_NAME, "tool_version": __version__,
                  "tensors": [r.as_dict() for r in records]}, indent=2))
@@ -184,6 +188,20 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
             lock.release(remove=(out / "metadata.json").exists())
     _check_accuracy(job, out, summary)
     return summary
+
+
+def _quantizer(job: Job, src: Path, source: ModelSource, plans: Dict[str, TensorPlan], out: Path,
+               opts: PipelineOptions, report: Any, on_tensor: OnTensor,
+               cancel: Optional[threading.Event]) -> StreamingQuantizer:
+    """The job's executor: this machine, or Ray tasks (the same bytes)."""
+    if job.executor == "ray":
+        from .ray_executor import RayQuantizer, options_from_env
+
+        return RayQuantizer(source, plans, out, opts, src,
+                            options_from_env(job.ray_address, job.ray_cpus_per_task, job.on_unit),
+                            progress=report, on_tensor=on_tensor, cancel=cancel)
+    return StreamingQuantizer(source, plans, out, opts, progress=report, on_tensor=on_tensor,
+                              cancel=cancel)
 
 
 def _diffusion_planner(job: Job, source: ModelSource, stats: Any) -> Planner:

@@ -258,12 +258,9 @@ class StreamingQuantizer:
         start = time.perf_counter()
         chunks, done = layout.chunks, layout.done
         decisions: List[str] = []
-        has_floor = plan.floor() is not None
         if done:
-            # The width was decided before the interruption.
-            plan = dataclasses.replace(plan, bits=next(iter(done.values()))["bits"])
-            decisions = list(next(iter(done.values())).get("decisions", []))
-        elif has_floor and len(chunks) > 1 and (plan.fallback_bits or self.opts.fail_fast):
+            plan, decisions = resumed_plan(plan, done)
+        elif self.probes(plan, len(chunks)):
             plan = self._probe_bits(t, plan, layout, decisions)
         planned_bits = plan.bits
         markov: Optional[MarkovMetrics] = None
@@ -283,33 +280,74 @@ class StreamingQuantizer:
                 self._advance(ti, t, c.row_count)
                 continue
             units = prefetch.units(ti, c.index)
-            if has_floor and len(chunks) == 1:
-                # Redo from the bytes already read rather than reading again.
-                rec, s, raw = self._quantize_chunk(t, plan, c, units, keep_source=True)
-                while (wider := self._next_width(t, plan, s, decisions)) is not None:
-                    plan = wider
-                    rec, s, _ = self._quantize_chunk(t, plan, c, [(0, raw)])
-            else:
-                rec, s, _ = self._quantize_chunk(t, plan, c, units)
+            plan, rec, s = self.quantize_planned(t, plan, c, units, len(chunks) == 1, decisions)
             sums.merge(s)
-            chunk_markov = None
-            group_params = rec.group_params or (rec.scales, rec.zero_points)
-            if group_params[0] is not None and group_params[0].size:
-                chunk_markov = get_markov_metrics(
-                    group_params, groups_per_row=groups_per_row(t.cols, plan.group_size),
-                    bits=plan.bits)
+            info, chunk_markov = self.chunk_info(ti, t, plan, c, rec, s, decisions)
+            if chunk_markov is not None:
                 markov = merge_markov(markov, chunk_markov)
-            nbytes = rec.stored_bytes
-            out_bytes += nbytes
-            info = {"tensor": t.name, "tensor_index": ti, "chunk": c.index,
-                    "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,
-                    "sums": list(s.as_tuple()), "output_bytes": nbytes, "decisions": decisions,
-                    "markov": dataclasses.asdict(chunk_markov) if chunk_markov else None}
+            out_bytes += info["output_bytes"]
             self._put(WriteItem(ti, c.index, rec, info, tensor_bytes))
             self._advance(ti, t, c.row_count)
-        if has_floor and len(chunks) > 1 and not done and plan.bits == planned_bits:
+        if not done:
+            self.final_check(t, plan, planned_bits, len(chunks), sums, decisions)
+        record = self.tensor_record(t, plan, planned_bits, len(chunks), sums, out_bytes, markov,
+                                    decisions, time.perf_counter() - start)
+        if self.on_tensor:
+            self.on_tensor(record)
+        return record
+
+    # -- the steps of a tensor (the Ray executor, run/ray_executor.py, takes the same) --
+    def probes(self, plan: TensorPlan, n_chunks: int) -> bool:
+        """Whether a tensor's width is measured over all its chunks before any
+        is written (several chunks and a quality floor with a way out)."""
+        return plan.floor() is not None and n_chunks > 1 and bool(
+            plan.fallback_bits or self.opts.fail_fast)
+
+    def quantize_planned(self, t: TensorInfo, plan: TensorPlan, c: Chunk,
+                         units: Iterable[Tuple[int, np.ndarray]], single: bool,
+                         decisions: List[str]) -> Tuple[TensorPlan, ChunkRecord, ErrorSums]:
+        """A chunk at its plan's width; the only chunk of a tensor with a floor
+        is redone at wider widths from the bytes already read (appending to
+        decisions). Returns the plan it ended at."""
+        if plan.floor() is not None and single:
+            rec, s, raw = self._quantize_chunk(t, plan, c, units, keep_source=True)
+            while (wider := self._next_width(t, plan, s, decisions)) is not None:
+                plan = wider
+                rec, s, _ = self._quantize_chunk(t, plan, c, [(0, raw)])
+            return plan, rec, s
+        rec, s, _ = self._quantize_chunk(t, plan, c, units)
+        return plan, rec, s
+
+    def chunk_info(self, ti: int, t: TensorInfo, plan: TensorPlan, c: Chunk, rec: ChunkRecord,
+                   s: ErrorSums, decisions: List[str]) -> Tuple[Dict[str, Any],
+                                                            Optional[MarkovMetrics]]:
+        """What the staged part of a chunk records, and the chunk's Markov metrics."""
+        chunk_markov = None
+        group_params = rec.group_params or (rec.scales, rec.zero_points)
+        if group_params[0] is not None and group_params[0].size:
+            chunk_markov = get_markov_metrics(
+                group_params, groups_per_row=groups_per_row(t.cols, plan.group_size),
+                bits=plan.bits)
+        info = {"tensor": t.name, "tensor_index": ti, "chunk": c.index,
+                "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,
+                "sums": list(s.as_tuple()), "output_bytes": rec.stored_bytes,
+                "decisions": decisions,
+                "markov": dataclasses.asdict(chunk_markov) if chunk_markov else None}
+        return info, chunk_markov
+
+    def final_check(self, t: TensorInfo, plan: TensorPlan, planned_bits: Optional[int],
+                    n_chunks: int, sums: ErrorSums, decisions: List[str]) -> None:
+        """A tensor of several chunks with a floor, not resumed: the floor
+        checked over all its chunks (an error under fail_fast, a decision
+        otherwise)."""
+        if plan.floor() is not None and n_chunks > 1 and plan.bits == planned_bits:
             self._next_width(t, dataclasses.replace(plan, fallback_bits=()), sums, decisions)
-        seconds = time.perf_counter() - start
+
+    def tensor_record(self, t: TensorInfo, plan: TensorPlan, planned_bits: Optional[int],
+                      n_chunks: int, sums: ErrorSums, out_bytes: int,
+                      markov: Optional[MarkovMetrics], decisions: List[str],
+                      seconds: float) -> TensorRecord:
+        """The report's record of a finished tensor."""
         m = sums.metrics() if plan.bits is not None else None
         reason = plan.reason
         if plan.bits != planned_bits or any("redone" in d for d in decisions):
@@ -317,20 +355,17 @@ class StreamingQuantizer:
         extra = dict(plan.extra)
         if markov is not None:
             extra["markov"] = markov.as_dict()
-        record = TensorRecord(
+        return TensorRecord(
             name=t.name, shape=tuple(t.shape), dtype=t.dtype,
             quant_type=f"int{plan.bits}" if plan.bits else "none", bits=plan.bits, reason=reason,
             group_size=plan.group_size if plan.bits else None,
             scheme=plan.scheme if plan.bits else None, method=plan.method if plan.bits else None,
-            param_dtype=plan.param_dtype if plan.bits else None, chunks=len(chunks),
+            param_dtype=plan.param_dtype if plan.bits else None, chunks=n_chunks,
             input_bytes=t.nbytes, output_bytes=out_bytes, seconds=seconds,
             cosine=m.cosine if m else None, rel_mse=m.rel_mse if m else None,
             sqnr_db=m.sqnr_db if m else None, max_abs_error=m.max_abs_error if m else None,
             decisions=decisions, extra=extra,
         )
-        if self.on_tensor:
-            self.on_tensor(record)
-        return record
 
     def _advance(self, ti: int, t: TensorInfo, rows: int) -> None:
         self._done_bytes += rows * t.cols * itemsize(t.dtype) if t.rows else t.nbytes
@@ -351,15 +386,10 @@ class StreamingQuantizer:
         writer.start()
         records: List[TensorRecord] = []
         layouts = [self.layout(ti, t, self.plans[t.name]) for ti, t in enumerate(self.source.tensors)]
-        reads = [(ti, c.index, t.name, c.row_start + r,
-                  min(lay.unit_rows[c.index], c.row_count - r),
-                  min(lay.unit_rows[c.index], c.row_count - r) * t.cols * itemsize(t.dtype))
-                 for ti, (t, lay) in enumerate(zip(self.source.tensors, layouts))
+        reads = [read for ti, (t, lay) in enumerate(zip(self.source.tensors, layouts))
                  for c in lay.chunks if c.index not in lay.done
-                 for r in range(0, max(c.row_count, 1), lay.unit_rows[c.index])]
-        # One unit ahead is enough to keep the engine busy; more only costs memory.
-        budget = min(READ_UNIT, self.opts.max_memory // 4)
-        prefetch = Prefetcher(self.source, reads, budget)
+                 for read in chunk_reads(ti, t, c, lay.unit_rows[c.index])]
+        prefetch = Prefetcher(self.source, reads, read_ahead_budget(self.opts))
         try:
             for ti, t in enumerate(self.source.tensors):
                 records.append(self.run_tensor(ti, t, self.plans[t.name], layouts[ti], prefetch))
@@ -376,6 +406,30 @@ class StreamingQuantizer:
     def finish(self) -> List[str]:
         """Final names for the output files (and the index when sharded)."""
         return self.shards.finish()
+
+
+def chunk_reads(ti: int, t: TensorInfo, c: Chunk,
+                unit_rows: int) -> List[Tuple[int, int, str, int, int, int]]:
+    """The reads of a chunk, as the Prefetcher takes them: (tensor index,
+    chunk index, name, first row, rows, bytes)."""
+    out = []
+    for r in range(0, max(c.row_count, 1), unit_rows):
+        n = min(unit_rows, c.row_count - r)
+        out.append((ti, c.index, t.name, c.row_start + r, n, n * t.cols * itemsize(t.dtype)))
+    return out
+
+
+def read_ahead_budget(opts: PipelineOptions) -> int:
+    """Read buffers the Prefetcher may hold: one unit ahead is enough to keep
+    the engine busy; more only costs memory."""
+    return min(READ_UNIT, opts.max_memory // 4)
+
+
+def resumed_plan(plan: TensorPlan, done: Dict[int, Dict[str, Any]]) -> Tuple[TensorPlan, List[str]]:
+    """A tensor an interrupted run staged chunks of: the width (and the
+    decisions) were taken before the interruption."""
+    first = next(iter(done.values()))
+    return dataclasses.replace(plan, bits=first["bits"]), list(first.get("decisions", []))
 
 
 @dataclass
