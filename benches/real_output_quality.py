@@ -37,7 +37,7 @@ llama.cpp's own search) for the K- and i-quants; the table says which.
 ArrowQuant's own search writing the same GGUF types ("search") is listed too.
 
     PYTHONPATH=python python benches/real_output_quality.py [--models minilm,dcgan,taef2]
-        [--quick] [--ggml-lib PATH] [--speed]
+        [--only LABEL,...] [--ggml-lib PATH] [--speed]
 """
 
 from __future__ import annotations
@@ -77,21 +77,36 @@ class Setting:
     param_dtype: str = "float16"
     gguf_type: str = ""
     gguf_mode: str = ""  # "search" | "reference" | "llama.cpp"
+    grid: str = ""  # kind "grid": "nl" | "learned"
 
-    def run(self, x: np.ndarray, llama=None) -> Tuple[np.ndarray, int]:
+    def run(self, x: np.ndarray, llama=None) -> Tuple[np.ndarray, int, float]:
+        """(decoded rows, bytes stored, CPU seconds of the quantization alone)."""
+        t0 = time.process_time()
         if self.kind == "arrowquant":
             from arrowquant import engine
 
             qt = engine.quantize_array(x, bits=self.bits, group_size=self.group_size,
                                        method=self.method, param_dtype=self.param_dtype, threads=1)
-            return engine.dequantize_array(qt).reshape(x.shape), int(qt.nbytes)
+            cpu = time.process_time() - t0
+            return engine.dequantize_array(qt).reshape(x.shape), int(qt.nbytes), cpu
+        if self.kind == "grid":
+            from arrowquant.engine import grid as eg
+
+            gq = eg.quantize_grid(x, bits=self.bits, group_size=self.group_size,
+                                  param_dtype=self.param_dtype, grid=self.grid)
+            cpu = time.process_time() - t0
+            nbytes = gq.codes.size * self.bits // 8 + gq.scales.size * 4 * (
+                1 if self.param_dtype == "float16" else 2) + gq.levels.size * 4
+            return eg.dequantize_grid(gq).reshape(x.shape), int(nbytes), cpu
         if self.gguf_mode == "llama.cpp":
             q = llama.quantize(self.gguf_type, x)
-            return llama.decode(self.gguf_type, q, x.shape).astype(np.float32), int(q.size)
+            cpu = time.process_time() - t0
+            return llama.decode(self.gguf_type, q, x.shape).astype(np.float32), int(q.size), cpu
         from arrowquant.engine import gguf_blocks as gb
 
         q, _ = gb.quantize_blocks(self.gguf_type, x, mode=self.gguf_mode, threads=1)
-        return gb.dequantize_blocks(self.gguf_type, q, *x.shape), int(q.size)
+        cpu = time.process_time() - t0
+        return gb.dequantize_blocks(self.gguf_type, q, *x.shape), int(q.size), cpu
 
 
 def aq(label: str, bits: int, group: int, method: str = "mse", pdt: str = "float16") -> Setting:
@@ -111,11 +126,19 @@ def arrowquant_settings() -> List[Setting]:
         aq("mse superblock g32", 4, 32, "mse", "superblock"),
         aq("--bits 8 mse float16 g128", 8, 128), aq("--bits 8 mse float16 g64", 8, 64),
         aq("--bits 8 rtn float16 g64", 8, 64, "rtn"),
+        aq("--bits 8 rtn float16 g128", 8, 128, "rtn"),
+        aq("--bits 8 rtn superblock g32", 8, 32, "rtn", "superblock"),
         aq("--bits 8 mse superblock g32", 8, 32, "mse", "superblock"),
         aq("--bits 2 mse float16 g128", 2, 128), aq("--bits 2 mse float16 g64", 2, 64),
         aq("--bits 2 mse float16 g32", 2, 32), aq("--bits 2 mse superblock g32", 2, 32, "mse", "superblock"),
         aq("--bits 2 mse superblock g16", 2, 16, "mse", "superblock"),
+        aq("--bits 2 rtn superblock g16", 2, 16, "rtn", "superblock"),
     ]
+
+
+def grid_settings() -> List[Setting]:
+    return [Setting(f"grid {g} mse float16 g{gs}", "grid", 4, gs, "mse", "float16", grid=g)
+            for g in ("nl", "learned") for gs in (64, 128)]
 
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K", "Q3_K", "Q2_K")
@@ -183,9 +206,8 @@ class Model:
             w = self.float_state[n].float().numpy()
             r, c = rows_view(w)
             x = np.ascontiguousarray(w.reshape(r, c), dtype=np.float32)
-            t0 = time.process_time()
-            xh, b = setting.run(x, llama)
-            cpu += time.process_time() - t0
+            xh, b, seconds = setting.run(x, llama)
+            cpu += seconds
             nbytes += b
             weights += x.size
             state[n] = torch.from_numpy(xh.reshape(w.shape)).to(self.float_state[n].dtype)
@@ -342,6 +364,23 @@ class TAEF2(ImageModel):
 MODELS: Dict[str, Callable[[], Model]] = {"minilm": MiniLM, "dcgan": DCGAN, "taef2": TAEF2}
 
 
+# --- speed --------------------------------------------------------------------------------
+
+
+def measure_speed(settings: Sequence[Setting], llama=None, rows: int = 1024, cols: int = 4096,
+                  reps: int = 3) -> List[dict]:
+    """M weights/s per core of each setting's quantization (one thread, CPU
+    time) on a rows x cols N(0, 1) matrix: the settings taken in turn, `reps`
+    rounds, the median of each."""
+    x = np.random.default_rng(3).standard_normal((rows, cols)).astype(np.float32)
+    times: Dict[str, List[float]] = {s.label: [] for s in settings}
+    for _ in range(reps):
+        for s in settings:
+            times[s.label].append(s.run(x, llama)[2])
+    return [dict(setting=s.label, mweights_per_s=x.size / float(np.median(times[s.label])) / 1e6,
+                 cpu_s=times[s.label]) for s in settings]
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -366,6 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--models", default="minilm,dcgan,taef2")
     ap.add_argument("--ggml-lib", default=None, help="libggml-base.so or its directory")
     ap.add_argument("--only", default="", help="comma-separated substrings of setting labels")
+    ap.add_argument("--speed", action="store_true",
+                    help="also time every setting on a 1024 x 4096 Gaussian matrix (median of 3)")
     ap.add_argument("--output-dir", default=str(REPO_ROOT / ".benchmarks" / "real_output"))
     args = ap.parse_args(argv)
     from quality_benchmark import find_ggml
@@ -376,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gguf_quality_benchmark import LlamaQuantizer
 
         llama = LlamaQuantizer(lib)
-    settings = arrowquant_settings() + gguf_settings(llama is not None)
+    settings = arrowquant_settings() + grid_settings() + gguf_settings(llama is not None)
     if args.only:
         keys = args.only.split(",")
         settings = [s for s in settings if any(k in s.label for k in keys)]
@@ -384,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.set_num_threads(1)
     results: Dict[str, dict] = {}
-    for key in args.models.split(","):
+    for key in filter(None, args.models.split(",")):
         model = MODELS[key]()
         rows = []
         for s in settings:
@@ -394,11 +435,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   file=sys.stderr, flush=True)
         results[key] = dict(model=model.name, metric=model.metric, tensors=len(model.targets),
                             weights=rows[0]["weights"] if rows else 0, rows=rows)
+    speed = measure_speed(settings, llama) if args.speed else []
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"ggml": lib, "results": results}
+    payload = {"ggml": lib, "load": os.getloadavg(), "results": results, "speed": speed}
     (out / "real_output_quality.json").write_text(json.dumps(payload, indent=1))
     md = markdown(results)
+    if speed:
+        md += "\n### Speed (1024 x 4096 Gaussian, one thread, CPU time, median of 3)\n\n" \
+              "| setting | M weights/s |\n|---|---|\n" + \
+              "".join(f"| {r['setting']} | {r['mweights_per_s']:.0f} |\n" for r in speed)
     (out / "real_output_quality.md").write_text(md)
     print(md)
     return 0
