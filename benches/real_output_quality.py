@@ -95,9 +95,7 @@ class Setting:
             gq = eg.quantize_grid(x, bits=self.bits, group_size=self.group_size,
                                   param_dtype=self.param_dtype, grid=self.grid)
             cpu = time.process_time() - t0
-            nbytes = gq.codes.size * self.bits // 8 + gq.scales.size * 4 * (
-                1 if self.param_dtype == "float16" else 2) + gq.levels.size * 4
-            return eg.dequantize_grid(gq).reshape(x.shape), int(nbytes), cpu
+            return eg.dequantize_grid(gq).reshape(x.shape), gq.nbytes(), cpu
         if self.gguf_mode == "llama.cpp":
             q = llama.quantize(self.gguf_type, x)
             cpu = time.process_time() - t0
@@ -137,8 +135,9 @@ def arrowquant_settings() -> List[Setting]:
 
 
 def grid_settings() -> List[Setting]:
-    return [Setting(f"grid {g} mse float16 g{gs}", "grid", 4, gs, "mse", "float16", grid=g)
-            for g in ("nl", "learned") for gs in (64, 128)]
+    return [Setting(f"grid {g} mse {pd} g{gs}", "grid", 4, gs, "mse", pd, grid=g)
+            for g in ("nl", "learned")
+            for pd, gs in (("superblock", 32), ("superblock", 64), ("float16", 64), ("float16", 128))]
 
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K", "Q3_K", "Q2_K")

@@ -47,7 +47,8 @@ def tensors(draw):
 @settings(max_examples=120, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(t=tensors(), group_size=st.sampled_from([1, 7, 8, 16, 32, 33, 64, 128]),
-       grid=st.sampled_from(["nl", "learned"]), param_dtype=st.sampled_from(["float16", "float32"]))
+       grid=st.sampled_from(["nl", "learned"]),
+       param_dtype=st.sampled_from(["float16", "float32", "superblock"]))
 def test_engine_and_reference_agree_bit_for_bit(t, group_size, grid, param_dtype):
     x, w = t
     try:
@@ -67,6 +68,18 @@ def test_engine_and_reference_agree_bit_for_bit(t, group_size, grid, param_dtype
     # carry -0 or +0; both decode identically)
     np.testing.assert_array_equal(eng.zero_points, ref.zero_points)
     assert _bits(eg.dequantize_grid(eng)) == _bits(rg.dequantize(ref))
+    if param_dtype == "superblock":
+        assert _bits(eng.units) == _bits(ref.units)
+        assert eng.a_codes.tobytes() == ref.a_codes.tobytes()
+        assert eng.c_codes.tobytes() == ref.c_codes.tobytes()
+        # the per-group parameters are exactly code * unit (FORMAT.md 10.5)
+        G = eng.scales.size // x.shape[0]
+        K = max(1, 256 // group_size)
+        sb = (np.arange(eng.scales.size) // G) * (-(-G // K)) + (np.arange(eng.scales.size) % G) // K
+        d, dz = eng.units[0::2][sb], eng.units[1::2][sb]
+        assert _bits(eng.scales) == _bits(eng.a_codes.astype(np.float32) * d)
+        assert _bits(eng.zero_points) == _bits(eng.c_codes.astype(np.float32) * dz)
+        assert eng.a_codes.min() >= 1 and eng.a_codes.max() <= 63 and eng.c_codes.max() <= 63
 
 
 def test_decode_formula_and_ties():
@@ -125,6 +138,20 @@ def test_search_beats_its_first_candidate_and_uniform_levels_on_gaussian():
     uni = engine.quantize_array(x, bits=4, group_size=64, method="mse", param_dtype="float16")
     err_uni = float(((engine.dequantize_array(uni) - x) ** 2).sum())
     assert err < err_uni  # the bell-shaped grid fits Gaussian weights better
+
+
+def test_superblock_grid_takes_q4_0s_bytes_and_beats_the_float16_grid():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 512)).astype(np.float32)
+    sb = eg.quantize_grid(x, group_size=32, grid="nl", param_dtype="superblock")
+    f16 = eg.quantize_grid(x, group_size=64, grid="nl", param_dtype="float16")
+    assert sb.bits_per_weight() == pytest.approx(4.5 + 8 * 64 / x.size)  # + the table
+    assert f16.bits_per_weight() == pytest.approx(4.5 + 8 * 64 / x.size)
+
+    def err(gq):
+        return float(((eg.dequantize_grid(gq) - x) ** 2).sum())
+
+    assert err(sb) < err(f16)
 
 
 def test_importance_weights_steer_the_search():

@@ -246,6 +246,85 @@ Status Quantize(const float* x, const GridShape& sh, bool f16, const float* leve
   return Status::OK();
 }
 
+Status QuantizeSuperblock(const float* x, const GridShape& sh, const float* levels,
+                          const float* importance, uint8_t* codes, const SuperblockOut& out) {
+  AQ_RETURN_NOT_OK(CheckShape(sh));
+  AQ_RETURN_NOT_OK(CheckLevels(levels, sh.bits));
+  const std::vector<float> t = Midpoints(levels, 1 << sh.bits);
+  const int64_t G = Groups(sh);
+  const int64_t K = std::max<int64_t>(1, 256 / sh.group_size);
+  const int64_t S = (G + K - 1) / K;
+  const int P = sh.bits == 2 ? 15 : 63;
+  const float Pf = static_cast<float>(P);
+  std::vector<float> s1(K), z1(K);
+  for (int64_t r = 0; r < sh.rows; ++r) {
+    for (int64_t b = 0; b < S; ++b) {
+      const int64_t j0 = b * K, j1 = std::min(G, j0 + K);
+      // Stage 1: each group's float32 grid search.
+      float s_max = 0.0f, z_max = 0.0f;
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t c0 = j * sh.group_size;
+        const Group g{x + r * sh.cols + c0, std::min(sh.group_size, sh.cols - c0), c0};
+        bool ok = false;
+        SearchGroup(g, importance, levels, t, sh.bits, false, &s1[j - j0], &z1[j - j0], &ok);
+        if (!ok) {
+          return Status::Invalid("grid parameters not representable (row " + std::to_string(r) +
+                                 ", group " + std::to_string(j) + ")");
+        }
+        s_max = std::max(s_max, s1[j - j0]);
+        z_max = std::max(z_max, std::max(z1[j - j0], 0.0f));
+      }
+      // The units.
+      const float d = RoundScale(s_max / Pf);
+      const float dz = z_max > 0.0f ? RoundScale(z_max / Pf) : 1.0f;
+      if (!std::isfinite(d) || !std::isfinite(dz)) {
+        return Status::Invalid("grid superblock unit not representable in float16 (row " +
+                               std::to_string(r) + ", group " + std::to_string(j0) +
+                               "); use float32 parameters");
+      }
+      out.units[(r * S + b) * 2] = d;
+      out.units[(r * S + b) * 2 + 1] = dz;
+      // Stage 2: nearest codes, then the fourteen neighbours.
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t c0 = j * sh.group_size;
+        const Group g{x + r * sh.cols + c0, std::min(sh.group_size, sh.cols - c0), c0};
+        const float a_near = std::nearbyint(s1[j - j0] / d);
+        const float c_near = std::nearbyint(std::max(z1[j - j0], 0.0f) / dz);
+        const int a0 = static_cast<int>(std::min(std::max(a_near, 1.0f), Pf));
+        const int cz0 = static_cast<int>(std::min(std::max(c_near, 0.0f), Pf));
+        int best_a = a0, best_c = cz0;
+        float best_e = GroupError(g, importance, levels, t, static_cast<float>(a0) * d,
+                                  static_cast<float>(cz0) * dz);
+        for (int i = -1; i <= 1; ++i) {
+          for (int k = -2; k <= 2; ++k) {
+            if (i == 0 && k == 0) continue;
+            const int a = std::min(std::max(a0 + i, 1), P);
+            const int c = std::min(std::max(cz0 + k, 0), P);
+            const float e = GroupError(g, importance, levels, t, static_cast<float>(a) * d,
+                                       static_cast<float>(c) * dz);
+            if (e < best_e) {
+              best_e = e;
+              best_a = a;
+              best_c = c;
+            }
+          }
+        }
+        const float s = static_cast<float>(best_a) * d;
+        const float z = static_cast<float>(best_c) * dz;
+        out.scales[r * G + j] = s;
+        out.zero_points[r * G + j] = z;
+        out.a_codes[r * G + j] = static_cast<uint8_t>(best_a);
+        out.c_codes[r * G + j] = static_cast<uint8_t>(best_c);
+        const float inv = 1.0f / s;
+        for (int64_t e = 0; e < g.n; ++e) {
+          codes[r * sh.cols + c0 + e] = static_cast<uint8_t>(CodeOf(g.x[e] * inv + z, t));
+        }
+      }
+    }
+  }
+  return Status::OK();
+}
+
 Status Dequantize(const uint8_t* codes, const GridShape& sh, const float* levels,
                   const float* scales, const float* zero_points, float* out) {
   AQ_RETURN_NOT_OK(CheckShape(sh));

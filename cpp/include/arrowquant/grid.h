@@ -47,6 +47,22 @@ Status LearnLevels(const float* x, const GridShape& shape, const float* importan
 Status Quantize(const float* x, const GridShape& shape, bool f16, const float* levels,
                 const float* importance, uint8_t* codes, float* scales, float* zero_points);
 
+// Two-level parameters on a grid (param dtype "superblock", FORMAT.md
+// 10.5): per super-block of K = max(1, 256 / group_size) groups a float16
+// scale unit d and zero unit dz, per group codes a in [1, P], c in [0, P]
+// (P = 2^p - 1, p = 4 at INT2, 6 otherwise); the group's parameters are
+// a * d and c * dz. Writes `scales` / `zero_points` (the products, per
+// group), `units` (2 per super-block: d then dz, row-major) and the codes.
+struct SuperblockOut {
+  float* scales;
+  float* zero_points;
+  float* units;
+  uint8_t* a_codes;
+  uint8_t* c_codes;
+};
+Status QuantizeSuperblock(const float* x, const GridShape& shape, const float* levels,
+                          const float* importance, uint8_t* codes, const SuperblockOut& out);
+
 // x_hat = (L[q] - z) * s for rows x cols codes.
 Status Dequantize(const uint8_t* codes, const GridShape& shape, const float* levels,
                   const float* scales, const float* zero_points, float* out);

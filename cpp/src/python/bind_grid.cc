@@ -56,6 +56,32 @@ void BindQuantize(InFloats x, int64_t rows, int64_t cols, int64_t group_size, in
   ThrowIfError(st);
 }
 
+void BindQuantizeSuperblock(InFloats x, int64_t rows, int64_t cols, int64_t group_size, int bits,
+                            InFloats levels, std::optional<InFloats> importance, OutBytes codes,
+                            OutFloats scales, OutFloats zero_points, OutFloats units,
+                            OutBytes a_codes, OutBytes c_codes) {
+  const int64_t G = (cols + group_size - 1) / std::max<int64_t>(group_size, 1);
+  const int64_t K = std::max<int64_t>(1, 256 / std::max<int64_t>(group_size, 1));
+  CheckSize("x", x.size(), rows * cols);
+  CheckSize("levels", levels.size(), int64_t{1} << bits);
+  CheckSize("codes", codes.size(), rows * cols);
+  CheckSize("scales", scales.size(), rows * G);
+  CheckSize("zero_points", zero_points.size(), rows * G);
+  CheckSize("units", units.size(), rows * 2 * ((G + K - 1) / K));
+  CheckSize("a_codes", a_codes.size(), rows * G);
+  CheckSize("c_codes", c_codes.size(), rows * G);
+  const float* w = Importance(importance, cols);
+  Status st;
+  {
+    nb::gil_scoped_release release;
+    st = grid::QuantizeSuperblock(
+        x.data(), Shape(rows, cols, group_size, bits), levels.data(), w, codes.data(),
+        grid::SuperblockOut{scales.data(), zero_points.data(), units.data(), a_codes.data(),
+                            c_codes.data()});
+  }
+  ThrowIfError(st);
+}
+
 void BindDequantize(InBytes codes, int64_t rows, int64_t cols, int64_t group_size, int bits,
                     InFloats levels, InFloats scales, InFloats zero_points, OutFloats out) {
   const int64_t groups = rows * ((cols + group_size - 1) / std::max<int64_t>(group_size, 1));
@@ -81,6 +107,11 @@ void Bind(nb::module_& m) {
         nb::arg("group_size"), nb::arg("bits"), nb::arg("f16"), nb::arg("levels"),
         nb::arg("importance").none(), nb::arg("codes"), nb::arg("scales"), nb::arg("zero_points"),
         "Grid parameters and codes (FORMAT.md 10.2, 10.4).");
+  m.def("grid_quantize_superblock", &BindQuantizeSuperblock, nb::arg("x"), nb::arg("rows"),
+        nb::arg("cols"), nb::arg("group_size"), nb::arg("bits"), nb::arg("levels"),
+        nb::arg("importance").none(), nb::arg("codes"), nb::arg("scales"), nb::arg("zero_points"),
+        nb::arg("units"), nb::arg("a_codes"), nb::arg("c_codes"),
+        "Grid codes with two-level parameters (FORMAT.md 10.5).");
   m.def("grid_dequantize", &BindDequantize, nb::arg("codes"), nb::arg("rows"), nb::arg("cols"),
         nb::arg("group_size"), nb::arg("bits"), nb::arg("levels"), nb::arg("scales"),
         nb::arg("zero_points"), nb::arg("out"), "x_hat = (L[q] - z) * s.");

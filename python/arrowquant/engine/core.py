@@ -44,6 +44,7 @@ importance_params = _core.importance_params
 # Code grids (docs/FORMAT.md section 10; arrowquant.engine.grid).
 grid_learn_levels = _core.grid_learn_levels
 grid_quantize = _core.grid_quantize
+grid_quantize_superblock = _core.grid_quantize_superblock
 grid_dequantize = _core.grid_dequantize
 
 

@@ -38,12 +38,25 @@ class GridQuant:
     bits: int
     group_size: int
     param_dtype: str
+    #: param_dtype "superblock": (d, dz) per super-block, flattened, and the
+    #: per-group codes a, c (FORMAT.md 10.5); None otherwise.
+    units: Optional[np.ndarray] = None
+    a_codes: Optional[np.ndarray] = None
+    c_codes: Optional[np.ndarray] = None
+
+    def nbytes(self) -> int:
+        """Stored bytes: packed codes, parameters (float16 / float32 per group,
+        or float16 units plus 2 * p bits per group), the float32 table once."""
+        code_bytes = (self.codes.size * self.bits + 7) // 8
+        if self.param_dtype == "superblock":
+            p = 4 if self.bits == 2 else 6
+            params = 2 * self.units.size + (self.scales.size * 2 * p + 7) // 8
+        else:
+            params = (2 if self.param_dtype == "float16" else 4) * 2 * self.scales.size
+        return code_bytes + params + 4 * self.levels.size
 
     def bits_per_weight(self) -> float:
-        """Codes, parameters at their dtype, the table (float32) once."""
-        per = 2 if self.param_dtype == "float16" else 4
-        total = self.codes.size * self.bits + 8 * (2 * per * self.scales.size + 4 * self.levels.size)
-        return total / max(1, self.codes.size)
+        return 8.0 * self.nbytes() / max(1, self.codes.size)
 
 
 def levels_for(x2: np.ndarray, bits: int, group_size: int, grid: str,
@@ -68,9 +81,9 @@ def quantize_grid(array: Any, *, bits: int = 4, group_size: int = 64,
     """Quantizes a tensor (viewed as rows x cols, FORMAT.md section 1) on a
     code grid; codes are one byte per weight (pack them with FORMAT.md
     section 3's packer)."""
-    if param_dtype not in ("float32", "float16"):
-        raise ValidationError(f"{name}: a grid takes float32 or float16 parameters, "
-                              f"not {param_dtype!r}")
+    if param_dtype not in ("float32", "float16", "superblock"):
+        raise ValidationError(f"{name}: a grid takes float32, float16 or superblock "
+                              f"parameters, not {param_dtype!r}")
     a = np.asarray(array)
     if a.dtype != np.float32:
         a = to_float32(np.ascontiguousarray(a).reshape(-1), a.dtype.name).reshape(a.shape)
@@ -85,6 +98,16 @@ def quantize_grid(array: Any, *, bits: int = 4, group_size: int = 64,
     codes = np.empty((rows, cols), np.uint8)
     scales = np.empty(rows * G, np.float32)
     zeros = np.empty(rows * G, np.float32)
+    if param_dtype == "superblock":
+        K = max(1, 256 // int(group_size))
+        units = np.empty(rows * 2 * (-(-G // K)), np.float32)
+        a = np.empty(rows * G, np.uint8)
+        c = np.empty(rows * G, np.uint8)
+        core.call(name, core.grid_quantize_superblock, x2.reshape(-1), rows, cols, int(group_size),
+                  int(bits), levels, w, codes.reshape(-1), scales, zeros, units, a, c)
+        return GridQuant(codes=codes, scales=scales, zero_points=zeros, levels=levels, bits=bits,
+                         group_size=group_size, param_dtype=param_dtype, units=units, a_codes=a,
+                         c_codes=c)
     core.call(name, core.grid_quantize, x2.reshape(-1), rows, cols, int(group_size), int(bits),
               param_dtype == "float16", levels, w, codes.reshape(-1), scales, zeros)
     return GridQuant(codes=codes, scales=scales, zero_points=zeros, levels=levels, bits=bits,

@@ -203,12 +203,64 @@ def learn_levels(xg, vg, wg, bits: int, start: np.ndarray) -> np.ndarray:
     return L
 
 
+def superblock_params(xg, vg, wg, levels, bits: int, rows: int, G: int, group_size: int):
+    """FORMAT.md 10.5: stage 1 (float32 grid search per group), the float16
+    units per super-block, the nearest codes and their fourteen neighbours."""
+    s1, z1 = search_params(xg, vg, wg, levels, bits, False)
+    K = max(1, 256 // group_size)
+    S = -(-G // K)
+    P = 15 if bits == 2 else 63
+    Pf = np.float32(P)
+    s_pad = np.zeros((rows, S * K), np.float32)
+    z_pad = np.zeros((rows, S * K), np.float32)
+    s_pad[:, :G] = s1.reshape(rows, G)
+    z_pad[:, :G] = np.maximum(z1.reshape(rows, G), np.float32(0))
+    s_max = s_pad.reshape(rows, S, K).max(axis=2)
+    z_max = z_pad.reshape(rows, S, K).max(axis=2)
+    with np.errstate(all="ignore"):
+        d = round_scale_f16((s_max / Pf).astype(np.float32))
+        dz = np.where(z_max > 0, round_scale_f16((z_max / Pf).astype(np.float32)),
+                      np.float32(1)).astype(np.float32)
+    if not (np.all(np.isfinite(d)) and np.all(np.isfinite(dz))):
+        raise ValidationError("grid superblock unit not representable in float16; "
+                              "use float32 parameters")
+    sb = np.arange(G) // K
+    D = d[:, sb].reshape(-1)
+    DZ = dz[:, sb].reshape(-1)
+    a0 = np.clip(np.rint((s1 / D).astype(np.float32)), 1, P).astype(np.int64)
+    c0 = np.clip(np.rint((np.maximum(z1, np.float32(0)) / DZ).astype(np.float32)), 0,
+                 P).astype(np.int64)
+
+    def err(a, c):
+        s = (a.astype(np.float32) * D).astype(np.float32)
+        z = (c.astype(np.float32) * DZ).astype(np.float32)
+        q = codes_of(xg, s[:, None], z[:, None], levels)
+        return _err(xg, vg, wg, q, s, z, levels)
+
+    best_a, best_c = a0.copy(), c0.copy()
+    best_e = err(a0, c0)
+    for i in (-1, 0, 1):
+        for k in (-2, -1, 0, 1, 2):
+            if i == 0 and k == 0:
+                continue
+            a = np.clip(a0 + i, 1, P)
+            c = np.clip(c0 + k, 0, P)
+            e = err(a, c)
+            take = e < best_e
+            best_a[take], best_c[take], best_e[take] = a[take], c[take], e[take]
+    s = (best_a.astype(np.float32) * D).astype(np.float32)
+    z = (best_c.astype(np.float32) * DZ).astype(np.float32)
+    units = np.stack([d, dz], axis=2).reshape(-1).astype(np.float32)
+    return s, z, units, best_a.astype(np.uint8), best_c.astype(np.uint8)
+
+
 def quantize_grid(x: np.ndarray, *, bits: int = 4, group_size: int = 64,
                   param_dtype: str = "float16", grid: str = "nl",
                   importance: Optional[np.ndarray] = None) -> GridQuant:
     """Quantizes a 2-D float32 array on a code grid (FORMAT.md section 10)."""
-    if param_dtype not in ("float32", "float16"):
-        raise ValidationError(f"a grid takes float32 or float16 parameters, not {param_dtype!r}")
+    if param_dtype not in ("float32", "float16", "superblock"):
+        raise ValidationError(f"a grid takes float32, float16 or superblock parameters, "
+                              f"not {param_dtype!r}")
     x2 = np.ascontiguousarray(x, dtype=np.float32)
     if x2.ndim != 2:
         x2 = x2.reshape(x2.shape[0] if x2.ndim else 1, -1)
@@ -221,11 +273,16 @@ def quantize_grid(x: np.ndarray, *, bits: int = 4, group_size: int = 64,
     else:
         levels = fixed_levels(grid, bits)
     levels = check_levels(levels, bits)
-    s, z = search_params(xg, vg, wg, levels, bits, param_dtype == "float16")
     G = -(-cols // group_size)
+    extra = {}
+    if param_dtype == "superblock":
+        s, z, units, a, c = superblock_params(xg, vg, wg, levels, bits, rows, G, group_size)
+        extra = dict(units=units, a_codes=a, c_codes=c)
+    else:
+        s, z = search_params(xg, vg, wg, levels, bits, param_dtype == "float16")
     col_group = np.arange(cols) // group_size
     S = s.reshape(rows, G)[:, col_group]
     Z = z.reshape(rows, G)[:, col_group]
     q = codes_of(x2, S, Z, levels)
     return GridQuant(codes=q, scales=s, zero_points=z, levels=levels, bits=bits,
-                     group_size=group_size, param_dtype=param_dtype)
+                     group_size=group_size, param_dtype=param_dtype, **extra)
