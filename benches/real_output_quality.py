@@ -78,10 +78,21 @@ class Setting:
     gguf_type: str = ""
     gguf_mode: str = ""  # "search" | "reference" | "llama.cpp"
     grid: str = ""  # kind "grid": "nl" | "learned"
+    weighted: bool = False  # importance weights: MiniLM's mean squared inputs (--importance)
 
-    def run(self, x: np.ndarray, llama=None) -> Tuple[np.ndarray, int, float]:
+    def run(self, x: np.ndarray, llama=None,
+            importance: Optional[np.ndarray] = None) -> Tuple[np.ndarray, int, float]:
         """(decoded rows, bytes stored, CPU seconds of the quantization alone)."""
+        imp = importance if self.weighted else None
         t0 = time.process_time()
+        if self.kind == "arrowquant" and imp is not None:
+            from arrowquant import engine
+            from arrowquant.engine.weighted import quantize_importance_array
+
+            qt = quantize_importance_array(x, imp, bits=self.bits, group_size=self.group_size,
+                                           param_dtype=self.param_dtype, threads=1)
+            cpu = time.process_time() - t0
+            return engine.dequantize_array(qt).reshape(x.shape), int(qt.nbytes), cpu
         if self.kind == "arrowquant":
             from arrowquant import engine
 
@@ -93,16 +104,17 @@ class Setting:
             from arrowquant.engine import grid as eg
 
             gq = eg.quantize_grid(x, bits=self.bits, group_size=self.group_size,
-                                  param_dtype=self.param_dtype, grid=self.grid)
+                                  param_dtype=self.param_dtype, grid=self.grid, importance=imp)
             cpu = time.process_time() - t0
             return eg.dequantize_grid(gq).reshape(x.shape), gq.nbytes(), cpu
         if self.gguf_mode == "llama.cpp":
-            q = llama.quantize(self.gguf_type, x)
+            q = llama.quantize(self.gguf_type, x, imp)
             cpu = time.process_time() - t0
             return llama.decode(self.gguf_type, q, x.shape).astype(np.float32), int(q.size), cpu
         from arrowquant.engine import gguf_blocks as gb
 
-        q, _ = gb.quantize_blocks(self.gguf_type, x, mode=self.gguf_mode, threads=1)
+        q, _ = gb.quantize_blocks(self.gguf_type, x, mode=self.gguf_mode, importance=imp,
+                                  threads=1)
         cpu = time.process_time() - t0
         return gb.dequantize_blocks(self.gguf_type, q, *x.shape), int(q.size), cpu
 
@@ -132,6 +144,18 @@ def arrowquant_settings() -> List[Setting]:
         aq("--bits 2 mse superblock g16", 2, 16, "mse", "superblock"),
         aq("--bits 2 rtn superblock g16", 2, 16, "rtn", "superblock"),
     ]
+
+
+def weighted_settings() -> List[Setting]:
+    """With importance weights (--importance, MiniLM): the grids, uniform
+    importance-weighted search, and the GGUF types with ArrowQuant's search."""
+    import dataclasses
+
+    base = [s for s in grid_settings() if "g32" in s.label or "float16 g64" in s.label]
+    base += [aq("importance float16 g64", 4, 64, "importance", "float16")]
+    base += [s for s in gguf_settings(False) if s.gguf_mode == "search" and
+             s.gguf_type in ("Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K")]
+    return [dataclasses.replace(s, label=s.label + " +importance", weighted=True) for s in base]
 
 
 def grid_settings() -> List[Setting]:
@@ -185,6 +209,17 @@ class Model:
     def build(self):
         raise NotImplementedError
 
+    #: weight name -> per-input-column importance (mean squared inputs), when measured
+    importance: Dict[str, np.ndarray] = {}
+
+    def importance_of(self, name: str, view_cols: int) -> Optional[np.ndarray]:
+        """The importance of the weight's columns, tiled to the common view's
+        row width (a 384-column matrix viewed as rows of 768: twice)."""
+        w = self.importance.get(name)
+        if w is None or view_cols % w.size:
+            return None
+        return np.tile(w, view_cols // w.size).astype(np.float32)
+
     def weight_names(self) -> List[str]:
         raise NotImplementedError
 
@@ -205,7 +240,7 @@ class Model:
             w = self.float_state[n].float().numpy()
             r, c = rows_view(w)
             x = np.ascontiguousarray(w.reshape(r, c), dtype=np.float32)
-            xh, b, seconds = setting.run(x, llama)
+            xh, b, seconds = setting.run(x, llama, self.importance_of(n, c))
             cpu += seconds
             nbytes += b
             weights += x.size
@@ -233,6 +268,14 @@ class MiniLM(Model):
     def weight_names(self) -> List[str]:
         return [k for k, v in self.float_state.items()
                 if ".encoder.layer." in k and k.endswith(".weight") and v.ndim == 2]
+
+    def measure_importance(self) -> None:
+        """Mean squared input of every Linear's columns on the same sentences
+        (the statistics calibration gives; llama.cpp's imatrix)."""
+        from gguf_quality_benchmark import mean_squared_inputs
+
+        by_module = mean_squared_inputs(self.module, lambda: self.module.encode(SENTENCES))
+        self.importance = {f"{m}.weight": v for m, v in by_module.items()}
 
     def outputs(self):
         import torch
@@ -404,6 +447,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--models", default="minilm,dcgan,taef2")
     ap.add_argument("--ggml-lib", default=None, help="libggml-base.so or its directory")
     ap.add_argument("--only", default="", help="comma-separated substrings of setting labels")
+    ap.add_argument("--importance", action="store_true",
+                    help="also the importance-weighted settings on MiniLM (mean squared inputs "
+                         "of the same sentences)")
     ap.add_argument("--speed", action="store_true",
                     help="also time every setting on a 1024 x 4096 Gaussian matrix (median of 3)")
     ap.add_argument("--output-dir", default=str(REPO_ROOT / ".benchmarks" / "real_output"))
@@ -417,6 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         llama = LlamaQuantizer(lib)
     settings = arrowquant_settings() + grid_settings() + gguf_settings(llama is not None)
+    if args.importance:
+        settings += weighted_settings()
     if args.only:
         keys = args.only.split(",")
         settings = [s for s in settings if any(k in s.label for k in keys)]
@@ -426,8 +474,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: Dict[str, dict] = {}
     for key in filter(None, args.models.split(",")):
         model = MODELS[key]()
+        if args.importance and isinstance(model, MiniLM):
+            model.measure_importance()
         rows = []
         for s in settings:
+            if s.weighted and not model.importance:
+                continue
             r = model.quantized_score(s, llama)
             rows.append(r)
             print(f"{key:7s} {s.label:48s} {r['bpw']:6.3f} bpw  {r['mean']:.5f} / {r['worst']:.5f}",
