@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# Kept whole (one module): one benchmark's models, settings and report.
 """Quality per byte judged by real model outputs (issue 18), every setting side
 by side: ArrowQuant's settings and llama.cpp's block types on the same
 weights, scored by what the quantized model produces against the float one.
