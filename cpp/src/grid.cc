@@ -169,8 +169,10 @@ Status LearnLevels(const float* x, const GridShape& sh, const float* importance,
   const int Q = n - 1;
   std::vector<float> L(start, start + n);
   AQ_RETURN_NOT_OK(CheckLevels(L.data(), sh.bits));
-  // Normalized values of the rtn parameters, in group order (the twin's
-  // flattened (groups, elements) order), constant groups and w <= 0 left out.
+  // Normalized values under each group's float32 parameters searched on the
+  // starting table, in group order (the twin's flattened (groups, elements)
+  // order), constant groups and w <= 0 left out.
+  const std::vector<float> t0 = Midpoints(L.data(), n);
   std::vector<float> u;
   std::vector<double> w;
   const int64_t G = Groups(sh);
@@ -185,8 +187,13 @@ Status LearnLevels(const float* x, const GridShape& sh, const float* importance,
         hi = std::max(hi, g[i]);
       }
       if (!(hi > lo)) continue;
-      const float s = (hi - lo) / static_cast<float>(Q);
-      const float z = -lo / s;
+      float s = 1.0f, z = 0.0f;
+      bool ok = false;
+      SearchGroup(Group{g, len, c0}, importance, L.data(), t0, sh.bits, false, &s, &z, &ok);
+      if (!ok) {
+        return Status::Invalid("grid parameters not representable (row " + std::to_string(r) +
+                               ", group " + std::to_string(j) + ")");
+      }
       const float inv = 1.0f / s;
       for (int64_t i = 0; i < len; ++i) {
         const float wi = Weight(importance, c0 + i);

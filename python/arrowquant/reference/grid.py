@@ -171,18 +171,18 @@ def search_params(xg, vg, wg, levels, bits: int, f16: bool) -> Tuple[np.ndarray,
 
 def learn_levels(xg, vg, wg, bits: int, start: np.ndarray) -> np.ndarray:
     """The importance-weighted Lloyd table (FORMAT.md 10.4, learned grid):
-    normalized values u of the rtn parameters (f = 1, float32 parameters),
-    LLOYD_ITERS rounds of nearest-level assignment and weighted means of the
-    interior levels (float64, element order), end points pinned; a round
-    whose table is not strictly increasing is not taken."""
+    normalized values u under each group's float32 parameters searched on
+    the starting table (10.4), LLOYD_ITERS rounds of nearest-level assignment
+    and weighted means of the interior levels (float64, element order), end
+    points pinned; a round whose table is not strictly increasing is not
+    taken. Constant groups and zero weights are left out."""
     Q = (1 << bits) - 1
     big = np.float32(np.inf)
     lo = np.where(vg, xg, big).min(axis=1).astype(np.float32)
     hi = np.where(vg, xg, -big).max(axis=1).astype(np.float32)
     const = ~(hi > lo)
+    s, z = search_params(xg, vg, wg, start.astype(np.float32), bits, False)
     with np.errstate(all="ignore"):
-        s = np.where(const, np.float32(1), ((hi - lo) / np.float32(Q)).astype(np.float32))
-        z = np.where(const, -lo, -lo / s).astype(np.float32)
         inv = (np.float32(1) / s).astype(np.float32)
         u = ((xg * inv[:, None]).astype(np.float32) + z[:, None]).astype(np.float32)
     keep = vg.reshape(-1) & (wg.reshape(-1) > 0) & ~np.repeat(const, xg.shape[1])
