@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "arrowquant/dtype.h"
+#include "kernels/grid_kernels.h"
 
 namespace arrowquant::grid {
 namespace {
@@ -69,8 +70,14 @@ struct Group {
 };
 
 // Weighted squared error in eight float32 lanes (element i -> lane i % 8).
+// The AVX2 error pass when the table has 16 levels and it is not forced off.
+GridErrorFn FastError(const GridShape& sh) {
+  return (sh.bits == 4 && !sh.force_scalar) ? Avx2GridError4() : nullptr;
+}
+
 float GroupError(const Group& g, const float* importance, const float* L,
-                 const std::vector<float>& t, float s, float z) {
+                 const std::vector<float>& t, float s, float z, GridErrorFn fast) {
+  if (fast) return fast(g.x, g.n, importance ? importance + g.c0 : nullptr, L, t.data(), s, z);
   float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   const float inv = 1.0f / s;
   for (int64_t i = 0; i < g.n; ++i) {
@@ -87,7 +94,7 @@ float GroupError(const Group& g, const float* importance, const float* L,
 
 void SearchGroup(const Group& g, const float* importance, const float* L,
                  const std::vector<float>& t, int bits, bool f16, float* out_s, float* out_z,
-                 bool* ok_out) {
+                 bool* ok_out, GridErrorFn fast) {
   const float Q = static_cast<float>((1 << bits) - 1);
   float lo = std::numeric_limits<float>::infinity();
   float hi = -std::numeric_limits<float>::infinity();
@@ -100,7 +107,7 @@ void SearchGroup(const Group& g, const float* importance, const float* L,
   float best_e = std::numeric_limits<float>::infinity();
   auto consider = [&](float s, float z) {
     if (!Usable(s, z)) return;
-    const float e = GroupError(g, importance, L, t, s, z);
+    const float e = GroupError(g, importance, L, t, s, z, fast);
     if (e < best_e) {
       best_s = s;
       best_z = z;
@@ -189,7 +196,8 @@ Status LearnLevels(const float* x, const GridShape& sh, const float* importance,
       if (!(hi > lo)) continue;
       float s = 1.0f, z = 0.0f;
       bool ok = false;
-      SearchGroup(Group{g, len, c0}, importance, L.data(), t0, sh.bits, false, &s, &z, &ok);
+      SearchGroup(Group{g, len, c0}, importance, L.data(), t0, sh.bits, false, &s, &z, &ok,
+                  FastError(sh));
       if (!ok) {
         return Status::Invalid("grid parameters not representable (row " + std::to_string(r) +
                                ", group " + std::to_string(j) + ")");
@@ -236,7 +244,7 @@ Status Quantize(const float* x, const GridShape& sh, bool f16, const float* leve
       const Group g{x + r * sh.cols + c0, std::min(sh.group_size, sh.cols - c0), c0};
       float s = 1.0f, z = 0.0f;
       bool ok = false;
-      SearchGroup(g, importance, levels, t, sh.bits, f16, &s, &z, &ok);
+      SearchGroup(g, importance, levels, t, sh.bits, f16, &s, &z, &ok, FastError(sh));
       if (!ok) {
         return Status::Invalid("grid parameters not representable (row " + std::to_string(r) +
                                ", group " + std::to_string(j) + "); use float32 parameters");
@@ -273,7 +281,8 @@ Status QuantizeSuperblock(const float* x, const GridShape& sh, const float* leve
         const int64_t c0 = j * sh.group_size;
         const Group g{x + r * sh.cols + c0, std::min(sh.group_size, sh.cols - c0), c0};
         bool ok = false;
-        SearchGroup(g, importance, levels, t, sh.bits, false, &s1[j - j0], &z1[j - j0], &ok);
+        SearchGroup(g, importance, levels, t, sh.bits, false, &s1[j - j0], &z1[j - j0], &ok,
+                    FastError(sh));
         if (!ok) {
           return Status::Invalid("grid parameters not representable (row " + std::to_string(r) +
                                  ", group " + std::to_string(j) + ")");
@@ -301,14 +310,14 @@ Status QuantizeSuperblock(const float* x, const GridShape& sh, const float* leve
         const int cz0 = static_cast<int>(std::min(std::max(c_near, 0.0f), Pf));
         int best_a = a0, best_c = cz0;
         float best_e = GroupError(g, importance, levels, t, static_cast<float>(a0) * d,
-                                  static_cast<float>(cz0) * dz);
+                                  static_cast<float>(cz0) * dz, FastError(sh));
         for (int i = -1; i <= 1; ++i) {
           for (int k = -2; k <= 2; ++k) {
             if (i == 0 && k == 0) continue;
             const int a = std::min(std::max(a0 + i, 1), P);
             const int c = std::min(std::max(cz0 + k, 0), P);
             const float e = GroupError(g, importance, levels, t, static_cast<float>(a) * d,
-                                       static_cast<float>(c) * dz);
+                                       static_cast<float>(c) * dz, FastError(sh));
             if (e < best_e) {
               best_e = e;
               best_a = a;

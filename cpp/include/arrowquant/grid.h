@@ -29,6 +29,9 @@ struct GridShape {
   int64_t cols = 0;
   int64_t group_size = 0;
   int bits = 4;
+  // The scalar passes even where an AVX2 one exists (4-bit tables); both
+  // give the same bits.
+  bool force_scalar = false;
 };
 
 // Invalid unless `levels` (2^bits values) is finite, strictly increasing,

@@ -60,7 +60,8 @@ class GridQuant:
 
 
 def levels_for(x2: np.ndarray, bits: int, group_size: int, grid: str,
-               importance: Optional[np.ndarray] = None, name: str = "tensor") -> np.ndarray:
+               importance: Optional[np.ndarray] = None, name: str = "tensor",
+               force_scalar: bool = False) -> np.ndarray:
     """The table of a tensor: the fixed "nl" one, or the learned one."""
     if grid == "nl":
         if bits != 4:
@@ -71,16 +72,18 @@ def levels_for(x2: np.ndarray, bits: int, group_size: int, grid: str,
     start = NL_LEVELS if bits == 4 else np.arange(1 << bits, dtype=np.float32)
     out = np.empty(1 << bits, np.float32)
     core.call(name, core.grid_learn_levels, x2.reshape(-1), x2.shape[0], x2.shape[1],
-              int(group_size), int(bits), importance, np.ascontiguousarray(start, np.float32), out)
+              int(group_size), int(bits), importance, np.ascontiguousarray(start, np.float32), out,
+              bool(force_scalar))
     return out
 
 
 def quantize_grid(array: Any, *, bits: int = 4, group_size: int = 64,
                   param_dtype: str = "float16", grid: str = "nl",
-                  importance: Optional[np.ndarray] = None, name: str = "tensor") -> GridQuant:
+                  importance: Optional[np.ndarray] = None, name: str = "tensor",
+                  force_scalar: bool = False) -> GridQuant:
     """Quantizes a tensor (viewed as rows x cols, FORMAT.md section 1) on a
     code grid; codes are one byte per weight (pack them with FORMAT.md
-    section 3's packer)."""
+    section 3's packer). `force_scalar` skips the AVX2 error pass (same bits)."""
     if param_dtype not in ("float32", "float16", "superblock"):
         raise ValidationError(f"{name}: a grid takes float32, float16 or superblock "
                               f"parameters, not {param_dtype!r}")
@@ -93,7 +96,7 @@ def quantize_grid(array: Any, *, bits: int = 4, group_size: int = 64,
     w = None
     if importance is not None:
         w = np.ascontiguousarray(importance, np.float32).reshape(-1)
-    levels = levels_for(x2, bits, group_size, grid, w, name)
+    levels = levels_for(x2, bits, group_size, grid, w, name, force_scalar)
     G = -(-cols // group_size)
     codes = np.empty((rows, cols), np.uint8)
     scales = np.empty(rows * G, np.float32)
@@ -104,12 +107,14 @@ def quantize_grid(array: Any, *, bits: int = 4, group_size: int = 64,
         a = np.empty(rows * G, np.uint8)
         c = np.empty(rows * G, np.uint8)
         core.call(name, core.grid_quantize_superblock, x2.reshape(-1), rows, cols, int(group_size),
-                  int(bits), levels, w, codes.reshape(-1), scales, zeros, units, a, c)
+                  int(bits), levels, w, codes.reshape(-1), scales, zeros, units, a, c,
+                  bool(force_scalar))
         return GridQuant(codes=codes, scales=scales, zero_points=zeros, levels=levels, bits=bits,
                          group_size=group_size, param_dtype=param_dtype, units=units, a_codes=a,
                          c_codes=c)
     core.call(name, core.grid_quantize, x2.reshape(-1), rows, cols, int(group_size), int(bits),
-              param_dtype == "float16", levels, w, codes.reshape(-1), scales, zeros)
+              param_dtype == "float16", levels, w, codes.reshape(-1), scales, zeros,
+              bool(force_scalar))
     return GridQuant(codes=codes, scales=scales, zero_points=zeros, levels=levels, bits=bits,
                      group_size=group_size, param_dtype=param_dtype)
 
