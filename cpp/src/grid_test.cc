@@ -76,5 +76,25 @@ TEST(Grid, LearnedTableKeepsItsEndsAndRefusesBadShapes) {
   EXPECT_FALSE(LearnLevels(x.data(), bad, nullptr, kNlLevels, L.data()).ok());
 }
 
+TEST(Grid, Avx2AndScalarPassesChooseTheSameBits) {
+  std::mt19937 rng(3);
+  std::student_t_distribution<float> t(2.0f);
+  GridShape sh{5, 203, 37, 4};
+  std::vector<float> x(sh.rows * sh.cols), w(sh.cols);
+  for (float& v : x) v = t(rng);
+  for (float& v : w) v = std::fabs(t(rng));
+  const int64_t G = 6;
+  std::vector<uint8_t> q1(x.size()), q2(x.size());
+  std::vector<float> s1(sh.rows * G), z1(sh.rows * G), s2(sh.rows * G), z2(sh.rows * G);
+  ASSERT_TRUE(
+      Quantize(x.data(), sh, true, kNlLevels, w.data(), q1.data(), s1.data(), z1.data()).ok());
+  sh.force_scalar = true;
+  ASSERT_TRUE(
+      Quantize(x.data(), sh, true, kNlLevels, w.data(), q2.data(), s2.data(), z2.data()).ok());
+  EXPECT_EQ(q1, q2);
+  EXPECT_EQ(s1, s2);
+  EXPECT_EQ(z1, z2);
+}
+
 }  // namespace
 }  // namespace arrowquant::grid
