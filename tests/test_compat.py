@@ -152,7 +152,7 @@ def test_quantize_batch_matches_engine_and_handles_errors():
     q = v2.ArrowQuantV2()
     out = q.quantize_batch(weights, bit_width=8)
     for name in ("a", "b"):
-        expect = engine.quantize_array(weights[name], bits=8, group_size=128)
+        expect = engine.quantize_array(weights[name], bits=8)  # INT8's defaults (spec.default_spec)
         assert out[name]["quantized_data"].tobytes() == expect.data.tobytes()
         assert out[name]["scales"].tobytes() == expect.scales.tobytes()
         assert out[name]["bit_width"] == 8 and out[name]["shape"] == list(weights[name].shape)

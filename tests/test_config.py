@@ -16,9 +16,11 @@ from arrowquant.errors import ConfigurationError
 
 # The first version's fields this version reads (its calibration_samples and
 # enable_streaming were read by nothing and are accepted, then ignored:
-# test_one_path.py).
+# test_one_path.py). group_size was 128 until issue 18's measurements on real
+# outputs (docs/quality.md): INT4 now defaults to groups of 32 with superblock
+# parameters.
 FIRST_VERSION_DEFAULTS = dict(
-    bit_width=4, modality=None, num_time_groups=10, group_size=128, enable_time_aware=True,
+    bit_width=4, modality=None, num_time_groups=10, group_size=32, enable_time_aware=True,
     enable_spatial=True, min_accuracy=0.85, deployment_profile="local",
     fail_fast=False, num_threads=0, max_memory_limit_mb=None,
     enable_mixed_precision=False, skip_sensitive_layers=False,
@@ -30,7 +32,7 @@ def test_defaults_are_the_first_versions():
     for k, v in FIRST_VERSION_DEFAULTS.items():
         assert getattr(cfg, k) == v, k
     # Method and parameter precision: the measured defaults of docs/quality.md.
-    assert cfg.scheme == "asymmetric" and cfg.method == "mse" and cfg.param_dtype == "float16"
+    assert cfg.scheme == "asymmetric" and cfg.method == "rtn" and cfg.param_dtype == "superblock"
     assert cfg.target_bpw is None and cfg.keep_patterns == [] and cfg.bits_for == {}
     assert cfg.fallback_thresholds == {2: 0.70, 4: 0.90, 8: 0.95}
     assert cfg.quantize_1d is False
@@ -46,12 +48,14 @@ def test_field_order_starts_with_first_version_fields():
 
 
 @pytest.mark.parametrize("name,expect", [
-    ("edge", dict(bit_width=2, num_time_groups=5, group_size=256, enable_spatial=False,
-                  min_accuracy=0.65, enable_time_aware=True)),
-    ("local", dict(bit_width=4, num_time_groups=10, group_size=128, enable_spatial=True,
-                   min_accuracy=0.85, enable_time_aware=True)),
-    ("cloud", dict(bit_width=8, num_time_groups=20, group_size=64, enable_spatial=True,
-                   min_accuracy=0.95)),
+    ("edge", dict(bit_width=2, num_time_groups=5, group_size=16, method="mse",
+                  param_dtype="superblock", enable_spatial=False, min_accuracy=0.65,
+                  enable_time_aware=True)),
+    ("local", dict(bit_width=4, num_time_groups=10, group_size=32, method="rtn",
+                   param_dtype="superblock", enable_spatial=True, min_accuracy=0.85,
+                   enable_time_aware=True)),
+    ("cloud", dict(bit_width=8, num_time_groups=20, group_size=64, method="mse",
+                   param_dtype="float16", enable_spatial=True, min_accuracy=0.95)),
     ("base", dict(bit_width=4, enable_time_aware=False, enable_spatial=False)),
 ])
 def test_profiles(name, expect):
@@ -59,6 +63,29 @@ def test_profiles(name, expect):
     assert cfg.deployment_profile == name
     for k, v in expect.items():
         assert getattr(cfg, k) == v, (name, k)
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    ({}, (4, 32, "rtn", "superblock")),
+    ({"bit_width": 2}, (2, 16, "mse", "superblock")),
+    ({"bit_width": 8}, (8, 64, "mse", "float16")),
+    # float16 parameters asked for: twice the group, the same bits per weight
+    ({"param_dtype": "float16"}, (4, 64, "rtn", "float16")),
+    ({"scheme": "symmetric"}, (4, 64, "rtn", "float16")),
+    ({"group_size": 128}, (4, 128, "rtn", "superblock")),
+    ({"method": "mse", "bit_width": 8}, (8, 64, "mse", "float16")),
+    ({"bit_width": 2, "method": "rtn", "group_size": 64, "param_dtype": "float32"},
+     (2, 64, "rtn", "float32")),
+])
+def test_spec_fields_follow_the_bit_width(overrides, expect):
+    """What the user does not set comes from spec.default_spec(final bit width)."""
+    cfg = resolve(overrides=overrides, environ={})
+    assert (cfg.bit_width, cfg.group_size, cfg.method, cfg.param_dtype) == expect
+    # set through the environment, the width is followed the same way
+    env = resolve(environ={"ARROW_QUANT_BIT_WIDTH": "2"})
+    assert (env.group_size, env.method, env.param_dtype) == (16, "mse", "superblock")
+    kept = resolve(environ={"ARROW_QUANT_BIT_WIDTH": "2", "ARROW_QUANT_GROUP_SIZE": "128"})
+    assert (kept.group_size, kept.method) == (128, "mse")
 
 
 def test_profile_with_overrides_and_unknown_profile():

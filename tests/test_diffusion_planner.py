@@ -42,7 +42,7 @@ LLAMA = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
 
 # The numbers below were worked out for rtn with float32 parameters (the
 # default is mse with float16 parameters since the issue-8 measurements).
-RTN_F32 = {"method": "rtn", "param_dtype": "float32"}
+RTN_F32 = {"method": "rtn", "param_dtype": "float32", "group_size": 128}
 
 
 def info(name, shape=(16, 32), dtype="float32"):
@@ -134,7 +134,7 @@ def test_plan_carries_config_settings():
                    method="rtn")["a.weight"]
     assert (p.group_size, p.scheme, p.param_dtype, p.method) == (64, "symmetric", "float32", "rtn")
     p = plan_names(["a.weight"])["a.weight"]
-    assert (p.param_dtype, p.method) == ("float16", "mse")  # the defaults
+    assert (p.group_size, p.param_dtype, p.method) == (32, "superblock", "rtn")  # the defaults
 
 
 # ------------------------------------------------------------------ fallback fields
@@ -268,7 +268,7 @@ def test_sampling_reads_bounded_whole_row_blocks():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((1000, 64)).astype(np.float16)
     src = FakeSource({"big.weight": w})
-    planner = DiffusionPlanner(DiffusionQuantConfig(**RTN_F32, group_size=32), source=src,
+    planner = DiffusionPlanner(DiffusionQuantConfig(**{**RTN_F32, "group_size": 32}), source=src,
                                sample_elements=64 * 80)
     p = planner.plan([info("big.weight", w.shape, "float16")])["big.weight"]
     assert p.extra["sampled_rows"] == 80 and p.extra["rows"] == 1000
@@ -397,7 +397,7 @@ def test_budget_counts_fixed_layers_and_float16_params():
     tensors = tensors + [info("time_embedding.linear_1.weight", (64, 256)), info("bias", (64,))]
     weights["bias"] = np.ones(64, np.float32)
     numel = sum(t.numel for t in tensors)
-    cfg = DiffusionQuantConfig(target_bpw=3.5, param_dtype="float16",
+    cfg = DiffusionQuantConfig(target_bpw=3.5, param_dtype="float16", group_size=128,
                                fallback_thresholds={2: 0.0, 4: 0.0, 8: 0.0})
 
     def rtn(x, *, bits, group_size, **kw):  # the measurement itself at float32 parameters

@@ -116,10 +116,22 @@ def test_defaults_live_in_one_spec():
         (spec.bits, spec.group_size, spec.scheme, spec.method, spec.param_dtype)
     import inspect
 
+    from arrowquant.spec import default_spec
+
     for fn in (aq.quantize_array, aq.reference.quantize_array, aq.quantize):
         params = inspect.signature(fn).parameters
-        assert params["method"].default == spec.method, fn
-        assert params["param_dtype"].default == spec.param_dtype, fn
+        # Unset: None, filled from spec.default_spec(bits), never a second default.
+        for k in ("group_size", "method", "param_dtype"):
+            assert params[k].default is None, (fn, k)
+        assert params["bits"].default == spec.bits, fn
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    for bits in (2, 4, 8):
+        want = default_spec(bits)
+        for fn in (aq.quantize_array, aq.reference.quantize_array):
+            qt = fn(x, bits=bits)
+            assert (qt.group_size, qt.method, qt.param_dtype) == \
+                (want.group_size, want.method, want.param_dtype), (fn, bits)
+    assert default_spec(4) == spec
     plan = aq.TensorPlan("w", 4)
     assert plan.spec == spec
     parser_defaults = {a.dest: a.default for a in

@@ -36,11 +36,11 @@ def test_v1_to_v2_matches_in_memory_engine_bit_for_bit(v1_model, tmp_path):
             assert entry.quant_type == "none"
             np.testing.assert_array_equal(model[name], a.astype(np.float32))
             continue
-        # The pipeline's defaults: the mse search with float16 parameters.
-        expect = engine.quantize_array(a, bits=4, group_size=32, method="mse",
-                                       param_dtype="float16")
+        # The pipeline's defaults (spec.default_spec(4)): rtn with superblock
+        # parameters, groups of 32.
+        expect = engine.quantize_array(a, bits=4)
         raw = model.raw(name)
-        assert raw.method == "mse" and raw.param_dtype == "float16"
+        assert raw.method == "rtn" and raw.param_dtype == "superblock" and raw.group_size == 32
         assert raw.data.tobytes() == expect.data.tobytes()
         assert raw.scales.view(np.uint32).tolist() == expect.scales.view(np.uint32).tolist()
         assert raw.zero_points.view(np.uint32).tolist() == expect.zero_points.view(np.uint32).tolist()
@@ -72,7 +72,8 @@ def test_native_and_reference_write_identical_files(v1_model, tmp_path):
 def test_v2_schema_metadata_and_report(v1_model, tmp_path):
     src, tensors = v1_model
     out = tmp_path / "out"
-    aq.quantize(src, out, bits=4, progress=False)
+    # float16 parameters: format version 1 (the superblock default writes 2)
+    aq.quantize(src, out, bits=4, param_dtype="float16", progress=False)
     pf = pq.ParquetFile(out / "model.parquet")
     kv = pf.schema_arrow.metadata
     assert kv[b"arrowquant.format"] == b"parquet-v2"
@@ -223,14 +224,14 @@ def test_fallback_redoes_a_layer_at_the_next_width(tmp_path):
     smooth = rng.standard_normal((64, 256)).astype(np.float32)
     src = write_v1(tmp_path / "v1", {"heavy.weight": heavy, "smooth.weight": smooth})
     s = aq.quantize(src, tmp_path / "out", bits=2, fallback=True, min_cosine={2: 0.85, 4: 0.9, 8: 0.95},
-                    method="rtn", param_dtype="float32", progress=False)
+                    method="rtn", param_dtype="float32", group_size=128, progress=False)
     by_name = {r.name: r for r in s.records}
     assert by_name["smooth.weight"].bits == 2
     assert by_name["heavy.weight"].bits in (4, 8)
     assert by_name["heavy.weight"].decisions and "redone at int4" in by_name["heavy.weight"].decisions[0]
     with pytest.raises(aq.QuantizationError, match="heavy.weight"):
         aq.quantize(src, tmp_path / "out2", bits=2, fail_fast=True, method="rtn",
-                    param_dtype="float32", min_cosine={2: 0.85, 4: 0.9, 8: 0.95}, progress=False)
+                    param_dtype="float32", group_size=128, min_cosine={2: 0.85, 4: 0.9, 8: 0.95}, progress=False)
 
 
 def test_fallback_on_chunked_tensor_probes_whole_tensor(tmp_path):
@@ -238,7 +239,7 @@ def test_fallback_on_chunked_tensor_probes_whole_tensor(tmp_path):
     gauss = rng.standard_normal((256, 128)).astype(np.float32)  # INT2 cosine ~0.90, INT4 ~0.995
     src = write_v1(tmp_path / "v1", {"heavy.weight": gauss})
     s = aq.quantize(src, tmp_path / "out", bits=2, fallback=True, chunk_size="16KiB",
-                    method="rtn", param_dtype="float32",
+                    method="rtn", param_dtype="float32", group_size=128,
                     min_cosine={2: 0.95, 4: 0.99, 8: 0.999}, progress=False)
     rec = s.records[0]
     assert rec.chunks > 1 and rec.bits == 4

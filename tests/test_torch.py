@@ -224,7 +224,8 @@ def test_real_minilm_embeddings_survive_int8(tmp_path, monkeypatch):
 
 def test_quantlinear_state_dict_round_trip(tmp_path):
     rng = np.random.default_rng(5)
-    qt = aq.quantize_array(rng.standard_normal((24, 80)).astype(np.float32), bits=2, group_size=32)
+    qt = aq.quantize_array(rng.standard_normal((24, 80)).astype(np.float32), bits=2, group_size=32,
+                           method="mse", param_dtype="float16")
     layer = aqt.QuantLinear.from_quantized(qt, bias=torch.randn(24))
     torch.save(layer.state_dict(), tmp_path / "layer.pt")
     fresh = aqt.QuantLinear(80, 24, bits=2, group_size=32, bias=True)

@@ -219,7 +219,7 @@ class ArrowQuantV2:
             raise ValidationError(f"weights must be a dict of name -> array, got "
                                   f"{type(weights).__name__}")
         bits = self._bits(bit_width)
-        g = int(group_size or _config_for(self.mode, None).group_size)
+        g = int(group_size or _config_for(self.mode, None).spec_for(bits).group_size)
         out: Dict[str, Dict[str, Any]] = {}
         for name, array in weights.items():
             try:
@@ -259,7 +259,7 @@ class ArrowQuantV2:
                 wtype.value_type not in (pa.float32(), pa.float16()):
             raise ValidationError(f"column 'weights' must be list<float32>, got {wtype}")
         bits = self._bits(bit_width)
-        g = int(group_size or _config_for(self.mode, None).group_size)
+        g = int(group_size or _config_for(self.mode, None).spec_for(bits).group_size)
         names: List[str] = []
         shapes: List[List[int]] = []
         datas: List[np.ndarray] = []

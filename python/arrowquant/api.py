@@ -24,7 +24,7 @@ from .planning.plan import DEFAULT_MIN_COSINE, Planner, RulePlanner
 from .progress import ProgressArg
 from .run.report import QuantizeSummary, TensorRecord
 from .sources import is_v2_dir, open_model
-from .spec import DEFAULT_SPEC, QuantSpec
+from .spec import DEFAULT_SPEC, WIDTH_DEFAULTS, QuantSpec, resolve_spec
 from .validation import LayerCheck, ValidationReport, validate_v2  # noqa: F401 (re-exported)
 
 PathLike = Union[str, os.PathLike]
@@ -35,10 +35,10 @@ def quantize(
     output: PathLike,
     *,
     bits: int = DEFAULT_SPEC.bits,
-    group_size: int = DEFAULT_SPEC.group_size,
+    group_size: Optional[int] = None,
     scheme: str = DEFAULT_SPEC.scheme,
-    method: str = DEFAULT_SPEC.method,
-    param_dtype: str = DEFAULT_SPEC.param_dtype,
+    method: Optional[str] = None,
+    param_dtype: Optional[str] = None,
     threads: int = 0,
     max_memory: Union[None, str, int] = None,
     chunk_size: Union[str, int] = DEFAULT_CHUNK_SIZE,
@@ -94,7 +94,15 @@ def quantize(
     local one; `ray_cpus_per_task`, default the engine's thread count) and
     writes the same bytes as one machine (docs/ray.md).
     """
+    if output_format == "gguf" and param_dtype == "superblock":
+        raise ConfigurationError(
+            "GGUF output uses llama.cpp's block types, whose parameters their layouts fix; "
+            "param dtype 'superblock' is an ArrowQuant Parquet V2 format: drop param_dtype "
+            "or write Parquet")
     if config is None:
+        if bits in WIDTH_DEFAULTS:  # what is not given follows the bit width (spec.default_spec)
+            spec = resolve_spec(bits, group_size, scheme, method, param_dtype)
+            group_size, method, param_dtype = spec.group_size, spec.method, spec.param_dtype
         QuantSpec(bits, group_size, scheme, method, param_dtype).validate()
         # Without a config the caller's keyword arguments are the whole
         # policy: one width for every 2-D float tensor (RulePlanner), floors

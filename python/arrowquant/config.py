@@ -1,4 +1,5 @@
 """DiffusionQuantConfig: every setting of a quantization run in one object,
+(kept whole: one object's fields, profiles, files, environment and resolution)
 with deployment profiles, validation, YAML files and ARROW_QUANT_* environment
 overrides.
 
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .errors import ConfigurationError
-from .spec import DEFAULT_SPEC, VALID_BITS, VALID_METHODS, VALID_PARAM_DTYPES, VALID_SCHEMES
+from .spec import (DEFAULT_SPEC, VALID_BITS, VALID_METHODS, VALID_PARAM_DTYPES, VALID_SCHEMES,
+                   WIDTH_FIELDS, QuantSpec, default_spec)
 
 MODALITIES = ("text", "code", "image", "audio")
 #: Minimum cosine similarity per bit width below which a layer is redone at the
@@ -39,14 +41,13 @@ DEFAULT_MIN_COSINE: Dict[int, float] = {2: 0.70, 4: 0.90, 8: 0.95}
 RULE_BITS = (2, 4, 8, 16)
 KEEP_BITS = 16
 
-#: Settings of each deployment profile; fields not named keep the dataclass default.
+#: Settings of each deployment profile; fields not named keep the dataclass
+#: default, and group size, method and parameter storage follow the bit width
+#: (spec.default_spec) unless set.
 PROFILES: Dict[str, Dict[str, Any]] = {
-    "edge": dict(bit_width=2, num_time_groups=5, group_size=256, enable_spatial=False,
-                 min_accuracy=0.65),
-    "local": dict(bit_width=4, num_time_groups=10, group_size=128, enable_spatial=True,
-                  min_accuracy=0.85),
-    "cloud": dict(bit_width=8, num_time_groups=20, group_size=64, enable_spatial=True,
-                  min_accuracy=0.95),
+    "edge": dict(bit_width=2, num_time_groups=5, enable_spatial=False, min_accuracy=0.65),
+    "local": dict(bit_width=4, num_time_groups=10, enable_spatial=True, min_accuracy=0.85),
+    "cloud": dict(bit_width=8, num_time_groups=20, enable_spatial=True, min_accuracy=0.95),
     "base": dict(bit_width=4, enable_time_aware=False, enable_spatial=False),
 }
 #: deployment_profile may also say "custom" (a config not made from a profile).
@@ -134,6 +135,8 @@ class DiffusionQuantConfig:
                 f"unknown profile {name!r}; allowed: {', '.join(PROFILES)}")
         values: Dict[str, Any] = dict(PROFILES[name], deployment_profile=name)
         values.update(overrides)
+        values = dict(width_defaults(values["bit_width"], values.get("scheme", DEFAULT_SPEC.scheme),
+                                     values.get("param_dtype")), **values)
         return cls.from_dict(values, validate=False)._validated()
 
     @classmethod
@@ -280,6 +283,21 @@ class DiffusionQuantConfig:
         """Whether bits are allocated per layer (target_bpw or enable_mixed_precision)."""
         return self.target_bpw is not None or self.enable_mixed_precision
 
+    def spec_for(self, bits: int) -> QuantSpec:
+        """The spec of a tensor at `bits` in this run (a rule, the allocator
+        or a timestep layer may give it another width than bit_width): the
+        run's settings; at another width, that width's defaults
+        (spec.default_spec) when the run's settings are its own width's
+        defaults, so that e.g. an INT2 layer of a default INT4 run gets the
+        INT2 search rather than INT4's rtn."""
+        own = QuantSpec(bits, self.group_size, self.scheme, self.method, self.param_dtype)
+        if bits == self.bit_width or bits not in VALID_BITS:
+            return own
+        mine = width_defaults(self.bit_width, self.scheme)
+        if mine and all(getattr(self, k) == v for k, v in mine.items()):
+            return default_spec(bits, self.scheme)
+        return own
+
     def min_cosine(self, bits: int) -> Optional[float]:
         c = self.fallback_thresholds.get(bits)
         return None if c is None or c <= 0.0 else float(c)
@@ -295,6 +313,10 @@ def resolve(config_file: Optional[Union[str, Path]] = None, profile: Optional[st
     module docstring). `overrides` maps field names to values; None values
     are skipped. `environ` defaults to os.environ."""
     file_values: Dict[str, Any] = _read_yaml(config_file) if config_file is not None else {}
+    env = os.environ if environ is None else environ
+    explicit_keys = set(file_values) | {name for var, name in ENV_FIELDS.items()
+                                   if (env.get(var) or "").strip()} | \
+        {k for k, v in (overrides or {}).items() if v is not None}
     base_name = profile if profile is not None else file_values.get("deployment_profile", "local")
     if base_name == "custom":
         cfg = DiffusionQuantConfig(deployment_profile="custom")
@@ -310,8 +332,23 @@ def resolve(config_file: Optional[Union[str, Path]] = None, profile: Optional[st
     if overrides:
         explicit = {k: v for k, v in overrides.items() if v is not None}
         cfg = DiffusionQuantConfig.from_dict(explicit, base=cfg, validate=False)
+    if cfg.bit_width in VALID_BITS:
+        # What the user did not set follows the final bit width.
+        given_pd = cfg.param_dtype if "param_dtype" in explicit_keys else None
+        follow = {k: v for k, v in width_defaults(cfg.bit_width, cfg.scheme, given_pd).items()
+                  if k not in explicit_keys}
+        cfg = DiffusionQuantConfig.from_dict(follow, base=cfg, validate=False)
     cfg.validate()
     return cfg
+
+
+def width_defaults(bits: int, scheme: str = DEFAULT_SPEC.scheme,
+                   param_dtype: Optional[str] = None) -> Dict[str, Any]:
+    """group_size / method / param_dtype of spec.default_spec(bits, scheme, param_dtype)."""
+    if bits not in VALID_BITS or (param_dtype is not None and param_dtype not in VALID_PARAM_DTYPES):
+        return {}
+    spec = default_spec(bits, scheme if scheme in VALID_SCHEMES else DEFAULT_SPEC.scheme, param_dtype)
+    return {k: getattr(spec, k) for k in WIDTH_FIELDS}
 
 
 # ---------------------------------------------------------------------- helpers

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,17 +32,34 @@ VALID_PARAM_DTYPES = ("float32", "float16", "superblock")
 SUPERBLOCK_WEIGHTS = 256
 
 
+#: The default (group size, method, parameter storage) of each bit width, as
+#: measured on real model outputs (docs/quality.md, "Defaults"; issue 18):
+#: INT4 -- rtn with superblock parameters, groups of 32 (4.5 bpw): better than
+#: llama.cpp's Q4_0 at its size on MiniLM, the DCGAN and TAEF2 (mean and
+#: worst), at 330-450 M weights/s per core;
+#: INT8 -- the mse search, float16 parameters, groups of 64 (8.5 bpw, Q8_0's
+#: size): above Q8_0 on all three, at 180-200 M weights/s per core;
+#: INT2 -- the mse search with superblock parameters, groups of 16 (2.625
+#: bpw, Q2_K's size): rtn ranges are far from optimal at 2 bits.
+WIDTH_DEFAULTS: Dict[int, Tuple[int, str, str]] = {
+    4: (32, "rtn", "superblock"),
+    8: (64, "mse", "float16"),
+    2: (16, "mse", "superblock"),
+}
+
+
 @dataclass(frozen=True)
 class QuantSpec:
-    """How a tensor is quantized. The defaults are the measured best trade-off
-    per byte and per second (docs/quality.md): INT4, groups of 128, the
-    error-minimizing `mse` search, float16 parameters (4.25 bits per weight)."""
+    """How a tensor is quantized. The defaults are INT4's measured best
+    trade-off per byte and per second (WIDTH_DEFAULTS, docs/quality.md):
+    groups of 32, rtn, superblock parameters (4.5 bits per weight). Another
+    width's defaults: default_spec(bits)."""
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int = WIDTH_DEFAULTS[4][0]
     scheme: str = "asymmetric"
-    method: str = "mse"
-    param_dtype: str = "float16"
+    method: str = WIDTH_DEFAULTS[4][1]
+    param_dtype: str = WIDTH_DEFAULTS[4][2]
 
     def validate(self) -> "QuantSpec":
         """Raises ValidationError naming the field and what it allows; returns self."""
@@ -63,6 +80,46 @@ class QuantSpec:
 
 #: The spec every default comes from.
 DEFAULT_SPEC = QuantSpec()
+
+#: The fields WIDTH_DEFAULTS decides (each follows the bit width unless set).
+WIDTH_FIELDS = ("group_size", "method", "param_dtype")
+
+
+def default_spec(bits: int = DEFAULT_SPEC.bits, scheme: str = DEFAULT_SPEC.scheme,
+                 param_dtype: Optional[str] = None) -> QuantSpec:
+    """The default spec of a bit width (WIDTH_DEFAULTS). When the parameters
+    cannot or are asked not to be superblock ones (the symmetric scheme, or
+    `param_dtype` float16 / float32), the group doubles: float16 parameters
+    at twice the group size take the same bits per weight at INT4 and INT8."""
+    if bits not in WIDTH_DEFAULTS:
+        raise ValidationError(f"bits must be 2, 4 or 8, got {bits!r}")
+    group_size, method, default_pd = WIDTH_DEFAULTS[bits]
+    pd = param_dtype or default_pd
+    if pd == "superblock" and scheme != "asymmetric" and param_dtype is None:
+        pd = "float16"
+    if default_pd == "superblock" and pd != "superblock":
+        group_size *= 2
+    return QuantSpec(bits, group_size, scheme, method, pd)
+
+
+def resolve_spec(bits: int = DEFAULT_SPEC.bits, group_size: Optional[int] = None,
+                 scheme: str = DEFAULT_SPEC.scheme, method: Optional[str] = None,
+                 param_dtype: Optional[str] = None) -> QuantSpec:
+    """The spec of the given settings, the others (None) from default_spec(bits)
+    -- what the array API and the pipeline do with what the caller left out."""
+    if bits not in WIDTH_DEFAULTS:
+        raise ValidationError(f"bits must be 2, 4 or 8, got {bits!r}")
+    return default_spec(bits, scheme, param_dtype).replace(group_size=group_size, method=method)
+
+
+def weighted_param_spec(group_size: int, param_dtype: str) -> Tuple[int, str]:
+    """(group size, parameter storage) for the importance-weighted search,
+    which stores float32 or float16 parameters only: superblock parameters
+    become float16 at twice the group size (the same bits per weight at INT4
+    and INT8: 12 / 32 + 32 / 256 = 32 / 64 + 0)."""
+    if param_dtype == "superblock":
+        return 2 * int(group_size), "float16"
+    return int(group_size), param_dtype
 
 
 def check_spec(bits: int, group_size: int, scheme: str, method: str = DEFAULT_SPEC.method,

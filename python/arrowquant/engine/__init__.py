@@ -9,8 +9,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..spec import (DEFAULT_SPEC, check_spec, groups_per_row, packed_row_bytes,
-                    superblocks_per_row, view_2d)
+from ..spec import (DEFAULT_SPEC, WIDTH_DEFAULTS, check_spec, groups_per_row, packed_row_bytes,
+                    resolve_spec, superblocks_per_row, view_2d)
 from . import core
 from .core import active_kernel
 from .metrics import ErrorSums
@@ -21,10 +21,10 @@ def quantize_array(
     array: Any,
     *,
     bits: int = DEFAULT_SPEC.bits,
-    group_size: int = DEFAULT_SPEC.group_size,
+    group_size: Optional[int] = None,
     scheme: str = DEFAULT_SPEC.scheme,
-    method: str = DEFAULT_SPEC.method,
-    param_dtype: str = DEFAULT_SPEC.param_dtype,
+    method: Optional[str] = None,
+    param_dtype: Optional[str] = None,
     dtype: Optional[str] = None,
     shape: Optional[Sequence[int]] = None,
     name: str = "tensor",
@@ -37,6 +37,9 @@ def quantize_array(
     come as ml_dtypes arrays or as raw uint16/uint8 with `dtype=` naming them.
     `threads=0` uses all cores. Raises ValidationError for bad input, naming
     the tensor (and for NaN/Inf the first bad index)."""
+    if bits in WIDTH_DEFAULTS:  # what is not given follows the bit width (spec.default_spec)
+        spec = resolve_spec(bits, group_size, scheme, method, param_dtype)
+        group_size, method, param_dtype = spec.group_size, spec.method, spec.param_dtype
     check_spec(bits, group_size, scheme, method, param_dtype)
     src = as_source(array, dtype=dtype, shape=shape, name=name)
     rows, cols = src.rows, src.cols

@@ -41,6 +41,11 @@ quantize_with_params = _core.quantize_with_params
 dequantize = _core.dequantize
 quantize_importance = _core.quantize_importance
 importance_params = _core.importance_params
+# Code grids (docs/FORMAT.md section 10; arrowquant.engine.grid).
+grid_learn_levels = _core.grid_learn_levels
+grid_quantize = _core.grid_quantize
+grid_quantize_superblock = _core.grid_quantize_superblock
+grid_dequantize = _core.grid_dequantize
 
 
 def call(name: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -66,11 +66,14 @@ def allocate(cfg: DiffusionQuantConfig, tensors: Sequence[TensorInfo],
              ) -> Tuple[Dict[str, Tuple[Optional[int], str]], AllocationSummary]:
     """Bits (or None = keep) for each free layer under the budget, and the
     summary of the allocation (see the module doc)."""
-    g, pd = cfg.group_size, cfg.param_dtype
+    def cost_of(t: TensorInfo, b: Optional[int]) -> int:
+        spec = cfg.spec_for(b if b is not None else cfg.bit_width)
+        return layer_cost_bits(t, b, spec.group_size, spec.param_dtype)
+
     floats = [t for t in tensors if t.is_float and t.numel > 0]
     total_weights = sum(t.numel for t in floats)
     free_names = {t.name for t in free}
-    fixed_cost = sum(layer_cost_bits(t, plans[t.name].bits, g, pd)
+    fixed_cost = sum(cost_of(t, plans[t.name].bits)
                      for t in floats if t.name not in free_names)
 
     # Options per free layer: (label, bits, cost, weighted error), cheapest first.
@@ -82,9 +85,9 @@ def allocate(cfg: DiffusionQuantConfig, tensors: Sequence[TensorInfo],
             thr = cfg.min_cosine(b)
             if thr is not None and sens.cosine[b] < thr:
                 continue  # would be redone at a wider width anyway
-            opts.append((f"{b} bits", b, float(layer_cost_bits(t, b, g, pd)),
+            opts.append((f"{b} bits", b, float(cost_of(t, b)),
                          t.numel * sens.error[b]))
-        opts.append(("keep", None, float(layer_cost_bits(t, None, g, pd)), 0.0))
+        opts.append(("keep", None, float(cost_of(t, None)), 0.0))
         opts.sort(key=lambda o: (o[2], o[3]))
         options.append(opts)
 
@@ -92,7 +95,7 @@ def allocate(cfg: DiffusionQuantConfig, tensors: Sequence[TensorInfo],
         budget = cfg.target_bpw * total_weights
         target = float(cfg.target_bpw)
     else:
-        budget = fixed_cost + sum(layer_cost_bits(t, cfg.bit_width, g, pd) for t in free)
+        budget = fixed_cost + sum(cost_of(t, cfg.bit_width) for t in free)
         target = budget / total_weights
 
     L = len(free)
@@ -136,7 +139,7 @@ def allocate(cfg: DiffusionQuantConfig, tensors: Sequence[TensorInfo],
         chosen[t.name] = (bits, f"allocated for {target:.4g} bits per weight")
     uniform: Dict[int, Tuple[float, float]] = {}
     for b in WIDTHS:
-        c = fixed_cost + sum(layer_cost_bits(t, b, g, pd) for t in free)
+        c = fixed_cost + sum(cost_of(t, b) for t in free)
         e = sum(t.numel * sensitivities[t.name].error[b] for t in free)
         uniform[b] = (c / total_weights, e)
     summary = AllocationSummary(target_bpw=target, achieved_bpw=spent / total_weights,

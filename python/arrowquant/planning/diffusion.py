@@ -167,8 +167,9 @@ class DiffusionPlanner:
 
     def _base(self, t: TensorInfo, bits: Optional[int], reason: str, rule: str) -> TensorPlan:
         cfg = self.config
-        return TensorPlan(t.name, bits, group_size=cfg.group_size, scheme=cfg.scheme,
-                          method=cfg.method, param_dtype=cfg.param_dtype, reason=reason,
+        spec = cfg.spec_for(bits if bits is not None else cfg.bit_width)
+        return TensorPlan(t.name, bits, group_size=spec.group_size, scheme=cfg.scheme,
+                          method=spec.method, param_dtype=spec.param_dtype, reason=reason,
                           extra={"rule": rule})
 
     def _rule_plan(self, t: TensorInfo) -> Optional[TensorPlan]:

@@ -129,26 +129,27 @@ class SensitivityMeter:
     def _quantize_sample(self, sample: np.ndarray, bits: int, importance: Optional[np.ndarray],
                          name: str) -> np.ndarray:
         cfg = self.config
+        spec = cfg.spec_for(bits)
         if self.quantizer is not None:
             return np.asarray(self.quantizer(
-                sample, bits=bits, group_size=cfg.group_size, scheme=cfg.scheme,
-                method=cfg.method, param_dtype=cfg.param_dtype, importance=importance),
+                sample, bits=bits, group_size=spec.group_size, scheme=cfg.scheme,
+                method=spec.method, param_dtype=spec.param_dtype, importance=importance),
                 dtype=np.float32).reshape(sample.shape)
         from ..engine import dequantize_array, quantize_array
 
-        if importance is not None and cfg.param_dtype != "superblock":
+        if importance is not None and spec.param_dtype != "superblock":
             # (The weighted search has no two-level parameters: a superblock
             # layer is measured with the plain method and a weighted error.)
             weighted = _weighted_quantizer()
             if weighted is not None:
                 # What the calibrated pipeline will do with this layer.
-                qt = weighted(sample, importance, bits=bits, group_size=cfg.group_size,
-                              scheme=cfg.scheme, param_dtype=cfg.param_dtype, name=name,
+                qt = weighted(sample, importance, bits=bits, group_size=spec.group_size,
+                              scheme=cfg.scheme, param_dtype=spec.param_dtype, name=name,
                               threads=cfg.num_threads)
                 return dequantize_array(qt, threads=cfg.num_threads)
 
-        qt = quantize_array(sample, bits=bits, group_size=cfg.group_size, scheme=cfg.scheme,
-                            method=cfg.method, param_dtype=cfg.param_dtype, name=name,
+        qt = quantize_array(sample, bits=bits, group_size=spec.group_size, scheme=cfg.scheme,
+                            method=spec.method, param_dtype=spec.param_dtype, name=name,
                             threads=cfg.num_threads)
         return dequantize_array(qt, threads=cfg.num_threads)
 
@@ -163,8 +164,9 @@ class SensitivityMeter:
             cfg = self.config
             err, cos = {}, {}
             for b in WIDTHS:
-                m = quantize_array(sample, bits=b, group_size=cfg.group_size, scheme=cfg.scheme,
-                                   method=cfg.method, param_dtype=cfg.param_dtype, name=t.name,
+                spec = cfg.spec_for(b)
+                m = quantize_array(sample, bits=b, group_size=spec.group_size, scheme=cfg.scheme,
+                                   method=spec.method, param_dtype=spec.param_dtype, name=t.name,
                                    threads=cfg.num_threads).metrics
                 err[b], cos[b] = m.rel_mse, m.cosine
             return Sensitivity(error=err, cosine=cos, entropy=entropy_score(sample),

@@ -17,7 +17,8 @@ from ..engine.finite import check_finite
 from ..engine.metrics import ErrorSums
 from ..engine.tensor import QuantizedTensor, as_source
 from ..errors import ValidationError
-from ..spec import DEFAULT_SPEC, check_spec, groups_per_row, packed_row_bytes, view_2d
+from ..spec import (DEFAULT_SPEC, WIDTH_DEFAULTS, check_spec, groups_per_row, packed_row_bytes,
+                    resolve_spec, view_2d)
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -142,10 +143,10 @@ def quantize_array(
     array: Any,
     *,
     bits: int = DEFAULT_SPEC.bits,
-    group_size: int = DEFAULT_SPEC.group_size,
+    group_size: Optional[int] = None,
     scheme: str = DEFAULT_SPEC.scheme,
-    method: str = DEFAULT_SPEC.method,
-    param_dtype: str = DEFAULT_SPEC.param_dtype,
+    method: Optional[str] = None,
+    param_dtype: Optional[str] = None,
     dtype: Optional[str] = None,
     shape: Optional[Sequence[int]] = None,
     name: str = "tensor",
@@ -155,6 +156,9 @@ def quantize_array(
 ) -> QuantizedTensor:
     """Same contract as arrowquant.engine.quantize_array (threads ignored)."""
     del threads, force_scalar
+    if bits in WIDTH_DEFAULTS:  # what is not given follows the bit width (spec.default_spec)
+        spec = resolve_spec(bits, group_size, scheme, method, param_dtype)
+        group_size, method, param_dtype = spec.group_size, spec.method, spec.param_dtype
     check_spec(bits, group_size, scheme, method, param_dtype)
     src = as_source(array, dtype=dtype, shape=shape, name=name)
     rows, cols = src.rows, src.cols

@@ -34,12 +34,9 @@ OnTensor = Optional[Callable[[TensorRecord], None]]
 def run(job: Job, progress: ProgressArg = None, on_tensor: OnTensor = None,
         cancel: Optional[threading.Event] = None) -> QuantizeSummary:
     """Quantizes job.input into job.output (see the module doc)."""
-    if job.calibration is not None and job.config.param_dtype == "superblock":
-        # Checked first: a diffusers pipeline would quantize components before
-        # reaching the one the statistics are for.
-        raise ValidationError(
-            "calibrated (importance-weighted) quantization does not support param dtype "
-            "'superblock'; use float16 or float32 parameters with --calibration")
+    # Calibrated layers with superblock parameters (the INT4 / INT2 default) are
+    # written with float16 parameters at twice the group by the calibrated
+    # planner (spec.weighted_param_spec); the other layers keep superblock.
     if is_pipeline_dir(job.input):
         return run_pipeline(job, progress, on_tensor, cancel)
     return run_model(job, job.input, job.output, job.overwrite, job.resume, job.calibration,

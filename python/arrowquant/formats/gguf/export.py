@@ -454,11 +454,9 @@ def quantize_to_gguf(job: Any, progress: Any = None) -> Any:
     from ...run.report import QuantizeSummary, TensorRecord
 
     cfg = job.config
-    if cfg.param_dtype == "superblock":
-        raise ConfigurationError(
-            "GGUF output uses llama.cpp's block types (Q8_0 / Q4_0 / Q4_1: blocks of 32 with "
-            "float16 parameters); param dtype 'superblock' is an ArrowQuant Parquet V2 format: "
-            "drop --param-dtype or write Parquet")
+    # GGUF output writes llama.cpp's block types, whose parameters their
+    # layouts fix: the run's param dtype (superblock by default at INT4, an
+    # ArrowQuant Parquet V2 format) does not apply.
     report = export_gguf(job.input, job.output, bits=cfg.bit_width, scheme=cfg.scheme,
                          gguf_type=job.gguf_type, threads=cfg.num_threads,
                          overwrite=job.overwrite, progress=progress, arch=job.gguf_arch,
