@@ -23,12 +23,14 @@ import arrowquant
 from conftest import write_v1
 
 PYTHON_DIR = str(Path(arrowquant.__file__).resolve().parent.parent)
+# What `python -m arrowquant` and the console script run.
+ENTRY = ["-c", "import sys; from arrowquant.cli import main; sys.exit(main())"]
 
 
 def cli(*args: str, env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None,
         timeout: float = 120) -> subprocess.CompletedProcess:
     e = {**os.environ, "PYTHONPATH": PYTHON_DIR, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "arrowquant", *map(os.fsdecode, args)],
+    return subprocess.run([sys.executable, *ENTRY, *map(os.fsdecode, args)],
                           capture_output=True, text=True, env=e, cwd=cwd, timeout=timeout,
                           errors="replace")
 
@@ -106,7 +108,7 @@ def outputs(d: Path) -> Dict[str, str]:
 
 def kill_when_staged(args, env, out: Path, parts: int = 2) -> None:
     e = {**os.environ, "PYTHONPATH": PYTHON_DIR, **env}
-    proc = subprocess.Popen([sys.executable, "-m", "arrowquant", *args], env=e,
+    proc = subprocess.Popen([sys.executable, *ENTRY, *args], env=e,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     try:
@@ -161,3 +163,170 @@ def test_resume_with_other_settings_is_refused_naming_the_output(tmp_path):
     kill_when_staged(["quantize", str(src), str(out), *common], {}, out)
     r = cli("quantize", src, out, *common, "--resume", "--bits", "8")
     user_error(r, str(out), "other settings")
+
+
+# ------------------------------------ 2, 14. --overwrite deletes only what we wrote
+
+
+def test_overwrite_onto_the_input_is_refused_and_deletes_nothing(tmp_path):
+    """Item 2: `quantize m m --overwrite` on a Parquet V1 model (which has a
+    metadata.json of its own) used to delete model.parquet and metadata.json."""
+    src = write_v1(tmp_path / "m", small())
+    before = snapshot(src)
+    r = cli("quantize", src, src, "--overwrite", "--no-progress")
+    user_error(r, str(src), "is the input")
+    assert snapshot(src) == before
+
+
+@pytest.mark.parametrize("where", ["inside", "parent"])
+def test_output_inside_or_containing_the_input_is_refused(tmp_path, where):
+    src = write_v1(tmp_path / "a" / "m", small())
+    before = snapshot(tmp_path / "a")
+    out = src / "q" if where == "inside" else tmp_path / "a"
+    r = cli("quantize", src, out, "--overwrite", "--no-progress")
+    user_error(r, str(out), "inside the input" if where == "inside" else "contains the input")
+    assert snapshot(tmp_path / "a") == before
+    assert not (src / "q").exists()
+
+
+def test_overwrite_of_a_folder_with_a_foreign_metadata_json_is_refused(tmp_path):
+    src = write_v1(tmp_path / "m", small())
+    other = write_v1(tmp_path / "other", small(3))  # a V1 model: metadata.json not ours
+    before = snapshot(other)
+    r = cli("quantize", src, other, "--overwrite", "--no-progress")
+    user_error(r, str(other / "metadata.json"), "not written by ArrowQuant")
+    assert snapshot(other) == before
+
+
+def test_overwrite_keeps_files_arrowquant_did_not_write(tmp_path):
+    src = write_v1(tmp_path / "m", small())
+    out = tmp_path / "out"
+    assert cli("quantize", src, out, "--no-progress").returncode == 0
+    (out / "notes.txt").write_text("mine")
+    r = cli("quantize", src, out, "--overwrite", "--no-progress")
+    user_error(r, str(out), "notes.txt", "did not write")
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    r = cli("quantize", src, out, "--overwrite", "--no-progress", "--bits", "8")
+    assert r.returncode == 0, r.stderr
+
+
+def test_overwrite_removes_a_symlink_never_its_target(tmp_path):
+    src = write_safetensors(tmp_path / "m", small())
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    out = tmp_path / "out"
+    assert cli("quantize", src.parent, out, "--no-progress").returncode == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").symlink_to(victim)
+    assert cli("quantize", src.parent, out, "--overwrite", "--no-progress").returncode == 0
+    assert victim.read_text() == "keep"
+
+
+def test_pipeline_output_inside_the_pipeline_is_refused(tmp_path):
+    """Item 14: `quantize pipe pipe/quantized` copied the output into itself."""
+    pipe = pipeline(tmp_path / "pipe")
+    before = snapshot(pipe)
+    r = cli("quantize", pipe, pipe / "quantized", "--no-progress")
+    user_error(r, "inside the input")
+    assert snapshot(pipe) == before and not (pipe / "quantized").exists()
+
+
+def test_pipeline_overwrite_and_resume_of_a_finished_pipeline(tmp_path):
+    pipe = pipeline(tmp_path / "pipe")
+    out = tmp_path / "out"
+    assert cli("quantize", pipe, out, "--no-progress").returncode == 0
+    r = cli("quantize", pipe, out, "--overwrite", "--no-progress", "--bits", "8")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "unet" / "metadata.json").read_text())["quantization"]["bits"] == 8
+    assert cli("quantize", pipe, out, "--resume", "--no-progress", "--bits", "8").returncode == 0
+
+
+# --------------------------------------------- 3. --resume into a foreign folder
+
+
+@pytest.mark.parametrize("content", ['{"modality": "text"}', "[1, 2]", "not json"])
+def test_resume_into_a_folder_with_a_foreign_metadata_json(tmp_path, content):
+    src = write_v1(tmp_path / "m", small())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metadata.json").write_text(content)
+    r = cli("quantize", src, out, "--resume", "--no-progress")
+    user_error(r, str(out / "metadata.json"))
+    assert (out / "metadata.json").read_text() == content
+
+
+# --------------------------------------------- 15. reserved names in a pipeline
+
+
+@pytest.mark.parametrize("name", ["metadata.json", "quantization_report.json", "unet.tmp"])
+def test_pipeline_component_with_a_reserved_name(tmp_path, name):
+    pipe = pipeline(tmp_path / "pipe")
+    write_safetensors(pipe / name, small(2), "diffusion_pytorch_model.safetensors")
+    out = tmp_path / "out"
+    r = cli("quantize", pipe, out, "--no-progress")
+    user_error(r, str(pipe / name), "may not be named")
+    assert not finished_looking(out) and not (out / "metadata.json").exists()
+
+
+# --------------------------------------------- 13. one rule for symlinks
+
+
+def test_symlinked_pipeline_component_leading_out_is_refused(tmp_path):
+    pipe = pipeline(tmp_path / "pipe")
+    elsewhere = write_safetensors(tmp_path / "elsewhere", small(4),
+                                  "diffusion_pytorch_model.safetensors").parent
+    (pipe / "vae").symlink_to(elsewhere, target_is_directory=True)
+    out = tmp_path / "out"
+    r = cli("quantize", pipe, out, "--no-progress")
+    user_error(r, str(pipe / "vae"), "outside the model folder")
+    assert not (out / "metadata.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["model", "pipeline-file", "pipeline-copied-folder"])
+def test_symlinked_copied_file_leading_out_is_refused(tmp_path, layout):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": 1}')
+    if layout == "model":
+        root = write_safetensors(tmp_path / "m", small()).parent
+        link = root / "tokenizer.json"
+    else:
+        root = pipeline(tmp_path / "pipe")
+        link = root / ("tokenizer.json" if layout == "pipeline-file"
+                       else "scheduler/scheduler_config.json")
+        if link.exists():
+            link.unlink()
+    link.symlink_to(secret)
+    out = tmp_path / "out"
+    r = cli("quantize", root, out, "--no-progress")
+    user_error(r, str(link), "outside the model folder")
+    assert not list(out.rglob("*secret*")) and not (out / "metadata.json").exists()
+    assert all(secret.read_text() not in p.read_text(errors="replace")
+               for p in out.rglob("*") if p.is_file()) if out.exists() else True
+
+
+# --------------------------------------------- 12. reports of the wrong shape
+
+
+@pytest.mark.parametrize("edit", [
+    lambda rep: rep["tensors"][0].update(output_bytes="abc"),
+    lambda rep: rep["tensors"][0].update(name=["a"]),
+    lambda rep: rep.update(tensors={"a": 1}),
+])
+def test_inspect_of_a_report_with_wrong_types(tmp_path, edit):
+    src = write_v1(tmp_path / "m", small())
+    out = tmp_path / "out"
+    assert cli("quantize", src, out, "--no-progress").returncode == 0
+    path = out / "quantization_report.json"
+    rep = json.loads(path.read_text())
+    edit(rep)
+    path.write_text(json.dumps(rep))
+    user_error(cli("inspect", out), str(path))
+    user_error(cli("quantize", src, out, "--resume", "--no-progress"), str(path))
+
+
+def test_python_m_arrowquant_is_the_cli():
+    r = subprocess.run([sys.executable, "-m", "arrowquant", "--version"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": PYTHON_DIR})
+    assert r.returncode == 0 and r.stdout.startswith("arrowquant "), r.stderr

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 
 from .config import DiffusionQuantConfig
+from .jsonfile import read_json
 from .errors import (ArrowQuantError, ConfigurationError, MetadataError)
 from .formats.safetensors_writer import SafeTensorsWriter
 from .formats.v2_reader import QuantizedModel, open_v2
@@ -145,12 +146,10 @@ def inspect(path: PathLike) -> Dict[str, Any]:
         report_path = p / "quantization_report.json"
         report: Any = {"tensors": []}
         if report_path.exists():
-            try:
-                report = json.loads(report_path.read_text())
-            except ValueError as exc:
-                raise MetadataError(f"{report_path}: invalid JSON ({exc})") from None
-        rows = report.get("tensors", []) if isinstance(report, dict) else []
-        by_name = {r["name"]: r for r in rows if isinstance(r, dict) and "name" in r}
+            from .run.report import REPORT_SCHEMA
+
+            report = read_json(report_path, REPORT_SCHEMA)
+        by_name = {r["name"]: r for r in report.get("tensors") or []}
         tensors = []
         for name, e in model.entries.items():
             r = by_name.get(name, {})

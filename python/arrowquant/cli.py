@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import ArrowQuantError
+from .files import save_traceback
+from .text import printable
 from .sizes import format_size
 
 from .formats.gguf.tables import GGUF_PRESETS, GGUF_TYPES
@@ -396,7 +398,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ArrowQuantError as exc:
-        print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
+        print(f"arrowquant {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader of our output stopped early (`arrowquant inspect M | head`):
@@ -405,11 +407,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except OSError as exc:  # the system refused a read or write outside the engine's wrapping
-        print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
+        print(f"arrowquant {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to finish", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user error: one line, the traceback in a file
+        saved = save_traceback(exc)
+        print(f"arrowquant {args.command}: internal error: {type(exc).__name__}: "
+              f"{printable(exc)}; full traceback in {saved} (please report it)", file=sys.stderr)
+        return 70  # EX_SOFTWARE
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..engine import core
 from ..engine.dtypes import ITEMSIZE
+from ..files import allowed_root
 from ..errors import ArrowQuantError, ArrowQuantIOError, FormatError, ModelNotFoundError, ValidationError
 from ..spec import view_2d
 from .base import ModelSource, TensorInfo
@@ -46,13 +47,7 @@ class _Location:
 
 
 def _allowed_root(root: Path) -> Path:
-    """The directory shard files must resolve into. A Hugging Face cache
-    snapshot (.../models--x--y/snapshots/<rev>/) holds symlinks to
-    ../../blobs/<hash>, so there the repository's cache folder is allowed."""
-    real = root.resolve()
-    if real.parent.name == "snapshots":
-        return real.parent.parent
-    return real
+    return allowed_root(root)
 
 
 def _check_shard_name(name: Any, index_path: Path, root: Path, allowed: Path) -> Path:
