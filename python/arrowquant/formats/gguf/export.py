@@ -50,7 +50,8 @@ from .reader import dequantize_bytes, dequantize_tensor, inspect_gguf, quantize_
 from ...engine import core as _core
 from ...engine.dtypes import QUANTIZABLE_DTYPES
 from ...engine.metrics import ErrorSums
-from ...errors import ArrowQuantError, ConfigurationError
+from ...engine.finite import with_location
+from ...errors import ArrowQuantError, ConfigurationError, ValidationError
 from ...progress import progress_fn
 from ...sizes import format_size
 from ...sources import ModelSource, open_model
@@ -314,8 +315,11 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
                     raw = _read_permuted(src, t, p["row_order"], r0, n, row_bytes)
                 else:
                     raw = src.read(t.name, r0, n, out=buf[: n * row_bytes])
-                part = writer.append_rows(np.ascontiguousarray(raw), t.dtype, n * per_row,
-                                          w_cols, threads)
+                try:
+                    part = writer.append_rows(np.ascontiguousarray(raw), t.dtype, n * per_row,
+                                              w_cols, threads)
+                except ValidationError as exc:  # the engine placed it in the tensor; add the file
+                    raise ValidationError(with_location(str(exc), src.location(t.name))) from None
                 sums.merge(ErrorSums(*part))
                 chunks += 1
                 done_bytes += n * row_bytes
