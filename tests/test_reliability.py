@@ -367,3 +367,58 @@ def test_nan_in_the_last_row_is_reported_in_full_by_every_path(tmp_path, args, d
     user_error(r, "NaN at index 131071 (row 255, column 511)", "in " + str(src))
     assert snapshot(src) == before
     assert not finished_looking(out) and not list(tmp_path.glob("out.gguf*"))
+
+
+# --------------------------------------------- 5, 6. GGUF text and numbers
+
+
+def gguf_string(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf_file(path: Path, kvs, tensors=((b"t.weight", (4, 2)),)) -> Path:
+    """A minimal GGUF v3 file: kvs [(key bytes, type id, value bytes)],
+    F32 tensors [(name bytes, dims)] (values 0)."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs))
+    for key, vtype, value in kvs:
+        head += gguf_string(key) + struct.pack("<I", vtype) + value
+    offset, data = 0, b""
+    for name, dims in tensors:
+        head += gguf_string(name) + struct.pack("<I", len(dims)) + \
+            b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", 0, offset)
+        n = 4 * int(np.prod(dims))
+        data += b"\0" * n + b"\0" * (-n % 32)
+        offset += n + (-n % 32)
+    head += b"\0" * (-len(head) % 32)
+    path.write_bytes(head + data)
+    return path
+
+
+ARCH = (b"general.architecture", 8, gguf_string(b"llama"))
+
+
+@pytest.mark.parametrize("kvs,tensors", [
+    ([ARCH, (b"bad.\xffkey", 4, struct.pack("<I", 1))], None),
+    ([ARCH, (b"general.name", 8, gguf_string(b"caf\xe9"))], None),
+    ([ARCH, (b"tokens", 9, struct.pack("<IQ", 8, 2) + gguf_string(b"a") + gguf_string(b"\xc0\xaf"))],
+     None),
+    ([ARCH], [(b"t.\xfe", (4, 2))]),
+])
+def test_gguf_with_bytes_that_are_not_utf8(tmp_path, kvs, tensors):
+    """Item 5: a non-UTF-8 key, string value or tensor name gave a
+    UnicodeDecodeError / nanobind conversion traceback."""
+    path = gguf_file(tmp_path / "x.gguf", kvs, *([tensors] if tensors else []))
+    for args in (["inspect", path], ["inspect", path, "--json"]):
+        user_error(cli(*args), str(path), "not valid UTF-8")
+
+
+def test_gguf_inspect_json_is_json_with_nan_and_inf(tmp_path):
+    """Item 6: `inspect --json` printed NaN / Infinity (not JSON)."""
+    kvs = [ARCH, (b"a.nan", 6, struct.pack("<f", float("nan"))),
+           (b"a.inf", 12, struct.pack("<d", float("inf"))),
+           (b"a.list", 9, struct.pack("<IQ", 6, 2) + struct.pack("<ff", 1.5, float("-inf")))]
+    path = gguf_file(tmp_path / "x.gguf", kvs)
+    r = cli("inspect", path, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert doc["metadata"]["a.nan"] is None and doc["metadata"]["a.list"] == [1.5, None]

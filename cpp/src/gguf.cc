@@ -16,6 +16,7 @@
 #include <set>
 
 #include "arrowquant/parallel.h"
+#include "arrowquant/text.h"
 
 namespace arrowquant::gguf {
 
@@ -626,6 +627,11 @@ class Cursor {
                                  " bytes at byte " + std::to_string(pos_) + " runs past the end");
     }
     std::string s(reinterpret_cast<const char*>(data_ + pos_), static_cast<size_t>(n));
+    const size_t bad = text::FirstInvalidUtf8(s);
+    if (bad != s.size()) {
+      return Status::FormatError(std::string("GGUF ") + what + " at byte " + std::to_string(pos_) +
+                                 " is not valid UTF-8 (byte " + std::to_string(pos_ + bad) + ")");
+    }
     pos_ += static_cast<size_t>(n);
     return s;
   }

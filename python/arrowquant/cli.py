@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -13,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import __version__
 from .errors import ArrowQuantError
 from .files import save_traceback
+from .jsonfile import dumps
 from .text import printable
 from .sizes import format_size
 
@@ -269,7 +269,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = api.run_job(job, progress=False if (args.no_progress or args.json) else None,
                           on_tensor=on_tensor)
     if args.json:
-        print(json.dumps(summary.details or summary.as_dict(), indent=2))
+        print(dumps(summary.details or summary.as_dict(), indent=2))
     elif job.output_format == "gguf":
         from .formats.gguf.export import format_report
 
@@ -284,7 +284,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     info = api.inspect(args.path)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(dumps(info, indent=2))
         return 0
     print(f"{info['path']}: {info['format']}, modality {info.get('modality') or 'unknown'}, "
           f"{info['num_tensors']} tensors, {info['params'] / 1e6:.2f}M params, "
@@ -316,10 +316,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.report:
         path = Path(args.report)
         text = report.to_markdown() if path.suffix.lower() in (".md", ".markdown") \
-            else json.dumps(report.as_dict(), indent=2)
+            else dumps(report.as_dict(), indent=2)
         path.write_text(text)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        print(dumps(report.as_dict(), indent=2))
     else:
         for l in report.layers:
             mark = "ok  " if l.passed else "FAIL"
@@ -347,7 +347,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
                          arch=args.gguf_arch, layout=args.gguf_layout,
                          max_memory=args.max_memory,
                          progress=False if (args.no_progress or args.json) else None)
-    print(json.dumps(report, indent=2) if args.json else format_report(report, args.verbose))
+    print(dumps(report, indent=2) if args.json else format_report(report, args.verbose))
     return 0
 
 
