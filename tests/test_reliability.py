@@ -422,3 +422,113 @@ def test_gguf_inspect_json_is_json_with_nan_and_inf(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert doc["metadata"]["a.nan"] is None and doc["metadata"]["a.list"] == [1.5, None]
+
+
+# --------------------------------------------- 7, 8. what the writer accepts the reader reads
+
+
+def test_zero_element_tensor_with_a_huge_dimension_does_not_hang(tmp_path):
+    """Item 7: shape [2^62, 0] built one chunk per row (a hang, memory growing)."""
+    src = raw_safetensors(tmp_path / "m" / "model.safetensors", {
+        "empty.weight": {"dtype": "F32", "shape": [4611686018427387904, 0], "data_offsets": [0, 0]},
+        "a.weight": {"dtype": "F32", "shape": [2, 32], "data_offsets": [0, 256]}}, b"\0" * 256)
+    out = tmp_path / "out"
+    r = cli("quantize", src.parent, out, "--no-progress", timeout=60)
+    if r.returncode == 0:  # accepted: then every reader reads it back
+        for args in (["inspect", out], ["validate", src.parent, out],
+                     ["dequantize", out, tmp_path / "d.safetensors"]):
+            rr = cli(*args, timeout=60)
+            assert rr.returncode in (0, 1) and "Traceback" not in rr.stderr, rr.stderr
+    else:
+        user_error(r, "empty.weight")
+        assert not finished_looking(out)
+
+
+@pytest.mark.parametrize("name,shape", [("", [2, 32]), ("deep.weight", [1] * 38 + [2, 32])])
+def test_writer_refuses_what_the_reader_would_refuse(tmp_path, name, shape):
+    """Item 8: a tensor named "" or with 40 dimensions was written (exit 0,
+    metadata.json) and then refused by inspect / validate / dequantize / load."""
+    src = raw_safetensors(tmp_path / "m" / "model.safetensors", {
+        name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 256]},
+        "a.weight": {"dtype": "F32", "shape": [2, 32], "data_offsets": [256, 512]}},
+        np.ones(128, np.float32).tobytes())
+    out = tmp_path / "out"
+    r = cli("quantize", src.parent, out, "--no-progress")
+    if r.returncode == 0:
+        for args in (["inspect", out], ["validate", src.parent, out],
+                     ["dequantize", out, tmp_path / "d.safetensors"]):
+            rr = cli(*args)
+            assert rr.returncode == 0, (args, rr.stderr)
+    else:
+        user_error(r, str(src))
+        assert not finished_looking(out)
+
+
+# --------------------------------------------- 9, 10, 11. JSON of the wrong shape
+
+
+@pytest.mark.parametrize("file,content", [
+    ("config.json", {"architectures": 5}),
+    ("config.json", {"architectures": True}),
+    ("config.json", {"architectures": [5]}),
+    ("config.json", [1, 2]),
+    ("config.json", {"model_type": ["x"]}),
+    ("metadata.json", [1, 2]),
+    ("metadata.json", {"modality": 3}),
+    ("metadata.json", {"is_diffusion_model": "yes"}),
+])
+def test_json_of_the_wrong_type_beside_safetensors(tmp_path, file, content):
+    """Items 9, 10: TypeError tracebacks."""
+    src = write_safetensors(tmp_path / "m", small()).parent
+    (src / file).write_text(json.dumps(content))
+    before = snapshot(src)
+    out = tmp_path / "out"
+    user_error(cli("quantize", src, out, "--no-progress"), str(src / file))
+    r = cli("inspect", src)  # reads the weights only: fine, or an error naming the file
+    if r.returncode != 0:
+        user_error(r, str(src / file))
+    assert snapshot(src) == before and not finished_looking(out)
+
+
+@pytest.mark.parametrize("weight_map", [
+    {"a.weight": ["model.safetensors"]}, {"a.weight": {"x": 1}}, {"a.weight": 3}, [1], "x"])
+def test_index_weight_map_of_the_wrong_type(tmp_path, weight_map):
+    """Item 11: a weight_map value that is a list gave an "unhashable" traceback."""
+    src = write_safetensors(tmp_path / "m", small()).parent
+    index = src / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for args in (["quantize", src, tmp_path / "out", "--no-progress"], ["inspect", src]):
+        user_error(cli(*args), str(index))
+
+
+# --------------------------------------------- 16. paths that are not UTF-8
+
+
+def test_output_path_with_a_byte_that_is_not_utf8(tmp_path):
+    """Item 16: pyarrow UnicodeEncodeError traceback."""
+    src = write_v1(tmp_path / "m", small())
+    out = os.fsencode(tmp_path) + b"/out\xff"
+    r = cli("quantize", src, os.fsdecode(out), "--no-progress")
+    user_error(r, "not valid UTF-8", "\\xff")
+    assert not os.path.exists(os.path.join(out, b"metadata.json"))
+
+
+# --------------------------------------------- 17. validate of a kept NaN
+
+
+def test_validate_passes_a_kept_tensor_holding_nan(tmp_path):
+    """Item 17: a tensor kept bit-exact that holds NaN failed validate
+    ("FAIL ... cos 0.000000 SQNR exact")."""
+    t = small()
+    norm = np.ones(64, np.float32)
+    norm[3] = np.nan
+    t["norm.weight"] = norm
+    src = write_safetensors(tmp_path / "m", t).parent
+    out = tmp_path / "out"
+    r = cli("quantize", src, out, "--no-progress")
+    if r.returncode != 0:  # refusing the NaN is fine, if said so
+        user_error(r, "norm.weight", "NaN")
+        return
+    r = cli("validate", src, out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAIL" not in r.stdout

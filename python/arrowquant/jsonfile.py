@@ -164,3 +164,13 @@ def finite_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_json(v) for v in value]
     return value
+
+
+# What ArrowQuant reads from the JSON files of a model folder (other keys are
+# left alone): the one schema of each, used by every reader of that file.
+MODEL_METADATA_SCHEMA = {"modality": Opt(str), "is_diffusion_model": Opt(bool),
+                         "format": Opt(str)}
+CONFIG_SCHEMA = {"_class_name": Opt(str), "architectures": Opt([str]), "model_type": Opt(str),
+                 "_name_or_path": Opt(str)}
+MODEL_INDEX_SCHEMA = {"_class_name": Opt(str)}
+INDEX_SCHEMA = {"metadata": Opt(dict), "weight_map": MapOf(str)}

@@ -23,6 +23,7 @@ import numpy as np
 from ..engine import core
 from ..engine.dtypes import ITEMSIZE
 from ..files import allowed_root
+from ..jsonfile import MODEL_METADATA_SCHEMA, MapOf, check, read_json
 from ..errors import ArrowQuantError, ArrowQuantIOError, FormatError, ModelNotFoundError, ValidationError
 from ..spec import view_2d
 from .base import ModelSource, TensorInfo
@@ -120,6 +121,7 @@ def _load_index(index_path: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
         raise FormatError(f"{index_path}: index has no \"weight_map\" object")
     if not weight_map:
         raise FormatError(f"{index_path}: \"weight_map\" lists no tensors")
+    check(weight_map, MapOf(str), index_path, "weight_map")
     metadata = doc.get("metadata", {})
     if metadata is None:
         metadata = {}
@@ -384,10 +386,7 @@ class SafeTensorsSource(ModelSource):
         self.metadata = dict(self._model.metadata or {})
         meta_path = root / "metadata.json"
         if meta_path.exists():
-            try:
-                self.metadata.update(json.loads(meta_path.read_text()))
-            except ValueError as exc:
-                raise FormatError(f"{meta_path}: invalid JSON ({exc})") from None
+            self.metadata.update(read_json(meta_path, MODEL_METADATA_SCHEMA))
 
     @property
     def weight_files(self) -> List[Path]:
