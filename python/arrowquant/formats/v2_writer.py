@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .arrow_checks import check_tensor
 from ..errors import ArrowQuantError
 from ..files import atomic_write_text, io_error
 from .v2_schema import BLOB_COLUMNS, FORMAT_NAME, INDEX_NAME, ChunkRecord, schema
@@ -135,6 +136,7 @@ class ShardWriter:
         self._size += planned_bytes
 
     def write(self, rec: ChunkRecord) -> None:
+        check_tensor(str(self.out_dir), rec.layer_name, list(rec.shape))
         assert self._writer is not None, "begin_tensor first"
         try:
             write_row(self._writer, record_batch(rec, self.param_dtype,

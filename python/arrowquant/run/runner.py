@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..errors import FormatError, ModelNotFoundError, QuantizationError, ValidationError
 from ..files import atomic_write_text, check_inside, check_separate
 from ..text import check_path_text, printable
+from ..formats.arrow_checks import check_tensor
 from ..formats.v2_schema import FORMAT_NAME, INDEX_NAME, format_version
 from ..job import Job
 from ..planning.plan import Planner, TensorPlan
@@ -130,6 +131,8 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
     cfg = job.config
     with lean_allocators(), open_model(src) as source:
         prints = fingerprint(source.weight_files)  # before anything is read
+        for t in source.tensors:  # what the V2 reader would refuse is never written
+            check_tensor(source.location(t.name), t.name, list(t.shape))
         report = progress_fn(progress, source.total_bytes)
         modality_info = detect_modality(source.root, [t.name for t in source.tensors],
                                         metadata=source.metadata, config=cfg.modality).as_dict()
