@@ -532,3 +532,22 @@ def test_validate_passes_a_kept_tensor_holding_nan(tmp_path):
     r = cli("validate", src, out)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout
+
+
+# --------------------------------------------- stale temporaries after a kill
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed_on_the_next_run(tmp_path):
+    src = write_safetensors(tmp_path / "m", small())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # a pid that ended
+    stale = [tmp_path / f".x.gguf.{dead}.00ff00ff.tmp", tmp_path / f"x.gguf.tmp-{dead}",
+             tmp_path / f".d.safetensors.{dead}.0badf00d.tmp"]
+    live = tmp_path / f"x.gguf.tmp-{os.getpid()}"  # a writer still running: kept
+    for p in [*stale, live]:
+        p.write_bytes(b"\0" * 1000)
+    assert cli("export-gguf", src, tmp_path / "x.gguf", "--no-progress").returncode == 0
+    q = tmp_path / "q"
+    assert cli("quantize", src, q, "--no-progress").returncode == 0
+    assert cli("dequantize", q, tmp_path / "d.safetensors").returncode == 0
+    assert not any(p.exists() for p in stale[1:]) and live.exists()

@@ -51,6 +51,7 @@ from ...engine import core as _core
 from ...engine.dtypes import QUANTIZABLE_DTYPES
 from ...engine.metrics import ErrorSums
 from ...engine.finite import with_location
+from ...files import check_separate, remove_stale_temporaries
 from ...errors import ArrowQuantError, ConfigurationError, ValidationError
 from ...progress import progress_fn
 from ...sizes import format_size
@@ -177,6 +178,9 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
         raise ArrowQuantError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
     if not out.parent.exists():
         raise ArrowQuantError(f"{out.parent}: output directory does not exist")
+    if isinstance(source, (str, os.PathLike)):
+        check_separate(Path(source), out)
+    remove_stale_temporaries(out.parent, out.name)  # a killed earlier run's NAME.tmp-PID
     if chunk_bytes <= 0:
         raise ConfigurationError(f"chunk_bytes must be positive, got {chunk_bytes}")
 
