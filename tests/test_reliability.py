@@ -551,3 +551,84 @@ def test_stale_temporaries_of_a_killed_writer_are_removed_on_the_next_run(tmp_pa
     assert cli("quantize", src, q, "--no-progress").returncode == 0
     assert cli("dequantize", q, tmp_path / "d.safetensors").returncode == 0
     assert not any(p.exists() for p in stale[1:]) and live.exists()
+
+
+# --------------------------------------------- whole hostile model folders (hypothesis)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3), max_leaves=6)
+KEYS = {"config.json": ["architectures", "model_type", "_class_name", "_name_or_path"],
+        "metadata.json": ["modality", "is_diffusion_model", "format"],
+        "model_index.json": ["_class_name"]}
+
+
+@st.composite
+def hostile_folder(draw):
+    """A model folder with one defect drawn: a JSON file of the wrong shape,
+    an index with wrong entries, a broken shard, a reserved or escaping name."""
+    kind = draw(st.sampled_from(["json", "index", "shard", "pipeline"]))
+    if kind == "json":
+        name = draw(st.sampled_from(sorted(KEYS)))
+        doc = draw(st.one_of(JSON_VALUES, st.fixed_dictionaries(
+            {k: JSON_VALUES for k in draw(st.lists(st.sampled_from(KEYS[name]), min_size=1,
+                                                   max_size=2, unique=True))})))
+        return kind, {name: json.dumps(doc)}
+    if kind == "index":
+        wm = draw(st.dictionaries(st.sampled_from(["a.weight", "b.weight", ""]),
+                                  JSON_VALUES | st.sampled_from(["../x.safetensors", "/etc/passwd",
+                                                                 "missing.safetensors"]),
+                                  max_size=3))
+        return kind, {"model.safetensors.index.json": json.dumps(
+            {"metadata": draw(JSON_VALUES), "weight_map": wm})}
+    if kind == "shard":
+        return kind, {"cut": draw(st.integers(1, 300)), "byte": draw(st.integers(0, 255))}
+    return kind, {"name": draw(st.sampled_from(["metadata.json", "quantization_report.json",
+                                                "x.tmp", "escape"]))}
+
+
+def build_folder(root: Path, kind: str, spec: dict) -> Path:
+    src = write_safetensors(root / "m", small())
+    if kind in ("json", "index"):
+        for name, text in spec.items():
+            (src.parent / name).write_text(text)
+        return src.parent
+    if kind == "shard":
+        b = bytearray(src.read_bytes())
+        b[min(spec["cut"], len(b) - 1)] = spec["byte"]
+        src.write_bytes(bytes(b[: max(8, len(b) - spec["cut"])]))
+        return src.parent
+    pipe = pipeline(root / "pipe")
+    if spec["name"] == "escape":
+        (pipe / "vae").symlink_to(src.parent, target_is_directory=True)
+    else:
+        write_safetensors(pipe / spec["name"], small(2), "diffusion_pytorch_model.safetensors")
+    return pipe
+
+
+@settings(max_examples=24, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(case=hostile_folder())
+def test_hostile_model_folders_through_the_cli(tmp_path_factory, case):
+    """The contract on generated folders: exit 1..127 (never 70 = a bug), no
+    traceback, the message names a file of the folder, the input unchanged,
+    no finished-looking output; or a clean success whose output reads back."""
+    kind, spec = case
+    root = tmp_path_factory.mktemp("hostile")
+    src = build_folder(root, kind, spec)
+    before = snapshot(src)
+    out = root / "out"
+    r = cli("quantize", src, out, "--no-progress", timeout=60)
+    assert snapshot(src) == before
+    if r.returncode == 0:
+        assert finished_looking(out)
+        rr = cli("inspect", out)
+        assert rr.returncode == 0, rr.stderr
+        return
+    user_error(r)
+    assert str(root) in r.stderr, r.stderr  # names the file (or the folder) concerned
+    assert not finished_looking(out)
