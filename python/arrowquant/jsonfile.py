@@ -123,7 +123,7 @@ def parse_json(text: Union[str, bytes], where: Any, schema: Any = ANY) -> Any:
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise MetadataError(f"{where}: not valid JSON ({e})") from None
+        raise MetadataError(f"{where}: cannot read JSON: not valid JSON ({e})") from None
     return check(doc, schema, where)
 
 

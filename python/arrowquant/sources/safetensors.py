@@ -23,7 +23,7 @@ import numpy as np
 from ..engine import core
 from ..engine.dtypes import ITEMSIZE
 from ..files import allowed_root
-from ..jsonfile import MODEL_METADATA_SCHEMA, MapOf, check, read_json
+from ..jsonfile import MODEL_METADATA_SCHEMA, read_json
 from ..errors import ArrowQuantError, ArrowQuantIOError, FormatError, ModelNotFoundError, ValidationError
 from ..spec import view_2d
 from .base import ModelSource, TensorInfo
@@ -121,7 +121,10 @@ def _load_index(index_path: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
         raise FormatError(f"{index_path}: index has no \"weight_map\" object")
     if not weight_map:
         raise FormatError(f"{index_path}: \"weight_map\" lists no tensors")
-    check(weight_map, MapOf(str), index_path, "weight_map")
+    for tensor, file_name in weight_map.items():  # before any is used as a key
+        if not isinstance(file_name, str) or not file_name:
+            raise FormatError(f"{index_path}: key 'weight_map.{tensor}': weight_map file name "
+                              f"{file_name!r} is not a non-empty string")
     metadata = doc.get("metadata", {})
     if metadata is None:
         metadata = {}
