@@ -632,3 +632,43 @@ def test_hostile_model_folders_through_the_cli(tmp_path_factory, case):
     user_error(r)
     assert str(root) in r.stderr, r.stderr  # names the file (or the folder) concerned
     assert not finished_looking(out)
+
+
+# --------------------------------------------- siblings found by a probe of the CLI
+
+
+def test_dequantize_and_validate_report_never_write_over_their_input(tmp_path):
+    src = write_safetensors(tmp_path / "m", small()).parent
+    out = tmp_path / "out"
+    assert cli("quantize", src, out, "--no-progress").returncode == 0
+    before = snapshot(out), snapshot(src)
+    user_error(cli("dequantize", out, out / "model.parquet", "--overwrite"), "inside the input")
+    user_error(cli("validate", src, out, "--report", out / "model.parquet"), "inside the input")
+    user_error(cli("validate", src, out, "--report", src / "model.safetensors"), "inside the input")
+    user_error(cli("export-gguf", src, src / "model.safetensors", "--overwrite"), "inside the input")
+    assert (snapshot(out), snapshot(src)) == before
+    r = cli("validate", src, out, "--report", tmp_path / "r.json")
+    assert r.returncode == 0 and json.loads((tmp_path / "r.json").read_text())["passed"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    (b"\xff\xfe\x00", "not valid UTF-8"), (b"a: " + b"[" * 3000, "nested too deeply"),
+    (b"bit_width: [1]", "bit_width"), (b"fallback_thresholds: {4: x}", "fallback_thresholds"),
+    (b"- 1\n- 2", "mapping")])
+def test_yaml_config_errors_name_the_file(tmp_path, text, needle):
+    src = write_v1(tmp_path / "m", small())
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text)
+    user_error(cli("quantize", src, tmp_path / "out", "--config", cfg, "--no-progress"),
+               str(cfg), needle)
+
+
+def test_v2_metadata_of_the_wrong_shape_through_every_reader(tmp_path):
+    src = write_safetensors(tmp_path / "m", small()).parent
+    out = tmp_path / "out"
+    assert cli("quantize", src, out, "--no-progress").returncode == 0
+    meta = out / "metadata.json"
+    meta.write_text(json.dumps({"format": "arrowquant-parquet-v2-pipeline", "components": [5]}))
+    for args in (["inspect", out], ["validate", src, out],
+                 ["dequantize", out, tmp_path / "d.safetensors"], ["export-gguf", out, tmp_path / "g.gguf"]):
+        user_error(cli(*args), str(meta))

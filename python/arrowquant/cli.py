@@ -314,10 +314,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     report = api.validate(args.original, args.quantized, _parse_thresholds(args.threshold))
     if args.report:
-        path = Path(args.report)
-        text = report.to_markdown() if path.suffix.lower() in (".md", ".markdown") \
-            else dumps(report.as_dict(), indent=2)
-        path.write_text(text)
+        report.save(args.report)
     if args.json:
         print(dumps(report.as_dict(), indent=2))
     else:

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from .errors import MetadataError
+from .errors import FormatError, MetadataError
 from .text import decode_text
 
 PathLike = Union[str, Path]
@@ -119,7 +119,10 @@ def parse_json(text: Union[str, bytes], where: Any, schema: Any = ANY) -> Any:
     """A JSON document from text (or UTF-8 bytes), checked against `schema`.
     (NaN / Infinity, which Python's json writes, are read as floats.)"""
     if isinstance(text, (bytes, bytearray)):
-        text = decode_text(bytes(text), where, "the document")
+        try:
+            text = decode_text(bytes(text), where, "the document")
+        except FormatError as e:
+            raise MetadataError(str(e)) from None
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError) as e:

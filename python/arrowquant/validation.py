@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from .config import DEFAULT_MIN_COSINE
 from .engine.dtypes import to_float64
 from .engine.metrics import ErrorSums
-from .errors import FormatError, ShapeMismatchError
+from .errors import ArrowQuantError, ArrowQuantIOError, FormatError, ShapeMismatchError
 from .formats.v2_reader import open_v2
 from .sources import open_model
 
@@ -70,6 +71,27 @@ class ValidationReport:
                          f"{l.sqnr_db:.2f} | {l.max_abs_error:.3e} | {thr} | "
                          f"{'yes' if l.passed else 'NO'} |")
         return "\n".join(lines) + "\n"
+
+    def save(self, path: PathLike) -> Path:
+        """Writes the report (.md / .markdown: Markdown, else JSON) atomically;
+        never over, or inside, the models it compares."""
+        import json
+
+        from .files import atomic_write_text, check_separate
+
+        out = Path(path)
+        for model in (self.original, self.quantized):
+            check_separate(Path(model), out)
+        if not out.parent.is_dir():
+            raise ArrowQuantError(f"{out.parent}: the report's directory does not exist")
+        text = self.to_markdown() if out.suffix.lower() in (".md", ".markdown") \
+            else json.dumps(self.as_dict(), indent=2)
+        try:
+            atomic_write_text(out, text)
+        except OSError as exc:
+            raise ArrowQuantIOError(f"{out}: cannot write the report ({exc.strerror or exc})") \
+                from None
+        return out
 
 
 def validate_v2(original: PathLike, quantized: PathLike,

@@ -4,7 +4,6 @@ quantization_report.json) and the QuantizeSummary of the run."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple

@@ -25,9 +25,12 @@ def is_v2_dir(root: Path) -> bool:
     if not meta.exists():
         return False
     try:
-        return json.loads(meta.read_text()).get("format") == "arrowquant-parquet-v2"
-    except (ValueError, AttributeError, OSError):
-        return False
+        doc = json.loads(meta.read_text())
+    except (ValueError, OSError):
+        return False  # not ours: the source readers say what is wrong with it
+    # A quantized pipeline's top folder too: the V2 reader names its components.
+    return isinstance(doc, dict) and doc.get("format") in ("arrowquant-parquet-v2",
+                                                           "arrowquant-parquet-v2-pipeline")
 
 
 def is_pipeline_dir(root: Path) -> bool:

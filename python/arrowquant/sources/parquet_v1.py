@@ -3,7 +3,6 @@ row group at a time through pyarrow."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
