@@ -672,3 +672,26 @@ def test_v2_metadata_of_the_wrong_shape_through_every_reader(tmp_path):
     for args in (["inspect", out], ["validate", src, out],
                  ["dequantize", out, tmp_path / "d.safetensors"], ["export-gguf", out, tmp_path / "g.gguf"]):
         user_error(cli(*args), str(meta))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "v1"])
+def test_weight_file_symlinked_out_of_the_model_folder_is_refused(tmp_path, kind):
+    """Item 13's rule on the weight file of a one-file model folder."""
+    elsewhere = write_safetensors(tmp_path / "elsewhere", small()) if kind == "safetensors" \
+        else write_v1(tmp_path / "elsewhere", small()) / "model.parquet"
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / elsewhere.name).symlink_to(elsewhere)
+    for args in (["quantize", root, tmp_path / "out", "--no-progress"], ["inspect", root],
+                 ["export-gguf", root, tmp_path / "x.gguf"]):
+        user_error(cli(*args), str(root / elsewhere.name), "outside the model folder")
+
+
+def test_hugging_face_cache_snapshot_symlinks_are_followed(tmp_path):
+    repo = tmp_path / "models--org--m"
+    blob = write_safetensors(repo / "blobs", small(), "0123abcd")
+    snap = repo / "snapshots" / "rev1"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(os.path.relpath(blob, snap))
+    r = cli("quantize", snap, tmp_path / "out", "--no-progress")
+    assert r.returncode == 0, r.stderr
