@@ -695,3 +695,36 @@ def test_hugging_face_cache_snapshot_symlinks_are_followed(tmp_path):
     (snap / "model.safetensors").symlink_to(os.path.relpath(blob, snap))
     r = cli("quantize", snap, tmp_path / "out", "--no-progress")
     assert r.returncode == 0, r.stderr
+
+
+def llama_folder(root: Path, config: dict, tokenizer: Optional[str] = None) -> Path:
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (32, 64), "model.norm.weight": (64,),
+              "model.layers.0.self_attn.q_proj.weight": (64, 64),
+              "model.layers.0.input_layernorm.weight": (64,), "lm_head.weight": (32, 64)}
+    write_safetensors(root, {k: rng.standard_normal(s).astype(np.float32)
+                             for k, s in shapes.items()})
+    base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "intermediate_size": 128, "vocab_size": 32, "rms_norm_eps": 1e-5}
+    (root / "config.json").write_text(json.dumps({**base, **config}))
+    if tokenizer is not None:
+        (root / "tokenizer.json").write_text(tokenizer)
+    return root
+
+
+@pytest.mark.parametrize("config,tokenizer,file", [
+    ({"hidden_size": "x"}, None, "config.json"), ({"rms_norm_eps": "a"}, None, "config.json"),
+    ({"rope_theta": [1]}, None, "config.json"), ({"rope_scaling": 5}, None, "config.json"),
+    ({"head_dim": "q"}, None, "config.json"), ({"text_config": {"vocab_size": "x"}}, None, "config.json"),
+    ({}, "[1]", "tokenizer.json"), ({}, '{"model": 5}', "tokenizer.json"),
+    ({}, '{"model": {"type": "BPE", "vocab": {"a": "x"}, "merges": []}}', "tokenizer.json"),
+    ({}, '{"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"id": "x"}]}',
+     "tokenizer.json"),
+])
+def test_llama_cpp_export_reads_config_and_tokenizer_through_a_schema(tmp_path, config, tokenizer,
+                                                                      file):
+    """Siblings of item 9 in the llama.cpp layout: tracebacks (exit 70) before."""
+    src = llama_folder(tmp_path / "m", config, tokenizer)
+    user_error(cli("export-gguf", src, tmp_path / "x.gguf", "--no-progress"), str(src / file))
+    assert not list(tmp_path.glob("x.gguf*"))
