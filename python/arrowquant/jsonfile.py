@@ -177,3 +177,12 @@ CONFIG_SCHEMA = {"_class_name": Opt(str), "architectures": Opt([str]), "model_ty
                  "_name_or_path": Opt(str)}
 MODEL_INDEX_SCHEMA = {"_class_name": Opt(str)}
 INDEX_SCHEMA = {"metadata": Opt(dict), "weight_map": MapOf(str)}
+# A diffusers component's config.json (what the GGUF converter, calibration
+# and the runtime read of it).
+DIFFUSERS_CONFIG_SCHEMA = {
+    **CONFIG_SCHEMA, "down_block_types": Opt([str]), "up_block_types": Opt([str]),
+    "layers_per_block": Opt((int, [int])), "block_out_channels": Opt([int]),
+    "in_channels": Opt(int), "sample_size": Opt((int, [int])),
+    "cross_attention_dim": Opt((int, [int])), "num_class_embeds": Opt(int),
+    "class_embed_type": Opt(str), "addition_embed_type": Opt(str),
+    "num_embeds_ada_norm": Opt(int)}

@@ -32,7 +32,6 @@ open, which llama.cpp cannot run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -51,6 +50,7 @@ from ...engine import core as _core
 from ...engine.dtypes import QUANTIZABLE_DTYPES
 from ...engine.metrics import ErrorSums
 from ...engine.finite import with_location
+from ...jsonfile import CONFIG_SCHEMA, read_json
 from ...files import check_separate, remove_stale_temporaries
 from ...errors import ArrowQuantError, ConfigurationError, ValidationError
 from ...progress import progress_fn
@@ -108,10 +108,7 @@ def _config_metadata(root: Path, name: Optional[str]) -> Tuple[List[Tuple[str, s
     cfg: Dict[str, Any] = {}
     for candidate in (root / "config.json", root.parent / "config.json"):
         if candidate.is_file():
-            try:
-                cfg = json.loads(candidate.read_text())
-            except ValueError:
-                cfg = {}
+            cfg = read_json(candidate, CONFIG_SCHEMA)
             break
     arch = "llama" if cfg.get("model_type") == "llama" else "arrowquant"
     model_name = name or cfg.get("_name_or_path") or root.name or "model"
