@@ -728,3 +728,39 @@ def test_llama_cpp_export_reads_config_and_tokenizer_through_a_schema(tmp_path, 
     src = llama_folder(tmp_path / "m", config, tokenizer)
     user_error(cli("export-gguf", src, tmp_path / "x.gguf", "--no-progress"), str(src / file))
     assert not list(tmp_path.glob("x.gguf*"))
+
+
+def _stats_file(path: Path, meta: bytes, rows: dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(rows).replace_schema_metadata({b"arrowquant.calibration": meta})
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize("meta,rows", [
+    (b"[1, 2]", None), (b"\xff", None), (b'{"num_time_groups": "x"}', None),
+    (b'{"num_time_groups": 1}', {"layer": [None]}), (b'{"num_time_groups": 1}', {"count": [None]}),
+    (b'{"num_time_groups": 1}', {"mean": [None]}),
+])
+def test_hostile_calibration_statistics_name_the_file(tmp_path, meta, rows):
+    good = {"layer": ["a"], "time_group": [0], "count": [1], "mean": [[0.0] * 64],
+            "mean_sq": [[1.0] * 64], "absmax": [[1.0] * 64]}
+    stats = _stats_file(tmp_path / "s.parquet", meta, {**good, **(rows or {})})
+    src = write_safetensors(tmp_path / "m", small()).parent
+    r = cli("quantize", src, tmp_path / "out", "--calibration", stats, "--no-progress")
+    user_error(r, str(stats))
+    assert not finished_looking(tmp_path / "out")
+
+
+@pytest.mark.parametrize("line", [b"\xff\n", b"[1]\n", b'{"data": "abc"}\n', b"[" * 5000 + b"\n",
+                                  b'{"data": [1, NaN]}\n'])
+def test_hostile_calibration_inputs_name_the_file(tmp_path, line):
+    from arrowquant.calibration.inputs import read_calibration_inputs
+    from arrowquant.errors import ArrowQuantError
+
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(line)
+    with pytest.raises(ArrowQuantError, match="in.jsonl"):
+        read_calibration_inputs(p)
