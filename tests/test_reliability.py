@@ -764,3 +764,30 @@ def test_hostile_calibration_inputs_name_the_file(tmp_path, line):
     p.write_bytes(line)
     with pytest.raises(ArrowQuantError, match="in.jsonl"):
         read_calibration_inputs(p)
+
+
+# --------------------------------------------- the CLI's error contract
+
+
+def test_an_unexpected_exception_is_one_line_exit_70_and_a_saved_traceback(tmp_path):
+    code = ("import sys, arrowquant.api as api\n"
+            "def broken(path):\n    raise ZeroDivisionError('a bug')\n"
+            "api.inspect = broken\n"
+            "from arrowquant.cli import main\nsys.exit(main(['inspect', 'x']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": PYTHON_DIR, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 70, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "internal error: ZeroDivisionError: a bug" in lines[0]
+    saved = Path(lines[0].split("full traceback in ")[1].split(" ")[0].rstrip(";"))
+    assert saved.parent == tmp_path and "Traceback" in saved.read_text()
+    assert "in broken" in saved.read_text()
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path):
+    for args in (["inspect", tmp_path / "nope"], ["quantize", tmp_path / "nope", tmp_path / "o"],
+                 ["validate", tmp_path / "a", tmp_path / "b"]):
+        r = cli(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        user_error(r, str(tmp_path))
