@@ -106,21 +106,26 @@ def outputs(d: Path) -> Dict[str, str]:
             if k.endswith(".parquet") or k.endswith(".index.json")}
 
 
-def kill_when_staged(args, env, out: Path, parts: int = 2) -> None:
+def kill_when_staged(args, env, out: Path, parts: int = 2, staged: Optional[Path] = None,
+                     sig: int = signal.SIGKILL) -> int:
+    """Starts the CLI, sends `sig` once `parts` chunks are staged (in
+    `staged`, default OUT), returns the exit code."""
     e = {**os.environ, "PYTHONPATH": PYTHON_DIR, **env}
     proc = subprocess.Popen([sys.executable, *ENTRY, *args], env=e,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    where = (staged or out) / ".arrowquant-staging"
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((out / ".arrowquant-staging").glob("*.part"))) >= parts:
+            if len(list(where.glob("*.part"))) >= parts:
                 break
             time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed"
+        assert proc.poll() is None, "the run ended before it could be stopped"
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
     assert not finished_looking(out)
+    return code
 
 
 CONFIG_SOURCES = {
@@ -154,6 +159,33 @@ def test_kill_9_then_resume_through_the_cli(tmp_path, source):
     assert r.returncode == 0, r.stderr
     assert outputs(out) == outputs(full)
     assert finished_looking(out)
+
+
+def test_pipeline_kill_9_and_ctrl_c_then_resume_through_the_cli(tmp_path):
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    rng = np.random.default_rng(5)
+    tensors = {f"layers.{i}.weight": rng.standard_normal((256, 512)).astype(np.float16)
+               for i in range(4)}
+    for comp in ("text_encoder", "unet"):
+        write_safetensors(pipe / comp, tensors, "diffusion_pytorch_model.safetensors")
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text("{}")
+    common = ["--chunk-size", "32KiB", "--engine", "reference", "--no-progress"]
+    full = tmp_path / "full"
+    assert cli("quantize", pipe, full, *common).returncode == 0
+    expect = {c: outputs(full / c) for c in ("text_encoder", "unet")}
+    for sig, staged in ((signal.SIGKILL, "text_encoder"), (signal.SIGINT, "unet")):
+        out = tmp_path / f"out-{sig}"
+        code = kill_when_staged(["quantize", str(pipe), str(out), *common], {}, out,
+                                staged=out / staged, sig=sig)
+        if sig == signal.SIGINT:
+            assert code == 130
+        r = cli("quantize", pipe, out, *common, "--resume")
+        assert r.returncode == 0, r.stderr
+        assert {c: outputs(out / c) for c in expect} == expect
+        assert finished_looking(out) and (out / "scheduler" / "scheduler_config.json").exists()
 
 
 def test_resume_with_other_settings_is_refused_naming_the_output(tmp_path):
