@@ -823,3 +823,27 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
         r = cli(*args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         user_error(r, str(tmp_path))
+
+
+def test_writes_never_go_through_a_symlink_planted_in_the_output(tmp_path):
+    """The symlink rule for writes: a temporary or lock name that is a
+    symlink is replaced, never written through."""
+    src = many_chunks(tmp_path / "src")
+    out = tmp_path / "out"
+    common = ["--chunk-size", "32KiB", "--engine", "reference", "--no-progress"]
+    kill_when_staged(["quantize", str(src), str(out), *common], {}, out)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    for name in ("metadata.json.tmp", "quantization_report.json.tmp", "model-00001.parquet.tmp"):
+        p = out / name
+        if p.exists() or p.is_symlink():
+            p.unlink()
+        p.symlink_to(victim)
+    r = cli("quantize", src, out, *common, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "keep" and finished_looking(out)
+    (out / ".arrowquant.lock").symlink_to(victim)
+    r = cli("quantize", src, out, *common, "--overwrite")
+    assert victim.read_text() == "keep"
+    if r.returncode != 0:
+        user_error(r, ".arrowquant.lock")

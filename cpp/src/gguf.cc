@@ -366,7 +366,8 @@ Result<std::unique_ptr<Writer>> Writer::Create(const std::string& path,
   w->alignment_ = alignment;
   w->data_offset_ = data_offset;
   w->layout_ = std::move(layout);
-  w->fd_ = ::open(w->temp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  w->fd_ = ::open(w->temp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW,
+                 0644);  // never through a symlink planted in its place
   if (w->fd_ < 0) return MakeIOError("cannot create", w->temp_path_);
   AQ_RETURN_NOT_OK(w->WriteAll(header.data(), header.size()));
   // Tensors with nothing to stream (never: every tensor has >= 1 element) would be skipped here.

@@ -9,11 +9,27 @@ from pathlib import Path
 from .errors import ArrowQuantIOError
 
 
+def fresh(path: Path) -> Path:
+    """`path`, with whatever was there (a stale temporary, or a symlink
+    planted in its place) removed without following it, so that the file
+    created next is a new one: a write never goes through a symlink."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        import shutil
+
+        shutil.rmtree(path)
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes `text` to `path` through a temporary file renamed into place
     (fsynced first): a reader sees the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    tmp = fresh(path.with_name(path.name + ".tmp"))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

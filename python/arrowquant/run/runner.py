@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import FormatError, ModelNotFoundError, QuantizationError, ValidationError
-from ..files import atomic_write_text, check_inside, check_separate
+from ..files import atomic_write_text, check_inside, check_separate, fresh
 from ..text import check_path_text, printable
 from ..formats.arrow_checks import check_tensor
 from ..formats.v2_schema import FORMAT_NAME, INDEX_NAME, format_version
@@ -166,7 +166,7 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
                                   "read; the output was not finished")
             files = runner.finish()
             for extra in source.extra_files:
-                tmp = out / (extra.name + ".tmp")
+                tmp = fresh(out / (extra.name + ".tmp"))
                 shutil.copy2(extra, tmp)
                 os.replace(tmp, out / extra.name)
             summary = summarize(records, output=out, source=str(source.root),
@@ -287,10 +287,10 @@ def run_pipeline(job: Job, progress: ProgressArg, on_tensor: OnTensor,
             if comp not in quantized and not (out / comp.name).exists():
                 for p in comp.rglob("*"):
                     check_inside(src, p, "file")
-                shutil.copytree(comp, out / (comp.name + ".tmp"))
+                shutil.copytree(comp, fresh(out / (comp.name + ".tmp")))
                 os.replace(out / (comp.name + ".tmp"), out / comp.name)
         for name in top_files:
-            shutil.copy2(src / name, out / (name + ".tmp"))
+            shutil.copy2(src / name, fresh(out / (name + ".tmp")))
             os.replace(out / (name + ".tmp"), out / name)
         if not summaries:
             raise ModelNotFoundError(f"{src}: a diffusers pipeline with no component weights")

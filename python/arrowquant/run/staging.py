@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import ArrowQuantError, ConfigurationError, FormatError
-from ..files import atomic_write_text, io_error
+from ..files import atomic_write_text, fresh, io_error
 from ..formats.v2_schema import FORMAT_NAME, INDEX_NAME, PIPELINE_FORMAT, ChunkRecord
 from ..jsonfile import Opt, check, read_json
 from ..text import check_path_text, printable
@@ -34,7 +34,11 @@ class OutputLock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink planted in its place
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise ArrowQuantError(f"{printable(self.path)}: cannot be used as the run's lock "
+                                  f"({exc.strerror or exc}); remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -91,7 +95,8 @@ def write_part(path: Path, rec: ChunkRecord, info: Dict[str, Any]) -> None:
     header = json.dumps({"info": info, "record": record}).encode()
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(fresh(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(PART_MAGIC + len(header).to_bytes(8, "little") + header)
             f.write(memoryview(np.ascontiguousarray(rec.data, dtype=np.uint8)))
             f.write(memoryview(scales))
