@@ -37,6 +37,7 @@ from ..planning.plan import TensorPlan
 from ..sources.base import ModelSource, TensorInfo
 from ..spec import (groups_per_row, packed_row_bytes, superblock_code_bits, superblock_groups,
                     superblocks_per_row)
+from .buffers import BufferPool, arena_bytes, carve
 from .layout import READ_UNIT, Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks
 from .prefetch import Prefetcher
 from .report import TensorRecord, merge_markov
@@ -68,6 +69,9 @@ class StreamingQuantizer:
         value_type, superblock = file_layout(
             p.param_dtype for p in plans.values() if p.bits)
         self.shards = ShardWriter(out_dir, opts.shard_size, value_type, superblock)
+        # Output buffers of the chunks in flight (quantizing, queued, being
+        # written), reused from chunk to chunk; the writer gives them back.
+        self._out_pool = BufferPool(keep=3)
 
     # -- writer thread ---------------------------------------------------
     def _writer_loop(self) -> None:
@@ -89,6 +93,8 @@ class StreamingQuantizer:
                 if item.chunk_index == 0:
                     self.shards.begin_tensor(rec.layer_name, item.tensor_bytes)
                 self.shards.write(rec)
+                if item.arena is not None:
+                    self._out_pool.give(item.arena)  # pyarrow and the part hold no view of it
             except BaseException as exc:  # reported by the main thread
                 self._writer_error = exc
 
@@ -103,14 +109,18 @@ class StreamingQuantizer:
                 continue
 
     # -- reading ---------------------------------------------------------
-    def _unit_rows(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, single_floor: bool) -> int:
-        """Rows per read of a chunk. The engine streams 16 MiB units; the numpy
+    def _streamed(self, plan: TensorPlan) -> bool:
+        """Whether the engine streams a chunk in 16 MiB units. The numpy
         reference works a whole chunk at a time (as numpy code does), and so do
-        weighted plans, unquantized ones, and a single chunk that may be redone
-        at a wider width from the bytes already read."""
-        whole = self.opts.engine == "reference" or plan.bits is None or single_floor \
-            or plan.importance is not None or plan.equalization is not None
-        if whole:
+        weighted plans and unquantized ones. A single chunk that falls below
+        its floor is read again for the redo at a wider width (from the page
+        cache) rather than held whole in memory."""
+        return not (self.opts.engine == "reference" or plan.bits is None
+                    or plan.importance is not None or plan.equalization is not None)
+
+    def _unit_rows(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk) -> int:
+        """Rows per read of a chunk (see _streamed)."""
+        if not self._streamed(plan):
             return max(1, chunk.row_count)
         return max(1, READ_UNIT // max(1, t.cols * itemsize(t.dtype)))
 
@@ -123,9 +133,14 @@ class StreamingQuantizer:
     # -- one chunk --------------------------------------------------------
     def _quantize_chunk(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk,
                         units: Iterable[Tuple[int, np.ndarray]],
-                        keep_source: bool = False) -> Tuple[ChunkRecord, ErrorSums, Optional[np.ndarray]]:
+                        keep_source: bool = False,
+                        recycle: Optional[Callable[[np.ndarray], None]] = None,
+                        ) -> Tuple[ChunkRecord, ErrorSums, Optional[np.ndarray]]:
         """Quantizes a chunk from its read units (row offset, raw bytes). With
-        keep_source, the chunk's bytes (one unit) come back for a redo."""
+        keep_source, the chunk's bytes (one unit) come back for a redo;
+        `recycle` gets each unit back once the engine is done with it. The
+        record's buffers live in one arena of the output pool
+        (`rec.arena`), given back by the writer."""
         rows, cols = chunk.row_count, t.cols
         src_row = cols * itemsize(t.dtype)
         if plan.bits is None:
@@ -135,16 +150,14 @@ class StreamingQuantizer:
             return rec, ErrorSums(), None
         G = groups_per_row(cols, plan.group_size)
         row_bytes = packed_row_bytes(cols, plan.bits)
-        packed = np.empty(rows * row_bytes, dtype=np.uint8)
-        scales = np.empty(rows * G, dtype=np.float32)
-        zeros = np.empty(rows * G, dtype=np.float32)
         sb = plan.param_dtype == "superblock"
         S = superblocks_per_row(cols, plan.group_size) if sb else 0
-        sb_scales = np.empty(rows * S, dtype=np.float32)
-        sb_zeros = np.empty(rows * S, dtype=np.float32)
-        # The engine hands out each group's codes: what the file stores.
-        a_codes = np.empty(rows * G if sb else 0, dtype=np.uint8)
-        c_codes = np.empty(rows * G if sb else 0, dtype=np.uint8)
+        # The engine hands out each group's codes (superblock): what the file stores.
+        parts = [(rows * row_bytes, np.uint8), (rows * G, np.float32), (rows * G, np.float32),
+                 (rows * S, np.float32), (rows * S, np.float32),
+                 (rows * G if sb else 0, np.uint8), (rows * G if sb else 0, np.uint8)]
+        arena = self._out_pool.take(arena_bytes(parts))
+        packed, scales, zeros, sb_scales, sb_zeros, a_codes, c_codes = carve(arena, parts)
         sums = ErrorSums()
         kept: Optional[np.ndarray] = None
         for r, raw in units:
@@ -165,6 +178,8 @@ class StreamingQuantizer:
             sums.merge(s)
             if keep_source:
                 kept = raw
+            elif recycle is not None:
+                recycle(raw)
         if sb:
             rec = self._record(t, plan, chunk, packed, sb_scales, sb_zeros)
             rec.param_codes = pack_codes(a_codes, c_codes, superblock_code_bits(plan.bits))
@@ -173,7 +188,14 @@ class StreamingQuantizer:
             rec.group_params = (scales, zeros)
         else:
             rec = self._record(t, plan, chunk, packed, scales, zeros)
+        rec.arena = arena
         return rec, sums, kept
+
+    def _discard(self, rec: ChunkRecord) -> None:
+        """A record that will not be written: its arena back to the pool."""
+        if rec.arena is not None:
+            self._out_pool.give(rec.arena)
+            rec.arena = None
 
     def _record(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, data: np.ndarray,
                 scales: Optional[np.ndarray], zeros: Optional[np.ndarray]) -> ChunkRecord:
@@ -228,7 +250,8 @@ class StreamingQuantizer:
             for c in layout.chunks:
                 self._check_cancel()
                 units = self._sync_units(t, c, layout.unit_rows[c.index])
-                _, s, _ = self._quantize_chunk(t, plan, c, units)
+                rec, s, _ = self._quantize_chunk(t, plan, c, units)
+                self._discard(rec)
                 sums.merge(s)
             wider = self._next_width(t, plan, sums, decisions)
             if wider is None:
@@ -249,9 +272,12 @@ class StreamingQuantizer:
                     done[c.index] = info
                 else:
                     p.unlink()
-        single_floor = plan.floor() is not None and len(chunks) == 1
-        unit_rows = {c.index: self._unit_rows(t, plan, c, single_floor) for c in chunks}
-        return TensorLayout(chunks, done, unit_rows)
+        unit_rows = {c.index: self._unit_rows(t, plan, c) for c in chunks}
+        # Streamed units are read into pooled buffers, given back once the
+        # engine is done with them; a whole chunk (the bytes of a kept tensor
+        # become its output row; a weighted or reference one may be redone
+        # from them) gets its own.
+        return TensorLayout(chunks, done, unit_rows, pooled=self._streamed(plan))
 
     def run_tensor(self, ti: int, t: TensorInfo, plan: TensorPlan,
                    layout: "TensorLayout", prefetch: "Prefetcher") -> TensorRecord:
@@ -283,14 +309,22 @@ class StreamingQuantizer:
                 self._advance(ti, t, c.row_count)
                 continue
             units = prefetch.units(ti, c.index)
-            if has_floor and len(chunks) == 1:
-                # Redo from the bytes already read rather than reading again.
+            recycle = prefetch.recycle if layout.pooled else None
+            if has_floor and len(chunks) == 1 and not layout.pooled:
+                # A whole chunk read at once: redone from the bytes already read.
                 rec, s, raw = self._quantize_chunk(t, plan, c, units, keep_source=True)
                 while (wider := self._next_width(t, plan, s, decisions)) is not None:
                     plan = wider
+                    self._discard(rec)
                     rec, s, _ = self._quantize_chunk(t, plan, c, [(0, raw)])
             else:
-                rec, s, _ = self._quantize_chunk(t, plan, c, units)
+                rec, s, _ = self._quantize_chunk(t, plan, c, units, recycle=recycle)
+                while has_floor and len(chunks) == 1 and \
+                        (wider := self._next_width(t, plan, s, decisions)) is not None:
+                    plan = wider
+                    self._discard(rec)
+                    rec, s, _ = self._quantize_chunk(
+                        t, plan, c, self._sync_units(t, c, layout.unit_rows[c.index]))
             sums.merge(s)
             chunk_markov = None
             group_params = rec.group_params or (rec.scales, rec.zero_points)
@@ -305,7 +339,7 @@ class StreamingQuantizer:
                     "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,
                     "sums": list(s.as_tuple()), "output_bytes": nbytes, "decisions": decisions,
                     "markov": dataclasses.asdict(chunk_markov) if chunk_markov else None}
-            self._put(WriteItem(ti, c.index, rec, info, tensor_bytes))
+            self._put(WriteItem(ti, c.index, rec, info, tensor_bytes, rec.arena))
             self._advance(ti, t, c.row_count)
         if has_floor and len(chunks) > 1 and not done and plan.bits == planned_bits:
             self._next_width(t, dataclasses.replace(plan, fallback_bits=()), sums, decisions)
@@ -353,7 +387,8 @@ class StreamingQuantizer:
         layouts = [self.layout(ti, t, self.plans[t.name]) for ti, t in enumerate(self.source.tensors)]
         reads = [(ti, c.index, t.name, c.row_start + r,
                   min(lay.unit_rows[c.index], c.row_count - r),
-                  min(lay.unit_rows[c.index], c.row_count - r) * t.cols * itemsize(t.dtype))
+                  min(lay.unit_rows[c.index], c.row_count - r) * t.cols * itemsize(t.dtype),
+                  lay.pooled)
                  for ti, (t, lay) in enumerate(zip(self.source.tensors, layouts))
                  for c in lay.chunks if c.index not in lay.done
                  for r in range(0, max(c.row_count, 1), lay.unit_rows[c.index])]
@@ -367,6 +402,7 @@ class StreamingQuantizer:
             prefetch.close()
             self._write_q.put(None)
             writer.join()
+            self._out_pool.clear()
             if self._writer_error is not None or len(records) < len(self.source.tensors):
                 self.shards.abort()
         if self._writer_error is not None:
@@ -383,6 +419,7 @@ class TensorLayout:
     chunks: List[Chunk]
     done: Dict[int, Dict[str, Any]]     # chunk index -> info of a part staged earlier
     unit_rows: Dict[int, int]           # chunk index -> rows per read
+    pooled: bool                        # units read into the run's read pool
 
 
 @dataclass
@@ -395,6 +432,7 @@ class WriteItem:
     record: Optional[ChunkRecord]
     info: Dict[str, Any]
     tensor_bytes: int
+    arena: Optional[np.ndarray] = None  # the record's pooled buffers, given back once written
 
 
 @contextlib.contextmanager
