@@ -41,6 +41,8 @@ quantize_with_params = _core.quantize_with_params
 dequantize = _core.dequantize
 quantize_importance = _core.quantize_importance
 importance_params = _core.importance_params
+# Jumps between adjacent groups' parameters (engine.metrics.markov_of_params).
+markov_jumps = _core.markov_jumps
 
 
 def call(name: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -27,7 +27,7 @@ import numpy as np
 from ..engine import core
 from ..engine.chunk import ChunkBuffers, ChunkQuantizer
 from ..engine.dtypes import itemsize
-from ..engine.metrics import ErrorSums, MarkovMetrics, get_markov_metrics
+from ..engine.metrics import ErrorSums, MarkovMetrics, markov_of_params
 from ..engine.finite import with_location
 from ..engine.superblock import pack_codes
 from ..errors import CancelledError, QuantizationError, ValidationError
@@ -329,9 +329,9 @@ class StreamingQuantizer:
             chunk_markov = None
             group_params = rec.group_params or (rec.scales, rec.zero_points)
             if group_params[0] is not None and group_params[0].size:
-                chunk_markov = get_markov_metrics(
-                    group_params, groups_per_row=groups_per_row(t.cols, plan.group_size),
-                    bits=plan.bits)
+                chunk_markov = markov_of_params(
+                    group_params[0], group_params[1],
+                    groups_per_row(t.cols, plan.group_size), plan.bits)
                 markov = merge_markov(markov, chunk_markov)
             nbytes = rec.stored_bytes
             out_bytes += nbytes
