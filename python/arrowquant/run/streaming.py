@@ -38,7 +38,8 @@ from ..sources.base import ModelSource, TensorInfo
 from ..spec import (groups_per_row, packed_row_bytes, superblock_code_bits, superblock_groups,
                     superblocks_per_row)
 from .buffers import BufferPool, arena_bytes, carve
-from .layout import READ_UNIT, Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks
+from .buffers import Leases
+from .layout import Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks, read_unit
 from .prefetch import Prefetcher
 from .report import TensorRecord, merge_markov
 from .staging import STAGING, part_name, read_part, read_part_info, write_part
@@ -72,6 +73,8 @@ class StreamingQuantizer:
         # Output buffers of the chunks in flight (quantizing, queued, being
         # written), reused from chunk to chunk; the writer gives them back.
         self._out_pool = BufferPool(keep=3)
+        # The calling thread's own reads (probing widths, a redo): one buffer.
+        self._sync_reads = Leases(BufferPool(keep=1))
 
     # -- writer thread ---------------------------------------------------
     def _writer_loop(self) -> None:
@@ -122,13 +125,17 @@ class StreamingQuantizer:
         """Rows per read of a chunk (see _streamed)."""
         if not self._streamed(plan):
             return max(1, chunk.row_count)
-        return max(1, READ_UNIT // max(1, t.cols * itemsize(t.dtype)))
+        return max(1, read_unit(self.opts.max_memory) // max(1, t.cols * itemsize(t.dtype)))
 
     def _sync_units(self, t: TensorInfo, chunk: Chunk, unit_rows: int) -> Iterator[Tuple[int, np.ndarray]]:
-        """Reads of a chunk in the calling thread (probing widths re-reads)."""
+        """Reads of a chunk in the calling thread (probing widths re-reads),
+        into a pooled buffer: pass `self._sync_reads.give_back` as recycle."""
+        row_bytes = t.cols * itemsize(t.dtype) if t.rows else t.nbytes
         for r in range(0, max(chunk.row_count, 1), unit_rows):
             n = min(unit_rows, chunk.row_count - r) if chunk.row_count else 0
-            yield r, self.source.read(t.name, chunk.row_start + r, n)
+            base = self._sync_reads.pool.take(max(1, n * row_bytes))
+            yield r, self._sync_reads.lend(self.source.read(t.name, chunk.row_start + r, n,
+                                                            out=base), base)
 
     # -- one chunk --------------------------------------------------------
     def _quantize_chunk(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk,
@@ -250,7 +257,8 @@ class StreamingQuantizer:
             for c in layout.chunks:
                 self._check_cancel()
                 units = self._sync_units(t, c, layout.unit_rows[c.index])
-                rec, s, _ = self._quantize_chunk(t, plan, c, units)
+                rec, s, _ = self._quantize_chunk(t, plan, c, units,
+                                                 recycle=self._sync_reads.give_back)
                 self._discard(rec)
                 sums.merge(s)
             wider = self._next_width(t, plan, sums, decisions)
@@ -324,7 +332,8 @@ class StreamingQuantizer:
                     plan = wider
                     self._discard(rec)
                     rec, s, _ = self._quantize_chunk(
-                        t, plan, c, self._sync_units(t, c, layout.unit_rows[c.index]))
+                        t, plan, c, self._sync_units(t, c, layout.unit_rows[c.index]),
+                        recycle=self._sync_reads.give_back)
             sums.merge(s)
             chunk_markov = None
             group_params = rec.group_params or (rec.scales, rec.zero_points)
@@ -393,7 +402,7 @@ class StreamingQuantizer:
                  for c in lay.chunks if c.index not in lay.done
                  for r in range(0, max(c.row_count, 1), lay.unit_rows[c.index])]
         # One unit ahead is enough to keep the engine busy; more only costs memory.
-        budget = min(READ_UNIT, self.opts.max_memory // 4)
+        budget = min(read_unit(self.opts.max_memory), self.opts.max_memory // 4)
         prefetch = Prefetcher(self.source, reads, budget)
         try:
             for ti, t in enumerate(self.source.tensors):
@@ -403,6 +412,7 @@ class StreamingQuantizer:
             self._write_q.put(None)
             writer.join()
             self._out_pool.clear()
+            self._sync_reads.clear()
             if self._writer_error is not None or len(records) < len(self.source.tensors):
                 self.shards.abort()
         if self._writer_error is not None:
