@@ -43,6 +43,8 @@ quantize_importance = _core.quantize_importance
 importance_params = _core.importance_params
 # Jumps between adjacent groups' parameters (engine.metrics.markov_of_params).
 markov_jumps = _core.markov_jumps
+# The superblock param_codes stream into a caller buffer (run/streaming.py).
+pack_param_codes = _core.pack_param_codes
 
 
 def call(name: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -88,13 +88,13 @@ def output_row_bytes(t: TensorInfo, plan: TensorPlan) -> int:
 
 def _buffer_row_bytes(t: TensorInfo, plan: TensorPlan) -> int:
     """Bytes one row takes in a chunk's output buffers: what it stores, except
-    that a superblock row also holds its expanded per-group parameters and
-    its units as float32 until the codes are packed."""
+    that a superblock row also holds its expanded per-group parameters, its
+    units as float32 and each group's two codes unpacked."""
     if plan.bits is None or plan.param_dtype != "superblock":
         return output_row_bytes(t, plan)
     G = groups_per_row(t.cols, plan.group_size)
     S = superblocks_per_row(t.cols, plan.group_size)
-    return output_row_bytes(t, plan) + 8 * G + 4 * S
+    return output_row_bytes(t, plan) + 8 * G + 4 * S + 2 * G
 
 
 def chunk_rows(t: TensorInfo, plan: TensorPlan, opts: PipelineOptions) -> int:

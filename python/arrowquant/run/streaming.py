@@ -29,14 +29,13 @@ from ..engine.chunk import ChunkBuffers, ChunkQuantizer
 from ..engine.dtypes import itemsize
 from ..engine.metrics import ErrorSums, MarkovMetrics, markov_of_params
 from ..engine.finite import with_location
-from ..engine.superblock import pack_codes
 from ..errors import CancelledError, QuantizationError, ValidationError
 from ..formats.v2_schema import ChunkRecord, file_layout
 from ..formats.v2_writer import ShardWriter
 from ..planning.plan import TensorPlan
 from ..sources.base import ModelSource, TensorInfo
-from ..spec import (groups_per_row, packed_row_bytes, superblock_code_bits, superblock_groups,
-                    superblocks_per_row)
+from ..spec import (groups_per_row, packed_row_bytes, param_code_bytes, superblock_code_bits,
+                    superblock_groups, superblocks_per_row)
 from .buffers import BufferPool, arena_bytes, carve
 from .buffers import Leases
 from .layout import Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks, read_unit
@@ -160,11 +159,13 @@ class StreamingQuantizer:
         sb = plan.param_dtype == "superblock"
         S = superblocks_per_row(cols, plan.group_size) if sb else 0
         # The engine hands out each group's codes (superblock): what the file stores.
+        code_bits = superblock_code_bits(plan.bits) if sb else 0
         parts = [(rows * row_bytes, np.uint8), (rows * G, np.float32), (rows * G, np.float32),
                  (rows * S, np.float32), (rows * S, np.float32),
-                 (rows * G if sb else 0, np.uint8), (rows * G if sb else 0, np.uint8)]
+                 (rows * G if sb else 0, np.uint8), (rows * G if sb else 0, np.uint8),
+                 (param_code_bytes(rows * G, code_bits) if sb else 0, np.uint8)]
         arena = self._out_pool.take(arena_bytes(parts))
-        packed, scales, zeros, sb_scales, sb_zeros, a_codes, c_codes = carve(arena, parts)
+        packed, scales, zeros, sb_scales, sb_zeros, a_codes, c_codes, codes = carve(arena, parts)
         sums = ErrorSums()
         kept: Optional[np.ndarray] = None
         for r, raw in units:
@@ -189,8 +190,9 @@ class StreamingQuantizer:
                 recycle(raw)
         if sb:
             rec = self._record(t, plan, chunk, packed, sb_scales, sb_zeros)
-            rec.param_codes = pack_codes(a_codes, c_codes, superblock_code_bits(plan.bits))
-            rec.param_code_bits = superblock_code_bits(plan.bits)
+            core.pack_param_codes(a_codes, c_codes, code_bits, codes)  # what pack_codes gives
+            rec.param_codes = codes
+            rec.param_code_bits = code_bits
             rec.superblock_groups = superblock_groups(plan.group_size)
             rec.group_params = (scales, zeros)
         else:
