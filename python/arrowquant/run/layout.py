@@ -24,6 +24,11 @@ CHUNKS_IN_FLIGHT = 3
 # the row's bytes at the writer's peak, from Arrow's own allocator). Counted
 # as this many more chunks, so that --max-memory bounds the whole process.
 WRITER_COPIES = 3
+# A tensor of at most this many chunks with a quality floor is quantized once
+# and held until its cosine is known (they fit where the chunks in flight and
+# the writer's copies are counted); a longer one is probed first (quantized
+# twice).
+HOLD_CHUNKS = 3
 # Read units of the pipeline: in flight at once are the one being read (or
 # queued), the one being quantized, a free one and a probe's re-read.
 UNITS_IN_FLIGHT = 4

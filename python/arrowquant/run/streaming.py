@@ -38,7 +38,8 @@ from ..spec import (groups_per_row, packed_row_bytes, param_code_bytes, superblo
                     superblock_groups, superblocks_per_row)
 from .buffers import BufferPool, arena_bytes, carve
 from .buffers import Leases
-from .layout import Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks, read_unit
+from .layout import (HOLD_CHUNKS, Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks,
+                     read_unit)
 from .prefetch import Prefetcher
 from .report import TensorRecord, merge_markov
 from .staging import STAGING, part_name, read_part, read_part_info, write_part
@@ -268,6 +269,36 @@ class StreamingQuantizer:
                 return plan
             plan = wider
 
+    def _hold_bits(self, ti: int, t: TensorInfo, plan: TensorPlan, layout: "TensorLayout",
+                   prefetch: "Prefetcher", decisions: List[str],
+                   ) -> Tuple[TensorPlan, Dict[int, Tuple[ChunkRecord, ErrorSums]]]:
+        """For a tensor of a few chunks with a quality floor: quantize every
+        chunk and hold the results until the tensor's cosine is known (the
+        same decisions as _probe_bits, without quantizing the tensor twice);
+        a redo at a wider width reads the chunks again."""
+        first = True
+        while True:
+            held: Dict[int, Tuple[ChunkRecord, ErrorSums]] = {}
+            sums = ErrorSums()
+            for c in layout.chunks:
+                self._check_cancel()
+                if first:
+                    units: Iterable[Tuple[int, np.ndarray]] = prefetch.units(ti, c.index)
+                    recycle = prefetch.recycle if layout.pooled else None
+                else:
+                    units = self._sync_units(t, c, layout.unit_rows[c.index])
+                    recycle = self._sync_reads.give_back
+                rec, s, _ = self._quantize_chunk(t, plan, c, units, recycle=recycle)
+                held[c.index] = (rec, s)
+                sums.merge(s)
+            first = False
+            wider = self._next_width(t, plan, sums, decisions)
+            if wider is None:
+                return plan, held
+            for rec, _ in held.values():
+                self._discard(rec)
+            plan = wider
+
     def layout(self, ti: int, t: TensorInfo, plan: TensorPlan) -> "TensorLayout":
         """Chunks and read units of a tensor, and the chunks an interrupted run
         already staged (a damaged part is removed and redone)."""
@@ -299,8 +330,13 @@ class StreamingQuantizer:
             # The width was decided before the interruption.
             plan = dataclasses.replace(plan, bits=next(iter(done.values()))["bits"])
             decisions = list(next(iter(done.values())).get("decisions", []))
-        elif has_floor and len(chunks) > 1 and (plan.fallback_bits or self.opts.fail_fast):
-            plan = self._probe_bits(t, plan, layout, decisions)
+        held: Dict[int, Tuple[ChunkRecord, ErrorSums]] = {}
+        if not done and has_floor and len(chunks) > 1 and \
+                (plan.fallback_bits or self.opts.fail_fast):
+            if len(chunks) <= HOLD_CHUNKS:
+                plan, held = self._hold_bits(ti, t, plan, layout, prefetch, decisions)
+            else:
+                plan = self._probe_bits(t, plan, layout, decisions)
         planned_bits = plan.bits
         markov: Optional[MarkovMetrics] = None
 
@@ -318,17 +354,20 @@ class StreamingQuantizer:
                 self._put(WriteItem(ti, c.index, None, info, tensor_bytes))
                 self._advance(ti, t, c.row_count)
                 continue
-            units = prefetch.units(ti, c.index)
-            recycle = prefetch.recycle if layout.pooled else None
-            if has_floor and len(chunks) == 1 and not layout.pooled:
+            if c.index in held:
+                rec, s = held.pop(c.index)
+            elif has_floor and len(chunks) == 1 and not layout.pooled:
                 # A whole chunk read at once: redone from the bytes already read.
-                rec, s, raw = self._quantize_chunk(t, plan, c, units, keep_source=True)
+                rec, s, raw = self._quantize_chunk(t, plan, c, prefetch.units(ti, c.index),
+                                                   keep_source=True)
                 while (wider := self._next_width(t, plan, s, decisions)) is not None:
                     plan = wider
                     self._discard(rec)
                     rec, s, _ = self._quantize_chunk(t, plan, c, [(0, raw)])
             else:
-                rec, s, _ = self._quantize_chunk(t, plan, c, units, recycle=recycle)
+                rec, s, _ = self._quantize_chunk(
+                    t, plan, c, prefetch.units(ti, c.index),
+                    recycle=prefetch.recycle if layout.pooled else None)
                 while has_floor and len(chunks) == 1 and \
                         (wider := self._next_width(t, plan, s, decisions)) is not None:
                     plan = wider
