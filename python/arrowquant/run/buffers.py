@@ -15,10 +15,13 @@ buffers were before.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..engine import core
 
 ALIGN = 64  # bytes: each view starts a multiple of 64 bytes into its arena
 
@@ -106,3 +109,21 @@ class Leases:
         with self._lock:
             self._lent.clear()
         self.pool.clear()
+
+
+@contextlib.contextmanager
+def lean_allocators() -> Iterator[None]:
+    """Buffers freed by the pipeline go back to the system instead of staying
+    resident in an allocator's cache: glibc's mmap threshold is fixed (the
+    engine's fix_mmap_threshold) and Arrow allocates from the system pool
+    for the run (the previous pool is restored after). Readers opened inside
+    allocate from it too."""
+    import pyarrow as pa
+
+    core.fix_mmap_threshold()
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)

@@ -26,7 +26,8 @@ from .layout import PipelineOptions, check_memory_budget
 from .report import PIPELINE_FORMAT, QuantizeSummary, TensorRecord, combine, finished_summary, \
     summarize
 from .staging import STAGING, OutputLock, check_run_file, fingerprint, prepare_output
-from .streaming import StreamingQuantizer, lean_allocators
+from .buffers import lean_allocators
+from .streaming import StreamingQuantizer
 
 OnTensor = Optional[Callable[[TensorRecord], None]]
 

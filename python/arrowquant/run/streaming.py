@@ -12,7 +12,6 @@ is never a finished model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import queue
@@ -36,8 +35,7 @@ from ..planning.plan import TensorPlan
 from ..sources.base import ModelSource, TensorInfo
 from ..spec import (groups_per_row, packed_row_bytes, param_code_bytes, superblock_code_bits,
                     superblock_groups, superblocks_per_row)
-from .buffers import BufferPool, arena_bytes, carve
-from .buffers import Leases
+from .buffers import BufferPool, Leases, arena_bytes, carve, lean_allocators  # noqa: F401
 from .layout import (HOLD_CHUNKS, Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks,
                      read_unit)
 from .prefetch import Prefetcher
@@ -484,21 +482,3 @@ class WriteItem:
     info: Dict[str, Any]
     tensor_bytes: int
     arena: Optional[np.ndarray] = None  # the record's pooled buffers, given back once written
-
-
-@contextlib.contextmanager
-def lean_allocators() -> Iterator[None]:
-    """Buffers freed by the pipeline go back to the system instead of staying
-    resident in an allocator's cache: glibc's mmap threshold is fixed (the
-    engine's fix_mmap_threshold) and Arrow allocates from the system pool
-    for the run (the previous pool is restored after). Readers opened inside
-    allocate from it too."""
-    import pyarrow as pa
-
-    core.fix_mmap_threshold()
-    previous = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())
-    try:
-        yield
-    finally:
-        pa.set_memory_pool(previous)
