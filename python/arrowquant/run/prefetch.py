@@ -13,6 +13,9 @@ from ..sources.base import ModelSource
 from .buffers import BufferPool, Leases
 
 
+RETAIN_FRACTION = 32
+
+
 class Prefetcher:
     """Reads, in a thread of its own, every unit the pipeline will quantize,
     in order, ahead of the quantizer, holding at most `budget` bytes of read
@@ -33,8 +36,12 @@ class Prefetcher:
         # one fits any read; the budget counts that size per pooled unit (a
         # small unit pins a whole buffer). Two free buffers are enough: the
         # one the engine gave back and the one the reader takes next.
+        # The free buffers kept are at most 1/RETAIN_FRACTION of the bytes the
+        # run reads: a small model reads few units and keeps none (its RSS as
+        # without a pool), a large one keeps two and faults its pages once.
         self.unit_bytes = max((r[5] for r in self.reads if r[6]), default=0)
-        self.leases = Leases(BufferPool(keep=2))
+        total = sum(r[5] for r in self.reads)
+        self.leases = Leases(BufferPool(keep=2, keep_bytes=total // RETAIN_FRACTION))
         self._count = collections.Counter((ti, ci) for ti, ci, *_ in self.reads)
         self._cond = threading.Condition()
         self._ready: "collections.deque[Tuple[int, int, int, Any, int]]" = collections.deque()
