@@ -98,6 +98,9 @@ bench-ci: $(VENV)/.installed
 	  --output-dir .benchmarks/ci
 	$(VPY) benches/compare_results.py benches/baselines/ci_baseline.json \
 	  .benchmarks/ci/memory_benchmark_results.json --format markdown
+	# --max-memory as a promise about the process, page faults per GB of input
+	$(VPY) benches/promise_benchmark.py --model-size 100M --max-memory 64MiB \
+	  --baseline benches/baselines/ci_promise.json --json .benchmarks/ci/promise_results.json
 
 # Developer build: the extension built in place (python/arrowquant/_core*.so),
 # for PYTHONPATH=python runs. DEV_PY names an interpreter with the test deps.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from arrowquant.engine import quantize_array
 from arrowquant.errors import ValidationError
@@ -89,3 +91,37 @@ def test_bad_inputs():
         get_markov_metrics((np.ones(5), np.ones(5)), groups_per_row=2)
     with pytest.raises(ValidationError, match="QuantizedTensor or"):
         get_markov_metrics(42)
+
+
+# -- the engine's Markov pass (what the pipeline calls) == the numpy definition
+
+
+def _params(rng, rows, g, zeros_too=True):
+    s = (rng.random((rows, g)) * 0.1).astype(np.float32)
+    s[rng.random((rows, g)) < 0.1] = 0.0          # pairs with a zero denominator
+    z = rng.integers(0, 16, (rows, g)).astype(np.float32)
+    return s, z
+
+
+@pytest.mark.parametrize("rows,g", [(1, 1), (3, 2), (7, 9), (64, 33), (300, 41), (10, 4097)])
+@pytest.mark.parametrize("bits", [4, None])
+def test_markov_of_params_equals_numpy_definition(rows, g, bits):
+    from arrowquant.engine.metrics import markov_of_params
+
+    s, z = _params(np.random.default_rng(rows * g), rows, g)
+    want = get_markov_metrics((s, z), groups_per_row=g, bits=bits)
+    got = markov_of_params(s.reshape(-1), z.reshape(-1), g, bits)
+    assert got == want  # every field, floats bit for bit (pairwise sums in numpy's order)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 40), g=st.integers(1, 300), seed=st.integers(0, 2**31),
+       threshold=st.floats(0.0, 1.0), bits=st.sampled_from([2, 4, 8, None]))
+def test_markov_of_params_property(rows, g, seed, threshold, bits):
+    from arrowquant.engine.metrics import markov_of_params
+
+    rng = np.random.default_rng(seed)
+    s, z = _params(rng, rows, g)
+    s *= rng.choice([-1.0, 1.0], s.shape).astype(np.float32)
+    want = get_markov_metrics((s, z), threshold, groups_per_row=g, bits=bits)
+    assert markov_of_params(s, z, g, bits, threshold) == want

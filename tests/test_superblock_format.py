@@ -805,3 +805,21 @@ def test_gguf_output_refuses_superblock_parameters(tmp_path):
         aq.quantize(str(src), str(tmp_path / "o.gguf"), output_format="gguf",
                     param_dtype="superblock", progress=False)
     assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("code_bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("groups", [0, 1, 2, 3, 5, 64, 1001])
+def test_engine_param_code_packer_equals_the_numpy_stream(code_bits, groups):
+    from arrowquant.engine import core
+    from arrowquant.engine.superblock import pack_codes, pack_param_codes
+    from arrowquant.spec import param_code_bytes
+
+    rng = np.random.default_rng(groups * 8 + code_bits)
+    a = rng.integers(0, 256, groups, dtype=np.uint8)
+    c = rng.integers(0, 256, groups, dtype=np.uint8)
+    out = np.full(param_code_bytes(groups, code_bits), 0xAB, np.uint8)
+    core.pack_param_codes(a, c, code_bits, out)
+    assert out.tobytes() == pack_param_codes(a, c, code_bits).tobytes()
+    if code_bits in (4, 6, 8):  # the pipeline's direct paths, masked to the width
+        m = (1 << code_bits) - 1
+        assert out.tobytes() == pack_codes(a & m, c & m, code_bits).tobytes()

@@ -46,6 +46,10 @@ grid_learn_levels = _core.grid_learn_levels
 grid_quantize = _core.grid_quantize
 grid_quantize_superblock = _core.grid_quantize_superblock
 grid_dequantize = _core.grid_dequantize
+# Jumps between adjacent groups' parameters (engine.metrics.markov_of_params).
+markov_jumps = _core.markov_jumps
+# The superblock param_codes stream into a caller buffer (run/streaming.py).
+pack_param_codes = _core.pack_param_codes
 
 
 def call(name: str, fn: Callable[..., Any], *args: Any) -> Any:

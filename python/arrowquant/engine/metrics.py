@@ -12,8 +12,10 @@ index r * G + j; groups never span rows, so pairs never cross rows):
 
 Both lie in [0, 1] for positive scales and in-range zero points. A pair is a
 violation of a kind when its jump exceeds the threshold; `violations` counts
-pairs where either kind does. The arrays are small (one value per group), so
-this is plain vectorized numpy.
+pairs where either kind does. `get_markov_metrics` is the numpy definition;
+`markov_of_params` is what the pipeline calls on each chunk: the same values
+(float64 jumps, numpy's pairwise sums) from one C++ pass, with no temporary
+arrays.
 """
 
 from __future__ import annotations
@@ -228,4 +230,33 @@ def get_markov_metrics(qt_or_params: Any, threshold: float = DEFAULT_THRESHOLD, 
     )
 
 
-__all__ = ["ErrorMetrics", "ErrorSums", "MarkovMetrics", "get_markov_metrics", "DEFAULT_THRESHOLD"]
+def markov_of_params(scales: np.ndarray, zeros: np.ndarray, groups_per_row: int,
+                     bits: Optional[int], threshold: float = DEFAULT_THRESHOLD,
+                     zero_point_threshold: Optional[float] = None) -> MarkovMetrics:
+    """get_markov_metrics((scales, zeros), threshold, groups_per_row=...,
+    bits=...) computed by the engine in one pass (identical results); flat
+    float32 parameters, whole rows of `groups_per_row` groups."""
+    from . import core
+
+    s = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
+    z = np.ascontiguousarray(zeros, dtype=np.float32).reshape(-1)
+    if s.size != z.size:
+        raise ValidationError(f"{s.size} scales and {z.size} zero points differ in size")
+    if groups_per_row <= 0 or s.size % groups_per_row:
+        raise ValidationError(f"{s.size} parameters are not whole rows of {groups_per_row} groups")
+    if threshold < 0:
+        raise ValidationError(f"threshold must be >= 0, got {threshold}")
+    zthr = threshold if zero_point_threshold is None else float(zero_point_threshold)
+    rows = s.size // groups_per_row
+    zero_range = float((1 << int(bits)) - 1) if bits is not None else 0.0
+    pairs, ss, ms, sz, mz, sv, zv, v = core.markov_jumps(s, z, rows, groups_per_row, zero_range,
+                                                          float(threshold), zthr)
+    return MarkovMetrics(
+        rows=rows, groups_per_row=groups_per_row, pairs=pairs, threshold=float(threshold),
+        zero_point_threshold=zthr, sum_scale_jump=ss, max_scale_jump=ms,
+        sum_zero_point_jump=sz, max_zero_point_jump=mz, scale_violations=sv,
+        zero_point_violations=zv, violations=v)
+
+
+__all__ = ["ErrorMetrics", "ErrorSums", "MarkovMetrics", "get_markov_metrics", "markov_of_params",
+           "DEFAULT_THRESHOLD"]

@@ -113,6 +113,9 @@ class ChunkRecord:
     # In memory only (not a column): the expanded per-group (scales, zero
     # points) of a superblock chunk the pipeline just quantized.
     group_params: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
+    # In memory only: the pooled buffer the arrays above are views of (the
+    # pipeline reuses it once the row is written).
+    arena: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
     def stored_bytes(self) -> int:

@@ -17,6 +17,37 @@ from ..sources.base import TensorInfo
 from ..spec import groups_per_row, stored_bytes, superblocks_per_row
 
 READ_UNIT = 16 * 1024 * 1024  # bytes of source per engine call in the native pipeline
+# Output chunks in flight: being quantized, queued, being written.
+CHUNKS_IN_FLIGHT = 3
+# The Parquet writer copies a chunk's row before writing it: its encoder's
+# growing buffer and the page it builds (measured with pyarrow 26: about 2.5x
+# the row's bytes at the writer's peak, from Arrow's own allocator). Counted
+# as this many more chunks, so that --max-memory bounds the whole process.
+WRITER_COPIES = 3
+# A tensor of at most this many chunks with a quality floor is quantized once
+# and held until its cosine is known (they fit where the chunks in flight and
+# the writer's copies are counted); a longer one is probed first (quantized
+# twice).
+HOLD_CHUNKS = 3
+# Read units of the pipeline: in flight at once are the one being read (or
+# queued), the one being quantized, a free one and a probe's re-read.
+UNITS_IN_FLIGHT = 4
+# What a run allocates besides its buffers (the Parquet writer's first use,
+# thread stacks, Python objects, allocator slack: 10-25 MB measured), reserved
+# out of the budget (at most half of it) so that the whole process stays
+# within --max-memory.
+FIXED_RESERVE = 24 * 1024 * 1024
+
+
+def read_unit(max_memory: int) -> int:
+    """Source bytes per engine call: 16 MiB, less under a small budget (at
+    most a sixteenth of it, so the read units take at most a quarter)."""
+    return max(64 * 1024, min(READ_UNIT, max_memory // 16))
+
+
+def sizing_budget(max_memory: int) -> int:
+    """The part of --max-memory the buffers are sized from."""
+    return max_memory - min(FIXED_RESERVE, max_memory // 2)
 
 
 @dataclass
@@ -62,13 +93,13 @@ def output_row_bytes(t: TensorInfo, plan: TensorPlan) -> int:
 
 def _buffer_row_bytes(t: TensorInfo, plan: TensorPlan) -> int:
     """Bytes one row takes in a chunk's output buffers: what it stores, except
-    that a superblock row also holds its expanded per-group parameters and
-    its units as float32 until the codes are packed."""
+    that a superblock row also holds its expanded per-group parameters, its
+    units as float32 and each group's two codes unpacked."""
     if plan.bits is None or plan.param_dtype != "superblock":
         return output_row_bytes(t, plan)
     G = groups_per_row(t.cols, plan.group_size)
     S = superblocks_per_row(t.cols, plan.group_size)
-    return output_row_bytes(t, plan) + 8 * G + 4 * S
+    return output_row_bytes(t, plan) + 8 * G + 4 * S + 2 * G
 
 
 def chunk_buffer_bytes(t: TensorInfo, plan: TensorPlan, rows: int) -> int:
@@ -78,23 +109,25 @@ def chunk_buffer_bytes(t: TensorInfo, plan: TensorPlan, rows: int) -> int:
 
 def chunk_rows(t: TensorInfo, plan: TensorPlan, opts: PipelineOptions) -> int:
     """Rows per V2 chunk: at most chunk_size of source bytes, and small enough
-    that the pipeline's buffers (three output chunks in flight plus the read
-    buffers) stay inside max_memory. Raises MemoryBudgetError when even one
-    row does not fit."""
+    that the pipeline's buffers (three output chunks in flight, the Parquet
+    writer's copies of one, and the read buffers) stay inside max_memory.
+    Raises MemoryBudgetError when even one row does not fit."""
     src_row = max(1, t.cols * itemsize(t.dtype))
     out_row = max(1, _buffer_row_bytes(t, plan))
     # Widest plan the tensor may end up with (fallback to more bits).
     for b in plan.fallback_bits:
         out_row = max(out_row, _buffer_row_bytes(t, dataclasses.replace(plan, bits=b)))
-    read_rows = max(1, READ_UNIT // src_row)
-    read_bytes = 3 * min(read_rows, t.rows) * src_row  # queued + being read + being quantized
-    need_one_row = 3 * src_row + 3 * out_row
+    read_rows = max(1, read_unit(opts.max_memory) // src_row)
+    read_bytes = UNITS_IN_FLIGHT * min(read_rows, t.rows) * src_row
+    per_chunk = CHUNKS_IN_FLIGHT + WRITER_COPIES
+    need_one_row = UNITS_IN_FLIGHT * src_row + per_chunk * out_row
     if opts.max_memory < need_one_row:
         raise MemoryBudgetError(
             f"tensor {t.name!r}: --max-memory {format_size(opts.max_memory)} cannot hold one row "
             f"of it in the pipeline (needs at least {format_size(need_one_row)}); raise --max-memory"
         )
-    by_memory = max(1, (opts.max_memory - min(read_bytes, opts.max_memory // 2)) // (3 * out_row))
+    budget = sizing_budget(opts.max_memory)
+    by_memory = max(1, (budget - min(read_bytes, budget // 2)) // (per_chunk * out_row))
     by_chunk = max(1, opts.chunk_size // src_row)
     return int(max(1, min(t.rows, by_memory, by_chunk)))
 

@@ -237,11 +237,12 @@ def run_unit(ctx: UnitContext, unit: WorkUnit) -> UnitResult:
             try:
                 plan, rec, sums = steps.quantize_planned(
                     t, uc.plan, uc.chunk, prefetch.units(uc.ti, uc.chunk.index), uc.single,
-                    decisions)
+                    decisions, unit_rows=uc.unit_rows)
             except ArrowQuantError as exc:
                 error = (uc.ti, uc.chunk.index, exc)
                 break
             info, _ = steps.chunk_info(uc.ti, t, plan, uc.chunk, rec, sums, decisions)
+            rec.arena = None  # the driver gets the record's arrays, not the task's buffer
             done.append((uc.ti, uc.chunk.index, rec, info))
             _maybe_kill(ctx, unit)
     finally:

@@ -29,7 +29,8 @@ from .report import PIPELINE_FORMAT, QuantizeSummary, TensorRecord, combine, fin
     summarize
 from .staging import LOCK_NAME, STAGING, OutputLock, check_run_file, fingerprint, mark_run, prepare_output, \
     read_own_metadata
-from .streaming import StreamingQuantizer, lean_allocators
+from .buffers import lean_allocators
+from .streaming import StreamingQuantizer
 
 OnTensor = Optional[Callable[[TensorRecord], None]]
 

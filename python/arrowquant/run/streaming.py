@@ -12,7 +12,6 @@ is never a finished model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import queue
@@ -27,17 +26,18 @@ import numpy as np
 from ..engine import core
 from ..engine.chunk import ChunkBuffers, ChunkQuantizer
 from ..engine.dtypes import itemsize
-from ..engine.metrics import ErrorSums, MarkovMetrics, get_markov_metrics
+from ..engine.metrics import ErrorSums, MarkovMetrics, markov_of_params
 from ..engine.finite import with_location
-from ..engine.superblock import pack_codes
 from ..errors import CancelledError, QuantizationError, ValidationError
 from ..formats.v2_schema import ChunkRecord, file_layout
 from ..formats.v2_writer import ShardWriter
 from ..planning.plan import TensorPlan
 from ..sources.base import ModelSource, TensorInfo
-from ..spec import (groups_per_row, packed_row_bytes, superblock_code_bits, superblock_groups,
-                    superblocks_per_row)
-from .layout import READ_UNIT, Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks
+from ..spec import (groups_per_row, packed_row_bytes, param_code_bytes, superblock_code_bits,
+                    superblock_groups, superblocks_per_row)
+from .buffers import BufferPool, Leases, arena_bytes, carve, lean_allocators  # noqa: F401
+from .layout import (HOLD_CHUNKS, Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks,
+                     read_unit)
 from .prefetch import Prefetcher
 from .report import TensorRecord, merge_markov
 from .staging import STAGING, part_name, read_part, read_part_info, write_part
@@ -68,6 +68,11 @@ class StreamingQuantizer:
         value_type, superblock = file_layout(
             p.param_dtype for p in plans.values() if p.bits)
         self.shards = ShardWriter(out_dir, opts.shard_size, value_type, superblock)
+        # Output buffers of the chunks in flight (quantizing, queued, being
+        # written), reused from chunk to chunk; the writer gives them back.
+        self._out_pool = BufferPool(keep=3)
+        # The calling thread's own reads (probing widths, a redo): one buffer.
+        self._sync_reads = Leases(BufferPool(keep=1))
 
     # -- writer thread ---------------------------------------------------
     def _writer_loop(self) -> None:
@@ -89,6 +94,8 @@ class StreamingQuantizer:
                 if item.chunk_index == 0:
                     self.shards.begin_tensor(rec.layer_name, item.tensor_bytes)
                 self.shards.write(rec)
+                if item.arena is not None:
+                    self._out_pool.give(item.arena)  # pyarrow and the part hold no view of it
             except BaseException as exc:  # reported by the main thread
                 self._writer_error = exc
 
@@ -103,29 +110,42 @@ class StreamingQuantizer:
                 continue
 
     # -- reading ---------------------------------------------------------
-    def _unit_rows(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, single_floor: bool) -> int:
-        """Rows per read of a chunk. The engine streams 16 MiB units; the numpy
+    def _streamed(self, plan: TensorPlan) -> bool:
+        """Whether the engine streams a chunk in 16 MiB units. The numpy
         reference works a whole chunk at a time (as numpy code does), and so do
-        weighted plans, unquantized ones, and a single chunk that may be redone
-        at a wider width from the bytes already read."""
-        whole = self.opts.engine == "reference" or plan.bits is None or single_floor \
-            or plan.importance is not None or plan.equalization is not None
-        if whole:
+        weighted plans and unquantized ones. A single chunk that falls below
+        its floor is read again for the redo at a wider width (from the page
+        cache) rather than held whole in memory."""
+        return not (self.opts.engine == "reference" or plan.bits is None
+                    or plan.importance is not None or plan.equalization is not None)
+
+    def _unit_rows(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk) -> int:
+        """Rows per read of a chunk (see _streamed)."""
+        if not self._streamed(plan):
             return max(1, chunk.row_count)
-        return max(1, READ_UNIT // max(1, t.cols * itemsize(t.dtype)))
+        return max(1, read_unit(self.opts.max_memory) // max(1, t.cols * itemsize(t.dtype)))
 
     def _sync_units(self, t: TensorInfo, chunk: Chunk, unit_rows: int) -> Iterator[Tuple[int, np.ndarray]]:
-        """Reads of a chunk in the calling thread (probing widths re-reads)."""
+        """Reads of a chunk in the calling thread (probing widths re-reads),
+        into a pooled buffer: pass `self._sync_reads.give_back` as recycle."""
+        row_bytes = t.cols * itemsize(t.dtype) if t.rows else t.nbytes
         for r in range(0, max(chunk.row_count, 1), unit_rows):
             n = min(unit_rows, chunk.row_count - r) if chunk.row_count else 0
-            yield r, self.source.read(t.name, chunk.row_start + r, n)
+            base = self._sync_reads.pool.take(max(1, n * row_bytes))
+            yield r, self._sync_reads.lend(self.source.read(t.name, chunk.row_start + r, n,
+                                                            out=base), base)
 
     # -- one chunk --------------------------------------------------------
     def _quantize_chunk(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk,
                         units: Iterable[Tuple[int, np.ndarray]],
-                        keep_source: bool = False) -> Tuple[ChunkRecord, ErrorSums, Optional[np.ndarray]]:
+                        keep_source: bool = False,
+                        recycle: Optional[Callable[[np.ndarray], None]] = None,
+                        ) -> Tuple[ChunkRecord, ErrorSums, Optional[np.ndarray]]:
         """Quantizes a chunk from its read units (row offset, raw bytes). With
-        keep_source, the chunk's bytes (one unit) come back for a redo."""
+        keep_source, the chunk's bytes (one unit) come back for a redo;
+        `recycle` gets each unit back once the engine is done with it. The
+        record's buffers live in one arena of the output pool
+        (`rec.arena`), given back by the writer."""
         rows, cols = chunk.row_count, t.cols
         src_row = cols * itemsize(t.dtype)
         if plan.bits is None:
@@ -135,16 +155,16 @@ class StreamingQuantizer:
             return rec, ErrorSums(), None
         G = groups_per_row(cols, plan.group_size)
         row_bytes = packed_row_bytes(cols, plan.bits)
-        packed = np.empty(rows * row_bytes, dtype=np.uint8)
-        scales = np.empty(rows * G, dtype=np.float32)
-        zeros = np.empty(rows * G, dtype=np.float32)
         sb = plan.param_dtype == "superblock"
         S = superblocks_per_row(cols, plan.group_size) if sb else 0
-        sb_scales = np.empty(rows * S, dtype=np.float32)
-        sb_zeros = np.empty(rows * S, dtype=np.float32)
-        # The engine hands out each group's codes: what the file stores.
-        a_codes = np.empty(rows * G if sb else 0, dtype=np.uint8)
-        c_codes = np.empty(rows * G if sb else 0, dtype=np.uint8)
+        # The engine hands out each group's codes (superblock): what the file stores.
+        code_bits = superblock_code_bits(plan.bits) if sb else 0
+        parts = [(rows * row_bytes, np.uint8), (rows * G, np.float32), (rows * G, np.float32),
+                 (rows * S, np.float32), (rows * S, np.float32),
+                 (rows * G if sb else 0, np.uint8), (rows * G if sb else 0, np.uint8),
+                 (param_code_bytes(rows * G, code_bits) if sb else 0, np.uint8)]
+        arena = self._out_pool.take(arena_bytes(parts))
+        packed, scales, zeros, sb_scales, sb_zeros, a_codes, c_codes, codes = carve(arena, parts)
         sums = ErrorSums()
         kept: Optional[np.ndarray] = None
         for r, raw in units:
@@ -165,15 +185,25 @@ class StreamingQuantizer:
             sums.merge(s)
             if keep_source:
                 kept = raw
+            elif recycle is not None:
+                recycle(raw)
         if sb:
             rec = self._record(t, plan, chunk, packed, sb_scales, sb_zeros)
-            rec.param_codes = pack_codes(a_codes, c_codes, superblock_code_bits(plan.bits))
-            rec.param_code_bits = superblock_code_bits(plan.bits)
+            core.pack_param_codes(a_codes, c_codes, code_bits, codes)  # what pack_codes gives
+            rec.param_codes = codes
+            rec.param_code_bits = code_bits
             rec.superblock_groups = superblock_groups(plan.group_size)
             rec.group_params = (scales, zeros)
         else:
             rec = self._record(t, plan, chunk, packed, scales, zeros)
+        rec.arena = arena
         return rec, sums, kept
+
+    def _discard(self, rec: ChunkRecord) -> None:
+        """A record that will not be written: its arena back to the pool."""
+        if rec.arena is not None:
+            self._out_pool.give(rec.arena)
+            rec.arena = None
 
     def _record(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, data: np.ndarray,
                 scales: Optional[np.ndarray], zeros: Optional[np.ndarray]) -> ChunkRecord:
@@ -228,11 +258,43 @@ class StreamingQuantizer:
             for c in layout.chunks:
                 self._check_cancel()
                 units = self._sync_units(t, c, layout.unit_rows[c.index])
-                _, s, _ = self._quantize_chunk(t, plan, c, units)
+                rec, s, _ = self._quantize_chunk(t, plan, c, units,
+                                                 recycle=self._sync_reads.give_back)
+                self._discard(rec)
                 sums.merge(s)
             wider = self._next_width(t, plan, sums, decisions)
             if wider is None:
                 return plan
+            plan = wider
+
+    def _hold_bits(self, ti: int, t: TensorInfo, plan: TensorPlan, layout: "TensorLayout",
+                   prefetch: "Prefetcher", decisions: List[str],
+                   ) -> Tuple[TensorPlan, Dict[int, Tuple[ChunkRecord, ErrorSums]]]:
+        """For a tensor of a few chunks with a quality floor: quantize every
+        chunk and hold the results until the tensor's cosine is known (the
+        same decisions as _probe_bits, without quantizing the tensor twice);
+        a redo at a wider width reads the chunks again."""
+        first = True
+        while True:
+            held: Dict[int, Tuple[ChunkRecord, ErrorSums]] = {}
+            sums = ErrorSums()
+            for c in layout.chunks:
+                self._check_cancel()
+                if first:
+                    units: Iterable[Tuple[int, np.ndarray]] = prefetch.units(ti, c.index)
+                    recycle = prefetch.recycle if layout.pooled else None
+                else:
+                    units = self._sync_units(t, c, layout.unit_rows[c.index])
+                    recycle = self._sync_reads.give_back
+                rec, s, _ = self._quantize_chunk(t, plan, c, units, recycle=recycle)
+                held[c.index] = (rec, s)
+                sums.merge(s)
+            first = False
+            wider = self._next_width(t, plan, sums, decisions)
+            if wider is None:
+                return plan, held
+            for rec, _ in held.values():
+                self._discard(rec)
             plan = wider
 
     def layout(self, ti: int, t: TensorInfo, plan: TensorPlan) -> "TensorLayout":
@@ -249,9 +311,12 @@ class StreamingQuantizer:
                     done[c.index] = info
                 else:
                     p.unlink()
-        single_floor = plan.floor() is not None and len(chunks) == 1
-        unit_rows = {c.index: self._unit_rows(t, plan, c, single_floor) for c in chunks}
-        return TensorLayout(chunks, done, unit_rows)
+        unit_rows = {c.index: self._unit_rows(t, plan, c) for c in chunks}
+        # Streamed units are read into pooled buffers, given back once the
+        # engine is done with them; a whole chunk (the bytes of a kept tensor
+        # become its output row; a weighted or reference one may be redone
+        # from them) gets its own.
+        return TensorLayout(chunks, done, unit_rows, pooled=self._streamed(plan))
 
     def run_tensor(self, ti: int, t: TensorInfo, plan: TensorPlan,
                    layout: "TensorLayout", prefetch: "Prefetcher") -> TensorRecord:
@@ -260,8 +325,12 @@ class StreamingQuantizer:
         decisions: List[str] = []
         if done:
             plan, decisions = resumed_plan(plan, done)
-        elif self.probes(plan, len(chunks)):
-            plan = self._probe_bits(t, plan, layout, decisions)
+        held: Dict[int, Tuple[ChunkRecord, ErrorSums]] = {}
+        if not done and self.probes(plan, len(chunks)):
+            if len(chunks) <= HOLD_CHUNKS:
+                plan, held = self._hold_bits(ti, t, plan, layout, prefetch, decisions)
+            else:
+                plan = self._probe_bits(t, plan, layout, decisions)
         planned_bits = plan.bits
         markov: Optional[MarkovMetrics] = None
 
@@ -279,14 +348,19 @@ class StreamingQuantizer:
                 self._put(WriteItem(ti, c.index, None, info, tensor_bytes))
                 self._advance(ti, t, c.row_count)
                 continue
-            units = prefetch.units(ti, c.index)
-            plan, rec, s = self.quantize_planned(t, plan, c, units, len(chunks) == 1, decisions)
+            if c.index in held:
+                rec, s = held.pop(c.index)
+            else:
+                plan, rec, s = self.quantize_planned(
+                    t, plan, c, prefetch.units(ti, c.index), len(chunks) == 1, decisions,
+                    unit_rows=layout.unit_rows[c.index],
+                    recycle=prefetch.recycle if layout.pooled else None)
             sums.merge(s)
             info, chunk_markov = self.chunk_info(ti, t, plan, c, rec, s, decisions)
             if chunk_markov is not None:
                 markov = merge_markov(markov, chunk_markov)
             out_bytes += info["output_bytes"]
-            self._put(WriteItem(ti, c.index, rec, info, tensor_bytes))
+            self._put(WriteItem(ti, c.index, rec, info, tensor_bytes, rec.arena))
             self._advance(ti, t, c.row_count)
         if not done:
             self.final_check(t, plan, planned_bits, len(chunks), sums, decisions)
@@ -305,17 +379,30 @@ class StreamingQuantizer:
 
     def quantize_planned(self, t: TensorInfo, plan: TensorPlan, c: Chunk,
                          units: Iterable[Tuple[int, np.ndarray]], single: bool,
-                         decisions: List[str]) -> Tuple[TensorPlan, ChunkRecord, ErrorSums]:
+                         decisions: List[str], unit_rows: Optional[int] = None,
+                         recycle: Optional[Callable[[np.ndarray], None]] = None,
+                         ) -> Tuple[TensorPlan, ChunkRecord, ErrorSums]:
         """A chunk at its plan's width; the only chunk of a tensor with a floor
-        is redone at wider widths from the bytes already read (appending to
-        decisions). Returns the plan it ended at."""
-        if plan.floor() is not None and single:
+        is redone at wider widths (appending to decisions): from the bytes
+        already read when the chunk came in one unit of its own, otherwise
+        read again (from the page cache) into the pooled buffers. `recycle`
+        gets pooled units back. Returns the plan it ended at."""
+        redo = plan.floor() is not None and single
+        one_unit = unit_rows is None or unit_rows >= c.row_count
+        if redo and one_unit and recycle is None:
             rec, s, raw = self._quantize_chunk(t, plan, c, units, keep_source=True)
             while (wider := self._next_width(t, plan, s, decisions)) is not None:
                 plan = wider
+                self._discard(rec)
                 rec, s, _ = self._quantize_chunk(t, plan, c, [(0, raw)])
             return plan, rec, s
-        rec, s, _ = self._quantize_chunk(t, plan, c, units)
+        rec, s, _ = self._quantize_chunk(t, plan, c, units, recycle=recycle)
+        while redo and (wider := self._next_width(t, plan, s, decisions)) is not None:
+            plan = wider
+            self._discard(rec)
+            rec, s, _ = self._quantize_chunk(
+                t, plan, c, self._sync_units(t, c, unit_rows or max(1, c.row_count)),
+                recycle=self._sync_reads.give_back)
         return plan, rec, s
 
     def chunk_info(self, ti: int, t: TensorInfo, plan: TensorPlan, c: Chunk, rec: ChunkRecord,
@@ -325,9 +412,9 @@ class StreamingQuantizer:
         chunk_markov = None
         group_params = rec.group_params or (rec.scales, rec.zero_points)
         if group_params[0] is not None and group_params[0].size:
-            chunk_markov = get_markov_metrics(
-                group_params, groups_per_row=groups_per_row(t.cols, plan.group_size),
-                bits=plan.bits)
+            chunk_markov = markov_of_params(
+                group_params[0], group_params[1], groups_per_row(t.cols, plan.group_size),
+                plan.bits)
         info = {"tensor": t.name, "tensor_index": ti, "chunk": c.index,
                 "row_start": c.row_start, "row_count": c.row_count, "bits": plan.bits,
                 "sums": list(s.as_tuple()), "output_bytes": rec.stored_bytes,
@@ -388,7 +475,7 @@ class StreamingQuantizer:
         layouts = [self.layout(ti, t, self.plans[t.name]) for ti, t in enumerate(self.source.tensors)]
         reads = [read for ti, (t, lay) in enumerate(zip(self.source.tensors, layouts))
                  for c in lay.chunks if c.index not in lay.done
-                 for read in chunk_reads(ti, t, c, lay.unit_rows[c.index])]
+                 for read in chunk_reads(ti, t, c, lay.unit_rows[c.index], lay.pooled)]
         prefetch = Prefetcher(self.source, reads, read_ahead_budget(self.opts))
         try:
             for ti, t in enumerate(self.source.tensors):
@@ -397,6 +484,8 @@ class StreamingQuantizer:
             prefetch.close()
             self._write_q.put(None)
             writer.join()
+            self._out_pool.clear()
+            self._sync_reads.clear()
             if self._writer_error is not None or len(records) < len(self.source.tensors):
                 self.shards.abort()
         if self._writer_error is not None:
@@ -408,21 +497,22 @@ class StreamingQuantizer:
         return self.shards.finish()
 
 
-def chunk_reads(ti: int, t: TensorInfo, c: Chunk,
-                unit_rows: int) -> List[Tuple[int, int, str, int, int, int]]:
+def chunk_reads(ti: int, t: TensorInfo, c: Chunk, unit_rows: int, pooled: bool = False,
+                ) -> List[Tuple[int, int, str, int, int, int, bool]]:
     """The reads of a chunk, as the Prefetcher takes them: (tensor index,
-    chunk index, name, first row, rows, bytes)."""
+    chunk index, name, first row, rows, bytes, pooled)."""
     out = []
     for r in range(0, max(c.row_count, 1), unit_rows):
         n = min(unit_rows, c.row_count - r)
-        out.append((ti, c.index, t.name, c.row_start + r, n, n * t.cols * itemsize(t.dtype)))
+        out.append((ti, c.index, t.name, c.row_start + r, n, n * t.cols * itemsize(t.dtype),
+                    pooled))
     return out
 
 
 def read_ahead_budget(opts: PipelineOptions) -> int:
     """Read buffers the Prefetcher may hold: one unit ahead is enough to keep
     the engine busy; more only costs memory."""
-    return min(READ_UNIT, opts.max_memory // 4)
+    return min(read_unit(opts.max_memory), opts.max_memory // 4)
 
 
 def resumed_plan(plan: TensorPlan, done: Dict[int, Dict[str, Any]]) -> Tuple[TensorPlan, List[str]]:
@@ -437,6 +527,7 @@ class TensorLayout:
     chunks: List[Chunk]
     done: Dict[int, Dict[str, Any]]     # chunk index -> info of a part staged earlier
     unit_rows: Dict[int, int]           # chunk index -> rows per read
+    pooled: bool                        # units read into the run's read pool
 
 
 @dataclass
@@ -449,21 +540,4 @@ class WriteItem:
     record: Optional[ChunkRecord]
     info: Dict[str, Any]
     tensor_bytes: int
-
-
-@contextlib.contextmanager
-def lean_allocators() -> Iterator[None]:
-    """Buffers freed by the pipeline go back to the system instead of staying
-    resident in an allocator's cache: glibc's mmap threshold is fixed (the
-    engine's fix_mmap_threshold) and Arrow allocates from the system pool
-    for the run (the previous pool is restored after). Readers opened inside
-    allocate from it too."""
-    import pyarrow as pa
-
-    core.fix_mmap_threshold()
-    previous = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())
-    try:
-        yield
-    finally:
-        pa.set_memory_pool(previous)
+    arena: Optional[np.ndarray] = None  # the record's pooled buffers, given back once written
