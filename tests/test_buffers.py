@@ -87,7 +87,7 @@ def test_many_chunks_reuse_a_few_buffers_and_write_fresh_buffer_bytes(tmp_path, 
     # 4 KiB chunks: 12 chunks per tensor, 72 chunks in all; rtn (no floor
     # redo) and the mse default with its single-chunk floors below.
     aq.quantize(src, tmp_path / "out", bits=4, group_size=32, chunk_size="4KiB",
-                method="rtn", max_memory="64KiB", progress=False)
+                method="rtn", param_dtype="float16", max_memory="64KiB", progress=False)
     chunks = sum(len(aq.load(tmp_path / "out").info(n).chunks) for n in tensors)
     assert chunks > 60
     # A read unit and the output buffers of every quantized chunk come from
@@ -132,7 +132,8 @@ def test_a_floored_tensor_of_a_few_chunks_is_quantized_once(tmp_path, monkeypatc
     orig = ChunkQuantizer.quantize_rows
     monkeypatch.setattr(ChunkQuantizer, "quantize_rows",
                         lambda self, *args, **kw: calls.append(1) or orig(self, *args, **kw))
-    aq.quantize(src, tmp_path / "out", bits=4, group_size=32, chunk_size="4KiB", progress=False)
+    aq.quantize(src, tmp_path / "out", bits=4, group_size=32, chunk_size="4KiB", method="mse",
+                param_dtype="float16", progress=False)
     assert len(aq.load(tmp_path / "out").info("w.weight").chunks) == 3
     assert len(calls) == 3  # held, not probed first (which quantized it twice)
     want = engine.quantize_array(a, bits=4, group_size=32, method="mse", param_dtype="float16")

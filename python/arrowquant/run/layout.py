@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 from ..engine.dtypes import itemsize
 from ..errors import ConfigurationError, MemoryBudgetError
@@ -146,3 +146,29 @@ def check_memory_budget(tensors: Sequence[TensorInfo], plans: Dict[str, TensorPl
     must fit in max_memory (raises MemoryBudgetError naming the tensor)."""
     for t in tensors:
         chunk_rows(t, plans[t.name], opts)
+
+
+@dataclass
+class TensorLayout:
+    chunks: List[Chunk]
+    done: Dict[int, Dict[str, Any]]     # chunk index -> info of a part staged earlier
+    unit_rows: Dict[int, int]           # chunk index -> rows per read
+    pooled: bool                        # units read into the run's read pool
+
+
+def chunk_reads(ti: int, t: TensorInfo, c: Chunk, unit_rows: int, pooled: bool = False,
+                ) -> List[Tuple[int, int, str, int, int, int, bool]]:
+    """The reads of a chunk, as the Prefetcher takes them: (tensor index,
+    chunk index, name, first row, rows, bytes, pooled)."""
+    out = []
+    for r in range(0, max(c.row_count, 1), unit_rows):
+        n = min(unit_rows, c.row_count - r)
+        out.append((ti, c.index, t.name, c.row_start + r, n, n * t.cols * itemsize(t.dtype),
+                    pooled))
+    return out
+
+
+def read_ahead_budget(opts: PipelineOptions) -> int:
+    """Read buffers the Prefetcher may hold: one unit ahead is enough to keep
+    the engine busy; more only costs memory."""
+    return min(read_unit(opts.max_memory), opts.max_memory // 4)

@@ -33,7 +33,8 @@ from .ray_tasks import (KILL_ENV, UNIT_BYTES, UnitChunk, UnitContext, UnitResult
                         group_units, run_unit, tensor_table)
 from .report import TensorRecord, merge_markov
 from .staging import part_name, read_part, write_part
-from .streaming import StreamingQuantizer, TensorLayout, resumed_plan
+from .layout import TensorLayout
+from .streaming import StreamingQuantizer, resumed_plan
 
 
 @dataclass(frozen=True)

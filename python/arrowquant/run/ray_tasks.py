@@ -28,7 +28,8 @@ from ..sources.base import ModelSource, TensorInfo
 from ..version import __version__
 from .layout import Chunk, PipelineOptions, chunk_buffer_bytes
 from .prefetch import Prefetcher
-from .streaming import StreamingQuantizer, chunk_reads, read_ahead_budget
+from .layout import chunk_reads, read_ahead_budget
+from .streaming import StreamingQuantizer
 
 #: Test hook: "N:MARKER" makes the task of work unit N kill its own process
 #: (SIGKILL) after its first chunk, once (MARKER records that it did).

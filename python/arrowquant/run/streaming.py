@@ -1,5 +1,8 @@
 """The streaming quantization pipeline: source -> quantize -> ArrowQuant
-Parquet V2, tensor by tensor and chunk by chunk, in bounded memory.
+Parquet V2, tensor by tensor and chunk by chunk, in bounded memory. Kept
+whole as one module: the steps of a tensor (read units, quantize, the
+cosine-floor fallbacks, staging) share the run's buffer pools, the writer
+queue and the cancel flag; the Ray executor reuses the same steps.
 
 Three stages overlap: a prefetch thread reads every unit the quantizer will
 need, in order (pread for SafeTensors, one row group for Parquet V1), the
@@ -35,9 +38,9 @@ from ..planning.plan import TensorPlan
 from ..sources.base import ModelSource, TensorInfo
 from ..spec import (groups_per_row, packed_row_bytes, param_code_bytes, superblock_code_bits,
                     superblock_groups, superblocks_per_row)
-from .buffers import BufferPool, Leases, arena_bytes, carve, lean_allocators  # noqa: F401
-from .layout import (HOLD_CHUNKS, Chunk, PipelineOptions, chunk_rows, output_row_bytes, plan_chunks,
-                     read_unit)
+from .buffers import BufferPool, Leases, arena_bytes, carve
+from .layout import (HOLD_CHUNKS, Chunk, PipelineOptions, TensorLayout, chunk_reads, chunk_rows,
+                     output_row_bytes, plan_chunks, read_ahead_budget, read_unit)
 from .prefetch import Prefetcher
 from .report import TensorRecord, merge_markov
 from .staging import STAGING, part_name, read_part, read_part_info, write_part
@@ -497,37 +500,11 @@ class StreamingQuantizer:
         return self.shards.finish()
 
 
-def chunk_reads(ti: int, t: TensorInfo, c: Chunk, unit_rows: int, pooled: bool = False,
-                ) -> List[Tuple[int, int, str, int, int, int, bool]]:
-    """The reads of a chunk, as the Prefetcher takes them: (tensor index,
-    chunk index, name, first row, rows, bytes, pooled)."""
-    out = []
-    for r in range(0, max(c.row_count, 1), unit_rows):
-        n = min(unit_rows, c.row_count - r)
-        out.append((ti, c.index, t.name, c.row_start + r, n, n * t.cols * itemsize(t.dtype),
-                    pooled))
-    return out
-
-
-def read_ahead_budget(opts: PipelineOptions) -> int:
-    """Read buffers the Prefetcher may hold: one unit ahead is enough to keep
-    the engine busy; more only costs memory."""
-    return min(read_unit(opts.max_memory), opts.max_memory // 4)
-
-
 def resumed_plan(plan: TensorPlan, done: Dict[int, Dict[str, Any]]) -> Tuple[TensorPlan, List[str]]:
     """A tensor an interrupted run staged chunks of: the width (and the
     decisions) were taken before the interruption."""
     first = next(iter(done.values()))
     return dataclasses.replace(plan, bits=first["bits"]), list(first.get("decisions", []))
-
-
-@dataclass
-class TensorLayout:
-    chunks: List[Chunk]
-    done: Dict[int, Dict[str, Any]]     # chunk index -> info of a part staged earlier
-    unit_rows: Dict[int, int]           # chunk index -> rows per read
-    pooled: bool                        # units read into the run's read pool
 
 
 @dataclass

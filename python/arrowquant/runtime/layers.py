@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

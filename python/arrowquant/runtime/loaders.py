@@ -141,7 +141,7 @@ def populate(model: nn.Module, path: PathLike, dtype: Optional[torch.dtype] = No
     `path`: packed layers where the file has quantized Linear / Conv2d /
     Embedding weights, every other tensor read. Raises FormatError naming
     the parameters the file does not provide."""
-    from ..run.streaming import lean_allocators
+    from ..run.buffers import lean_allocators
 
     dtype = dtype or torch.float32
     report = LoadReport()

@@ -26,7 +26,7 @@ Which kernel runs for a batch of ``M`` rows of x (``Policy``):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
