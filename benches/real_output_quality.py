@@ -147,15 +147,20 @@ def arrowquant_settings() -> List[Setting]:
     ]
 
 
-def weighted_settings() -> List[Setting]:
+def weighted_settings(llama_available: bool = False) -> List[Setting]:
     """With importance weights (--importance, MiniLM): the grids, uniform
-    importance-weighted search, and the GGUF types with ArrowQuant's search."""
+    importance-weighted search, the GGUF types with ArrowQuant's search, and
+    llama.cpp's own types with the same weights as its imatrix (quant_weights)
+    when llama.cpp is present."""
     import dataclasses
 
     base = [s for s in grid_settings() if "g32" in s.label or "float16 g64" in s.label]
     base += [aq("importance float16 g64", 4, 64, "importance", "float16")]
     base += [s for s in gguf_settings(False) if s.gguf_mode == "search" and
              s.gguf_type in ("Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K")]
+    if llama_available:
+        base += [s for s in gguf_settings(True) if s.gguf_mode == "llama.cpp" and
+                 s.gguf_type in ("IQ4_NL", "IQ4_XS", "Q4_K", "Q3_K", "Q2_K")]
     return [dataclasses.replace(s, label=s.label + " +importance", weighted=True) for s in base]
 
 
@@ -465,7 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         llama = LlamaQuantizer(lib)
     settings = arrowquant_settings() + grid_settings() + gguf_settings(llama is not None)
     if args.importance:
-        settings += weighted_settings()
+        settings += weighted_settings(llama is not None)
     if args.only:
         keys = args.only.split(",")
         settings = [s for s in settings if any(k in s.label for k in keys)]
