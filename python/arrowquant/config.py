@@ -293,6 +293,8 @@ class DiffusionQuantConfig:
         own = QuantSpec(bits, self.group_size, self.scheme, self.method, self.param_dtype)
         if bits == self.bit_width or bits not in VALID_BITS:
             return own
+        if own.method == "grid-nl" and bits != 4:  # the fixed table is 4-bit: learn one
+            own = own.replace(method="grid-learned")
         mine = width_defaults(self.bit_width, self.scheme)
         if mine and all(getattr(self, k) == v for k, v in mine.items()):
             return default_spec(bits, self.scheme)

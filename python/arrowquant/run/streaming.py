@@ -180,10 +180,9 @@ class StreamingQuantizer:
         return rec, sums, kept
 
     def _grid_levels(self, t: TensorInfo, plan: TensorPlan) -> Optional[np.ndarray]:
-        """The code grid table of a tensor (FORMAT.md 10.1), the same for all
-        its chunks: the fixed one, or the one learned from the whole tensor
-        (read once more; the same table on --resume, as it is a function of
-        the tensor's values and importance)."""
+        """A tensor's code grid table (FORMAT.md 10.1), one for all its chunks:
+        the fixed one, or one learned from the whole tensor (read once more; a
+        function of the values and importance, so --resume finds the same)."""
         spec = plan.spec
         if spec is None or not spec.grid:
             return None
@@ -195,14 +194,12 @@ class StreamingQuantizer:
 
             x2 = None
             if spec.grid == "learned":
-                raw = self.source.read(t.name, 0, t.rows)
-                x2 = to_float32(raw, t.dtype).reshape(t.rows, t.cols)
+                x2 = to_float32(self.source.read(t.name, 0, t.rows), t.dtype).reshape(t.rows, -1)
                 check_finite(x2, name=t.name, cols=t.cols)
-            w = None if plan.importance is None else \
-                np.ascontiguousarray(plan.importance, np.float32).reshape(-1)
+            w = None if plan.importance is None else np.asarray(plan.importance, np.float32)
             try:
-                self._levels[key] = levels_for(x2, spec.bits, spec.group_size, spec.grid, w,
-                                               t.name)
+                self._levels[key] = levels_for(x2, spec.bits, spec.group_size, spec.grid,
+                                               None if w is None else w.reshape(-1), t.name)
             except ValidationError as exc:
                 raise ValidationError(with_location(str(exc), self.source.location(t.name))) \
                     from None
