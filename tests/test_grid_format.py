@@ -209,3 +209,23 @@ def test_torch_loaders_dequantize_grid_weights(tmp_path):
     want = engine.dequantize_array(engine.quantize_array(t["a.weight"], method="grid-nl"))
     assert isinstance(model.a, torch.nn.Linear)
     assert np.array_equal(model.a.weight.detach().numpy().view(np.uint32), want.view(np.uint32))
+
+
+def test_grid_from_config_file_and_environment(tmp_path):
+    from arrowquant.config import resolve
+
+    (tmp_path / "c.yaml").write_text("method: grid-learned\n")
+    assert resolve(config_file=tmp_path / "c.yaml", environ={}).spec_for(4).grid == "learned"
+    cfg = resolve(environ={"ARROW_QUANT_METHOD": "grid-nl"})
+    assert cfg.spec_for(4).quant_type == "grid4" and cfg.spec_for(4).superblock
+    assert cfg.spec_for(8).method == "grid-learned"  # the fixed table is 4-bit
+    with pytest.raises(Exception, match="asymmetric|grid"):
+        resolve(environ={"ARROW_QUANT_METHOD": "grid-nl"},
+                overrides={"scheme": "symmetric", "param_dtype": "float16"})
+
+
+def test_gguf_output_refuses_a_grid(tmp_path):
+    _model(tmp_path / "src")
+    with pytest.raises(aq.ConfigurationError, match="code grid"):
+        aq.quantize(tmp_path / "src", tmp_path / "o.gguf", output_format="gguf",
+                    method="grid-nl", progress=False)
