@@ -229,3 +229,30 @@ def test_gguf_output_refuses_a_grid(tmp_path):
     with pytest.raises(aq.ConfigurationError, match="code grid"):
         aq.quantize(tmp_path / "src", tmp_path / "o.gguf", output_format="gguf",
                     method="grid-nl", progress=False)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 40), cols=st.sampled_from([32, 96, 200, 256, 300]),
+       group=st.sampled_from([16, 32, 64]), method=st.sampled_from(["grid-nl", "grid-learned"]),
+       pd=st.sampled_from(["superblock", "float16", "float32"]),
+       chunk=st.sampled_from(["1KiB", "4KiB", "64MiB"]), seed=st.integers(0, 3))
+def test_property_file_equals_engine(tmp_path_factory, rows, cols, group, method, pd, chunk,
+                                     seed):
+    from safetensors.numpy import save_file
+
+    d = tmp_path_factory.mktemp("p")
+    x = (np.random.default_rng(seed).standard_normal((rows, cols)) *
+         np.random.default_rng(seed + 9).lognormal(0, 1, cols)).astype(np.float32)
+    save_file({"w": x}, str(d / "m.safetensors"))
+    aq.quantize(d / "m.safetensors", d / "out", method=method, param_dtype=pd, group_size=group,
+                chunk_size=chunk, progress=False)
+    got = aq.load(d / "out")["w"]
+    qt = engine.quantize_array(x, method=method, param_dtype=pd, group_size=group)
+    twin = reference.quantize_array(x, method=method, param_dtype=pd, group_size=group)
+    assert np.array_equal(got.view(np.uint32), engine.dequantize_array(qt).view(np.uint32))
+    assert np.array_equal(got.view(np.uint32), reference.dequantize_array(twin).view(np.uint32))
