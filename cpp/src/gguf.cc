@@ -16,6 +16,7 @@
 #include <set>
 
 #include "arrowquant/parallel.h"
+#include "arrowquant/text.h"
 
 namespace arrowquant::gguf {
 
@@ -365,7 +366,8 @@ Result<std::unique_ptr<Writer>> Writer::Create(const std::string& path,
   w->alignment_ = alignment;
   w->data_offset_ = data_offset;
   w->layout_ = std::move(layout);
-  w->fd_ = ::open(w->temp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  w->fd_ = ::open(w->temp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW,
+                 0644);  // never through a symlink planted in its place
   if (w->fd_ < 0) return MakeIOError("cannot create", w->temp_path_);
   AQ_RETURN_NOT_OK(w->WriteAll(header.data(), header.size()));
   // Tensors with nothing to stream (never: every tensor has >= 1 element) would be skipped here.
@@ -626,6 +628,11 @@ class Cursor {
                                  " bytes at byte " + std::to_string(pos_) + " runs past the end");
     }
     std::string s(reinterpret_cast<const char*>(data_ + pos_), static_cast<size_t>(n));
+    const size_t bad = text::FirstInvalidUtf8(s);
+    if (bad != s.size()) {
+      return Status::FormatError(std::string("GGUF ") + what + " at byte " + std::to_string(pos_) +
+                                 " is not valid UTF-8 (byte " + std::to_string(pos_ + bad) + ")");
+    }
     pos_ += static_cast<size_t>(n);
     return s;
   }

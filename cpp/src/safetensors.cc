@@ -10,6 +10,8 @@
 #include <limits>
 #include <mutex>
 
+#include "arrowquant/text.h"
+
 namespace arrowquant {
 
 namespace {
@@ -57,34 +59,7 @@ std::string Quote(std::string_view s) {
   return out;
 }
 
-// Length of the valid UTF-8 sequence starting at s[i] (RFC 3629: no
-// overlongs, no surrogates, nothing above U+10FFFF), or 0.
-size_t Utf8SequenceLength(std::string_view s, size_t i) {
-  const auto b0 = static_cast<unsigned char>(s[i]);
-  if (b0 < 0x80) return 1;
-  size_t len;
-  unsigned char lo = 0x80, hi = 0xBF;  // bounds of the second byte
-  if (b0 >= 0xC2 && b0 <= 0xDF) {
-    len = 2;
-  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
-    len = 3;
-    if (b0 == 0xE0) lo = 0xA0;  // overlong
-    if (b0 == 0xED) hi = 0x9F;  // surrogates
-  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-    len = 4;
-    if (b0 == 0xF0) lo = 0x90;  // overlong
-    if (b0 == 0xF4) hi = 0x8F;  // above U+10FFFF
-  } else {
-    return 0;
-  }
-  if (i + len > s.size()) return 0;
-  const auto b1 = static_cast<unsigned char>(s[i + 1]);
-  if (b1 < lo || b1 > hi) return 0;
-  for (size_t k = 2; k < len; ++k) {
-    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
-  }
-  return len;
-}
+using text::Utf8SequenceLength;
 
 void AppendUtf8(uint32_t cp, std::string* out) {
   if (cp < 0x80) {

@@ -1,8 +1,7 @@
-"""`python -m arrowquant`: the same as the `arrowquant` command."""
+"""`python -m arrowquant`: the same command line as the `arrowquant` script."""
 
 import sys
 
 from .cli import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

@@ -5,7 +5,6 @@ hands it to the runner (run/runner.py) or, for GGUF output, to the GGUF writer
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -15,7 +14,10 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 
 from .config import DiffusionQuantConfig
-from .errors import (ArrowQuantError, ConfigurationError, MetadataError)
+from .files import check_separate
+from .jsonfile import read_json
+from .text import check_path_text
+from .errors import (ArrowQuantError, ConfigurationError)
 from .formats.safetensors_writer import SafeTensorsWriter
 from .formats.v2_reader import QuantizedModel, open_v2
 from .formats.v2_schema import FORMAT_NAME
@@ -167,12 +169,10 @@ def inspect(path: PathLike) -> Dict[str, Any]:
         report_path = p / "quantization_report.json"
         report: Any = {"tensors": []}
         if report_path.exists():
-            try:
-                report = json.loads(report_path.read_text())
-            except ValueError as exc:
-                raise MetadataError(f"{report_path}: invalid JSON ({exc})") from None
-        rows = report.get("tensors", []) if isinstance(report, dict) else []
-        by_name = {r["name"]: r for r in rows if isinstance(r, dict) and "name" in r}
+            from .run.report import REPORT_SCHEMA
+
+            report = read_json(report_path, REPORT_SCHEMA)
+        by_name = {r["name"]: r for r in report.get("tensors") or []}
         tensors = []
         for name, e in model.entries.items():
             r = by_name.get(name, {})
@@ -232,8 +232,12 @@ def dequantize(quantized: PathLike, output: PathLike, dtype: str = "float16",
     if dtype not in ("float16", "float32"):
         raise ConfigurationError(f"dequantize dtype must be float16 or float32, got {dtype!r}")
     out = Path(output)
+    check_separate(Path(quantized), out)  # never over (or inside) the model being read
+    check_path_text(out, "output path")
     if out.exists() and not overwrite:
         raise ArrowQuantError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise ArrowQuantError(f"{out}: is a directory; give the path of the .safetensors file")
     model = load(quantized)
     np_out = np.float16 if dtype == "float16" else np.float32
     specs = []

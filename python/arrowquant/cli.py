@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -12,6 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from .errors import ArrowQuantError
+from .files import save_traceback
+from .jsonfile import dumps
+from .text import printable
 from .sizes import format_size
 
 from .formats.gguf.tables import GGUF_PRESETS, GGUF_TYPES
@@ -291,8 +293,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         print("\n".join(worker_lines(summary.details)), file=sys.stderr)
     if args.json:
-        print(json.dumps(summary.details if job.output_format == "gguf" and summary.details
-                         else summary.as_dict(), indent=2))
+        print(dumps(summary.details if job.output_format == "gguf" and summary.details
+                    else summary.as_dict(), indent=2))
     elif job.output_format == "gguf":
         from .formats.gguf.export import format_report
 
@@ -307,7 +309,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     info = api.inspect(args.path)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(dumps(info, indent=2))
         return 0
     print(f"{info['path']}: {info['format']}, modality {info.get('modality') or 'unknown'}, "
           f"{info['num_tensors']} tensors, {info['params'] / 1e6:.2f}M params, "
@@ -337,12 +339,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     report = api.validate(args.original, args.quantized, _parse_thresholds(args.threshold))
     if args.report:
-        path = Path(args.report)
-        text = report.to_markdown() if path.suffix.lower() in (".md", ".markdown") \
-            else json.dumps(report.as_dict(), indent=2)
-        path.write_text(text)
+        report.save(args.report)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        print(dumps(report.as_dict(), indent=2))
     else:
         for l in report.layers:
             mark = "ok  " if l.passed else "FAIL"
@@ -370,7 +369,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
                          arch=args.gguf_arch, layout=args.gguf_layout,
                          max_memory=args.max_memory,
                          progress=False if (args.no_progress or args.json) else None)
-    print(json.dumps(report, indent=2) if args.json else format_report(report, args.verbose))
+    print(dumps(report, indent=2) if args.json else format_report(report, args.verbose))
     return 0
 
 
@@ -421,7 +420,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ArrowQuantError as exc:
-        print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
+        print(f"arrowquant {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader of our output stopped early (`arrowquant inspect M | head`):
@@ -430,11 +429,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except OSError as exc:  # the system refused a read or write outside the engine's wrapping
-        print(f"arrowquant {args.command}: error: {exc}", file=sys.stderr)
+        print(f"arrowquant {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to finish", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user error: one line, the traceback in a file
+        saved = save_traceback(exc)
+        print(f"arrowquant {args.command}: internal error: {type(exc).__name__}: "
+              f"{printable(exc)}; full traceback in {saved} (please report it)", file=sys.stderr)
+        return 70  # EX_SOFTWARE
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from .errors import ConfigurationError
 from .spec import (DEFAULT_SPEC, VALID_BITS, VALID_METHODS, VALID_PARAM_DTYPES, VALID_SCHEMES,
                    WIDTH_FIELDS, QuantSpec, default_spec)
+from .text import decode_text
 
 MODALITIES = ("text", "code", "image", "audio")
 #: Minimum cosine similarity per bit width below which a layer is redone at the
@@ -330,12 +331,16 @@ def resolve(config_file: Optional[Union[str, Path]] = None, profile: Optional[st
         cfg = DiffusionQuantConfig(deployment_profile="custom")
     else:
         cfg = DiffusionQuantConfig.from_profile(base_name)
+    file_cfg = None
     if file_values:
         values = dict(file_values)
         if profile is not None:
             # An explicit profile names the run's profile even if the file says otherwise.
             values.pop("deployment_profile", None)
-        cfg = DiffusionQuantConfig.from_dict(values, base=cfg, validate=False)
+        try:
+            cfg = file_cfg = DiffusionQuantConfig.from_dict(values, base=cfg, validate=False)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{config_file}: {exc}") from None
     cfg = cfg.apply_env(environ, validate=False)
     if overrides:
         explicit = {k: v for k, v in overrides.items() if v is not None}
@@ -346,7 +351,11 @@ def resolve(config_file: Optional[Union[str, Path]] = None, profile: Optional[st
         follow = {k: v for k, v in width_defaults(cfg.bit_width, cfg.scheme, given_pd).items()
                   if k not in explicit_keys}
         cfg = DiffusionQuantConfig.from_dict(follow, base=cfg, validate=False)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigurationError as exc:
+        _blame_file(exc, file_cfg, config_file)
+        raise
     return cfg
 
 
@@ -357,6 +366,19 @@ def width_defaults(bits: int, scheme: str = DEFAULT_SPEC.scheme,
         return {}
     spec = default_spec(bits, scheme if scheme in VALID_SCHEMES else DEFAULT_SPEC.scheme, param_dtype)
     return {k: getattr(spec, k) for k in WIDTH_FIELDS}
+
+
+def _blame_file(exc: ConfigurationError, file_cfg: Optional["DiffusionQuantConfig"],
+                config_file: Any) -> None:
+    """Raises `exc` prefixed with the config file's name when the file's
+    values alone (on their profile) already give that error."""
+    if file_cfg is None:
+        return
+    try:
+        file_cfg.validate()
+    except ConfigurationError as own:
+        if str(own) == str(exc):
+            raise ConfigurationError(f"{config_file}: {exc}") from None
 
 
 # ---------------------------------------------------------------------- helpers
@@ -408,13 +430,16 @@ def _read_yaml(source: Union[str, Path]) -> Dict[str, Any]:
 
     path = Path(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigurationError(f"cannot read config file {str(path)!r}: {exc}") from None
+    text = decode_text(raw, path, "the config file")
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigurationError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigurationError(f"config file {str(path)!r}: YAML nested too deeply") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from .config import DEFAULT_MIN_COSINE
 from .engine.dtypes import to_float64
 from .engine.metrics import ErrorSums
-from .errors import FormatError, ShapeMismatchError
+from .errors import ArrowQuantError, ArrowQuantIOError, FormatError, ShapeMismatchError
 from .formats.v2_reader import open_v2
 from .sources import open_model
 
@@ -71,6 +72,27 @@ class ValidationReport:
                          f"{'yes' if l.passed else 'NO'} |")
         return "\n".join(lines) + "\n"
 
+    def save(self, path: PathLike) -> Path:
+        """Writes the report (.md / .markdown: Markdown, else JSON) atomically;
+        never over, or inside, the models it compares."""
+        import json
+
+        from .files import atomic_write_text, check_separate
+
+        out = Path(path)
+        for model in (self.original, self.quantized):
+            check_separate(Path(model), out)
+        if not out.parent.is_dir():
+            raise ArrowQuantError(f"{out.parent}: the report's directory does not exist")
+        text = self.to_markdown() if out.suffix.lower() in (".md", ".markdown") \
+            else json.dumps(self.as_dict(), indent=2)
+        try:
+            atomic_write_text(out, text)
+        except OSError as exc:
+            raise ArrowQuantIOError(f"{out}: cannot write the report ({exc.strerror or exc})") \
+                from None
+        return out
+
 
 def validate_v2(original: PathLike, quantized: PathLike,
                 thresholds: Optional[Dict[int, float]] = None) -> ValidationReport:
@@ -94,6 +116,11 @@ def validate_v2(original: PathLike, quantized: PathLike,
                                          f"the original {list(t.shape)}")
             x = to_float64(source.read(t.name), t.dtype).reshape(-1)
             y = model.dequantize(t.name, out_dtype=np.float64).reshape(-1)
+            if not e.bits and np.array_equal(x, y, equal_nan=True):
+                # Kept exactly (NaN where the original has NaN): exact by definition.
+                layers.append(LayerCheck(t.name, e.quant_type, 1.0, 0.0, math.inf, 0.0, None,
+                                         True))
+                continue
             m = ErrorSums.of(x, y).metrics()
             thr = thresholds.get(e.bits) if e.bits else None
             ok = (m.cosine >= thr) if thr is not None else bool(np.array_equal(x, y))

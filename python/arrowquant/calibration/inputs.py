@@ -10,6 +10,8 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..engine.finite import nonfinite_message
+from ..text import decode_text
 from ..errors import FormatError, ModelNotFoundError
 
 #: Calibration sentences for text encoders (used when no inputs are given).
@@ -103,15 +105,16 @@ def read_calibration_inputs(path: Union[str, Path]) -> List[CalibrationInput]:
     suffix = p.suffix.lower()
     records: List[CalibrationInput] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(p, "r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = decode_text(raw, f"{p}:{lineno}", "the line")
                 if not line.strip():
                     continue
                 try:
                     doc = json.loads(line)
                     records.append(_record(doc["data"], doc.get("timestep", 0), doc.get("shape"),
                                            f"{p.name}:{lineno}"))
-                except (KeyError, TypeError, json.JSONDecodeError) as exc:
+                except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
                     raise FormatError(f"{p.name}:{lineno}: not a calibration record ({exc})") from None
         return records
     import pyarrow as pa
@@ -150,6 +153,10 @@ def _record(data: Sequence[float], timestep: Any, shape: Optional[Sequence[int]]
             raise FormatError(f"{where}: shape {shape} needs {int(np.prod(shape))} values, "
                               f"data has {arr.size}")
         arr = arr.reshape(shape)
-    if not np.all(np.isfinite(arr)):
-        raise FormatError(f"{where}: data contains NaN or Inf")
+    bad = ~np.isfinite(arr.reshape(-1))
+    if bad.any():  # the one wording of a non-finite value (engine/finite.py)
+        i = int(np.argmax(bad))
+        cols = arr.shape[-1] if arr.ndim >= 2 else arr.size
+        raise FormatError(f"{where}: calibration data: "
+                          f"{nonfinite_message(float(arr.reshape(-1)[i]), i, cols)}")
     return CalibrationInput(data=arr, timestep=int(timestep if timestep is not None else 0))

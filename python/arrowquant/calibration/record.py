@@ -5,7 +5,6 @@ imported only inside the functions that need them."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -136,8 +135,13 @@ def _require(module: str) -> Any:
 
 
 def _read_json(p: Path) -> Dict[str, Any]:
-    with open(p, "r", encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file of the model, checked (jsonfile): config.json against the
+    diffusers / transformers schema, model_index.json against its own."""
+    from ..jsonfile import DIFFUSERS_CONFIG_SCHEMA, MODEL_INDEX_SCHEMA, read_json
+
+    schema = {"config.json": DIFFUSERS_CONFIG_SCHEMA,
+              "model_index.json": MODEL_INDEX_SCHEMA}.get(p.name, dict)
+    return read_json(p, schema)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
+from ..jsonfile import Opt, parse_json
 from ..errors import FormatError, ModelNotFoundError, ValidationError
 
 FORMAT_NAME = "calibration-stats"
@@ -220,7 +221,8 @@ def load_stats(path: Union[str, Path]) -> CalibrationStats:
     if META_KEY not in kv:
         raise FormatError(f"{p}: no {META_KEY.decode()} metadata; not written by arrowquant "
                           "calibrate")
-    meta = json.loads(kv[META_KEY].decode("utf-8"))
+    meta = parse_json(kv[META_KEY], f"{p} ({META_KEY.decode()} metadata)",
+                      {"num_time_groups": Opt(int), "model": Opt(str)})
     need = {"layer", "time_group", "count", "mean", "mean_sq", "absmax"}
     missing = need - set(table.column_names)
     if missing:
@@ -233,8 +235,17 @@ def load_stats(path: Union[str, Path]) -> CalibrationStats:
     cnt = cols["count"].to_pylist()
     mt = table.column("module_type").to_pylist() if "module_type" in table.column_names else None
     for i in range(table.num_rows):
-        vals = [np.asarray(cols[c][i].values.to_numpy(zero_copy_only=False), dtype=np.float32)
-                for c in ("mean", "mean_sq", "absmax")]
+        if not isinstance(layer[i], str) or not isinstance(tg[i], int) or \
+                not isinstance(cnt[i], int) or any(not cols[c][i].is_valid
+                                                   for c in ("mean", "mean_sq", "absmax")):
+            raise FormatError(f"{p}: row {i}: layer, time_group, count, mean, mean_sq and absmax "
+                              "must all be set (layer a string, the others integers / lists)")
+        try:
+            vals = [np.asarray(cols[c][i].values.to_numpy(zero_copy_only=False), dtype=np.float32)
+                    for c in ("mean", "mean_sq", "absmax")]
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise FormatError(f"{p}: row {i} ({layer[i]!r}): mean, mean_sq and absmax must be "
+                              f"lists of numbers ({exc})") from None
         if not (vals[0].size == vals[1].size == vals[2].size):
             raise FormatError(f"{p}: row {i} ({layer[i]!r}): mean, mean_sq and absmax lengths "
                               "differ")

@@ -55,10 +55,38 @@ def check_schema(f: Path, sch: pa.Schema, required: Mapping, optional: Mapping =
                               "type its format requires")
 
 
+#: Largest single dimension (a larger one, even in a zero-element tensor, is no model).
+MAX_DIM = 1 << 40
+
+
+def check_tensor(where: str, name: Any, shape: Any) -> None:
+    """The one rule of what a tensor may be called and how it may be shaped,
+    applied by the writers (a source tensor, before any output exists) and
+    the readers alike, so that whatever one accepts the other reads: a
+    non-empty string name without NUL, at most MAX_RANK dims, each an
+    integer in 0..MAX_DIM, at most MAX_NUMEL elements."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise FormatError(f"{where}: tensor name {name!r} is empty or not text; every tensor "
+                          "needs a non-empty name")
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK:
+        raise ShapeMismatchError(f"{where}: tensor {name!r}: shape with "
+                                 f"{len(shape) if isinstance(shape, (list, tuple)) else '?'} "
+                                 f"dimensions; at most {MAX_RANK} are supported")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > MAX_DIM for d in shape):
+        raise ShapeMismatchError(f"{where}: tensor {name!r}: shape {list(shape)} has a dimension "
+                                 f"outside 0..2^40")
+    n = 1
+    for d in shape:
+        n *= d
+    if n > MAX_NUMEL:
+        raise ShapeMismatchError(f"{where}: tensor {name!r}: shape {list(shape)} has more than "
+                                 "2^62 elements")
+
+
 def check_shape(where: str, shape: Any, num_params: Any) -> Tuple[int, ...]:
     """A shape of non-negative dims whose product is num_params and stays far below 2^63."""
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK or \
-            any(not isinstance(d, int) or d < 0 for d in shape):
+            any(not isinstance(d, int) or d < 0 or d > MAX_DIM for d in shape):
         raise ShapeMismatchError(f"{where}: invalid shape {shape!r}")
     n = 1
     for d in shape:

@@ -17,6 +17,7 @@ import numpy as np
 from ..engine.dtypes import ITEMSIZE as DTYPE_SIZES
 from ..engine.dtypes import SAFETENSORS_CODES
 from ..engine.dtypes import safetensors_dtype as _canonical_dtype
+from ..files import remove_stale_temporaries
 from ..errors import ArrowQuantIOError, ValidationError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -63,6 +64,7 @@ class SafeTensorsWriter:
         self._done = False
         header, self._pending = self._build_header(specs, metadata)
         self._current = 0
+        remove_stale_temporaries(self.path.parent, self.path.name)  # of a killed earlier run
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             self._file = open(self._tmp, "xb")

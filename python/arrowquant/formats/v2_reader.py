@@ -3,7 +3,6 @@ checked against FORMAT.md sections 5 and 9 before its data is used."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 from ..engine import dequantize_array
 from ..engine.dtypes import ITEMSIZE, raw_to_array
 from ..engine.tensor import QuantizedTensor
-from ..errors import (ArrowQuantError, FormatError, MetadataError, ModelNotFoundError,
+from ..errors import (ArrowQuantError, FormatError, ModelNotFoundError,
                       ShapeMismatchError, ValidationError)
 from ..files import is_inside
 from ..spec import (groups_per_row, packed_row_bytes, superblock_code_bits,
@@ -26,6 +25,7 @@ from .arrow_checks import (blob_view, check_row_group_holds, check_schema,
                            list_values)
 from .v2_checks import (check_code_levels, check_coverage, check_superblock_layout, check_version,
                         equalization_scales, expand_chunk)
+from ..jsonfile import Opt, read_json
 from .v2_schema import GRID_QUANT_TYPES, INDEX_NAME, PIPELINE_FORMAT, SUPERBLOCK_COLUMNS
 
 
@@ -70,12 +70,7 @@ def read_index(root: Path) -> Optional[Dict[str, str]]:
     index = root / INDEX_NAME
     if not index.exists():
         return None
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise FormatError(f"{index}: not a valid V2 index ({exc})") from None
+    weight_map = read_json(index, {"weight_map": dict})["weight_map"]
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or not name:
             raise FormatError(f"{index}: tensor {tensor!r} maps to {name!r}, not a file name")
@@ -104,17 +99,16 @@ def model_files(root: Path) -> List[Path]:
     raise ModelNotFoundError(f"{root}: no model.parquet or {INDEX_NAME}: not an ArrowQuant V2 model")
 
 
+# What the readers use of a V2 (or pipeline) metadata.json.
+V2_METADATA_SCHEMA = {"format": Opt(str), "modality": Opt(str), "components": Opt([str]),
+                      "summary": Opt(dict), "format_version": Opt(int)}
+
+
 def read_metadata(path: Path) -> Dict[str, Any]:
     """metadata.json as a dict ({} when absent); MetadataError when unusable."""
     if not path.exists():
         return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, OSError) as exc:
-        raise MetadataError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise MetadataError(f"{path}: expected a JSON object, found {type(meta).__name__}")
-    return meta
+    return read_json(path, V2_METADATA_SCHEMA)
 
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .arrow_checks import check_tensor
 from ..errors import ArrowQuantError
-from ..files import atomic_write_text, io_error
+from ..files import atomic_write_text, fresh, io_error
 from .v2_schema import BLOB_COLUMNS, FORMAT_NAME, INDEX_NAME, ChunkRecord, schema
 
 
@@ -133,7 +134,7 @@ class ShardWriter:
     def begin_tensor(self, name: str, planned_bytes: int) -> None:
         if self._writer is None or (self._size and self._size + planned_bytes > self.shard_size):
             self._close_current()
-            path = self.out_dir / f"model-{len(self.files) + 1:05d}.parquet.tmp"
+            path = fresh(self.out_dir / f"model-{len(self.files) + 1:05d}.parquet.tmp")
             try:
                 self._writer = open_writer(path, self.param_dtype,
                                            superblock=self.superblock, grid=self.grid)
@@ -145,6 +146,7 @@ class ShardWriter:
         self._size += planned_bytes
 
     def write(self, rec: ChunkRecord) -> None:
+        check_tensor(str(self.out_dir), rec.layer_name, list(rec.shape))
         assert self._writer is not None, "begin_tensor first"
         try:
             write_row(self._writer, record_batch(rec, self.param_dtype, self.superblock,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -13,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..engine.metrics import MarkovMetrics
+from ..jsonfile import Opt, read_json
 from ..formats.v2_schema import FORMAT_NAME, PIPELINE_FORMAT  # noqa: F401 (PIPELINE_FORMAT re-exported)
 
 
@@ -153,12 +153,31 @@ def combine(parts: List[QuantizeSummary], src: Path, out: Path, seconds: float) 
         files=[f"{p.output}/{f}" for p in parts for f in p.files], records=records)
 
 
+_METRIC = Opt((float, str))  # sqnr_db / rel_mse: "inf" / "-inf" where JSON has no Infinity
+RECORD_SCHEMA = {
+    "name": str, "shape": [int], "dtype": str, "quant_type": str, "bits": Opt(int),
+    "reason": str, "group_size": Opt(int), "scheme": Opt(str), "method": Opt(str),
+    "param_dtype": Opt(str), "chunks": int, "input_bytes": int, "output_bytes": int,
+    "seconds": float, "cosine": Opt(float), "rel_mse": _METRIC, "sqnr_db": _METRIC,
+    "max_abs_error": Opt(float), "decisions": Opt([str]), "extra": Opt(dict)}
+# What `inspect` reads of a report (other tools may write fewer fields).
+REPORT_SCHEMA = {"tensors": Opt([{"name": str, "output_bytes": Opt(int)}])}
+SUMMARY_SCHEMA = {
+    "output": str, "source": str, "source_format": str, "output_format": str, "modality": str,
+    "bits": int, "tensors": int, "quantized_tensors": int, "params": int, "input_bytes": int,
+    "output_bytes": int, "compression_ratio": float, "mean_cosine": Opt(float),
+    "min_cosine": Opt(float), "worst_tensor": Opt(str), "bits_per_weight": float,
+    "seconds": float, "files": Opt([str])}
+
+
 def finished_summary(out: Path) -> QuantizeSummary:
-    """The summary of a finished output directory, from its metadata.json."""
-    meta = json.loads((out / "metadata.json").read_text())
+    """The summary of a finished output directory, from its metadata.json and
+    quantization_report.json (both checked: a wrong type is a MetadataError
+    naming the file and the key)."""
+    meta = read_json(out / "metadata.json", {"summary": SUMMARY_SCHEMA})
     fields = {f.name for f in dataclasses.fields(QuantizeSummary)} - {"records"}
     summary = QuantizeSummary(**{k: v for k, v in meta["summary"].items() if k in fields})
-    report = json.loads((out / "quantization_report.json").read_text())
+    report = read_json(out / "quantization_report.json", {"tensors": [RECORD_SCHEMA]})
     record_fields = {f.name for f in dataclasses.fields(TensorRecord)}
     summary.records = [TensorRecord(**{k: v for k, v in r.items() if k in record_fields})
                        for r in report["tensors"]]

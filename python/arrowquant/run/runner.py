@@ -12,11 +12,13 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..errors import ModelNotFoundError, QuantizationError, ValidationError
-from ..files import atomic_write_text
-from ..formats.v2_schema import FORMAT_NAME, format_version
+from ..errors import FormatError, ModelNotFoundError, QuantizationError
+from ..files import atomic_write_text, check_inside, check_separate, fresh
+from ..text import check_path_text, printable
+from ..formats.arrow_checks import check_tensor
+from ..formats.v2_schema import FORMAT_NAME, INDEX_NAME, format_version
 from ..job import Job
 from ..planning.plan import Planner, TensorPlan
 from ..progress import ProgressArg, progress_fn
@@ -25,7 +27,8 @@ from ..version import __version__
 from .layout import PipelineOptions, check_memory_budget
 from .report import PIPELINE_FORMAT, QuantizeSummary, TensorRecord, combine, finished_summary, \
     summarize
-from .staging import STAGING, OutputLock, check_run_file, fingerprint, prepare_output
+from .staging import LOCK_NAME, STAGING, OutputLock, check_run_file, fingerprint, mark_run, prepare_output, \
+    read_own_metadata
 from .streaming import StreamingQuantizer, lean_allocators
 
 OnTensor = Optional[Callable[[TensorRecord], None]]
@@ -37,6 +40,8 @@ def run(job: Job, progress: ProgressArg = None, on_tensor: OnTensor = None,
     # Calibrated layers with superblock parameters (the INT4 / INT2 default) are
     # written with float16 parameters at twice the group by the calibrated
     # planner (spec.weighted_param_spec); the other layers keep superblock.
+    check_separate(job.input, job.output)
+    check_path_text(job.output, "output path")
     if is_pipeline_dir(job.input):
         return run_pipeline(job, progress, on_tensor, cancel)
     return run_model(job, job.input, job.output, job.overwrite, job.resume, job.calibration,
@@ -112,11 +117,12 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
     from ..sources.modality import detect_modality
 
     t0 = time.perf_counter()
-    if resume and (out / "metadata.json").exists():
+    if resume and read_own_metadata(out) is not None:
         # Finished: every model file was in place before metadata.json was
         # written. Only a leftover staging folder (a stop during cleanup) remains.
+        summary = finished_summary(out)
         shutil.rmtree(out / STAGING, ignore_errors=True)
-        return finished_summary(out)
+        return summary
     prepare_output(out, overwrite, resume, check_only=True)  # fail before any work
     if job.executor == "ray":
         from .ray_executor import connect
@@ -126,6 +132,8 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
     cfg = job.config
     with lean_allocators(), open_model(src) as source:
         prints = fingerprint(source.weight_files)  # before anything is read
+        for t in source.tensors:  # what the V2 reader would refuse is never written
+            check_tensor(source.location(t.name), t.name, list(t.shape))
         report = progress_fn(progress, source.total_bytes)
         modality_info = detect_modality(source.root, [t.name for t in source.tensors],
                                         metadata=source.metadata, config=cfg.modality).as_dict()
@@ -145,7 +153,9 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
         lock = OutputLock(out)
         lock.acquire()
         try:
-            (out / STAGING).mkdir(exist_ok=True)
+            copied = [p.name for p in source.extra_files]
+            mark_run(out, "model", ["metadata.json", "quantization_report.json", INDEX_NAME,
+                                    *copied])
             check_run_file(out, source.root, settings, prints)
             runner = _quantizer(job, src, source, plans, out, opts, report, on_tensor, cancel)
             records = runner.run()
@@ -156,7 +166,7 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
                                   "read; the output was not finished")
             files = runner.finish()
             for extra in source.extra_files:
-                tmp = out / (extra.name + ".tmp")
+                tmp = fresh(out / (extra.name + ".tmp"))
                 shutil.copy2(extra, tmp)
                 os.replace(tmp, out / extra.name)
             summary = summarize(records, output=out, source=str(source.root),
@@ -178,6 +188,7 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
                 "quantization": settings,
                 "tool": {"name": "arrowquant", "version": __version__},
                 "files": files,
+                "copied_files": copied,
                 "summary": summary.as_dict(),
             }
             atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2))  # last: done
@@ -225,6 +236,31 @@ def _has_weights(d: Path) -> bool:
     return any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in d.iterdir())
 
 
+# Names ArrowQuant writes at the top of its own outputs: a pipeline entry by
+# one of these names would be mistaken for (or overwrite) them.
+RESERVED_NAMES = ("metadata.json", "quantization_report.json", STAGING, LOCK_NAME)
+
+
+def pipeline_entries(src: Path) -> Tuple[List[Path], List[str]]:
+    """The component folders of a pipeline and the names of its top-level
+    files, every one checked against the symlink rule (files.check_inside)
+    and the names ArrowQuant reserves."""
+    components, files = [], []
+    for p in sorted(src.iterdir()):
+        if p.name.startswith("."):
+            continue
+        check_inside(src, p, "pipeline entry")
+        if p.name in RESERVED_NAMES[1:] or (p.is_dir() and p.name == "metadata.json") or \
+                p.name.endswith(".tmp"):
+            raise FormatError(f"{printable(p)}: a pipeline entry may not be named {p.name!r}, "
+                              "a name ArrowQuant writes in its output")
+        if p.is_dir():
+            components.append(p)
+        elif p.is_file() and p.name != "metadata.json":
+            files.append(p.name)
+    return components, files
+
+
 def run_pipeline(job: Job, progress: ProgressArg, on_tensor: OnTensor,
                  cancel: Optional[threading.Event]) -> QuantizeSummary:
     """A diffusers pipeline (model_index.json + component folders): each
@@ -233,16 +269,17 @@ def run_pipeline(job: Job, progress: ProgressArg, on_tensor: OnTensor,
     written last and lists the components."""
     src, out, resume = job.input, job.output, job.resume
     t0 = time.perf_counter()
-    if resume and (out / "metadata.json").exists():
+    if resume and read_own_metadata(out) is not None:
         return finished_summary(out)
     prepare_output(out, job.overwrite, resume)
-    if not (out / STAGING).exists():
-        (out / STAGING).mkdir()
+    (out / STAGING).mkdir(exist_ok=True)
     lock = OutputLock(out)
     lock.acquire()
     try:
-        components = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+        components, top_files = pipeline_entries(src)
         quantized = [d for d in components if _has_weights(d)]
+        mark_run(out, "pipeline", ["metadata.json", "quantization_report.json", *top_files,
+                                   *(c.name for c in components)])
         # Statistics are recorded on the denoiser (what `arrowquant calibrate`
         # runs); applying them by name to another component would be wrong.
         names = [d.name for d in quantized]
@@ -264,12 +301,13 @@ def run_pipeline(job: Job, progress: ProgressArg, on_tensor: OnTensor,
                 progress=comp_progress, on_tensor=on_tensor, cancel=cancel))
         for comp in components:
             if comp not in quantized and not (out / comp.name).exists():
-                shutil.copytree(comp, out / (comp.name + ".tmp"))
+                for p in comp.rglob("*"):
+                    check_inside(src, p, "file")
+                shutil.copytree(comp, fresh(out / (comp.name + ".tmp")))
                 os.replace(out / (comp.name + ".tmp"), out / comp.name)
-        for f in src.iterdir():
-            if f.is_file() and f.name != "metadata.json":
-                shutil.copy2(f, out / (f.name + ".tmp"))
-                os.replace(out / (f.name + ".tmp"), out / f.name)
+        for name in top_files:
+            shutil.copy2(src / name, fresh(out / (name + ".tmp")))
+            os.replace(out / (name + ".tmp"), out / name)
         if not summaries:
             raise ModelNotFoundError(f"{src}: a diffusers pipeline with no component weights")
         summary = combine(summaries, src, out, time.perf_counter() - t0)
@@ -279,6 +317,7 @@ def run_pipeline(job: Job, progress: ProgressArg, on_tensor: OnTensor,
         meta = {"format": PIPELINE_FORMAT, "format_version": format_version(superblock, grid),
                 "components": [c.name for c in quantized],
                 "copied": [c.name for c in components if c not in quantized],
+                "copied_files": top_files,
                 "modality": summary.modality, "tool": {"name": "arrowquant", "version": __version__},
                 "summary": summary.as_dict()}
         report = {"format": PIPELINE_FORMAT, "tensors": [

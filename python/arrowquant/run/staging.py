@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,8 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import ArrowQuantError, ConfigurationError, FormatError
-from ..files import atomic_write_text, io_error
-from ..formats.v2_schema import ChunkRecord
+from ..files import atomic_write_text, fresh, io_error
+from ..formats.v2_schema import FORMAT_NAME, INDEX_NAME, PIPELINE_FORMAT, ChunkRecord
+from ..jsonfile import Opt, check, read_json
+from ..text import check_path_text, printable
 
 STAGING = ".arrowquant-staging"
 LOCK_NAME = ".arrowquant.lock"
@@ -31,7 +34,11 @@ class OutputLock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink planted in its place
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise ArrowQuantError(f"{printable(self.path)}: cannot be used as the run's lock "
+                                  f"({exc.strerror or exc}); remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -90,7 +97,8 @@ def write_part(path: Path, rec: ChunkRecord, info: Dict[str, Any]) -> None:
     header = json.dumps({"info": info, "record": record}).encode()
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(fresh(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(PART_MAGIC + len(header).to_bytes(8, "little") + header)
             f.write(memoryview(np.ascontiguousarray(rec.data, dtype=np.uint8)))
             f.write(memoryview(scales))
@@ -158,41 +166,134 @@ def read_part(path: Path) -> ChunkRecord:
         **{k: r[k] for k in _RECORD_FIELDS})
 
 
+RUN_MARKER = "arrowquant-run"
+# Names the V2 writer gives its files (formats/v2_writer.py), final and temporary.
+_V2_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.parquet|model-\d{5}\.parquet\.tmp|"
+                      + re.escape(INDEX_NAME) + r"(\.tmp)?")
+_META_SCHEMA = {"format": str, "tool": {"name": str}, "files": Opt([str]),
+                "copied_files": Opt([str]), "components": Opt([str]), "copied": Opt([str])}
+_RUN_SCHEMA = {"format": str, "kind": Opt(str), "writes": Opt([str])}
+
+
+def read_own_metadata(out: Path) -> Optional[Dict[str, Any]]:
+    """metadata.json of an ArrowQuant output, or None when `out` holds none.
+    A metadata.json ArrowQuant did not write (no format marker of its own) is
+    an ArrowQuantError: such a folder is never resumed, overwritten or read
+    as output."""
+    path = out / "metadata.json"
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink() or not path.is_file():
+        raise ArrowQuantError(f"{printable(path)}: not a file ArrowQuant wrote; refusing to use "
+                              f"{printable(out)} as output (choose another output path)")
+    meta = read_json(path, dict)
+    if meta.get("format") not in (FORMAT_NAME, PIPELINE_FORMAT) or \
+            not isinstance(meta.get("tool"), dict) or meta["tool"].get("name") != "arrowquant":
+        raise ArrowQuantError(f"{printable(path)}: this metadata.json was not written by "
+                              f"ArrowQuant; refusing to use {printable(out)} as output (choose "
+                              "another output path)")
+    return check(meta, _META_SCHEMA, path)
+
+
+def _written(out: Path) -> Tuple[set, bool]:
+    """Names in `out` that ArrowQuant's own records say it wrote, and whether
+    V2 model file names count as its own (an interrupted model run)."""
+    names = {STAGING, LOCK_NAME}
+    meta = read_own_metadata(out)
+    marks = out / STAGING / "writes.json"
+    # run.json: the settings file of an interrupted model run (check_run_file).
+    v2 = (out / STAGING / "run.json").is_file()
+    if meta is not None:
+        names |= {"metadata.json", "quantization_report.json"}
+        for key in ("files", "copied_files", "components", "copied"):
+            names |= set(meta.get(key) or [])
+        if meta["format"] == FORMAT_NAME and len(meta.get("files") or []) > 1:
+            names.add(INDEX_NAME)
+    if marks.is_file() and not marks.is_symlink():
+        run = read_json(marks, dict)
+        if run.get("format") == RUN_MARKER:
+            check(run, _RUN_SCHEMA, marks)
+            names |= set(run.get("writes") or [])
+            v2 = v2 or run.get("kind") == "model"
+    names |= {n + ".tmp" for n in names}
+    return names, v2
+
+
+def _foreign(out: Path) -> List[str]:
+    """Entries of `out` that ArrowQuant did not provably write (all of them
+    when it holds no record of ArrowQuant's)."""
+    names, v2 = _written(out)
+    entries = sorted(os.listdir(out))
+    return [n for n in entries if n not in names and not (v2 and _V2_FILE.fullmatch(n))]
+
+
+def remove_output(out: Path) -> None:
+    """Deletes what ArrowQuant wrote in `out` and nothing else: refused (an
+    ArrowQuantError naming the first foreign entry) when `out` holds anything
+    its records do not account for. Symlinks are removed, never followed;
+    component folders of a pipeline are checked the same way, recursively."""
+    foreign = _foreign(out)
+    if foreign:
+        raise ArrowQuantError(
+            f"{printable(out)}: holds {printable(foreign[0])!s}"
+            + (f" and {len(foreign) - 1} more entries" if len(foreign) > 1 else "")
+            + " that ArrowQuant did not write; refusing to delete it (choose another output "
+              "path, or remove them yourself)")
+    meta = read_own_metadata(out) or {}
+    components = set(meta.get("components") or [])
+    for name in sorted(os.listdir(out)):
+        child = out / name
+        if name == LOCK_NAME:
+            continue
+        if child.is_symlink() or not child.is_dir():
+            child.unlink()
+        elif name in components:
+            remove_output(child)
+            child.rmdir()
+        else:
+            shutil.rmtree(child)
+
+
 def prepare_output(out: Path, overwrite: bool, resume: bool, check_only: bool = False) -> None:
     """Refuses an output that exists (unless overwrite / resume allow it) and,
-    unless check_only, empties it for --overwrite and creates it."""
+    unless check_only, empties it for --overwrite (only what ArrowQuant
+    wrote: remove_output) and creates it."""
+    check_path_text(out, "output path")
+    if out.is_symlink() and not out.exists():
+        raise ArrowQuantError(f"{printable(out)}: a dangling symlink; choose another output path")
     if out.exists() and not out.is_dir():
-        raise ArrowQuantError(f"{out}: exists and is not a directory")
+        raise ArrowQuantError(f"{printable(out)}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
-        ours = (out / "metadata.json").exists() or (out / STAGING).exists() or \
-            (out / LOCK_NAME).exists()
         if resume:
-            if not (out / STAGING).exists():
-                raise ArrowQuantError(f"{out}: exists but holds no interrupted ArrowQuant run to "
-                                      "resume")
+            read_own_metadata(out)  # a foreign metadata.json is never resumed into
+            if not (out / STAGING).is_dir() or _foreign(out):
+                raise ArrowQuantError(f"{printable(out)}: exists but holds no interrupted "
+                                      "ArrowQuant run to resume")
             return
         if not overwrite:
-            raise ArrowQuantError(f"{out}: already exists; pass --overwrite to replace it or "
-                                  "--resume to finish an interrupted run")
-        if not ours:
-            raise ArrowQuantError(f"{out}: exists and does not look like ArrowQuant output; "
-                                  "refusing to delete it (choose another output path)")
+            raise ArrowQuantError(f"{printable(out)}: already exists; pass --overwrite to replace "
+                                  "it or --resume to finish an interrupted run")
+        foreign = _foreign(out)
+        if foreign:
+            remove_output(out)  # raises, naming what is foreign
         if check_only:
             return
         lock = OutputLock(out)
         lock.acquire()  # refuse to delete what a live run is writing
         try:
-            for child in out.iterdir():
-                if child.name == LOCK_NAME:
-                    continue
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+            remove_output(out)
         finally:
             lock.release()
     if not check_only:
         out.mkdir(parents=True, exist_ok=True)
+
+
+def mark_run(out: Path, kind: str, writes: List[str]) -> None:
+    """Records in the staging folder that ArrowQuant is writing `out` and the
+    names it will write there (what --overwrite may delete if the run dies)."""
+    (out / STAGING).mkdir(exist_ok=True)
+    path = out / STAGING / "writes.json"
+    atomic_write_text(path, json.dumps({"format": RUN_MARKER, "kind": kind, "writes": writes}))
 
 
 def fingerprint(weight_files: List[Path]) -> List[List[Any]]:

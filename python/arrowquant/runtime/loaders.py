@@ -24,7 +24,6 @@ being read.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -260,10 +259,9 @@ def _config(root: Path) -> Dict[str, Any]:
     if not cfg.is_file():
         raise ModelNotFoundError(f"{root}: no config.json (the quantizer copies the source's "
                                  "config next to the weights; quantize the model directory)")
-    try:
-        return json.loads(cfg.read_text())
-    except ValueError as exc:
-        raise FormatError(f"{cfg}: not valid JSON ({exc})") from None
+    from ..jsonfile import CONFIG_SCHEMA, read_json
+
+    return read_json(cfg, CONFIG_SCHEMA)
 
 
 def load_model(path: PathLike, *, dtype: Optional[torch.dtype] = None,
@@ -320,7 +318,9 @@ def load_pipeline(path: PathLike, *, dtype: Optional[torch.dtype] = None,
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise ModelNotFoundError(f"{root}: no model_index.json: not a diffusers pipeline")
-    index = json.loads(index_file.read_text())
+    from ..jsonfile import MODEL_INDEX_SCHEMA, read_json
+
+    index = read_json(index_file, MODEL_INDEX_SCHEMA)
     cls = pipeline_class or getattr(diffusers, index.get("_class_name", ""), None) or \
         diffusers.DiffusionPipeline
     components = {}

@@ -18,6 +18,7 @@ from .base import WEIGHT_SUFFIXES, ModelSource, TensorInfo
 from .parquet_v1 import ParquetV1Source
 from .parquet_v2 import ParquetV2Source
 from .safetensors import SafeTensorsModel, SafeTensorsSource
+from ..files import check_inside
 
 
 def is_v2_dir(root: Path) -> bool:
@@ -25,14 +26,25 @@ def is_v2_dir(root: Path) -> bool:
     if not meta.exists():
         return False
     try:
-        return json.loads(meta.read_text()).get("format") == "arrowquant-parquet-v2"
-    except (ValueError, AttributeError, OSError):
-        return False
+        doc = json.loads(meta.read_text())
+    except (ValueError, OSError):
+        return False  # not ours: the source readers say what is wrong with it
+    # A quantized pipeline's top folder too: the V2 reader names its components.
+    return isinstance(doc, dict) and doc.get("format") in ("arrowquant-parquet-v2",
+                                                           "arrowquant-parquet-v2-pipeline")
 
 
 def is_pipeline_dir(root: Path) -> bool:
     """A diffusers pipeline: model_index.json and component folders."""
     return root.is_dir() and (root / "model_index.json").exists()
+
+
+def _inside(root: Path, files: Any) -> None:
+    """The symlink rule (files.check_inside) on the weight files of a model
+    folder, before any is opened: one leading out of the folder is refused,
+    as index shards are."""
+    for f in files:
+        check_inside(root, Path(f), "weight file")
 
 
 def open_model(path: Any) -> ModelSource:
@@ -50,9 +62,11 @@ def open_model(path: Any) -> ModelSource:
     if is_v2_dir(p):
         return ParquetV2Source(p)
     if any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")):
+        _inside(p, [*p.glob("*.safetensors"), *p.glob("*.safetensors.index.json")])
         return SafeTensorsSource(p, p)  # the reader picks the index or the single file
     parquet = sorted(p.glob("*.parquet"))
     if parquet:
+        _inside(p, parquet)
         return ParquetV1Source(parquet, p)
     hint = " (a diffusers pipeline: quantize it with arrowquant.quantize, component by component)" \
         if is_pipeline_dir(p) else ""

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..engine.dtypes import ITEMSIZE, QUANTIZABLE_DTYPES
 from ..errors import ModelNotFoundError
+from ..files import check_inside
 from ..spec import View2D
 
 
@@ -71,7 +72,7 @@ class ModelSource(abc.ABC):
         for p in sorted(self.root.iterdir()):
             if p.is_file() and p.resolve() not in weights and not p.name.endswith(WEIGHT_SUFFIXES) \
                     and not p.name.endswith(".index.json") and p.name != "metadata.json":
-                out.append(p)
+                out.append(check_inside(self.root, p, "file"))
         return out
 
     def info(self, name: str) -> TensorInfo:

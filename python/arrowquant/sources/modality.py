@@ -173,14 +173,18 @@ def _checked(value: Any, where: str) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    from ..errors import MetadataError
+    """The JSON file at `path` (None when absent), checked against the schema
+    of its name (jsonfile): a wrong type is a MetadataError naming file and key."""
+    from ..jsonfile import (CONFIG_SCHEMA, INDEX_SCHEMA, MODEL_INDEX_SCHEMA,
+                            MODEL_METADATA_SCHEMA, read_json)
 
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MetadataError(f"{path}: cannot read JSON: {exc}") from None
+    schema = {"config.json": CONFIG_SCHEMA, "metadata.json": MODEL_METADATA_SCHEMA,
+              "model_index.json": MODEL_INDEX_SCHEMA}.get(path.name, dict)
+    if path.name.endswith(".index.json"):
+        schema = INDEX_SCHEMA
+    return read_json(path, schema)
 
 
 def _safetensors_header_metadata(path: Path) -> Optional[Dict[str, Any]]:

@@ -3,7 +3,6 @@ row group at a time through pyarrow."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -12,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..jsonfile import MODEL_METADATA_SCHEMA, read_json
 from ..errors import FormatError
 from ..formats.arrow_checks import (blob_view, check_row_group_holds, check_schema, check_shape,
                                     is_blob, is_int, is_int_list, is_str)
@@ -33,12 +33,7 @@ class ParquetV1Source(ModelSource):
         meta_path = root / "metadata.json" if root.is_dir() else root.parent / "metadata.json"
         self.metadata = {}
         if meta_path.exists():
-            try:
-                self.metadata = json.loads(meta_path.read_text())
-            except ValueError as exc:
-                raise FormatError(f"{meta_path}: invalid JSON ({exc})") from None
-            if not isinstance(self.metadata, dict):
-                raise FormatError(f"{meta_path}: expected a JSON object")
+            self.metadata = read_json(meta_path, MODEL_METADATA_SCHEMA)
         self.tensors = []
         self._where: Dict[str, tuple] = {}
         self._pf: Dict[Path, pq.ParquetFile] = {}

@@ -22,6 +22,8 @@ import numpy as np
 
 from ..engine import core
 from ..engine.dtypes import ITEMSIZE
+from ..files import allowed_root
+from ..jsonfile import MODEL_METADATA_SCHEMA, read_json
 from ..errors import ArrowQuantError, ArrowQuantIOError, FormatError, ModelNotFoundError, ValidationError
 from ..spec import view_2d
 from .base import ModelSource, TensorInfo
@@ -46,13 +48,7 @@ class _Location:
 
 
 def _allowed_root(root: Path) -> Path:
-    """The directory shard files must resolve into. A Hugging Face cache
-    snapshot (.../models--x--y/snapshots/<rev>/) holds symlinks to
-    ../../blobs/<hash>, so there the repository's cache folder is allowed."""
-    real = root.resolve()
-    if real.parent.name == "snapshots":
-        return real.parent.parent
-    return real
+    return allowed_root(root)
 
 
 def _check_shard_name(name: Any, index_path: Path, root: Path, allowed: Path) -> Path:
@@ -125,6 +121,10 @@ def _load_index(index_path: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
         raise FormatError(f"{index_path}: index has no \"weight_map\" object")
     if not weight_map:
         raise FormatError(f"{index_path}: \"weight_map\" lists no tensors")
+    for tensor, file_name in weight_map.items():  # before any is used as a key
+        if not isinstance(file_name, str) or not file_name:
+            raise FormatError(f"{index_path}: key 'weight_map.{tensor}': weight_map file name "
+                              f"{file_name!r} is not a non-empty string")
     metadata = doc.get("metadata", {})
     if metadata is None:
         metadata = {}
@@ -389,10 +389,7 @@ class SafeTensorsSource(ModelSource):
         self.metadata = dict(self._model.metadata or {})
         meta_path = root / "metadata.json"
         if meta_path.exists():
-            try:
-                self.metadata.update(json.loads(meta_path.read_text()))
-            except ValueError as exc:
-                raise FormatError(f"{meta_path}: invalid JSON ({exc})") from None
+            self.metadata.update(read_json(meta_path, MODEL_METADATA_SCHEMA))
 
     @property
     def weight_files(self) -> List[Path]:

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ...jsonfile import CONFIG_SCHEMA, Opt, check, read_json
 from ...errors import ConfigurationError
 from ...engine.dtypes import QUANTIZABLE_DTYPES
 
@@ -122,16 +123,32 @@ class ArchPlan:
     notes: List[str] = field(default_factory=list)
 
 
+_INT, _NUM = Opt(int), Opt(float)
+_ROPE = {"rope_type": Opt(str), "type": Opt(str), "factor": _NUM, "rope_theta": _NUM,
+         "low_freq_factor": _NUM, "high_freq_factor": _NUM,
+         "original_max_position_embeddings": _INT}
+# What the llama.cpp layout reads of a config.json (jsonfile: a wrong type is
+# a MetadataError naming the file and the key, before any value is used).
+LLM_CONFIG_SCHEMA = {
+    **CONFIG_SCHEMA, "text_config": Opt(dict), "rope_scaling": Opt(_ROPE),
+    "rope_parameters": Opt(_ROPE), "is_causal": Opt(bool), "_model_name_or_path": Opt(str),
+    **{k: _INT for k in ("head_dim", "hidden_size", "n_embd", "dim", "num_hidden_layers",
+                         "n_layer", "num_layers", "intermediate_size", "n_inner",
+                         "num_attention_heads", "n_head", "num_key_value_heads", "n_kv_heads",
+                         "vocab_size", "type_vocab_size", "max_position_embeddings", "n_ctx",
+                         "n_positions", "original_max_position_embeddings")},
+    **{k: _NUM for k in ("rope_theta", "rms_norm_eps", "layer_norm_eps",
+                         "layer_norm_epsilon")}}
+
+
 def load_config(root: Path) -> Optional[Dict[str, Any]]:
     """config.json of a model directory (or of a file's directory), or None."""
     for candidate in (root / "config.json", root.parent / "config.json"):
         if candidate.is_file():
-            try:
-                cfg = json.loads(candidate.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise ConfigurationError(f"{candidate}: not valid JSON ({e})") from e
+            cfg = read_json(candidate, LLM_CONFIG_SCHEMA)
             if "text_config" in cfg and isinstance(cfg["text_config"], dict):
-                cfg = {**cfg, **cfg["text_config"]}
+                cfg = check({**cfg, **cfg["text_config"]}, LLM_CONFIG_SCHEMA,
+                            f"{candidate} (text_config)")
             return cfg
     return None
 

@@ -47,7 +47,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ...errors import ArrowQuantError, ConfigurationError, MetadataError
+from ...engine.finite import with_location
+from ...errors import ArrowQuantError, ConfigurationError, MetadataError, ValidationError
 from .diffusion_types import (ALIGNMENT, BLOCK_SIZE, COMFY_REARRANGE_THRESHOLD, COMFY_SHAPE_FIX,
                               DEFAULT_BLOCK_MODE, PRESETS, MixState, TypeDecision,
                               choose_tensor_type)
@@ -197,6 +198,19 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
     }
 
 
+def _append(writer: Any, src: Any, source_name: str, data: np.ndarray, dtype: str, rows: int,
+            cols: int, threads: int) -> Any:
+    """writer.append_rows; a non-finite value's error also names the file."""
+    try:
+        return writer.append_rows(np.ascontiguousarray(data), dtype, rows, cols, threads)
+    except ValidationError as exc:  # the engine placed it in the tensor; add the file
+        try:
+            where = src.location(source_name)
+        except (KeyError, ArrowQuantError):
+            where = str(src.root)
+        raise ValidationError(with_location(str(exc), where)) from None
+
+
 def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, List[int], str]],
            plan: List[Tuple[OutTensor, Tuple[int, ...], TypeDecision, Optional[str]]],
            chunk_bytes: int, threads: int, progress: Any,
@@ -249,8 +263,8 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
                     elems = data.size // isz
                     whole = elems // wcols * wcols
                     if whole:
-                        s = writer.append_rows(np.ascontiguousarray(data[: whole * isz]), t.dtype,
-                                               whole // wcols, wcols, threads)
+                        s = _append(writer, src, part.source, data[: whole * isz], t.dtype,
+                                    whole // wcols, wcols, threads)
                         sums.merge(ErrorSums(*s))
                         chunks += 1
                     carry = data[whole * isz:].copy()
@@ -258,8 +272,8 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
                     if report_progress is not None:
                         report_progress(t.name, done / max(total, 1))
             if carry.size and (carry.size // isz) % wcols == 0:
-                s = writer.append_rows(np.ascontiguousarray(carry), t.dtype,
-                                       carry.size // isz // wcols, wcols, threads)
+                s = _append(writer, src, part.source, carry, t.dtype, carry.size // isz // wcols,
+                            wcols, threads)
                 sums.merge(ErrorSums(*s))
                 chunks += 1
                 carry = carry[:0]

@@ -4,13 +4,13 @@ each with its source tensors and how they are fused or renamed."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 
+from ...jsonfile import DIFFUSERS_CONFIG_SCHEMA, read_json
 from ...errors import ConfigurationError, MetadataError, ModelNotFoundError
 from .diffusion_names import (COMFY_ARCHITECTURES, Mapped, Part, clip_to_prefixed,
                               detect_reference_family, flux_to_original, strip_reference_prefix,
@@ -58,10 +58,7 @@ class OutTensor:
 
 
 def _read_json(p: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise MetadataError(f"{p}: cannot read JSON ({exc})") from None
+    return read_json(p, DIFFUSERS_CONFIG_SCHEMA if p.name == "config.json" else dict)
 
 
 _KIND_BY_CLASS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae",

@@ -32,7 +32,6 @@ open, which llama.cpp cannot run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -50,7 +49,10 @@ from .reader import dequantize_bytes, dequantize_tensor, inspect_gguf, quantize_
 from ...engine import core as _core
 from ...engine.dtypes import QUANTIZABLE_DTYPES
 from ...engine.metrics import ErrorSums
-from ...errors import ArrowQuantError, ConfigurationError
+from ...engine.finite import with_location
+from ...jsonfile import CONFIG_SCHEMA, read_json
+from ...files import check_separate, remove_stale_temporaries
+from ...errors import ArrowQuantError, ConfigurationError, ValidationError
 from ...progress import progress_fn
 from ...sizes import format_size
 from ...sources import ModelSource, open_model
@@ -106,10 +108,7 @@ def _config_metadata(root: Path, name: Optional[str]) -> Tuple[List[Tuple[str, s
     cfg: Dict[str, Any] = {}
     for candidate in (root / "config.json", root.parent / "config.json"):
         if candidate.is_file():
-            try:
-                cfg = json.loads(candidate.read_text())
-            except ValueError:
-                cfg = {}
+            cfg = read_json(candidate, CONFIG_SCHEMA)
             break
     arch = "llama" if cfg.get("model_type") == "llama" else "arrowquant"
     model_name = name or cfg.get("_name_or_path") or root.name or "model"
@@ -176,6 +175,9 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
         raise ArrowQuantError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
     if not out.parent.exists():
         raise ArrowQuantError(f"{out.parent}: output directory does not exist")
+    if isinstance(source, (str, os.PathLike)):
+        check_separate(Path(source), out)
+    remove_stale_temporaries(out.parent, out.name)  # a killed earlier run's NAME.tmp-PID
     if chunk_bytes <= 0:
         raise ConfigurationError(f"chunk_bytes must be positive, got {chunk_bytes}")
 
@@ -314,8 +316,11 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
                     raw = _read_permuted(src, t, p["row_order"], r0, n, row_bytes)
                 else:
                     raw = src.read(t.name, r0, n, out=buf[: n * row_bytes])
-                part = writer.append_rows(np.ascontiguousarray(raw), t.dtype, n * per_row,
-                                          w_cols, threads)
+                try:
+                    part = writer.append_rows(np.ascontiguousarray(raw), t.dtype, n * per_row,
+                                              w_cols, threads)
+                except ValidationError as exc:  # the engine placed it in the tensor; add the file
+                    raise ValidationError(with_location(str(exc), src.location(t.name))) from None
                 sums.merge(ErrorSums(*part))
                 chunks += 1
                 done_bytes += n * row_bytes

@@ -37,12 +37,12 @@ digits and punctuation differently from Hugging Face.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ...jsonfile import MapOf, Opt, read_json
 from ...errors import ConfigurationError
 from .arch import KeyValue, _gguf
 
@@ -74,11 +74,20 @@ class TokenizerPlan:
     warnings: List[str] = field(default_factory=list)
 
 
+_NODE = Opt(dict)
+# What the export reads of tokenizer.json (jsonfile: a wrong type is a
+# MetadataError naming the file and the key).
+TOKENIZER_SCHEMA = {
+    "model": {"type": Opt(str), "vocab": Opt((MapOf(int), list)), "merges": Opt(list),
+              "byte_fallback": Opt(bool), "unk_token": Opt(str)},
+    "added_tokens": Opt([{"id": int, "content": str, "special": Opt(bool)}]),
+    "pre_tokenizer": _NODE, "normalizer": _NODE, "post_processor": _NODE}
+
+
 def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ConfigurationError(f"{path}: not valid JSON ({e})") from e
+    """A tokenizer file, checked (tokenizer.json against TOKENIZER_SCHEMA;
+    the other files must hold an object)."""
+    return read_json(path, TOKENIZER_SCHEMA if path.name == "tokenizer.json" else dict)
 
 
 def pre_tokenizer_steps(tj: Dict[str, Any]) -> Tuple[Optional[Tuple[str, ...]], str]:

@@ -89,7 +89,7 @@ def validate_gguf(original: Any, path: Any, thresholds: Dict[int, float]):
             bpw = 8.0 * t["nbytes"] / max(t["numel"], 1)
             thr: Optional[float] = None
             if t["type"] == "F32" or (t["type"] == "F16" and info.dtype == "float16"):
-                ok = bool(np.array_equal(x, y))
+                ok = bool(np.array_equal(x, y, equal_nan=True))  # kept: NaN stays NaN
             elif t["type"] == "F16":
                 bound = np.maximum(np.abs(x) * 2.0 ** -11, 2.0 ** -25)
                 ok = bool(np.all(np.abs(err) <= bound)) and bool(np.all(np.abs(x) <= F16_MAX))
