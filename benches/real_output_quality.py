@@ -80,6 +80,7 @@ class Setting:
     gguf_mode: str = ""  # "search" | "reference" | "llama.cpp"
     grid: str = ""  # kind "grid": "nl" | "learned"
     weighted: bool = False  # importance weights: MiniLM's mean squared inputs (--importance)
+    natural: bool = False  # quantize each weight in its own shape (V2 files), not the common view
 
     def run(self, x: np.ndarray, llama=None,
             importance: Optional[np.ndarray] = None) -> Tuple[np.ndarray, int, float]:
@@ -101,6 +102,20 @@ class Setting:
                                        method=self.method, param_dtype=self.param_dtype, threads=1)
             cpu = time.process_time() - t0
             return engine.dequantize_array(qt).reshape(x.shape), int(qt.nbytes), cpu
+        if self.kind == "file":  # the whole path: SafeTensors -> aq.quantize -> V2 -> load
+            import tempfile
+
+            import arrowquant as aq
+            from safetensors.numpy import save_file
+
+            with tempfile.TemporaryDirectory() as d:
+                save_file({"w": np.ascontiguousarray(x)}, f"{d}/src.safetensors")
+                aq.quantize(f"{d}/src.safetensors", f"{d}/out", bits=self.bits,
+                            group_size=self.group_size, method=self.method,
+                            param_dtype=self.param_dtype, threads=1, progress=False)
+                cpu = time.process_time() - t0
+                m = aq.load(f"{d}/out")
+                return m["w"].reshape(x.shape), int(m.raw("w").nbytes), cpu
         if self.kind == "grid":
             from arrowquant.engine import grid as eg
 
@@ -147,22 +162,33 @@ def arrowquant_settings() -> List[Setting]:
     ]
 
 
-def weighted_settings() -> List[Setting]:
+def weighted_settings(llama_available: bool = False) -> List[Setting]:
     """With importance weights (--importance, MiniLM): the grids, uniform
-    importance-weighted search, and the GGUF types with ArrowQuant's search."""
+    importance-weighted search, the GGUF types with ArrowQuant's search, and
+    llama.cpp's own types with the same weights as its imatrix (quant_weights)
+    when llama.cpp is present."""
     import dataclasses
 
-    base = [s for s in grid_settings() if "g32" in s.label or "float16 g64" in s.label]
+    base = [s for s in grid_settings() if s.kind == "grid" and
+            ("g32" in s.label or "float16 g64" in s.label)]
     base += [aq("importance float16 g64", 4, 64, "importance", "float16")]
     base += [s for s in gguf_settings(False) if s.gguf_mode == "search" and
              s.gguf_type in ("Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K")]
+    if llama_available:
+        base += [s for s in gguf_settings(True) if s.gguf_mode == "llama.cpp" and
+                 s.gguf_type in ("IQ4_NL", "IQ4_XS", "Q4_K", "Q3_K", "Q2_K")]
     return [dataclasses.replace(s, label=s.label + " +importance", weighted=True) for s in base]
 
 
 def grid_settings() -> List[Setting]:
-    return [Setting(f"grid {g} mse {pd} g{gs}", "grid", 4, gs, "mse", pd, grid=g)
-            for g in ("nl", "learned")
-            for pd, gs in (("superblock", 32), ("superblock", 64), ("float16", 64), ("float16", 128))]
+    out = [Setting(f"grid {g} mse {pd} g{gs}", "grid", 4, gs, "mse", pd, grid=g)
+           for g in ("nl", "learned")
+           for pd, gs in (("superblock", 32), ("superblock", 64), ("float16", 64),
+                          ("float16", 128))]
+    # The same grids through V2 files (--method grid-*), each weight in its own shape.
+    out += [Setting(f"V2 file --method grid-{g} (superblock g32)", "file", 4, 32, f"grid-{g}",
+                    "superblock", natural=True) for g in ("nl", "learned")]
+    return out
 
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4_K", "Q3_K", "Q2_K")
@@ -239,7 +265,7 @@ class Model:
         state = dict(self.float_state)
         for n in self.targets:
             w = self.float_state[n].float().numpy()
-            r, c = rows_view(w)
+            r, c = (w.shape[0], w.size // w.shape[0]) if setting.natural else rows_view(w)
             x = np.ascontiguousarray(w.reshape(r, c), dtype=np.float32)
             xh, b, seconds = setting.run(x, llama, self.importance_of(n, c))
             cpu += seconds
@@ -465,7 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         llama = LlamaQuantizer(lib)
     settings = arrowquant_settings() + grid_settings() + gguf_settings(llama is not None)
     if args.importance:
-        settings += weighted_settings()
+        settings += weighted_settings(llama is not None)
     if args.only:
         keys = args.only.split(",")
         settings = [s for s in settings if any(k in s.label for k in keys)]

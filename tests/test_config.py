@@ -173,15 +173,16 @@ def test_env_overrides_every_variable():
         "ARROW_QUANT_NUM_TIME_GROUPS": "7", "ARROW_QUANT_MIN_ACCURACY": "0.9",
         "ARROW_QUANT_FAIL_FAST": "yes",
         "ARROW_QUANT_NUM_THREADS": "2", "ARROW_QUANT_MAX_MEMORY_MB": "512",
-        "ARROW_QUANT_PARAM_DTYPE": "superblock", "UNRELATED": "x",
+        "ARROW_QUANT_PARAM_DTYPE": "superblock", "ARROW_QUANT_METHOD": "grid-learned",
+        "UNRELATED": "x",
     }
     assert set(env) - {"UNRELATED"} == set(ENV_FIELDS)
     base = DiffusionQuantConfig()
     cfg = DiffusionQuantConfig.from_env(env)
     assert (cfg.bit_width, cfg.group_size, cfg.num_time_groups, cfg.min_accuracy,
             cfg.fail_fast, cfg.num_threads,
-            cfg.max_memory_limit_mb, cfg.param_dtype) == (8, 64, 7, 0.9, True, 2, 512,
-                                                          "superblock")
+            cfg.max_memory_limit_mb, cfg.param_dtype, cfg.method) == (
+                8, 64, 7, 0.9, True, 2, 512, "superblock", "grid-learned")
     assert base.bit_width == 4  # apply_env returns a copy
     assert base.apply_env({"ARROW_QUANT_FAIL_FAST": "off"}).fail_fast is False
     assert base.apply_env({"ARROW_QUANT_BIT_WIDTH": "  "}).bit_width == 4  # empty: ignored

@@ -154,6 +154,7 @@ METHODS = {
     "rtn": ["--method", "rtn", "--param-dtype", "float32"],
     "mse": ["--method", "mse"],
     "superblock": ["--method", "mse", "--param-dtype", "superblock", "--group-size", "32"],
+    "grid": ["--method", "grid-learned"],  # each task learns the same table per tensor
 }
 
 

@@ -377,7 +377,7 @@ def test_chunks_disagreeing_on_the_layout(tmp_path):
         aq.load(d)
 
 
-@pytest.mark.parametrize("version,ok", [(b"1", True), (b"2", True), (b"3", False),
+@pytest.mark.parametrize("version,ok", [(b"1", True), (b"2", True), (b"3", True), (b"4", False),
                                         (b"two", False)])
 def test_format_version_is_checked(sb_rows, tmp_path, version, ok):
     sch = parquet_v2.schema("superblock")
@@ -386,7 +386,7 @@ def test_format_version_is_checked(sb_rows, tmp_path, version, ok):
     if ok:
         assert aq.load(d)["w"].shape == (3, 256)
     else:
-        with pytest.raises(FormatError, match="format_version|format version 3"):
+        with pytest.raises(FormatError, match="format_version|format version 4"):
             aq.load(d)
 
 

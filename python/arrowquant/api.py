@@ -26,7 +26,7 @@ from .planning.plan import DEFAULT_MIN_COSINE, Planner, RulePlanner
 from .progress import ProgressArg
 from .run.report import QuantizeSummary, TensorRecord
 from .sources import is_v2_dir, open_model
-from .spec import DEFAULT_SPEC, WIDTH_DEFAULTS, QuantSpec, resolve_spec
+from .spec import DEFAULT_SPEC, GRID_METHODS, WIDTH_DEFAULTS, QuantSpec, resolve_spec
 from .validation import LayerCheck, ValidationReport, validate_v2  # noqa: F401 (re-exported)
 
 PathLike = Union[str, os.PathLike]
@@ -101,6 +101,11 @@ def quantize(
             "GGUF output uses llama.cpp's block types, whose parameters their layouts fix; "
             "param dtype 'superblock' is an ArrowQuant Parquet V2 format: drop param_dtype "
             "or write Parquet")
+    if output_format == "gguf" and method in GRID_METHODS:
+        raise ConfigurationError(
+            f"GGUF output uses llama.cpp's block types; method {method!r} (a code grid with "
+            "its own table) is an ArrowQuant Parquet V2 format: use gguf_type='IQ4_NL' / "
+            "'IQ4_XS' for llama.cpp's non-uniform grids, or write Parquet")
     if config is None:
         if bits in WIDTH_DEFAULTS:  # what is not given follows the bit width (spec.default_spec)
             spec = resolve_spec(bits, group_size, scheme, method, param_dtype)

@@ -39,9 +39,12 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
                    help="weights per group sharing one scale and zero point (default 128)")
     p.add_argument("--scheme", choices=("asymmetric", "symmetric"), default=None,
                    help="affine with a zero point (default) or symmetric around zero")
-    p.add_argument("--method", choices=("rtn", "mse"), default=None,
-                   help="how scales are chosen: mse = error-minimizing search (default), "
-                        "rtn = plain min/max (FORMAT.md section 2)")
+    p.add_argument("--method", choices=("rtn", "mse", "grid-nl", "grid-learned"), default=None,
+                   help="how scales are chosen: mse = error-minimizing search, "
+                        "rtn = plain min/max (FORMAT.md section 2; default per bit width); "
+                        "grid-nl / grid-learned = mse on a non-uniform code grid, the fixed "
+                        "IQ4_NL-shaped 4-bit table or one learned per tensor (FORMAT.md "
+                        "section 10; files say format version 3)")
     p.add_argument("--param-dtype", choices=("float32", "float16", "superblock"), default=None,
                    help="storage of scales and zero points (default float16): float32 or "
                         "float16 per group (64 or 32 bits per group: INT4 g128 = 4.25 bits per "

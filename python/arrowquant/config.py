@@ -10,7 +10,8 @@ Precedence (lowest to highest), as implemented by `resolve()`:
 2. the YAML file (`config_file=`): only the keys it names;
 3. the environment: ARROW_QUANT_BIT_WIDTH, ARROW_QUANT_GROUP_SIZE,
    ARROW_QUANT_NUM_TIME_GROUPS, ARROW_QUANT_MIN_ACCURACY, ARROW_QUANT_FAIL_FAST,
-   ARROW_QUANT_NUM_THREADS, ARROW_QUANT_MAX_MEMORY_MB, ARROW_QUANT_PARAM_DTYPE
+   ARROW_QUANT_NUM_THREADS, ARROW_QUANT_MAX_MEMORY_MB, ARROW_QUANT_PARAM_DTYPE,
+   ARROW_QUANT_METHOD
    (an empty variable is ignored);
 4. explicit overrides (the CLI's flags): keys whose value is None are ignored,
    so a CLI can pass every flag and let unset ones fall through.
@@ -64,6 +65,7 @@ ENV_FIELDS: Dict[str, str] = {
     "ARROW_QUANT_NUM_THREADS": "num_threads",
     "ARROW_QUANT_MAX_MEMORY_MB": "max_memory_limit_mb",
     "ARROW_QUANT_PARAM_DTYPE": "param_dtype",
+    "ARROW_QUANT_METHOD": "method",
 }
 
 #: Settings of the first version that nothing reads: accepted in files and
@@ -253,6 +255,10 @@ class DiffusionQuantConfig:
             raise ConfigurationError(
                 f"param_dtype 'superblock' needs scheme 'asymmetric' (its zero codes carry the "
                 f"offset), got scheme {self.scheme!r}")
+        if self.method in ("grid-nl", "grid-learned") and self.scheme != "asymmetric":
+            raise ConfigurationError(
+                f"method {self.method!r} (a code grid) needs scheme 'asymmetric', got scheme "
+                f"{self.scheme!r}")
         if self.target_bpw is not None:
             t = self.target_bpw
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not (2.0 < t <= 32.0):
@@ -294,6 +300,8 @@ class DiffusionQuantConfig:
         own = QuantSpec(bits, self.group_size, self.scheme, self.method, self.param_dtype)
         if bits == self.bit_width or bits not in VALID_BITS:
             return own
+        if own.method == "grid-nl" and bits != 4:  # the fixed table is 4-bit: learn one
+            own = own.replace(method="grid-learned")
         mine = width_defaults(self.bit_width, self.scheme)
         if mine and all(getattr(self, k) == v for k, v in mine.items()):
             return default_spec(bits, self.scheme)
@@ -478,7 +486,7 @@ def _normalize(name: str, value: Any) -> Any:
 
 
 def _parse_env(var: str, name: str, raw: str) -> Any:
-    if name == "param_dtype":
+    if name in ("param_dtype", "method"):
         return raw  # validated with the rest of the config
     if name == "fail_fast":
         low = raw.lower()

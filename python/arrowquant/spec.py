@@ -20,7 +20,11 @@ from .errors import ValidationError
 
 VALID_BITS = (2, 4, 8)
 VALID_SCHEMES = ("asymmetric", "symmetric")
-VALID_METHODS = ("rtn", "mse")
+VALID_METHODS = ("rtn", "mse", "grid-nl", "grid-learned")
+#: Methods on a code grid (docs/FORMAT.md section 10): the mse search on the
+#: fixed IQ4_NL-shaped 4-bit table ("grid-nl") or on a table learned per
+#: tensor ("grid-learned"); V2 quant_type "grid<bits>", format version 3.
+GRID_METHODS = {"grid-nl": "nl", "grid-learned": "learned"}
 VALID_PARAM_DTYPES = ("float32", "float16", "superblock")
 
 #: Two-level parameters (param_dtype "superblock", docs/FORMAT.md section 9):
@@ -76,6 +80,17 @@ class QuantSpec:
     @property
     def superblock(self) -> bool:
         return self.param_dtype == "superblock"
+
+    @property
+    def grid(self) -> Optional[str]:
+        """The code grid ("nl" / "learned") of a grid method, else None."""
+        return GRID_METHODS.get(self.method)
+
+    @property
+    def quant_type(self) -> str:
+        """The V2 quant_type of tensors with this spec: "grid<bits>" on a code
+        grid, else "int<bits>"."""
+        return f"{'grid' if self.grid else 'int'}{self.bits}"
 
 
 #: The spec every default comes from.
@@ -140,6 +155,11 @@ def check_spec(bits: int, group_size: int, scheme: str, method: str = DEFAULT_SP
     if param_dtype == "superblock" and scheme != "asymmetric":
         raise ValidationError("param dtype 'superblock' needs the asymmetric scheme "
                               "(its zero codes carry the offset)")
+    if method in GRID_METHODS and scheme != "asymmetric":
+        raise ValidationError(f"method {method!r} (a code grid) needs the asymmetric scheme")
+    if method == "grid-nl" and bits != 4:
+        raise ValidationError(f"method 'grid-nl' is a 4-bit table, got bits={bits}; use "
+                              "'grid-learned' at 2 or 8 bits")
 
 
 # ---------------------------------------------------------------- geometry

@@ -98,6 +98,10 @@ def replace_linear(model: "nn.Module", path: PathLike, *, load_other_tensors: bo
         entry = qmodel.entries.get(wname)
         if entry is None or entry.quant_type == "none" or len(entry.shape) != 2:
             continue
+        if entry.code_levels is not None:  # a code grid: the float layer, dequantized
+            with torch.no_grad():
+                mod.weight.copy_(torch.from_numpy(qmodel.dequantize(wname)).to(mod.weight.dtype))
+            continue
         if tuple(entry.shape) != (mod.out_features, mod.in_features):
             raise ValueError(f"{wname}: file shape {tuple(entry.shape)} does not match the model's "
                              f"({mod.out_features}, {mod.in_features})")

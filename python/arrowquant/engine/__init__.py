@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..spec import (DEFAULT_SPEC, WIDTH_DEFAULTS, check_spec, groups_per_row, packed_row_bytes,
+from ..spec import (DEFAULT_SPEC, GRID_METHODS, WIDTH_DEFAULTS, check_spec, groups_per_row, packed_row_bytes,
                     resolve_spec, superblocks_per_row, view_2d)
 from . import core
 from .core import active_kernel
@@ -43,6 +43,17 @@ def quantize_array(
     check_spec(bits, group_size, scheme, method, param_dtype)
     src = as_source(array, dtype=dtype, shape=shape, name=name)
     rows, cols = src.rows, src.cols
+    if method in GRID_METHODS:
+        from .dtypes import to_float32
+        from .grid import as_quantized, quantize_grid
+
+        from .finite import check_finite
+
+        x2 = to_float32(src.raw, src.dtype).reshape(rows, cols)
+        check_finite(x2, name=name, cols=cols)
+        gq = quantize_grid(x2, bits=bits, group_size=group_size, param_dtype=param_dtype,
+                           grid=GRID_METHODS[method], name=name, force_scalar=force_scalar)
+        return as_quantized(gq, x2, src.shape, src.dtype, method, name)
     G = groups_per_row(cols, group_size)
     packed = np.empty(rows * packed_row_bytes(cols, bits), dtype=np.uint8)
     scales = np.empty(rows * G, dtype=np.float32)
@@ -75,7 +86,12 @@ def quantize_array(
 
 def dequantize_array(qt: QuantizedTensor, *, threads: int = 0,
                      force_scalar: bool = False) -> np.ndarray:
-    """float32 array of qt.shape: x_hat = (q - zero_point) * scale."""
+    """float32 array of qt.shape: x_hat = (q - zero_point) * scale, or on a
+    code grid (qt.code_levels) x_hat = (L[q] - zero_point) * scale."""
+    if getattr(qt, "code_levels", None) is not None:
+        from .grid import dequantize_levels
+
+        return dequantize_levels(qt)
     rows, cols = view_2d(qt.shape)
     out = np.empty(rows * cols, dtype=np.float32)
     core.call(qt.name, core.dequantize, np.ascontiguousarray(qt.data, dtype=np.uint8), rows, cols,

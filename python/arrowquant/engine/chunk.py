@@ -42,10 +42,14 @@ class ChunkQuantizer:
                       spec: QuantSpec, out: ChunkBuffers,
                       importance: Optional[np.ndarray] = None,
                       equalization: Optional[np.ndarray] = None,
-                      row_offset: int = 0) -> ErrorSums:
+                      row_offset: int = 0,
+                      levels: Optional[np.ndarray] = None) -> ErrorSums:
         """Codes and parameters of `rows` rows of raw `dtype` bytes (rows
         row_offset.. of the tensor, which error messages count from) into `out`."""
         weighted = importance is not None or equalization is not None
+        if spec.grid:
+            return self._grid(name, raw, dtype, rows, cols, spec, out, importance, equalization,
+                              levels, row_offset)
         if spec.superblock:
             if weighted:
                 raise ConfigurationError(
@@ -85,6 +89,47 @@ class ChunkQuantizer:
                          spec.scheme, spec.method, spec.param_dtype, out.packed, out.scales,
                          out.zeros, self.threads, False, row_offset)
         return ErrorSums(*sums)
+
+    def _grid(self, name: str, raw: np.ndarray, dtype: str, rows: int, cols: int,
+              spec: QuantSpec, out: ChunkBuffers, importance: Optional[np.ndarray],
+              equalization: Optional[np.ndarray], levels: Optional[np.ndarray],
+              row_offset: int) -> ErrorSums:
+        """A code grid (FORMAT.md section 10) on the tensor's table `levels`,
+        importance-weighted when given."""
+        from .dtypes import to_float32
+        from .finite import check_finite
+        from .grid import pack_rows
+
+        if equalization is not None:
+            raise ConfigurationError(f"tensor {name!r}: channel equalization is not supported "
+                                     f"with method {spec.method!r}")
+        if levels is None:
+            raise ValueError("a grid spec needs the tensor's table")
+        spec.validate()
+        x2 = to_float32(raw, dtype).reshape(rows, cols)
+        check_finite(x2, name=name, cols=cols, first_row=row_offset)
+        kw = dict(bits=spec.bits, group_size=spec.group_size, param_dtype=spec.param_dtype,
+                  grid=spec.grid, importance=importance, levels=levels)
+        if self.engine == "reference":
+            from ..reference.grid import dequantize, quantize_grid as twin
+
+            gq = twin(x2, **kw)
+            xhat = dequantize(gq)
+        else:
+            from .grid import dequantize_grid, quantize_grid
+
+            gq = quantize_grid(x2, name=name, **kw)
+            xhat = dequantize_grid(gq, name)
+        out.packed[...] = pack_rows(gq.codes, spec.bits)
+        out.scales[...] = gq.scales
+        out.zeros[...] = gq.zero_points
+        if spec.superblock:
+            out.sb_scales[...] = gq.units[0::2]
+            out.sb_zeros[...] = gq.units[1::2]
+            if out.scale_codes is not None:
+                out.scale_codes[...] = gq.a_codes
+                out.zero_codes[...] = gq.c_codes
+        return ErrorSums.of(x2, xhat)
 
     @staticmethod
     def _reference(name: str, raw: np.ndarray, dtype: str, rows: int, cols: int,

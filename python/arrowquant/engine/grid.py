@@ -80,10 +80,13 @@ def levels_for(x2: np.ndarray, bits: int, group_size: int, grid: str,
 def quantize_grid(array: Any, *, bits: int = 4, group_size: int = 64,
                   param_dtype: str = "float16", grid: str = "nl",
                   importance: Optional[np.ndarray] = None, name: str = "tensor",
-                  force_scalar: bool = False) -> GridQuant:
+                  force_scalar: bool = False,
+                  levels: Optional[np.ndarray] = None) -> GridQuant:
     """Quantizes a tensor (viewed as rows x cols, FORMAT.md section 1) on a
     code grid; codes are one byte per weight (pack them with FORMAT.md
-    section 3's packer). `force_scalar` skips the AVX2 error pass (same bits)."""
+    section 3's packer). `force_scalar` skips the AVX2 error pass (same bits).
+    `levels`: the tensor's table when already chosen (the pipeline learns it
+    once per tensor and quantizes the tensor's chunks on it)."""
     if param_dtype not in ("float32", "float16", "superblock"):
         raise ValidationError(f"{name}: a grid takes float32, float16 or superblock "
                               f"parameters, not {param_dtype!r}")
@@ -96,7 +99,9 @@ def quantize_grid(array: Any, *, bits: int = 4, group_size: int = 64,
     w = None
     if importance is not None:
         w = np.ascontiguousarray(importance, np.float32).reshape(-1)
-    levels = levels_for(x2, bits, group_size, grid, w, name, force_scalar)
+    if levels is None:
+        levels = levels_for(x2, bits, group_size, grid, w, name, force_scalar)
+    levels = np.ascontiguousarray(levels, np.float32)
     G = -(-cols // group_size)
     codes = np.empty((rows, cols), np.uint8)
     scales = np.empty(rows * G, np.float32)
@@ -126,3 +131,71 @@ def dequantize_grid(gq: GridQuant, name: str = "tensor") -> np.ndarray:
               int(gq.group_size), int(gq.bits), np.ascontiguousarray(gq.levels, np.float32),
               gq.scales, gq.zero_points, out.reshape(-1))
     return out
+
+
+# --- grids in V2 tensors (FORMAT.md 10.3): packed codes and the table ----------------------
+
+
+def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, cols) one-byte codes packed per row as FORMAT.md section 3."""
+    rows, cols = codes.shape
+    per = 8 // bits
+    if per == 1:
+        return np.ascontiguousarray(codes, np.uint8).reshape(-1)
+    row_bytes = (cols * bits + 7) // 8
+    padded = np.zeros((rows, row_bytes * per), np.uint8)
+    padded[:, :cols] = codes
+    padded = padded.reshape(rows, row_bytes, per)
+    out = np.zeros((rows, row_bytes), np.uint8)
+    for k in range(per):
+        out |= padded[:, :, k] << np.uint8(k * bits)
+    return out.reshape(-1)
+
+
+def unpack_rows(packed: np.ndarray, rows: int, cols: int, bits: int) -> np.ndarray:
+    """Inverse of pack_rows: (rows, cols) uint8 codes."""
+    per = 8 // bits
+    row_bytes = (cols * bits + 7) // 8
+    p = np.asarray(packed, np.uint8).reshape(rows, row_bytes)
+    if per == 1:
+        return np.ascontiguousarray(p)
+    mask = np.uint8((1 << bits) - 1)
+    parts = [(p >> np.uint8(k * bits)) & mask for k in range(per)]
+    return np.ascontiguousarray(np.stack(parts, axis=2).reshape(rows, row_bytes * per)[:, :cols])
+
+
+def as_quantized(gq: GridQuant, x2: np.ndarray, shape: Any, dtype: str, method: str,
+                 name: str) -> Any:
+    """A QuantizedTensor of a GridQuant (packed codes, per-group parameters,
+    the superblock units and codes, the table in `code_levels`)."""
+    return as_quantized_twin(gq, x2, dequantize_grid(gq, name), shape, dtype, method, name)
+
+
+def as_quantized_twin(gq: GridQuant, x2: np.ndarray, xhat: np.ndarray, shape: Any, dtype: str,
+                      method: str, name: str) -> Any:
+    """as_quantized with x_hat given (the numpy twin decodes with its own code)."""
+    from .metrics import ErrorSums
+    from .tensor import QuantizedTensor
+
+    extra = {}
+    if gq.param_dtype == "superblock":
+        extra = dict(superblock_scales=np.ascontiguousarray(gq.units[0::2]),
+                     superblock_zero_points=np.ascontiguousarray(gq.units[1::2]),
+                     superblock_codes=(gq.a_codes, gq.c_codes))
+    return QuantizedTensor(
+        data=pack_rows(gq.codes, gq.bits), scales=gq.scales, zero_points=gq.zero_points,
+        shape=tuple(shape), dtype=dtype, bits=gq.bits, group_size=gq.group_size,
+        scheme="asymmetric", method=method, param_dtype=gq.param_dtype, name=name,
+        error=ErrorSums.of(x2, xhat), code_levels=gq.levels, **extra)
+
+
+def dequantize_levels(qt: Any) -> np.ndarray:
+    """x_hat of a QuantizedTensor on a code grid (FORMAT.md 10.2), float32, qt.shape."""
+    rows, cols = qt.rows, qt.cols
+    codes = unpack_rows(qt.data, rows, cols, qt.bits)
+    out = np.empty((rows, cols), np.float32)
+    core.call(qt.name, core.grid_dequantize, codes.reshape(-1), rows, cols, int(qt.group_size),
+              int(qt.bits), np.ascontiguousarray(qt.code_levels, np.float32),
+              np.ascontiguousarray(qt.scales, np.float32),
+              np.ascontiguousarray(qt.zero_points, np.float32), out.reshape(-1))
+    return out.reshape(qt.shape)

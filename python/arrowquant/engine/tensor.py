@@ -103,6 +103,14 @@ class QuantizedTensor(View2D):
     # The (scale codes, zero codes) of each group, uint8, when the engine
     # gave them; otherwise param_codes() recovers them from the parameters.
     superblock_codes: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
+    # A code grid (FORMAT.md section 10, method grid-nl / grid-learned): the
+    # 2^bits float32 levels codes stand for; None for the uniform grid.
+    code_levels: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def quant_type(self) -> str:
+        """The V2 quant_type: "grid<bits>" on a code grid, else "int<bits>"."""
+        return f"{'int' if self.code_levels is None else 'grid'}{self.bits}"
 
     @property
     def groups_per_row(self) -> int:
@@ -133,7 +141,12 @@ class QuantizedTensor(View2D):
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: codes plus parameters at their storage precision."""
+        """Stored bytes: codes plus parameters at their storage precision (and
+        a code grid's float32 table)."""
+        table = 0 if self.code_levels is None else 4 * int(np.asarray(self.code_levels).size)
+        return self._param_nbytes() + table
+
+    def _param_nbytes(self) -> int:
         if self.param_dtype == "superblock":
             units = self.superblock_scales.size + self.superblock_zero_points.size
             return int(self.data.nbytes + units * 2

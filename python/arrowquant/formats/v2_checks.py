@@ -14,7 +14,7 @@ from ..engine.superblock import expand_superblock, unpack_codes
 from ..errors import FormatError, ShapeMismatchError, ValidationError
 from ..spec import param_code_bytes, view_2d
 from .arrow_checks import MAX_NUMEL
-from .v2_schema import FORMAT_VERSION, READABLE_VERSIONS
+from .v2_schema import FORMAT_VERSION, GRID_QUANT_TYPES, READABLE_VERSIONS
 
 if TYPE_CHECKING:
     from .v2_reader import TensorEntry
@@ -37,6 +37,36 @@ def check_version(f: Path, value: Optional[bytes]) -> int:
                           f"reads versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade "
                           "arrowquant to read it)")
     return version
+
+
+def check_code_levels(where: str, quant_type: str, levels: Any) -> Optional[np.ndarray]:
+    """A row's code_levels (FORMAT.md 10.3): present exactly on grid rows,
+    2^b finite, strictly increasing float32 levels from 0 to 2^b - 1."""
+    bits = GRID_QUANT_TYPES.get(quant_type)
+    if bits is None:
+        if levels is not None:
+            raise FormatError(f"{where}: code_levels set on a {quant_type!r} row (only grid "
+                              "rows have a table)")
+        return None
+    if levels is None:
+        raise FormatError(f"{where}: quant_type {quant_type!r} with a null code_levels")
+    if not isinstance(levels, (list, tuple)) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in levels):
+        raise FormatError(f"{where}: code_levels must be a list of numbers")
+    L = np.asarray(levels, dtype=np.float64)
+    Q = (1 << bits) - 1
+    if L.size != Q + 1:
+        raise FormatError(f"{where}: code_levels holds {L.size} levels, a {bits}-bit grid has "
+                          f"{Q + 1}")
+    L32 = L.astype(np.float32)
+    if not np.isfinite(L).all() or not np.array_equal(L32.astype(np.float64), L):
+        raise ValidationError(f"{where}: code_levels must be finite float32 values")
+    if not (np.diff(L32) > 0).all():
+        raise ValidationError(f"{where}: code_levels must be strictly increasing")
+    if L32[0] != 0 or L32[Q] != Q:
+        raise ValidationError(f"{where}: code_levels must run from 0 to {Q} (L[0] = {L32[0]}, "
+                              f"L[{Q}] = {L32[Q]})")
+    return L32
 
 
 def check_superblock_layout(where: str, p: Any, K: Any) -> None:

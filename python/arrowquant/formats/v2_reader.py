@@ -23,10 +23,10 @@ from ..spec import (groups_per_row, packed_row_bytes, superblock_code_bits,
 from .arrow_checks import (blob_view, check_row_group_holds, check_schema,
                            check_shape, is_blob, is_int, is_int_list, is_param_list, is_str,
                            list_values)
-from .v2_checks import (check_coverage, check_superblock_layout, check_version,
+from .v2_checks import (check_code_levels, check_coverage, check_superblock_layout, check_version,
                         equalization_scales, expand_chunk)
 from ..jsonfile import Opt, read_json
-from .v2_schema import INDEX_NAME, PIPELINE_FORMAT, SUPERBLOCK_COLUMNS
+from .v2_schema import GRID_QUANT_TYPES, INDEX_NAME, PIPELINE_FORMAT, SUPERBLOCK_COLUMNS
 
 
 
@@ -56,10 +56,11 @@ class TensorEntry:
     param_dtype: Optional[str] = None       # float32 / float16 / superblock (None: "none")
     param_code_bits: Optional[int] = None   # superblock only: p
     superblock_groups: Optional[int] = None  # superblock only: K
+    code_levels: Optional[np.ndarray] = None  # a code grid's table (FORMAT.md section 10)
 
     @property
     def bits(self) -> Optional[int]:
-        return None if self.quant_type == "none" else int(self.quant_type[3:])
+        return QUANT_TYPES[self.quant_type]
 
 
 
@@ -118,8 +119,9 @@ V2_COLUMNS = {
     "zero_points": is_param_list,
 }
 OPTIONAL_COLUMNS = {"spatial_quant_json": is_str, "param_codes": is_blob,
-                    "param_code_bits": is_int, "superblock_groups": is_int}
-QUANT_TYPES = {"int2": 2, "int4": 4, "int8": 8, "none": None}
+                    "param_code_bits": is_int, "superblock_groups": is_int,
+                    "code_levels": is_param_list}
+QUANT_TYPES = {"int2": 2, "int4": 4, "int8": 8, **GRID_QUANT_TYPES, "none": None}
 
 
 class QuantizedModel(Mapping):
@@ -172,8 +174,8 @@ class QuantizedModel(Mapping):
             self._list_dtype = "float16" if list_type == pa.float16() else "float32"
             cols = ["layer_name", "row_start", "row_count", "shape", "dtype", "num_params",
                     "quant_type", "scheme", "method", "group_size"]
-            cols += [c for c in ("spatial_quant_json", "param_code_bits", "superblock_groups")
-                     if c in names]
+            cols += [c for c in ("spatial_quant_json", "param_code_bits", "superblock_groups",
+                                 "code_levels") if c in names]
             for rg in range(pf.num_row_groups):
                 rows = pf.read_row_group(rg, columns=cols).to_pylist()
                 need = 0
@@ -198,7 +200,8 @@ class QuantizedModel(Mapping):
                 raise FormatError(f"{where}: {key} is null")
         qt = row["quant_type"]
         if qt not in QUANT_TYPES:
-            raise FormatError(f"{where}: quant_type {qt!r} is not one of int2, int4, int8, none")
+            raise FormatError(f"{where}: quant_type {qt!r} is not one of "
+                              f"{', '.join(QUANT_TYPES)}")
         dtype = row["dtype"]
         if dtype not in ITEMSIZE:
             raise FormatError(f"{where}: unknown dtype {dtype!r}")
@@ -219,6 +222,7 @@ class QuantizedModel(Mapping):
         elif p is not None or K is not None:
             raise FormatError(f"{where}: an unquantized tensor with superblock parameters")
         param_dtype = None if bits is None else "superblock" if p is not None else self._list_dtype
+        levels = check_code_levels(where, qt, row.get("code_levels"))
         entry = self.entries.get(name)
         if entry is None:
             entry = TensorEntry(
@@ -226,7 +230,7 @@ class QuantizedModel(Mapping):
                 quant_type=qt, scheme=row["scheme"], method=row["method"],
                 group_size=group_size if bits is not None else None,
                 chunks=[], spatial_quant_json=spatial, param_dtype=param_dtype,
-                param_code_bits=p, superblock_groups=K,
+                param_code_bits=p, superblock_groups=K, code_levels=levels,
             )
             self.entries[name] = entry
         else:
@@ -240,6 +244,11 @@ class QuantizedModel(Mapping):
                                   f"tensor (shape/dtype/quant_type/group_size/scheme/equalization/"
                                   f"parameters {mine[:5] + mine[6:]} vs "
                                   f"{theirs[:5] + theirs[6:]})")
+            if (levels is None) != (entry.code_levels is None) or (
+                    levels is not None and not np.array_equal(levels.view(np.uint32),
+                                                              entry.code_levels.view(np.uint32))):
+                raise FormatError(f"{where}: chunk's code_levels differ from an earlier chunk "
+                                  "of the same tensor (one table per tensor, FORMAT.md 10.3)")
         start, count = row["row_start"], row["row_count"]
         if start < 0 or count < 0 or start + count > rows:
             raise ShapeMismatchError(f"{where}: rows [{start}, {start + count}) outside the "
@@ -351,7 +360,8 @@ class QuantizedModel(Mapping):
         qt = QuantizedTensor(
             data=part["data"], scales=part["scales"].astype(np.float32),
             zero_points=part["zero_points"].astype(np.float32), shape=(loc.row_count, cols),
-            dtype=entry.dtype, bits=entry.bits, group_size=entry.group_size, name=name)
+            dtype=entry.dtype, bits=entry.bits, group_size=entry.group_size, name=name,
+            code_levels=entry.code_levels)
         values = dequantize_array(qt).reshape(loc.row_count, cols)
         s = self._equalization(entry)
         return values / s[None, :] if s is not None else values
@@ -379,6 +389,7 @@ class QuantizedModel(Mapping):
             shape=entry.shape, dtype=entry.dtype, bits=entry.bits, group_size=entry.group_size,
             scheme=entry.scheme or "asymmetric", method=entry.method or "rtn",
             param_dtype=entry.param_dtype or "float32", name=name,
+            code_levels=entry.code_levels,
         )
         if entry.param_dtype != "superblock":
             return QuantizedTensor(**fields)

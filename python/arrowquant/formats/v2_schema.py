@@ -16,18 +16,26 @@ PIPELINE_FORMAT = "arrowquant-parquet-v2-pipeline"
 #: Version of files without two-level parameters; files with them say 2.
 FORMAT_VERSION = 1
 FORMAT_VERSION_SUPERBLOCK = 2
-READABLE_VERSIONS = (1, 2)
+#: Files with code grids (FORMAT.md section 10: the code_levels column).
+FORMAT_VERSION_GRID = 3
+READABLE_VERSIONS = (1, 2, 3)
 FILE_KV_METADATA = {b"arrowquant.format": b"parquet-v2", b"arrowquant.format_version": b"1"}
 INDEX_NAME = "model.parquet.index.json"
 BLOB_COLUMNS = ("data", "scales", "zero_points", "param_codes")
 #: The columns of two-level parameters (FORMAT.md section 9), after the others.
 SUPERBLOCK_COLUMNS = (("param_codes", pa.large_binary()), ("param_code_bits", pa.int64()),
                       ("superblock_groups", pa.int64()))
+#: The table of a code grid (FORMAT.md 10.3), after the superblock columns.
+GRID_COLUMN = ("code_levels", pa.list_(pa.float32()))
+GRID_QUANT_TYPES = {"grid2": 2, "grid4": 4, "grid8": 8}
 
 
-def format_version(superblock: bool) -> int:
-    """The format version a file (or model directory) says: 2 when it holds
-    two-level parameters, else 1 (readable by every V2 reader)."""
+def format_version(superblock: bool, grid: bool = False) -> int:
+    """The format version a file (or model directory) says: 3 when it holds
+    a code grid, 2 when it holds two-level parameters, else 1 (readable by
+    every V2 reader)."""
+    if grid:
+        return FORMAT_VERSION_GRID
     return FORMAT_VERSION_SUPERBLOCK if superblock else FORMAT_VERSION
 
 
@@ -48,11 +56,14 @@ def _layout_of(param_dtype: str, superblock: Optional[bool]) -> Tuple[str, bool]
     return ("float16" if param_dtype == "float16" else "float32"), bool(superblock)
 
 
-def schema(param_dtype: str = "float32", superblock: Optional[bool] = None) -> pa.Schema:
+def schema(param_dtype: str = "float32", superblock: Optional[bool] = None,
+           grid: bool = False) -> pa.Schema:
     """The V2 schema; `param_dtype` "float16" / "float32" is the list value
     type of scales and zero points, "superblock" means float16 lists plus the
-    superblock columns (which `superblock=True` adds to float32 lists)."""
+    superblock columns (which `superblock=True` adds to float32 lists);
+    `grid` adds the superblock columns and code_levels (format version 3)."""
     value_type, with_sb = _layout_of(param_dtype, superblock)
+    with_sb = with_sb or grid
     param_type = pa.float16() if value_type == "float16" else pa.float32()
     fields = [
         ("layer_name", pa.string()),
@@ -77,7 +88,9 @@ def schema(param_dtype: str = "float32", superblock: Optional[bool] = None) -> p
     ]
     if with_sb:
         fields += list(SUPERBLOCK_COLUMNS)
-    version = str(format_version(with_sb)).encode()
+    if grid:
+        fields.append(GRID_COLUMN)
+    version = str(format_version(with_sb, grid)).encode()
     return pa.schema(fields, metadata={**FILE_KV_METADATA, b"arrowquant.format_version": version})
 
 
@@ -110,6 +123,8 @@ class ChunkRecord:
     param_codes: Optional[np.ndarray] = None
     param_code_bits: Optional[int] = None
     superblock_groups: Optional[int] = None
+    # A code grid's table (FORMAT.md section 10; quant_type "grid<bits>").
+    code_levels: Optional[np.ndarray] = None
     # In memory only (not a column): the expanded per-group (scales, zero
     # points) of a superblock chunk the pipeline just quantized.
     group_params: Optional[Tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
@@ -126,6 +141,8 @@ class ChunkRecord:
         if self.scales is None or self.quant_type == "none":
             return n
         values = int(np.asarray(self.scales).size + np.asarray(self.zero_points).size)
+        if self.code_levels is not None:
+            n += 4 * int(np.asarray(self.code_levels).size)
         if self.param_dtype == "superblock":
             return n + 2 * values + int(np.asarray(self.param_codes).size)
         return n + values * (2 if self.param_dtype == "float16" else 4)

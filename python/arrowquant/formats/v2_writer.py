@@ -34,10 +34,16 @@ def _list_array(values: Optional[np.ndarray], value_type: pa.DataType) -> pa.Arr
 
 
 def record_batch(rec: ChunkRecord, param_dtype: Optional[str] = None,
-                 superblock: Optional[bool] = None) -> pa.RecordBatch:
-    """The V2 row of one chunk, its blobs wrapped without copies. `param_dtype`
-    and `superblock` are the file's layout (schema(); default: the chunk's own)."""
-    sch = schema(param_dtype or rec.param_dtype, superblock)
+                 superblock: Optional[bool] = None,
+                 grid: Optional[bool] = None) -> pa.RecordBatch:
+    """The V2 row of one chunk, its blobs wrapped without copies. `param_dtype`,
+    `superblock` and `grid` are the file's layout (schema(); default: the
+    chunk's own)."""
+    grid_row = rec.quant_type != "none" and rec.code_levels is not None
+    sch = schema(param_dtype or rec.param_dtype, superblock, grid_row if grid is None else grid)
+    if grid_row and "code_levels" not in sch.names:
+        raise ValueError(f"tensor {rec.layer_name!r}: a code grid needs a file with the "
+                         "code_levels column")
     quantized = rec.quant_type != "none"
     sb_row = quantized and rec.param_dtype == "superblock"
     if sb_row and "param_codes" not in sch.names:
@@ -78,15 +84,18 @@ def record_batch(rec: ChunkRecord, param_dtype: Optional[str] = None,
         else:
             cols += [pa.nulls(1, pa.large_binary()), pa.nulls(1, pa.int64()),
                      pa.nulls(1, pa.int64())]
+    if "code_levels" in sch.names:
+        cols.append(_list_array(rec.code_levels, pa.float32()) if grid_row
+                    else pa.nulls(1, sch.field("code_levels").type))
     return pa.RecordBatch.from_arrays(cols, schema=sch)
 
 
 def open_writer(path: Path, param_dtype: str = "float32",
                 extra_metadata: Optional[Dict[bytes, bytes]] = None,
-                superblock: Optional[bool] = None) -> pq.ParquetWriter:
+                superblock: Optional[bool] = None, grid: bool = False) -> pq.ParquetWriter:
     """A Parquet writer for V2 rows: no compression or statistics on the blob
     columns (packed codes do not compress; huge min/max values break readers)."""
-    sch = schema(param_dtype, superblock)
+    sch = schema(param_dtype, superblock, grid)
     if extra_metadata:
         sch = sch.with_metadata({**sch.metadata, **extra_metadata})
     stats_cols = [f.name for f in sch if f.name not in BLOB_COLUMNS]
@@ -111,11 +120,12 @@ class ShardWriter:
     bytes: the same boundaries whether a run was interrupted or not."""
 
     def __init__(self, out_dir: Path, shard_size: int, param_dtype: str,
-                 superblock: bool = False):
+                 superblock: bool = False, grid: bool = False):
         self.out_dir = out_dir
         self.shard_size = shard_size
         self.param_dtype = param_dtype   # list value type of every file (float16 / float32)
         self.superblock = superblock     # every file has the superblock columns
+        self.grid = grid                 # every file has code_levels (version 3)
         self.files: List[Path] = []      # temporary names, in order
         self.weight_map: Dict[str, int] = {}
         self._writer: Optional[pq.ParquetWriter] = None
@@ -127,7 +137,7 @@ class ShardWriter:
             path = fresh(self.out_dir / f"model-{len(self.files) + 1:05d}.parquet.tmp")
             try:
                 self._writer = open_writer(path, self.param_dtype,
-                                                      superblock=self.superblock)
+                                           superblock=self.superblock, grid=self.grid)
             except OSError as exc:
                 raise io_error(exc, f"writing {path}") from None
             self.files.append(path)
@@ -139,8 +149,8 @@ class ShardWriter:
         check_tensor(str(self.out_dir), rec.layer_name, list(rec.shape))
         assert self._writer is not None, "begin_tensor first"
         try:
-            write_row(self._writer, record_batch(rec, self.param_dtype,
-                                                                       self.superblock))
+            write_row(self._writer, record_batch(rec, self.param_dtype, self.superblock,
+                                                 self.grid))
         except OSError as exc:
             raise io_error(exc, f"writing {self.files[-1]}") from None
 

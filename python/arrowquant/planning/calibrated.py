@@ -26,7 +26,7 @@ from ..engine.dtypes import to_float32
 from ..engine.weighted import METHOD, SearchOptions, per_column, plan_equalization
 from ..errors import ConfigurationError
 from ..sources.base import TensorInfo
-from ..spec import weighted_param_spec
+from ..spec import GRID_METHODS, weighted_param_spec
 from .plan import Planner, TensorPlan
 
 
@@ -84,14 +84,18 @@ class CalibratedPlanner:
                                       f"{t.cols} columns: not used")
             return p
         p.importance = per_column(imp, t.cols, "importance", t.name)
-        p.method = METHOD
-        # The weighted search stores float16 / float32 parameters: superblock
-        # ones become float16 at twice the group (the same bits per weight).
-        p.group_size, p.param_dtype = weighted_param_spec(p.group_size, p.param_dtype)
+        grid = p.method in GRID_METHODS  # a code grid weights its own search and table
+        if not grid:
+            p.method = METHOD
+            # The weighted search stores float16 / float32 parameters: superblock
+            # ones become float16 at twice the group (the same bits per weight).
+            p.group_size, p.param_dtype = weighted_param_spec(p.group_size, p.param_dtype)
         p.time_aware_json = self.stats.time_aware_json(key)
         p.activation_stats_json = self.stats.activation_stats_json(key)
         reason = "importance-weighted parameters from calibration statistics"
-        if self.equalization:
+        if self.equalization and grid:
+            p.extra["equalization"] = "not applied: a code grid takes importance weights only"
+        elif self.equalization:
             eq = plan_equalization(
                 lambda r0, n: self._rows(t, r0, n), t.rows, t.cols, p.importance,
                 self.stats.act_absmax(key), bits=p.bits, group_size=p.group_size,

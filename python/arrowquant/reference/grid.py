@@ -256,8 +256,10 @@ def superblock_params(xg, vg, wg, levels, bits: int, rows: int, G: int, group_si
 
 def quantize_grid(x: np.ndarray, *, bits: int = 4, group_size: int = 64,
                   param_dtype: str = "float16", grid: str = "nl",
-                  importance: Optional[np.ndarray] = None) -> GridQuant:
-    """Quantizes a 2-D float32 array on a code grid (FORMAT.md section 10)."""
+                  importance: Optional[np.ndarray] = None,
+                  levels: Optional[np.ndarray] = None) -> GridQuant:
+    """Quantizes a 2-D float32 array on a code grid (FORMAT.md section 10);
+    `levels`: the tensor's table when already chosen."""
     if param_dtype not in ("float32", "float16", "superblock"):
         raise ValidationError(f"a grid takes float32, float16 or superblock parameters, "
                               f"not {param_dtype!r}")
@@ -267,7 +269,9 @@ def quantize_grid(x: np.ndarray, *, bits: int = 4, group_size: int = 64,
     rows, cols = x2.shape
     w = None if importance is None else np.asarray(importance, np.float32).reshape(-1)
     xg, vg, wg = _groups(x2, group_size, w)
-    if grid == "learned":
+    if levels is not None:
+        pass
+    elif grid == "learned":
         start = NL_LEVELS if bits == 4 else np.arange((1 << bits), dtype=np.float32)
         levels = learn_levels(xg, vg, wg, bits, start)
     else:

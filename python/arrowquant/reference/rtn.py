@@ -17,7 +17,8 @@ from ..engine.finite import check_finite
 from ..engine.metrics import ErrorSums
 from ..engine.tensor import QuantizedTensor, as_source
 from ..errors import ValidationError
-from ..spec import (DEFAULT_SPEC, WIDTH_DEFAULTS, check_spec, groups_per_row, packed_row_bytes,
+from ..spec import (DEFAULT_SPEC, GRID_METHODS, WIDTH_DEFAULTS, check_spec, groups_per_row,
+                    packed_row_bytes,
                     resolve_spec, view_2d)
 
 _F0 = np.float32(0.0)
@@ -165,6 +166,14 @@ def quantize_array(
     x = to_float32(src.raw, src.dtype)
     _check_finite(x, cols, name, row_offset)
     x2 = x.reshape(rows, cols)
+    if method in GRID_METHODS:
+        _check_finite(x, cols, name, row_offset)
+        from ..engine.grid import as_quantized_twin
+        from .grid import dequantize as grid_dequantize, quantize_grid
+
+        gq = quantize_grid(x2, bits=bits, group_size=group_size, param_dtype=param_dtype,
+                           grid=GRID_METHODS[method])
+        return as_quantized_twin(gq, x2, grid_dequantize(gq), src.shape, src.dtype, method, name)
     sb_scales = sb_zeros = None
     if param_dtype == "superblock":
         from .superblock import superblock_params
@@ -194,4 +203,10 @@ def dequantize_array(qt: QuantizedTensor, *, threads: int = 0,
     codes = unpack(qt.data, rows, cols, qt.bits)
     scale = np.asarray(qt.scales, dtype=np.float32).reshape(rows, G)
     zero = np.asarray(qt.zero_points, dtype=np.float32).reshape(rows, G)
+    if getattr(qt, "code_levels", None) is not None:
+        from .grid import decode
+
+        col_group = np.arange(cols) // qt.group_size
+        return decode(codes, scale[:, col_group], zero[:, col_group],
+                      np.asarray(qt.code_levels, np.float32)).reshape(qt.shape)
     return dequantize_codes(codes, scale, zero, qt.group_size).reshape(qt.shape)

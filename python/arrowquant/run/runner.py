@@ -180,7 +180,8 @@ def run_model(job: Job, src: Path, out: Path, overwrite: bool, resume: bool, cal
             metadata = {
                 "format": FORMAT_NAME,
                 "format_version": format_version(
-                    any(p.bits and p.param_dtype == "superblock" for p in plans.values())),
+                    any(p.bits and p.param_dtype == "superblock" for p in plans.values()),
+                    any(p.bits and p.spec.grid for p in plans.values())),
                 "modality": modality,
                 "modality_detection": modality_info,
                 "is_diffusion_model": opts.is_diffusion_model,
@@ -312,7 +313,9 @@ def run_pipeline(job: Job, progress: ProgressArg, on_tensor: OnTensor,
             raise ModelNotFoundError(f"{src}: a diffusers pipeline with no component weights")
         summary = combine(summaries, src, out, time.perf_counter() - t0)
         superblock = any(r.param_dtype == "superblock" for s in summaries for r in s.records)
-        meta = {"format": PIPELINE_FORMAT, "format_version": format_version(superblock),
+        grid = any(str(getattr(r, "method", "")).startswith("grid-")
+                   for s in summaries for r in s.records)
+        meta = {"format": PIPELINE_FORMAT, "format_version": format_version(superblock, grid),
                 "components": [c.name for c in quantized],
                 "copied": [c.name for c in components if c not in quantized],
                 "copied_files": top_files,

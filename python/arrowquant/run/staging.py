@@ -92,6 +92,8 @@ def write_part(path: Path, rec: ChunkRecord, info: Dict[str, Any]) -> None:
         record["code_bytes"] = int(codes.size)
         record["param_code_bits"] = rec.param_code_bits
         record["superblock_groups"] = rec.superblock_groups
+    if rec.code_levels is not None:  # float32 values: exact through JSON's float64
+        record["code_levels"] = [float(v) for v in np.asarray(rec.code_levels, np.float32)]
     header = json.dumps({"info": info, "record": record}).encode()
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -159,6 +161,8 @@ def read_part(path: Path) -> ChunkRecord:
         shape=tuple(r["shape"]), data=data, scales=scales if quantized else None,
         zero_points=zeros if quantized else None, param_codes=codes,
         param_code_bits=r.get("param_code_bits"), superblock_groups=r.get("superblock_groups"),
+        code_levels=None if r.get("code_levels") is None
+        else np.asarray(r["code_levels"], np.float32),
         **{k: r[k] for k in _RECORD_FIELDS})
 
 

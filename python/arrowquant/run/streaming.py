@@ -70,7 +70,9 @@ class StreamingQuantizer:
         self._total_bytes = max(1, source.total_bytes)
         value_type, superblock = file_layout(
             p.param_dtype for p in plans.values() if p.bits)
-        self.shards = ShardWriter(out_dir, opts.shard_size, value_type, superblock)
+        grid = any(p.bits and p.spec.grid for p in plans.values())
+        self.shards = ShardWriter(out_dir, opts.shard_size, value_type, superblock, grid)
+        self._levels: Dict[str, np.ndarray] = {}  # code grid tables, per tensor
         # Output buffers of the chunks in flight (quantizing, queued, being
         # written), reused from chunk to chunk; the writer gives them back.
         self._out_pool = BufferPool(keep=3)
@@ -181,7 +183,7 @@ class StreamingQuantizer:
                         sb_zeros[r * S:(r + n) * S] if sb else None,
                         a_codes[g0:g1] if sb else None, c_codes[g0:g1] if sb else None),
                     importance=plan.importance, equalization=plan.equalization,
-                    row_offset=chunk.row_start + r)
+                    row_offset=chunk.row_start + r, levels=self._grid_levels(t, plan))
             except ValidationError as exc:  # the engine placed it in the tensor; add the file
                 raise ValidationError(with_location(str(exc), self.source.location(t.name))) \
                     from None
@@ -200,6 +202,8 @@ class StreamingQuantizer:
         else:
             rec = self._record(t, plan, chunk, packed, scales, zeros)
         rec.arena = arena
+        if plan.spec.grid:
+            rec.code_levels = self._grid_levels(t, plan)
         return rec, sums, kept
 
     def _discard(self, rec: ChunkRecord) -> None:
@@ -207,6 +211,32 @@ class StreamingQuantizer:
         if rec.arena is not None:
             self._out_pool.give(rec.arena)
             rec.arena = None
+
+    def _grid_levels(self, t: TensorInfo, plan: TensorPlan) -> Optional[np.ndarray]:
+        """A tensor's code grid table (FORMAT.md 10.1), one for all its chunks:
+        the fixed one, or one learned from the whole tensor (read once more; a
+        function of the values and importance, so --resume finds the same)."""
+        spec = plan.spec
+        if spec is None or not spec.grid:
+            return None
+        key = f"{t.name}\0{spec.method}\0{spec.bits}\0{spec.group_size}"
+        if key not in self._levels:
+            from ..engine.dtypes import to_float32
+            from ..engine.finite import check_finite
+            from ..engine.grid import levels_for
+
+            x2 = None
+            if spec.grid == "learned":
+                x2 = to_float32(self.source.read(t.name, 0, t.rows), t.dtype).reshape(t.rows, -1)
+                check_finite(x2, name=t.name, cols=t.cols)
+            w = None if plan.importance is None else np.asarray(plan.importance, np.float32)
+            try:
+                self._levels[key] = levels_for(x2, spec.bits, spec.group_size, spec.grid,
+                                               None if w is None else w.reshape(-1), t.name)
+            except ValidationError as exc:
+                raise ValidationError(with_location(str(exc), self.source.location(t.name))) \
+                    from None
+        return self._levels[key]
 
     def _record(self, t: TensorInfo, plan: TensorPlan, chunk: Chunk, data: np.ndarray,
                 scales: Optional[np.ndarray], zeros: Optional[np.ndarray]) -> ChunkRecord:
@@ -218,7 +248,7 @@ class StreamingQuantizer:
         return ChunkRecord(
             layer_name=t.name, row_start=chunk.row_start, row_count=chunk.row_count,
             shape=tuple(t.shape), dtype=t.dtype, data=data, num_params=t.numel,
-            quant_type=f"int{plan.bits}" if quantized else "none",
+            quant_type=plan.spec.quant_type if quantized else "none",
             scheme=plan.scheme if quantized else None, method=plan.method if quantized else None,
             group_size=plan.group_size if quantized else None,
             scales=scales, zero_points=zeros,

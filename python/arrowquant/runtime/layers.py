@@ -37,6 +37,16 @@ def equalization_scales(entry: Any) -> Optional[np.ndarray]:
     return s if s.size else None
 
 
+def _refuse_grid(qt: QuantizedTensor) -> None:
+    """The packed layers decode uniform codes only (FORMAT.md sections 2-9)."""
+    if getattr(qt, "code_levels", None) is not None:
+        from ..errors import FormatError
+
+        raise FormatError(f"tensor {qt.name!r}: quant_type {qt.quant_type} is a code grid "
+                          "(FORMAT.md section 10), which the packed runtime layers do not "
+                          "decode; load it dequantized (arrowquant.torch.load_model does)")
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Codes (uint8, rows x cols) from packed rows (FORMAT.md section 3):
     per byte, code k of the byte sits in bits [k*b, (k+1)*b), low bits first."""
@@ -230,6 +240,7 @@ class QuantLinear(_PackedWeight):
                        dtype: Optional[torch.dtype] = None) -> "QuantLinear":
         """From a QuantizedTensor of shape (out, in) (e.g. ``arrowquant.load(p).raw(name)``),
         keeping its parameter storage (float32, float16 or superblock)."""
+        _refuse_grid(qt)
         if len(qt.shape) != 2:
             raise ValueError(f"tensor {qt.name!r}: a Linear weight is 2-D, got shape {qt.shape}")
         out_f, in_f = qt.shape
@@ -311,6 +322,7 @@ class QuantConv2d(_PackedWeight):
                        dtype: Optional[torch.dtype] = None) -> "QuantConv2d":
         """From a QuantizedTensor of shape (out, in / groups, kh, kw), with
         the geometry (stride, padding, ...) of `conv` (may be on the meta device)."""
+        _refuse_grid(qt)
         expect = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
         if tuple(qt.shape) != expect:
             raise ValueError(f"tensor {qt.name!r}: shape {tuple(qt.shape)} does not match the "
@@ -378,6 +390,7 @@ class QuantEmbedding(_PackedWeight):
     def from_quantized(cls, qt: QuantizedTensor, padding_idx: Optional[int] = None,
                        input_scales: Optional[np.ndarray] = None,
                        dtype: Optional[torch.dtype] = None) -> "QuantEmbedding":
+        _refuse_grid(qt)
         if len(qt.shape) != 2:
             raise ValueError(f"tensor {qt.name!r}: an embedding table is 2-D, got {qt.shape}")
         layer = cls.__new__(cls)

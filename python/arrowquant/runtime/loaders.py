@@ -115,6 +115,10 @@ def _packed_layer(qmodel: QuantizedModel, name: str, mod: nn.Module,
     entry = qmodel.entries.get(wname)
     if entry is None or entry.quant_type == "none":
         return None
+    if entry.code_levels is not None:
+        # The packed kernels decode uniform codes only: a code grid weight
+        # (FORMAT.md section 10) is loaded dequantized into the float layer.
+        return None
     shape = tuple(entry.shape)
     if isinstance(mod, nn.Linear) and len(shape) == 2:
         if shape != (mod.out_features, mod.in_features):
