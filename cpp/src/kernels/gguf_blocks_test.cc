@@ -15,8 +15,9 @@ namespace arrowquant::gguf {
 namespace {
 
 constexpr GgmlType kAllBlockTypes[] = {
-    GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ2_K,   GgmlType::kQ3_K,
-    GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
+    GgmlType::kQ8_0, GgmlType::kQ4_0,  GgmlType::kQ4_1, GgmlType::kQ5_0,   GgmlType::kQ5_1,
+    GgmlType::kQ2_K, GgmlType::kQ3_K,  GgmlType::kQ4_K, GgmlType::kQ5_K,   GgmlType::kQ6_K,
+    GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
 
 const char* Name(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 
@@ -261,6 +262,8 @@ double RelRmsBound(GgmlType t) {
     case GgmlType::kQ6_K:
       return 0.023;
     case GgmlType::kQ5_K:
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1:
       return 0.046;
     case GgmlType::kQ4_0:
     case GgmlType::kQ4_1:
@@ -374,7 +377,7 @@ TEST(GgufBlocks, ClearErrors) {
   // Rows that do not fill whole blocks are refused (the caller picks a type).
   st = QuantizeBlocks(GgmlType::kQ4_K, x.data(), 1, 96, out.data());
   EXPECT_NE(st.message().find("multiple of 256"), std::string::npos) << st.message();
-  EXPECT_FALSE(QuantizeBlocks(GgmlType::kQ5_0, x.data(), 1, 32, out.data()).ok());
+  EXPECT_FALSE(QuantizeBlocks(GgmlType::kQ8_1, x.data(), 1, 32, out.data()).ok());
   // Bad weights, and weights with plain rounding.
   std::vector<float> w(512, 1.0f);
   w[7] = -1.0f;
@@ -390,7 +393,9 @@ TEST(GgufBlocks, ClearErrors) {
 TEST(GgufBlocks, NamesAndSizes) {
   EXPECT_EQ(*ParseCodecType("q4_k"), GgmlType::kQ4_K);
   EXPECT_EQ(*ParseCodecType("iq4_nl"), GgmlType::kIQ4_NL);
-  EXPECT_FALSE(ParseCodecType("Q5_0").ok());
+  EXPECT_FALSE(ParseCodecType("Q8_1").ok());
+  EXPECT_EQ(*ParseCodecType("q5_1"), GgmlType::kQ5_1);
+  EXPECT_EQ(*RowBytes(GgmlType::kQ5_0, 64), 44u);
   EXPECT_EQ(*RowBytes(GgmlType::kQ2_K, 512), 168u);
   EXPECT_EQ(*RowBytes(GgmlType::kQ3_K, 256), 110u);
   EXPECT_EQ(*RowBytes(GgmlType::kQ5_K, 256), 176u);
