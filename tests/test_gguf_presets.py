@@ -240,6 +240,7 @@ def _perm_weighted_error(x, y, w):
 
 def test_diffusion_keep_and_bits_for_are_honored():
     """The diffusion layouts get --keep / --bits-for as a type override."""
+    from arrowquant.formats.gguf.allocate import diffusion_override
     from arrowquant.formats.gguf.diffusion_types import TypeDecision
 
     class T:
@@ -248,9 +249,9 @@ def test_diffusion_keep_and_bits_for_are_honored():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        over = ge._diffusion_override(["*to_q*"], {})
+        over = diffusion_override(["*to_q*"], {})
         d = over(T(), TypeDecision("Q4_K", "target", "x"))
         assert d.gguf_type == "F16" and "--keep" in d.reason
-        over = ge._diffusion_override([], {"unet.*": 4})
+        over = diffusion_override([], {"unet.*": 4})
         d = over(T(), TypeDecision("Q8_0", "target", "x"))
         assert d.gguf_type == "Q5_0" and d.fallback  # 320 is no multiple of 256

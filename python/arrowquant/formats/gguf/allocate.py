@@ -249,3 +249,59 @@ class FixedChoices:
     def __call__(self, t: GgufTensor) -> TypeChoice:
         c = self.choices.get(t.name or "")
         return c if c is not None else self.rest(t)
+
+
+def importance_from_calibration(calibration: Any) -> Optional[Importance]:
+    """Per-column importance of a planned tensor from calibration statistics
+    (the mean squared input of each column, floored), or None."""
+    if calibration is None:
+        return None
+    from ...calibration.stats import CalibrationStats, load_stats
+
+    stats = calibration if isinstance(calibration, CalibrationStats) else load_stats(calibration)
+
+    def importance(t: Any) -> Optional[np.ndarray]:
+        src_name = getattr(t, "source", None)
+        if not src_name:
+            return None
+        base = src_name[:-len(".weight")] if src_name.endswith(".weight") else src_name
+        layer = stats.resolve(base) or stats.resolve(src_name)
+        if layer is None:
+            return None
+        w = np.asarray(stats.importance(layer, mode="mean"), dtype=np.float32).reshape(-1)
+        return w if w.size == int(t.shape[-1]) else None
+
+    return importance
+
+
+def diffusion_override(keep: Sequence[str], bits_for: Dict[str, int]) -> Any:
+    """--keep / --bits-for as export_diffusion_gguf's type_override, or None."""
+    if not keep and not bits_for:
+        return None
+    from ...planning.rules import match_pattern
+    from .diffusion_types import TypeDecision
+
+    rules = check_bits_for(bits_for)
+
+    def hit(pattern: str, t: Any) -> bool:
+        return any(match_pattern(pattern, n) for n in (t.name, *t.source_names))
+
+    def override(t: Any, d: Any) -> Any:
+        if len(t.shape) <= 1:
+            return d
+        wide = "F16" if t.dtype == "float16" else "F32"
+        for p in keep:
+            if hit(p, t):
+                return TypeDecision(wide, "keep", f"--keep {p}: kept unquantized ({wide})")
+        for p, b in rules:
+            if hit(p, t):
+                if b >= 16:
+                    return TypeDecision(wide, "bits-for", f"--bits-for {p}={b}: {wide}")
+                want = BITS_TYPE[b]
+                got, why = fallback(want, int(t.shape[-1]))
+                got = wide if got == "F16" else got
+                return TypeDecision(got, "bits-for", f"--bits-for {p}={b}: {want}" +
+                                    (f"; {why}" if why else ""), got != want)
+        return d
+
+    return override

@@ -1,6 +1,8 @@
 """GGUF export: a source model (SafeTensors, Parquet V1, or an ArrowQuant
 Parquet V2 directory) written as a GGUF v3 file by the C++ streaming writer
 (cpp/src/gguf.cc), tensor by tensor in row chunks, in bounded memory.
+(Kept whole: the entry point, the raw plan and the writer loop with its
+report are one path; the type rules live in types / presets / allocate.)
 
 Type rules (per tensor, each decision is in the report with its reason):
 
@@ -42,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ...version import __version__
+from .allocate import diffusion_override, importance_from_calibration
 from .diffusion import export_diffusion_gguf, is_diffusion_input
 from .tables import (GGUF_PRESETS, BLOCK_SIZE, BLOCK_SIZES, BLOCK_TYPES, ERROR_BOUND, GGUF_TYPES,  # noqa: F401
                      TYPE_BYTES,
@@ -182,7 +185,7 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
         return export_diffusion_gguf(source, out_path, gguf_type=target, layout=layout or "sdcpp",
                                      threads=threads, max_memory=max_memory,
                                      overwrite=overwrite, progress=progress, name=name,
-                                     type_override=_diffusion_override(keep, bits_for))
+                                     type_override=diffusion_override(keep, bits_for))
     from .presets import MIX_PRESETS
 
     preset = target if gguf_type is not None and target in MIX_PRESETS else None
@@ -202,7 +205,7 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
     try:
         from .plan import TypeOptions, plan_file
 
-        importance = _importance_fn(calibration)
+        importance = importance_from_calibration(calibration)
         opts = TypeOptions(preset=preset, keep=keep, bits_for=bits_for, target_bpw=target_bpw,
                            importance=importance, threads=threads)
         llama = plan_file(src, arch, target, type_rule=type_rule, name=name, options=opts)
@@ -434,64 +437,6 @@ def _file_type(target: str, plan: Sequence[Dict[str, Any]], llama: Any) -> Tuple
         if blocks:
             main = max(blocks, key=blocks.get)
     return main, int(_core.gguf_file_type(main))
-
-
-def _importance_fn(calibration: Any) -> Optional[Callable[[Any], Optional[np.ndarray]]]:
-    """Per-column importance of a planned tensor from calibration statistics
-    (the mean squared input of each column, floored), or None."""
-    if calibration is None:
-        return None
-    from ...calibration.stats import CalibrationStats, load_stats
-
-    stats = calibration if isinstance(calibration, CalibrationStats) else load_stats(calibration)
-
-    def importance(t: Any) -> Optional[np.ndarray]:
-        src_name = getattr(t, "source", None)
-        if not src_name:
-            return None
-        base = src_name[:-len(".weight")] if src_name.endswith(".weight") else src_name
-        layer = stats.resolve(base) or stats.resolve(src_name)
-        if layer is None:
-            return None
-        w = np.asarray(stats.importance(layer, mode="mean"), dtype=np.float32).reshape(-1)
-        return w if w.size == int(t.shape[-1]) else None
-
-    return importance
-
-
-def _diffusion_override(keep: Sequence[str], bits_for: Dict[str, int]) -> Any:
-    """--keep / --bits-for as export_diffusion_gguf's type_override, or None."""
-    if not keep and not bits_for:
-        return None
-    from ...planning.rules import match_pattern
-    from .allocate import BITS_TYPE, check_bits_for
-    from .diffusion_types import TypeDecision
-    from .presets import fallback
-
-    rules = check_bits_for(bits_for)
-
-    def hit(pattern: str, t: Any) -> bool:
-        return any(match_pattern(pattern, n) for n in (t.name, *t.source_names))
-
-    def override(t: Any, d: Any) -> Any:
-        if len(t.shape) <= 1:
-            return d
-        wide = "F16" if t.dtype == "float16" else "F32"
-        for p in keep:
-            if hit(p, t):
-                return TypeDecision(wide, "keep", f"--keep {p}: kept unquantized ({wide})")
-        for p, b in rules:
-            if hit(p, t):
-                if b >= 16:
-                    return TypeDecision(wide, "bits-for", f"--bits-for {p}={b}: {wide}")
-                want = BITS_TYPE[b]
-                got, why = fallback(want, int(t.shape[-1]))
-                got = wide if got == "F16" else got
-                return TypeDecision(got, "bits-for", f"--bits-for {p}={b}: {want}" +
-                                    (f"; {why}" if why else ""), got != want)
-        return d
-
-    return override
 
 
 def _read_permuted(src: Any, t: Any, order: np.ndarray, r0: int, n: int,
