@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output: an ArrowQuant Parquet V2 directory (default) or one GGUF file")
     q.add_argument("--gguf-type", choices=GGUF_TYPES + GGUF_PRESETS,
                    help="GGUF tensor type (default from --bits/--scheme: 8 -> Q8_0, "
-                        "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
+                        "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1) or a llama.cpp preset "
+                        "(Q4_K_M, Q5_K_M, Q3_K_M, Q2_K, Q6_K, Q8_0, IQ4_XS, ...: llama.cpp's "
+                        "per-tensor mix; with --keep / --bits-for / --target-bpw, docs/gguf.md)")
     q.add_argument("--gguf-arch", choices=GGUF_ARCHS, default="auto", help=GGUF_ARCH_HELP)
     _add_gguf_layout_flag(q)
     q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")

@@ -487,6 +487,16 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
                      f"tokens, pre-tokenizer {tok['pre']})")
     for note in report.get("notes", []):
         lines.append(f"  {note}")
+    if report.get("preset"):
+        lines.append(f"  llama.cpp preset {report['preset']}: each tensor's type by llama.cpp's "
+                     f"rules, {report['bits_per_weight']:.3f} bits per weight")
+    if report.get("allocation"):
+        a = report["allocation"]
+        lines.append(f"  --target-bpw {a['target_bpw']:g}: {a['measured']} tensors measured, "
+                     f"planned {a['planned_bpw']:.3f} bits per weight")
+    if report.get("importance_weighted"):
+        lines.append(f"  {len(report['importance_weighted'])} tensor(s) importance-weighted by "
+                     f"--calibration")
     lines.append(f"  {format_size(report['input_bytes'])} -> {format_size(report['output_bytes'])}: "
                  f"compression {report['compression_ratio']:.2f}x")
     if report["mean_cosine"] is not None:
