@@ -16,10 +16,10 @@
 #include <vector>
 
 #include "arrowquant/dtype.h"
-#include "kernels/row_kernels.h"
 #include "arrowquant/parallel.h"
 #include "kernels/gguf_block_passes.h"
 #include "kernels/param_search.h"
+#include "kernels/row_kernels.h"
 
 namespace arrowquant {
 
@@ -244,10 +244,10 @@ const TypeEntry* FindType(uint32_t type) {
   return nullptr;
 }
 
-constexpr GgmlType kBlockTypes[] = {
-    GgmlType::kQ8_0, GgmlType::kQ4_0,  GgmlType::kQ4_1, GgmlType::kQ5_0,   GgmlType::kQ5_1,
-    GgmlType::kQ2_K, GgmlType::kQ3_K,  GgmlType::kQ4_K, GgmlType::kQ5_K,   GgmlType::kQ6_K,
-    GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
+constexpr GgmlType kBlockTypes[] = {GgmlType::kQ8_0, GgmlType::kQ4_0,   GgmlType::kQ4_1,
+                                    GgmlType::kQ5_0, GgmlType::kQ5_1,   GgmlType::kQ2_K,
+                                    GgmlType::kQ3_K, GgmlType::kQ4_K,   GgmlType::kQ5_K,
+                                    GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
 
 const char* TypeName(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 
@@ -532,7 +532,8 @@ void DecodeBlock(GgmlType type, const uint8_t* p, float* y) {
       const float d = GetHalf(p), m = q51 ? GetHalf(p + 2) : 0.0f;
       const uint8_t* qh = p + (q51 ? 4 : 2);
       const uint32_t h = static_cast<uint32_t>(qh[0]) | (static_cast<uint32_t>(qh[1]) << 8) |
-                         (static_cast<uint32_t>(qh[2]) << 16) | (static_cast<uint32_t>(qh[3]) << 24);
+                         (static_cast<uint32_t>(qh[2]) << 16) |
+                         (static_cast<uint32_t>(qh[3]) << 24);
       for (int j = 0; j < 16; ++j) {
         const int u0 = (qh[4 + j] & 15) | static_cast<int>(((h >> j) & 1) << 4);
         const int u1 = (qh[4 + j] >> 4) | static_cast<int>(((h >> (j + 16)) & 1) << 4);
@@ -805,8 +806,7 @@ const Layout kLayoutSpecs[] = {
      2},
     {GgmlType::kQ4_0, 32, 32, Form::kSymmetric, -8.0f, 7.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0, 2},
     {GgmlType::kQ4_1, 32, 32, Form::kAffine, 0.0f, 15.0f, 0, 0, 0, nullptr, 0, 5, 1.0f, 4, 2},
-    {GgmlType::kQ5_0, 32, 32, Form::kSymmetric, -16.0f, 15.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0,
-     2},
+    {GgmlType::kQ5_0, 32, 32, Form::kSymmetric, -16.0f, 15.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0, 2},
     {GgmlType::kQ5_1, 32, 32, Form::kAffine, 0.0f, 31.0f, 0, 0, 0, nullptr, 0, 5, 1.0f, 4, 2},
     {GgmlType::kIQ4_NL, 32, 32, Form::kGrid, 0.0f, 0.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0, 2},
     {GgmlType::kQ2_K, 256, 16, Form::kAffine, 0.0f, 3.0f, 0, 15, 15, kClips2, 2, 0, 0.0f, 0, 1},

@@ -14,10 +14,10 @@
 namespace arrowquant::gguf {
 namespace {
 
-constexpr GgmlType kAllBlockTypes[] = {
-    GgmlType::kQ8_0, GgmlType::kQ4_0,  GgmlType::kQ4_1, GgmlType::kQ5_0,   GgmlType::kQ5_1,
-    GgmlType::kQ2_K, GgmlType::kQ3_K,  GgmlType::kQ4_K, GgmlType::kQ5_K,   GgmlType::kQ6_K,
-    GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
+constexpr GgmlType kAllBlockTypes[] = {GgmlType::kQ8_0, GgmlType::kQ4_0,   GgmlType::kQ4_1,
+                                       GgmlType::kQ5_0, GgmlType::kQ5_1,   GgmlType::kQ2_K,
+                                       GgmlType::kQ3_K, GgmlType::kQ4_K,   GgmlType::kQ5_K,
+                                       GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
 
 const char* Name(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 
@@ -369,7 +369,8 @@ TEST(GgufBlocks, ClearErrors) {
   from10.first_row = 10;
   x[512 + 300] = -INFINITY;
   st = QuantizeBlocks(GgmlType::kQ6_K, x.data(), 2, 512, out.data(), from10);
-  EXPECT_NE(st.message().find("Inf at index 5932 (row 11, column 300)"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("Inf at index 5932 (row 11, column 300)"), std::string::npos)
+      << st.message();
   x[512 + 300] = 1e9f;  // beyond the float16 scale of any type
   st = QuantizeBlocks(GgmlType::kQ8_0, x.data(), 2, 512, out.data());
   EXPECT_NE(st.message().find("too large"), std::string::npos) << st.message();
