@@ -135,14 +135,18 @@ def minilm(work: Path, presets: Sequence[str] = MINILM_PRESETS) -> List[dict]:
                  "cos_mean": float(base.mean()), "cos_worst": float(base.min())})
     for p in presets:
         ours, theirs = work / f"minilm-aq-{p}.gguf", work / f"minilm-llama-{p}.gguf"
-        export_gguf(d, ours, gguf_type=p, overwrite=True)
+        bpw = export_gguf(d, ours, gguf_type=p, overwrite=True)["bits_per_weight"]
         llama_quantize(f32, theirs, p)
         diff = type_differences(ours, theirs)
-        for who, path in (("ArrowQuant", ours), ("llama.cpp", theirs)):
+        # ArrowQuant's measured mix at the preset file's bits per weight
+        mixed = work / f"minilm-aq-bpw-{p}.gguf"
+        export_gguf(d, mixed, target_bpw=bpw, overwrite=True)
+        for who, path in (("ArrowQuant", ours), ("llama.cpp", theirs),
+                          (f"ArrowQuant --target-bpw {bpw:.3f}", mixed)):
             c = cosines(embeddings(path, SENTENCES), ref)
             rows.append({"preset": p, "who": who, "bytes": path.stat().st_size,
                          "cos_mean": float(c.mean()), "cos_worst": float(c.min()),
-                         "type_differences": len(diff)})
+                         "type_differences": len(diff) if "bpw" not in who else ""})
     return rows
 
 
