@@ -255,3 +255,30 @@ def test_diffusion_keep_and_bits_for_are_honored():
         over = diffusion_override([], {"unet.*": 4})
         d = over(T(), TypeDecision("Q8_0", "target", "x"))
         assert d.gguf_type == "Q5_0" and d.fallback  # 320 is no multiple of 256
+
+
+def test_quantize_format_gguf_takes_a_calibration_file(tmp_path, capsys):
+    """`quantize --format gguf --calibration STATS`: the statistics file
+    weights the block search of the tensors it covers."""
+    import pyarrow as pa
+
+    from arrowquant.calibration.stats import _list_array, write_stats
+
+    d = gm.build_numpy_llama(tmp_path / "m", layers=2)
+    rng = np.random.default_rng(1)
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    cols = [512, 256]
+    ms = [(rng.gamma(0.5, size=c) + 1e-3).astype(np.float32) for c in cols]
+    table = pa.table({"layer": layers, "time_group": [0, 0], "count": [8, 8],
+                      "mean": _list_array([np.zeros(c, np.float32) for c in cols]),
+                      "mean_sq": _list_array(ms), "absmax": _list_array([np.sqrt(m) for m in ms])})
+    stats = write_stats(table, tmp_path / "stats.parquet", {"num_time_groups": 1})
+    out = tmp_path / "c.gguf"
+    assert main(["quantize", str(d), str(out), "--format", "gguf", "--gguf-type", "Q4_K_M",
+                 "--calibration", str(stats), "--json", "--no-progress"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(report["importance_weighted"]) == ["blk.0.ffn_down.weight",
+                                                     "blk.1.attn_output.weight"]
+    assert report["preset"] == "Q4_K_M"
