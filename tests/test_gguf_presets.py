@@ -147,6 +147,13 @@ def test_keep_and_bits_for_with_format_gguf(llama, tmp_path):
     assert types["blk.5.ffn_up.weight"] == "Q8_0"
     assert types["blk.6.ffn_gate.weight"] == "Q4_K"     # the preset elsewhere
     assert types["blk.7.attn_v.weight"] == "Q6_K"
+    # export-gguf takes them too
+    out2 = tmp_path / "eg.gguf"
+    assert main(["export-gguf", str(llama), str(out2), "--gguf-type", "Q6_K", "--keep",
+                 "*embed_tokens*", "--bits-for", "blk.2.*=4", "--no-progress"]) == 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out2)).tensors}
+    assert types["token_embd.weight"] == "F32" and types["blk.2.ffn_up.weight"] == "Q4_K"
+    assert types["blk.3.ffn_up.weight"] == "Q6_K"
     # The API takes llama.cpp names too; the raw export refuses rather than drops them.
     r = ge.export_gguf(llama, tmp_path / "api.gguf", gguf_type="Q8_0", keep=["blk.0.attn_q.*"])
     assert _types(r)["blk.0.attn_q.weight"] == "F32"
