@@ -31,7 +31,6 @@ import ctypes
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -265,16 +264,18 @@ def synthetic_llama(out: Path, size: str, seed: int = 0) -> Path:
 
 
 def _timed(code: str, log: Path) -> dict:
-    """Runs `code` in a fresh interpreter: wall, CPU (user + sys), peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Runs `code` in a fresh interpreter: wall, CPU (user + sys) and peak
+    RSS of that process alone (os.wait4)."""
     t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "python"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT / "python")] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     with open(log, "ab") as f:
-        subprocess.run([sys.executable, "-c", code], check=True, stdout=f, stderr=f, env=env)
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=f, stderr=f, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) +
-            (after.ru_stime - before.ru_stime), "max_rss_mib": after.ru_maxrss / 1024}
+    if status != 0:
+        raise RuntimeError(f"benchmark child failed (status {status}); see {log}")
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mib": ru.ru_maxrss / 1024}
 
 
 def sampled_sqnr(ref: Path, path: Path, rows: int = 64) -> float:
