@@ -18,7 +18,8 @@ that ArrowQuant wrote unquantized, its loader and its evaluation):
   default, --size 7b for 6.7B) to Q4_K_M: ArrowQuant from the float16
   SafeTensors against llama.cpp from the F16 GGUF of the same values, each
   in its own process with the same threads, in the same run (alternating,
-  --repeat times): wall time, CPU time (user + sys), peak RSS, and the SQNR
+  --repeat times): wall time, CPU time (user + sys), peak RSS (floored at the benchmark's
+  own), and the SQNR
   of both files against the F16 values (64 rows of every quantized tensor).
 
     PYTHONPATH=python python benches/gguf_preset_benchmark.py minilm smollm speed [--json F]
@@ -264,8 +265,9 @@ def synthetic_llama(out: Path, size: str, seed: int = 0) -> Path:
 
 
 def _timed(code: str, log: Path) -> dict:
-    """Runs `code` in a fresh interpreter: wall, CPU (user + sys) and peak
-    RSS of that process alone (os.wait4)."""
+    """Runs `code` in a fresh interpreter: wall, CPU (user + sys) of that
+    process alone (os.wait4), and its peak RSS, which Linux floors at this
+    process's RSS when it forked (the high-water mark survives exec)."""
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO_ROOT / "python")] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
@@ -361,7 +363,7 @@ def markdown(res: dict) -> str:
         lines += [f"{s['preset']} of a synthetic {s['size']} Llama ({s['params'] / 1e9:.2f} B "
                   f"parameters, float16), {s['threads']} threads, load "
                   f"{', '.join(f'{x:.1f}' for x in s['load'])}:", "",
-                  "| quantizer | wall s | CPU s | peak RSS MiB | file MiB | SQNR dB |",
+                  "| quantizer | wall s | CPU s | peak RSS MiB (floored) | file MiB | SQNR dB |",
                   "|---|---:|---:|---:|---:|---:|"]
         for who in ("ArrowQuant", "llama.cpp"):
             r = s[who]
