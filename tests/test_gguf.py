@@ -183,7 +183,7 @@ def test_type_choice_and_fallbacks_are_reported(model, tmp_path):
     with pytest.raises(aq.ConfigurationError):
         ge.choose_type(2, "symmetric")
     with pytest.raises(aq.ConfigurationError):
-        ge.choose_type(4, "symmetric", "Q5_0")
+        ge.choose_type(4, "symmetric", "Q8_1")
 
 
 def test_streaming_many_chunks_equals_one_shot(model, tmp_path):

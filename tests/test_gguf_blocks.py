@@ -2,7 +2,7 @@
 the PyPI `gguf` package (gguf-py, written by the llama.cpp project): the
 engine decodes every type bit for bit as gguf.quants.dequantize does (on the
 engine's own bytes and on arbitrary bytes), its reference mode writes
-gguf.quants.quantize's bytes for Q8_0 / Q4_0 / Q4_1, its search is never
+gguf.quants.quantize's bytes for Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, its search is never
 worse than plain rounding, files with the new types open in gguf.GGUFReader,
 and bad input is a clear error.
 
@@ -34,9 +34,10 @@ EXAMPLES = int(os.environ.get("ARROWQUANT_HYPOTHESIS_EXAMPLES", "40"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+         "IQ4_XS")
 BLOCK = {t: QT[t] for t in TYPES}
-REFERENCE_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+REFERENCE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def block_size(t: str) -> int:
@@ -110,7 +111,8 @@ def test_arbitrary_bytes_decode_like_gguf_py(t):
     bs, bb = gguf.GGML_QUANT_SIZES[QT[t]]
     blocks = data.reshape(-1, bb)
     # the float16 fields at their offsets: random finite halves
-    offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "IQ4_NL": [0], "Q2_K": [80, 82],
+    offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
+               "IQ4_NL": [0], "Q2_K": [80, 82],
                "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}[t]
     for o in offsets:
         h = rng.standard_normal(blocks.shape[0]).astype(np.float16)
@@ -323,7 +325,7 @@ def test_errors_are_clear():
     with pytest.raises(ValidationError, match=r"row length 96 is not a multiple of 256 as Q6_K"):
         gb.quantize_blocks("Q6_K", np.zeros((2, 96), np.float32))
     with pytest.raises(ValidationError, match=r"GGUF type must be one of"):
-        gb.quantize_blocks("Q5_0", np.zeros((1, 32), np.float32))
+        gb.quantize_blocks("Q8_1", np.zeros((1, 32), np.float32))
     with pytest.raises(ValidationError, match=r"mode must be 'search' or 'reference'"):
         gb.quantize_blocks("Q4_0", np.zeros((1, 32), np.float32), mode="rtn")
     w = np.ones(512, np.float32)

@@ -191,6 +191,8 @@ uint32_t FileTypeFor(GgmlType type) {
     case GgmlType::kQ4_0: return 2;     // MOSTLY_Q4_0
     case GgmlType::kQ4_1: return 3;     // MOSTLY_Q4_1
     case GgmlType::kQ8_0: return 7;     // MOSTLY_Q8_0
+    case GgmlType::kQ5_0: return 8;     // MOSTLY_Q5_0
+    case GgmlType::kQ5_1: return 9;     // MOSTLY_Q5_1
     case GgmlType::kQ2_K: return 10;    // MOSTLY_Q2_K
     case GgmlType::kQ3_K: return 11;    // MOSTLY_Q3_K_S
     case GgmlType::kQ4_K: return 14;    // MOSTLY_Q4_K_S

@@ -36,7 +36,9 @@ bool Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0;
 TEST(GgufTypes, NamesAndSizes) {
   EXPECT_EQ(*ParseWritableType("q4_0"), GgmlType::kQ4_0);
   EXPECT_EQ(*ParseWritableType("F16"), GgmlType::kF16);
-  EXPECT_FALSE(ParseWritableType("Q5_0").ok());
+  EXPECT_FALSE(ParseWritableType("Q8_1").ok());
+  EXPECT_EQ(FileTypeFor(GgmlType::kQ5_0), 8u);
+  EXPECT_EQ(FileTypeFor(GgmlType::kQ5_1), 9u);
   EXPECT_EQ(*TensorBytes(GgmlType::kQ8_0, 64), 68u);
   EXPECT_EQ(*TensorBytes(GgmlType::kQ4_1, 32), 20u);
   EXPECT_EQ(*TensorBytes(GgmlType::kF16, 3), 6u);

@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output: an ArrowQuant Parquet V2 directory (default) or one GGUF file")
     q.add_argument("--gguf-type", choices=GGUF_TYPES + GGUF_PRESETS,
                    help="GGUF tensor type (default from --bits/--scheme: 8 -> Q8_0, "
-                        "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1)")
+                        "4 symmetric -> Q4_0, 4 asymmetric -> Q4_1) or a llama.cpp preset "
+                        "(Q4_K_M, Q5_K_M, Q3_K_M, Q2_K, Q6_K, Q8_0, IQ4_XS, ...: llama.cpp's "
+                        "per-tensor mix; with --keep / --bits-for / --target-bpw, docs/gguf.md)")
     q.add_argument("--gguf-arch", choices=GGUF_ARCHS, default="auto", help=GGUF_ARCH_HELP)
     _add_gguf_layout_flag(q)
     _add_ray_flags(q)
@@ -182,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory", default="256MiB", metavar="SIZE",
                    help="diffusion layouts: memory budget of the read buffers (default 256MiB)")
     g.add_argument("--threads", type=int, default=0, metavar="N")
+    # Per-tensor choices (docs/gguf.md "Presets, patterns and a bit budget").
+    g.add_argument("--keep", action="append", default=None, metavar="PATTERN",
+                   help="store tensors matching PATTERN unquantized; repeatable")
+    g.add_argument("--bits-for", action="append", default=None, metavar="PATTERN=BITS",
+                   help="2 -> Q2_K, 4 -> Q4_K, 8 -> Q8_0, 16 -> unquantized; repeatable")
+    g.add_argument("--target-bpw", type=float, default=None, metavar="X",
+                   help="a type per tensor from its measured error, X bits per weight overall")
+    g.add_argument("--calibration", metavar="STATS", default=None,
+                   help="statistics of `arrowquant calibrate`: importance-weighted search")
     g.add_argument("--overwrite", action="store_true", help="replace an existing file")
     g.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -362,12 +373,15 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .config import parse_bits_for
     from .formats.gguf.export import export_gguf, format_report
 
     report = export_gguf(args.input, args.output, bits=args.bits, scheme=args.scheme,
                          gguf_type=args.gguf_type, threads=args.threads, overwrite=args.overwrite,
                          arch=args.gguf_arch, layout=args.gguf_layout,
-                         max_memory=args.max_memory,
+                         max_memory=args.max_memory, keep=args.keep or (),
+                         bits_for=parse_bits_for(args.bits_for), target_bpw=args.target_bpw,
+                         calibration=args.calibration,
                          progress=False if (args.no_progress or args.json) else None)
     print(dumps(report, indent=2) if args.json else format_report(report, args.verbose))
     return 0

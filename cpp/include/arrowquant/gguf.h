@@ -1,5 +1,5 @@
 // GGUF (version 3) container: a streaming writer (tensors in any codec type
-// of gguf_blocks.h: F32, F16, Q8_0, Q4_0, Q4_1, K-quants, IQ4_NL, IQ4_XS)
+// of gguf_blocks.h: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, K-quants, IQ4_NL, IQ4_XS)
 // and a validating header reader.
 //
 // File layout (little-endian):
@@ -53,7 +53,7 @@ bool IsWritableType(GgmlType type);
 Result<uint64_t> TensorBytes(GgmlType type, int64_t numel);
 
 // llama_ftype value for general.file_type when (almost) all weights are
-// `type`: F32 0, F16 1, Q4_0 2, Q4_1 3, Q8_0 7, Q2_K 10, Q3_K 11 (Q3_K_S),
+// `type`: F32 0, F16 1, Q4_0 2, Q4_1 3, Q8_0 7, Q5_0 8, Q5_1 9, Q2_K 10, Q3_K 11 (Q3_K_S),
 // Q4_K 14 (Q4_K_S), Q5_K 16 (Q5_K_S), Q6_K 18, IQ4_NL 25, IQ4_XS 30, BF16 32.
 uint32_t FileTypeFor(GgmlType type);
 // llama_ftype value of a llama.cpp file type name ("Q4_K_M" -> 15, "MOSTLY_Q4_K_M"

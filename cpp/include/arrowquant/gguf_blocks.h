@@ -1,4 +1,4 @@
-// ggml tensor types and their block codecs: llama.cpp's Q8_0, Q4_0, Q4_1,
+// ggml tensor types and their block codecs: llama.cpp's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 // K-quants Q2_K..Q6_K and i-quants IQ4_NL / IQ4_XS, written from ArrowQuant's
 // error-minimizing search (or, on request, by plain rounding), and decoded
 // exactly as ggml and gguf-py decode them. The GGUF container (writer and
@@ -9,6 +9,9 @@
 //   Q4_0    32 values, 18 bytes: f16 d | 16 nibble bytes           y = d * (q - 8)
 //   Q4_1    32 values, 20 bytes: f16 d | f16 m | 16 nibble bytes   y = d * q + m
 //           (nibble byte j: element j low, element j + 16 high)
+//   Q5_0    32 values, 22 bytes: f16 d | u32 qh | 16 nibble bytes  y = d * (q - 16)
+//   Q5_1    32 values, 24 bytes: f16 d | f16 m | u32 qh | 16 nibble bytes  y = d * q + m
+//           (bit 4 of element j's code in qh bit j)
 //   IQ4_NL  32 values, 18 bytes: f16 d | 16 nibble bytes          y = d * kIq4nlGrid[q]
 //   Q2_K    QK, 84 bytes: scales[16] (sc | m << 4, sub of 16) | qs[64] 2-bit | f16 d | f16 dmin
 //   Q3_K    QK, 110 bytes: hmask[32] | qs[64] 2-bit | scales[12] (16 6-bit, -32) | f16 d
@@ -72,7 +75,7 @@ struct TypeTraits {
 Result<TypeTraits> GetTypeTraits(uint32_t type);
 const char* GgmlTypeName(uint32_t type);  // "Q4_K", ...; "unknown" otherwise
 
-// The quantized types QuantizeBlocks encodes: Q8_0, Q4_0, Q4_1, Q2_K, Q3_K,
+// The quantized types QuantizeBlocks encodes: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
 // Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS.
 bool IsBlockType(GgmlType type);
 // Those and F16 / F32: what QuantizeBlocks and DequantizeBlocks accept.
@@ -88,7 +91,7 @@ enum class BlockMode : uint8_t {
   // codes the nearest ones. Per block never worse than kReference in that
   // error (both are decoded and compared).
   kSearch,
-  // Plain rounding. Q8_0 / Q4_0 / Q4_1: llama.cpp's reference quantizer
+  // Plain rounding. Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1: llama.cpp's reference quantizer
   // (quantize_row_*_ref), byte for byte gguf.quants.quantize. Other types:
   // per sub-block min/max (Q2_K, Q4_K, Q5_K: the range widened to include
   // 0) or signed max-abs mapped to the most negative code (Q3_K, Q6_K, IQ4),

@@ -1,5 +1,5 @@
 // ggml block codecs (see gguf_blocks.h): the type table, exact decoders,
-// llama.cpp's reference rounding for Q8_0 / Q4_0 / Q4_1, plain rounding for
+// llama.cpp's reference rounding for Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, plain rounding for
 // the other types, and the error-minimizing search of every layout. The
 // search is scalar code shared by every path; only its evaluation passes
 // (gguf_block_passes.h) have SIMD twins, so the choices and bytes are the
@@ -16,10 +16,10 @@
 #include <vector>
 
 #include "arrowquant/dtype.h"
-#include "kernels/row_kernels.h"
 #include "arrowquant/parallel.h"
 #include "kernels/gguf_block_passes.h"
 #include "kernels/param_search.h"
+#include "kernels/row_kernels.h"
 
 namespace arrowquant {
 
@@ -244,9 +244,10 @@ const TypeEntry* FindType(uint32_t type) {
   return nullptr;
 }
 
-constexpr GgmlType kBlockTypes[] = {
-    GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ2_K,   GgmlType::kQ3_K,
-    GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
+constexpr GgmlType kBlockTypes[] = {GgmlType::kQ8_0, GgmlType::kQ4_0,   GgmlType::kQ4_1,
+                                    GgmlType::kQ5_0, GgmlType::kQ5_1,   GgmlType::kQ2_K,
+                                    GgmlType::kQ3_K, GgmlType::kQ4_K,   GgmlType::kQ5_K,
+                                    GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
 
 const char* TypeName(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 
@@ -363,6 +364,24 @@ void PackBlock(GgmlType type, const BlockCode& c, uint8_t* out) {
       PutHalf(out, c.d);
       for (int j = 0; j < 16; ++j) out[2 + j] = static_cast<uint8_t>(c.q[j] | (c.q[j + 16] << 4));
       return;
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1: {
+      // u = q (+ 16 for Q5_0) in 0..31: bit 4 of element j in qh bit j (a
+      // little-endian uint32), low nibbles as Q4_0 / Q4_1.
+      const bool q51 = type == GgmlType::kQ5_1;
+      const int bias = q51 ? 0 : 16;
+      PutHalf(out, c.d);
+      if (q51) PutHalf(out + 2, c.dmin);
+      uint8_t* qh = out + (q51 ? 4 : 2);
+      uint32_t h = 0;
+      for (int j = 0; j < 32; ++j) h |= static_cast<uint32_t>(((c.q[j] + bias) >> 4) & 1) << j;
+      for (int b = 0; b < 4; ++b) qh[b] = static_cast<uint8_t>(h >> (8 * b));
+      for (int j = 0; j < 16; ++j) {
+        qh[4 + j] =
+            static_cast<uint8_t>(((c.q[j] + bias) & 15) | (((c.q[j + 16] + bias) & 15) << 4));
+      }
+      return;
+    }
     case GgmlType::kQ2_K: {
       for (int j = 0; j < 16; ++j) out[j] = static_cast<uint8_t>(c.sc[j] | (c.mn[j] << 4));
       // byte h * 32 + l: elements h * 128 + s * 32 + l at bits 2 s
@@ -504,6 +523,29 @@ void DecodeBlock(GgmlType type, const uint8_t* p, float* y) {
         const float b = d * static_cast<float>(p[4 + j] >> 4);
         y[j] = a + m;
         y[j + 16] = b + m;
+      }
+      return;
+    }
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1: {
+      const bool q51 = type == GgmlType::kQ5_1;
+      const float d = GetHalf(p), m = q51 ? GetHalf(p + 2) : 0.0f;
+      const uint8_t* qh = p + (q51 ? 4 : 2);
+      const uint32_t h = static_cast<uint32_t>(qh[0]) | (static_cast<uint32_t>(qh[1]) << 8) |
+                         (static_cast<uint32_t>(qh[2]) << 16) |
+                         (static_cast<uint32_t>(qh[3]) << 24);
+      for (int j = 0; j < 16; ++j) {
+        const int u0 = (qh[4 + j] & 15) | static_cast<int>(((h >> j) & 1) << 4);
+        const int u1 = (qh[4 + j] >> 4) | static_cast<int>(((h >> (j + 16)) & 1) << 4);
+        if (q51) {
+          const float a = d * static_cast<float>(u0);
+          const float b = d * static_cast<float>(u1);
+          y[j] = a + m;
+          y[j + 16] = b + m;
+        } else {
+          y[j] = d * static_cast<float>(u0 - 16);
+          y[j + 16] = d * static_cast<float>(u1 - 16);
+        }
       }
       return;
     }
@@ -675,6 +717,41 @@ void ReferenceQ4_1(const float* x, uint8_t* out) {
   }
 }
 
+// Q5_0 / Q5_1: Q4_0 / Q4_1 with 32 levels (d = m / -16, q = min(31,
+// trunc(x / d + 16.5)); d = (max - min) / 31, q = min(31, trunc((x - min) / d
+// + 0.5))), the fifth bit of each code in qh.
+void ReferenceQ5(bool q51, const float* x, uint8_t* out) {
+  BlockCode c;
+  float id = 0.0f, lo = 0.0f;
+  if (q51) {
+    lo = std::numeric_limits<float>::max();
+    float hi = -std::numeric_limits<float>::max();
+    for (int j = 0; j < 32; ++j) {
+      lo = std::min(lo, x[j]);
+      hi = std::max(hi, x[j]);
+    }
+    c.d = (hi - lo) / 31.0f;
+    c.dmin = lo;
+  } else {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+      if (amax < std::fabs(x[j])) {
+        amax = std::fabs(x[j]);
+        max = x[j];
+      }
+    }
+    c.d = max / -16.0f;
+  }
+  id = c.d != 0.0f ? 1.0f / c.d : 0.0f;
+  for (int j = 0; j < 32; ++j) {
+    const int u = q51 ? std::min(31, TruncCode((x[j] - lo) * id + 0.5f))
+                      : std::min(31, TruncCode(x[j] * id + 16.5f));
+    c.q[j] = static_cast<int8_t>(q51 ? u : u - 16);
+  }
+  // PackBlock rounds d (and m) to float16 as the reference does.
+  PackBlock(q51 ? GgmlType::kQ5_1 : GgmlType::kQ5_0, c, out);
+}
+
 // ---- layouts as the search sees them ----------------------------------------------
 
 enum class Form : uint8_t {
@@ -729,6 +806,8 @@ const Layout kLayoutSpecs[] = {
      2},
     {GgmlType::kQ4_0, 32, 32, Form::kSymmetric, -8.0f, 7.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0, 2},
     {GgmlType::kQ4_1, 32, 32, Form::kAffine, 0.0f, 15.0f, 0, 0, 0, nullptr, 0, 5, 1.0f, 4, 2},
+    {GgmlType::kQ5_0, 32, 32, Form::kSymmetric, -16.0f, 15.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0, 2},
+    {GgmlType::kQ5_1, 32, 32, Form::kAffine, 0.0f, 31.0f, 0, 0, 0, nullptr, 0, 5, 1.0f, 4, 2},
     {GgmlType::kIQ4_NL, 32, 32, Form::kGrid, 0.0f, 0.0f, 0, 0, 0, nullptr, 0, 4, 1.0f, 0, 2},
     {GgmlType::kQ2_K, 256, 16, Form::kAffine, 0.0f, 3.0f, 0, 15, 15, kClips2, 2, 0, 0.0f, 0, 1},
     {GgmlType::kQ3_K, 256, 16, Form::kSymmetric, -4.0f, 3.0f, -32, 31, 0, nullptr, 0, 4, 1.0f, 0,
@@ -1455,8 +1534,9 @@ Status EncodeBlocks(const BlockPasses& p, const Layout& l, BlockMode mode, const
     st[j] = Moments(p, x + j * l.sub, w != nullptr ? w + j * l.sub : nullptr, l.sub);
   }
   // Plain rounding: bytes (llama.cpp's reference types) or codes.
-  const bool plain_bytes =
-      l.type == GgmlType::kQ8_0 || l.type == GgmlType::kQ4_0 || l.type == GgmlType::kQ4_1;
+  const bool plain_bytes = l.type == GgmlType::kQ8_0 || l.type == GgmlType::kQ4_0 ||
+                           l.type == GgmlType::kQ4_1 || l.type == GgmlType::kQ5_0 ||
+                           l.type == GgmlType::kQ5_1;
   for (int k = 0; k < count; ++k) {
     *failed = k;
     const float* xk = x + k * l.block;
@@ -1467,6 +1547,8 @@ Status EncodeBlocks(const BlockPasses& p, const Layout& l, BlockMode mode, const
         ReferenceQ8_0(xk, outk);
       } else if (l.type == GgmlType::kQ4_0) {
         ReferenceQ4_0(xk, outk);
+      } else if (l.type == GgmlType::kQ5_0 || l.type == GgmlType::kQ5_1) {
+        ReferenceQ5(l.type == GgmlType::kQ5_1, xk, outk);
       } else {
         ReferenceQ4_1(xk, outk);
       }
@@ -1519,7 +1601,7 @@ Status EncodeBlocks(const BlockPasses& p, const Layout& l, BlockMode mode, const
       for (int k = 0; k < count; ++k) {
         if (!ok[k]) continue;
         sc[k].d = params[k].a;
-        sc[k].dmin = -params[k].b + 0.0f;  // Q4_1's min
+        sc[k].dmin = -params[k].b + 0.0f;  // Q4_1's / Q5_1's min
         const SubEval evk(p, l, x + k * l.block, w != nullptr ? w + k * l.block : nullptr, l.sub);
         evk.Codes(params[k], sc[k].q);
       }

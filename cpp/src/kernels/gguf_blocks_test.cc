@@ -14,9 +14,10 @@
 namespace arrowquant::gguf {
 namespace {
 
-constexpr GgmlType kAllBlockTypes[] = {
-    GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ2_K,   GgmlType::kQ3_K,
-    GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
+constexpr GgmlType kAllBlockTypes[] = {GgmlType::kQ8_0, GgmlType::kQ4_0,   GgmlType::kQ4_1,
+                                       GgmlType::kQ5_0, GgmlType::kQ5_1,   GgmlType::kQ2_K,
+                                       GgmlType::kQ3_K, GgmlType::kQ4_K,   GgmlType::kQ5_K,
+                                       GgmlType::kQ6_K, GgmlType::kIQ4_NL, GgmlType::kIQ4_XS};
 
 const char* Name(GgmlType t) { return GgmlTypeName(static_cast<uint32_t>(t)); }
 
@@ -261,6 +262,8 @@ double RelRmsBound(GgmlType t) {
     case GgmlType::kQ6_K:
       return 0.023;
     case GgmlType::kQ5_K:
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1:
       return 0.046;
     case GgmlType::kQ4_0:
     case GgmlType::kQ4_1:
@@ -366,7 +369,8 @@ TEST(GgufBlocks, ClearErrors) {
   from10.first_row = 10;
   x[512 + 300] = -INFINITY;
   st = QuantizeBlocks(GgmlType::kQ6_K, x.data(), 2, 512, out.data(), from10);
-  EXPECT_NE(st.message().find("Inf at index 5932 (row 11, column 300)"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("Inf at index 5932 (row 11, column 300)"), std::string::npos)
+      << st.message();
   x[512 + 300] = 1e9f;  // beyond the float16 scale of any type
   st = QuantizeBlocks(GgmlType::kQ8_0, x.data(), 2, 512, out.data());
   EXPECT_NE(st.message().find("too large"), std::string::npos) << st.message();
@@ -374,7 +378,7 @@ TEST(GgufBlocks, ClearErrors) {
   // Rows that do not fill whole blocks are refused (the caller picks a type).
   st = QuantizeBlocks(GgmlType::kQ4_K, x.data(), 1, 96, out.data());
   EXPECT_NE(st.message().find("multiple of 256"), std::string::npos) << st.message();
-  EXPECT_FALSE(QuantizeBlocks(GgmlType::kQ5_0, x.data(), 1, 32, out.data()).ok());
+  EXPECT_FALSE(QuantizeBlocks(GgmlType::kQ8_1, x.data(), 1, 32, out.data()).ok());
   // Bad weights, and weights with plain rounding.
   std::vector<float> w(512, 1.0f);
   w[7] = -1.0f;
@@ -390,7 +394,9 @@ TEST(GgufBlocks, ClearErrors) {
 TEST(GgufBlocks, NamesAndSizes) {
   EXPECT_EQ(*ParseCodecType("q4_k"), GgmlType::kQ4_K);
   EXPECT_EQ(*ParseCodecType("iq4_nl"), GgmlType::kIQ4_NL);
-  EXPECT_FALSE(ParseCodecType("Q5_0").ok());
+  EXPECT_FALSE(ParseCodecType("Q8_1").ok());
+  EXPECT_EQ(*ParseCodecType("q5_1"), GgmlType::kQ5_1);
+  EXPECT_EQ(*RowBytes(GgmlType::kQ5_0, 64), 44u);
   EXPECT_EQ(*RowBytes(GgmlType::kQ2_K, 512), 168u);
   EXPECT_EQ(*RowBytes(GgmlType::kQ3_K, 256), 110u);
   EXPECT_EQ(*RowBytes(GgmlType::kQ5_K, 256), 176u);

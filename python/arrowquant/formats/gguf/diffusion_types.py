@@ -11,24 +11,16 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 from ...errors import ConfigurationError
+from .presets import BLOCK_SIZE, BPW, COMFY_RULES, PRESETS, Position, mix_type  # noqa: F401
 
 LAYOUTS = ("sdcpp", "comfy")
 ALIGNMENT = 32
 #: ggml's name limit in stable-diffusion.cpp (GGML_MAX_NAME=128) and
 #: ComfyUI-GGUF's converter (MAX_TENSOR_NAME_LENGTH = 127).
 MAX_NAME_BYTES = 127
-#: Elements per block of each block type (the row length must be a multiple).
-BLOCK_SIZE = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "IQ4_NL": 32,
-              "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256}
-#: Bits per weight of each type (block bytes * 8 / block size), for ordering.
-BPW = {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_1": 6.0, "Q5_K": 5.5,
-       "Q5_0": 5.5, "Q4_1": 5.0, "Q4_K": 4.5, "Q4_0": 4.5, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
-       "Q3_K": 3.4375, "Q2_K": 2.625}
-#: llama.cpp's K-quant presets: the base type of each (llama_model_quantize).
-PRESETS = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
-           "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
-           "Q6_K": "Q6_K"}
-
+# Block sizes, bits per weight (BLOCK_SIZE, BPW), the presets' base types
+# (PRESETS) and their mix rules are llama.cpp's, shared with the LLM files:
+# formats/gguf/presets.py.
 # ---------------------------------------------------- ComfyUI-GGUF rules
 # tools/convert.py (QUANTIZATION_THRESHOLD, REARRANGE_THRESHOLD, keys_hiprec,
 # keys_ignore, shape_fix) and tools/lcpp.patch (per-family tensors left
@@ -122,23 +114,20 @@ def _keep_match(rules: Sequence[str], name: str) -> Optional[str]:
 
 def _comfy_mix(preset: str, base: str, name: str, mix: MixState) -> Tuple[str, Optional[str]]:
     """img_tensor_get_type of ComfyUI-GGUF's llama.cpp patch: the type of one
-    2-D tensor under `preset` (a K-quant preset name or a plain type)."""
+    2-D tensor under `preset` (a K-quant preset name or a plain type), from
+    presets.COMFY_RULES."""
     if any(p in name for p in COMFY_ATTN_V):
-        i = mix.attention_v
+        cat, what = "attn_v", "attention v"
+        pos = Position(index=mix.attention_v)
         mix.attention_v += 1
-        up = {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if i < 2 else "Q4_K", "Q3_K_L": "Q5_K",
-              "Q4_K_M": "Q6_K", "Q5_K_M": "Q6_K"}.get(preset)
-        if preset == "Q4_K_S" and i < 4:
-            up = "Q5_K"
-        return (up, "attention v") if up else (base, None)
-    if any(p in name for p in COMFY_QKV):
-        up = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(preset)
-        return (up, "fused qkv") if up else (base, None)
-    if any(p in name for p in COMFY_FFN_DOWN):
-        up = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "Q4_K_S": "Q5_K", "Q4_K_M": "Q6_K",
-              "Q5_K_M": "Q6_K", "Q4_0": "Q4_1", "Q5_0": "Q5_1"}.get(preset)
-        return (up, "feed-forward down projection") if up else (base, None)
-    return base, None
+    elif any(p in name for p in COMFY_QKV):
+        cat, what, pos = "attn_qkv", "fused qkv", Position()
+    elif any(p in name for p in COMFY_FFN_DOWN):
+        cat, what, pos = "ffn_down", "feed-forward down projection", Position()
+    else:
+        return base, None
+    t, rule = mix_type(COMFY_RULES, preset, cat, pos)
+    return (t, what) if rule else (base, None)
 
 
 def choose_tensor_type(name: str, shape: Sequence[int], written_shape: Sequence[int], dtype: str,

@@ -1,6 +1,8 @@
 """GGUF export: a source model (SafeTensors, Parquet V1, or an ArrowQuant
 Parquet V2 directory) written as a GGUF v3 file by the C++ streaming writer
 (cpp/src/gguf.cc), tensor by tensor in row chunks, in bounded memory.
+(Kept whole: the entry point, the raw plan and the writer loop with its
+report are one path; the type rules live in types / presets / allocate.)
 
 Type rules (per tensor, each decision is in the report with its reason):
 
@@ -41,6 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ...version import __version__
+from .allocate import diffusion_override, importance_from_calibration
 from .diffusion import export_diffusion_gguf, is_diffusion_input
 from .tables import (GGUF_PRESETS, BLOCK_SIZE, BLOCK_SIZES, BLOCK_TYPES, ERROR_BOUND, GGUF_TYPES,  # noqa: F401
                      TYPE_BYTES,
@@ -141,7 +144,9 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
                 overwrite: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                 name: Optional[str] = None, arch: str = "auto",
                 type_rule: Any = None, layout: Optional[str] = None,
-                max_memory: Any = "256MiB") -> Dict[str, Any]:
+                max_memory: Any = "256MiB", keep: Sequence[str] = (),
+                bits_for: Optional[Dict[str, int]] = None, target_bpw: Optional[float] = None,
+                calibration: Any = None) -> Dict[str, Any]:
     """Writes the model at `source` (path, or an open ModelSource) to a GGUF v3
     file at `out_path`, streaming tensor by tensor in row chunks of at most
     `chunk_bytes` source bytes (one row at least). Returns the report dict.
@@ -154,20 +159,35 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
     llama.cpp mode `type_rule` (formats.gguf.types.TypeRule) may replace the
     uniform type choice per tensor.
 
+    A `gguf_type` that is a llama.cpp preset (Q4_K_M, Q5_K_M, Q3_K_S/M/L,
+    Q4_K_S, Q5_K_S, Q2_K, Q6_K, Q8_0, IQ4_XS) chooses each tensor's type by
+    llama.cpp's rules (formats/gguf/presets.py). `keep` patterns store
+    tensors unquantized, `bits_for` {PATTERN: 2/4/8/16} pins a width,
+    `target_bpw` picks each remaining tensor's type from its measured error
+    under that many bits per weight over the file (formats/gguf/allocate.py).
+    `calibration` (a statistics file or CalibrationStats) weights every
+    block search by the mean squared input activation of each column (the
+    role of llama.cpp's imatrix).
+
     The file appears only when complete (written under a temporary name and
     renamed); on any error the temporary file is removed. `progress` is a
     `(message, fraction)` callable (its exceptions become warnings), True for a
     progress bar, or None/False."""
     target = choose_type(bits, scheme, gguf_type)
+    keep, bits_for = tuple(keep or ()), dict(bits_for or {})
     if layout is not None or (not isinstance(source, ModelSource) and is_diffusion_input(source)):
         # Diffusion models: the layouts stable-diffusion.cpp / ComfyUI-GGUF read.
+        if target_bpw is not None or calibration is not None:
+            raise ConfigurationError(
+                "--target-bpw and --calibration are not available for diffusion GGUF files "
+                "(use a preset name or --bits-for)")
         return export_diffusion_gguf(source, out_path, gguf_type=target, layout=layout or "sdcpp",
                                      threads=threads, max_memory=max_memory,
-                                     overwrite=overwrite, progress=progress, name=name)
-    if target in GGUF_PRESETS:
-        raise ConfigurationError(
-            f"GGUF preset {target} is a per-tensor mix; for this model write one type "
-            f"(--gguf-type {', '.join(t for t in GGUF_TYPES if t not in ('F16', 'F32'))})")
+                                     overwrite=overwrite, progress=progress, name=name,
+                                     type_override=diffusion_override(keep, bits_for))
+    from .presets import MIX_PRESETS
+
+    preset = target if gguf_type is not None and target in MIX_PRESETS else None
     out = Path(out_path)
     if out.is_dir():
         raise ArrowQuantError(f"{out}: is a directory; give the path of the .gguf file to write")
@@ -185,11 +205,26 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
     own = not isinstance(source, ModelSource)
     src = open_model(source) if own else source
     try:
-        from .plan import plan_file
+        from .plan import TypeOptions, plan_file
 
-        llama = plan_file(src, arch, target, type_rule=type_rule, name=name)
+        importance = importance_from_calibration(calibration)
+        opts = TypeOptions(preset=preset, keep=keep, bits_for=bits_for, target_bpw=target_bpw,
+                           importance=importance, threads=threads)
+        llama = plan_file(src, arch, target, type_rule=type_rule, name=name, options=opts)
+        if llama is None:
+            if target in GGUF_PRESETS:
+                raise ConfigurationError(
+                    f"GGUF preset {target} is a per-tensor mix of llama.cpp's rules, which need "
+                    f"a model llama.cpp runs (a Hugging Face directory, --gguf-arch auto); for "
+                    f"this model write one type (--gguf-type "
+                    f"{', '.join(t for t in GGUF_TYPES if t not in ('F16', 'F32'))})")
+            if keep or bits_for or target_bpw is not None or calibration is not None:
+                raise ConfigurationError(
+                    "--keep, --bits-for, --target-bpw and --calibration need a model llama.cpp "
+                    "runs (a Hugging Face directory with config.json, --gguf-arch auto); the raw "
+                    "export writes one type")
         return _export(src, out, target, bits, scheme, gguf_type, threads, progress, chunk_bytes,
-                       name, t0, llama)
+                       name, t0, llama, importance)
     finally:
         if own:
             src.close()
@@ -233,14 +268,15 @@ def _llama_plan(src: Any, llama: Any) -> Tuple[List[Tuple[str, str, Any]], str,
         plan.append({"info": info, "name": t.name, "type": p.choice.type,
                      "reason": p.choice.reason, "fallback": p.choice.fallback,
                      "shape": tuple(t.shape), "row_order": t.row_order, "data": t.data,
-                     "transform": t.transform, "kind": getattr(t.kind, "name", None)})
+                     "transform": t.transform, "kind": getattr(t.kind, "name", None),
+                     "tensor": t})
     skipped = [{"name": t.source, "reason": t.skip_reason} for t in llama.skipped]
     return list(llama.metadata), llama.arch.arch, plan, skipped
 
 
 def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type: Optional[str],
             threads: int, progress: Any, chunk_bytes: int, name: Optional[str],
-            t0: float, llama: Any = None) -> Dict[str, Any]:
+            t0: float, llama: Any = None, importance: Any = None) -> Dict[str, Any]:
     root = Path(src.root)
     if llama is None:
         metadata, arch, entries, skipped = _generic_plan(src, target, name)
@@ -273,11 +309,11 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
         e["shape"] = shape
         plan.append(e)
 
-    main_type = target
+    main_type, file_type = _file_type(target, plan, llama)
     metadata += [
         ("general.alignment", "uint32", ALIGNMENT),
         ("general.quantization_version", "uint32", 2),
-        ("general.file_type", "uint32", int(_core.gguf_file_type(main_type))),
+        ("general.file_type", "uint32", file_type),
         ("arrowquant.version", "string", _version()),
         ("arrowquant.source_format", "string", str(src.format)),
     ]
@@ -308,6 +344,12 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
                 buf = np.empty(need, dtype=np.uint8)
             sums = ErrorSums()
             chunks = 0
+            weighted = False
+            if importance is not None and p["type"] in BLOCK_TYPES and p.get("tensor") is not None:
+                w = importance(p["tensor"])
+                if w is not None:
+                    writer.set_tensor_options("search", np.ascontiguousarray(w, np.float32))
+                    weighted = True
             for r0 in range(0, rows, rows_per_chunk):
                 n = min(rows_per_chunk, rows - r0)
                 if p["data"] is not None:
@@ -336,7 +378,7 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
                 "fallback": p["fallback"], "input_bytes": t.nbytes, "output_bytes": nbytes,
                 "chunks": chunks, "cosine": m.cosine, "rel_mse": m.rel_mse,
                 "sqnr_db": m.sqnr_db if math.isfinite(m.sqnr_db) else None,
-                "max_abs_error": m.max_abs_error,
+                "max_abs_error": m.max_abs_error, "importance_weighted": weighted,
                 "seconds": time.perf_counter() - t_start,
             })
         writer.finish()
@@ -363,6 +405,11 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
                        "tokens": llama.tokenizer.n_tokens} if llama is not None else None),
         "notes": list(llama.notes) if llama is not None else [],
         "file_type": main_type,
+        "preset": llama.file_type if llama is not None else None,
+        "allocation": llama.allocation if llama is not None else None,
+        "importance_weighted": [r["name"] for r in records if r["importance_weighted"]],
+        "bits_per_weight": 8.0 * sum(r["output_bytes"] for r in records) /
+                           max(sum(math.prod(r["shape"]) for r in records), 1),
         "requantized_from": requantized_from,
         "tensors": len(records),
         "types": types,
@@ -378,6 +425,23 @@ def _export(src: Any, out: Path, target: str, bits: int, scheme: str, gguf_type:
         "seconds": time.perf_counter() - t0,
         "tensors_detail": records,
     }
+
+
+def _file_type(target: str, plan: Sequence[Dict[str, Any]], llama: Any) -> Tuple[str, int]:
+    """(main type name, general.file_type): a preset's llama.cpp file type;
+    otherwise the block type holding the most weights (the target when it
+    holds any)."""
+    if llama is not None and llama.file_type:
+        return llama.file_type, int(_core.gguf_parse_file_type(llama.file_type))
+    weights: Dict[str, int] = {}
+    for p in plan:
+        weights[p["type"]] = weights.get(p["type"], 0) + p["info"].numel
+    main = target
+    if target not in weights:
+        blocks = {t: n for t, n in weights.items() if t in BLOCK_TYPES}
+        if blocks:
+            main = max(blocks, key=blocks.get)
+    return main, int(_core.gguf_file_type(main))
 
 
 def _read_permuted(src: Any, t: Any, order: np.ndarray, r0: int, n: int,
@@ -428,6 +492,16 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
                      f"tokens, pre-tokenizer {tok['pre']})")
     for note in report.get("notes", []):
         lines.append(f"  {note}")
+    if report.get("preset"):
+        lines.append(f"  llama.cpp preset {report['preset']}: each tensor's type by llama.cpp's "
+                     f"rules, {report['bits_per_weight']:.3f} bits per weight")
+    if report.get("allocation"):
+        a = report["allocation"]
+        lines.append(f"  --target-bpw {a['target_bpw']:g}: {a['measured']} tensors measured, "
+                     f"planned {a['planned_bpw']:.3f} bits per weight")
+    if report.get("importance_weighted"):
+        lines.append(f"  {len(report['importance_weighted'])} tensor(s) importance-weighted by "
+                     f"--calibration")
     lines.append(f"  {format_size(report['input_bytes'])} -> {format_size(report['output_bytes'])}: "
                  f"compression {report['compression_ratio']:.2f}x")
     if report["mean_cosine"] is not None:
@@ -448,7 +522,7 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
 
 
 #: Bits per code of each type, for the summary's per-tensor records.
-_TYPE_BITS = {"Q8_0": 8, "Q6_K": 6, "Q5_K": 5, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4,
+_TYPE_BITS = {"Q8_0": 8, "Q6_K": 6, "Q5_K": 5, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4,
               "IQ4_XS": 4, "Q3_K": 3, "Q2_K": 2}
 
 
@@ -465,7 +539,9 @@ def quantize_to_gguf(job: Any, progress: Any = None) -> Any:
     report = export_gguf(job.input, job.output, bits=cfg.bit_width, scheme=cfg.scheme,
                          gguf_type=job.gguf_type, threads=cfg.num_threads,
                          overwrite=job.overwrite, progress=progress, arch=job.gguf_arch,
-                         layout=job.gguf_layout, max_memory=job.max_memory)
+                         layout=job.gguf_layout, max_memory=job.max_memory,
+                         keep=cfg.keep_patterns, bits_for=cfg.bits_for,
+                         target_bpw=cfg.target_bpw, calibration=job.calibration)
 
     records = [TensorRecord(
         name=r["name"], shape=tuple(r["shape"]), dtype=r["source_dtype"], quant_type=r["gguf_type"],

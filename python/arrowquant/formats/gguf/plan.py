@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ...errors import ConfigurationError
 from .arch import ArchPlan, GgufTensor, KeyValue, load_config, plan_architecture
 from .tokenizer import TokenizerPlan, plan_tokenizer
-from .types import TypeChoice, TypeRule, UniformType, choose
+from .types import TypeChoice, TypeRule, UniformType, choose, llama_preset_rule
 
 ARCH_MODES = ("auto", "generic")
 
@@ -39,6 +39,22 @@ class FilePlan:
     skipped: List[GgufTensor]
     notes: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    file_type: Optional[str] = None     # llama.cpp file type name (a preset's)
+    allocation: Optional[dict] = None   # --target-bpw summary
+
+
+@dataclass
+class TypeOptions:
+    """How the per-tensor types are chosen (beside the target type): a
+    llama.cpp preset name, --keep / --bits-for patterns, a --target-bpw
+    budget, per-tensor importance (calibration), threads for measuring."""
+
+    preset: Optional[str] = None
+    keep: Sequence[str] = ()
+    bits_for: Any = None
+    target_bpw: Optional[float] = None
+    importance: Any = None  # callable(GgufTensor) -> per-column weights or None
+    threads: int = 0
 
 
 def model_dir(src: Any) -> Path:
@@ -47,7 +63,8 @@ def model_dir(src: Any) -> Path:
 
 
 def plan_file(src: Any, arch: str, target: str, type_rule: Optional[TypeRule] = None,
-              name: Optional[str] = None) -> Optional[FilePlan]:
+              name: Optional[str] = None,
+              options: Optional[TypeOptions] = None) -> Optional[FilePlan]:
     """The llama.cpp plan for `src` (an open ModelSource), or None for the
     raw export (``arch="generic"``, or no config.json under ``"auto"``)."""
     if arch not in ARCH_MODES:
@@ -61,7 +78,9 @@ def plan_file(src: Any, arch: str, target: str, type_rule: Optional[TypeRule] = 
         return None
     ap = plan_architecture(root, src.tensors, name=name, cfg=cfg)
     tok = plan_tokenizer(root, cfg)
-    rule = type_rule or UniformType(target)
+    kept = [t for t in ap.tensors if t.name is not None]
+    rule, file_type, allocation = _rule(src, target, type_rule, options or TypeOptions(), cfg,
+                                        kept)
     planned: List[PlannedTensor] = []
     skipped: List[GgufTensor] = []
     for t in ap.tensors:
@@ -72,7 +91,35 @@ def plan_file(src: Any, arch: str, target: str, type_rule: Optional[TypeRule] = 
     _check_vocab(planned, tok, root)
     return FilePlan(arch=ap, tokenizer=tok, metadata=ap.metadata + tok.metadata,
                     tensors=planned, skipped=skipped, notes=ap.notes + tok.notes,
-                    warnings=list(tok.warnings))
+                    warnings=list(tok.warnings), file_type=file_type, allocation=allocation)
+
+
+def _rule(src: Any, target: str, type_rule: Optional[TypeRule], o: TypeOptions, cfg: dict,
+          tensors: Sequence[GgufTensor]) -> Tuple[TypeRule, Optional[str], Optional[dict]]:
+    """The rule of every tensor: a given one, a preset, or the uniform type;
+    --keep / --bits-for in front; --target-bpw choosing the free tensors."""
+    from .allocate import FixedChoices, OverrideRule, allocate_bpw, check_bits_for
+
+    file_type = None
+    if type_rule is not None:
+        base = type_rule
+    elif o.preset is not None:
+        base = llama_preset_rule(o.preset, cfg, tensors, imatrix=o.importance is not None)
+        file_type = o.preset
+    else:
+        base = UniformType(target)
+    over = OverrideRule(base, tuple(o.keep or ()), check_bits_for(dict(o.bits_for or {})))
+    if o.target_bpw is None:
+        return over, file_type, None
+
+    def fixed(t: GgufTensor) -> Optional[TypeChoice]:
+        if t.f32_reason:
+            return TypeChoice("F32", t.f32_reason, False)
+        return over.pinned(t)
+
+    choices, summary = allocate_bpw(src, tensors, float(o.target_bpw), fixed,
+                                    importance=o.importance, threads=o.threads)
+    return FixedChoices(choices, over), None, summary
 
 
 def _check_vocab(planned: Sequence[PlannedTensor], tok: TokenizerPlan, root: Path) -> None:

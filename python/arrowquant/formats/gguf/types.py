@@ -14,7 +14,7 @@ is not a whole number of the type's blocks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 from .arch import GgufTensor
 
@@ -77,3 +77,62 @@ def choose(rule: TypeRule, t: GgufTensor) -> TypeChoice:
     return c
 
 
+
+
+def llama_category(name: str) -> Optional[str]:
+    """llama.cpp's tensor_get_category for the categories its preset rules
+    use (matched on the llama.cpp tensor name, as llama.cpp does)."""
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for key, cat in (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"),
+                     ("attn_v.weight", "attn_v"), ("attn_k.weight", None),
+                     ("attn_q.weight", None), ("attn_output.weight", "attn_output"),
+                     ("ffn_up", None), ("ffn_gate", None), ("ffn_down", "ffn_down")):
+        if key in name:
+            return cat
+    return None
+
+
+@dataclass(frozen=True)
+class LlamaPreset:
+    """llama.cpp's preset `preset` (Q4_K_M, IQ4_XS, ...): the type of each
+    tensor as ``llama_model_quantize`` chooses it (formats/gguf/presets.py).
+    `layers` is the model's block count, `gqa` query heads per key/value
+    head, `tied` True when the file has no output.weight (token_embd is the
+    output), `imatrix` True when importance statistics weight the search.
+    Where llama.cpp's last resort is F16, a float32 source is kept F32
+    (lossless) instead."""
+
+    preset: str
+    layers: int
+    gqa: int = 1
+    tied: bool = False
+    imatrix: bool = False
+
+    def __call__(self, t: GgufTensor) -> TypeChoice:
+        from .presets import Position, llama_preset_type
+
+        if t.f32_reason:
+            return TypeChoice("F32", t.f32_reason, True)
+        cat = llama_category(t.name or "")
+        index = t.block if t.block is not None else 0
+        pos = Position(index=index, layers=max(1, self.layers), gqa=self.gqa,
+                       imatrix=self.imatrix)
+        gtype, reason, fell = llama_preset_type(self.preset, cat, int(t.shape[-1]), pos, self.tied)
+        if gtype == "F16":
+            gtype = lossless_wide(t.dtype)
+            reason += f" ({gtype}: lossless from {t.dtype})"
+        return TypeChoice(gtype, reason, fell)
+
+
+def llama_preset_rule(preset: str, cfg: dict, tensors: Sequence[GgufTensor],
+                      imatrix: bool = False) -> LlamaPreset:
+    """The LlamaPreset of a model from its config.json and planned tensors."""
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1)
+    heads = cfg.get("num_attention_heads") or 1
+    kv = cfg.get("num_key_value_heads") or heads
+    tied = not any(t.name == "output.weight" for t in tensors)
+    return LlamaPreset(preset=preset, layers=layers, gqa=max(1, int(heads) // max(1, int(kv))),
+                       tied=tied, imatrix=imatrix)
