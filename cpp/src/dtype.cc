@@ -10,35 +10,51 @@ namespace arrowquant {
 size_t DTypeSize(DType dtype) {
   switch (dtype) {
     case DType::kF64:
-    case DType::kI64: return 8;
+    case DType::kI64:
+      return 8;
     case DType::kF32:
-    case DType::kI32: return 4;
+    case DType::kI32:
+      return 4;
     case DType::kF16:
     case DType::kBF16:
-    case DType::kI16: return 2;
+    case DType::kI16:
+      return 2;
     case DType::kF8E4M3:
     case DType::kF8E5M2:
     case DType::kI8:
     case DType::kU8:
-    case DType::kBool: return 1;
+    case DType::kBool:
+      return 1;
   }
   return 0;
 }
 
 std::string_view DTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "float32";
-    case DType::kF16: return "float16";
-    case DType::kBF16: return "bfloat16";
-    case DType::kF8E4M3: return "float8_e4m3fn";
-    case DType::kF8E5M2: return "float8_e5m2";
-    case DType::kF64: return "float64";
-    case DType::kI64: return "int64";
-    case DType::kI32: return "int32";
-    case DType::kI16: return "int16";
-    case DType::kI8: return "int8";
-    case DType::kU8: return "uint8";
-    case DType::kBool: return "bool";
+    case DType::kF32:
+      return "float32";
+    case DType::kF16:
+      return "float16";
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kF8E4M3:
+      return "float8_e4m3fn";
+    case DType::kF8E5M2:
+      return "float8_e5m2";
+    case DType::kF64:
+      return "float64";
+    case DType::kI64:
+      return "int64";
+    case DType::kI32:
+      return "int32";
+    case DType::kI16:
+      return "int16";
+    case DType::kI8:
+      return "int8";
+    case DType::kU8:
+      return "uint8";
+    case DType::kBool:
+      return "bool";
   }
   return "unknown";
 }
@@ -49,16 +65,36 @@ Result<DType> ParseDType(std::string_view name) {
     DType dtype;
   };
   static constexpr Alias kAliases[] = {
-      {"float32", DType::kF32},      {"F32", DType::kF32},         {"f32", DType::kF32},
-      {"float", DType::kF32},        {"float16", DType::kF16},     {"F16", DType::kF16},
-      {"f16", DType::kF16},          {"half", DType::kF16},        {"bfloat16", DType::kBF16},
-      {"BF16", DType::kBF16},        {"bf16", DType::kBF16},       {"float8_e4m3fn", DType::kF8E4M3},
-      {"float8_e4m3", DType::kF8E4M3}, {"F8_E4M3", DType::kF8E4M3}, {"float8_e5m2", DType::kF8E5M2},
-      {"F8_E5M2", DType::kF8E5M2},   {"float64", DType::kF64},     {"F64", DType::kF64},
-      {"double", DType::kF64},       {"int64", DType::kI64},       {"I64", DType::kI64},
-      {"int32", DType::kI32},        {"I32", DType::kI32},         {"int16", DType::kI16},
-      {"I16", DType::kI16},          {"int8", DType::kI8},         {"I8", DType::kI8},
-      {"uint8", DType::kU8},         {"U8", DType::kU8},           {"bool", DType::kBool},
+      {"float32", DType::kF32},
+      {"F32", DType::kF32},
+      {"f32", DType::kF32},
+      {"float", DType::kF32},
+      {"float16", DType::kF16},
+      {"F16", DType::kF16},
+      {"f16", DType::kF16},
+      {"half", DType::kF16},
+      {"bfloat16", DType::kBF16},
+      {"BF16", DType::kBF16},
+      {"bf16", DType::kBF16},
+      {"float8_e4m3fn", DType::kF8E4M3},
+      {"float8_e4m3", DType::kF8E4M3},
+      {"F8_E4M3", DType::kF8E4M3},
+      {"float8_e5m2", DType::kF8E5M2},
+      {"F8_E5M2", DType::kF8E5M2},
+      {"float64", DType::kF64},
+      {"F64", DType::kF64},
+      {"double", DType::kF64},
+      {"int64", DType::kI64},
+      {"I64", DType::kI64},
+      {"int32", DType::kI32},
+      {"I32", DType::kI32},
+      {"int16", DType::kI16},
+      {"I16", DType::kI16},
+      {"int8", DType::kI8},
+      {"I8", DType::kI8},
+      {"uint8", DType::kU8},
+      {"U8", DType::kU8},
+      {"bool", DType::kBool},
       {"BOOL", DType::kBool},
   };
   for (const Alias& a : kAliases) {

@@ -49,8 +49,8 @@ TEST(DType, FloatToHalfRoundsToEven) {
 TEST(DType, BFloat16AndFloat8) {
   EXPECT_EQ(BFloat16ToFloat(0x3F80), 1.0f);
   EXPECT_EQ(BFloat16ToFloat(0xC040), -3.0f);
-  EXPECT_EQ(F8E4M3ToFloat(0x38), 1.0f);      // exp 7, mant 0
-  EXPECT_EQ(F8E4M3ToFloat(0x7E), 448.0f);    // largest finite
+  EXPECT_EQ(F8E4M3ToFloat(0x38), 1.0f);          // exp 7, mant 0
+  EXPECT_EQ(F8E4M3ToFloat(0x7E), 448.0f);        // largest finite
   EXPECT_EQ(F8E4M3ToFloat(0x01), 0.001953125f);  // 2^-9 subnormal
   EXPECT_TRUE(std::isnan(F8E4M3ToFloat(0x7F)));
   EXPECT_EQ(F8E5M2ToFloat(0x3C), 1.0f);

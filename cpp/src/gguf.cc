@@ -173,41 +173,58 @@ struct FileTypeName {
 
 // enum llama_ftype (gguf.constants.LlamaFileType), without the MOSTLY_ prefix.
 constexpr FileTypeName kFileTypes[] = {
-    {"ALL_F32", 0},  {"F32", 0},      {"F16", 1},      {"Q4_0", 2},     {"Q4_1", 3},
-    {"Q8_0", 7},     {"Q5_0", 8},     {"Q5_1", 9},     {"Q2_K", 10},    {"Q3_K_S", 11},
-    {"Q3_K_M", 12},  {"Q3_K_L", 13},  {"Q4_K_S", 14},  {"Q4_K_M", 15},  {"Q5_K_S", 16},
-    {"Q5_K_M", 17},  {"Q6_K", 18},    {"IQ2_XXS", 19}, {"IQ2_XS", 20},  {"Q2_K_S", 21},
-    {"IQ3_XS", 22},  {"IQ3_XXS", 23}, {"IQ1_S", 24},   {"IQ4_NL", 25},  {"IQ3_S", 26},
-    {"IQ3_M", 27},   {"IQ2_S", 28},   {"IQ2_M", 29},   {"IQ4_XS", 30},  {"IQ1_M", 31},
-    {"BF16", 32},    {"TQ1_0", 36},   {"TQ2_0", 37},
+    {"ALL_F32", 0}, {"F32", 0},      {"F16", 1},      {"Q4_0", 2},    {"Q4_1", 3},
+    {"Q8_0", 7},    {"Q5_0", 8},     {"Q5_1", 9},     {"Q2_K", 10},   {"Q3_K_S", 11},
+    {"Q3_K_M", 12}, {"Q3_K_L", 13},  {"Q4_K_S", 14},  {"Q4_K_M", 15}, {"Q5_K_S", 16},
+    {"Q5_K_M", 17}, {"Q6_K", 18},    {"IQ2_XXS", 19}, {"IQ2_XS", 20}, {"Q2_K_S", 21},
+    {"IQ3_XS", 22}, {"IQ3_XXS", 23}, {"IQ1_S", 24},   {"IQ4_NL", 25}, {"IQ3_S", 26},
+    {"IQ3_M", 27},  {"IQ2_S", 28},   {"IQ2_M", 29},   {"IQ4_XS", 30}, {"IQ1_M", 31},
+    {"BF16", 32},   {"TQ1_0", 36},   {"TQ2_0", 37},
 };
 
 }  // namespace
 
 uint32_t FileTypeFor(GgmlType type) {
   switch (type) {
-    case GgmlType::kF32: return 0;      // LLAMA_FTYPE_ALL_F32
-    case GgmlType::kF16: return 1;      // MOSTLY_F16
-    case GgmlType::kQ4_0: return 2;     // MOSTLY_Q4_0
-    case GgmlType::kQ4_1: return 3;     // MOSTLY_Q4_1
-    case GgmlType::kQ8_0: return 7;     // MOSTLY_Q8_0
-    case GgmlType::kQ5_0: return 8;     // MOSTLY_Q5_0
-    case GgmlType::kQ5_1: return 9;     // MOSTLY_Q5_1
-    case GgmlType::kQ2_K: return 10;    // MOSTLY_Q2_K
-    case GgmlType::kQ3_K: return 11;    // MOSTLY_Q3_K_S
-    case GgmlType::kQ4_K: return 14;    // MOSTLY_Q4_K_S
-    case GgmlType::kQ5_K: return 16;    // MOSTLY_Q5_K_S
-    case GgmlType::kQ6_K: return 18;    // MOSTLY_Q6_K
-    case GgmlType::kIQ4_NL: return 25;  // MOSTLY_IQ4_NL
-    case GgmlType::kIQ4_XS: return 30;  // MOSTLY_IQ4_XS
-    case GgmlType::kBF16: return 32;    // MOSTLY_BF16
-    default: return 0;
+    case GgmlType::kF32:
+      return 0;  // LLAMA_FTYPE_ALL_F32
+    case GgmlType::kF16:
+      return 1;  // MOSTLY_F16
+    case GgmlType::kQ4_0:
+      return 2;  // MOSTLY_Q4_0
+    case GgmlType::kQ4_1:
+      return 3;  // MOSTLY_Q4_1
+    case GgmlType::kQ8_0:
+      return 7;  // MOSTLY_Q8_0
+    case GgmlType::kQ5_0:
+      return 8;  // MOSTLY_Q5_0
+    case GgmlType::kQ5_1:
+      return 9;  // MOSTLY_Q5_1
+    case GgmlType::kQ2_K:
+      return 10;  // MOSTLY_Q2_K
+    case GgmlType::kQ3_K:
+      return 11;  // MOSTLY_Q3_K_S
+    case GgmlType::kQ4_K:
+      return 14;  // MOSTLY_Q4_K_S
+    case GgmlType::kQ5_K:
+      return 16;  // MOSTLY_Q5_K_S
+    case GgmlType::kQ6_K:
+      return 18;  // MOSTLY_Q6_K
+    case GgmlType::kIQ4_NL:
+      return 25;  // MOSTLY_IQ4_NL
+    case GgmlType::kIQ4_XS:
+      return 30;  // MOSTLY_IQ4_XS
+    case GgmlType::kBF16:
+      return 32;  // MOSTLY_BF16
+    default:
+      return 0;
   }
 }
 
 Result<uint32_t> ParseFileType(const std::string& name) {
   std::string upper;
-  for (char c : name) upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  for (char c : name)
+    upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
   if (upper.rfind("LLAMA_FTYPE_", 0) == 0) upper = upper.substr(12);
   if (upper.rfind("MOSTLY_", 0) == 0) upper = upper.substr(7);
   for (const FileTypeName& f : kFileTypes) {
@@ -220,30 +237,78 @@ Result<uint32_t> ParseFileType(const std::string& name) {
 
 const char* ValueTypeName(ValueType type) {
   switch (type) {
-    case ValueType::kUint8: return "uint8";
-    case ValueType::kInt8: return "int8";
-    case ValueType::kUint16: return "uint16";
-    case ValueType::kInt16: return "int16";
-    case ValueType::kUint32: return "uint32";
-    case ValueType::kInt32: return "int32";
-    case ValueType::kFloat32: return "float32";
-    case ValueType::kBool: return "bool";
-    case ValueType::kString: return "string";
-    case ValueType::kArray: return "array";
-    case ValueType::kUint64: return "uint64";
-    case ValueType::kInt64: return "int64";
-    case ValueType::kFloat64: return "float64";
+    case ValueType::kUint8:
+      return "uint8";
+    case ValueType::kInt8:
+      return "int8";
+    case ValueType::kUint16:
+      return "uint16";
+    case ValueType::kInt16:
+      return "int16";
+    case ValueType::kUint32:
+      return "uint32";
+    case ValueType::kInt32:
+      return "int32";
+    case ValueType::kFloat32:
+      return "float32";
+    case ValueType::kBool:
+      return "bool";
+    case ValueType::kString:
+      return "string";
+    case ValueType::kArray:
+      return "array";
+    case ValueType::kUint64:
+      return "uint64";
+    case ValueType::kInt64:
+      return "int64";
+    case ValueType::kFloat64:
+      return "float64";
   }
   return "unknown";
 }
 
-Value Value::U32(uint32_t v) { Value x; x.type = ValueType::kUint32; x.u = v; return x; }
-Value Value::I32(int32_t v) { Value x; x.type = ValueType::kInt32; x.i = v; return x; }
-Value Value::U64(uint64_t v) { Value x; x.type = ValueType::kUint64; x.u = v; return x; }
-Value Value::I64(int64_t v) { Value x; x.type = ValueType::kInt64; x.i = v; return x; }
-Value Value::F32(float v) { Value x; x.type = ValueType::kFloat32; x.f = v; return x; }
-Value Value::F64(double v) { Value x; x.type = ValueType::kFloat64; x.f = v; return x; }
-Value Value::Bool(bool v) { Value x; x.type = ValueType::kBool; x.u = v ? 1 : 0; return x; }
+Value Value::U32(uint32_t v) {
+  Value x;
+  x.type = ValueType::kUint32;
+  x.u = v;
+  return x;
+}
+Value Value::I32(int32_t v) {
+  Value x;
+  x.type = ValueType::kInt32;
+  x.i = v;
+  return x;
+}
+Value Value::U64(uint64_t v) {
+  Value x;
+  x.type = ValueType::kUint64;
+  x.u = v;
+  return x;
+}
+Value Value::I64(int64_t v) {
+  Value x;
+  x.type = ValueType::kInt64;
+  x.i = v;
+  return x;
+}
+Value Value::F32(float v) {
+  Value x;
+  x.type = ValueType::kFloat32;
+  x.f = v;
+  return x;
+}
+Value Value::F64(double v) {
+  Value x;
+  x.type = ValueType::kFloat64;
+  x.f = v;
+  return x;
+}
+Value Value::Bool(bool v) {
+  Value x;
+  x.type = ValueType::kBool;
+  x.u = v ? 1 : 0;
+  return x;
+}
 Value Value::String(std::string v) {
   Value x;
   x.type = ValueType::kString;
@@ -300,8 +365,8 @@ Result<std::vector<TensorLayout>> LayoutTensors(const std::vector<TensorSpec>& t
     AQ_ASSIGN_OR_RETURN(TypeTraits traits, GetTypeTraits(static_cast<uint32_t>(t.type)));
     if (static_cast<int64_t>(l.dims[0]) % traits.block_size != 0) {
       return Status::Invalid(where + ": row length " + std::to_string(l.dims[0]) +
-                             " is not a multiple of " + std::to_string(traits.block_size) +
-                             " as " + GgmlTypeName(static_cast<uint32_t>(t.type)) + " needs");
+                             " is not a multiple of " + std::to_string(traits.block_size) + " as " +
+                             GgmlTypeName(static_cast<uint32_t>(t.type)) + " needs");
     }
     AQ_ASSIGN_OR_RETURN(l.nbytes, TensorBytes(t.type, numel));
     l.offset = offset;
@@ -369,7 +434,7 @@ Result<std::unique_ptr<Writer>> Writer::Create(const std::string& path,
   w->data_offset_ = data_offset;
   w->layout_ = std::move(layout);
   w->fd_ = ::open(w->temp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW,
-                 0644);  // never through a symlink planted in its place
+                  0644);  // never through a symlink planted in its place
   if (w->fd_ < 0) return MakeIOError("cannot create", w->temp_path_);
   AQ_RETURN_NOT_OK(w->WriteAll(header.data(), header.size()));
   // Tensors with nothing to stream (never: every tensor has >= 1 element) would be skipped here.
@@ -428,16 +493,15 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
                                       std::to_string(l.cols)));
   }
   if (src.rows <= 0 || src.rows > l.rows - rows_done_) {
-    return Fail(Status::ShapeMismatch(where + ": " + std::to_string(src.rows) +
-                                      " rows given, " + std::to_string(l.rows - rows_done_) +
-                                      " left"));
+    return Fail(Status::ShapeMismatch(where + ": " + std::to_string(src.rows) + " rows given, " +
+                                      std::to_string(l.rows - rows_done_) + " left"));
   }
   if (src.data == nullptr) return Fail(Status::Invalid(where + ": null data"));
 
   const int64_t n = src.rows * src.cols;
   const TypeTraits traits = *GetTypeTraits(static_cast<uint32_t>(l.type));
-  const uint64_t out_bytes = static_cast<uint64_t>(n / traits.block_size) *
-                             static_cast<uint64_t>(traits.block_bytes);
+  const uint64_t out_bytes =
+      static_cast<uint64_t>(n / traits.block_size) * static_cast<uint64_t>(traits.block_bytes);
   buffer_.resize(out_bytes);
   const size_t in_item = DTypeSize(src.dtype);
   const uint8_t* in = static_cast<const uint8_t*>(src.data);
@@ -466,8 +530,8 @@ Status Writer::AppendRows(const TensorView& src, const ExecOptions& exec, ErrorS
                      (p1 - p0) * kBlock, half_table);
       });
       opts.first_row = rows_done_ + r0;
-      Status st = QuantizeBlocks(type, xf, nr, src.cols, out + static_cast<uint64_t>(r0) * row_bytes,
-                                 opts, stats);
+      Status st = QuantizeBlocks(type, xf, nr, src.cols,
+                                 out + static_cast<uint64_t>(r0) * row_bytes, opts, stats);
       if (!st.ok()) return Fail(st.WithContext(where));
     }
   } else {
@@ -611,8 +675,8 @@ class Cursor {
   Status Need(size_t n, const char* what) {
     if (n > left()) {
       return Status::FormatError(std::string("truncated GGUF header: ") + what + " at byte " +
-                                 std::to_string(pos_) + " needs " + std::to_string(n) +
-                                 " bytes, " + std::to_string(left()) + " left");
+                                 std::to_string(pos_) + " needs " + std::to_string(n) + " bytes, " +
+                                 std::to_string(left()) + " left");
     }
     return Status::OK();
   }
@@ -690,12 +754,14 @@ Result<Value> ReadValue(Cursor& c) {
     return Status::FormatError("unknown GGUF array element type " + std::to_string(raw_elem));
   }
   const ValueType elem = static_cast<ValueType>(raw_elem);
-  if (elem == ValueType::kArray) return Status::FormatError("GGUF arrays of arrays are not supported");
+  if (elem == ValueType::kArray)
+    return Status::FormatError("GGUF arrays of arrays are not supported");
   AQ_ASSIGN_OR_RETURN(uint64_t count, c.Uint(8, "array length"));
   // Every item takes at least its scalar size (a string at least its 8-byte
   // length), so a count the remaining bytes cannot hold is refused before
   // anything is allocated.
-  const uint64_t min_item = elem == ValueType::kString ? 8 : static_cast<uint64_t>(ScalarSize(elem));
+  const uint64_t min_item =
+      elem == ValueType::kString ? 8 : static_cast<uint64_t>(ScalarSize(elem));
   if (count > c.left() / min_item) {
     return Status::FormatError("GGUF array of " + std::to_string(count) + " " +
                                ValueTypeName(elem) + " items runs past the end");
@@ -788,7 +854,8 @@ Result<File> Parse(const uint8_t* data, size_t size, bool header_only, uint64_t 
                                  " block size");
     }
     const uint64_t blocks = numel / static_cast<uint64_t>(traits->block_size);
-    if (blocks > std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(traits->block_bytes)) {
+    if (blocks >
+        std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(traits->block_bytes)) {
       return Status::FormatError(where + ": byte size overflows");
     }
     t.nbytes = blocks * static_cast<uint64_t>(traits->block_bytes);
@@ -819,8 +886,7 @@ Result<File> Parse(const uint8_t* data, size_t size, bool header_only, uint64_t 
                                  ") runs past the end of the file");
     }
     if (prev != nullptr && t->offset < end_prev) {
-      return Status::FormatError("GGUF tensors '" + prev->name + "' and '" + t->name +
-                                 "' overlap");
+      return Status::FormatError("GGUF tensors '" + prev->name + "' and '" + t->name + "' overlap");
     }
     end_prev = t->offset + t->nbytes;
     prev = t;

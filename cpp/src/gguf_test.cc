@@ -99,20 +99,21 @@ Written WriteSample(const std::string& name, int64_t chunk, int threads = 1) {
       {"general.architecture", Value::String("arrowquant")},
       {"general.name", Value::String("sample")},
       {"general.file_type", Value::U32(FileTypeFor(GgmlType::kQ4_1))},
-      {"sample.list", Value::Array(ValueType::kString,
-                                   {Value::String("x"), Value::String("yz")})},
+      {"sample.list", Value::Array(ValueType::kString, {Value::String("x"), Value::String("yz")})},
       {"sample.neg", Value::I32(-5)},
       {"sample.flag", Value::Bool(true)},
       {"sample.pi", Value::F32(3.25f)},
   };
-  auto writer = Writer::Create(w.path, md, {{"a", {4, 64}, GgmlType::kQ4_1}, {"b", {7}, GgmlType::kF16}});
+  auto writer =
+      Writer::Create(w.path, md, {{"a", {4, 64}, GgmlType::kQ4_1}, {"b", {7}, GgmlType::kF16}});
   EXPECT_TRUE(writer.ok()) << writer.status().ToString();
   Writer& wr = **writer;
   EXPECT_TRUE(Exists(wr.temp_path()));
   EXPECT_FALSE(Exists(w.path));
   for (int64_t r = 0; r < 4; r += chunk) {
     const int64_t n = std::min<int64_t>(chunk, 4 - r);
-    Status st = wr.AppendRows(TensorView{w.a.data() + r * 64, DType::kF32, n, 64}, ExecOptions{threads, false});
+    Status st = wr.AppendRows(TensorView{w.a.data() + r * 64, DType::kF32, n, 64},
+                              ExecOptions{threads, false});
     EXPECT_TRUE(st.ok()) << st.ToString();
   }
   std::vector<uint16_t> half(7);
@@ -145,9 +146,11 @@ TEST(GgufWriter, RoundTripThroughParse) {
   const std::vector<uint8_t> bytes = ReadAll(w.path);
   std::vector<uint8_t> expect(160);
   ASSERT_TRUE(QuantizeBlocks(GgmlType::kQ4_1, w.a.data(), 4, 64, expect.data()).ok());
-  EXPECT_TRUE(std::equal(expect.begin(), expect.end(), bytes.begin() + static_cast<long>(f->data_offset)));
+  EXPECT_TRUE(
+      std::equal(expect.begin(), expect.end(), bytes.begin() + static_cast<long>(f->data_offset)));
   std::vector<float> b(7);
-  ASSERT_TRUE(DequantizeBlocks(GgmlType::kF16, bytes.data() + f->data_offset + 160, 1, 7, b.data()).ok());
+  ASSERT_TRUE(
+      DequantizeBlocks(GgmlType::kF16, bytes.data() + f->data_offset + 160, 1, 7, b.data()).ok());
   for (int j = 0; j < 7; ++j) EXPECT_EQ(b[j], HalfToFloat(FloatToHalf(w.b[j])));
   std::remove(w.path.c_str());
 }
@@ -182,7 +185,8 @@ TEST(GgufWriter, FailuresLeaveNoFile) {
     Status st = (*w)->AppendRows(TensorView{x.data(), DType::kF32, 2, 32});
     EXPECT_EQ(st.code(), StatusCode::kInvalid);
     EXPECT_NE(st.message().find("'w'"), std::string::npos) << st.message();
-    EXPECT_NE(st.message().find("Inf at index 40 (row 1, column 8)"), std::string::npos) << st.message();
+    EXPECT_NE(st.message().find("Inf at index 40 (row 1, column 8)"), std::string::npos)
+        << st.message();
     EXPECT_FALSE(Exists(temp));
     EXPECT_FALSE((*w)->Finish().ok());
   }
@@ -204,7 +208,8 @@ TEST(GgufWriter, FailuresLeaveNoFile) {
     EXPECT_FALSE(Exists(temp));
   }
   EXPECT_FALSE(Exists(path));
-  EXPECT_EQ(Writer::Create("/nonexistent-dir/x.gguf", {}, {}).status().code(), StatusCode::kIOError);
+  EXPECT_EQ(Writer::Create("/nonexistent-dir/x.gguf", {}, {}).status().code(),
+            StatusCode::kIOError);
 }
 
 TEST(GgufReader, EveryTruncationFailsCleanly) {
@@ -285,12 +290,16 @@ namespace {
 TEST(GgufWriter, ErrorStatsMatchDecodedValues) {
   const std::string path = TempPath("stats.gguf");
   const std::vector<float> x = RandomFloats(8 * 64, 11);
-  for (GgmlType t : {GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kF16, GgmlType::kF32}) {
+  for (GgmlType t :
+       {GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kF16, GgmlType::kF32}) {
     auto w = Writer::Create(path, {}, {{"w", {8, 64}, t}});
     ASSERT_TRUE(w.ok());
     ErrorStats stats;
-    ASSERT_TRUE((*w)->AppendRows(TensorView{x.data(), DType::kF32, 3, 64}, ExecOptions{2, false}, &stats).ok());
-    ASSERT_TRUE((*w)->AppendRows(TensorView{x.data() + 3 * 64, DType::kF32, 5, 64}, {}, &stats).ok());
+    ASSERT_TRUE(
+        (*w)->AppendRows(TensorView{x.data(), DType::kF32, 3, 64}, ExecOptions{2, false}, &stats)
+            .ok());
+    ASSERT_TRUE(
+        (*w)->AppendRows(TensorView{x.data() + 3 * 64, DType::kF32, 5, 64}, {}, &stats).ok());
     ASSERT_TRUE((*w)->Finish().ok());
     const std::vector<uint8_t> bytes = ReadAll(path);
     auto f = Parse(bytes.data(), bytes.size());
@@ -337,10 +346,18 @@ TEST(GgufReader, SurvivesRandomMutations) {
     for (int e = 0; e < edits; ++e) {
       const size_t pos = rng() % b.size();
       switch (rng() % 4) {
-        case 0: b[pos] = static_cast<uint8_t>(rng()); break;
-        case 1: b[pos] ^= static_cast<uint8_t>(1u << (rng() % 8)); break;
-        case 2: b.resize(pos + 1); break;
-        default: b.insert(b.begin() + static_cast<long>(pos), static_cast<uint8_t>(rng())); break;
+        case 0:
+          b[pos] = static_cast<uint8_t>(rng());
+          break;
+        case 1:
+          b[pos] ^= static_cast<uint8_t>(1u << (rng() % 8));
+          break;
+        case 2:
+          b.resize(pos + 1);
+          break;
+        default:
+          b.insert(b.begin() + static_cast<long>(pos), static_cast<uint8_t>(rng()));
+          break;
       }
       if (b.empty()) b.push_back(0);
     }

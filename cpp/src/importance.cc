@@ -293,8 +293,7 @@ Status ImportanceSearchParams(const TensorView& src, const QuantSpec& spec, cons
   // elements, so far fewer rows per task than the plain quantizer suffice.
   const int64_t min_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(src.cols, 1));
   return internal::ForEachRow(
-      src.rows, src.cols, exec.threads, min_rows, nullptr,
-      [&](int64_t r, float* row, ErrorStats*) {
+      src.rows, src.cols, exec.threads, min_rows, nullptr, [&](int64_t r, float* row, ErrorStats*) {
         const auto* in = static_cast<const uint8_t*>(src.data) + r * src.cols * item;
         k.convert(src.dtype, in, row, static_cast<size_t>(src.cols));
         AQ_RETURN_NOT_OK(kernels::CheckFiniteRow(row, src.cols, src.row_offset + r));

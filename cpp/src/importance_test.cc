@@ -16,9 +16,8 @@ struct Params {
   Status status;
 };
 
-Params Search(const std::vector<float>& x, const std::vector<float>& w, int64_t rows,
-              int64_t cols, const QuantSpec& spec, const ImportanceOptions& opts = {},
-              ExecOptions exec = {}) {
+Params Search(const std::vector<float>& x, const std::vector<float>& w, int64_t rows, int64_t cols,
+              const QuantSpec& spec, const ImportanceOptions& opts = {}, ExecOptions exec = {}) {
   Params p;
   const int64_t G = GroupsPerRow(cols, spec.group_size);
   p.scales.assign(static_cast<size_t>(rows * G), -1.0f);
@@ -120,8 +119,8 @@ TEST(Importance, EvaluationMatchesEngine) {
   std::vector<float> w = Importance(cols, 4);
   Params p = Search(x, w, 1, cols, spec);
   ASSERT_TRUE(p.status.ok());
-  const double own = WeightedGroupError(x.data(), w.data(), cols, 4, Scheme::kAsymmetric,
-                                        p.scales[0], p.zeros[0]);
+  const double own =
+      WeightedGroupError(x.data(), w.data(), cols, 4, Scheme::kAsymmetric, p.scales[0], p.zeros[0]);
   const double engine = GroupErrors(x, w, 1, cols, spec, p)[0];
   EXPECT_NEAR(own, engine, 1e-9 * std::max(1.0, engine));
 }
@@ -199,8 +198,8 @@ TEST(Importance, Float16InputMatchesFloat32OfSameValues) {
   Params from_f16;
   from_f16.scales.assign(from_f32.scales.size(), 0.0f);
   from_f16.zeros.assign(from_f32.zeros.size(), 0.0f);
-  ASSERT_TRUE(ImportanceSearchParams(TensorView{h.data(), DType::kF16, rows, cols}, spec,
-                                     w.data(), from_f16.scales.data(), from_f16.zeros.data())
+  ASSERT_TRUE(ImportanceSearchParams(TensorView{h.data(), DType::kF16, rows, cols}, spec, w.data(),
+                                     from_f16.scales.data(), from_f16.zeros.data())
                   .ok());
   EXPECT_EQ(from_f32.scales, from_f16.scales);
   EXPECT_EQ(from_f32.zeros, from_f16.zeros);

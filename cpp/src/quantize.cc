@@ -190,21 +190,20 @@ Status Quantize(const TensorView& src, const QuantSpec& spec, const QuantizedBuf
       return Status::Invalid("superblock parameters need super-block output buffers");
     }
     const int64_t S = SuperblocksPerRow(src.cols, spec.group_size);
-    return RunRows(
-        src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats, exec,
-        [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
-          int64_t j = 0;
-          Status st = kernels::ChooseRowSuperblock(
-              *k.passes, x, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
-              out.superblock_scales + r * S, out.superblock_zero_points + r * S, &j,
-              out.scale_codes ? out.scale_codes + r * G : nullptr,
-              out.zero_codes ? out.zero_codes + r * G : nullptr);
-          if (!st.ok()) {
-            return st.WithContext("row " + std::to_string(src.row_offset + r) + ", group " +
-                                  std::to_string(j));
-          }
-          return Status::OK();
-        });
+    return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats,
+                   exec, [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
+                     int64_t j = 0;
+                     Status st = kernels::ChooseRowSuperblock(
+                         *k.passes, x, src.cols, spec, out.scales + r * G, out.zero_points + r * G,
+                         out.superblock_scales + r * S, out.superblock_zero_points + r * S, &j,
+                         out.scale_codes ? out.scale_codes + r * G : nullptr,
+                         out.zero_codes ? out.zero_codes + r * G : nullptr);
+                     if (!st.ok()) {
+                       return st.WithContext("row " + std::to_string(src.row_offset + r) +
+                                             ", group " + std::to_string(j));
+                     }
+                     return Status::OK();
+                   });
   }
   return RunRows(src, spec, nullptr, nullptr, out.packed, out.scales, out.zero_points, stats, exec,
                  [&](const kernels::RowKernels& k, const float* x, int64_t r, int64_t G) {
@@ -241,7 +240,6 @@ Status Dequantize(const uint8_t* packed, int64_t rows, int64_t cols, const Quant
   });
   return Status::OK();
 }
-
 
 const char* ActiveKernelName() { return kernels::Select(false).name; }
 

@@ -150,7 +150,8 @@ class JsonCursor {
   // produce lone surrogates, so the result is always valid UTF-8.
   Result<std::string> ParseString(const char* what) {
     SkipWhitespace();
-    if (Peek() != '"') return Error(std::string("expected a string for ") + what + ", found " + Describe());
+    if (Peek() != '"')
+      return Error(std::string("expected a string for ") + what + ", found " + Describe());
     ++pos_;
     std::string out;
     while (true) {
@@ -166,14 +167,30 @@ class JsonCursor {
         if (AtEnd()) return Error(std::string("unterminated escape in ") + what);
         const char e = s_[pos_++];
         switch (e) {
-          case '"': out.push_back('"'); break;
-          case '\\': out.push_back('\\'); break;
-          case '/': out.push_back('/'); break;
-          case 'b': out.push_back('\b'); break;
-          case 'f': out.push_back('\f'); break;
-          case 'n': out.push_back('\n'); break;
-          case 'r': out.push_back('\r'); break;
-          case 't': out.push_back('\t'); break;
+          case '"':
+            out.push_back('"');
+            break;
+          case '\\':
+            out.push_back('\\');
+            break;
+          case '/':
+            out.push_back('/');
+            break;
+          case 'b':
+            out.push_back('\b');
+            break;
+          case 'f':
+            out.push_back('\f');
+            break;
+          case 'n':
+            out.push_back('\n');
+            break;
+          case 'r':
+            out.push_back('\r');
+            break;
+          case 't':
+            out.push_back('\t');
+            break;
           case 'u': {
             AQ_ASSIGN_OR_RETURN(uint32_t cp, ParseHex4());
             if (cp >= 0xDC00 && cp <= 0xDFFF) {
@@ -213,7 +230,8 @@ class JsonCursor {
   Result<uint64_t> ParseUnsigned(const std::string& what) {
     SkipWhitespace();
     if (Peek() == '-') return Error(what + " is negative");
-    if (Peek() < '0' || Peek() > '9') return Error(what + " must be an integer, found " + Describe());
+    if (Peek() < '0' || Peek() > '9')
+      return Error(what + " must be an integer, found " + Describe());
     if (Peek() == '0' && pos_ + 1 < s_.size() && s_[pos_ + 1] >= '0' && s_[pos_ + 1] <= '9') {
       return Error(what + " has a leading zero");
     }
@@ -257,8 +275,8 @@ class JsonCursor {
       }
     }
     if (c == '-' || (c >= '0' && c <= '9')) return SkipNumber();
-    for (std::string_view word : {std::string_view("true"), std::string_view("false"),
-                                  std::string_view("null")}) {
+    for (std::string_view word :
+         {std::string_view("true"), std::string_view("false"), std::string_view("null")}) {
       if (s_.substr(pos_, word.size()) == word) {
         pos_ += word.size();
         return Status::OK();
@@ -312,10 +330,10 @@ struct DTypeCode {
   DType dtype;
 };
 constexpr DTypeCode kDTypeCodes[] = {
-    {"F64", DType::kF64},         {"F32", DType::kF32},        {"F16", DType::kF16},
-    {"BF16", DType::kBF16},       {"F8_E4M3", DType::kF8E4M3}, {"F8_E5M2", DType::kF8E5M2},
-    {"I64", DType::kI64},         {"I32", DType::kI32},        {"I16", DType::kI16},
-    {"I8", DType::kI8},           {"U8", DType::kU8},          {"BOOL", DType::kBool},
+    {"F64", DType::kF64},   {"F32", DType::kF32},        {"F16", DType::kF16},
+    {"BF16", DType::kBF16}, {"F8_E4M3", DType::kF8E4M3}, {"F8_E5M2", DType::kF8E5M2},
+    {"I64", DType::kI64},   {"I32", DType::kI32},        {"I16", DType::kI16},
+    {"I8", DType::kI8},     {"U8", DType::kU8},          {"BOOL", DType::kBool},
 };
 
 Status ParseMetadata(JsonCursor* json, const std::string& label,
@@ -379,11 +397,11 @@ Status ParseTensor(JsonCursor* json, const std::string& label, uint64_t data_siz
         if (!json->Consume(']')) {
           while (true) {
             if (t->shape.size() == kMaxRank) {
-              return Status::FormatError(where + "shape has more than " +
-                                         std::to_string(kMaxRank) + " dimensions");
+              return Status::FormatError(where + "shape has more than " + std::to_string(kMaxRank) +
+                                         " dimensions");
             }
-            AQ_ASSIGN_OR_RETURN(uint64_t d, json->ParseUnsigned("tensor " + Quote(t->name) +
-                                                                " shape dimension"));
+            AQ_ASSIGN_OR_RETURN(
+                uint64_t d, json->ParseUnsigned("tensor " + Quote(t->name) + " shape dimension"));
             if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
               return Status::FormatError(where + "shape dimension " + std::to_string(d) +
                                          " does not fit in int64");
@@ -397,11 +415,11 @@ Status ParseTensor(JsonCursor* json, const std::string& label, uint64_t data_siz
       } else if (is_offsets) {
         have_offsets = true;
         AQ_RETURN_NOT_OK(json->Expect('[', "to open \"data_offsets\""));
-        AQ_ASSIGN_OR_RETURN(t->begin, json->ParseUnsigned("tensor " + Quote(t->name) +
-                                                          " data_offsets begin"));
+        AQ_ASSIGN_OR_RETURN(
+            t->begin, json->ParseUnsigned("tensor " + Quote(t->name) + " data_offsets begin"));
         AQ_RETURN_NOT_OK(json->Expect(',', "in \"data_offsets\" (two numbers expected)"));
-        AQ_ASSIGN_OR_RETURN(t->end, json->ParseUnsigned("tensor " + Quote(t->name) +
-                                                        " data_offsets end"));
+        AQ_ASSIGN_OR_RETURN(t->end,
+                            json->ParseUnsigned("tensor " + Quote(t->name) + " data_offsets end"));
         AQ_RETURN_NOT_OK(json->Expect(']', "to close \"data_offsets\" (two numbers expected)"));
       } else {
         AQ_RETURN_NOT_OK(json->SkipValue(3));  // unknown keys are ignored, as in the reference
@@ -544,8 +562,7 @@ Result<SafeTensorsHeader> ParseSafeTensorsHeader(std::string_view header_json, u
       }
       return Status::FormatError(file_label + ": gap in the data section: bytes [" +
                                  std::to_string(expected) + ", " + std::to_string(ts[i].begin) +
-                                 ") before tensor " + Quote(ts[i].name) +
-                                 " belong to no tensor");
+                                 ") before tensor " + Quote(ts[i].name) + " belong to no tensor");
     }
     expected = ts[i].end;
   }
@@ -586,8 +603,8 @@ Result<SafeTensorsHeader> ParseSafeTensorsBuffer(std::string_view file_bytes,
                                                  const std::string& file_label) {
   uint8_t prefix[8] = {0};
   std::memcpy(prefix, file_bytes.data(), std::min<size_t>(8, file_bytes.size()));
-  AQ_ASSIGN_OR_RETURN(uint64_t n, CheckSafeTensorsHeaderLength(prefix, file_bytes.size(),
-                                                               file_label));
+  AQ_ASSIGN_OR_RETURN(uint64_t n,
+                      CheckSafeTensorsHeaderLength(prefix, file_bytes.size(), file_label));
   const uint64_t data_size = file_bytes.size() - 8 - n;
   AQ_ASSIGN_OR_RETURN(SafeTensorsHeader header,
                       ParseSafeTensorsHeader(file_bytes.substr(8, n), data_size, file_label));
@@ -726,8 +743,8 @@ Status SafeTensorsFile::ReadRange(size_t tensor_index, uint64_t byte_offset, uin
     return Status::FormatError(path_ + ": tensor " + Quote(t.name) + ": file ends at byte " +
                                std::to_string(at + static_cast<uint64_t>(n)) + ", " +
                                std::to_string(byte_count) + " bytes were expected at byte " +
-                               std::to_string(at) + " (the file was " +
-                               std::to_string(file_size_) + " bytes when opened, " + now +
+                               std::to_string(at) + " (the file was " + std::to_string(file_size_) +
+                               " bytes when opened, " + now +
                                " now: truncated or replaced while being read)");
   }
   if (options_.drop_cache_after_read) {

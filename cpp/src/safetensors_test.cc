@@ -34,10 +34,9 @@ Result<SafeTensorsHeader> Parse(const std::string& json, uint64_t data_size) {
   return ParseSafeTensorsHeader(json, data_size, "f.safetensors");
 }
 
-const char* kTwo =
-    R"({"__metadata__":{"format":"pt"},)"
-    R"("b":{"dtype":"F16","shape":[2,3],"data_offsets":[8,20]},)"
-    R"("a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})";
+const char* kTwo = R"({"__metadata__":{"format":"pt"},)"
+                   R"("b":{"dtype":"F16","shape":[2,3],"data_offsets":[8,20]},)"
+                   R"("a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})";
 
 TEST(SafeTensorsHeader, ValidSortedByOffset) {
   auto r = Parse(kTwo, 20);
@@ -79,8 +78,8 @@ TEST(SafeTensorsHeader, AllDTypes) {
     ASSERT_TRUE(dt.ok()) << code;
     EXPECT_EQ(SafeTensorsDTypeCode(*dt), code);
     const uint64_t n = 3 * DTypeSize(*dt);
-    auto r = Parse(std::string(R"({"t":{"dtype":")") + code + R"(","shape":[3],"data_offsets":[0,)" +
-                       std::to_string(n) + "]}}",
+    auto r = Parse(std::string(R"({"t":{"dtype":")") + code +
+                       R"(","shape":[3],"data_offsets":[0,)" + std::to_string(n) + "]}}",
                    n);
     EXPECT_TRUE(r.ok()) << code << ": " << r.status().ToString();
   }
@@ -94,7 +93,8 @@ TEST(SafeTensorsHeader, UnknownFieldsSkipped) {
 }
 
 TEST(SafeTensorsHeader, EscapedNamesDecoded) {
-  auto r = Parse(R"({"caf\u00e9.\ud83d\ude00\n":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1);
+  auto r =
+      Parse(R"({"caf\u00e9.\ud83d\ude00\n":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(r->tensors[0].name, "caf\xc3\xa9.\xf0\x9f\x98\x80\n");
 }
@@ -111,14 +111,18 @@ TEST(SafeTensorsHeader, Attacks) {
   ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}})", 4), "gap");
   ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}})", 4),
                     "trailing bytes");
-  ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0),
-                    "overflows int64");
-  ExpectFormatError(Parse(R"({"a":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,0]}})", 0),
-                    "byte size");
-  ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[9223372036854775808],"data_offsets":[0,0]}})", 0),
-                    "does not fit in int64");
-  ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[99999999999999999999],"data_offsets":[0,0]}})", 0),
-                    "too large");
+  ExpectFormatError(
+      Parse(R"({"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0),
+      "overflows int64");
+  ExpectFormatError(
+      Parse(R"({"a":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,0]}})", 0),
+      "byte size");
+  ExpectFormatError(
+      Parse(R"({"a":{"dtype":"U8","shape":[9223372036854775808],"data_offsets":[0,0]}})", 0),
+      "does not fit in int64");
+  ExpectFormatError(
+      Parse(R"({"a":{"dtype":"U8","shape":[99999999999999999999],"data_offsets":[0,0]}})", 0),
+      "too large");
   ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,0]}})", 0),
                     "negative");
   ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[1.5],"data_offsets":[0,0]}})", 0),
@@ -134,16 +138,17 @@ TEST(SafeTensorsHeader, Attacks) {
   ExpectFormatError(Parse(R"({"__metadata__":{"k":"1","k":"2"}})", 0), "more than once");
   ExpectFormatError(Parse(R"({"__metadata__":{},"__metadata__":{}})", 0), "more than once");
   ExpectFormatError(Parse(R"({"__metadata__":{"k":3}})", 0), "not a string");
-  ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[3],"data_offsets":[0,2]}})", 2),
-                    "need 3");
+  ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[3],"data_offsets":[0,2]}})", 2), "need 3");
   ExpectFormatError(Parse(R"({"a":{"dtype":"U8","data_offsets":[0,2]}})", 2), "missing \"shape\"");
   ExpectFormatError(Parse(R"({"a":{"shape":[2],"data_offsets":[0,2]}})", 2), "missing \"dtype\"");
   ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[2]}})", 2), "missing \"data_offsets\"");
-  ExpectFormatError(Parse(R"({"a":{"dtype":"U8","dtype":"U8","shape":[2],"data_offsets":[0,2]}})", 2),
-                    "more than once");
+  ExpectFormatError(
+      Parse(R"({"a":{"dtype":"U8","dtype":"U8","shape":[2],"data_offsets":[0,2]}})", 2),
+      "more than once");
   ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,1,2]}})", 2),
                     "two numbers");
-  ExpectFormatError(Parse(R"({"a":{"dtype":7,"shape":[2],"data_offsets":[0,2]}})", 2), "not a string");
+  ExpectFormatError(Parse(R"({"a":{"dtype":7,"shape":[2],"data_offsets":[0,2]}})", 2),
+                    "not a string");
   ExpectFormatError(Parse("[1,2]", 0), "must be a JSON object");
   ExpectFormatError(Parse("", 0), "must be a JSON object");
   ExpectFormatError(Parse("{", 0), "end of JSON");
@@ -157,11 +162,14 @@ TEST(SafeTensorsHeader, Attacks) {
 TEST(SafeTensorsHeader, NonUtf8Rejected) {
   for (std::string bad : {std::string("\xff"), std::string("\xc0\xaf"), std::string("\xed\xa0\x80"),
                           std::string("\xf4\x90\x80\x80"), std::string("\xe2\x82")}) {
-    ExpectFormatError(Parse("{\"n" + bad + "\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1),
-                      "UTF-8");
+    ExpectFormatError(
+        Parse("{\"n" + bad + "\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1),
+        "UTF-8");
   }
-  ExpectFormatError(Parse(R"({"\ud800":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1), "surrogate");
-  ExpectFormatError(Parse(R"({"\udc00x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1), "surrogate");
+  ExpectFormatError(Parse(R"({"\ud800":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1),
+                    "surrogate");
+  ExpectFormatError(Parse(R"({"\udc00x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1),
+                    "surrogate");
   ExpectFormatError(Parse(R"({"\ud800\u0041":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1),
                     "surrogate");
 }
@@ -181,14 +189,16 @@ TEST(SafeTensorsHeader, DeepNestingIsBounded) {
 TEST(SafeTensorsHeader, RankIsBounded) {
   std::string shape = "[1";
   for (size_t i = 1; i <= kMaxRank; ++i) shape += ",1";
-  ExpectFormatError(Parse(R"({"a":{"dtype":"U8","shape":)" + shape + R"(],"data_offsets":[0,1]}})", 1),
-                    "dimensions");
+  ExpectFormatError(
+      Parse(R"({"a":{"dtype":"U8","shape":)" + shape + R"(],"data_offsets":[0,1]}})", 1),
+      "dimensions");
 }
 
 TEST(SafeTensorsHeader, ErrorNamesQuotedSafely) {
   // A long name with control characters is cut and escaped in messages.
   std::string name(500, 'x');
-  auto r = Parse("{\"" + name + "\\u0001\":{\"dtype\":\"Q\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1);
+  auto r =
+      Parse("{\"" + name + "\\u0001\":{\"dtype\":\"Q\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1);
   ASSERT_FALSE(r.ok());
   EXPECT_LT(r.status().message().size(), 400u);
   EXPECT_NE(r.status().message().find("..."), std::string::npos);
@@ -200,12 +210,15 @@ TEST(SafeTensorsBuffer, HeaderLength) {
   ASSERT_TRUE(ok.ok()) << ok.status().ToString();
   EXPECT_EQ(ok->header_size, json.size());
   EXPECT_EQ(ok->data_start, 8 + json.size());
-  ExpectFormatError(ParseSafeTensorsBuffer(MakeFile(json, "xy", uint64_t{1} << 63, true), "f.safetensors"),
-                    "larger than the rest of the file");
-  ExpectFormatError(ParseSafeTensorsBuffer(MakeFile(json, "xy", ~uint64_t{0}, true), "f.safetensors"),
-                    "larger than the rest of the file");
-  ExpectFormatError(ParseSafeTensorsBuffer(MakeFile(json, "xy", json.size() + 3, true), "f.safetensors"),
-                    "larger than the rest of the file");
+  ExpectFormatError(
+      ParseSafeTensorsBuffer(MakeFile(json, "xy", uint64_t{1} << 63, true), "f.safetensors"),
+      "larger than the rest of the file");
+  ExpectFormatError(
+      ParseSafeTensorsBuffer(MakeFile(json, "xy", ~uint64_t{0}, true), "f.safetensors"),
+      "larger than the rest of the file");
+  ExpectFormatError(
+      ParseSafeTensorsBuffer(MakeFile(json, "xy", json.size() + 3, true), "f.safetensors"),
+      "larger than the rest of the file");
   ExpectFormatError(ParseSafeTensorsBuffer(MakeFile(json, "x"), "f.safetensors"), "past the end");
   ExpectFormatError(ParseSafeTensorsBuffer("abc", "f.safetensors"), "too short");
   ExpectFormatError(ParseSafeTensorsBuffer(MakeFile("", ""), "f.safetensors"), "too short");
@@ -273,7 +286,8 @@ TEST(SafeTensorsFile, Errors) {
   auto missing = SafeTensorsFile::Open("/nonexistent/dir/model.safetensors");
   ASSERT_FALSE(missing.ok());
   EXPECT_EQ(missing.status().code(), StatusCode::kNotFound);
-  EXPECT_NE(missing.status().message().find("/nonexistent/dir/model.safetensors"), std::string::npos);
+  EXPECT_NE(missing.status().message().find("/nonexistent/dir/model.safetensors"),
+            std::string::npos);
 
   auto dir = SafeTensorsFile::Open("/tmp");
   ASSERT_FALSE(dir.ok());

@@ -35,7 +35,7 @@ inline constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endia
 inline constexpr uint32_t kVersion = 3;
 inline constexpr uint32_t kDefaultAlignment = 32;
 inline constexpr uint32_t kQuantizationVersion = 2;
-inline constexpr int kMaxDims = 4;        // GGML_MAX_DIMS
+inline constexpr int kMaxDims = 4;  // GGML_MAX_DIMS
 // ggml keeps names in char[64]: longer names are valid GGUF (and written) but
 // ggml-based loaders such as llama.cpp refuse them; exporters warn.
 inline constexpr size_t kMaxNameLength = 63;
@@ -116,10 +116,10 @@ struct TensorLayout {
   std::string name;
   std::vector<uint64_t> dims;  // ggml order (reversed shape; a 0-D tensor is [1])
   GgmlType type = GgmlType::kF32;
-  uint64_t offset = 0;         // relative to the data section
+  uint64_t offset = 0;  // relative to the data section
   uint64_t nbytes = 0;
   int64_t numel = 0;
-  int64_t rows = 0;            // rows of the 2-D view (FORMAT.md section 1)
+  int64_t rows = 0;  // rows of the 2-D view (FORMAT.md section 1)
   int64_t cols = 0;
 };
 
@@ -189,8 +189,8 @@ class Writer {
   std::vector<TensorLayout> layout_;
   size_t current_ = 0;
   int64_t rows_done_ = 0;
-  std::vector<uint8_t> buffer_;  // converted rows of one chunk, reused
-  std::vector<float> rows_f32_;  // float32 rows of a slice of the chunk, reused
+  std::vector<uint8_t> buffer_;          // converted rows of one chunk, reused
+  std::vector<float> rows_f32_;          // float32 rows of a slice of the chunk, reused
   BlockMode mode_ = BlockMode::kSearch;  // of the current tensor
   std::vector<float> importance_;        // of the current tensor (or empty)
 };
@@ -201,7 +201,7 @@ struct TensorInfo {
   std::string name;
   std::vector<uint64_t> dims;  // ggml order
   uint32_t type = 0;
-  uint64_t offset = 0;         // relative to the data section
+  uint64_t offset = 0;  // relative to the data section
   uint64_t nbytes = 0;
   uint64_t numel = 0;
 };

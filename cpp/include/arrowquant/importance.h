@@ -48,9 +48,9 @@ Status ValidateImportanceOptions(const ImportanceOptions& opts);
 // non-negative entries (one per column, shared by every row). spec.method is
 // ignored; spec.param_dtype float16 rounds every candidate to storage before
 // it is evaluated. NaN/Inf in the data is an Invalid status naming the index.
-Status ImportanceSearchParams(const TensorView& src, const QuantSpec& spec,
-                              const float* importance, float* scales, float* zero_points,
-                              const ImportanceOptions& opts = {}, const ExecOptions& exec = {});
+Status ImportanceSearchParams(const TensorView& src, const QuantSpec& spec, const float* importance,
+                              float* scales, float* zero_points, const ImportanceOptions& opts = {},
+                              const ExecOptions& exec = {});
 
 // ImportanceSearchParams followed by QuantizeWithParams (codes, packing and
 // the plain error sums of the dequantized values).

@@ -109,8 +109,7 @@ class SafeTensorsFile {
   // Copies bytes [byte_offset, byte_offset + byte_count) of tensor
   // `tensor_index` into `out`. Short reads are continued, EINTR retried; a
   // file that ends early (truncated after Open) is a FormatError.
-  Status ReadRange(size_t tensor_index, uint64_t byte_offset, uint64_t byte_count,
-                   void* out) const;
+  Status ReadRange(size_t tensor_index, uint64_t byte_offset, uint64_t byte_count, void* out) const;
 
   // Closes the descriptor; later reads fail with Invalid. Idempotent.
   Status Close();

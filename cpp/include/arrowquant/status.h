@@ -59,7 +59,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : storage_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : storage_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : storage_(std::move(status)) {  // NOLINT
     assert(!std::get<Status>(storage_).ok() && "Result built from an OK status");
   }
@@ -91,10 +91,10 @@ class [[nodiscard]] Result {
 #define AQ_CONCAT_INNER(a, b) a##b
 #define AQ_CONCAT(a, b) AQ_CONCAT_INNER(a, b)
 
-#define AQ_RETURN_NOT_OK(expr)                  \
-  do {                                          \
-    ::arrowquant::Status _aq_st = (expr);       \
-    if (!_aq_st.ok()) return _aq_st;            \
+#define AQ_RETURN_NOT_OK(expr)            \
+  do {                                    \
+    ::arrowquant::Status _aq_st = (expr); \
+    if (!_aq_st.ok()) return _aq_st;      \
   } while (false)
 
 #define AQ_ASSIGN_OR_RETURN_IMPL(tmp, lhs, rexpr) \

@@ -811,7 +811,6 @@ Status Avx2QuantizeRowRtn(DType dtype, const void* src, int64_t cols, const Quan
 const RowKernels kAvx2 = {"avx2",           Avx2SearchPasses(), Avx2Convert,
                           Avx2ChooseParams, Avx2Encode,         Avx2Decode};
 
-
 }  // namespace
 
 bool CpuHasAvx2() {

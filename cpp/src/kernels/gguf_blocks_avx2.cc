@@ -121,8 +121,8 @@ struct GridVectors {
   explicit GridVectors(const CodeGrid& g) {
     const float* m = g.mid;
     m7 = _mm256_set1_ps(m[7]);
-    l2 = _mm256_setr_ps(m[3], m[11], 0, 0, 0, 0, 0, 0);              // by idx / 8
-    l3 = _mm256_setr_ps(m[1], m[5], m[9], m[13], 0, 0, 0, 0);        // by idx / 4
+    l2 = _mm256_setr_ps(m[3], m[11], 0, 0, 0, 0, 0, 0);                      // by idx / 8
+    l3 = _mm256_setr_ps(m[1], m[5], m[9], m[13], 0, 0, 0, 0);                // by idx / 4
     l4 = _mm256_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14]);  // by idx / 2
     low = _mm256_loadu_ps(g.value);
     high = _mm256_loadu_ps(g.value + 8);
@@ -220,7 +220,8 @@ void Avx2CodesGrid(const float* x, int n, float a, const CodeGrid& grid, int8_t*
   const float inv = a != 0.0f ? 1.0f / a : 0.0f;
   const __m256 vinv = _mm256_set1_ps(inv);
   const GridVectors g(grid);
-  for (int i = 0; i < n; i += 8) StoreCodes(g.Index(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv)), q + i);
+  for (int i = 0; i < n; i += 8)
+    StoreCodes(g.Index(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv)), q + i);
 }
 
 void Avx2Moments(const float* x, const float* w, int n, BlockMoments* out) {

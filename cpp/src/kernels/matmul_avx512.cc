@@ -262,10 +262,10 @@ void GemvRowPairs(const QuantMatrix& w, const float* prep, int64_t r0, int64_t r
     for (int b = 0; b < kNB; ++b) {
       const float* xpb = xp + b * K;
       const float* xsb = xsum + b * G;
-      y[b * ldy + r] = Reduce(tot_a[b]) + RestMinusOffset<kBits>(ra, sa.data(), za.data(), xpb,
-                                                                 xsb, K, g, G, full);
-      y[b * ldy + r + 1] = Reduce(tot_b[b]) + RestMinusOffset<kBits>(rb, sb.data(), zb.data(),
-                                                                     xpb, xsb, K, g, G, full);
+      y[b * ldy + r] = Reduce(tot_a[b]) +
+                       RestMinusOffset<kBits>(ra, sa.data(), za.data(), xpb, xsb, K, g, G, full);
+      y[b * ldy + r + 1] = Reduce(tot_b[b]) + RestMinusOffset<kBits>(rb, sb.data(), zb.data(), xpb,
+                                                                     xsb, K, g, G, full);
     }
   }
   if (r < r1) GemvRows<kBits, kNB>(w, prep, r, r1, y, ldy);

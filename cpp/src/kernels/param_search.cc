@@ -116,7 +116,6 @@ std::string NotRepresentable(const char* what, const char* rtn, float s, float z
          (f16 ? "; use float32 parameters" : "");
 }
 
-
 // The state of one group's search: the best candidate so far.
 class Search {
  public:
@@ -755,8 +754,7 @@ Status ChooseRowSuperblock(const SearchPasses& passes, const float* x, int64_t c
 
 Status ChooseRowParams(const float* x, int64_t cols, const QuantSpec& spec, float* scales,
                        float* zero_points, int64_t* failed_group) {
-  return ChooseRowParamsWith(BestSearchPasses(), x, cols, spec, scales, zero_points,
-                             failed_group);
+  return ChooseRowParamsWith(BestSearchPasses(), x, cols, spec, scales, zero_points, failed_group);
 }
 
 Status ChooseRowParamsWith(const SearchPasses& passes, const float* x, int64_t cols,

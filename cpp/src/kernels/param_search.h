@@ -88,8 +88,7 @@ Status MseGroupParamsWith(const SearchPasses& passes, const float* x, int64_t n,
 Status RtnStorageParams(const float* x, int64_t n, int bits, Scheme scheme, ParamDType param_dtype,
                         float* scale, float* zero_point);
 Status RtnStorageParamsWith(const SearchPasses& passes, const float* x, int64_t n, int bits,
-                            Scheme scheme, ParamDType param_dtype, float* scale,
-                            float* zero_point);
+                            Scheme scheme, ParamDType param_dtype, float* scale, float* zero_point);
 
 // Two-level parameters (ParamDType::kSuperblock, docs/FORMAT.md section 9).
 //

@@ -47,9 +47,9 @@ const RowKernels& Select(bool force_scalar);
 // conversion, NaN/Inf check, parameters, codes, packing and error sums, with
 // the same results and error statuses as convert + CheckFiniteRow +
 // choose_params + encode.
-using FusedRtnRowFn = Status (*)(DType dtype, const void* src, int64_t cols,
-                                 const QuantSpec& spec, float* scales, float* zero_points,
-                                 uint8_t* packed_row, ErrorStats* stats, int64_t row);
+using FusedRtnRowFn = Status (*)(DType dtype, const void* src, int64_t cols, const QuantSpec& spec,
+                                 float* scales, float* zero_points, uint8_t* packed_row,
+                                 ErrorStats* stats, int64_t row);
 // The fused row quantizer of the fastest path, or null (scalar / forced).
 FusedRtnRowFn SelectFusedRtn(bool force_scalar);
 

@@ -46,15 +46,25 @@ Value ScalarFromPython(ValueType t, nb::handle obj) {
   Value v;
   v.type = t;
   switch (t) {
-    case ValueType::kString: v.s = nb::cast<std::string>(obj); break;
-    case ValueType::kBool: v.u = nb::cast<bool>(obj) ? 1 : 0; break;
+    case ValueType::kString:
+      v.s = nb::cast<std::string>(obj);
+      break;
+    case ValueType::kBool:
+      v.u = nb::cast<bool>(obj) ? 1 : 0;
+      break;
     case ValueType::kFloat32:
-    case ValueType::kFloat64: v.f = nb::cast<double>(obj); break;
+    case ValueType::kFloat64:
+      v.f = nb::cast<double>(obj);
+      break;
     case ValueType::kInt8:
     case ValueType::kInt16:
     case ValueType::kInt32:
-    case ValueType::kInt64: v.i = nb::cast<int64_t>(obj); break;
-    default: v.u = nb::cast<uint64_t>(obj); break;
+    case ValueType::kInt64:
+      v.i = nb::cast<int64_t>(obj);
+      break;
+    default:
+      v.u = nb::cast<uint64_t>(obj);
+      break;
   }
   return v;
 }
@@ -72,20 +82,25 @@ Value ValueFromPython(const std::string& type_name, nb::handle obj) {
 
 nb::object ValueToPython(const Value& v) {
   switch (v.type) {
-    case ValueType::kString: return nb::str(v.s.c_str(), v.s.size());
-    case ValueType::kBool: return nb::bool_(v.u != 0);
+    case ValueType::kString:
+      return nb::str(v.s.c_str(), v.s.size());
+    case ValueType::kBool:
+      return nb::bool_(v.u != 0);
     case ValueType::kFloat32:
-    case ValueType::kFloat64: return nb::float_(v.f);
+    case ValueType::kFloat64:
+      return nb::float_(v.f);
     case ValueType::kInt8:
     case ValueType::kInt16:
     case ValueType::kInt32:
-    case ValueType::kInt64: return nb::int_(v.i);
+    case ValueType::kInt64:
+      return nb::int_(v.i);
     case ValueType::kArray: {
       nb::list out;
       for (const Value& item : v.items) out.append(ValueToPython(item));
       return out;
     }
-    default: return nb::int_(v.u);
+    default:
+      return nb::int_(v.u);
   }
 }
 
@@ -126,9 +141,10 @@ class PyWriter {
 
   // Returns the error sums of this chunk (sum_x2, sum_xhat2, sum_x_xhat,
   // sum_err2, max_abs_err, count), as the quantize binding does.
-  std::tuple<double, double, double, double, double, int64_t> AppendRows(
-      const ReadOnlyArray& src, const std::string& dtype, int64_t rows, int64_t cols,
-      int threads) {
+  std::tuple<double, double, double, double, double, int64_t> AppendRows(const ReadOnlyArray& src,
+                                                                         const std::string& dtype,
+                                                                         int64_t rows, int64_t cols,
+                                                                         int threads) {
     const DType dt = ValueOrThrow(ParseDType(dtype));
     const size_t nbytes = src.size() * src.dtype().bits / 8;
     if (rows < 0 || cols < 0 || nbytes != static_cast<size_t>(rows * cols) * DTypeSize(dt)) {
@@ -154,7 +170,8 @@ class PyWriter {
   void SetTensorOptions(const std::string& mode, std::optional<InFloats> importance) {
     const BlockMode m = ValueOrThrow(ParseBlockMode(mode));
     std::vector<float> w;
-    if (importance.has_value()) w.assign(importance->data(), importance->data() + importance->size());
+    if (importance.has_value())
+      w.assign(importance->data(), importance->data() + importance->size());
     ThrowIfError(writer_->SetTensorOptions(m, std::move(w)));
   }
 
@@ -235,8 +252,8 @@ void Bind(nb::module_& m) {
                     const std::vector<PyTensorSpec>&, uint32_t>(),
            nb::arg("path"), nb::arg("metadata"), nb::arg("tensors"),
            nb::arg("alignment") = kDefaultAlignment)
-      .def("append_rows", &PyWriter::AppendRows, nb::arg("src"), nb::arg("dtype"),
-           nb::arg("rows"), nb::arg("cols"), nb::arg("threads") = 0)
+      .def("append_rows", &PyWriter::AppendRows, nb::arg("src"), nb::arg("dtype"), nb::arg("rows"),
+           nb::arg("cols"), nb::arg("threads") = 0)
       .def("set_tensor_options", &PyWriter::SetTensorOptions, nb::arg("mode") = "search",
            nb::arg("importance") = nb::none())
       .def("finish", &PyWriter::Finish)
@@ -249,12 +266,14 @@ void Bind(nb::module_& m) {
   m.def("gguf_read_file", &BindReadFile, nb::arg("path"),
         "Validated header of a GGUF file: version, alignment, metadata, tensor infos.");
   m.def("gguf_parse", &BindParse, nb::arg("data"), "Validated header of GGUF bytes in memory.");
-  m.def("gguf_file_type", [](const std::string& type) {
-    return FileTypeFor(ValueOrThrow(ParseWritableType(type)));
-  }, nb::arg("type"));
-  m.def("gguf_parse_file_type", [](const std::string& name) {
-    return ValueOrThrow(ParseFileType(name));
-  }, nb::arg("name"), "llama_ftype value of a llama.cpp file type name ('Q4_K_M' -> 15).");
+  m.def(
+      "gguf_file_type",
+      [](const std::string& type) { return FileTypeFor(ValueOrThrow(ParseWritableType(type))); },
+      nb::arg("type"));
+  m.def(
+      "gguf_parse_file_type",
+      [](const std::string& name) { return ValueOrThrow(ParseFileType(name)); }, nb::arg("name"),
+      "llama_ftype value of a llama.cpp file type name ('Q4_K_M' -> 15).");
 }
 
 const bool kRegistered = RegisterBinding("gguf", Bind);

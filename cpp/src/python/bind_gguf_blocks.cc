@@ -70,13 +70,14 @@ void BindDequantize(InBytes data, const std::string& type, int64_t rows, int64_t
 // The flat forms bind_gguf.cc had before this component (kept for callers
 // of that API): n values (a multiple of the block size), plain rounding
 // unless mode says "search", no importance.
-void BindQuantizeFlat(InFloats src, const std::string& type, OutBytes out, const std::string& mode) {
+void BindQuantizeFlat(InFloats src, const std::string& type, OutBytes out,
+                      const std::string& mode) {
   const GgmlType t = CodecType(type);
   const int64_t bs = ValueOrThrow(GetTypeTraits(static_cast<uint32_t>(t))).block_size;
   const int64_t n = static_cast<int64_t>(src.size());
   if (n % bs != 0) {
-    ThrowIfError(Status::Invalid(std::to_string(n) + " values are not a multiple of " +
-                                 std::to_string(bs)));
+    ThrowIfError(
+        Status::Invalid(std::to_string(n) + " values are not a multiple of " + std::to_string(bs)));
   }
   BindQuantize(src, type, n / bs, bs, out, mode, std::nullopt, 0, false);
 }
@@ -86,8 +87,8 @@ void BindDequantizeFlat(InBytes data, const std::string& type, OutFloats out) {
   const int64_t bs = ValueOrThrow(GetTypeTraits(static_cast<uint32_t>(t))).block_size;
   const int64_t n = static_cast<int64_t>(out.size());
   if (n % bs != 0) {
-    ThrowIfError(Status::Invalid(std::to_string(n) + " values are not a multiple of " +
-                                 std::to_string(bs)));
+    ThrowIfError(
+        Status::Invalid(std::to_string(n) + " values are not a multiple of " + std::to_string(bs)));
   }
   BindDequantize(data, type, n / bs, bs, out, 0);
 }
@@ -119,8 +120,8 @@ void Bind(nb::module_& m) {
   m.def("gguf_blocks_dequantize", &BindDequantize, nb::arg("data"), nb::arg("type"),
         nb::arg("rows"), nb::arg("cols"), nb::arg("out"), nb::arg("threads") = 0,
         "Decodes rows x cols values of a ggml codec type into float32 `out`.");
-  m.def("gguf_quantize_blocks", &BindQuantizeFlat, nb::arg("src"), nb::arg("type"),
-        nb::arg("out"), nb::arg("mode") = "reference",
+  m.def("gguf_quantize_blocks", &BindQuantizeFlat, nb::arg("src"), nb::arg("type"), nb::arg("out"),
+        nb::arg("mode") = "reference",
         "Flat form (compatibility): n float32 values into `out`, plain rounding by default.");
   m.def("gguf_dequantize_blocks", &BindDequantizeFlat, nb::arg("data"), nb::arg("type"),
         nb::arg("out"), "Flat form (compatibility): decodes out.size values into `out`.");

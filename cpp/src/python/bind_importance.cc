@@ -30,15 +30,14 @@ StatsTuple BindQuantizeImportance(const ReadOnlyBytes& src, const std::string& d
                                   const std::string& scheme, const std::string& param_dtype,
                                   InFloats importance, OutBytes packed, OutFloats scales,
                                   OutFloats zero_points, int grid_steps, float max_clip,
-                                  int refit_iters, bool refit_all, int threads,
-                                  bool force_scalar, int64_t row_offset) {
+                                  int refit_iters, bool refit_all, int threads, bool force_scalar,
+                                  int64_t row_offset) {
   const QuantSpec spec = MakeSpec(bits, group_size, scheme, "rtn", param_dtype);
   const ImportanceOptions opts = Options(grid_steps, max_clip, refit_iters, refit_all);
   TensorView view = MakeView(src, dtype, rows, cols);
   view.row_offset = row_offset;
   CheckSize("importance", importance.size(), cols);
-  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(),
-                    zero_points.size());
+  CheckQuantBuffers(rows, cols, bits, group_size, packed.size(), scales.size(), zero_points.size());
   ErrorStats stats;
   Status st;
   {
@@ -74,20 +73,19 @@ void BindImportanceParams(const ReadOnlyBytes& src, const std::string& dtype, in
 void Bind(nb::module_& m) {
   const ImportanceOptions d;
   m.def("quantize_importance", &BindQuantizeImportance, nb::arg("src"), nb::arg("dtype"),
-        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"),
-        nb::arg("scheme"), nb::arg("param_dtype"), nb::arg("importance"), nb::arg("packed"),
-        nb::arg("scales"), nb::arg("zero_points"), nb::arg("grid_steps") = d.grid_steps,
-        nb::arg("max_clip") = d.max_clip, nb::arg("refit_iters") = d.refit_iters,
-        nb::arg("refit_all") = d.refit_all, nb::arg("threads") = 0,
-        nb::arg("force_scalar") = false, nb::arg("row_offset") = 0,
-        "Importance-weighted parameter search + codes into caller buffers; returns error sums.");
-  m.def("importance_params", &BindImportanceParams, nb::arg("src"), nb::arg("dtype"),
-        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"),
-        nb::arg("scheme"), nb::arg("param_dtype"), nb::arg("importance"), nb::arg("scales"),
+        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"), nb::arg("scheme"),
+        nb::arg("param_dtype"), nb::arg("importance"), nb::arg("packed"), nb::arg("scales"),
         nb::arg("zero_points"), nb::arg("grid_steps") = d.grid_steps,
         nb::arg("max_clip") = d.max_clip, nb::arg("refit_iters") = d.refit_iters,
-        nb::arg("refit_all") = d.refit_all, nb::arg("threads") = 0,
-        nb::arg("force_scalar") = false,
+        nb::arg("refit_all") = d.refit_all, nb::arg("threads") = 0, nb::arg("force_scalar") = false,
+        nb::arg("row_offset") = 0,
+        "Importance-weighted parameter search + codes into caller buffers; returns error sums.");
+  m.def("importance_params", &BindImportanceParams, nb::arg("src"), nb::arg("dtype"),
+        nb::arg("rows"), nb::arg("cols"), nb::arg("bits"), nb::arg("group_size"), nb::arg("scheme"),
+        nb::arg("param_dtype"), nb::arg("importance"), nb::arg("scales"), nb::arg("zero_points"),
+        nb::arg("grid_steps") = d.grid_steps, nb::arg("max_clip") = d.max_clip,
+        nb::arg("refit_iters") = d.refit_iters, nb::arg("refit_all") = d.refit_all,
+        nb::arg("threads") = 0, nb::arg("force_scalar") = false,
         "Importance-weighted scales and zero points only.");
 }
 

@@ -3,8 +3,8 @@
 // while the engine works.
 #include <malloc.h>
 #include <nanobind/ndarray.h>
-#include <nanobind/stl/string.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
 #include <optional>
@@ -42,9 +42,8 @@ StatsTuple BindQuantizeSuperblock(const ReadOnlyBytes& src, const std::string& d
                                   int64_t cols, int bits, int64_t group_size,
                                   const std::string& method, OutBytes packed, OutFloats scales,
                                   OutFloats zero_points, OutFloats superblock_scales,
-                                  OutFloats superblock_zero_points, int threads,
-                                  bool force_scalar, int64_t row_offset,
-                                  std::optional<OutBytes> scale_codes,
+                                  OutFloats superblock_zero_points, int threads, bool force_scalar,
+                                  int64_t row_offset, std::optional<OutBytes> scale_codes,
                                   std::optional<OutBytes> zero_codes) {
   const QuantSpec spec = MakeSpec(bits, group_size, "asymmetric", method, "superblock");
   TensorView view = MakeView(src, dtype, rows, cols);
@@ -64,12 +63,12 @@ StatsTuple BindQuantizeSuperblock(const ReadOnlyBytes& src, const std::string& d
   Status st;
   {
     nb::gil_scoped_release release;
-    st = Quantize(view, spec,
-                  QuantizedBuffers{packed.data(), scales.data(), zero_points.data(),
-                                   superblock_scales.data(), superblock_zero_points.data(),
-                                   scale_codes ? scale_codes->data() : nullptr,
-                                   zero_codes ? zero_codes->data() : nullptr},
-                  &stats, ExecOptions{threads, force_scalar});
+    st = Quantize(
+        view, spec,
+        QuantizedBuffers{packed.data(), scales.data(), zero_points.data(), superblock_scales.data(),
+                         superblock_zero_points.data(), scale_codes ? scale_codes->data() : nullptr,
+                         zero_codes ? zero_codes->data() : nullptr},
+        &stats, ExecOptions{threads, force_scalar});
   }
   ThrowIfError(st);
   return ToTuple(stats);

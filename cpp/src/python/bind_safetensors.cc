@@ -31,7 +31,8 @@ std::vector<TensorTuple> TensorList(const SafeTensorsHeader& header, uint64_t ba
 
 nb::dict MetadataDict(const SafeTensorsHeader& header) {
   nb::dict d;
-  for (const auto& [k, v] : header.metadata) d[nb::str(k.data(), k.size())] = nb::str(v.data(), v.size());
+  for (const auto& [k, v] : header.metadata)
+    d[nb::str(k.data(), k.size())] = nb::str(v.data(), v.size());
   return d;
 }
 
@@ -52,11 +53,14 @@ class PySafeTensorsFile {
   bool closed() const { return !file_->is_open(); }
 
   // Offsets are absolute positions in the file.
-  std::vector<TensorTuple> tensors() const { return TensorList(file_->header(), file_->data_start()); }
+  std::vector<TensorTuple> tensors() const {
+    return TensorList(file_->header(), file_->data_start());
+  }
   nb::dict metadata() const { return MetadataDict(file_->header()); }
 
   size_t ResolveIndex(const nb::handle& key) const {
-    if (nb::isinstance<nb::str>(key)) return ValueOrThrow(file_->FindTensor(nb::cast<std::string>(key)));
+    if (nb::isinstance<nb::str>(key))
+      return ValueOrThrow(file_->FindTensor(nb::cast<std::string>(key)));
     if (nb::isinstance<nb::int_>(key) && !nb::isinstance<nb::bool_>(key)) {
       const int64_t i = nb::cast<int64_t>(key);
       if (i < 0 || static_cast<uint64_t>(i) >= file_->tensors().size()) {
@@ -101,7 +105,8 @@ std::tuple<std::vector<TensorTuple>, nb::dict> ParseHeader(nb::bytes header, uin
 }
 
 // Whole file in memory; offsets are absolute like SafeTensorsFile.tensors().
-std::tuple<std::vector<TensorTuple>, nb::dict> ParseBuffer(nb::bytes data, const std::string& label) {
+std::tuple<std::vector<TensorTuple>, nb::dict> ParseBuffer(nb::bytes data,
+                                                           const std::string& label) {
   std::string_view bytes(data.c_str(), data.size());
   Result<SafeTensorsHeader> r(Status::Internal("unset"));
   {

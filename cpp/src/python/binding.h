@@ -52,14 +52,13 @@ using StatsTuple = std::tuple<double, double, double, double, double, int64_t>;
 QuantSpec MakeSpec(int bits, int64_t group_size, const std::string& scheme,
                    const std::string& method, const std::string& param_dtype);
 // A view of rows x cols elements of `dtype` over `src`, whose size must match.
-TensorView MakeView(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows,
-                    int64_t cols);
+TensorView MakeView(const ReadOnlyBytes& src, const std::string& dtype, int64_t rows, int64_t cols);
 // ShapeMismatch unless a buffer holds exactly `need` elements.
 void CheckSize(const char* what, size_t have, int64_t need);
 // The three output buffers of rows x cols quantized at `bits`, group size g:
 // packed codes, and one scale and zero point per group.
-void CheckQuantBuffers(int64_t rows, int64_t cols, int bits, int64_t group_size,
-                       size_t packed_size, size_t scales_size, size_t zero_points_size);
+void CheckQuantBuffers(int64_t rows, int64_t cols, int bits, int64_t group_size, size_t packed_size,
+                       size_t scales_size, size_t zero_points_size);
 StatsTuple ToTuple(const ErrorStats& s);
 
 using BindFn = void (*)(nb::module_&);

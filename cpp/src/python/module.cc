@@ -17,15 +17,24 @@ std::vector<std::pair<std::string, BindFn>>& Registry() {
 
 const char* ExceptionClassName(StatusCode code) {
   switch (code) {
-    case StatusCode::kInvalid: return "ValidationError";
-    case StatusCode::kFormatError: return "FormatError";
-    case StatusCode::kConfigError: return "ConfigurationError";
-    case StatusCode::kIOError: return "ArrowQuantIOError";
-    case StatusCode::kNotFound: return "ModelNotFoundError";
-    case StatusCode::kOutOfMemory: return "MemoryBudgetError";
-    case StatusCode::kShapeMismatch: return "ShapeMismatchError";
-    case StatusCode::kCancelled: return "CancelledError";
-    default: return "ArrowQuantError";
+    case StatusCode::kInvalid:
+      return "ValidationError";
+    case StatusCode::kFormatError:
+      return "FormatError";
+    case StatusCode::kConfigError:
+      return "ConfigurationError";
+    case StatusCode::kIOError:
+      return "ArrowQuantIOError";
+    case StatusCode::kNotFound:
+      return "ModelNotFoundError";
+    case StatusCode::kOutOfMemory:
+      return "MemoryBudgetError";
+    case StatusCode::kShapeMismatch:
+      return "ShapeMismatchError";
+    case StatusCode::kCancelled:
+      return "CancelledError";
+    default:
+      return "ArrowQuantError";
   }
 }
 
