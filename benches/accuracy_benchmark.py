@@ -121,7 +121,7 @@ def measure(set_name: str, tensors: Sequence[Tuple[str, "object"]], config: Conf
     """One row, or None when the engine does not support the config."""
     from arrowquant import engine
     from arrowquant.errors import ValidationError
-    from arrowquant.tensor import ErrorSums
+    from arrowquant.engine.metrics import ErrorSums
 
     total = ErrorSums()
     worst = (2.0, "")

@@ -46,7 +46,7 @@ except ImportError:
 
 from arrowquant import dequantize_array, quantize_array  # noqa: E402
 from arrowquant.calibration import CalibrationStats, calibrate, load_stats  # noqa: E402
-from arrowquant.importance import dequantize_weighted, quantize_weighted  # noqa: E402
+from arrowquant.engine.weighted import dequantize_weighted, quantize_weighted  # noqa: E402
 
 HELD_OUT = [
     "A dog is running through a field of tall grass.",
@@ -189,11 +189,11 @@ def _target_bpw_rows(encoder: Any, stats: CalibrationStats, embed: Callable, ref
     weighted sensitivity; each variant then quantizes with those widths."""
     try:
         from arrowquant.config import DiffusionQuantConfig
-        from arrowquant.diffusion import DiffusionPlanner
+        from arrowquant.planning.diffusion import DiffusionPlanner
     except ImportError:
-        print("MiniLM --target-bpw: arrowquant.diffusion not available, skipped", flush=True)
+        print("MiniLM --target-bpw: arrowquant.planning.diffusion not available, skipped", flush=True)
         return None
-    from arrowquant.plan import TensorInfo
+    from arrowquant.sources.base import TensorInfo
 
     weights = {n: p.detach().cpu().numpy().astype(np.float32)
                for n, p in _linear_and_conv_weights(encoder).items()}

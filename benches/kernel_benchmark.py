@@ -119,7 +119,8 @@ def timed(fn: Callable[[], object]) -> tuple:
 def kernel_call(a: np.ndarray, bits: int, group_size: int) -> Callable[[], object]:
     """The engine's kernel alone: one thread, outputs allocated (and touched) once."""
     from arrowquant import _core
-    from arrowquant.tensor import as_source, groups_per_row, packed_row_bytes
+    from arrowquant.engine.tensor import as_source
+    from arrowquant.spec import groups_per_row, packed_row_bytes
 
     src = as_source(a)
     rows, cols = src.rows, src.cols

@@ -23,7 +23,7 @@ U = 2.0 ** -24
 def expanded_params(layer) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-group float32 (scales, zero points), rows x G, of a packed layer."""
     from arrowquant.runtime.layers import expand_superblock
-    from arrowquant.tensor import groups_per_row
+    from arrowquant.spec import groups_per_row
 
     if layer.param_dtype == "superblock":
         return expand_superblock(layer.scales, layer.zero_points, layer.param_codes, layer.rows,

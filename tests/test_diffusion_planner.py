@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 
 from arrowquant.config import DiffusionQuantConfig
-from arrowquant.diffusion import (
-    DiffusionPlanner,
-    entropy_score,
-    layer_cost_bits,
-    match_pattern,
-    timestep_layer,
-)
+from arrowquant.planning.diffusion import DiffusionPlanner
+from arrowquant.planning.sensitivity import entropy_score
+from arrowquant.planning.allocate import layer_cost_bits
+from arrowquant.planning.rules import match_pattern, timestep_layer
 from arrowquant.engine import dequantize_array, quantize_array
 from arrowquant.errors import ConfigurationError, ValidationError
-from arrowquant.plan import TensorInfo
+from arrowquant.sources.base import TensorInfo
 
 # Names as diffusers writes them (UNet2DModel and DiTTransformer2DModel, see test_modality).
 UNET_TIME = ["time_embedding.linear_1.weight", "time_embedding.linear_2.weight",

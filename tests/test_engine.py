@@ -12,7 +12,7 @@ import pytest
 
 from arrowquant import engine, reference
 from arrowquant.errors import ArrowQuantError, ValidationError
-from arrowquant.tensor import QuantizedTensor, as_source
+from arrowquant.engine.tensor import QuantizedTensor, as_source
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import arrowquant as aq
-from arrowquant import gguf_export as ge
+from arrowquant.formats.gguf import export as ge
 from arrowquant.errors import ArrowQuantError, FormatError, ValidationError
 from conftest import write_v1
 

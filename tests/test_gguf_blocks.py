@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from arrowquant import _core  # noqa: E402
 from arrowquant.engine import gguf_blocks as gb  # noqa: E402
-from arrowquant import gguf_export as ge  # noqa: E402
+from arrowquant.formats.gguf import export as ge  # noqa: E402
 from arrowquant.errors import ShapeMismatchError, ValidationError  # noqa: E402
 
 EXAMPLES = int(os.environ.get("ARROWQUANT_HYPOTHESIS_EXAMPLES", "40"))

@@ -188,7 +188,7 @@ def test_peak_rss_within_max_memory_plus_baseline(gtype, budget, tmp_path):
     pytest.importorskip("diffusers")
     import gguf_diffusion_bench as b
     from arrowquant.synthetic_diffusion import generate_sd15_pipeline
-    from arrowquant.units import parse_size
+    from arrowquant.sizes import parse_size
 
     pipe = generate_sd15_pipeline()
     r = b.arrowquant_convert(pipe, tmp_path / "m.gguf", gtype, max_memory=budget)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arrowquant import gguf_export as ge
+from arrowquant.formats.gguf import export as ge
 from arrowquant.errors import ConfigurationError
 from data.sentences import SENTENCES
 

@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 import arrowquant as aq
 from arrowquant.errors import (FormatError, MetadataError, ModelNotFoundError, ShapeMismatchError,
                                ValidationError)
-from arrowquant.gguf_export import export_gguf
-from arrowquant.parquet_v2 import QuantizedModel
+from arrowquant.formats.gguf.export import export_gguf
+from arrowquant.formats.v2_reader import QuantizedModel
 from arrowquant.sources import ParquetV1Source, open_model
 from conftest import V1_SCHEMA, write_v1
 
@@ -760,7 +760,7 @@ def test_gguf_export_float16_block_scale_overflow_is_an_error(tmp_path):
 
 
 def test_metrics_of_an_overflowed_reconstruction_do_not_raise():
-    from arrowquant.tensor import ErrorSums
+    from arrowquant.engine.metrics import ErrorSums
 
     m = ErrorSums(2.4562754757070504e16, np.inf, np.inf, np.inf, np.inf, 3840).metrics()
     assert not m.cosine >= 1.0  # Inf / Inf is NaN: must not be clamped to a perfect 1.0

@@ -12,19 +12,13 @@ import pytest
 
 from arrowquant import dequantize_array, quantize_array
 from arrowquant.errors import ValidationError
-from arrowquant.importance import (
-    SearchOptions,
-    dequantize_weighted,
-    equalization_scales,
-    plan_equalization,
-    quantize_importance_array,
-    quantize_weighted,
-    scales_from_spatial_json,
-    weighted_output_error,
-)
+from arrowquant.engine.weighted import (SearchOptions, dequantize_weighted, equalization_scales,
+                                        plan_equalization, quantize_importance_array,
+                                        quantize_weighted, scales_from_spatial_json,
+                                        weighted_output_error)
 from arrowquant.reference import unpack
-from arrowquant.reference_importance import quantize_importance as ref_quantize_importance
-from arrowquant.tensor import groups_per_row
+from arrowquant.reference.importance import quantize_importance as ref_quantize_importance
+from arrowquant.spec import groups_per_row
 
 
 def _lognormal_importance(rng: np.random.Generator, cols: int) -> np.ndarray:
@@ -302,9 +296,9 @@ def test_pipeline_with_calibrated_planner(tmp_path):
     arrowquant.load (which divides by the stored scales)."""
     st_np = pytest.importorskip("safetensors.numpy")
     import arrowquant
-    from arrowquant.calibrated import CalibratedPlanner
+    from arrowquant.planning.calibrated import CalibratedPlanner
     from arrowquant.calibration import GroupStats, StatsRecorder, load_stats, write_stats
-    from arrowquant.plan import RulePlanner
+    from arrowquant.planning.plan import RulePlanner
     from arrowquant.sources import open_model
     import pyarrow as pa
 
@@ -336,9 +330,9 @@ def test_pipeline_with_calibrated_planner(tmp_path):
 
 def test_apply_calibration_on_existing_plans(tmp_path):
     st_np = pytest.importorskip("safetensors.numpy")
-    from arrowquant.calibrated import apply_calibration
+    from arrowquant.planning.calibrated import apply_calibration
     from arrowquant.calibration import write_stats
-    from arrowquant.plan import RulePlanner
+    from arrowquant.planning.plan import RulePlanner
     from arrowquant.sources import open_model
     import pyarrow as pa
 

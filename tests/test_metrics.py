@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from arrowquant.engine import quantize_array
 from arrowquant.errors import ValidationError
-from arrowquant.metrics import get_markov_metrics
+from arrowquant.engine.metrics import get_markov_metrics
 
 
 def test_hand_computed_relative_jumps():

@@ -9,7 +9,7 @@ import pytest
 
 from arrowquant.config import DiffusionQuantConfig
 from arrowquant.errors import MetadataError
-from arrowquant.modality import detect_modality
+from arrowquant.sources.modality import detect_modality
 
 LLAMA_NAMES = [
     "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",

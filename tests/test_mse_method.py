@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from arrowquant import engine, reference
 from arrowquant.errors import ValidationError
-from arrowquant.reference_search import round_scale_f16
+from arrowquant.reference.search import round_scale_f16
 from conftest import family_matrix
 
 SETTINGS = settings(max_examples=60, deadline=None,

@@ -192,7 +192,7 @@ def test_resume_after_a_partial_run_gives_identical_files(v1_model, tmp_path):
 
 
 def test_second_concurrent_run_is_refused(v1_model, tmp_path):
-    from arrowquant.pipeline import OutputLock
+    from arrowquant.run.staging import OutputLock
 
     src, _ = v1_model
     out = tmp_path / "out"

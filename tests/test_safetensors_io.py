@@ -23,7 +23,8 @@ from arrowquant.errors import (
     ModelNotFoundError,
     ValidationError,
 )
-from arrowquant.safetensors_io import SafeTensorsModel, SafeTensorsWriter
+from arrowquant.sources.safetensors import SafeTensorsModel
+from arrowquant.formats.safetensors_writer import SafeTensorsWriter
 
 ALLOWED = (FormatError, ModelNotFoundError, ValidationError)
 

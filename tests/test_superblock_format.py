@@ -21,10 +21,13 @@ import arrowquant as aq
 from arrowquant import _core, engine, parquet_v2, reference
 from arrowquant.errors import (ArrowQuantError, ConfigurationError, FormatError,
                                ShapeMismatchError, ValidationError)
-from arrowquant.plan import TensorInfo, stored_bytes
-from arrowquant.tensor import (ErrorSums, QuantizedTensor, expand_superblock, groups_per_row,
-                               pack_param_codes, packed_row_bytes, superblock_code_bits,
-                               superblock_groups, superblocks_per_row, view_2d)
+from arrowquant.sources.base import TensorInfo
+from arrowquant.spec import stored_bytes
+from arrowquant.engine.metrics import ErrorSums
+from arrowquant.engine.tensor import QuantizedTensor
+from arrowquant.engine.superblock import expand_superblock, pack_param_codes
+from arrowquant.spec import (groups_per_row, packed_row_bytes, superblock_code_bits,
+                             superblock_groups, superblocks_per_row, view_2d)
 from conftest import write_v1
 from test_hostile_inputs import copy_v2, exercise_v2, fuzz, mutate_and_exercise, small_model
 
@@ -424,7 +427,7 @@ def test_stored_bytes_and_bits_per_weight(bits, g, bpw):
     rec = _record(qt, 0, 8)
     assert rec.stored_bytes == qt.nbytes == stored_bytes(8, 512, bits, g, "superblock")
     assert 8 * qt.nbytes / qt.numel == pytest.approx(bpw)
-    from arrowquant.diffusion import layer_cost_bits
+    from arrowquant.planning.allocate import layer_cost_bits
 
     info = TensorInfo("w", (8, 512), "float32", 8 * 512 * 4)
     assert layer_cost_bits(info, bits, g, "superblock") == 8 * qt.nbytes
@@ -525,7 +528,7 @@ def test_resume_after_an_interruption_writes_identical_bytes(tmp_path, sb_quanti
         aq.quantize(tmp_path / "src", part, progress=progress, cancel=cancel, **kw)
     staged = sorted((part / ".arrowquant-staging").glob("*.part"))
     assert staged
-    rec = __import__("arrowquant.pipeline", fromlist=["read_part"]).read_part(staged[0])
+    rec = __import__("arrowquant.run.staging", fromlist=["read_part"]).read_part(staged[0])
     assert rec.param_dtype == "superblock" and rec.param_codes is not None
     aq.quantize(tmp_path / "src", part, resume=True, progress=False, **kw)
     full = sorted(p.name for p in (tmp_path / "full").glob("*.parquet"))
@@ -538,7 +541,7 @@ def test_resume_after_an_interruption_writes_identical_bytes(tmp_path, sb_quanti
 
 
 def test_a_damaged_superblock_part_is_redone(tmp_path, sb_quantize):
-    from arrowquant.pipeline import read_part_info
+    from arrowquant.run.staging import read_part_info
 
     _sb_model(tmp_path)
     kw = dict(bits=4, group_size=32, method="rtn", param_dtype="superblock", chunk_size="4KiB")
@@ -660,7 +663,7 @@ def test_diffusion_planner_budget_counts_superblock_parameters(tmp_path):
     """Mixed precision at a target: the planner's achieved bits per weight is
     what the files store (every tensor here fits one chunk)."""
     from arrowquant.config import DiffusionQuantConfig
-    from arrowquant.diffusion import DiffusionPlanner
+    from arrowquant.planning.diffusion import DiffusionPlanner
 
     _sb_model(tmp_path)
     cfg = DiffusionQuantConfig(bit_width=4, group_size=32, param_dtype="superblock",
@@ -701,7 +704,7 @@ def test_code_stream_fast_paths_equal_the_definition(p, n):
 def test_planner_plans_the_pipeline_cannot_honor(tmp_path, edit, exc, needle):
     """A custom planner asking for superblock with importance weights or the
     symmetric scheme gets an error naming the tensor, not other parameters."""
-    from arrowquant.plan import TensorPlan
+    from arrowquant.planning.plan import TensorPlan
 
     _sb_model(tmp_path)
 

@@ -14,15 +14,10 @@ from hypothesis import strategies as st
 
 from arrowquant import engine, reference
 from arrowquant.errors import ValidationError
-from arrowquant.reference_superblock import stage_one, superblock_units
-from arrowquant.tensor import (
-    expand_superblock,
-    pack_param_codes,
-    superblock_code_bits,
-    superblock_codes,
-    superblock_groups,
-    unpack_param_codes,
-)
+from arrowquant.reference.superblock import stage_one, superblock_units
+from arrowquant.engine.superblock import (expand_superblock, pack_param_codes, superblock_codes,
+                                          unpack_param_codes)
+from arrowquant.spec import superblock_code_bits, superblock_groups
 from conftest import family_matrix
 
 SETTINGS = settings(max_examples=150, deadline=None,
