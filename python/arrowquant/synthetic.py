@@ -22,6 +22,8 @@ from typing import Dict, Iterator, List, Tuple, Union
 
 import numpy as np
 
+from .files import pid_alive
+
 GENERATOR_VERSION = 1
 MANIFEST_NAME = ".synthetic_manifest.json"
 
@@ -240,22 +242,12 @@ def publish_model_dir(tmp: Path, out: Path, manifest: Dict) -> None:
         tmp.rename(out)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temps(out: Path) -> None:
     """Removes the temporary directories of earlier runs that were killed (a
     SIGKILL or SIGTERM leaves no chance to clean up); a live writer's is kept."""
     for path in out.parent.glob(f".{out.name}.tmp-*"):
         suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and int(suffix) != os.getpid() and not _pid_alive(int(suffix)):
+        if suffix.isdigit() and int(suffix) != os.getpid() and not pid_alive(int(suffix)):
             shutil.rmtree(path, ignore_errors=True)
 
 
