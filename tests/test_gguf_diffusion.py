@@ -424,3 +424,64 @@ def test_default_block_mode_rounds_the_text_encoder_and_reports_it(tiny, tmp_pat
     modes = {(r["component"], r["block_mode"]) for r in rep["tensors_detail"] if r["gguf_type"] == "Q4_0"}
     assert ("text_encoder", "reference") in modes and ("unet", "search") in modes
     assert all(r["block_mode"] is None for r in rep["tensors_detail"] if r["gguf_type"] in ("F16", "F32"))
+
+
+def test_target_bpw_spends_the_budget_by_measured_error(tiny, tmp_path):
+    """--target-bpw on a diffusion layout: the tensors the layout leaves to
+    the target type get the types of least measured error under the budget
+    (every tensor counted with its bytes); more bits buy less error; the
+    protected tensors (1-D F32, timestep Q8_0, ComfyUI's kept ones) keep
+    their rules' types; the report says what each got and why."""
+    reps = {}
+    for bpw in (6.5, 7.5):
+        out = tmp_path / f"b{bpw}.gguf"
+        reps[bpw] = rep = _export(tiny / "flux", out, gguf_type="Q4_K", layout="comfy",
+                                  target_bpw=bpw)
+        a = rep["allocation"]
+        assert a["target_bpw"] == bpw and a["planned_bpw"] <= bpw and a["measured"] > 0
+        assert 8 * out.stat().st_size / rep["params"] <= bpw + 0.05
+        chosen = [r for r in rep["tensors_detail"] if r["rule"] == "target-bpw"]
+        assert chosen and all("--target-bpw" in r["reason"] and "dB" in r["reason"] for r in chosen)
+        assert all(r["gguf_type"] == "F32" for r in rep["tensors_detail"] if len(r["shape"]) == 1)
+        assert all(r["gguf_type"] == "Q8_0" for r in rep["tensors_detail"] if r["rule"] == "timestep")
+        assert "--target-bpw" in dg.format_report(rep)
+        r = _reader(out)  # the file decodes with gguf-py
+        for t in r.tensors:
+            if t.tensor_type.name not in ("F16", "F32"):
+                gguf.quants.dequantize(t.data, t.tensor_type)
+
+    def err(rep):
+        q = [r for r in rep["tensors_detail"] if r["rule"] == "target-bpw"]
+        return sum(r["rel_mse"] * math.prod(r["shape"]) for r in q)
+
+    assert len({r["gguf_type"] for r in reps[6.5]["tensors_detail"] if r["rule"] == "target-bpw"}) > 1
+    assert err(reps[7.5]) < err(reps[6.5])
+    with pytest.raises(ConfigurationError, match="below what this file can be"):
+        _export(tiny / "flux", tmp_path / "x.gguf", gguf_type="Q4_K", layout="comfy", target_bpw=2)
+
+
+def test_calibration_weights_the_diffusion_gguf_search(tiny, tmp_path):
+    """--calibration on a diffusion layout: the unfused tensors the
+    statistics cover are searched with their columns' importance (lower
+    importance-weighted error than the plain search), the others as before."""
+    from arrowquant.calibration.stats import CalibrationStats, GroupStats
+    from safetensors.numpy import load_file
+
+    src = load_file(str(next((tiny / "flux").glob("*.safetensors"))))
+    layer = "single_transformer_blocks.0.proj_out"
+    x = src[layer + ".weight"].astype(np.float32)
+    rng = np.random.default_rng(0)
+    ms = (rng.gamma(0.5, size=x.shape[1]) + 1e-3).astype(np.float32)
+    stats = CalibrationStats(groups={layer: {0: GroupStats(16, np.zeros_like(ms), ms, np.sqrt(ms))}},
+                             num_time_groups=1)
+    plain = _export(tiny / "flux", tmp_path / "p.gguf", gguf_type="Q4_K", layout="comfy")
+    cal = _export(tiny / "flux", tmp_path / "c.gguf", gguf_type="Q4_K", layout="comfy",
+                  calibration=stats)
+    assert not plain["importance_weighted"]
+    assert cal["importance_weighted"] == ["single_blocks.0.linear2.weight"]
+    errs = []
+    for path in (tmp_path / "p.gguf", tmp_path / "c.gguf"):
+        t = next(t for t in _reader(path).tensors if t.name == "single_blocks.0.linear2.weight")
+        y = gguf.quants.dequantize(t.data, t.tensor_type).reshape(x.shape)
+        errs.append(float(np.sum((x - y) ** 2 * ms)))
+    assert errs[1] < errs[0]

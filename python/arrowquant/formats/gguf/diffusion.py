@@ -96,6 +96,7 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
                           name: Optional[str] = None, chunk_bytes: Optional[int] = None,
                           block_mode: Union[None, str, Dict[str, str]] = None,
                           type_override: Optional[Callable[[OutTensor, TypeDecision], TypeDecision]] = None,
+                          target_bpw: Optional[float] = None, calibration: Any = None,
                           ) -> Dict[str, Any]:
     """Writes the diffusion model at `source` as one GGUF file in `layout`
     ("sdcpp" or "comfy"); returns the report (per tensor: type, rule, reason,
@@ -108,7 +109,11 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
     Q4_1), or a dict by component kind ({"text_encoder": "reference"}; others
     search); None: DEFAULT_BLOCK_MODE (the text encoder rounded, as
     measured). `type_override(tensor, decision)` may replace a decision (the
-    hook for measured per-tensor choices); its result is re-checked against the row
+    hook for measured per-tensor choices); `target_bpw` gives the tensors the
+    layout leaves to the target type the types of least measured error under
+    that many bits per weight, and `calibration` (statistics file or
+    CalibrationStats) weights the measurement and the block search
+    (diffusion_budget.py); its result is re-checked against the row
     length."""
     from ...engine import core as _core
     from ...sizes import parse_size
@@ -152,6 +157,12 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
                 metadata.append((f"comfy.gguf.orig_shape.{t.name}", "array[int32]",
                                  [int(x) for x in t.shape]))
             plan.append((t, wshape, d, note))
+        from .diffusion_budget import allocate, importance_of
+
+        importance = importance_of(calibration)
+        allocation = None
+        if target_bpw is not None:
+            plan, allocation = allocate(plan, float(target_bpw), importance, threads)
         main = PRESETS.get(target, target)
         md: List[Tuple[str, str, Any]] = []
         if layout == "comfy":
@@ -175,7 +186,8 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
             raise ConfigurationError(f"block_mode must be 'search' or 'reference', got {block_mode!r}")
         md.append(("arrowquant.block_mode", "string",
                    block_mode if isinstance(block_mode, str) else json.dumps(block_mode, sort_keys=True)))
-        records = _write(out, md, specs, plan, chunk_bytes, threads, progress, block_mode)
+        records = _write(out, md, specs, plan, chunk_bytes, threads, progress, block_mode,
+                         importance)
     finally:
         for c in components:
             c.close()
@@ -195,6 +207,8 @@ def export_diffusion_gguf(source: PathLike, out_path: PathLike, *, gguf_type: st
         "params": sum(math.prod(r["shape"]) for r in records),
         "chunk_bytes": chunk_bytes, "max_memory": budget,
         "seconds": time.perf_counter() - t0, "tensors_detail": records,
+        "allocation": allocation,
+        "importance_weighted": [r["name"] for r in records if r["importance_weighted"]],
     }
 
 
@@ -214,7 +228,8 @@ def _append(writer: Any, src: Any, source_name: str, data: np.ndarray, dtype: st
 def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, List[int], str]],
            plan: List[Tuple[OutTensor, Tuple[int, ...], TypeDecision, Optional[str]]],
            chunk_bytes: int, threads: int, progress: Any,
-           block_mode: Union[str, Dict[str, str]] = "search") -> List[Dict[str, Any]]:
+           block_mode: Union[str, Dict[str, str]] = "search",
+           importance: Any = None) -> List[Dict[str, Any]]:
     from ...engine import core as _core
     from ...engine.dtypes import itemsize
     from ...engine.metrics import ErrorSums
@@ -236,7 +251,12 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
             wcols = numel // int(wshape[0]) if len(wshape) >= 2 else numel
             mode = block_mode if isinstance(block_mode, str) else \
                 block_mode.get(t.component.kind, block_mode.get("*", "search"))
-            if mode != "search" and d.gguf_type in BLOCK_SIZE:
+            w = importance(t, wshape) if importance is not None and d.gguf_type in BLOCK_SIZE \
+                else None
+            if w is not None:  # calibration: the importance-weighted search
+                mode = "search"
+                writer.set_tensor_options(mode, np.ascontiguousarray(w, np.float32))
+            elif mode != "search" and d.gguf_type in BLOCK_SIZE:
                 writer.set_tensor_options(mode)
             sums = ErrorSums()
             carry = np.empty(0, dtype=np.uint8)
@@ -287,6 +307,7 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
                 "orig_shape": note is not None, "source_dtype": t.dtype,
                 "gguf_type": d.gguf_type, "rule": d.rule, "reason": d.reason + (f"; {note}" if note else ""),
                 "fallback": d.fallback, "block_mode": mode if d.gguf_type in BLOCK_SIZE else None,
+                "importance_weighted": w is not None,
                 "input_bytes": numel * isz,
                 "output_bytes": _type_bytes_any(d.gguf_type, numel),
                 "chunks": chunks, "cosine": m.cosine, "rel_mse": m.rel_mse,
@@ -339,6 +360,13 @@ def format_report(report: Dict[str, Any], verbose: bool = False) -> str:
     for r in report["tensors_detail"]:
         rules[r["rule"]] = rules.get(r["rule"], 0) + 1
     lines.append("  decisions: " + ", ".join(f"{k} {v}" for k, v in sorted(rules.items())))
+    a = report.get("allocation")
+    if a:
+        lines.append(f"  --target-bpw {a['target_bpw']:g}: {a['measured']} tensors measured, "
+                     f"planned {a['planned_bpw']:.3f} bits per weight")
+    if report.get("importance_weighted"):
+        lines.append(f"  {len(report['importance_weighted'])} tensor(s) importance-weighted by "
+                     f"--calibration")
     if report["orig_shape_keys"]:
         lines.append(f"  {len(report['orig_shape_keys'])} tensor(s) rearranged with "
                      "comfy.gguf.orig_shape")

@@ -177,14 +177,11 @@ def export_gguf(source: Any, out_path: PathLike, *, bits: int = 4, scheme: str =
     keep, bits_for = tuple(keep or ()), dict(bits_for or {})
     if layout is not None or (not isinstance(source, ModelSource) and is_diffusion_input(source)):
         # Diffusion models: the layouts stable-diffusion.cpp / ComfyUI-GGUF read.
-        if target_bpw is not None or calibration is not None:
-            raise ConfigurationError(
-                "--target-bpw and --calibration are not available for diffusion GGUF files "
-                "(use a preset name or --bits-for)")
         return export_diffusion_gguf(source, out_path, gguf_type=target, layout=layout or "sdcpp",
                                      threads=threads, max_memory=max_memory,
                                      overwrite=overwrite, progress=progress, name=name,
-                                     type_override=diffusion_override(keep, bits_for))
+                                     type_override=diffusion_override(keep, bits_for),
+                                     target_bpw=target_bpw, calibration=calibration)
     from .presets import MIX_PRESETS
 
     preset = target if gguf_type is not None and target in MIX_PRESETS else None
