@@ -97,21 +97,9 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def perplexity(path: Path, ids: Sequence[int], n_ctx: int = 512) -> float:
     """exp(mean NLL) of each token given those before it, windows of n_ctx."""
     import llama_cpp
+    from gguf_models import llama_perplexity  # tests/, on sys.path above
 
-    m = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
-    nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, n_ctx):
-        window = list(ids[start:start + n_ctx])
-        if len(window) < 2:
-            break
-        m.reset()
-        m.eval(window)
-        logits = np.array(m.scores[: len(window)], dtype=np.float64)
-        logp = logits - logits.max(axis=1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-        nll -= float(sum(logp[i, window[i + 1]] for i in range(len(window) - 1)))
-        count += len(window) - 1
-    return math.exp(nll / count)
+    return llama_perplexity(llama_cpp, path, ids, n_ctx)[0]
 
 
 # --- MiniLM ------------------------------------------------------------------------

@@ -215,3 +215,27 @@ def smollm2_hf_dir(gguf_path: Path, out: Path) -> Path:
     tmp.rename(out)
     return out
 
+
+def llama_perplexity(llama_cpp, path: Path, ids, n_ctx: int = 512):
+    """exp(mean NLL) in llama.cpp of each token given the ones before it, in
+    windows of n_ctx tokens (the first token of each window is context
+    only); returns (perplexity, the llama_cpp.Llama)."""
+    import math
+
+    import numpy as np
+
+    m = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, n_ctx):
+        window = list(ids[start:start + n_ctx])
+        if len(window) < 2:
+            break
+        m.reset()
+        m.eval(window)
+        logits = np.array(m.scores[: len(window)], dtype=np.float64)
+        logp = logits - logits.max(axis=1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        nll -= float(sum(logp[i, window[i + 1]] for i in range(len(window) - 1)))
+        count += len(window) - 1
+    return math.exp(nll / count), m
+

@@ -539,22 +539,9 @@ def smol_hf(model_cache_dir):
 
 
 def _perplexity_llama(llama_cpp, path, ids, n_ctx=512):
-    """exp(mean NLL) of each token given the ones before it in windows of
-    n_ctx tokens (the first token of each window is context only)."""
-    m = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
-    nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, n_ctx):
-        window = ids[start:start + n_ctx]
-        if len(window) < 2:
-            break
-        m.reset()
-        m.eval(window)
-        logits = np.array(m.scores[: len(window)], dtype=np.float64)
-        logp = logits - logits.max(axis=1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-        nll -= float(sum(logp[i, window[i + 1]] for i in range(len(window) - 1)))
-        count += len(window) - 1
-    return math.exp(nll / count), m
+    import gguf_models as gm
+
+    return gm.llama_perplexity(llama_cpp, path, ids, n_ctx)
 
 
 def _perplexity_torch(model, ids, n_ctx=512):
