@@ -361,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        print("llama-cpp-python is not installed (requirements-clients.txt)", file=sys.stderr)
+        print("llama-cpp-python is not installed (requirements-llama.txt)", file=sys.stderr)
         return 2
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="aq-presets-"))
     work.mkdir(parents=True, exist_ok=True)

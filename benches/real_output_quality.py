@@ -43,6 +43,7 @@ ArrowQuant's own search writing the same GGUF types ("search") is listed too.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import argparse
 import json
 import os
@@ -221,7 +222,7 @@ def rows_view(w: np.ndarray) -> Optional[Tuple[int, int]]:
     return None
 
 
-class Model:
+class Model(ABC):
     """A float torch model, the names of its quantized weights, and a scorer."""
 
     name = ""
@@ -233,8 +234,9 @@ class Model:
         self.targets = [n for n in self.weight_names() if rows_view(self.float_state[n].numpy()) is not None]
         self.reference = self.outputs()
 
+    @abstractmethod
     def build(self):
-        raise NotImplementedError
+        """The float torch module."""
 
     #: weight name -> per-input-column importance (mean squared inputs), when measured
     importance: Dict[str, np.ndarray] = {}
@@ -247,15 +249,17 @@ class Model:
             return None
         return np.tile(w, view_cols // w.size).astype(np.float32)
 
+    @abstractmethod
     def weight_names(self) -> List[str]:
-        raise NotImplementedError
+        """The state-dict names of the weights each setting quantizes."""
 
+    @abstractmethod
     def outputs(self):
-        raise NotImplementedError
+        """The model's outputs on the fixed inputs."""
 
+    @abstractmethod
     def score(self, out) -> Tuple[float, float]:
         """(mean, worst) of the per-sample metric."""
-        raise NotImplementedError
 
     def quantized_score(self, setting: Setting, llama=None) -> dict:
         import torch

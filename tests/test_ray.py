@@ -62,11 +62,11 @@ def test_work_units_are_contiguous_ranges_of_one_file_with_a_memory_estimate(tmp
     opts = PipelineOptions(chunk_size=96 * 1024)
     with open_model(src) as source:
         plans = RulePlanner(bits=4).plan(source.tensors)
-        todo = [UnitChunk(ti, c, 64, plans[t.name], False)
+        pending = [UnitChunk(ti, c, 64, plans[t.name], False)
                 for ti, t in enumerate(source.tensors)
                 for c in plan_chunks(t, chunk_rows(t, plans[t.name], opts))]
-        units = group_units(source, todo, 200 * 1024, opts, 0)
-        assert [uc for u in units for uc in u.chunks] == todo  # every chunk once, in order
+        units = group_units(source, pending, 200 * 1024, opts, 0)
+        assert [uc for u in units for uc in u.chunks] == pending  # every chunk once, in order
         assert len({u.file for u in units}) == 3
         for u in units:
             assert {source.location(source.tensors[uc.ti].name) for uc in u.chunks} == {u.file}

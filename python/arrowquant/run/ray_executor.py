@@ -158,7 +158,7 @@ class RayQuantizer(StreamingQuantizer):
             st.final[ci] = (None, info)
         return st
 
-    def _todo(self, st: _Tensor) -> List[UnitChunk]:
+    def _pending(self, st: _Tensor) -> List[UnitChunk]:
         single = len(st.layout.chunks) == 1
         return [UnitChunk(st.ti, c, st.layout.unit_rows[c.index], st.plan, single)
                 for c in st.layout.chunks if c.index not in st.layout.done]
@@ -199,7 +199,7 @@ class RayQuantizer(StreamingQuantizer):
         if wider is not None:
             dropped = sum(rec.stored_bytes for rec, _ in st.trial.values())
             st.plan, st.trial = wider, {}
-            units = group_units(self.source, self._todo(st), unit_bytes, self.opts,
+            units = group_units(self.source, self._pending(st), unit_bytes, self.opts,
                                 next_index[0])
             next_index[0] += len(units)
             redo.extend(units)
@@ -280,9 +280,9 @@ class RayQuantizer(StreamingQuantizer):
         states = [self._tensor_state(ti, t) for ti, t in enumerate(self.source.tensors)]
         order = [(st.ti, c.index) for st in states for c in st.layout.chunks]
         unit_bytes = min(self.ray_opts.unit_bytes, self.opts.chunk_size)
-        todo = [uc for st in states for uc in self._todo(st)]
+        pending = [uc for st in states for uc in self._pending(st)]
         queue: Deque[WorkUnit] = collections.deque(
-            group_units(self.source, todo, unit_bytes, self.opts, 0))
+            group_units(self.source, pending, unit_bytes, self.opts, 0))
         first_units = len(queue)
         next_index = [first_units]
         per_task, slots = self._resources(ray, list(queue))

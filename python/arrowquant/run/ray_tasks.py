@@ -116,7 +116,7 @@ def unit_memory(source: ModelSource, chunks: List[UnitChunk], opts: PipelineOpti
     return 2 * out + reads + read_ahead_budget(opts) + TASK_BASE_MEMORY
 
 
-def group_units(source: ModelSource, todo: List[UnitChunk], unit_bytes: int,
+def group_units(source: ModelSource, pending: List[UnitChunk], unit_bytes: int,
                 opts: PipelineOptions, first_index: int) -> List[WorkUnit]:
     """Consecutive chunks (in the run's order) of one input file, up to
     unit_bytes of source per unit (a larger chunk is a unit of its own)."""
@@ -131,7 +131,7 @@ def group_units(source: ModelSource, todo: List[UnitChunk], unit_bytes: int,
                                   unit_memory(source, cur, opts)))
             cur.clear()
 
-    for uc in todo:
+    for uc in pending:
         t = source.tensors[uc.ti]
         f = source.location(t.name)
         n = chunk_source_bytes(t, uc.chunk)
