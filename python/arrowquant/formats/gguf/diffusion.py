@@ -53,6 +53,7 @@ from .diffusion_types import (ALIGNMENT, BLOCK_SIZE, COMFY_REARRANGE_THRESHOLD, 
                               DEFAULT_BLOCK_MODE, PRESETS, MixState, TypeDecision,
                               choose_tensor_type)
 from .diffusion_inputs import _KIND_BY_CLASS, OutTensor, find_components, plan_tensors
+from .tables import type_bytes
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -309,7 +310,7 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
                 "fallback": d.fallback, "block_mode": mode if d.gguf_type in BLOCK_SIZE else None,
                 "importance_weighted": w is not None,
                 "input_bytes": numel * isz,
-                "output_bytes": _type_bytes_any(d.gguf_type, numel),
+                "output_bytes": type_bytes(d.gguf_type, numel),
                 "chunks": chunks, "cosine": m.cosine, "rel_mse": m.rel_mse,
                 "sqnr_db": m.sqnr_db if math.isfinite(m.sqnr_db) else None,
                 "max_abs_error": m.max_abs_error, "seconds": time.perf_counter() - t_start,
@@ -319,17 +320,6 @@ def _write(out: Path, md: List[Tuple[str, str, Any]], specs: List[Tuple[str, Lis
         writer.abort()
         raise
     return records
-
-
-#: Bytes per block of each block type.
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "IQ4_NL": 18,
-               "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_XS": 136}
-
-
-def _type_bytes_any(gtype: str, numel: int) -> int:
-    if gtype in BLOCK_BYTES:
-        return numel // BLOCK_SIZE[gtype] * BLOCK_BYTES[gtype]
-    return numel * {"F32": 4, "F16": 2}[gtype]
 
 
 def _version() -> str:
